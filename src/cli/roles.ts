@@ -1,0 +1,137 @@
+/**
+ * `shale conductor`, `shale store`, `shale nbd`: each role alone, in the foreground, for a real
+ * cluster (and for `shale up`, which runs stores as child processes through `shale store`).
+ * SIGINT and SIGTERM stop a role cleanly: in-flight requests finish, disks are synced.
+ */
+import type { Command } from 'commander';
+import { ClusterClient } from '../client/cluster-client.ts';
+import { startConductor } from '../conductor/conductor.ts';
+import { nodeEnv } from '../env/node/node-env.ts';
+import { ShaleError } from '../lib/errors.ts';
+import { parseDuration, parseSize } from '../lib/units.ts';
+import { startNbdServer } from '../nbd/server.ts';
+import { VolumeExports } from '../nbd/volume-exports.ts';
+import { openLogEngine } from '../store/open-engine.ts';
+import { startStoreDaemon } from '../store/store-daemon.ts';
+import { exitWithError, makeLog } from './output.ts';
+
+export const DEFAULT_API_PORT = 49180;
+export const DEFAULT_NBD_PORT = 10809;
+export const DEFAULT_STORE_PORT = 49162;
+
+/** Runs `stop` once on SIGINT/SIGTERM, then exits. A second signal exits at once. */
+export function stopOnSignals(stop: () => Promise<void>, log: (message: string) => void): void {
+  let stopping = false;
+  const onSignal = (signal: string): void => {
+    if (stopping) {
+      log(`${signal} again: exiting now`);
+      process.exit(130);
+    }
+    stopping = true;
+    log(`${signal}: stopping`);
+    stop().then(
+      () => process.exit(0),
+      (error: unknown) => {
+        log(`stopping failed: ${(error as Error).message}`);
+        process.exit(1);
+      },
+    );
+  };
+  process.on('SIGINT', () => onSignal('SIGINT'));
+  process.on('SIGTERM', () => onSignal('SIGTERM'));
+}
+
+/** "PATH[:SIZE]" as given to --disk. */
+export function parseDiskArgument(text: string): { path: string; sizeBytes?: number } {
+  const match = /^(.*?)(?::(\d+(?:\.\d+)?[a-zA-Z]*))?$/.exec(text);
+  if (!match || !match[1]) throw new ShaleError('INVALID_ARGUMENT', `--disk: expected PATH[:SIZE], got "${text}"`);
+  return match[2] ? { path: match[1], sizeBytes: parseSize(match[2], '--disk size') } : { path: match[1] };
+}
+
+export function registerRoleCommands(program: Command): void {
+  program
+    .command('conductor')
+    .description('run the conductor (control plane and HTTP API)')
+    .option('--meta <url>', 'metadata store: sqlite:PATH', 'sqlite:./shale-data/meta.db')
+    .option('--listen <host:port>', 'HTTP API address', `127.0.0.1:${DEFAULT_API_PORT}`)
+    .option('--heartbeat-timeout <duration>', 'mark a store down after this long without a heartbeat', '5s')
+    .option('--replicas <n>', 'replicas of the default pool', '3')
+    .action(async (options: { meta: string; listen: string; heartbeatTimeout: string; replicas: string }) => {
+      try {
+        const log = makeLog('conductor');
+        if (!options.meta.startsWith('sqlite:')) {
+          throw new ShaleError('NOT_SUPPORTED', `--meta ${options.meta}: only sqlite:PATH is supported in this version (etcd comes later)`);
+        }
+        const conductor = await startConductor(nodeEnv, {
+          metaPath: options.meta.slice('sqlite:'.length), listen: options.listen,
+          heartbeatTimeoutMs: parseDuration(options.heartbeatTimeout, '--heartbeat-timeout'),
+          defaultReplicas: positiveInteger(options.replicas, '--replicas'), log,
+        });
+        log(`conductor of cluster ${conductor.clusterId} listening on http://${conductor.address}`);
+        stopOnSignals(() => conductor.close(), log);
+      } catch (error) {
+        exitWithError(error);
+      }
+    });
+
+  program
+    .command('store')
+    .description('run a store daemon on one disk')
+    .requiredOption('--disk <path[:size]>', 'disk file or block device; SIZE makes a new file that large')
+    .option('--format', 'format the disk if it has no Shale superblock (an existing Shale disk is never reformatted)', false)
+    .option('--listen <host:port>', 'store protocol address (port 0: any free port)', `127.0.0.1:${DEFAULT_STORE_PORT}`)
+    .option('--conductor <urls>', 'conductor URLs, comma separated', `http://127.0.0.1:${DEFAULT_API_PORT}`)
+    .option('--domain <label>', 'failure domain (host or rack) of this store', 'default')
+    .action(async (options: { disk: string; format: boolean; listen: string; conductor: string; domain: string }) => {
+      try {
+        const disk = parseDiskArgument(options.disk);
+        const log = makeLog(`store ${disk.path}`);
+        const daemon = await startStoreDaemon(nodeEnv, {
+          diskPath: disk.path, diskSizeBytes: disk.sizeBytes, format: options.format, listen: options.listen,
+          conductorUrls: options.conductor, domain: options.domain, log, openEngine: openLogEngine,
+        });
+        stopOnSignals(() => daemon.close(), log);
+      } catch (error) {
+        exitWithError(error);
+      }
+    });
+
+  program
+    .command('nbd')
+    .description('run an NBD gateway: one export per volume')
+    .option('--listen <host:port>', 'NBD address (or unix:/path)', `127.0.0.1:${DEFAULT_NBD_PORT}`)
+    .option('--conductor <urls>', 'conductor URLs, comma separated', `http://127.0.0.1:${DEFAULT_API_PORT}`)
+    .option('--owner <id>', 'owner id of the volumes this gateway opens', `nbd-${process.pid}`)
+    .option('--io-timeout <duration>', 'fail I/O with NO_QUORUM after waiting this long for replicas (0: wait forever)', '0')
+    .action(async (options: { listen: string; conductor: string; owner: string; ioTimeout: string }) => {
+      try {
+        const log = makeLog('nbd');
+        const gateway = await startNbdGateway({ ...options, log });
+        log(`NBD gateway listening on ${gateway.address}`);
+        stopOnSignals(() => gateway.close(), log);
+      } catch (error) {
+        exitWithError(error);
+      }
+    });
+}
+
+export async function startNbdGateway(options: { listen: string; conductor: string; owner: string; ioTimeout: string; log: (message: string) => void }): Promise<{ address: string; close(): Promise<void> }> {
+  const cluster = new ClusterClient(nodeEnv, {
+    conductorUrls: options.conductor, ownerId: options.owner, ioTimeoutMs: parseDuration(options.ioTimeout, '--io-timeout'), log: options.log,
+  });
+  await cluster.start();
+  const server = await startNbdServer(nodeEnv, { listen: options.listen, provider: new VolumeExports(cluster), log: options.log });
+  return {
+    address: server.address,
+    async close(): Promise<void> {
+      await server.close();
+      await cluster.close();
+    },
+  };
+}
+
+export function positiveInteger(text: string, what: string): number {
+  const value = Number(text);
+  if (!Number.isSafeInteger(value) || value <= 0) throw new ShaleError('INVALID_ARGUMENT', `${what}: expected a positive whole number, got "${text}"`);
+  return value;
+}

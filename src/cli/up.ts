@@ -1,0 +1,170 @@
+/**
+ * `shale up`: the whole cluster on one machine, in the foreground. The conductor (SQLite at
+ * DIR/meta.db) and the NBD gateway run in this process; every store is a child process running
+ * `shale store` on its own sparse disk file DIR/store-N/disk.img, restarted if it dies (after
+ * --restart-delay), as a service manager would. SIGINT/SIGTERM stop everything cleanly; running
+ * `shale up` again on the same DIR brings every volume back with its data.
+ *
+ * Each store is its own failure domain ("local-N"), so a 3-replica pool can place its copies on
+ * the 3 stores of one machine.
+ */
+import { spawn, type ChildProcess } from 'node:child_process';
+import { mkdirSync, rmSync, writeFileSync } from 'node:fs';
+import { resolve } from 'node:path';
+import { fileURLToPath } from 'node:url';
+import type { Command } from 'commander';
+import { startConductor } from '../conductor/conductor.ts';
+import { nodeEnv } from '../env/node/node-env.ts';
+import { ShaleError } from '../lib/errors.ts';
+import { formatBytes, parseDuration, parseSize } from '../lib/units.ts';
+import { ConductorClient } from '../proto/conductor-client.ts';
+import { exitWithError, makeLog } from './output.ts';
+import { DEFAULT_API_PORT, DEFAULT_NBD_PORT, positiveInteger, startNbdGateway, stopOnSignals } from './roles.ts';
+
+const MAIN = fileURLToPath(new URL('./main.ts', import.meta.url));
+
+interface UpOptions {
+  data: string;
+  stores: string;
+  diskSize: string;
+  nbdPort: string;
+  apiPort: string;
+  host: string;
+  heartbeatTimeout: string;
+  restartDelay: string;
+  ioTimeout: string;
+}
+
+export function registerUpCommand(program: Command): void {
+  program
+    .command('up')
+    .description('run a whole cluster on this machine: conductor, stores, NBD gateway, HTTP API')
+    .option('--data <dir>', 'data directory', './shale-data')
+    .option('--stores <n>', 'number of store processes', '3')
+    .option('--disk-size <size>', 'size of each store\'s sparse disk file', '4G')
+    .option('--nbd-port <port>', 'NBD port', String(DEFAULT_NBD_PORT))
+    .option('--api-port <port>', 'HTTP API port', String(DEFAULT_API_PORT))
+    .option('--host <address>', 'address every endpoint listens on', '127.0.0.1')
+    .option('--heartbeat-timeout <duration>', 'mark a store down after this long without a heartbeat', '5s')
+    .option('--restart-delay <duration>', 'restart a store process this long after it died', '2s')
+    .option('--io-timeout <duration>', 'fail I/O with NO_QUORUM after waiting this long for replicas (0: wait forever)', '0')
+    .action(async (options: UpOptions) => {
+      try {
+        await up(options);
+      } catch (error) {
+        exitWithError(error);
+      }
+    });
+}
+
+async function up(options: UpOptions): Promise<void> {
+  const log = makeLog('up');
+  const dataDir = resolve(options.data);
+  const storeCount = positiveInteger(options.stores, '--stores');
+  const diskSizeBytes = parseSize(options.diskSize, '--disk-size');
+  const nbdPort = port(options.nbdPort, '--nbd-port');
+  const apiPort = port(options.apiPort, '--api-port');
+  const restartDelayMs = parseDuration(options.restartDelay, '--restart-delay');
+  mkdirSync(dataDir, { recursive: true });
+
+  const conductor = await startConductor(nodeEnv, {
+    metaPath: `${dataDir}/meta.db`, listen: `${options.host}:${apiPort}`,
+    heartbeatTimeoutMs: parseDuration(options.heartbeatTimeout, '--heartbeat-timeout'),
+    defaultReplicas: Math.min(3, storeCount), log: makeLog('conductor'),
+  });
+  const apiUrl = `http://${conductor.address}`;
+
+  let stopping = false;
+  const children = new Map<number, ChildProcess>();
+  const startStore = (index: number): void => {
+    const dir = `${dataDir}/store-${index}`;
+    mkdirSync(dir, { recursive: true });
+    const child = spawn(process.execPath, [
+      MAIN, 'store', '--disk', `${dir}/disk.img:${diskSizeBytes}`, '--format', '--listen', `${options.host}:0`,
+      '--conductor', apiUrl, '--domain', `local-${index}`,
+    ], { stdio: ['ignore', 'inherit', 'inherit'], env: process.env });
+    children.set(index, child);
+    if (child.pid) writeFileSync(`${dir}/store.pid`, `${child.pid}\n`);
+    child.on('exit', (code, signal) => {
+      children.delete(index);
+      rmSync(`${dir}/store.pid`, { force: true });
+      if (stopping) return;
+      log(`store-${index} exited (${signal ?? `code ${code}`}); restarting it in ${restartDelayMs} ms`);
+      nodeEnv.clock.after(restartDelayMs, () => {
+        if (!stopping) startStore(index);
+      });
+    });
+  };
+  for (let index = 1; index <= storeCount; index++) startStore(index);
+
+  const stopStores = async (): Promise<void> => {
+    stopping = true;
+    const exits = [...children.values()].map((child) => new Promise<void>((done) => {
+      if (child.exitCode !== null || child.signalCode !== null) return done();
+      child.once('exit', () => done());
+      child.kill('SIGTERM');
+      nodeEnv.clock.after(15_000, () => child.kill('SIGKILL')).unref();
+    }));
+    await Promise.all(exits);
+  };
+
+  try {
+    await waitForStores(new ConductorClient(nodeEnv, apiUrl), storeCount);
+  } catch (error) {
+    await stopStores();
+    await conductor.close();
+    throw error;
+  }
+
+  const gateway = await startNbdGateway({
+    listen: `${options.host}:${nbdPort}`, conductor: apiUrl, owner: `up-nbd`, ioTimeout: options.ioTimeout, log: makeLog('nbd'),
+  }).catch(async (error: unknown) => {
+    await stopStores();
+    await conductor.close();
+    throw error;
+  });
+
+  process.stdout.write([
+    '',
+    `Shale is up: ${storeCount} store${storeCount === 1 ? '' : 's'} × ${formatBytes(diskSizeBytes)} in ${dataDir}`,
+    `  HTTP API   ${apiUrl}/api/v1/`,
+    `  NBD        nbd://${gateway.address}/VOLUME`,
+    '',
+    'Try:',
+    `  npx shale volume create disk1 --size 1G`,
+    `  nbdinfo nbd://${gateway.address}/disk1`,
+    `  qemu-img convert -n -O raw image.raw nbd://${gateway.address}/disk1`,
+    '',
+    'Ctrl-C stops every process; `shale up` on the same --data brings the volumes back.',
+    '',
+  ].join('\n'));
+
+  stopOnSignals(async () => {
+    await gateway.close().catch((error: unknown) => log(`closing the NBD gateway: ${(error as Error).message}`));
+    await stopStores();
+    await conductor.close();
+  }, log);
+}
+
+async function waitForStores(conductor: ConductorClient, count: number): Promise<void> {
+  const deadlineMs = nodeEnv.clock.nowMs() + 60_000;
+  for (;;) {
+    try {
+      const map = await conductor.map();
+      const up = map.stores.filter((store) => store.state === 'up').length;
+      if (up >= count && map.pools.length > 0) return;
+    } catch {
+      // the conductor is still starting
+    }
+    if (nodeEnv.clock.nowMs() > deadlineMs) {
+      throw new ShaleError('UNAVAILABLE', `the ${count} stores did not all register within 60 s; see the store messages above`);
+    }
+    await nodeEnv.clock.sleep(100);
+  }
+}
+
+function port(text: string, what: string): number {
+  const value = Number(text);
+  if (!Number.isInteger(value) || value < 0 || value > 65535) throw new ShaleError('INVALID_ARGUMENT', `${what}: "${text}" is not a port number`);
+  return value;
+}

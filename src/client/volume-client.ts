@@ -1,0 +1,396 @@
+/**
+ * One open volume: byte ranges in, replicated block I/O out (DESIGN §3).
+ *
+ * Write: the range is split into chunk pieces; each piece goes, in parallel, to every replica of
+ * its PG that is clean or recovering, tagged (PG epoch, owner epoch, version, snap seq, crc32c per
+ * 4 KiB). It is acknowledged when all of them acknowledged. Decision table for a replica's answer:
+ *
+ *   ok                          → counted
+ *   STALE_PG_EPOCH              → refresh the map, send the piece again to the new acting set
+ *   NOT_READY, BUSY, CHECKSUM   → wait a little, send again (duplicates are harmless: equal version)
+ *   UNAVAILABLE, MAYBE_COMMITTED, SHUTTING_DOWN
+ *                               → the replica failed: the conductor marks it down in a committed
+ *                                 epoch, then the piece is sent again to the new acting set
+ *   FENCED                      → another gateway owns the volume: fail, never retry
+ *   anything else               → fail the request with that code
+ *
+ * While fewer than `minReplicas` replicas can take the piece, it waits for a newer map (up to the
+ * I/O timeout, then NO_QUORUM). Overlapping writes are kept in order by a range lock.
+ *
+ * Read: from one clean replica, chosen round robin; crc32c checked again here (end to end); on a
+ * checksum error, a timeout or an unreachable store, the next clean replica is tried.
+ *
+ * Flush: FLUSH to every store written since the last flush; a store that can't flush is marked
+ * down before the FLUSH is acknowledged.
+ */
+import { assert } from '../lib/assert.ts';
+import { blockChecksums, crc32c } from '../lib/crc32c.ts';
+import { ShaleError } from '../lib/errors.ts';
+import { placementGroupOf } from '../lib/placement-hash.ts';
+import { BLOCK_SHIFT, BLOCK_SIZE_BYTES } from '../lib/units.ts';
+import { BLOCKS_PER_REQUEST_MAX, BlockState, decodeReadReply, Flag, Op } from '../proto/store-protocol.ts';
+import type { ClusterMap, PoolMapEntry, VolumeInfo } from '../conductor/api/types.ts';
+import type { ClusterClient } from './cluster-client.ts';
+import { RangeLock } from './range-lock.ts';
+
+/** The largest single request a volume accepts (NBD's maximum block size is advertised at or below it). */
+export const REQUEST_BYTES_MAX = 32 * 1024 * 1024;
+
+const RETRY_DELAY_MS = 50;
+
+interface Piece {
+  chunkIndex: number;
+  offsetBlocks: number;
+  countBlocks: number;
+  /** Position of the piece in the request's aligned buffer, in blocks. */
+  bufferBlock: number;
+}
+
+type Failure = { storeId: number; error: ShaleError };
+
+export class VolumeClient {
+  readonly info: VolumeInfo;
+  readonly ownerEpoch: number;
+  readonly #cluster: ClusterClient;
+  readonly #chunkBlocks: number;
+  readonly #lock = new RangeLock();
+  #seq = 0;
+  #readTurn = 0;
+  #writtenSinceFlush = new Set<number>();
+  #closed = false;
+
+  private constructor(cluster: ClusterClient, info: VolumeInfo, ownerEpoch: number) {
+    this.#cluster = cluster;
+    this.info = info;
+    this.ownerEpoch = ownerEpoch;
+    this.#chunkBlocks = info.chunkSizeBytes >> BLOCK_SHIFT;
+  }
+
+  /** Opens `name` as its owner: a new owner epoch, then FENCE on every up store of its pool. */
+  static async open(cluster: ClusterClient, name: string, options: { takeover?: boolean }): Promise<VolumeClient> {
+    const opened = await cluster.conductor.openVolume(name, { owner: cluster.ownerId, takeover: options.takeover ?? false });
+    cluster.watcher.offer(opened.map);
+    const volume = new VolumeClient(cluster, opened.volume, opened.ownerEpoch);
+    await volume.#fenceAll();
+    cluster.log(`volume ${name} (id ${opened.volume.id}) open with owner epoch ${opened.ownerEpoch}`);
+    return volume;
+  }
+
+  get sizeBytes(): number {
+    return this.info.sizeBytes;
+  }
+
+  async #fenceAll(): Promise<void> {
+    const map = this.#cluster.map;
+    const pool = this.#pool(map);
+    const storeIds = new Set<number>();
+    for (const pg of pool.pgs) for (const replica of pg.replicas) storeIds.add(replica.storeId);
+    await Promise.all([...storeIds].map(async (storeId) => {
+      const store = map.stores.find((candidate) => candidate.id === storeId);
+      if (!store || store.state !== 'up') return;
+      try {
+        await this.#cluster.channel(storeId).request({ op: Op.FENCE, volumeId: this.info.id, ownerEpoch: this.ownerEpoch });
+      } catch (error) {
+        if (error instanceof ShaleError && error.code === 'FENCED') throw error;
+        // A store that can't take the fence is marked down; it learns the owner epoch from the map when it returns.
+        await this.#cluster.reportDown(storeId, `fence failed: ${(error as Error).message}`);
+      }
+    }));
+  }
+
+  #pool(map: ClusterMap): PoolMapEntry {
+    const pool = map.pools.find((candidate) => candidate.id === this.info.poolId);
+    if (!pool) throw new ShaleError('NOT_READY', `pool ${this.info.poolId} of volume ${this.info.name} is not in the map`);
+    return pool;
+  }
+
+  #checkRange(offsetBytes: number, lengthBytes: number): void {
+    if (this.#closed) throw new ShaleError('SHUTTING_DOWN', `volume ${this.info.name} is closed`);
+    if (!Number.isSafeInteger(offsetBytes) || !Number.isSafeInteger(lengthBytes) || offsetBytes < 0 || lengthBytes < 0) {
+      throw new ShaleError('INVALID_ARGUMENT', `bad range ${offsetBytes}+${lengthBytes}`);
+    }
+    if (offsetBytes + lengthBytes > this.info.sizeBytes) {
+      throw new ShaleError('OUT_OF_RANGE', `range ${offsetBytes}+${lengthBytes} is beyond the volume's ${this.info.sizeBytes} bytes`);
+    }
+    if (lengthBytes > REQUEST_BYTES_MAX) throw new ShaleError('INVALID_ARGUMENT', `request of ${lengthBytes} bytes exceeds ${REQUEST_BYTES_MAX}`);
+  }
+
+  #pieces(startBlock: number, countBlocks: number): Piece[] {
+    const pieces: Piece[] = [];
+    let block = startBlock;
+    const end = startBlock + countBlocks;
+    while (block < end) {
+      const chunkIndex = Math.floor(block / this.#chunkBlocks);
+      const offsetBlocks = block - chunkIndex * this.#chunkBlocks;
+      const count = Math.min(end - block, this.#chunkBlocks - offsetBlocks, BLOCKS_PER_REQUEST_MAX);
+      pieces.push({ chunkIndex, offsetBlocks, countBlocks: count, bufferBlock: block - startBlock });
+      block += count;
+    }
+    return pieces;
+  }
+
+  async read(offsetBytes: number, lengthBytes: number): Promise<Buffer> {
+    this.#checkRange(offsetBytes, lengthBytes);
+    if (lengthBytes === 0) return Buffer.alloc(0);
+    const startBlock = Math.floor(offsetBytes / BLOCK_SIZE_BYTES);
+    const endBlock = Math.ceil((offsetBytes + lengthBytes) / BLOCK_SIZE_BYTES);
+    const aligned = await this.#readBlocks(startBlock, endBlock - startBlock);
+    const skip = offsetBytes - startBlock * BLOCK_SIZE_BYTES;
+    return skip === 0 && aligned.length === lengthBytes ? aligned : aligned.subarray(skip, skip + lengthBytes);
+  }
+
+  async #readBlocks(startBlock: number, countBlocks: number): Promise<Buffer> {
+    const pieces = this.#pieces(startBlock, countBlocks);
+    if (pieces.length === 1) return this.#readPiece(pieces[0]!);
+    const out = Buffer.allocUnsafe(countBlocks * BLOCK_SIZE_BYTES);
+    await Promise.all(pieces.map(async (piece) => {
+      const data = await this.#readPiece(piece);
+      data.copy(out, piece.bufferBlock * BLOCK_SIZE_BYTES);
+    }));
+    return out;
+  }
+
+  async #readPiece(piece: Piece): Promise<Buffer> {
+    const deadline = this.#deadline();
+    let lastError: ShaleError | undefined;
+    for (;;) {
+      const map = this.#cluster.map;
+      const pool = this.#pool(map);
+      const pgId = placementGroupOf(this.info.id, piece.chunkIndex, pool.pgCount);
+      const pg = pool.pgs[pgId]!;
+      const clean = pg.replicas.filter((replica) => replica.state === 'clean' && isUp(map, replica.storeId));
+      const turn = this.#readTurn++;
+      let staleMap = false;
+      for (let i = 0; i < clean.length && !staleMap; i++) {
+        const storeId = clean[(turn + i) % clean.length]!.storeId;
+        try {
+          const reply = await this.#cluster.channel(storeId).request({
+            op: Op.READ, volumeId: this.info.id, chunkIndex: piece.chunkIndex, poolId: pool.id, pgId, pgCount: pool.pgCount,
+            pgEpoch: pg.epoch, ownerEpoch: this.ownerEpoch, offsetBlocks: piece.offsetBlocks, countBlocks: piece.countBlocks,
+          });
+          return assembleRead(reply.payload, piece.countBlocks, storeId);
+        } catch (error) {
+          lastError = error instanceof ShaleError ? error : new ShaleError('INTERNAL', String(error));
+          if (lastError.code === 'FENCED' || lastError.code === 'NOT_FOUND' || lastError.code === 'INVALID_ARGUMENT') throw lastError;
+          if (lastError.code === 'STALE_PG_EPOCH') staleMap = true;
+          if (lastError.code === 'CHECKSUM') this.#cluster.log(`volume ${this.info.name}: ${lastError.message}; reading another replica`);
+        }
+      }
+      if (staleMap) await this.#cluster.watcher.refresh().catch(() => {});
+      else await this.#waitForChange(map, deadline, lastError);
+    }
+  }
+
+  async write(offsetBytes: number, data: Buffer, options: { fua?: boolean } = {}): Promise<void> {
+    this.#checkRange(offsetBytes, data.length);
+    if (data.length === 0) return;
+    const startBlock = Math.floor(offsetBytes / BLOCK_SIZE_BYTES);
+    const endBlock = Math.ceil((offsetBytes + data.length) / BLOCK_SIZE_BYTES);
+    const release = await this.#lock.acquire(startBlock, endBlock);
+    try {
+      let aligned = data;
+      const head = offsetBytes - startBlock * BLOCK_SIZE_BYTES;
+      if (head !== 0 || data.length % BLOCK_SIZE_BYTES !== 0) {
+        // Read-modify-write of the partial blocks at either end; the lock keeps other writers out.
+        aligned = Buffer.allocUnsafe((endBlock - startBlock) * BLOCK_SIZE_BYTES);
+        const firstPartial = head !== 0 || data.length < BLOCK_SIZE_BYTES;
+        const lastPartial = (offsetBytes + data.length) % BLOCK_SIZE_BYTES !== 0;
+        if (firstPartial) (await this.#readBlocks(startBlock, 1)).copy(aligned, 0);
+        if (lastPartial && (endBlock - 1 > startBlock || !firstPartial)) {
+          (await this.#readBlocks(endBlock - 1, 1)).copy(aligned, aligned.length - BLOCK_SIZE_BYTES);
+        }
+        data.copy(aligned, head);
+      }
+      const checksums = blockChecksums(aligned);
+      const seq = ++this.#seq;
+      await Promise.all(this.#pieces(startBlock, endBlock - startBlock).map((piece) =>
+        this.#writePiece(piece, Op.WRITE, seq, options.fua ?? false, aligned, checksums)));
+    } finally {
+      release();
+    }
+  }
+
+  /** Writes zeros as tombstones (TRIM and WRITE_ZEROES): nothing is stored for them. */
+  async writeZeroes(offsetBytes: number, lengthBytes: number, options: { fua?: boolean } = {}): Promise<void> {
+    this.#checkRange(offsetBytes, Math.min(lengthBytes, REQUEST_BYTES_MAX));
+    if (offsetBytes + lengthBytes > this.info.sizeBytes) throw new ShaleError('OUT_OF_RANGE', 'zeroed range is beyond the volume');
+    if (lengthBytes === 0) return;
+    let startBlock = Math.floor(offsetBytes / BLOCK_SIZE_BYTES);
+    let endBlock = Math.ceil((offsetBytes + lengthBytes) / BLOCK_SIZE_BYTES);
+    // Partial blocks at the ends are written as data (zeros merged into what is there).
+    const headPartial = offsetBytes % BLOCK_SIZE_BYTES !== 0;
+    const tailPartial = (offsetBytes + lengthBytes) % BLOCK_SIZE_BYTES !== 0;
+    if (headPartial) {
+      const headEnd = Math.min(offsetBytes + lengthBytes, (startBlock + 1) * BLOCK_SIZE_BYTES);
+      await this.write(offsetBytes, Buffer.alloc(headEnd - offsetBytes), options);
+      startBlock++;
+    }
+    if (tailPartial && endBlock > startBlock) {
+      const tailStart = Math.max(offsetBytes, (endBlock - 1) * BLOCK_SIZE_BYTES);
+      await this.write(tailStart, Buffer.alloc(offsetBytes + lengthBytes - tailStart), options);
+      endBlock--;
+    }
+    if (endBlock <= startBlock) return;
+    const release = await this.#lock.acquire(startBlock, endBlock);
+    try {
+      const seq = ++this.#seq;
+      await Promise.all(this.#pieces(startBlock, endBlock - startBlock).map((piece) =>
+        this.#writePiece(piece, Op.WRITE_ZEROES, seq, options.fua ?? false, undefined, undefined)));
+    } finally {
+      release();
+    }
+  }
+
+  async #writePiece(piece: Piece, op: number, seq: number, fua: boolean, data: Buffer | undefined, checksums: Uint32Array | undefined): Promise<void> {
+    const deadline = this.#deadline();
+    let payload: Buffer[] = [];
+    if (data && checksums) {
+      const sums = Buffer.allocUnsafe(piece.countBlocks * 4);
+      for (let i = 0; i < piece.countBlocks; i++) sums.writeUInt32LE(checksums[piece.bufferBlock + i]!, i * 4);
+      payload = [sums, data.subarray(piece.bufferBlock * BLOCK_SIZE_BYTES, (piece.bufferBlock + piece.countBlocks) * BLOCK_SIZE_BYTES)];
+    }
+    let lastError: ShaleError | undefined;
+    for (;;) {
+      const map = this.#cluster.map;
+      const pool = this.#pool(map);
+      const pgId = placementGroupOf(this.info.id, piece.chunkIndex, pool.pgCount);
+      const pg = pool.pgs[pgId]!;
+      const acting = pg.replicas.filter((replica) => replica.state !== 'down' && isUp(map, replica.storeId));
+      if (acting.length < pool.minReplicas) {
+        lastError = new ShaleError('NO_QUORUM', `PG ${pool.id}.${pgId} has ${acting.length} of ${pool.minReplicas} replicas needed`);
+        await this.#waitForChange(map, deadline, lastError);
+        continue;
+      }
+      const header = {
+        op, flags: fua ? Flag.FUA : 0, volumeId: this.info.id, chunkIndex: piece.chunkIndex, poolId: pool.id, pgId,
+        pgCount: pool.pgCount, pgEpoch: pg.epoch, ownerEpoch: this.ownerEpoch, versionSeq: seq,
+        offsetBlocks: piece.offsetBlocks, countBlocks: piece.countBlocks, snapSeq: 0,
+      };
+      const results = await Promise.all(acting.map(async (replica): Promise<Failure | undefined> => {
+        this.#writtenSinceFlush.add(replica.storeId);
+        try {
+          await this.#cluster.channel(replica.storeId).request(header, payload);
+          return undefined;
+        } catch (error) {
+          return { storeId: replica.storeId, error: error instanceof ShaleError ? error : new ShaleError('INTERNAL', String(error)) };
+        }
+      }));
+      const failures = results.filter((failure): failure is Failure => failure !== undefined);
+      if (failures.length === 0) return;
+      lastError = await this.#handleFailures(failures);
+      if (this.#expired(deadline)) throw noQuorum(lastError);
+    }
+  }
+
+  /** Acts on the failures of one round (see the decision table above); throws what can't be retried. */
+  async #handleFailures(failures: Failure[]): Promise<ShaleError> {
+    let delay = false;
+    let refresh = false;
+    for (const { storeId, error } of failures) {
+      switch (error.code) {
+        case 'STALE_PG_EPOCH':
+          refresh = true;
+          break;
+        case 'NOT_READY':
+        case 'BUSY':
+        case 'CHECKSUM':
+          delay = true;
+          break;
+        case 'UNAVAILABLE':
+        case 'MAYBE_COMMITTED':
+        case 'SHUTTING_DOWN':
+          try {
+            await this.#cluster.reportDown(storeId, error.message);
+          } catch {
+            delay = true; // the conductor is unreachable: retry until the deadline
+          }
+          break;
+        default:
+          throw error;
+      }
+    }
+    if (refresh) await this.#cluster.watcher.refresh().catch(() => {});
+    if (delay) await this.#cluster.env.clock.sleep(RETRY_DELAY_MS);
+    return failures[0]!.error;
+  }
+
+  async flush(): Promise<void> {
+    const deadline = this.#deadline();
+    const stores = [...this.#writtenSinceFlush];
+    this.#writtenSinceFlush = new Set();
+    let pending = stores;
+    while (pending.length > 0) {
+      const map = this.#cluster.map;
+      const results = await Promise.all(pending.map(async (storeId): Promise<Failure | undefined> => {
+        if (!isUp(map, storeId)) return undefined; // already down in a committed epoch
+        try {
+          await this.#cluster.channel(storeId).request({ op: Op.FLUSH, volumeId: this.info.id, ownerEpoch: this.ownerEpoch });
+          return undefined;
+        } catch (error) {
+          return { storeId, error: error instanceof ShaleError ? error : new ShaleError('INTERNAL', String(error)) };
+        }
+      }));
+      const failures = results.filter((failure): failure is Failure => failure !== undefined);
+      if (failures.length === 0) return;
+      const lastError = await this.#handleFailures(failures);
+      if (this.#expired(deadline)) throw noQuorum(lastError);
+      pending = failures.map((failure) => failure.storeId);
+    }
+  }
+
+  async close(): Promise<void> {
+    if (this.#closed) return;
+    await this.flush();
+    this.#closed = true;
+    this.#cluster.forget(this.info.name);
+    await this.#cluster.conductor.closeVolume(this.info.name, this.#cluster.ownerId, this.ownerEpoch).catch(() => {});
+  }
+
+  #deadline(): number {
+    return this.#cluster.ioTimeoutMs > 0 ? this.#cluster.env.clock.nowMs() + this.#cluster.ioTimeoutMs : Number.POSITIVE_INFINITY;
+  }
+
+  #expired(deadline: number): boolean {
+    return this.#cluster.env.clock.nowMs() >= deadline;
+  }
+
+  /** Waits for a map newer than `map`, or a short while; throws NO_QUORUM past the deadline. */
+  async #waitForChange(map: ClusterMap, deadline: number, lastError: ShaleError | undefined): Promise<void> {
+    if (this.#expired(deadline)) throw noQuorum(lastError);
+    const clock = this.#cluster.env.clock;
+    const waitMs = Math.min(500, deadline - clock.nowMs());
+    await Promise.race([this.#cluster.watcher.waitForEpoch(map.epoch + 1), clock.sleep(waitMs)]);
+  }
+}
+
+function isUp(map: ClusterMap, storeId: number): boolean {
+  return map.stores.some((store) => store.id === storeId && store.state === 'up');
+}
+
+function noQuorum(lastError: ShaleError | undefined): ShaleError {
+  return new ShaleError('NO_QUORUM', `I/O timed out waiting for replicas${lastError ? `: ${lastError.message}` : ''}`);
+}
+
+/** Rebuilds the piece's bytes from a READ reply, verifying every data block's crc32c. */
+function assembleRead(payload: Buffer, countBlocks: number, storeId: number): Buffer {
+  const read = decodeReadReply(payload, countBlocks);
+  let dataBlocks = 0;
+  for (let i = 0; i < countBlocks; i++) {
+    if (read.states[i] !== BlockState.DATA) continue;
+    const block = read.data.subarray(dataBlocks * BLOCK_SIZE_BYTES, (dataBlocks + 1) * BLOCK_SIZE_BYTES);
+    if (crc32c(block) !== read.checksums[i]) {
+      throw new ShaleError('CHECKSUM', `block ${i} from store ${storeId} failed its crc32c in transit`);
+    }
+    dataBlocks++;
+  }
+  if (dataBlocks === countBlocks) return read.data;
+  const out = Buffer.alloc(countBlocks * BLOCK_SIZE_BYTES);
+  let at = 0;
+  for (let i = 0; i < countBlocks; i++) {
+    if (read.states[i] !== BlockState.DATA) continue;
+    read.data.copy(out, i * BLOCK_SIZE_BYTES, at * BLOCK_SIZE_BYTES, (at + 1) * BLOCK_SIZE_BYTES);
+    at++;
+  }
+  assert(at === dataBlocks, 'every data block placed');
+  return out;
+}

@@ -1,0 +1,190 @@
+/**
+ * The conductor's HTTP API: JSON under /api/v1/. These types are the contract between the
+ * conductor and everything that talks to it (stores, gateways, the CLI); none of those import the
+ * conductor itself. Errors come back as `{ code, message }` with the HTTP status of the error
+ * table (src/lib/errors.ts).
+ *
+ * Data-path endpoints (used by stores and the client library):
+ *   GET  /api/v1/cluster                      -> ClusterInfo
+ *   POST /api/v1/stores/register              RegisterStoreRequest -> RegisterStoreResponse
+ *   POST /api/v1/stores/{id}/heartbeat        HeartbeatRequest -> { ok: true }
+ *   GET  /api/v1/map?since=EPOCH&waitMs=MS     -> ClusterMap  (long poll: answers at once if the map's
+ *                                                epoch > since, else when it changes or after waitMs)
+ *   POST /api/v1/stores/{id}/report-down      ReportDownRequest -> ClusterMap (after the new epoch is committed)
+ *   POST /api/v1/pgs/{poolId}/{pg}/clean      MarkCleanRequest -> ClusterMap
+ *   POST /api/v1/volumes/{name}/open          OpenVolumeRequest -> OpenVolumeResponse
+ *   POST /api/v1/volumes/{name}/close         CloseVolumeRequest -> { ok: true }
+ *
+ * Admin endpoints (used by the CLI):
+ *   GET    /api/v1/status                     -> ClusterStatus
+ *   GET    /api/v1/stores                     -> { stores: StoreInfo[] }
+ *   GET    /api/v1/pools                      -> { pools: PoolInfo[] }
+ *   POST   /api/v1/volumes                    CreateVolumeRequest -> VolumeInfo (201)
+ *   GET    /api/v1/volumes                    -> { volumes: VolumeInfo[] }
+ *   GET    /api/v1/volumes/{name}             -> VolumeInfo
+ *   DELETE /api/v1/volumes/{name}             -> { ok: true }
+ */
+
+export type StoreState = 'up' | 'down' | 'out';
+export type ReplicaState = 'clean' | 'recovering' | 'down';
+
+export interface ClusterInfo {
+  clusterId: string;
+  /** The API's semantic version, for clients to check compatibility. */
+  apiVersion: 1;
+}
+
+export interface DiskReport {
+  uuid: string;
+  path: string;
+  capacityBytes: number;
+  usedBytes: number;
+}
+
+export interface RegisterStoreRequest {
+  /** uuid of the store's (first) disk: a store that comes back with the same disk gets the same id. */
+  diskUuid: string;
+  clusterId: string;
+  /** Address clients use for the store protocol: "HOST:PORT" or "unix:/path". */
+  address: string;
+  domain: string;
+  disks: DiskReport[];
+}
+
+export interface RegisterStoreResponse {
+  storeId: number;
+  /** Heartbeat period; the store is marked down after heartbeatTimeoutMs without one. */
+  heartbeatIntervalMs: number;
+  heartbeatTimeoutMs: number;
+}
+
+export interface HeartbeatRequest {
+  disks: DiskReport[];
+}
+
+export interface StoreMapEntry {
+  id: number;
+  address: string;
+  domain: string;
+  state: StoreState;
+}
+
+export interface ReplicaEntry {
+  storeId: number;
+  state: ReplicaState;
+}
+
+export interface PgEntry {
+  /** The map epoch at which this PG's replica list or states last changed. */
+  epoch: number;
+  /** Ordered; index 0 is the preferred replica. */
+  replicas: ReplicaEntry[];
+}
+
+export interface PoolMapEntry {
+  id: number;
+  name: string;
+  replicas: number;
+  minReplicas: number;
+  pgCount: number;
+  pgs: PgEntry[];
+}
+
+/** Everything the data path needs, versioned by one epoch that grows on every change. */
+export interface ClusterMap {
+  clusterId: string;
+  epoch: number;
+  stores: StoreMapEntry[];
+  pools: PoolMapEntry[];
+  /** Owner epoch of every volume that has one, as [volumeId, ownerEpoch]. */
+  owners: [number, number][];
+  /** Ids of deleted volumes; stores purge their objects. Never shrinks. */
+  deletedVolumes: number[];
+}
+
+export interface ReportDownRequest {
+  /** Who reports (a gateway id or store id), for the log. */
+  reporter: string;
+  reason: string;
+}
+
+export interface MarkCleanRequest {
+  storeId: number;
+  /** The PG epoch at which the store started its resync; refused with STALE_PG_EPOCH if the PG changed since. */
+  pgEpoch: number;
+}
+
+export interface OpenVolumeRequest {
+  /** An id for the gateway, shown as the owner. */
+  owner: string;
+  /** Take the volume over from a current owner. Without it, opening an owned volume is refused unless the owner is the same. */
+  takeover?: boolean;
+}
+
+export interface VolumeInfo {
+  id: number;
+  name: string;
+  sizeBytes: number;
+  chunkSizeBytes: number;
+  poolId: number;
+  poolName: string;
+  replicas: number;
+  owner: string | null;
+  ownerEpoch: number;
+  createdAt: string;
+}
+
+export interface OpenVolumeResponse {
+  volume: VolumeInfo;
+  /** The new owner epoch: higher than any before; every write carries it. */
+  ownerEpoch: number;
+  map: ClusterMap;
+}
+
+export interface CloseVolumeRequest {
+  owner: string;
+  ownerEpoch: number;
+}
+
+export interface CreateVolumeRequest {
+  name: string;
+  /** Bytes, or a string with a unit ("10G"). */
+  size: number | string;
+  replicas?: number;
+  chunkSize?: number | string;
+}
+
+export interface StoreInfo extends StoreMapEntry {
+  capacityBytes: number;
+  usedBytes: number;
+  lastHeartbeatAt: string | null;
+  disks: DiskReport[];
+}
+
+export interface PoolInfo {
+  id: number;
+  name: string;
+  replicas: number;
+  minReplicas: number;
+  pgCount: number;
+  pgsClean: number;
+  pgsDegraded: number;
+}
+
+export interface ClusterStatus {
+  clusterId: string;
+  epoch: number;
+  health: 'ok' | 'degraded' | 'error';
+  stores: { total: number; up: number; down: number };
+  pools: PoolInfo[];
+  volumes: number;
+  capacityBytes: number;
+  usedBytes: number;
+  provisionedBytes: number;
+  messages: string[];
+}
+
+export interface ApiErrorBody {
+  code: string;
+  message: string;
+}

@@ -1,0 +1,364 @@
+/**
+ * The real environment: Node.js files, sockets, timers and crypto randomness. The only module tree
+ * allowed to import fs, net, http, timers or to call Math.random and Date.now.
+ */
+import { randomBytes, randomUUID } from 'node:crypto';
+import * as fs from 'node:fs/promises';
+import { constants as fsConstants } from 'node:fs';
+import * as http from 'node:http';
+import * as net from 'node:net';
+import { dirname } from 'node:path';
+import { performance } from 'node:perf_hooks';
+import { ShaleError } from '../../lib/errors.ts';
+import type { Clock, Connection, Disk, DiskFile, Env, HttpHandler, HttpResult, Listener, Net, OpenOptions, Random, Timer } from '../env.ts';
+import { formatAddress, parseAddress } from '../env.ts';
+
+class NodeDiskFile implements DiskFile {
+  readonly path: string;
+  readonly sizeBytes: number;
+  readonly #handle: fs.FileHandle;
+
+  constructor(path: string, handle: fs.FileHandle, sizeBytes: number) {
+    this.path = path;
+    this.#handle = handle;
+    this.sizeBytes = sizeBytes;
+  }
+
+  async read(target: Buffer, offsetBytes: number): Promise<number> {
+    let done = 0;
+    while (done < target.length) {
+      const { bytesRead } = await this.#handle.read(target, done, target.length - done, offsetBytes + done);
+      if (bytesRead === 0) break;
+      done += bytesRead;
+    }
+    return done;
+  }
+
+  async writev(buffers: readonly Buffer[], offsetBytes: number): Promise<void> {
+    let position = offsetBytes;
+    let pending = buffers.filter((b) => b.length > 0);
+    while (pending.length > 0) {
+      const { bytesWritten } = await this.#handle.writev(pending, position);
+      position += bytesWritten;
+      let skip = bytesWritten;
+      const rest: Buffer[] = [];
+      for (const buffer of pending) {
+        if (skip >= buffer.length) {
+          skip -= buffer.length;
+        } else {
+          rest.push(skip > 0 ? buffer.subarray(skip) : buffer);
+          skip = 0;
+        }
+      }
+      pending = rest;
+    }
+  }
+
+  async sync(): Promise<void> {
+    await this.#handle.datasync();
+  }
+
+  async close(): Promise<void> {
+    await this.#handle.close();
+  }
+}
+
+async function blockDeviceSize(handle: fs.FileHandle): Promise<number> {
+  // A block device reports size 0 from stat; seeking is not exposed, so read its size from sysfs-free means:
+  // read the last byte by binary search over readable offsets.
+  let low = 0;
+  let high = 2 ** 50;
+  const probe = Buffer.alloc(1);
+  while (low < high) {
+    const middle = Math.floor((low + high + 1) / 2);
+    const { bytesRead } = await handle.read(probe, 0, 1, middle - 1);
+    if (bytesRead === 1) low = middle;
+    else high = middle - 1;
+  }
+  return low;
+}
+
+export const nodeDisk: Disk = {
+  async open(path: string, options: OpenOptions = {}): Promise<DiskFile> {
+    const flags = options.readOnly
+      ? fsConstants.O_RDONLY
+      : fsConstants.O_RDWR | (options.create ? fsConstants.O_CREAT : 0);
+    let handle: fs.FileHandle;
+    try {
+      handle = await fs.open(path, flags, 0o600);
+    } catch (error) {
+      const code = (error as NodeJS.ErrnoException).code;
+      if (code === 'ENOENT') throw new ShaleError('NOT_FOUND', `${path}: no such file`);
+      throw error;
+    }
+    const stat = await handle.stat();
+    let sizeBytes = stat.isBlockDevice() ? await blockDeviceSize(handle) : stat.size;
+    if (stat.isFile() && options.sizeBytes !== undefined && sizeBytes < options.sizeBytes && !options.readOnly) {
+      await handle.truncate(options.sizeBytes);
+      sizeBytes = options.sizeBytes;
+    }
+    return new NodeDiskFile(path, handle, sizeBytes);
+  },
+
+  async readFile(path: string): Promise<Buffer | undefined> {
+    try {
+      return await fs.readFile(path);
+    } catch (error) {
+      if ((error as NodeJS.ErrnoException).code === 'ENOENT') return undefined;
+      throw error;
+    }
+  },
+
+  async writeFileAtomic(path: string, data: Buffer | string, mode = 0o644): Promise<void> {
+    const temporary = `${path}.tmp-${process.pid}`;
+    const handle = await fs.open(temporary, 'w', mode);
+    try {
+      await handle.writeFile(data);
+      await handle.chmod(mode);
+      await handle.sync();
+    } finally {
+      await handle.close();
+    }
+    await fs.rename(temporary, path);
+    const directory = await fs.open(dirname(path), 'r');
+    try {
+      await directory.sync();
+    } finally {
+      await directory.close();
+    }
+  },
+
+  async exists(path: string): Promise<boolean> {
+    try {
+      await fs.stat(path);
+      return true;
+    } catch {
+      return false;
+    }
+  },
+
+  async mkdir(path: string): Promise<void> {
+    await fs.mkdir(path, { recursive: true });
+  },
+
+  async remove(path: string): Promise<void> {
+    await fs.rm(path, { force: true, recursive: true });
+  },
+};
+
+class NodeConnection implements Connection {
+  readonly remoteAddress: string;
+  readonly #socket: net.Socket;
+  #closed = false;
+
+  constructor(socket: net.Socket) {
+    this.#socket = socket;
+    this.remoteAddress = socket.remoteAddress ? formatAddress(socket.remoteAddress, socket.remotePort ?? 0) : 'unix';
+    socket.setNoDelay(true);
+    socket.on('close', () => {
+      this.#closed = true;
+    });
+    // Errors are reported through onClose; without a listener an 'error' event would crash the process.
+    socket.on('error', () => {});
+  }
+
+  get closed(): boolean {
+    return this.#closed || this.#socket.destroyed;
+  }
+
+  write(data: Buffer | readonly Buffer[]): boolean {
+    if (this.closed) return false;
+    if (Buffer.isBuffer(data)) return this.#socket.write(data);
+    if (data.length === 1) return this.#socket.write(data[0]!);
+    this.#socket.cork();
+    let ok = true;
+    for (const buffer of data) ok = this.#socket.write(buffer);
+    this.#socket.uncork();
+    return ok;
+  }
+
+  onData(listener: (chunk: Buffer) => void): void {
+    this.#socket.on('data', listener);
+  }
+
+  onDrain(listener: () => void): void {
+    this.#socket.on('drain', listener);
+  }
+
+  onClose(listener: (error?: Error) => void): void {
+    let lastError: Error | undefined;
+    this.#socket.on('error', (error) => {
+      lastError = error;
+    });
+    this.#socket.on('close', () => listener(lastError));
+  }
+
+  pause(): void {
+    this.#socket.pause();
+  }
+
+  resume(): void {
+    this.#socket.resume();
+  }
+
+  end(): void {
+    this.#socket.end();
+  }
+
+  destroy(error?: Error): void {
+    this.#socket.destroy(error);
+  }
+
+  /** The underlying socket, for protocols that upgrade the stream (NBD STARTTLS). Node environment only. */
+  get socket(): net.Socket {
+    return this.#socket;
+  }
+}
+
+export function wrapSocket(socket: net.Socket): Connection {
+  return new NodeConnection(socket);
+}
+
+function listenOptions(address: string): net.ListenOptions {
+  const parsed = parseAddress(address);
+  return parsed.kind === 'unix' ? { path: parsed.path } : { host: parsed.host, port: parsed.port };
+}
+
+function boundAddress(server: net.Server, requested: string): string {
+  const parsed = parseAddress(requested);
+  if (parsed.kind === 'unix') return requested;
+  const bound = server.address();
+  if (bound && typeof bound === 'object') return formatAddress(parsed.host, bound.port);
+  return requested;
+}
+
+async function startListening(server: net.Server, address: string): Promise<Listener> {
+  const parsed = parseAddress(address);
+  if (parsed.kind === 'unix') await fs.rm(parsed.path, { force: true });
+  await new Promise<void>((resolve, reject) => {
+    server.once('error', reject);
+    server.listen(listenOptions(address), () => {
+      server.off('error', reject);
+      resolve();
+    });
+  });
+  const bound = boundAddress(server, address);
+  const sockets = new Set<net.Socket>();
+  server.on('connection', (socket: net.Socket) => {
+    sockets.add(socket);
+    socket.on('close', () => sockets.delete(socket));
+  });
+  return {
+    address: bound,
+    close: () =>
+      new Promise<void>((resolve) => {
+        server.close(() => resolve());
+        for (const socket of sockets) socket.destroy();
+        if ('closeAllConnections' in server) (server as http.Server).closeAllConnections();
+      }),
+  };
+}
+
+export const nodeNet: Net = {
+  async listen(address: string, onConnection: (connection: Connection) => void): Promise<Listener> {
+    const server = net.createServer({ noDelay: true }, (socket) => onConnection(new NodeConnection(socket)));
+    return startListening(server, address);
+  },
+
+  connect(address: string, timeoutMs = 5000): Promise<Connection> {
+    const parsed = parseAddress(address);
+    return new Promise((resolve, reject) => {
+      const socket = parsed.kind === 'unix'
+        ? net.createConnection({ path: parsed.path })
+        : net.createConnection({ host: parsed.host, port: parsed.port, noDelay: true });
+      const timer = setTimeout(() => {
+        socket.destroy();
+        reject(new ShaleError('UNAVAILABLE', `connect to ${address} timed out after ${timeoutMs} ms`));
+      }, timeoutMs);
+      socket.once('error', (error) => {
+        clearTimeout(timer);
+        reject(new ShaleError('UNAVAILABLE', `connect to ${address}: ${error.message}`));
+      });
+      socket.once('connect', () => {
+        clearTimeout(timer);
+        socket.removeAllListeners('error');
+        resolve(new NodeConnection(socket));
+      });
+    });
+  },
+
+  async serveHttp(address: string, handler: HttpHandler): Promise<Listener> {
+    const server = http.createServer({ keepAliveTimeout: 65_000, requestTimeout: 0 }, handler);
+    return startListening(server, address);
+  },
+
+  httpRequest(method, url, options = {}): Promise<HttpResult> {
+    const timeoutMs = options.timeoutMs ?? 30_000;
+    return new Promise((resolve, reject) => {
+      const target = new URL(url);
+      const body = options.body === undefined ? undefined : Buffer.from(options.body);
+      const headers: Record<string, string | number> = { ...options.headers };
+      if (body) headers['content-length'] = body.length;
+      const request = http.request(
+        { method, host: target.hostname.replace(/^\[|\]$/g, ''), port: target.port || 80, path: target.pathname + target.search, headers, agent: keepAliveAgent },
+        (response) => {
+          const chunks: Buffer[] = [];
+          response.on('data', (chunk: Buffer) => chunks.push(chunk));
+          response.on('end', () => {
+            clearTimeout(timer);
+            const flat: Record<string, string> = {};
+            for (const [name, value] of Object.entries(response.headers)) {
+              if (value !== undefined) flat[name] = Array.isArray(value) ? value.join(', ') : value;
+            }
+            resolve({ status: response.statusCode ?? 0, headers: flat, body: Buffer.concat(chunks) });
+          });
+          response.on('error', (error) => {
+            clearTimeout(timer);
+            reject(new ShaleError('UNAVAILABLE', `${method} ${url}: ${error.message}`));
+          });
+        },
+      );
+      const timer = setTimeout(() => {
+        request.destroy(new Error(`timed out after ${timeoutMs} ms`));
+      }, timeoutMs);
+      request.on('error', (error) => {
+        clearTimeout(timer);
+        reject(new ShaleError('UNAVAILABLE', `${method} ${url}: ${error.message}`));
+      });
+      request.end(body);
+    });
+  },
+};
+
+const keepAliveAgent = new http.Agent({ keepAlive: true, maxSockets: 64 });
+
+function wrapTimer(handle: NodeJS.Timeout, cancel: (handle: NodeJS.Timeout) => void): Timer {
+  const timer: Timer = {
+    cancel: () => cancel(handle),
+    unref: () => {
+      handle.unref();
+      return timer;
+    },
+  };
+  return timer;
+}
+
+export const nodeClock: Clock = {
+  nowMs: () => performance.now(),
+  wallMs: () => Date.now(),
+  after: (delayMs, callback) => wrapTimer(setTimeout(callback, delayMs), clearTimeout),
+  every: (intervalMs, callback) => wrapTimer(setInterval(callback, intervalMs), clearInterval),
+  sleep: (delayMs) => new Promise((resolve) => setTimeout(resolve, delayMs)),
+  soon: (callback) => {
+    setImmediate(callback);
+  },
+};
+
+export const nodeRandom: Random = {
+  uint32: () => randomBytes(4).readUInt32LE(0),
+  float: () => Math.random(),
+  bytes: (count) => randomBytes(count),
+  uuid: () => randomUUID(),
+};
+
+export const nodeEnv: Env = { disk: nodeDisk, net: nodeNet, clock: nodeClock, random: nodeRandom };

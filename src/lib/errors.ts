@@ -1,0 +1,167 @@
+/**
+ * The one table of error codes. Every failure that crosses a module boundary carries one of these
+ * codes; callers branch on `err.code`, never on message text. Each code is mapped exactly once to
+ * what every interface shows a user: an NBD errno, an S3 error code with its HTTP status, the
+ * status of the HTTP API, and an exit code of the CLI. `docs/errors.md` documents every code and
+ * a test keeps the two in step.
+ *
+ * The numeric `wire` value is what the store protocol carries in a reply's status field; it is
+ * part of the protocol and never changes for an existing code.
+ */
+
+/** NBD errno values (doc/proto.md "Error values"). */
+export const NbdErrno = {
+  OK: 0,
+  EPERM: 1,
+  EIO: 5,
+  ENOMEM: 12,
+  EINVAL: 22,
+  ENOSPC: 28,
+  EOVERFLOW: 75,
+  ENOTSUP: 95,
+  ESHUTDOWN: 108,
+} as const;
+export type NbdErrnoValue = (typeof NbdErrno)[keyof typeof NbdErrno];
+
+export interface ErrorCodeSpec {
+  /** Value in the store protocol's status field. 0 is success and never an error. */
+  readonly wire: number;
+  readonly nbdErrno: NbdErrnoValue;
+  readonly s3Code: string;
+  readonly httpStatus: number;
+  readonly exitCode: number;
+  /** Whether a caller may retry the same request unchanged (after refreshing state if the doc says so). */
+  readonly retryable: boolean;
+  readonly doc: string;
+}
+
+export const ErrorCodes = {
+  INVALID_ARGUMENT: {
+    wire: 1, nbdErrno: NbdErrno.EINVAL, s3Code: 'InvalidArgument', httpStatus: 400, exitCode: 2, retryable: false,
+    doc: 'A request or option is malformed or has a value outside what is allowed. Nothing was changed.',
+  },
+  NOT_FOUND: {
+    wire: 2, nbdErrno: NbdErrno.EINVAL, s3Code: 'NoSuchKey', httpStatus: 404, exitCode: 3, retryable: false,
+    doc: 'The named volume, store, pool, snapshot or object does not exist.',
+  },
+  ALREADY_EXISTS: {
+    wire: 3, nbdErrno: NbdErrno.EINVAL, s3Code: 'BucketAlreadyOwnedByYou', httpStatus: 409, exitCode: 4, retryable: false,
+    doc: 'Something with that name already exists.',
+  },
+  OUT_OF_RANGE: {
+    wire: 4, nbdErrno: NbdErrno.EINVAL, s3Code: 'InvalidRange', httpStatus: 416, exitCode: 2, retryable: false,
+    doc: 'An offset or length lies outside the volume, chunk or object.',
+  },
+  READ_ONLY: {
+    wire: 5, nbdErrno: NbdErrno.EPERM, s3Code: 'AccessDenied', httpStatus: 403, exitCode: 5, retryable: false,
+    doc: 'A write was sent to something that is read-only, such as a snapshot export.',
+  },
+  NO_SPACE: {
+    wire: 6, nbdErrno: NbdErrno.ENOSPC, s3Code: 'ServiceUnavailable', httpStatus: 507, exitCode: 6, retryable: false,
+    doc: 'A disk has no free segment left for client writes. Data already written is unharmed and reads keep working.',
+  },
+  CHECKSUM: {
+    wire: 7, nbdErrno: NbdErrno.EIO, s3Code: 'InternalError', httpStatus: 500, exitCode: 7, retryable: true,
+    doc: 'Data read from a disk failed its crc32c. The bytes are never returned; the client reads another replica and repairs this one.',
+  },
+  STALE_PG_EPOCH: {
+    wire: 8, nbdErrno: NbdErrno.EIO, s3Code: 'ServiceUnavailable', httpStatus: 503, exitCode: 8, retryable: true,
+    doc: 'The request carried an older placement-group epoch than the store knows. The client refreshes its PG map and retries.',
+  },
+  FENCED: {
+    wire: 9, nbdErrno: NbdErrno.EIO, s3Code: 'AccessDenied', httpStatus: 409, exitCode: 9, retryable: false,
+    doc: 'The request carried an older owner epoch than the store has seen for the volume: another gateway took the volume over. The writer stops and never retries.',
+  },
+  NO_QUORUM: {
+    wire: 10, nbdErrno: NbdErrno.EIO, s3Code: 'ServiceUnavailable', httpStatus: 503, exitCode: 10, retryable: true,
+    doc: 'Fewer than the minimum number of replicas of a placement group are available, and the I/O timeout ran out while waiting.',
+  },
+  MAYBE_COMMITTED: {
+    wire: 11, nbdErrno: NbdErrno.EIO, s3Code: 'InternalError', httpStatus: 500, exitCode: 11, retryable: false,
+    doc: 'A request was sent but no answer came back in time: it may or may not have taken effect. Only idempotent requests are retried.',
+  },
+  SHUTTING_DOWN: {
+    wire: 12, nbdErrno: NbdErrno.ESHUTDOWN, s3Code: 'ServiceUnavailable', httpStatus: 503, exitCode: 12, retryable: true,
+    doc: 'The process is stopping and takes no new requests.',
+  },
+  UNAVAILABLE: {
+    wire: 13, nbdErrno: NbdErrno.EIO, s3Code: 'ServiceUnavailable', httpStatus: 503, exitCode: 13, retryable: true,
+    doc: 'A peer (store, conductor) could not be reached, or refused the connection. Retried with back-off where the operation allows.',
+  },
+  NOT_SUPPORTED: {
+    wire: 14, nbdErrno: NbdErrno.ENOTSUP, s3Code: 'NotImplemented', httpStatus: 501, exitCode: 14, retryable: false,
+    doc: 'The operation or option is not implemented (yet) by this version of Shale.',
+  },
+  NOT_READY: {
+    wire: 15, nbdErrno: NbdErrno.EIO, s3Code: 'ServiceUnavailable', httpStatus: 503, exitCode: 13, retryable: true,
+    doc: 'The replica cannot serve this yet: it is recovering (takes writes, serves no reads) or the cluster has not enough stores for the request.',
+  },
+  BUSY: {
+    wire: 16, nbdErrno: NbdErrno.EIO, s3Code: 'SlowDown', httpStatus: 503, exitCode: 13, retryable: true,
+    doc: 'A bounded queue is full. The caller backs off and retries.',
+  },
+  WRONG_CLUSTER: {
+    wire: 17, nbdErrno: NbdErrno.EIO, s3Code: 'InternalError', httpStatus: 409, exitCode: 15, retryable: false,
+    doc: 'A disk or store belongs to another cluster, or has a format this version does not know. It is refused and left untouched.',
+  },
+  UNAUTHENTICATED: {
+    wire: 18, nbdErrno: NbdErrno.EPERM, s3Code: 'AccessDenied', httpStatus: 401, exitCode: 16, retryable: false,
+    doc: 'The request carried no valid credentials.',
+  },
+  PROTOCOL: {
+    wire: 19, nbdErrno: NbdErrno.EINVAL, s3Code: 'InvalidRequest', httpStatus: 400, exitCode: 17, retryable: false,
+    doc: 'A peer sent bytes that do not follow the protocol (bad magic, version, header checksum or length). The connection is closed.',
+  },
+  INTERNAL: {
+    wire: 20, nbdErrno: NbdErrno.EIO, s3Code: 'InternalError', httpStatus: 500, exitCode: 1, retryable: false,
+    doc: 'An unexpected failure: a bug. It is logged with its stack.',
+  },
+} as const satisfies Record<string, ErrorCodeSpec>;
+
+export type ErrorCode = keyof typeof ErrorCodes;
+
+const codeByWire = new Map<number, ErrorCode>();
+for (const [code, spec] of Object.entries(ErrorCodes) as [ErrorCode, ErrorCodeSpec][]) {
+  if (codeByWire.has(spec.wire)) throw new Error(`duplicate wire value ${spec.wire} for ${code}`);
+  codeByWire.set(spec.wire, code);
+}
+
+export class ShaleError extends Error {
+  override name = 'ShaleError';
+  readonly code: ErrorCode;
+  readonly details: Record<string, unknown> | undefined;
+
+  constructor(code: ErrorCode, message: string, details?: Record<string, unknown>) {
+    super(message);
+    this.code = code;
+    this.details = details;
+  }
+
+  get spec(): ErrorCodeSpec {
+    return ErrorCodes[this.code];
+  }
+}
+
+export function isErrorCode(value: unknown): value is ErrorCode {
+  return typeof value === 'string' && Object.hasOwn(ErrorCodes, value);
+}
+
+export function errorCodeFromWire(wire: number): ErrorCode {
+  return codeByWire.get(wire) ?? 'INTERNAL';
+}
+
+/** The code of any thrown value: ShaleErrors keep theirs, anything else is INTERNAL. */
+export function codeOf(err: unknown): ErrorCode {
+  return err instanceof ShaleError ? err.code : 'INTERNAL';
+}
+
+export function isRetryable(err: unknown): boolean {
+  return ErrorCodes[codeOf(err)].retryable;
+}
+
+/** Wraps anything thrown into a ShaleError, keeping the code when there is one. */
+export function toShaleError(err: unknown): ShaleError {
+  if (err instanceof ShaleError) return err;
+  const message = err instanceof Error ? err.message : String(err);
+  return new ShaleError('INTERNAL', message);
+}

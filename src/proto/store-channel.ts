@@ -1,0 +1,149 @@
+/**
+ * One connection to one store, speaking the store protocol. Many requests are in flight at once;
+ * each gets a request id and resolves when its reply arrives, in whatever order. Requests made in
+ * the same event-loop turn leave in one write. The channel connects lazily and reconnects on the
+ * next request after the connection is lost.
+ *
+ * Errors: a reply with a non-zero status rejects with a ShaleError of that code; a lost connection
+ * rejects every pending request with UNAVAILABLE; no reply within the timeout rejects with
+ * MAYBE_COMMITTED (the store may or may not have applied it). Callers retry only idempotent work.
+ */
+import { assert } from '../lib/assert.ts';
+import { errorCodeFromWire, ShaleError } from '../lib/errors.ts';
+import type { Connection, Env, Timer } from '../env/env.ts';
+import { emptyHeader, encodeHeader, FrameParser, HEADER_BYTES, REPLY_BIT, type Frame, type FrameHeader } from './store-protocol.ts';
+
+/** Requests in flight on one channel before new ones are refused with BUSY. */
+export const CHANNEL_IN_FLIGHT_MAX = 4096;
+
+interface Pending {
+  resolve: (frame: Frame) => void;
+  reject: (error: ShaleError) => void;
+  timer: Timer | undefined;
+  op: number;
+}
+
+export class StoreChannel {
+  readonly address: string;
+  readonly #env: Env;
+  readonly #timeoutMs: number;
+  #connection: Connection | undefined;
+  #connecting: Promise<Connection> | undefined;
+  #pending = new Map<number, Pending>();
+  #nextRequestId = 1;
+  #outbox: Buffer[] = [];
+  #flushScheduled = false;
+  #closed = false;
+
+  constructor(env: Env, address: string, options: { timeoutMs?: number } = {}) {
+    this.#env = env;
+    this.address = address;
+    this.#timeoutMs = options.timeoutMs ?? 30_000;
+  }
+
+  get inFlight(): number {
+    return this.#pending.size;
+  }
+
+  /** Sends one request. `header` fields not given are zero; op and payload length are filled in. */
+  async request(fields: Partial<FrameHeader> & { op: number }, payload: readonly Buffer[] = [], timeoutMs = this.#timeoutMs): Promise<Frame> {
+    if (this.#closed) throw new ShaleError('SHUTTING_DOWN', `channel to ${this.address} is closed`);
+    if (this.#pending.size >= CHANNEL_IN_FLIGHT_MAX) throw new ShaleError('BUSY', `too many requests in flight to ${this.address}`);
+    const connection = this.#connection && !this.#connection.closed ? this.#connection : await this.#connect();
+    const requestId = this.#nextRequestId;
+    this.#nextRequestId = this.#nextRequestId >= 0xffffffff ? 1 : this.#nextRequestId + 1;
+    let payloadBytes = 0;
+    for (const part of payload) payloadBytes += part.length;
+    const header: FrameHeader = { ...emptyHeader(), ...fields, requestId, payloadBytes };
+    const headerBuffer = encodeHeader(header, Buffer.allocUnsafe(HEADER_BYTES));
+    return new Promise<Frame>((resolve, reject) => {
+      const pending: Pending = { resolve, reject, timer: undefined, op: fields.op };
+      if (timeoutMs > 0) {
+        pending.timer = this.#env.clock.after(timeoutMs, () => {
+          if (this.#pending.delete(requestId)) {
+            reject(new ShaleError('MAYBE_COMMITTED', `no reply from store ${this.address} within ${timeoutMs} ms`));
+          }
+        });
+      }
+      this.#pending.set(requestId, pending);
+      this.#outbox.push(headerBuffer, ...payload);
+      this.#scheduleFlush(connection);
+    });
+  }
+
+  /** Closes the connection; pending requests fail with UNAVAILABLE. */
+  close(): void {
+    this.#closed = true;
+    this.#connection?.destroy();
+    this.#failAll(new ShaleError('SHUTTING_DOWN', `channel to ${this.address} closed`));
+  }
+
+  /** Drops the current connection (e.g. after a protocol error); the next request reconnects. */
+  reset(): void {
+    this.#connection?.destroy();
+  }
+
+  #scheduleFlush(connection: Connection): void {
+    if (this.#flushScheduled) return;
+    this.#flushScheduled = true;
+    queueMicrotask(() => {
+      this.#flushScheduled = false;
+      const out = this.#outbox;
+      this.#outbox = [];
+      if (out.length > 0 && !connection.closed) connection.write(out);
+    });
+  }
+
+  #connect(): Promise<Connection> {
+    if (this.#connecting) return this.#connecting;
+    this.#connecting = (async () => {
+      try {
+        const connection = await this.#env.net.connect(this.address, Math.min(this.#timeoutMs, 5000));
+        const parser = new FrameParser();
+        connection.onData((chunk) => {
+          let frames: Frame[];
+          try {
+            frames = parser.push(chunk);
+          } catch (error) {
+            connection.destroy(error as Error);
+            return;
+          }
+          for (const frame of frames) this.#deliver(frame);
+        });
+        connection.onClose((error) => {
+          if (this.#connection === connection) this.#connection = undefined;
+          this.#failAll(new ShaleError('UNAVAILABLE', `connection to store ${this.address} lost${error ? `: ${error.message}` : ''}`));
+        });
+        this.#connection = connection;
+        return connection;
+      } finally {
+        this.#connecting = undefined;
+      }
+    })();
+    return this.#connecting;
+  }
+
+  #deliver(frame: Frame): void {
+    const pending = this.#pending.get(frame.header.requestId);
+    if (!pending) return; // timed out already: the late reply is dropped
+    this.#pending.delete(frame.header.requestId);
+    pending.timer?.cancel();
+    assert((frame.header.op & REPLY_BIT) !== 0, 'a store only sends replies');
+    if (frame.header.status !== 0) {
+      const code = errorCodeFromWire(frame.header.status);
+      const message = frame.payload.length > 0 ? frame.payload.toString('utf8') : code;
+      pending.reject(new ShaleError(code, `store ${this.address}: ${message}`));
+    } else {
+      pending.resolve(frame);
+    }
+  }
+
+  #failAll(error: ShaleError): void {
+    const pending = [...this.#pending.values()];
+    this.#pending.clear();
+    for (const entry of pending) {
+      entry.timer?.cancel();
+      entry.reject(error);
+    }
+  }
+}

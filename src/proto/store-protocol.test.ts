@@ -1,0 +1,81 @@
+import assert from 'node:assert/strict';
+import { test } from 'node:test';
+import fc from 'fast-check';
+import { ShaleError } from '../lib/errors.ts';
+import {
+  BlockState, decodeHeader, decodeListReply, decodeReadReply, decodeVolumeIds, emptyHeader, encodeHeader, encodeListReply,
+  encodeReadDescriptors, encodeVolumeIds, FrameParser, HEADER_BYTES, Op, type FrameHeader,
+} from './store-protocol.ts';
+
+const u32 = fc.nat({ max: 0xffffffff });
+const u53 = fc.nat({ max: Number.MAX_SAFE_INTEGER });
+const headerArbitrary: fc.Arbitrary<FrameHeader> = fc.record({
+  op: fc.nat({ max: 255 }), flags: fc.nat({ max: 0xffff }), requestId: u32, status: fc.nat({ max: 0xffff }),
+  namespace: fc.nat({ max: 0xffff }), volumeId: u53, chunkIndex: u32, poolId: u32, pgId: u32, pgCount: u32,
+  pgEpoch: u53, ownerEpoch: u53, versionSeq: u53, offsetBlocks: u32, countBlocks: u32, snapSeq: u53, watermark: u53,
+  payloadBytes: fc.nat({ max: 4096 }),
+});
+
+test('a header round-trips through encode and decode', () => {
+  fc.assert(fc.property(headerArbitrary, (header) => {
+    assert.deepEqual(decodeHeader(encodeHeader(header)), { ...header });
+  }));
+});
+
+test('a flipped bit anywhere in a header is refused with PROTOCOL', () => {
+  fc.assert(fc.property(headerArbitrary, fc.nat({ max: HEADER_BYTES * 8 - 1 }), (header, bit) => {
+    const bytes = encodeHeader(header);
+    bytes[bit >> 3]! ^= 1 << (bit & 7);
+    assert.throws(() => decodeHeader(bytes), (error: unknown) => error instanceof ShaleError && error.code === 'PROTOCOL');
+  }));
+});
+
+test('the frame parser yields the same frames for every split of the byte stream', () => {
+  const frames = [
+    { header: { ...emptyHeader(), op: Op.WRITE, requestId: 1, payloadBytes: 5 }, payload: Buffer.from('hello') },
+    { header: { ...emptyHeader(), op: Op.FLUSH, requestId: 2, payloadBytes: 0 }, payload: Buffer.alloc(0) },
+    { header: { ...emptyHeader(), op: Op.READ, requestId: 3, volumeId: 2 ** 40, payloadBytes: 3 }, payload: Buffer.from('abc') },
+  ];
+  const stream = Buffer.concat(frames.flatMap((frame) => [encodeHeader(frame.header), frame.payload]));
+  for (let first = 0; first <= stream.length; first += 7) {
+    for (let second = first; second <= stream.length; second += 13) {
+      const parser = new FrameParser();
+      const out = [stream.subarray(0, first), stream.subarray(first, second), stream.subarray(second)].flatMap((part) => parser.push(part));
+      assert.equal(out.length, frames.length, `split at ${first}/${second}`);
+      out.forEach((frame, i) => {
+        assert.deepEqual(frame.header, frames[i]!.header);
+        assert.deepEqual(frame.payload, frames[i]!.payload);
+      });
+      assert.equal(parser.bufferedBytes, 0);
+    }
+  }
+});
+
+test('the frame parser refuses garbage', () => {
+  const parser = new FrameParser();
+  assert.throws(() => parser.push(Buffer.alloc(HEADER_BYTES, 0x41)), (error: unknown) => error instanceof ShaleError && error.code === 'PROTOCOL');
+});
+
+test('READ replies carry descriptors and only the data blocks', () => {
+  const data = Buffer.alloc(4096, 7);
+  const payload = Buffer.concat([
+    encodeReadDescriptors({ checksums: Uint32Array.of(1, 0, 3), states: Uint8Array.of(BlockState.ABSENT, BlockState.DATA, BlockState.ZERO), epochs: [0, 5, 6], seqs: [0, 2 ** 40, 9] }, 3),
+    data,
+  ]);
+  const decoded = decodeReadReply(payload, 3);
+  assert.deepEqual([...decoded.states], [0, 1, 2]);
+  assert.deepEqual([...decoded.epochs], [0, 5, 6]);
+  assert.deepEqual([...decoded.seqs], [0, 2 ** 40, 9]);
+  assert.equal(decoded.data.length, 4096);
+  assert.throws(() => decodeReadReply(payload.subarray(0, payload.length - 1), 3), /data bytes/);
+});
+
+test('LIST_PG replies and volume id lists round-trip', () => {
+  const objects = [
+    { volumeId: 7, chunkIndex: 3, states: Uint8Array.of(1, 2), epochs: Uint32Array.of(1, 2), seqs: Float64Array.of(10, 11) },
+    { volumeId: 2 ** 50, chunkIndex: 0, states: Uint8Array.of(), epochs: Uint32Array.of(), seqs: Float64Array.of() },
+  ];
+  assert.deepEqual(decodeListReply(encodeListReply(objects)), objects);
+  assert.deepEqual(decodeVolumeIds(encodeVolumeIds([1, 2 ** 52, 0])), [1, 2 ** 52, 0]);
+  assert.throws(() => decodeListReply(encodeListReply(objects).subarray(0, 20)), /truncated/);
+});

@@ -1,0 +1,381 @@
+/**
+ * The store protocol: how clients (and stores repairing each other) talk to a store. Binary,
+ * little-endian, versioned, with request ids so many requests are in flight on one connection and
+ * replies may come back in any order. Documented byte by byte in docs/protocol.md.
+ *
+ * Every frame is a fixed 96-byte header, then `payloadBytes` of payload:
+ *
+ *   off size field
+ *     0   4  magic 0x454c4853 ("SHLE" in memory order)
+ *     4   1  protocol version (1)
+ *     5   1  op (requests < 0x80; a reply is the request's op | 0x80)
+ *     6   2  flags (FUA, REPAIR)
+ *     8   4  request id (chosen by the sender, echoed in the reply)
+ *    12   2  status (replies: 0 = ok, else the error's wire code from src/lib/errors.ts)
+ *    14   2  namespace (0 = block volumes)
+ *    16   8  volume id
+ *    24   4  chunk index
+ *    28   4  pool id
+ *    32   4  placement group
+ *    36   4  pg count of the pool (lets a store compute an object's PG without the map)
+ *    40   8  PG epoch the sender acts on
+ *    48   8  owner epoch of the writer  (the high half of a write's version)
+ *    56   8  version sequence          (the low half of a write's version)
+ *    64   4  offset in the chunk, in 4 KiB blocks
+ *    68   4  count of 4 KiB blocks
+ *    72   8  snap sequence of the writer's snap context
+ *    80   8  watermark: every version ≤ it is on every replica of the PG
+ *    88   4  payload length in bytes
+ *    92   4  crc32c of bytes 0..91
+ *
+ * 64-bit fields are carried as two 32-bit halves and read back as JS numbers; values stay below
+ * 2^53 (asserted on encode).
+ *
+ * Payloads:
+ *   WRITE         request: crc32c per block (4 × count), then the data (4096 × count). reply: none;
+ *                 the reply's count field holds how many blocks the version rule applied.
+ *   WRITE_ZEROES  request: none (tombstones). reply: as WRITE.
+ *   READ          request: none. reply: per block a 20-byte descriptor (crc32c u32, state u8, 3 pad,
+ *                 version epoch u32, version seq f64), then the data of the blocks whose state is DATA, in order.
+ *   FLUSH         none either way: the reply means every write this store acknowledged before the
+ *                 FLUSH arrived is durable.
+ *   FENCE         request: volume id + owner epoch; reply after the fence is durable.
+ *   LIST_PG       request: pool/pg/pg count/PG epoch, payload: the volume ids (u64) of the pool.
+ *                 reply: for each object of those volumes in that PG: volume id u64, chunk index u32,
+ *                 block count u32, then per block (state u8, 3 pad, epoch u32, seq f64) = 16 bytes.
+ *   PING          none either way.
+ */
+import { assert } from '../lib/assert.ts';
+import { crc32c } from '../lib/crc32c.ts';
+import { ShaleError } from '../lib/errors.ts';
+import { BLOCK_SIZE_BYTES } from '../lib/units.ts';
+
+export const PROTOCOL_MAGIC = 0x454c4853;
+export const PROTOCOL_VERSION = 1;
+export const HEADER_BYTES = 96;
+/** The largest payload a frame may carry: a 4 MiB write plus its checksums, or a PG listing. */
+export const PAYLOAD_BYTES_MAX = 64 * 1024 * 1024;
+export const BLOCKS_PER_REQUEST_MAX = 8192;
+
+export const Op = {
+  WRITE: 1,
+  READ: 2,
+  WRITE_ZEROES: 3,
+  FLUSH: 4,
+  FENCE: 5,
+  LIST_PG: 6,
+  PING: 7,
+} as const;
+export type OpCode = (typeof Op)[keyof typeof Op];
+export const REPLY_BIT = 0x80;
+
+export const Flag = {
+  /** Make this write durable before replying. */
+  FUA: 1,
+  /** A store-to-store repair copy: carries the block's original version, bypasses the owner fence,
+   *  is applied only where its version is higher, and may be sent to a recovering replica. */
+  REPAIR: 2,
+} as const;
+
+export const BlockState = {
+  ABSENT: 0,
+  DATA: 1,
+  ZERO: 2,
+} as const;
+export type BlockStateValue = (typeof BlockState)[keyof typeof BlockState];
+
+export interface FrameHeader {
+  op: number;
+  flags: number;
+  requestId: number;
+  status: number;
+  namespace: number;
+  volumeId: number;
+  chunkIndex: number;
+  poolId: number;
+  pgId: number;
+  pgCount: number;
+  pgEpoch: number;
+  ownerEpoch: number;
+  versionSeq: number;
+  offsetBlocks: number;
+  countBlocks: number;
+  snapSeq: number;
+  watermark: number;
+  payloadBytes: number;
+}
+
+export function emptyHeader(): FrameHeader {
+  return {
+    op: 0, flags: 0, requestId: 0, status: 0, namespace: 0, volumeId: 0, chunkIndex: 0, poolId: 0, pgId: 0,
+    pgCount: 0, pgEpoch: 0, ownerEpoch: 0, versionSeq: 0, offsetBlocks: 0, countBlocks: 0, snapSeq: 0,
+    watermark: 0, payloadBytes: 0,
+  };
+}
+
+function writeU64(buffer: Buffer, offset: number, value: number): void {
+  assert(Number.isSafeInteger(value) && value >= 0, `u64 field at ${offset} is a non-negative safe integer (${value})`);
+  buffer.writeUInt32LE(value >>> 0, offset);
+  buffer.writeUInt32LE(Math.floor(value / 2 ** 32), offset + 4);
+}
+
+function readU64(buffer: Buffer, offset: number): number {
+  const high = buffer.readUInt32LE(offset + 4);
+  if (high >= 2 ** 21) throw new ShaleError('PROTOCOL', `u64 field at ${offset} is beyond 2^53`);
+  return high * 2 ** 32 + buffer.readUInt32LE(offset);
+}
+
+/** Encodes a header into `target` (96 bytes at `offset`), checksum included. */
+export function encodeHeader(header: FrameHeader, target: Buffer = Buffer.allocUnsafe(HEADER_BYTES), offset = 0): Buffer {
+  assert(header.payloadBytes <= PAYLOAD_BYTES_MAX, 'payload within PAYLOAD_BYTES_MAX');
+  const b = offset === 0 && target.length === HEADER_BYTES ? target : target.subarray(offset, offset + HEADER_BYTES);
+  b.writeUInt32LE(PROTOCOL_MAGIC, 0);
+  b.writeUInt8(PROTOCOL_VERSION, 4);
+  b.writeUInt8(header.op, 5);
+  b.writeUInt16LE(header.flags, 6);
+  b.writeUInt32LE(header.requestId >>> 0, 8);
+  b.writeUInt16LE(header.status, 12);
+  b.writeUInt16LE(header.namespace, 14);
+  writeU64(b, 16, header.volumeId);
+  b.writeUInt32LE(header.chunkIndex >>> 0, 24);
+  b.writeUInt32LE(header.poolId >>> 0, 28);
+  b.writeUInt32LE(header.pgId >>> 0, 32);
+  b.writeUInt32LE(header.pgCount >>> 0, 36);
+  writeU64(b, 40, header.pgEpoch);
+  writeU64(b, 48, header.ownerEpoch);
+  writeU64(b, 56, header.versionSeq);
+  b.writeUInt32LE(header.offsetBlocks >>> 0, 64);
+  b.writeUInt32LE(header.countBlocks >>> 0, 68);
+  writeU64(b, 72, header.snapSeq);
+  writeU64(b, 80, header.watermark);
+  b.writeUInt32LE(header.payloadBytes >>> 0, 88);
+  b.writeUInt32LE(crc32c(b.subarray(0, 92)), 92);
+  return target;
+}
+
+/** Decodes and validates a header. Throws PROTOCOL on a bad magic, version, checksum or length. */
+export function decodeHeader(source: Buffer, offset = 0): FrameHeader {
+  const b = source.subarray(offset, offset + HEADER_BYTES);
+  if (b.length < HEADER_BYTES) throw new ShaleError('PROTOCOL', 'short frame header');
+  if (b.readUInt32LE(0) !== PROTOCOL_MAGIC) throw new ShaleError('PROTOCOL', 'bad frame magic');
+  const version = b.readUInt8(4);
+  if (version !== PROTOCOL_VERSION) throw new ShaleError('PROTOCOL', `unsupported store protocol version ${version}`);
+  if (crc32c(b.subarray(0, 92)) !== b.readUInt32LE(92)) throw new ShaleError('PROTOCOL', 'frame header checksum mismatch');
+  const payloadBytes = b.readUInt32LE(88);
+  if (payloadBytes > PAYLOAD_BYTES_MAX) throw new ShaleError('PROTOCOL', `payload of ${payloadBytes} bytes exceeds ${PAYLOAD_BYTES_MAX}`);
+  return {
+    op: b.readUInt8(5),
+    flags: b.readUInt16LE(6),
+    requestId: b.readUInt32LE(8),
+    status: b.readUInt16LE(12),
+    namespace: b.readUInt16LE(14),
+    volumeId: readU64(b, 16),
+    chunkIndex: b.readUInt32LE(24),
+    poolId: b.readUInt32LE(28),
+    pgId: b.readUInt32LE(32),
+    pgCount: b.readUInt32LE(36),
+    pgEpoch: readU64(b, 40),
+    ownerEpoch: readU64(b, 48),
+    versionSeq: readU64(b, 56),
+    offsetBlocks: b.readUInt32LE(64),
+    countBlocks: b.readUInt32LE(68),
+    snapSeq: readU64(b, 72),
+    watermark: readU64(b, 80),
+    payloadBytes,
+  };
+}
+
+export interface Frame {
+  header: FrameHeader;
+  payload: Buffer;
+}
+
+/**
+ * Splits a byte stream into frames. Feed it every chunk read from the socket; it returns the
+ * frames completed so far. Payloads are views into the received chunks when a frame lies within
+ * one chunk (no copy), else one concatenation. Throws PROTOCOL on a malformed header: the caller
+ * closes the connection, since the stream can no longer be framed.
+ */
+export class FrameParser {
+  #chunks: Buffer[] = [];
+  #buffered = 0;
+  #header: FrameHeader | undefined;
+
+  push(chunk: Buffer): Frame[] {
+    const frames: Frame[] = [];
+    this.#chunks.push(chunk);
+    this.#buffered += chunk.length;
+    for (;;) {
+      if (this.#header === undefined) {
+        if (this.#buffered < HEADER_BYTES) break;
+        this.#header = decodeHeader(this.#take(HEADER_BYTES));
+      }
+      const need = this.#header.payloadBytes;
+      if (this.#buffered < need) break;
+      const payload = need === 0 ? EMPTY : this.#take(need);
+      frames.push({ header: this.#header, payload });
+      this.#header = undefined;
+    }
+    return frames;
+  }
+
+  get bufferedBytes(): number {
+    return this.#buffered;
+  }
+
+  #take(count: number): Buffer {
+    assert(count <= this.#buffered, 'take within buffered bytes');
+    this.#buffered -= count;
+    const first = this.#chunks[0]!;
+    if (first.length >= count) {
+      const out = first.subarray(0, count);
+      if (first.length === count) this.#chunks.shift();
+      else this.#chunks[0] = first.subarray(count);
+      return out;
+    }
+    const out = Buffer.allocUnsafe(count);
+    let filled = 0;
+    while (filled < count) {
+      const head = this.#chunks[0]!;
+      const n = Math.min(head.length, count - filled);
+      head.copy(out, filled, 0, n);
+      filled += n;
+      if (n === head.length) this.#chunks.shift();
+      else this.#chunks[0] = head.subarray(n);
+    }
+    return out;
+  }
+}
+
+const EMPTY = Buffer.alloc(0);
+
+/** The 20-byte per-block descriptor of a READ reply. */
+export const READ_DESCRIPTOR_BYTES = 20;
+
+export interface BlockDescriptor {
+  crc: number;
+  state: BlockStateValue;
+  epoch: number;
+  seq: number;
+}
+
+export function encodeReadDescriptors(descriptors: { checksums: Uint32Array; states: Uint8Array; epochs: ArrayLike<number>; seqs: ArrayLike<number> }, count: number): Buffer {
+  const out = Buffer.allocUnsafe(count * READ_DESCRIPTOR_BYTES);
+  for (let i = 0; i < count; i++) {
+    const at = i * READ_DESCRIPTOR_BYTES;
+    out.writeUInt32LE(descriptors.checksums[i]! >>> 0, at);
+    out.writeUInt8(descriptors.states[i]!, at + 4);
+    out.writeUInt8(0, at + 5);
+    out.writeUInt16LE(0, at + 6);
+    out.writeUInt32LE(descriptors.epochs[i]! >>> 0, at + 8);
+    out.writeDoubleLE(descriptors.seqs[i]!, at + 12);
+  }
+  return out;
+}
+
+export interface DecodedRead {
+  checksums: Uint32Array;
+  states: Uint8Array;
+  epochs: Uint32Array;
+  seqs: Float64Array;
+  /** The data of the DATA blocks, back to back. */
+  data: Buffer;
+}
+
+export function decodeReadReply(payload: Buffer, count: number): DecodedRead {
+  const descriptorBytes = count * READ_DESCRIPTOR_BYTES;
+  if (payload.length < descriptorBytes) throw new ShaleError('PROTOCOL', 'READ reply shorter than its descriptors');
+  const checksums = new Uint32Array(count);
+  const states = new Uint8Array(count);
+  const epochs = new Uint32Array(count);
+  const seqs = new Float64Array(count);
+  let dataBlocks = 0;
+  for (let i = 0; i < count; i++) {
+    const at = i * READ_DESCRIPTOR_BYTES;
+    checksums[i] = payload.readUInt32LE(at);
+    const state = payload.readUInt8(at + 4);
+    if (state > BlockState.ZERO) throw new ShaleError('PROTOCOL', `READ reply has unknown block state ${state}`);
+    states[i] = state;
+    epochs[i] = payload.readUInt32LE(at + 8);
+    seqs[i] = payload.readDoubleLE(at + 12);
+    if (state === BlockState.DATA) dataBlocks++;
+  }
+  const data = payload.subarray(descriptorBytes);
+  if (data.length !== dataBlocks * BLOCK_SIZE_BYTES) {
+    throw new ShaleError('PROTOCOL', `READ reply carries ${data.length} data bytes for ${dataBlocks} data blocks`);
+  }
+  return { checksums, states, epochs, seqs, data };
+}
+
+/** One object of a LIST_PG reply, with the per-block state and version. */
+export interface ListedObject {
+  volumeId: number;
+  chunkIndex: number;
+  states: Uint8Array;
+  epochs: Uint32Array;
+  seqs: Float64Array;
+}
+
+export const LIST_BLOCK_BYTES = 16;
+
+export function encodeListReply(objects: readonly ListedObject[]): Buffer {
+  let size = 0;
+  for (const object of objects) size += 16 + object.states.length * LIST_BLOCK_BYTES;
+  const out = Buffer.alloc(size);
+  let at = 0;
+  for (const object of objects) {
+    writeU64(out, at, object.volumeId);
+    out.writeUInt32LE(object.chunkIndex, at + 8);
+    out.writeUInt32LE(object.states.length, at + 12);
+    at += 16;
+    for (let i = 0; i < object.states.length; i++) {
+      out.writeUInt8(object.states[i]!, at);
+      out.writeUInt32LE(object.epochs[i]!, at + 4);
+      out.writeDoubleLE(object.seqs[i]!, at + 8);
+      at += LIST_BLOCK_BYTES;
+    }
+  }
+  return out;
+}
+
+export function decodeListReply(payload: Buffer): ListedObject[] {
+  const objects: ListedObject[] = [];
+  let at = 0;
+  while (at < payload.length) {
+    if (at + 16 > payload.length) throw new ShaleError('PROTOCOL', 'LIST_PG reply truncated');
+    const volumeId = readU64(payload, at);
+    const chunkIndex = payload.readUInt32LE(at + 8);
+    const blocks = payload.readUInt32LE(at + 12);
+    at += 16;
+    if (at + blocks * LIST_BLOCK_BYTES > payload.length) throw new ShaleError('PROTOCOL', 'LIST_PG reply truncated');
+    const states = new Uint8Array(blocks);
+    const epochs = new Uint32Array(blocks);
+    const seqs = new Float64Array(blocks);
+    for (let i = 0; i < blocks; i++) {
+      states[i] = payload.readUInt8(at);
+      epochs[i] = payload.readUInt32LE(at + 4);
+      seqs[i] = payload.readDoubleLE(at + 8);
+      at += LIST_BLOCK_BYTES;
+    }
+    objects.push({ volumeId, chunkIndex, states, epochs, seqs });
+  }
+  return objects;
+}
+
+export function encodeVolumeIds(volumeIds: readonly number[]): Buffer {
+  const out = Buffer.allocUnsafe(volumeIds.length * 8);
+  volumeIds.forEach((id, i) => writeU64(out, i * 8, id));
+  return out;
+}
+
+export function decodeVolumeIds(payload: Buffer): number[] {
+  if (payload.length % 8 !== 0) throw new ShaleError('PROTOCOL', 'volume id list is not a multiple of 8 bytes');
+  const ids: number[] = [];
+  for (let at = 0; at < payload.length; at += 8) ids.push(readU64(payload, at));
+  return ids;
+}
+
+/** Versions compare as (epoch, seq) pairs. */
+export function compareVersions(epochA: number, seqA: number, epochB: number, seqB: number): number {
+  return epochA !== epochB ? epochA - epochB : seqA - seqB;
+}

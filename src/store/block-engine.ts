@@ -1,0 +1,56 @@
+/**
+ * What the store server needs from a disk engine. The log-structured engine (engine/) implements
+ * it; the interface keeps the protocol side independent of how blocks are laid out on disk.
+ *
+ * Ordering and durability: a write resolves once it is in the log (possibly in a volatile cache);
+ * `flush` resolves once every write that resolved before the call is on stable storage. The
+ * version rule holds per block: a write applies only where its (epoch, seq) is higher than the
+ * block's; the result says how many blocks it applied.
+ */
+export interface BlockVersion {
+  epoch: number;
+  seq: number;
+}
+
+export interface BlockReadResult {
+  /** countBlocks × 4 KiB; absent and zero blocks read as zeros. */
+  data: Buffer;
+  checksums: Uint32Array;
+  /** Per block: 0 absent, 1 data, 2 zero (BlockState in the store protocol). */
+  states: Uint8Array;
+  epochs: ArrayLike<number>;
+  seqs: ArrayLike<number>;
+}
+
+export interface ObjectVersions {
+  volumeId: number;
+  chunkIndex: number;
+  states: Uint8Array;
+  epochs: Uint32Array;
+  seqs: Float64Array;
+}
+
+export interface EngineStats {
+  capacityBytes: number;
+  usedBytes: number;
+  freeBytes: number;
+  liveBytes: number;
+}
+
+export interface BlockEngine {
+  readonly diskUuid: string;
+  readonly clusterId: string;
+  readonly path: string;
+  write(request: { volumeId: number; chunkIndex: number; offsetBlocks: number; data: Buffer; checksums: Uint32Array; version: BlockVersion; snapSeq: number }): Promise<{ appliedBlocks: number }>;
+  writeZeroes(request: { volumeId: number; chunkIndex: number; offsetBlocks: number; countBlocks: number; version: BlockVersion; snapSeq: number }): Promise<{ appliedBlocks: number }>;
+  read(volumeId: number, chunkIndex: number, offsetBlocks: number, countBlocks: number): Promise<BlockReadResult>;
+  flush(): Promise<void>;
+  fence(volumeId: number, ownerEpoch: number): Promise<void>;
+  ownerEpoch(volumeId: number): number;
+  purgeVolume(volumeId: number): Promise<void>;
+  isPurged(volumeId: number): boolean;
+  /** Per-block versions of every object whose volume is in `volumeIds` and which `filter` accepts. */
+  listObjects(volumeIds: ReadonlySet<number>, filter: (volumeId: number, chunkIndex: number) => boolean): ObjectVersions[];
+  stats(): EngineStats;
+  close(): Promise<void>;
+}

@@ -1,0 +1,131 @@
+/**
+ * A store daemon: one disk, the store protocol server, and its life in the cluster — register with
+ * the conductor (by disk uuid, so a returning store keeps its id), heartbeat, follow the map
+ * (PG epochs, own replica states, owner fences, deleted volumes), resync recovering PGs.
+ *
+ * Start-up order: engine open (replay) → listen → register → first map applied → serve. Until the
+ * first map is applied every request but PING gets NOT_READY (see store-view.ts).
+ */
+import type { Env, Timer } from '../env/env.ts';
+import { ShaleError } from '../lib/errors.ts';
+import { ConductorClient, MapWatcher } from '../proto/conductor-client.ts';
+import { StoreChannel } from '../proto/store-channel.ts';
+import type { ClusterMap, DiskReport } from '../conductor/api/types.ts';
+import type { BlockEngine } from './block-engine.ts';
+import { Resyncer } from './resync.ts';
+import { StoreServer } from './store-server.ts';
+import { MapStoreView } from './store-view.ts';
+
+export interface StoreDaemonOptions {
+  diskPath: string;
+  /** Size of a new disk file; a raw device or existing file keeps its size. */
+  diskSizeBytes?: number;
+  /** Format the disk if it has no Shale superblock yet. An existing Shale disk is never reformatted. */
+  format: boolean;
+  listen: string;
+  conductorUrls: string | readonly string[];
+  domain: string;
+  log: (message: string) => void;
+  openEngine: (env: Env, options: { path: string; clusterId: string; format: boolean; sizeBytes?: number }) => Promise<BlockEngine>;
+}
+
+export interface StoreDaemon {
+  readonly storeId: number;
+  readonly address: string;
+  readonly engine: BlockEngine;
+  readonly resyncer: Resyncer;
+  close(): Promise<void>;
+}
+
+export async function startStoreDaemon(env: Env, options: StoreDaemonOptions): Promise<StoreDaemon> {
+  const { log } = options;
+  const conductor = new ConductorClient(env, options.conductorUrls);
+  const cluster = await retryUntilReachable(env, () => conductor.cluster(), log);
+  const engine = await options.openEngine(env, {
+    path: options.diskPath, clusterId: cluster.clusterId, format: options.format, sizeBytes: options.diskSizeBytes,
+  });
+  const view = new MapStoreView();
+  const server = new StoreServer(env, { engine, view, log });
+  const address = await server.listen(options.listen);
+  const diskReport = (): DiskReport[] => {
+    const stats = engine.stats();
+    return [{ uuid: engine.diskUuid, path: engine.path, capacityBytes: stats.capacityBytes, usedBytes: stats.usedBytes }];
+  };
+  const registration = await retryUntilReachable(env, () => conductor.register({
+    diskUuid: engine.diskUuid, clusterId: cluster.clusterId, address, domain: options.domain, disks: diskReport(),
+  }), log);
+  view.storeId = registration.storeId;
+  log(`store ${registration.storeId} serving ${options.diskPath} on ${address}`);
+
+  const channels = new Map<string, StoreChannel>();
+  const channel = (peerAddress: string): StoreChannel => {
+    let existing = channels.get(peerAddress);
+    if (!existing) {
+      existing = new StoreChannel(env, peerAddress, { timeoutMs: 30_000 });
+      channels.set(peerAddress, existing);
+    }
+    return existing;
+  };
+  const resyncer = new Resyncer({ env, engine, view, conductor, channel, log });
+
+  let applying = Promise.resolve();
+  const applyMap = async (map: ClusterMap): Promise<void> => {
+    // Owner fences and deletions the store missed while away are made durable before it serves.
+    for (const [volumeId, ownerEpoch] of map.owners) {
+      if (engine.ownerEpoch(volumeId) < ownerEpoch) await engine.fence(volumeId, ownerEpoch);
+    }
+    for (const volumeId of map.deletedVolumes) {
+      if (!engine.isPurged(volumeId)) await engine.purgeVolume(volumeId);
+    }
+    view.apply(map);
+    resyncer.onMap(map);
+  };
+  const watcher = new MapWatcher(env, conductor);
+  watcher.onMap((map) => {
+    applying = applying.then(() => applyMap(map)).catch((error: unknown) => log(`applying map ${map.epoch}: ${(error as Error).message}`));
+  });
+  await watcher.start();
+  await applying;
+
+  let heartbeatFailures = 0;
+  const heartbeat: Timer = env.clock.every(registration.heartbeatIntervalMs, () => {
+    conductor.heartbeat(registration.storeId, { disks: diskReport() }).then(
+      () => {
+        heartbeatFailures = 0;
+      },
+      (error: unknown) => {
+        if (heartbeatFailures++ % 20 === 0) log(`heartbeat: ${(error as Error).message}`);
+        // The conductor may have forgotten us (marked down and restarted): register again.
+        if (error instanceof ShaleError && error.code === 'NOT_FOUND') {
+          void conductor.register({ diskUuid: engine.diskUuid, clusterId: cluster.clusterId, address, domain: options.domain, disks: diskReport() }).catch(() => {});
+        }
+      },
+    );
+  });
+
+  return {
+    storeId: registration.storeId,
+    address,
+    engine,
+    resyncer,
+    async close(): Promise<void> {
+      heartbeat.cancel();
+      watcher.stop();
+      await server.close();
+      for (const existing of channels.values()) existing.close();
+      await engine.close();
+    },
+  };
+}
+
+async function retryUntilReachable<T>(env: Env, call: () => Promise<T>, log: (message: string) => void): Promise<T> {
+  for (let attempt = 0; ; attempt++) {
+    try {
+      return await call();
+    } catch (error) {
+      if (!(error instanceof ShaleError) || !['UNAVAILABLE', 'NOT_READY', 'SHUTTING_DOWN'].includes(error.code)) throw error;
+      if (attempt % 20 === 0) log(`waiting for the conductor: ${error.message}`);
+      await env.clock.sleep(Math.min(100 * 2 ** attempt, 1000));
+    }
+  }
+}

@@ -1,0 +1,275 @@
+/**
+ * The store's side of the store protocol: frames in, engine calls, replies out.
+ *
+ * Checks, in order, for every request (DESIGN §3, invariant 6):
+ *   1. protocol version and framing (else the connection is closed: it can't be re-framed);
+ *   2. deleted volume                        → NOT_FOUND
+ *   3. owner epoch older than the volume's fence (writes and flushes that aren't repairs) → FENCED
+ *   4. PG epoch older than the store knows   → STALE_PG_EPOCH (the client refreshes its map);
+ *      a newer one is remembered, so writers still on the old map are refused from then on;
+ *   5. READ of a PG this store is not clean in → NOT_READY (recovering replicas take writes, serve no reads).
+ * Replies go out in batches: everything completed in one event-loop turn leaves in one write.
+ */
+import { assert } from '../lib/assert.ts';
+import { codeOf, ErrorCodes, ShaleError, toShaleError } from '../lib/errors.ts';
+import { placementGroupOf } from '../lib/placement-hash.ts';
+import { BLOCK_SIZE_BYTES } from '../lib/units.ts';
+import type { Connection, Env, Listener } from '../env/env.ts';
+import {
+  BLOCKS_PER_REQUEST_MAX, BlockState, decodeVolumeIds, emptyHeader, encodeHeader, encodeListReply, encodeReadDescriptors,
+  Flag, FrameParser, HEADER_BYTES, Op, REPLY_BIT, type Frame, type FrameHeader,
+} from '../proto/store-protocol.ts';
+import type { BlockEngine } from './block-engine.ts';
+
+/** Requests one connection may have in flight before the server stops reading from it. */
+export const CONNECTION_IN_FLIGHT_MAX = 1024;
+
+/** What the server knows of the cluster, kept current by the daemon from the conductor's map. */
+export interface StoreView {
+  /** False until the first cluster map is applied: until then the store serves nothing. */
+  readonly ready: boolean;
+  /** Highest PG epoch known for (pool, pg); 0 when unknown. */
+  pgEpoch(poolId: number, pgId: number): number;
+  notePgEpoch(poolId: number, pgId: number, epoch: number): void;
+  /** Whether this store may serve reads of (pool, pg) for a client acting on `pgEpoch`. */
+  canServeReads(poolId: number, pgId: number, pgEpoch: number): boolean;
+  isDeleted(volumeId: number): boolean;
+}
+
+export interface StoreServerOptions {
+  listen: string;
+  engine: BlockEngine;
+  view: StoreView;
+  log: (message: string) => void;
+}
+
+export class StoreServer {
+  readonly #env: Env;
+  readonly #engine: BlockEngine;
+  readonly #view: StoreView;
+  readonly #log: (message: string) => void;
+  #listener: Listener | undefined;
+  #connections = new Set<Connection>();
+  /** Writes accepted and not yet answered, so a PG listing can wait until they are in the index. */
+  #writesInFlight = new Set<Promise<unknown>>();
+  #stopping = false;
+
+  constructor(env: Env, options: Omit<StoreServerOptions, 'listen'>) {
+    this.#env = env;
+    this.#engine = options.engine;
+    this.#view = options.view;
+    this.#log = options.log;
+  }
+
+  get address(): string {
+    assert(this.#listener, 'server is listening');
+    return this.#listener.address;
+  }
+
+  async listen(address: string): Promise<string> {
+    this.#listener = await this.#env.net.listen(address, (connection) => this.#serve(connection));
+    return this.#listener.address;
+  }
+
+  /** Stops taking requests, lets the ones in flight finish, closes every connection. */
+  async close(): Promise<void> {
+    this.#stopping = true;
+    await Promise.allSettled([...this.#writesInFlight]);
+    await this.#listener?.close();
+    for (const connection of this.#connections) connection.destroy();
+  }
+
+  #serve(connection: Connection): void {
+    this.#connections.add(connection);
+    const parser = new FrameParser();
+    let inFlight = 0;
+    let paused = false;
+    let outbox: Buffer[] = [];
+    let flushScheduled = false;
+    const send = (buffers: Buffer[]): void => {
+      outbox.push(...buffers);
+      if (flushScheduled) return;
+      flushScheduled = true;
+      queueMicrotask(() => {
+        flushScheduled = false;
+        const out = outbox;
+        outbox = [];
+        if (!connection.closed) connection.write(out);
+      });
+    };
+    const done = (): void => {
+      inFlight--;
+      if (paused && inFlight < CONNECTION_IN_FLIGHT_MAX / 2) {
+        paused = false;
+        connection.resume();
+      }
+    };
+    connection.onData((chunk) => {
+      let frames: Frame[];
+      try {
+        frames = parser.push(chunk);
+      } catch (error) {
+        this.#log(`store protocol error from ${connection.remoteAddress}: ${(error as Error).message}; closing the connection`);
+        connection.destroy();
+        return;
+      }
+      for (const frame of frames) {
+        inFlight++;
+        this.#handle(frame).then(
+          (reply) => {
+            send(reply);
+            done();
+          },
+          (error: unknown) => {
+            send(errorReply(frame.header, error));
+            done();
+          },
+        );
+      }
+      if (inFlight >= CONNECTION_IN_FLIGHT_MAX && !paused) {
+        paused = true;
+        connection.pause();
+      }
+    });
+    connection.onClose(() => this.#connections.delete(connection));
+  }
+
+  async #handle(frame: Frame): Promise<Buffer[]> {
+    const h = frame.header;
+    if (this.#stopping) throw new ShaleError('SHUTTING_DOWN', 'store is stopping');
+    if (!this.#view.ready && h.op !== Op.PING) throw new ShaleError('NOT_READY', 'store has not received the cluster map yet');
+    switch (h.op) {
+      case Op.PING:
+        return [replyHeader(h)];
+      case Op.WRITE:
+      case Op.WRITE_ZEROES:
+        return this.#track(this.#write(frame));
+      case Op.READ:
+        return this.#read(h);
+      case Op.FLUSH:
+        await this.#engine.flush();
+        return [replyHeader(h)];
+      case Op.FENCE:
+        return this.#fence(h);
+      case Op.LIST_PG:
+        return this.#listPg(frame);
+      default:
+        throw new ShaleError('INVALID_ARGUMENT', `unknown store op ${h.op}`);
+    }
+  }
+
+  #track<T>(work: Promise<T>): Promise<T> {
+    this.#writesInFlight.add(work);
+    const forget = (): void => {
+      this.#writesInFlight.delete(work);
+    };
+    work.then(forget, forget);
+    return work;
+  }
+
+  #checkRange(h: FrameHeader): void {
+    if (h.countBlocks === 0 || h.countBlocks > BLOCKS_PER_REQUEST_MAX) {
+      throw new ShaleError('INVALID_ARGUMENT', `block count ${h.countBlocks} outside 1..${BLOCKS_PER_REQUEST_MAX}`);
+    }
+    if (h.pgCount === 0 || placementGroupOf(h.volumeId, h.chunkIndex, h.pgCount) !== h.pgId) {
+      throw new ShaleError('INVALID_ARGUMENT', `object (${h.volumeId}, ${h.chunkIndex}) is not in PG ${h.pgId} of ${h.pgCount}`);
+    }
+  }
+
+  #checkEpochs(h: FrameHeader, isRepair: boolean): void {
+    if (this.#view.isDeleted(h.volumeId)) throw new ShaleError('NOT_FOUND', `volume ${h.volumeId} was deleted`);
+    if (!isRepair) {
+      const fence = this.#engine.ownerEpoch(h.volumeId);
+      if (h.ownerEpoch < fence) {
+        throw new ShaleError('FENCED', `owner epoch ${h.ownerEpoch} of volume ${h.volumeId} is older than the fence ${fence}`);
+      }
+    }
+    const known = this.#view.pgEpoch(h.poolId, h.pgId);
+    if (h.pgEpoch < known) throw new ShaleError('STALE_PG_EPOCH', `PG ${h.poolId}.${h.pgId} is at epoch ${known}, request at ${h.pgEpoch}`);
+    if (h.pgEpoch > known) this.#view.notePgEpoch(h.poolId, h.pgId, h.pgEpoch);
+  }
+
+  async #write(frame: Frame): Promise<Buffer[]> {
+    const h = frame.header;
+    this.#checkRange(h);
+    const isRepair = (h.flags & Flag.REPAIR) !== 0;
+    this.#checkEpochs(h, isRepair);
+    const version = { epoch: h.ownerEpoch, seq: h.versionSeq };
+    let appliedBlocks: number;
+    if (h.op === Op.WRITE) {
+      const checksumBytes = h.countBlocks * 4;
+      if (frame.payload.length !== checksumBytes + h.countBlocks * BLOCK_SIZE_BYTES) {
+        throw new ShaleError('INVALID_ARGUMENT', `WRITE payload of ${frame.payload.length} bytes does not match ${h.countBlocks} blocks`);
+      }
+      const checksums = new Uint32Array(h.countBlocks);
+      for (let i = 0; i < h.countBlocks; i++) checksums[i] = frame.payload.readUInt32LE(i * 4);
+      const data = frame.payload.subarray(checksumBytes);
+      ({ appliedBlocks } = await this.#engine.write({
+        volumeId: h.volumeId, chunkIndex: h.chunkIndex, offsetBlocks: h.offsetBlocks, data, checksums, version, snapSeq: h.snapSeq,
+      }));
+    } else {
+      ({ appliedBlocks } = await this.#engine.writeZeroes({
+        volumeId: h.volumeId, chunkIndex: h.chunkIndex, offsetBlocks: h.offsetBlocks, countBlocks: h.countBlocks, version, snapSeq: h.snapSeq,
+      }));
+    }
+    if ((h.flags & Flag.FUA) !== 0) await this.#engine.flush();
+    return [replyHeader(h, { countBlocks: appliedBlocks })];
+  }
+
+  async #read(h: FrameHeader): Promise<Buffer[]> {
+    this.#checkRange(h);
+    this.#checkEpochs(h, true);
+    if ((h.flags & Flag.REPAIR) === 0 && !this.#view.canServeReads(h.poolId, h.pgId, h.pgEpoch)) {
+      throw new ShaleError('NOT_READY', `PG ${h.poolId}.${h.pgId} is recovering on this store`);
+    }
+    const result = await this.#engine.read(h.volumeId, h.chunkIndex, h.offsetBlocks, h.countBlocks);
+    const descriptors = encodeReadDescriptors(result, h.countBlocks);
+    let dataBlocks = 0;
+    for (let i = 0; i < h.countBlocks; i++) if (result.states[i] === BlockState.DATA) dataBlocks++;
+    let data: Buffer;
+    if (dataBlocks === h.countBlocks) {
+      data = result.data;
+    } else {
+      data = Buffer.allocUnsafe(dataBlocks * BLOCK_SIZE_BYTES);
+      let at = 0;
+      for (let i = 0; i < h.countBlocks; i++) {
+        if (result.states[i] !== BlockState.DATA) continue;
+        result.data.copy(data, at, i * BLOCK_SIZE_BYTES, (i + 1) * BLOCK_SIZE_BYTES);
+        at += BLOCK_SIZE_BYTES;
+      }
+    }
+    return [replyHeader(h, { payloadBytes: descriptors.length + data.length }), descriptors, data];
+  }
+
+  async #fence(h: FrameHeader): Promise<Buffer[]> {
+    const current = this.#engine.ownerEpoch(h.volumeId);
+    if (h.ownerEpoch < current) throw new ShaleError('FENCED', `volume ${h.volumeId} is fenced at ${current}, above ${h.ownerEpoch}`);
+    if (h.ownerEpoch > current) await this.#engine.fence(h.volumeId, h.ownerEpoch);
+    return [replyHeader(h)];
+  }
+
+  async #listPg(frame: Frame): Promise<Buffer[]> {
+    const h = frame.header;
+    if (h.pgCount === 0 || h.pgId >= h.pgCount) throw new ShaleError('INVALID_ARGUMENT', `PG ${h.pgId} of ${h.pgCount}`);
+    this.#checkEpochs({ ...h, volumeId: 0 }, true);
+    // Writes accepted before this listing must be in it: wait until they are in the index.
+    await Promise.allSettled([...this.#writesInFlight]);
+    const volumeIds = new Set(decodeVolumeIds(frame.payload));
+    const objects = this.#engine.listObjects(volumeIds, (volumeId, chunkIndex) => placementGroupOf(volumeId, chunkIndex, h.pgCount) === h.pgId);
+    const payload = encodeListReply(objects);
+    return [replyHeader(h, { payloadBytes: payload.length }), payload];
+  }
+}
+
+function replyHeader(request: FrameHeader, fields: Partial<FrameHeader> = {}): Buffer {
+  return encodeHeader({ ...emptyHeader(), ...request, op: request.op | REPLY_BIT, status: 0, payloadBytes: 0, ...fields }, Buffer.allocUnsafe(HEADER_BYTES));
+}
+
+function errorReply(request: FrameHeader, error: unknown): Buffer[] {
+  const shaleError = toShaleError(error);
+  const message = Buffer.from(shaleError.message.slice(0, 1000), 'utf8');
+  return [
+    encodeHeader({ ...request, op: request.op | REPLY_BIT, status: ErrorCodes[codeOf(shaleError)].wire, payloadBytes: message.length }, Buffer.allocUnsafe(HEADER_BYTES)),
+    message,
+  ];
+}
