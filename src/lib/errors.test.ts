@@ -10,7 +10,7 @@ test('every error code is mapped to an NBD errno, an S3 code, an HTTP status and
   const wires = new Set<number>();
   for (const code of codes) {
     const spec = ErrorCodes[code];
-    assert.ok(nbdNames.has(spec.nbdErrno) && spec.nbdErrno !== 0, `${code} maps to a known, non-zero NBD errno`);
+    assert.ok(nbdNames.has(spec.nbdErrno) && Number(spec.nbdErrno) !== 0, `${code} maps to a known, non-zero NBD errno`);
     assert.match(spec.s3Code, /^[A-Z][A-Za-z]+$/, `${code} has an S3 error code`);
     assert.ok(spec.httpStatus >= 400 && spec.httpStatus < 600, `${code} has an HTTP error status`);
     assert.ok(Number.isInteger(spec.exitCode) && spec.exitCode > 0 && spec.exitCode < 126, `${code} has a usable exit code`);

@@ -11,7 +11,7 @@ import type { ExportProvider, NbdExport } from './server.ts';
 
 export class VolumeExports implements ExportProvider {
   readonly #cluster: ClusterClient;
-  readonly #exports = new Map<string, { export: NbdExport; users: number }>();
+  readonly #exports = new Map<string, NbdExport>();
 
   constructor(cluster: ClusterClient) {
     this.#cluster = cluster;
@@ -20,38 +20,29 @@ export class VolumeExports implements ExportProvider {
   async open(name: string): Promise<NbdExport> {
     if (name.includes('@')) throw new ShaleError('NOT_SUPPORTED', `snapshot exports ("${name}") are not supported yet`);
     const existing = this.#exports.get(name);
-    if (existing) {
-      existing.users++;
-      return existing.export;
-    }
+    if (existing) return existing;
     const volume = await this.#cluster.openVolume(name);
     const raced = this.#exports.get(name);
-    if (raced) {
-      raced.users++;
-      return raced.export;
-    }
-    const entry = { export: volumeExport(volume, () => this.#release(name)), users: 1 };
-    this.#exports.set(name, entry);
-    return entry.export;
+    if (raced) return raced;
+    const created = volumeExport(volume);
+    this.#exports.set(name, created);
+    return created;
   }
 
   async list(): Promise<{ name: string; description: string }[]> {
     const { volumes } = await this.#cluster.conductor.volumes();
     return volumes.map((volume) => ({ name: volume.name, description: `${volume.sizeBytes} bytes, ${volume.replicas} replicas` }));
   }
-
-  /** The volume stays open (this gateway stays its owner) after the last connection; only flushed. */
-  async #release(name: string): Promise<void> {
-    const entry = this.#exports.get(name);
-    if (!entry) return;
-    entry.users = Math.max(0, entry.users - 1);
-    if (entry.users === 0) await entry.export.flush();
-  }
 }
 
-function volumeExport(volume: VolumeClient, release: () => Promise<void>): NbdExport {
+/**
+ * The server calls release() once, when the last connection to the export has closed and its
+ * requests have finished. The volume stays open (this gateway stays its owner) and is flushed.
+ */
+function volumeExport(volume: VolumeClient): NbdExport {
   return {
     name: volume.info.name,
+    description: `Shale volume ${volume.info.name}`,
     sizeBytes: volume.info.sizeBytes,
     readOnly: false,
     read: (offsetBytes, lengthBytes) => volume.read(offsetBytes, lengthBytes),
@@ -59,6 +50,6 @@ function volumeExport(volume: VolumeClient, release: () => Promise<void>): NbdEx
     flush: () => volume.flush(),
     trim: (offsetBytes, lengthBytes, fua) => volume.writeZeroes(offsetBytes, lengthBytes, { fua }),
     writeZeroes: (offsetBytes, lengthBytes, options) => volume.writeZeroes(offsetBytes, lengthBytes, { fua: options.fua }),
-    release,
+    release: () => volume.flush(),
   };
 }

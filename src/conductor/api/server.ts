@@ -1,0 +1,315 @@
+/**
+ * The conductor's HTTP/JSON API (contract: ./types.ts, docs/api.md). This module is the edge:
+ * it routes, reads bounded JSON bodies, validates every field into typed input for a
+ * ConductorService, and turns every failure into `{ code, message }` with the status of the
+ * error table. Nothing a client sends can crash it: a malformed body is INVALID_ARGUMENT, an
+ * unknown route NOT_FOUND, a bug INTERNAL (logged with its stack). Each error is logged once.
+ */
+import type { IncomingMessage, ServerResponse } from 'node:http';
+import type { HttpHandler } from '../../env/env.ts';
+import { ErrorCodes, ShaleError, toShaleError } from '../../lib/errors.ts';
+import type { CreateVolumeInput, RegisterInput } from '../cluster-ops.ts';
+import {
+  chunkSize, diskReports, integerField, type JsonObject, optionalBooleanField, optionalIntegerField, ownerLengthMax, pathId,
+  replicasMax, requireObject, storeAddress, stringField, volumeName, volumeSize,
+} from '../validate.ts';
+import type {
+  ApiErrorBody, ClusterInfo, ClusterMap, ClusterStatus, DiskReport, OpenVolumeResponse, PoolInfo, RegisterStoreResponse, StoreInfo, VolumeInfo,
+} from './types.ts';
+
+export const apiPrefix = '/api/v1';
+/** Largest request body accepted. */
+export const bodyBytesMax = 1024 * 1024;
+/** Longest long poll a client may ask for. */
+export const mapWaitMsMax = 120_000;
+/** Long poll when `since` is given without `waitMs`. */
+export const mapWaitMsDefault = 30_000;
+
+/** One line per event, as the CLI's makeLog gives. */
+export type Log = (message: string) => void;
+
+/** A map ready to send: the object and its JSON, serialized once per epoch. */
+export interface MapSnapshot {
+  map: ClusterMap;
+  json: string;
+}
+
+/** What the API asks of the conductor; inputs are already validated. */
+export interface ConductorService {
+  clusterInfo(): ClusterInfo;
+  registerStore(input: RegisterInput): Promise<RegisterStoreResponse>;
+  heartbeat(storeId: number, disks: DiskReport[]): Promise<void>;
+  reportDown(storeId: number, reporter: string, reason: string): Promise<MapSnapshot>;
+  /** Waits as GET /map describes; `onAbort` registers the client-went-away hook. */
+  map(since: number | undefined, waitMs: number, onAbort: (cancel: () => void) => void): Promise<MapSnapshot>;
+  markClean(poolId: number, pgIndex: number, storeId: number, pgEpoch: number): Promise<MapSnapshot>;
+  openVolume(name: string, owner: string, takeover: boolean): Promise<OpenVolumeResponse>;
+  closeVolume(name: string, owner: string, ownerEpoch: number): Promise<boolean>;
+  status(): Promise<ClusterStatus>;
+  stores(): Promise<StoreInfo[]>;
+  pools(): Promise<PoolInfo[]>;
+  createVolume(input: CreateVolumeInput): Promise<VolumeInfo>;
+  volumes(): Promise<VolumeInfo[]>;
+  volume(name: string): Promise<VolumeInfo>;
+  deleteVolume(name: string, force: boolean): Promise<void>;
+}
+
+interface ApiRequest {
+  params: string[];
+  query: URLSearchParams;
+  body: JsonObject;
+  onAbort(cancel: () => void): void;
+}
+
+interface ApiReply {
+  status?: number;
+  body?: unknown;
+  /** Pre-serialized JSON body (the map). */
+  json?: string;
+}
+
+interface Route {
+  method: string;
+  pattern: RegExp;
+  handle(request: ApiRequest): Promise<ApiReply>;
+}
+
+function queryInteger(query: URLSearchParams, name: string, minimum: number, maximum: number): number | undefined {
+  const text = query.get(name);
+  if (text === null) return undefined;
+  if (!/^[0-9]{1,16}$/.test(text)) throw new ShaleError('INVALID_ARGUMENT', `${name} must be a whole number (got "${text}")`);
+  const value = Number(text);
+  if (value < minimum || value > maximum) throw new ShaleError('INVALID_ARGUMENT', `${name} must be between ${minimum} and ${maximum} (got ${value})`);
+  return value;
+}
+
+function queryBoolean(query: URLSearchParams, name: string): boolean {
+  const text = query.get(name);
+  if (text === null || text === 'false' || text === '0') return false;
+  if (text === 'true' || text === '1' || text === '') return true;
+  throw new ShaleError('INVALID_ARGUMENT', `${name} must be true or false (got "${text}")`);
+}
+
+function decodeSegment(text: string): string {
+  try {
+    return decodeURIComponent(text);
+  } catch {
+    throw new ShaleError('INVALID_ARGUMENT', `bad percent-encoding in the path: "${text}"`);
+  }
+}
+
+const ok = { ok: true } as const;
+
+export function conductorRoutes(service: ConductorService): Route[] {
+  const route = (method: string, path: string, handle: Route['handle']): Route => ({
+    method,
+    pattern: new RegExp(`^${path.replace(/\{[a-zA-Z]+\}/g, '([^/]+)')}$`),
+    handle,
+  });
+  return [
+    route('GET', '/cluster', async () => ({ body: service.clusterInfo() })),
+
+    route('POST', '/stores/register', async ({ body }) => {
+      const input: RegisterInput = {
+        diskUuid: stringField(body, 'diskUuid'),
+        clusterId: stringField(body, 'clusterId'),
+        address: storeAddress(body.address),
+        domain: stringField(body, 'domain', { allowEmpty: true }),
+        disks: diskReports(body.disks),
+      };
+      return { body: await service.registerStore(input) };
+    }),
+
+    route('POST', '/stores/{id}/heartbeat', async ({ params, body }) => {
+      await service.heartbeat(pathId(params[0]!, 'store id'), diskReports(body.disks));
+      return { body: ok };
+    }),
+
+    route('POST', '/stores/{id}/report-down', async ({ params, body }) => {
+      const storeId = pathId(params[0]!, 'store id');
+      const reporter = body.reporter === undefined ? 'unknown' : stringField(body, 'reporter');
+      const reason = body.reason === undefined ? 'no reason given' : stringField(body, 'reason', { lengthMax: 1024, allowEmpty: true });
+      return { json: (await service.reportDown(storeId, reporter, reason)).json };
+    }),
+
+    route('GET', '/stores', async () => ({ body: { stores: await service.stores() } })),
+
+    route('GET', '/map', async ({ query, onAbort }) => {
+      const since = queryInteger(query, 'since', 0, Number.MAX_SAFE_INTEGER);
+      const waitMs = queryInteger(query, 'waitMs', 0, mapWaitMsMax) ?? (since === undefined ? 0 : mapWaitMsDefault);
+      return { json: (await service.map(since, waitMs, onAbort)).json };
+    }),
+
+    route('POST', '/pgs/{pool}/{pg}/clean', async ({ params, body }) => {
+      const poolId = pathId(params[0]!, 'pool id');
+      const pgIndex = queryIndex(params[1]!);
+      const storeId = integerField(body, 'storeId', 1, Number.MAX_SAFE_INTEGER);
+      const pgEpoch = integerField(body, 'pgEpoch', 0, Number.MAX_SAFE_INTEGER);
+      return { json: (await service.markClean(poolId, pgIndex, storeId, pgEpoch)).json };
+    }),
+
+    route('POST', '/volumes/{name}/open', async ({ params, body }) => {
+      const name = volumeName(decodeSegment(params[0]!));
+      const owner = stringField(body, 'owner', { lengthMax: ownerLengthMax });
+      return { body: await service.openVolume(name, owner, optionalBooleanField(body, 'takeover')) };
+    }),
+
+    route('POST', '/volumes/{name}/close', async ({ params, body }) => {
+      const name = volumeName(decodeSegment(params[0]!));
+      const owner = stringField(body, 'owner', { lengthMax: ownerLengthMax });
+      const ownerEpoch = integerField(body, 'ownerEpoch', 0, Number.MAX_SAFE_INTEGER);
+      return { body: { ok: true, cleared: await service.closeVolume(name, owner, ownerEpoch) } };
+    }),
+
+    route('GET', '/status', async () => ({ body: await service.status() })),
+    route('GET', '/pools', async () => ({ body: { pools: await service.pools() } })),
+
+    route('POST', '/volumes', async ({ body }) => {
+      const input: CreateVolumeInput = {
+        name: volumeName(body.name),
+        sizeBytes: volumeSize(body.size),
+        chunkSizeBytes: chunkSize(body.chunkSize),
+        replicas: optionalIntegerField(body, 'replicas', 1, replicasMax),
+      };
+      return { status: 201, body: await service.createVolume(input) };
+    }),
+
+    route('GET', '/volumes', async () => ({ body: { volumes: await service.volumes() } })),
+    route('GET', '/volumes/{name}', async ({ params }) => ({ body: await service.volume(volumeName(decodeSegment(params[0]!))) })),
+    route('DELETE', '/volumes/{name}', async ({ params, query }) => {
+      await service.deleteVolume(volumeName(decodeSegment(params[0]!)), queryBoolean(query, 'force'));
+      return { body: ok };
+    }),
+  ];
+}
+
+function queryIndex(text: string): number {
+  if (!/^[0-9]{1,9}$/.test(text)) throw new ShaleError('INVALID_ARGUMENT', `PG number must be a whole number (got "${text}")`);
+  return Number(text);
+}
+
+/** Reads the request body, refusing more than `limit` bytes. */
+function readBody(request: IncomingMessage, limit: number): Promise<Buffer> {
+  return new Promise((resolve, reject) => {
+    const declared = Number(request.headers['content-length']);
+    if (Number.isFinite(declared) && declared > limit) {
+      reject(new ShaleError('INVALID_ARGUMENT', `request body of ${declared} bytes is larger than the limit of ${limit}`));
+      return;
+    }
+    const chunks: Buffer[] = [];
+    let length = 0;
+    let done = false;
+    request.on('data', (chunk: Buffer) => {
+      if (done) return;
+      length += chunk.length;
+      if (length > limit) {
+        done = true;
+        reject(new ShaleError('INVALID_ARGUMENT', `request body is larger than the limit of ${limit} bytes`));
+        return;
+      }
+      chunks.push(chunk);
+    });
+    request.on('end', () => {
+      if (done) return;
+      done = true;
+      resolve(Buffer.concat(chunks));
+    });
+    request.on('error', (error) => {
+      if (done) return;
+      done = true;
+      reject(new ShaleError('UNAVAILABLE', `reading the request body: ${error.message}`));
+    });
+  });
+}
+
+function parseJsonBody(raw: Buffer): JsonObject {
+  if (raw.length === 0) return {};
+  let value: unknown;
+  try {
+    value = JSON.parse(raw.toString('utf8'));
+  } catch (error) {
+    throw new ShaleError('INVALID_ARGUMENT', `malformed JSON in the request body: ${(error as Error).message}`);
+  }
+  return requireObject(value, 'the request body');
+}
+
+export interface HttpHandlerOptions {
+  log: Log;
+  /** While true, every request gets SHUTTING_DOWN. */
+  isClosing(): boolean;
+  bodyBytesMax?: number;
+}
+
+export function createHttpHandler(routes: readonly Route[], options: HttpHandlerOptions): HttpHandler {
+  const limit = options.bodyBytesMax ?? bodyBytesMax;
+
+  const send = (response: ServerResponse, status: number, json: string, close = false): void => {
+    if (response.headersSent || response.destroyed) return;
+    const headers: Record<string, string | number> = {
+      'content-type': 'application/json; charset=utf-8',
+      'content-length': Buffer.byteLength(json),
+      'cache-control': 'no-store',
+    };
+    if (close) headers.connection = 'close';
+    response.writeHead(status, headers);
+    response.end(json);
+  };
+
+  const fail = (request: IncomingMessage, response: ServerResponse, error: unknown, close = false): void => {
+    const shaleError = toShaleError(error);
+    const what = `${request.method} ${request.url}`;
+    if (shaleError.code === 'INTERNAL') {
+      options.log(`${what} -> INTERNAL: ${error instanceof Error ? (error.stack ?? error.message) : String(error)}`);
+    } else {
+      options.log(`${what} -> ${shaleError.code}: ${shaleError.message}`);
+    }
+    const body: ApiErrorBody = { code: shaleError.code, message: shaleError.message };
+    send(response, ErrorCodes[shaleError.code].httpStatus, JSON.stringify(body), close);
+  };
+
+  const handle = async (request: IncomingMessage, response: ServerResponse): Promise<void> => {
+    if (options.isClosing()) throw new ShaleError('SHUTTING_DOWN', 'the conductor is stopping');
+    const method = request.method ?? 'GET';
+    let url: URL;
+    try {
+      url = new URL(request.url ?? '/', 'http://conductor');
+    } catch {
+      throw new ShaleError('INVALID_ARGUMENT', `cannot parse the request URL "${request.url}"`);
+    }
+    const path = url.pathname.startsWith(apiPrefix + '/') ? url.pathname.slice(apiPrefix.length) : undefined;
+    let matched: { route: Route; params: string[] } | undefined;
+    let pathKnown = false;
+    for (const route of path === undefined ? [] : routes) {
+      const match = route.pattern.exec(path!);
+      if (!match) continue;
+      pathKnown = true;
+      if (route.method === method) {
+        matched = { route, params: match.slice(1) };
+        break;
+      }
+    }
+    if (!matched) {
+      throw new ShaleError('NOT_FOUND', pathKnown ? `${method} is not supported on ${url.pathname}` : `no such endpoint: ${method} ${url.pathname}`);
+    }
+    const body = method === 'GET' || method === 'HEAD' ? {} : parseJsonBody(await readBody(request, limit));
+    const aborts: (() => void)[] = [];
+    const onClose = (): void => {
+      if (!response.writableFinished) for (const cancel of aborts) cancel();
+    };
+    response.on('close', onClose);
+    try {
+      const reply = await matched.route.handle({ params: matched.params, query: url.searchParams, body, onAbort: (cancel) => aborts.push(cancel) });
+      send(response, reply.status ?? 200, reply.json ?? JSON.stringify(reply.body));
+    } finally {
+      response.off('close', onClose);
+    }
+  };
+
+  return (request, response) => {
+    handle(request, response).catch((error: unknown) => {
+      // A refused body may still be arriving: answer, then close the connection.
+      const bodyRefused = error instanceof ShaleError && error.code === 'INVALID_ARGUMENT' && !request.complete;
+      fail(request, response, error, bodyRefused);
+    });
+  };
+}

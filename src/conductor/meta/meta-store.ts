@@ -1,0 +1,161 @@
+/**
+ * MetaStore: the conductor's durable state behind one small transactional interface, so the
+ * embedded SQLite engine (sqlite-meta-store.ts) and a later etcd engine are interchangeable.
+ *
+ * Shape. A transaction hands out *typed repository methods* (get/find/list/put/delete per record
+ * kind) rather than raw keys: SQLite maps each kind to a real table, etcd will map each record to
+ * one JSON value under a key prefix (`/shale/v1/stores/<id>`, …) and run the function as an STM
+ * (optimistic, re-run on conflict). Every method is async so both engines fit.
+ *
+ * Rules every caller keeps (and both engines rely on):
+ *  - A transaction function touches the outside world only through `tx`: it may be run more than
+ *    once (etcd retries on conflict) and its effects count only if `write` resolves. Log, notify
+ *    and answer requests after `write` resolves, never inside.
+ *  - `write` resolves only after the commit is durable (SQLite synchronous=FULL; etcd quorum
+ *    commit guarded by the leader key), so an id or epoch handed out is never handed out again,
+ *    even after a crash.
+ *  - A throw inside the function rolls everything back and `write` rejects with that error.
+ *  - Transactions are serializable: each sees the effects of every transaction that resolved
+ *    before it started, and none of a concurrent one.
+ *  - Counters only grow (`allocate`); ids are 64-bit in storage and stay below 2^53 in JS.
+ *
+ * Records returned are plain copies: mutating one changes nothing until it is `put` back.
+ */
+import type { DiskReport, ReplicaState, StoreState } from '../api/types.ts';
+
+/** The counters a MetaStore keeps. Each only grows. */
+export type CounterName = 'storeId' | 'poolId' | 'volumeId' | 'mapEpoch';
+
+export interface ClusterRecord {
+  clusterId: string;
+  /** ISO 8601 wall time. */
+  createdAt: string;
+}
+
+export interface StoreRecord {
+  id: number;
+  /** uuid of the store's first disk: the store's identity across restarts. */
+  diskUuid: string;
+  address: string;
+  domain: string;
+  state: StoreState;
+  capacityBytes: number;
+  usedBytes: number;
+  /** ISO wall time of the last heartbeat written to the MetaStore (registration counts). */
+  lastHeartbeatAt: string | null;
+  disks: DiskReport[];
+  /** Map epoch at which `state` last changed. */
+  stateEpoch: number;
+}
+
+export interface PoolRecord {
+  id: number;
+  name: string;
+  replicas: number;
+  minReplicas: number;
+  pgCount: number;
+  createdAt: string;
+}
+
+export interface ReplicaRecord {
+  storeId: number;
+  state: ReplicaState;
+  /** Map epoch at which this replica entered `state` (used by mark-clean to refuse stale claims). */
+  sinceEpoch: number;
+}
+
+export interface PgRecord {
+  poolId: number;
+  index: number;
+  /** Map epoch at which the replica list or a replica state last changed. */
+  epoch: number;
+  /** Ordered; index 0 is preferred. */
+  replicas: ReplicaRecord[];
+  /**
+   * Stores whose replicas were the last clean ones when the PG lost its last clean replica; empty
+   * while the PG has a clean replica. One of them coming back is clean at once (it holds every
+   * acknowledged write); anyone else comes back recovering and waits for it.
+   */
+  lastClean: number[];
+}
+
+export interface VolumeRecord {
+  id: number;
+  name: string;
+  sizeBytes: number;
+  chunkSizeBytes: number;
+  poolId: number;
+  /** The gateway that has the volume open, or null. */
+  owner: string | null;
+  /** The highest owner epoch ever handed out for this volume (0: never opened). Never decreases. */
+  ownerEpoch: number;
+  createdAt: string;
+}
+
+export interface DeletedVolumeRecord {
+  id: number;
+  name: string;
+  deletedAt: string;
+  /** Map epoch of the deletion. */
+  epoch: number;
+}
+
+/** What a read-only transaction may do. */
+export interface MetaReadTx {
+  cluster(): Promise<ClusterRecord | undefined>;
+  /** Current value of a counter (0 if never allocated). */
+  counter(name: CounterName): Promise<number>;
+
+  store(id: number): Promise<StoreRecord | undefined>;
+  storeByDisk(diskUuid: string): Promise<StoreRecord | undefined>;
+  /** Ordered by id. */
+  stores(): Promise<StoreRecord[]>;
+
+  pool(id: number): Promise<PoolRecord | undefined>;
+  poolByName(name: string): Promise<PoolRecord | undefined>;
+  /** Ordered by id. */
+  pools(): Promise<PoolRecord[]>;
+
+  pg(poolId: number, index: number): Promise<PgRecord | undefined>;
+  /** Ordered by index. */
+  pgs(poolId: number): Promise<PgRecord[]>;
+
+  volume(id: number): Promise<VolumeRecord | undefined>;
+  /** A live volume by name (names are unique among live volumes). */
+  volumeByName(name: string): Promise<VolumeRecord | undefined>;
+  /** Live volumes ordered by id. */
+  volumes(): Promise<VolumeRecord[]>;
+  /** Ordered by id. */
+  deletedVolumes(): Promise<DeletedVolumeRecord[]>;
+}
+
+/** What a read-write transaction may do in addition. */
+export interface MetaTx extends MetaReadTx {
+  /** Sets the cluster record once; a second call with another id is a bug. */
+  putCluster(record: ClusterRecord): Promise<void>;
+  /** Increments a counter and returns its new value (the first allocation returns 1). */
+  allocate(name: CounterName): Promise<number>;
+
+  /** Inserts or replaces by id. A diskUuid held by another store id is refused (a bug). */
+  putStore(record: StoreRecord): Promise<void>;
+  putPool(record: PoolRecord): Promise<void>;
+  /** Inserts or replaces by (poolId, index). */
+  putPg(record: PgRecord): Promise<void>;
+  /** Inserts or replaces by id. A name held by another live volume is ALREADY_EXISTS. */
+  putVolume(record: VolumeRecord): Promise<void>;
+  /** Removes a live volume and records its id on the deleted list, in one step. */
+  deleteVolume(id: number, deleted: DeletedVolumeRecord): Promise<void>;
+}
+
+export interface MetaStore {
+  /** A human-readable description for logs: "sqlite:/var/lib/shale/meta.db". */
+  readonly description: string;
+  /** The schema version of the open store. */
+  readonly schemaVersion: number;
+  /** Runs `fn` in a read-write transaction; resolves with its result once the commit is durable. */
+  write<T>(fn: (tx: MetaTx) => Promise<T>): Promise<T>;
+  /** Runs `fn` in a read-only transaction over one consistent snapshot. */
+  read<T>(fn: (tx: MetaReadTx) => Promise<T>): Promise<T>;
+  /** Waits for the running transaction and closes. Later calls reject with SHUTTING_DOWN. */
+  close(): Promise<void>;
+}

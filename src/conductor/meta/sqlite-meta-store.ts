@@ -1,0 +1,502 @@
+/**
+ * The embedded MetaStore: one SQLite file (node:sqlite), for a single conductor with zero setup.
+ *
+ * Durability: WAL journal with `synchronous=FULL`, so a transaction is on stable storage when
+ * COMMIT returns, and `write` resolves only after that. Exclusivity: the file is opened with
+ * `locking_mode=EXCLUSIVE`, so a second conductor on the same file is refused (UNAVAILABLE)
+ * instead of handing out the same ids: the lock is SQLite's stand-in for etcd's leader key.
+ *
+ * Concurrency: one connection, and a FIFO mutex runs transactions one at a time (a transaction
+ * function is async for the sake of etcd, but nothing else touches the connection meanwhile).
+ *
+ * Schema: versioned in `meta.schema_version` and brought up to date by `migrate` on open, every
+ * step in one transaction; a file newer than this code knows is refused (WRONG_CLUSTER).
+ * docs/metadata.md describes every table.
+ */
+import { DatabaseSync, type SQLInputValue, type StatementSync } from 'node:sqlite';
+import { assert } from '../../lib/assert.ts';
+import { ShaleError } from '../../lib/errors.ts';
+import type { DiskReport, ReplicaState, StoreState } from '../api/types.ts';
+import type {
+  ClusterRecord, CounterName, DeletedVolumeRecord, MetaReadTx, MetaStore, MetaTx, PgRecord, PoolRecord, ReplicaRecord,
+  StoreRecord, VolumeRecord,
+} from './meta-store.ts';
+
+/** One schema step: brings a file from `version - 1` to `version`. Runs inside the migration transaction. */
+export interface Migration {
+  version: number;
+  description: string;
+  up(db: DatabaseSync): void;
+}
+
+export const migrations: readonly Migration[] = [
+  {
+    version: 1,
+    description: 'initial schema: cluster, counters, stores, pools, pgs, volumes, deleted_volumes',
+    up(db) {
+      db.exec(`
+        CREATE TABLE cluster (
+          singleton INTEGER PRIMARY KEY CHECK (singleton = 1),
+          cluster_id TEXT NOT NULL,
+          created_at TEXT NOT NULL
+        );
+        CREATE TABLE counters (
+          name TEXT PRIMARY KEY,
+          value INTEGER NOT NULL CHECK (value >= 0)
+        );
+        CREATE TABLE stores (
+          id INTEGER PRIMARY KEY,
+          disk_uuid TEXT NOT NULL UNIQUE,
+          address TEXT NOT NULL,
+          domain TEXT NOT NULL,
+          state TEXT NOT NULL CHECK (state IN ('up', 'down', 'out')),
+          state_epoch INTEGER NOT NULL,
+          capacity_bytes INTEGER NOT NULL,
+          used_bytes INTEGER NOT NULL,
+          last_heartbeat_at TEXT,
+          disks TEXT NOT NULL
+        );
+        CREATE TABLE pools (
+          id INTEGER PRIMARY KEY,
+          name TEXT NOT NULL UNIQUE,
+          replicas INTEGER NOT NULL CHECK (replicas >= 1),
+          min_replicas INTEGER NOT NULL CHECK (min_replicas >= 1 AND min_replicas <= replicas),
+          pg_count INTEGER NOT NULL CHECK (pg_count >= 1),
+          created_at TEXT NOT NULL
+        );
+        CREATE TABLE pgs (
+          pool_id INTEGER NOT NULL REFERENCES pools (id),
+          pg_index INTEGER NOT NULL,
+          epoch INTEGER NOT NULL,
+          replicas TEXT NOT NULL,
+          last_clean TEXT NOT NULL DEFAULT '[]',
+          PRIMARY KEY (pool_id, pg_index)
+        ) WITHOUT ROWID;
+        CREATE TABLE volumes (
+          id INTEGER PRIMARY KEY,
+          name TEXT NOT NULL UNIQUE,
+          size_bytes INTEGER NOT NULL CHECK (size_bytes > 0),
+          chunk_size_bytes INTEGER NOT NULL,
+          pool_id INTEGER NOT NULL REFERENCES pools (id),
+          owner TEXT,
+          owner_epoch INTEGER NOT NULL,
+          created_at TEXT NOT NULL
+        );
+        CREATE TABLE deleted_volumes (
+          id INTEGER PRIMARY KEY,
+          name TEXT NOT NULL,
+          deleted_at TEXT NOT NULL,
+          epoch INTEGER NOT NULL
+        );
+      `);
+    },
+  },
+];
+
+export const SCHEMA_VERSION = migrations[migrations.length - 1]!.version;
+
+type Row = Record<string, SQLInputValue>;
+
+/** The schema version of an open file: 0 for an empty file. Refuses a file that is not Shale's. */
+export function schemaVersionOf(db: DatabaseSync): number {
+  const hasMeta = db.prepare(`SELECT 1 AS found FROM sqlite_master WHERE type = 'table' AND name = 'meta'`).get();
+  if (!hasMeta) {
+    const tables = db.prepare(`SELECT count(*) AS n FROM sqlite_master`).get() as { n: number };
+    if (tables.n > 0) throw new ShaleError('WRONG_CLUSTER', 'the metadata file holds tables but no Shale schema version: not a Shale metadata file');
+    return 0;
+  }
+  const row = db.prepare(`SELECT value FROM meta WHERE key = 'schema_version'`).get() as { value: string } | undefined;
+  const version = row ? Number(row.value) : NaN;
+  if (!Number.isSafeInteger(version) || version < 0) {
+    throw new ShaleError('WRONG_CLUSTER', `the metadata file has an unreadable schema version (${row?.value})`);
+  }
+  return version;
+}
+
+/**
+ * Brings the file up to the newest version of `steps`, every step and the version bump in one
+ * transaction (all or nothing). Returns the version reached. Refuses a newer file.
+ */
+export function migrate(db: DatabaseSync, steps: readonly Migration[] = migrations): number {
+  steps.forEach((step, i) => assert(step.version === i + 1, 'migrations are numbered 1, 2, 3, … in order'));
+  const latest = steps.length;
+  db.exec('BEGIN IMMEDIATE');
+  try {
+    const current = schemaVersionOf(db);
+    if (current > latest) {
+      throw new ShaleError('WRONG_CLUSTER', `the metadata file has schema version ${current}, newer than this Shale knows (${latest}): upgrade Shale`);
+    }
+    if (current === 0) db.exec(`CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)`);
+    for (const step of steps.slice(current)) {
+      step.up(db);
+      db.prepare(`INSERT INTO meta (key, value) VALUES ('schema_version', ?) ON CONFLICT (key) DO UPDATE SET value = excluded.value`)
+        .run(String(step.version));
+    }
+    db.exec('COMMIT');
+    return latest;
+  } catch (error) {
+    if (db.isTransaction) db.exec('ROLLBACK');
+    throw error;
+  }
+}
+
+function sqliteError(error: unknown, path: string): ShaleError {
+  if (error instanceof ShaleError) return error;
+  const errcode = (error as { errcode?: number }).errcode;
+  const message = error instanceof Error ? error.message : String(error);
+  if (errcode === 5 || errcode === 6) {
+    return new ShaleError('UNAVAILABLE', `metadata file ${path} is in use by another conductor (${message})`);
+  }
+  if (errcode === 26) return new ShaleError('WRONG_CLUSTER', `${path} is not a SQLite metadata file (${message})`);
+  return new ShaleError('INTERNAL', `metadata file ${path}: ${message}`);
+}
+
+function num(row: Row, column: string): number {
+  const value = row[column];
+  assert(typeof value === 'number' && Number.isSafeInteger(value), `column ${column} holds a safe integer`);
+  return value;
+}
+
+function str(row: Row, column: string): string {
+  const value = row[column];
+  assert(typeof value === 'string', `column ${column} holds text`);
+  return value;
+}
+
+function strOrNull(row: Row, column: string): string | null {
+  const value = row[column];
+  assert(value === null || typeof value === 'string', `column ${column} holds text or null`);
+  return value;
+}
+
+function json<T>(row: Row, column: string): T {
+  return JSON.parse(str(row, column)) as T;
+}
+
+function storeFromRow(row: Row): StoreRecord {
+  return {
+    id: num(row, 'id'),
+    diskUuid: str(row, 'disk_uuid'),
+    address: str(row, 'address'),
+    domain: str(row, 'domain'),
+    state: str(row, 'state') as StoreState,
+    stateEpoch: num(row, 'state_epoch'),
+    capacityBytes: num(row, 'capacity_bytes'),
+    usedBytes: num(row, 'used_bytes'),
+    lastHeartbeatAt: strOrNull(row, 'last_heartbeat_at'),
+    disks: json<DiskReport[]>(row, 'disks'),
+  };
+}
+
+function poolFromRow(row: Row): PoolRecord {
+  return {
+    id: num(row, 'id'),
+    name: str(row, 'name'),
+    replicas: num(row, 'replicas'),
+    minReplicas: num(row, 'min_replicas'),
+    pgCount: num(row, 'pg_count'),
+    createdAt: str(row, 'created_at'),
+  };
+}
+
+function pgFromRow(row: Row): PgRecord {
+  const replicas = json<{ storeId: number; state: ReplicaState; sinceEpoch: number }[]>(row, 'replicas');
+  return {
+    poolId: num(row, 'pool_id'),
+    index: num(row, 'pg_index'),
+    epoch: num(row, 'epoch'),
+    replicas: replicas.map((r): ReplicaRecord => ({ storeId: r.storeId, state: r.state, sinceEpoch: r.sinceEpoch })),
+    lastClean: json<number[]>(row, 'last_clean'),
+  };
+}
+
+function volumeFromRow(row: Row): VolumeRecord {
+  return {
+    id: num(row, 'id'),
+    name: str(row, 'name'),
+    sizeBytes: num(row, 'size_bytes'),
+    chunkSizeBytes: num(row, 'chunk_size_bytes'),
+    poolId: num(row, 'pool_id'),
+    owner: strOrNull(row, 'owner'),
+    ownerEpoch: num(row, 'owner_epoch'),
+    createdAt: str(row, 'created_at'),
+  };
+}
+
+function deletedFromRow(row: Row): DeletedVolumeRecord {
+  return { id: num(row, 'id'), name: str(row, 'name'), deletedAt: str(row, 'deleted_at'), epoch: num(row, 'epoch') };
+}
+
+function checkId(id: number, what: string): void {
+  assert(Number.isSafeInteger(id) && id > 0, `${what} is a positive safe integer`);
+}
+
+class SqliteTx implements MetaTx {
+  readonly #store: SqliteMetaStore;
+  readonly #writable: boolean;
+  active = true;
+
+  constructor(store: SqliteMetaStore, writable: boolean) {
+    this.#store = store;
+    this.#writable = writable;
+  }
+
+  #get(sql: string, ...params: SQLInputValue[]): Row | undefined {
+    assert(this.active, 'a transaction is used only while it runs');
+    return this.#store.statement(sql).get(...params) as Row | undefined;
+  }
+
+  #all(sql: string, ...params: SQLInputValue[]): Row[] {
+    assert(this.active, 'a transaction is used only while it runs');
+    return this.#store.statement(sql).all(...params) as Row[];
+  }
+
+  #run(sql: string, ...params: SQLInputValue[]): void {
+    assert(this.active, 'a transaction is used only while it runs');
+    assert(this.#writable, 'writes happen only in a write transaction');
+    this.#store.statement(sql).run(...params);
+  }
+
+  async cluster(): Promise<ClusterRecord | undefined> {
+    const row = this.#get(`SELECT cluster_id, created_at FROM cluster WHERE singleton = 1`);
+    return row ? { clusterId: str(row, 'cluster_id'), createdAt: str(row, 'created_at') } : undefined;
+  }
+
+  async counter(name: CounterName): Promise<number> {
+    const row = this.#get(`SELECT value FROM counters WHERE name = ?`, name);
+    return row ? num(row, 'value') : 0;
+  }
+
+  async store(id: number): Promise<StoreRecord | undefined> {
+    const row = this.#get(`SELECT * FROM stores WHERE id = ?`, id);
+    return row ? storeFromRow(row) : undefined;
+  }
+
+  async storeByDisk(diskUuid: string): Promise<StoreRecord | undefined> {
+    const row = this.#get(`SELECT * FROM stores WHERE disk_uuid = ?`, diskUuid);
+    return row ? storeFromRow(row) : undefined;
+  }
+
+  async stores(): Promise<StoreRecord[]> {
+    return this.#all(`SELECT * FROM stores ORDER BY id`).map(storeFromRow);
+  }
+
+  async pool(id: number): Promise<PoolRecord | undefined> {
+    const row = this.#get(`SELECT * FROM pools WHERE id = ?`, id);
+    return row ? poolFromRow(row) : undefined;
+  }
+
+  async poolByName(name: string): Promise<PoolRecord | undefined> {
+    const row = this.#get(`SELECT * FROM pools WHERE name = ?`, name);
+    return row ? poolFromRow(row) : undefined;
+  }
+
+  async pools(): Promise<PoolRecord[]> {
+    return this.#all(`SELECT * FROM pools ORDER BY id`).map(poolFromRow);
+  }
+
+  async pg(poolId: number, index: number): Promise<PgRecord | undefined> {
+    const row = this.#get(`SELECT * FROM pgs WHERE pool_id = ? AND pg_index = ?`, poolId, index);
+    return row ? pgFromRow(row) : undefined;
+  }
+
+  async pgs(poolId: number): Promise<PgRecord[]> {
+    return this.#all(`SELECT * FROM pgs WHERE pool_id = ? ORDER BY pg_index`, poolId).map(pgFromRow);
+  }
+
+  async volume(id: number): Promise<VolumeRecord | undefined> {
+    const row = this.#get(`SELECT * FROM volumes WHERE id = ?`, id);
+    return row ? volumeFromRow(row) : undefined;
+  }
+
+  async volumeByName(name: string): Promise<VolumeRecord | undefined> {
+    const row = this.#get(`SELECT * FROM volumes WHERE name = ?`, name);
+    return row ? volumeFromRow(row) : undefined;
+  }
+
+  async volumes(): Promise<VolumeRecord[]> {
+    return this.#all(`SELECT * FROM volumes ORDER BY id`).map(volumeFromRow);
+  }
+
+  async deletedVolumes(): Promise<DeletedVolumeRecord[]> {
+    return this.#all(`SELECT * FROM deleted_volumes ORDER BY id`).map(deletedFromRow);
+  }
+
+  async putCluster(record: ClusterRecord): Promise<void> {
+    const existing = await this.cluster();
+    assert(!existing || existing.clusterId === record.clusterId, 'the cluster id never changes');
+    this.#run(
+      `INSERT INTO cluster (singleton, cluster_id, created_at) VALUES (1, ?, ?)
+       ON CONFLICT (singleton) DO UPDATE SET created_at = excluded.created_at`,
+      record.clusterId, record.createdAt,
+    );
+  }
+
+  async allocate(name: CounterName): Promise<number> {
+    const next = (await this.counter(name)) + 1;
+    assert(Number.isSafeInteger(next), `counter ${name} stays below 2^53`);
+    this.#run(`INSERT INTO counters (name, value) VALUES (?, ?) ON CONFLICT (name) DO UPDATE SET value = excluded.value`, name, next);
+    return next;
+  }
+
+  async putStore(record: StoreRecord): Promise<void> {
+    checkId(record.id, 'store id');
+    const holder = await this.storeByDisk(record.diskUuid);
+    assert(!holder || holder.id === record.id, 'a disk uuid belongs to one store id');
+    this.#run(
+      `INSERT INTO stores (id, disk_uuid, address, domain, state, state_epoch, capacity_bytes, used_bytes, last_heartbeat_at, disks)
+       VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
+       ON CONFLICT (id) DO UPDATE SET disk_uuid = excluded.disk_uuid, address = excluded.address, domain = excluded.domain,
+         state = excluded.state, state_epoch = excluded.state_epoch, capacity_bytes = excluded.capacity_bytes,
+         used_bytes = excluded.used_bytes, last_heartbeat_at = excluded.last_heartbeat_at, disks = excluded.disks`,
+      record.id, record.diskUuid, record.address, record.domain, record.state, record.stateEpoch, record.capacityBytes,
+      record.usedBytes, record.lastHeartbeatAt, JSON.stringify(record.disks),
+    );
+  }
+
+  async putPool(record: PoolRecord): Promise<void> {
+    checkId(record.id, 'pool id');
+    const holder = await this.poolByName(record.name);
+    if (holder && holder.id !== record.id) throw new ShaleError('ALREADY_EXISTS', `a pool named ${record.name} already exists`);
+    this.#run(
+      `INSERT INTO pools (id, name, replicas, min_replicas, pg_count, created_at) VALUES (?, ?, ?, ?, ?, ?)
+       ON CONFLICT (id) DO UPDATE SET name = excluded.name, replicas = excluded.replicas, min_replicas = excluded.min_replicas,
+         pg_count = excluded.pg_count, created_at = excluded.created_at`,
+      record.id, record.name, record.replicas, record.minReplicas, record.pgCount, record.createdAt,
+    );
+  }
+
+  async putPg(record: PgRecord): Promise<void> {
+    assert(Number.isSafeInteger(record.index) && record.index >= 0, 'pg index is a whole number');
+    const replicas = record.replicas.map((r) => ({ storeId: r.storeId, state: r.state, sinceEpoch: r.sinceEpoch }));
+    this.#run(
+      `INSERT INTO pgs (pool_id, pg_index, epoch, replicas, last_clean) VALUES (?, ?, ?, ?, ?)
+       ON CONFLICT (pool_id, pg_index) DO UPDATE SET epoch = excluded.epoch, replicas = excluded.replicas, last_clean = excluded.last_clean`,
+      record.poolId, record.index, record.epoch, JSON.stringify(replicas), JSON.stringify(record.lastClean),
+    );
+  }
+
+  async putVolume(record: VolumeRecord): Promise<void> {
+    checkId(record.id, 'volume id');
+    const holder = await this.volumeByName(record.name);
+    if (holder && holder.id !== record.id) throw new ShaleError('ALREADY_EXISTS', `a volume named ${record.name} already exists`);
+    const deleted = this.#get(`SELECT 1 AS found FROM deleted_volumes WHERE id = ?`, record.id);
+    assert(!deleted, 'a deleted volume id is never used again');
+    this.#run(
+      `INSERT INTO volumes (id, name, size_bytes, chunk_size_bytes, pool_id, owner, owner_epoch, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)
+       ON CONFLICT (id) DO UPDATE SET name = excluded.name, size_bytes = excluded.size_bytes, chunk_size_bytes = excluded.chunk_size_bytes,
+         pool_id = excluded.pool_id, owner = excluded.owner, owner_epoch = excluded.owner_epoch, created_at = excluded.created_at`,
+      record.id, record.name, record.sizeBytes, record.chunkSizeBytes, record.poolId, record.owner, record.ownerEpoch, record.createdAt,
+    );
+  }
+
+  async deleteVolume(id: number, deleted: DeletedVolumeRecord): Promise<void> {
+    assert(deleted.id === id, 'the deleted record names the volume deleted');
+    const existing = await this.volume(id);
+    if (!existing) throw new ShaleError('NOT_FOUND', `no volume with id ${id}`);
+    this.#run(`DELETE FROM volumes WHERE id = ?`, id);
+    this.#run(`INSERT INTO deleted_volumes (id, name, deleted_at, epoch) VALUES (?, ?, ?, ?)`, id, deleted.name, deleted.deletedAt, deleted.epoch);
+  }
+}
+
+export interface SqliteMetaStoreOptions {
+  /** How long to wait for a lock held by another process before refusing, in ms. */
+  lockTimeoutMs?: number;
+  /** Schema steps (tests pass their own to exercise migration). */
+  migrations?: readonly Migration[];
+}
+
+export class SqliteMetaStore implements MetaStore {
+  readonly description: string;
+  readonly schemaVersion: number;
+  readonly #path: string;
+  readonly #db: DatabaseSync;
+  readonly #statements = new Map<string, StatementSync>();
+  #queue: Promise<unknown> = Promise.resolve();
+  #closed = false;
+
+  private constructor(path: string, db: DatabaseSync, schemaVersion: number) {
+    this.#path = path;
+    this.#db = db;
+    this.description = `sqlite:${path}`;
+    this.schemaVersion = schemaVersion;
+  }
+
+  /** Opens (creating if missing) and migrates the file at `path`. Errors: UNAVAILABLE (locked), WRONG_CLUSTER (not ours or newer). */
+  static open(path: string, options: SqliteMetaStoreOptions = {}): SqliteMetaStore {
+    let db: DatabaseSync | undefined;
+    try {
+      db = new DatabaseSync(path, { timeout: options.lockTimeoutMs ?? 1000 });
+      // EXCLUSIVE before WAL: no shared-memory index, and the lock taken by the first write is
+      // held until close, so a second conductor on this file is refused.
+      db.exec('PRAGMA locking_mode = EXCLUSIVE');
+      const mode = db.prepare('PRAGMA journal_mode = WAL').get() as { journal_mode: string };
+      assert(mode.journal_mode === 'wal', 'SQLite accepts WAL mode on a local file');
+      db.exec('PRAGMA synchronous = FULL');
+      db.exec('PRAGMA foreign_keys = ON');
+      const version = migrate(db, options.migrations ?? migrations);
+      return new SqliteMetaStore(path, db, version);
+    } catch (error) {
+      try {
+        db?.close();
+      } catch {
+        // already failing; the first error is the one to report
+      }
+      throw sqliteError(error, path);
+    }
+  }
+
+  statement(sql: string): StatementSync {
+    let statement = this.#statements.get(sql);
+    if (!statement) {
+      statement = this.#db.prepare(sql);
+      this.#statements.set(sql, statement);
+    }
+    return statement;
+  }
+
+  #serialize<T>(run: () => Promise<T>): Promise<T> {
+    const result = this.#queue.then(() => {
+      if (this.#closed) throw new ShaleError('SHUTTING_DOWN', `metadata store ${this.#path} is closed`);
+      return run();
+    });
+    this.#queue = result.catch(() => undefined);
+    return result;
+  }
+
+  #transaction<T>(writable: boolean, fn: (tx: SqliteTx) => Promise<T>): Promise<T> {
+    return this.#serialize(async () => {
+      const tx = new SqliteTx(this, writable);
+      this.#db.exec(writable ? 'BEGIN IMMEDIATE' : 'BEGIN');
+      try {
+        const result = await fn(tx);
+        tx.active = false;
+        this.#db.exec('COMMIT');
+        return result;
+      } catch (error) {
+        tx.active = false;
+        if (this.#db.isTransaction) this.#db.exec('ROLLBACK');
+        if (error instanceof ShaleError || !(error as { errcode?: number }).errcode) throw error;
+        throw sqliteError(error, this.#path);
+      }
+    });
+  }
+
+  write<T>(fn: (tx: MetaTx) => Promise<T>): Promise<T> {
+    return this.#transaction(true, fn);
+  }
+
+  read<T>(fn: (tx: MetaReadTx) => Promise<T>): Promise<T> {
+    return this.#transaction(false, fn);
+  }
+
+  async close(): Promise<void> {
+    await this.#serialize(async () => {
+      this.#closed = true;
+      this.#statements.clear();
+      this.#db.close();
+    }).catch((error: unknown) => {
+      if (!(error instanceof ShaleError && error.code === 'SHUTTING_DOWN')) throw error;
+    });
+  }
+}

@@ -1,0 +1,604 @@
+/**
+ * The NBD server driven byte by byte with NbdSimpleClient over real sockets on 127.0.0.1:
+ * negotiation, every command, every refusal, concurrency, back-pressure, isolation, shutdown.
+ * Tests with real clients (qemu, nbdinfo, nbdcopy, fio, libnbd) are in clients.test.ts.
+ */
+import assert from 'node:assert/strict';
+import { setTimeout as sleep } from 'node:timers/promises';
+import { describe, test } from 'node:test';
+import type { TestContext } from 'node:test';
+import { nodeEnv } from '../env/node/node-env.ts';
+import { NbdErrno, ShaleError } from '../lib/errors.ts';
+import {
+  NbdClientFlag,
+  NbdCommand,
+  NbdCommandFlag,
+  NbdInfo,
+  NbdOption,
+  NbdReply,
+  NbdTransmissionFlag,
+  decodeServerEntry,
+  encodeClientFlags,
+  encodeInfoRequest,
+  encodeOptionRequest,
+  encodeRequestHeader,
+} from '../proto/nbd.ts';
+import { MemoryExport, MemoryExportProvider } from './memory-export.ts';
+import type { MemoryOperation } from './memory-export.ts';
+import { startNbdServer } from './server.ts';
+import type { NbdServer, NbdServerOptions } from './server.ts';
+import { NbdSimpleClient } from './simple-client.ts';
+
+const MiB = 1024 * 1024;
+
+interface Served {
+  readonly server: NbdServer;
+  readonly logs: string[];
+  connect(clientFlags?: number): Promise<NbdSimpleClient>;
+  /** Connects and enters transmission on `name` with NBD_OPT_GO. */
+  open(name: string): Promise<NbdSimpleClient>;
+}
+
+async function serve(t: TestContext, exports: MemoryExport[], options: Partial<NbdServerOptions> = {}): Promise<Served> {
+  const logs: string[] = [];
+  const server = await startNbdServer(nodeEnv, {
+    listen: '127.0.0.1:0',
+    provider: new MemoryExportProvider(exports),
+    log: (message) => logs.push(message),
+    ...options,
+  });
+  t.after(() => server.close());
+  const connect = async (clientFlags?: number): Promise<NbdSimpleClient> => {
+    const client = await NbdSimpleClient.connect(nodeEnv, server.address, clientFlags);
+    t.after(() => client.destroy());
+    return client;
+  };
+  return {
+    server,
+    logs,
+    connect,
+    open: async (name) => {
+      const client = await connect();
+      await client.go(name);
+      return client;
+    },
+  };
+}
+
+/** A latch tests open to let held operations go on. */
+function latch(): { readonly opened: Promise<void>; open(): void } {
+  let open!: () => void;
+  const opened = new Promise<void>((resolve) => {
+    open = resolve;
+  });
+  return { opened, open };
+}
+
+async function waitFor(what: string, condition: () => boolean, timeoutMs = 5000): Promise<void> {
+  const deadline = Date.now() + timeoutMs;
+  while (!condition()) {
+    if (Date.now() > deadline) assert.fail(`timed out waiting for ${what}`);
+    await sleep(5);
+  }
+}
+
+function patterned(lengthBytes: number, seed: number): Buffer {
+  const bytes = Buffer.allocUnsafe(lengthBytes);
+  for (let index = 0; index < lengthBytes; index++) bytes[index] = (index * 31 + seed * 7) & 0xff;
+  return bytes;
+}
+
+describe('handshake', () => {
+  test('greets with FIXED_NEWSTYLE | NO_ZEROES, and GO returns size, flags and block sizes', async (t) => {
+    const disk = new MemoryExport({ name: 'disk', sizeBytes: 3 * MiB + 512, description: 'a disk' });
+    const { connect } = await serve(t, [disk]);
+    const client = await connect();
+    assert.equal(client.handshakeFlags, 3);
+    const infos = await client.go('disk', [NbdInfo.NAME, NbdInfo.DESCRIPTION, NbdInfo.BLOCK_SIZE]);
+    assert.equal(client.sizeBytes, 3 * MiB + 512);
+    const expectedFlags = NbdTransmissionFlag.HAS_FLAGS | NbdTransmissionFlag.SEND_FLUSH | NbdTransmissionFlag.SEND_FUA
+      | NbdTransmissionFlag.SEND_TRIM | NbdTransmissionFlag.SEND_WRITE_ZEROES | NbdTransmissionFlag.CAN_MULTI_CONN;
+    assert.equal(client.transmissionFlags, expectedFlags);
+    assert.deepEqual(infos.filter((info) => info.type !== NbdInfo.EXPORT), [
+      { type: NbdInfo.BLOCK_SIZE, sizes: { minimumBytes: 1, preferredBytes: 4096, maximumPayloadBytes: 32 * MiB } },
+      { type: NbdInfo.NAME, name: 'disk' },
+      { type: NbdInfo.DESCRIPTION, description: 'a disk' },
+    ]);
+    await client.disconnect();
+  });
+
+  test('INFO answers without entering transmission, then GO does', async (t) => {
+    const disk = new MemoryExport({ name: 'disk', sizeBytes: MiB });
+    const { connect } = await serve(t, [disk]);
+    const client = await connect();
+    const infos = await client.go('disk', [], true);
+    assert.ok(infos.some((info) => 'sizeBytes' in info && info.sizeBytes === MiB));
+    assert.equal(client.sizeBytes, 0, 'INFO does not enter transmission');
+    await client.go('disk');
+    assert.equal((await client.read(0, 16)).error, 0);
+    await client.disconnect();
+  });
+
+  test('an unknown export or the empty name gets NBD_REP_ERR_UNKNOWN, and the client may try again', async (t) => {
+    const { connect, logs } = await serve(t, [new MemoryExport({ name: 'disk', sizeBytes: MiB })]);
+    const client = await connect();
+    await assert.rejects(client.go('nope'), (error: unknown) => error instanceof ShaleError && error.code === 'NOT_FOUND' && /nope/.test(error.message));
+    await assert.rejects(client.go(''), { code: 'NOT_FOUND' });
+    await assert.rejects(client.go('nope', [], true), { code: 'NOT_FOUND' });
+    await client.go('disk');
+    assert.equal((await client.read(0, 1)).error, 0);
+    assert.ok(logs.some((line) => line.includes('refused export "nope"')), logs.join('\n'));
+  });
+
+  test('LIST returns every export with its description; LIST with data is NBD_REP_ERR_INVALID', async (t) => {
+    const { connect } = await serve(t, [
+      new MemoryExport({ name: 'a', sizeBytes: 512, description: 'first' }),
+      new MemoryExport({ name: 'b@snap', sizeBytes: 512, readOnly: true }),
+    ]);
+    const client = await connect();
+    const replies = await client.option(NbdOption.LIST);
+    assert.deepEqual(replies.map((reply) => reply.replyType), [NbdReply.SERVER, NbdReply.SERVER, NbdReply.ACK]);
+    assert.deepEqual(replies.slice(0, 2).map((reply) => decodeServerEntry(reply.data)), [
+      { name: 'a', description: 'first' },
+      { name: 'b@snap', description: '' },
+    ]);
+    const invalid = await client.option(NbdOption.LIST, Buffer.from('x'));
+    assert.equal(invalid.at(-1)!.replyType, NbdReply.ERR_INVALID);
+  });
+
+  test('unsupported and unknown options get NBD_REP_ERR_UNSUP; malformed GO gets NBD_REP_ERR_INVALID', async (t) => {
+    const { connect } = await serve(t, [new MemoryExport({ name: 'disk', sizeBytes: 4096 })]);
+    const client = await connect();
+    for (const option of [NbdOption.STRUCTURED_REPLY, NbdOption.STARTTLS, NbdOption.LIST_META_CONTEXT, NbdOption.SET_META_CONTEXT, NbdOption.EXTENDED_HEADERS, 4, 999, 0xffffffff]) {
+      const replies = await client.option(option);
+      assert.deepEqual(replies.map((reply) => reply.replyType), [NbdReply.ERR_UNSUP], `option ${option}`);
+      assert.match(replies[0]!.data.toString(), /not supported/);
+    }
+    const malformed = await client.option(NbdOption.GO, Buffer.from([0, 0, 0, 9, 1]));
+    assert.equal(malformed.at(-1)!.replyType, NbdReply.ERR_INVALID);
+    await client.go('disk');
+    await client.disconnect();
+  });
+
+  test('an option with too much data is skipped and answered NBD_REP_ERR_TOO_BIG; the handshake goes on', async (t) => {
+    const { connect } = await serve(t, [new MemoryExport({ name: 'disk', sizeBytes: 4096 })]);
+    const client = await connect();
+    const replies = await client.option(NbdOption.INFO, Buffer.alloc(200 * 1024, 0x41));
+    assert.deepEqual(replies.map((reply) => reply.replyType), [NbdReply.ERR_TOO_BIG]);
+    await client.go('disk');
+    assert.equal((await client.read(0, 4096)).error, 0);
+  });
+
+  test('ABORT is acknowledged and the server ends the connection', async (t) => {
+    const { connect, logs } = await serve(t, [new MemoryExport({ name: 'disk', sizeBytes: 4096 })]);
+    const client = await connect();
+    const replies = await client.option(NbdOption.ABORT);
+    assert.deepEqual(replies.map((reply) => reply.replyType), [NbdReply.ACK]);
+    await client.closed;
+    assert.deepEqual(logs, []);
+  });
+
+  test('EXPORT_NAME enters transmission, with or without the 124 zeroes', async (t) => {
+    const disk = new MemoryExport({ name: 'disk', sizeBytes: 8192 });
+    const { connect } = await serve(t, [disk]);
+    const noZeroes = await connect();
+    await noZeroes.exportName('disk', true);
+    assert.equal(noZeroes.sizeBytes, 8192);
+    assert.equal((await noZeroes.write(0, Buffer.alloc(10, 3))).error, 0);
+    const withZeroes = await connect(NbdClientFlag.FIXED_NEWSTYLE);
+    await withZeroes.exportName('disk', false);
+    assert.deepEqual((await withZeroes.read(0, 10)).data, Buffer.alloc(10, 3));
+    await Promise.all([noZeroes.disconnect(), withZeroes.disconnect()]);
+  });
+
+  test('EXPORT_NAME of an unknown export closes the connection (it cannot answer an error) and logs it once', async (t) => {
+    const { connect, logs } = await serve(t, [new MemoryExport({ name: 'disk', sizeBytes: 4096 })]);
+    const client = await connect();
+    await assert.rejects(client.exportName('missing'));
+    await client.closed;
+    await waitFor('the log line', () => logs.length > 0);
+    assert.equal(logs.length, 1);
+    assert.match(logs[0]!, /refused export "missing"/);
+  });
+
+  test('unknown client flags, a bad option magic, or a silent client close that connection only', async (t) => {
+    const disk = new MemoryExport({ name: 'disk', sizeBytes: 4096 });
+    const { connect, open, logs } = await serve(t, [disk], { handshakeTimeoutMs: 300 });
+    const healthy = await open('disk');
+
+    const badFlags = await connect(0x80 | NbdClientFlag.FIXED_NEWSTYLE);
+    await badFlags.closed;
+
+    const badMagic = await connect();
+    badMagic.sendRaw(Buffer.from('IHAVEOPU\0\0\0\x07\0\0\0\0', 'latin1'));
+    await badMagic.closed;
+
+    const silent = await connect();
+    await silent.closed;
+
+    assert.equal((await healthy.write(0, Buffer.alloc(4096, 9))).error, 0);
+    assert.deepEqual((await healthy.read(0, 4096)).data, Buffer.alloc(4096, 9));
+    await waitFor('three log lines', () => logs.length >= 3);
+    assert.equal(logs.length, 3, logs.join('\n'));
+    assert.ok(logs.some((line) => /client flags 0x81/.test(line)));
+    assert.ok(logs.some((line) => /bad option magic/.test(line)));
+    assert.ok(logs.some((line) => /handshake not completed within 300 ms/.test(line)));
+  });
+
+  test('too many options close the connection', async (t) => {
+    const { connect, logs } = await serve(t, [], { optionsPerConnectionMax: 5 });
+    const client = await connect();
+    for (let index = 0; index < 5; index++) await client.option(NbdOption.STRUCTURED_REPLY);
+    await assert.rejects(client.option(NbdOption.STRUCTURED_REPLY));
+    await client.closed;
+    assert.match(logs.join('\n'), /more than 5 options/);
+  });
+
+  test('connections beyond maxConnections are refused and logged', async (t) => {
+    const disk = new MemoryExport({ name: 'disk', sizeBytes: 4096 });
+    const { server, open, logs } = await serve(t, [disk], { maxConnections: 2 });
+    const first = await open('disk');
+    const second = await open('disk');
+    await assert.rejects(NbdSimpleClient.connect(nodeEnv, server.address));
+    assert.match(logs.join('\n'), /refused connection: 2 connections already open/);
+    await first.disconnect();
+    await waitFor('the slot to free', () => server.connectionCount() === 1);
+    const third = await open('disk');
+    assert.equal((await third.read(0, 1)).error, 0);
+    await Promise.all([second.disconnect(), third.disconnect()]);
+  });
+});
+
+describe('transmission', () => {
+  test('READ, WRITE, FUA, FLUSH, TRIM and WRITE_ZEROES reach the export with their flags', async (t) => {
+    const disk = new MemoryExport({ name: 'disk', sizeBytes: 4 * MiB });
+    const { open } = await serve(t, [disk]);
+    const client = await open('disk');
+    const data = patterned(MiB, 1);
+    assert.equal((await client.write(4096, data)).error, 0);
+    assert.equal((await client.write(0, Buffer.alloc(512, 7), NbdCommandFlag.FUA)).error, 0);
+    assert.equal((await client.request(NbdCommand.FLUSH)).error, 0);
+    assert.deepEqual((await client.read(4096, MiB)).data, data);
+    assert.equal((await client.request(NbdCommand.TRIM, { offsetBytes: 4096, lengthBytes: 4096, flags: NbdCommandFlag.FUA })).error, 0);
+    assert.equal((await client.request(NbdCommand.WRITE_ZEROES, { offsetBytes: 8192, lengthBytes: 4096, flags: NbdCommandFlag.NO_HOLE })).error, 0);
+    assert.equal((await client.request(NbdCommand.WRITE_ZEROES, { offsetBytes: 12288, lengthBytes: 4096 })).error, 0);
+    const after = (await client.read(0, 4096 + 3 * 4096)).data!;
+    assert.deepEqual(after.subarray(0, 512), Buffer.alloc(512, 7));
+    assert.deepEqual(after.subarray(4096), Buffer.alloc(3 * 4096));
+    assert.deepEqual((await client.read(16384, 4096)).data, data.subarray(12288, 16384));
+    assert.deepEqual(
+      { writes: disk.counters.writes, fuaWrites: disk.counters.fuaWrites, flushes: disk.counters.flushes, trims: disk.counters.trims, fuaTrims: disk.counters.fuaTrims, writeZeroes: disk.counters.writeZeroes, noHole: disk.counters.noHoleWriteZeroes },
+      { writes: 2, fuaWrites: 1, flushes: 1, trims: 1, fuaTrims: 1, writeZeroes: 2, noHole: 1 },
+    );
+    await client.disconnect();
+  });
+
+  test('trim and write zeroes may cover more than the maximum payload', async (t) => {
+    const disk = new MemoryExport({ name: 'disk', sizeBytes: 80 * MiB });
+    const { open } = await serve(t, [disk]);
+    const client = await open('disk');
+    assert.equal((await client.request(NbdCommand.WRITE_ZEROES, { offsetBytes: 0, lengthBytes: 80 * MiB })).error, 0);
+    assert.equal((await client.request(NbdCommand.TRIM, { offsetBytes: 0, lengthBytes: 80 * MiB })).error, 0);
+  });
+
+  test('zero-length requests succeed without touching the export', async (t) => {
+    const disk = new MemoryExport({ name: 'disk', sizeBytes: 4096 });
+    const { open } = await serve(t, [disk]);
+    const client = await open('disk');
+    assert.deepEqual(await client.read(4096, 0), { error: 0, data: undefined });
+    assert.equal((await client.write(100, Buffer.alloc(0))).error, 0);
+    assert.equal((await client.request(NbdCommand.TRIM, { offsetBytes: 0, lengthBytes: 0 })).error, 0);
+    assert.equal(disk.counters.reads + disk.counters.writes + disk.counters.trims, 0);
+    assert.equal((await client.read(0, 8)).error, 0, 'the stream is still in step');
+  });
+
+  test('requests past the end: EINVAL for read and trim, ENOSPC for write and write zeroes; the connection keeps working', async (t) => {
+    const disk = new MemoryExport({ name: 'disk', sizeBytes: MiB });
+    const { open, logs } = await serve(t, [disk]);
+    const client = await open('disk');
+    assert.equal((await client.read(MiB - 512, 1024)).error, NbdErrno.EINVAL);
+    assert.equal((await client.read(MiB + 1, 0)).error, NbdErrno.EINVAL);
+    assert.equal((await client.read(2 ** 60, 512)).error, NbdErrno.EINVAL);
+    assert.equal((await client.request(NbdCommand.TRIM, { offsetBytes: MiB, lengthBytes: 1 })).error, NbdErrno.EINVAL);
+    assert.equal((await client.write(MiB - 10, Buffer.alloc(20))).error, NbdErrno.ENOSPC);
+    assert.equal((await client.request(NbdCommand.WRITE_ZEROES, { offsetBytes: 0, lengthBytes: MiB + 1 })).error, NbdErrno.ENOSPC);
+    assert.equal((await client.write(MiB - 10, Buffer.alloc(10, 5))).error, 0);
+    assert.deepEqual((await client.read(MiB - 10, 10)).data, Buffer.alloc(10, 5));
+    assert.equal(disk.counters.reads, 1, 'refused requests never reach the export');
+    await client.disconnect();
+    await waitFor('the summary line', () => logs.some((line) => /6 requests were refused or failed/.test(line)));
+    assert.equal(logs.filter((line) => /refused NBD_CMD_READ/.test(line)).length, 1, 'logged once');
+    assert.equal(logs.length, 2, logs.join('\n'));
+  });
+
+  test('a read-only export answers EPERM to write, trim and write zeroes, and serves reads', async (t) => {
+    const snapshot = new MemoryExport({ name: 'vol@snap', sizeBytes: 8192, readOnly: true });
+    snapshot.data.fill(0x5a);
+    const { open } = await serve(t, [snapshot]);
+    const client = await open('vol@snap');
+    assert.ok((client.transmissionFlags & NbdTransmissionFlag.READ_ONLY) !== 0);
+    assert.equal((await client.write(0, Buffer.alloc(512))).error, NbdErrno.EPERM);
+    assert.equal((await client.write(0, Buffer.alloc(512), NbdCommandFlag.FUA)).error, NbdErrno.EPERM);
+    assert.equal((await client.request(NbdCommand.TRIM, { lengthBytes: 512 })).error, NbdErrno.EPERM);
+    assert.equal((await client.request(NbdCommand.WRITE_ZEROES, { lengthBytes: 512 })).error, NbdErrno.EPERM);
+    assert.equal((await client.request(NbdCommand.FLUSH)).error, 0);
+    assert.deepEqual((await client.read(0, 8192)).data, Buffer.alloc(8192, 0x5a));
+  });
+
+  test('unknown commands and flags not valid for a command get EINVAL; a write payload is still consumed', async (t) => {
+    const disk = new MemoryExport({ name: 'disk', sizeBytes: 8192 });
+    const { open } = await serve(t, [disk]);
+    const client = await open('disk');
+    assert.equal((await client.request(NbdCommand.CACHE, { lengthBytes: 512 })).error, NbdErrno.EINVAL);
+    assert.equal((await client.request(NbdCommand.BLOCK_STATUS, { lengthBytes: 512 })).error, NbdErrno.EINVAL);
+    assert.equal((await client.request(200)).error, NbdErrno.EINVAL);
+    assert.equal((await client.read(0, 512, NbdCommandFlag.DF)).error, NbdErrno.EINVAL);
+    assert.equal((await client.write(0, Buffer.alloc(512, 1), NbdCommandFlag.NO_HOLE)).error, NbdErrno.EINVAL);
+    assert.equal((await client.request(NbdCommand.WRITE_ZEROES, { lengthBytes: 512, flags: NbdCommandFlag.FAST_ZERO })).error, NbdErrno.EINVAL);
+    assert.equal((await client.request(NbdCommand.FLUSH, { flags: 0x8000 })).error, NbdErrno.EINVAL);
+    assert.equal((await client.read(0, 512, NbdCommandFlag.FUA)).error, 0, 'FUA is accepted on every command');
+    assert.deepEqual((await client.read(0, 512)).data, Buffer.alloc(512), 'the refused write changed nothing');
+    assert.equal(disk.counters.writes, 0);
+  });
+
+  test('a read above the maximum payload is EINVAL; an oversized write is skipped and EINVAL; the stream stays in step', async (t) => {
+    const disk = new MemoryExport({ name: 'disk', sizeBytes: 64 * MiB });
+    const { open } = await serve(t, [disk]);
+    const client = await open('disk');
+    assert.equal((await client.read(0, 32 * MiB + 1)).error, NbdErrno.EINVAL);
+    assert.equal((await client.write(0, Buffer.alloc(32 * MiB + 4096, 0xee))).error, NbdErrno.EINVAL);
+    assert.equal(disk.counters.writes, 0);
+    assert.equal((await client.write(0, Buffer.alloc(32 * MiB, 0x11))).error, 0, 'the maximum itself is fine');
+    assert.deepEqual((await client.read(32 * MiB - 4, 4)).data, Buffer.alloc(4, 0x11));
+    await client.disconnect();
+  });
+
+  test('a write beyond what the server skips closes that connection only', async (t) => {
+    const disk = new MemoryExport({ name: 'disk', sizeBytes: MiB });
+    const { open, logs } = await serve(t, [disk], { payloadBytesMax: 64 * 1024, oversizedPayloadSkipBytesMax: 128 * 1024 });
+    const other = await open('disk');
+    const client = await open('disk');
+    client.sendRaw(encodeRequestHeader({ flags: 0, type: NbdCommand.WRITE, cookieHigh: 0, cookieLow: 1, offsetBytes: 0, lengthBytes: 128 * 1024 + 1 }));
+    await client.closed;
+    assert.match(logs.join('\n'), /beyond the 131072 bytes the server skips/);
+    assert.equal((await other.read(0, 64 * 1024)).error, 0);
+  });
+
+  test('garbage in transmission closes that connection; a concurrent one carries on', async (t) => {
+    const disk = new MemoryExport({ name: 'disk', sizeBytes: MiB });
+    const { open, logs } = await serve(t, [disk]);
+    const good = await open('disk');
+    const bad = await open('disk');
+    const pending = Array.from({ length: 32 }, (_, index) => good.write(index * 4096, patterned(4096, index)));
+    bad.sendRaw(Buffer.from('GET / HTTP/1.1\r\nHost: example\r\n\r\n'));
+    await bad.closed;
+    const replies = await Promise.all(pending);
+    assert.ok(replies.every((reply) => reply.error === 0));
+    for (let index = 0; index < 32; index++) assert.deepEqual((await good.read(index * 4096, 4096)).data, patterned(4096, index));
+    assert.equal(logs.length, 1, logs.join('\n'));
+    assert.match(logs[0]!, /closing connection: bad request magic 0x47455420/);
+    await good.disconnect();
+  });
+
+  test('export failures map through the error table: NO_SPACE → ENOSPC, READ_ONLY → EPERM, anything else → EIO', async (t) => {
+    const failures = new Map<number, unknown>([
+      [0, new ShaleError('NO_SPACE', 'disk full')],
+      [4096, new ShaleError('READ_ONLY', 'fenced snapshot')],
+      [8192, new ShaleError('OUT_OF_RANGE', 'beyond')],
+      [12288, new ShaleError('SHUTTING_DOWN', 'stopping')],
+      [16384, new Error('a bug')],
+      [20480, 'a string'],
+    ]);
+    const disk = new MemoryExport({
+      name: 'disk',
+      sizeBytes: MiB,
+      beforeOperation: (_operation, offsetBytes) => {
+        if (failures.has(offsetBytes)) throw failures.get(offsetBytes);
+      },
+    });
+    const { open, logs } = await serve(t, [disk]);
+    const client = await open('disk');
+    const errors = await Promise.all([0, 4096, 8192, 12288, 16384, 20480, 24576].map(async (offset) => (await client.write(offset, Buffer.alloc(512))).error));
+    assert.deepEqual(errors, [NbdErrno.ENOSPC, NbdErrno.EPERM, NbdErrno.EINVAL, NbdErrno.ESHUTDOWN, NbdErrno.EIO, NbdErrno.EIO, 0]);
+    assert.equal((await client.read(16384, 512)).error, NbdErrno.EIO);
+    assert.ok(logs.some((line) => /failed: a bug/.test(line)), 'bugs are logged');
+  });
+});
+
+describe('concurrency and limits', () => {
+  test('requests run concurrently and replies come back out of order, each with its cookie', async (t) => {
+    const held = new Map<number, ReturnType<typeof latch>>();
+    const disk = new MemoryExport({
+      name: 'disk',
+      sizeBytes: MiB,
+      beforeOperation: async (operation, offsetBytes) => {
+        if (operation !== 'read') return;
+        const gate = latch();
+        held.set(offsetBytes, gate);
+        await gate.opened;
+      },
+    });
+    for (let index = 0; index < 16; index++) patterned(4096, index).copy(disk.data, index * 4096);
+    const { open } = await serve(t, [disk]);
+    const client = await open('disk');
+    const order: number[] = [];
+    const replies = Array.from({ length: 16 }, (_, index) => client.read(index * 4096, 4096).then((reply) => {
+      order.push(index);
+      return reply;
+    }));
+    await waitFor('all 16 reads to run at once', () => held.size === 16);
+    assert.equal(disk.counters.runningMax, 16);
+    for (let index = 15; index >= 0; index--) {
+      held.get(index * 4096)!.open();
+      await sleep(1);
+    }
+    const results = await Promise.all(replies);
+    results.forEach((reply, index) => assert.deepEqual(reply.data, patterned(4096, index)));
+    assert.deepEqual(order, Array.from({ length: 16 }, (_, index) => 15 - index));
+  });
+
+  test('at most inFlightRequestsMax operations run per connection; the rest wait in the socket', async (t) => {
+    const gate = latch();
+    const disk = new MemoryExport({ name: 'disk', sizeBytes: MiB, beforeOperation: () => gate.opened });
+    const { open } = await serve(t, [disk], { inFlightRequestsMax: 4 });
+    const client = await open('disk');
+    const replies = Array.from({ length: 40 }, (_, index) => client.write(index * 1024, Buffer.alloc(1024, index)));
+    await waitFor('four writes to run', () => disk.counters.running === 4);
+    await sleep(50);
+    assert.equal(disk.counters.running, 4);
+    gate.open();
+    assert.ok((await Promise.all(replies)).every((reply) => reply.error === 0));
+    assert.equal(disk.counters.runningMax, 4);
+    assert.equal(disk.counters.writes, 40);
+  });
+
+  test('a client that does not read its replies stops the server reading its requests', async (t) => {
+    const disk = new MemoryExport({ name: 'disk', sizeBytes: 64 * MiB });
+    const { open } = await serve(t, [disk], { inFlightBytesMax: 4 * MiB });
+    const client = await open('disk');
+    client.pauseReading();
+    const replies = Array.from({ length: 64 }, (_, index) => client.read(index * MiB, MiB));
+    await sleep(300);
+    assert.ok(disk.counters.reads < 40, `the server read ${disk.counters.reads} MiB for a client that reads nothing`);
+    client.resumeReading();
+    assert.ok((await Promise.all(replies)).every((reply) => reply.error === 0 && reply.data!.length === MiB));
+    assert.equal(disk.counters.reads, 64);
+  });
+
+  test('DISC: in-flight requests complete and are answered before the server closes', async (t) => {
+    const gate = latch();
+    const disk = new MemoryExport({ name: 'disk', sizeBytes: MiB, beforeOperation: (operation: MemoryOperation) => (operation === 'read' ? gate.opened : undefined) });
+    disk.data.fill(0x33, 0, 4096);
+    const { open } = await serve(t, [disk]);
+    const client = await open('disk');
+    const read = client.read(0, 4096);
+    const disconnected = client.disconnect();
+    await waitFor('the read to run', () => disk.counters.running === 1);
+    await sleep(20);
+    assert.equal(client.isClosed, false, 'the server waits for the read');
+    gate.open();
+    assert.deepEqual((await read).data, Buffer.alloc(4096, 0x33));
+    await disconnected;
+    await waitFor('the release', () => disk.counters.releases === 1);
+  });
+
+  test('a client that vanishes mid-request: the operation completes, the reply is dropped, the export is released after', async (t) => {
+    const gate = latch();
+    const disk = new MemoryExport({ name: 'disk', sizeBytes: MiB, beforeOperation: () => gate.opened });
+    const { server, open, logs } = await serve(t, [disk]);
+    const client = await open('disk');
+    const write = client.write(0, Buffer.alloc(4096, 0x77));
+    await waitFor('the write to run', () => disk.counters.running === 1);
+    client.destroy();
+    await assert.rejects(write);
+    await sleep(20);
+    assert.equal(disk.counters.releases, 0, 'not released under a running operation');
+    assert.equal(server.connectionCount(), 1);
+    gate.open();
+    await waitFor('the release', () => disk.counters.releases === 1);
+    assert.equal(server.connectionCount(), 0);
+    assert.deepEqual(disk.data.subarray(0, 4096), Buffer.alloc(4096, 0x77), 'the write still landed');
+    assert.match(logs.join('\n'), /connection lost.*1 requests in flight/);
+  });
+
+  test('connections share one export: released once, when the last one closes; INFO alone releases too', async (t) => {
+    const disk = new MemoryExport({ name: 'disk', sizeBytes: MiB });
+    const { connect, open } = await serve(t, [disk]);
+    const first = await open('disk');
+    const second = await open('disk');
+    assert.equal((await first.write(0, Buffer.alloc(512, 1))).error, 0);
+    assert.equal((await second.request(NbdCommand.FLUSH)).error, 0);
+    assert.deepEqual((await second.read(0, 512)).data, Buffer.alloc(512, 1), 'a write on one connection is visible on another');
+    await first.disconnect();
+    await sleep(20);
+    assert.equal(disk.counters.releases, 0);
+    await second.disconnect();
+    await waitFor('the release', () => disk.counters.releases === 1);
+    const info = await connect();
+    await info.go('disk', [], true);
+    await waitFor('the INFO release', () => disk.counters.releases === 2);
+    await info.option(NbdOption.ABORT);
+  });
+
+  test('one request stream can carry many requests in a single chunk', async (t) => {
+    const disk = new MemoryExport({ name: 'disk', sizeBytes: MiB });
+    const { open } = await serve(t, [disk]);
+    const client = await open('disk');
+    const writes = Array.from({ length: 100 }, (_, index) => client.write(index * 100, Buffer.alloc(100, index)));
+    const reads = Array.from({ length: 100 }, (_, index) => client.read(index * 100, 100));
+    assert.ok((await Promise.all(writes)).every((reply) => reply.error === 0));
+    const data = await Promise.all(reads);
+    // Reads were dispatched after the writes of the same chunk; with an in-memory export they see them.
+    data.forEach((reply, index) => assert.deepEqual(reply.data, Buffer.alloc(100, index)));
+  });
+});
+
+describe('shutdown', () => {
+  test('close() lets in-flight requests finish and answers them, then closes every connection and releases', async (t) => {
+    const gate = latch();
+    const disk = new MemoryExport({ name: 'disk', sizeBytes: MiB, beforeOperation: (operation) => (operation === 'read' ? gate.opened : undefined) });
+    const { server, connect, open } = await serve(t, [disk]);
+    const busy = await open('disk');
+    const idle = await open('disk');
+    const negotiating = await connect();
+    const read = busy.read(0, 512);
+    await waitFor('the read to run', () => disk.counters.running === 1);
+    const closing = server.close();
+    await negotiating.closed;
+    await idle.closed;
+    assert.equal(busy.isClosed, false);
+    gate.open();
+    assert.equal((await read).error, 0);
+    await closing;
+    await busy.closed;
+    assert.equal(disk.counters.releases, 1);
+    await assert.rejects(NbdSimpleClient.connect(nodeEnv, server.address));
+  });
+
+  test('close() cuts connections whose operations outlast the grace period', async (t) => {
+    const disk = new MemoryExport({ name: 'disk', sizeBytes: MiB, beforeOperation: () => new Promise(() => {}) });
+    const { server, open } = await serve(t, [disk], { shutdownGraceMs: 100 });
+    const client = await open('disk');
+    const read = client.read(0, 512);
+    await waitFor('the read to run', () => disk.counters.running === 1);
+    const started = Date.now();
+    await server.close();
+    assert.ok(Date.now() - started < 2000);
+    await assert.rejects(read);
+  });
+
+  test('bad server options are INVALID_ARGUMENT', async () => {
+    const provider = new MemoryExportProvider([]);
+    await assert.rejects(startNbdServer(nodeEnv, { listen: '127.0.0.1:0', provider, payloadBytesMax: 64 * MiB }), { code: 'INVALID_ARGUMENT' });
+    await assert.rejects(startNbdServer(nodeEnv, { listen: '127.0.0.1:0', provider, inFlightRequestsMax: 0 }), { code: 'INVALID_ARGUMENT' });
+  });
+});
+
+describe('raw bytes', () => {
+  test('a handshake and requests sent all at once, split at every byte, are served', async (t) => {
+    const disk = new MemoryExport({ name: 'disk', sizeBytes: 4096 });
+    disk.data.fill(0x42);
+    const { server } = await serve(t, [disk]);
+    const connection = await nodeEnv.net.connect(server.address);
+    t.after(() => connection.destroy());
+    const received: Buffer[] = [];
+    connection.onData((chunk) => received.push(chunk));
+    const bytes = Buffer.concat([
+      encodeClientFlags(NbdClientFlag.FIXED_NEWSTYLE | NbdClientFlag.NO_ZEROES),
+      encodeOptionRequest(NbdOption.GO, encodeInfoRequest('disk', [])),
+    ]);
+    for (const byte of bytes) {
+      connection.write(Buffer.from([byte]));
+      await sleep(0);
+    }
+    await waitFor('the GO reply', () => Buffer.concat(received).length >= 18 + 20 + 12 + 20 + 14 + 20);
+    received.length = 0;
+    connection.write(Buffer.concat([
+      encodeRequestHeader({ flags: 0, type: NbdCommand.READ, cookieHigh: 1, cookieLow: 2, offsetBytes: 0, lengthBytes: 8 }),
+      encodeRequestHeader({ flags: 0, type: NbdCommand.DISC, cookieHigh: 0, cookieLow: 0, offsetBytes: 0, lengthBytes: 0 }),
+    ]));
+    await waitFor('the read reply', () => Buffer.concat(received).length >= 24);
+    const reply = Buffer.concat(received);
+    assert.equal(reply.toString('hex'), '67446698' + '00000000' + '00000001' + '00000002' + '42'.repeat(8));
+  });
+});

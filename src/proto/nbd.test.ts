@@ -1,0 +1,393 @@
+import assert from 'node:assert/strict';
+import { describe, test } from 'node:test';
+import fc from 'fast-check';
+import { ShaleError } from '../lib/errors.ts';
+import {
+  ByteQueue,
+  NBD_GREETING_BYTES,
+  NBD_OPTION_REPLY_HEADER_BYTES,
+  NBD_SIMPLE_REPLY_MAGIC,
+  NBD_STRING_BYTES_MAX,
+  NbdClientFlag,
+  NbdCommand,
+  NbdCommandFlag,
+  NbdHandshakeFlag,
+  NbdInfo,
+  NbdOption,
+  NbdReply,
+  NbdServerParser,
+  decodeExportName,
+  decodeExportNameReply,
+  decodeGreeting,
+  decodeInfoReply,
+  decodeInfoRequest,
+  decodeOptionReplyHeader,
+  decodeRequestHeader,
+  decodeServerEntry,
+  decodeSimpleReplyHeader,
+  encodeClientFlags,
+  encodeExportNameReply,
+  encodeGreeting,
+  encodeInfoBlockSize,
+  encodeInfoDescription,
+  encodeInfoExport,
+  encodeInfoName,
+  encodeInfoRequest,
+  encodeOptionReply,
+  encodeOptionRequest,
+  encodeRequestHeader,
+  encodeServerEntry,
+  encodeSimpleReplyHeader,
+  isOptionReplyError,
+} from './nbd.ts';
+import type { NbdClientMessage, NbdRequestFields, NbdServerParserLimits } from './nbd.ts';
+
+describe('handshake codecs', () => {
+  test('the greeting is NBDMAGIC, IHAVEOPT and the handshake flags', () => {
+    const greeting = encodeGreeting(NbdHandshakeFlag.FIXED_NEWSTYLE | NbdHandshakeFlag.NO_ZEROES);
+    assert.equal(greeting.length, NBD_GREETING_BYTES);
+    assert.equal(greeting.toString('hex'), '4e42444d4147494349484156454f50540003');
+    assert.deepEqual(decodeGreeting(greeting), { handshakeFlags: 3 });
+    assert.throws(() => decodeGreeting(Buffer.from('NBDMAGIC\x00\x00\x42\x02\x81\x86\x12\x53\x00\x00', 'latin1')), { code: 'PROTOCOL' });
+  });
+
+  test('an option reply has the reply magic, option, type, length and data', () => {
+    const reply = encodeOptionReply(NbdOption.GO, NbdReply.ERR_UNKNOWN, 'no such export');
+    assert.equal(reply.toString('hex', 0, 8), '0003e889045565a9');
+    const header = decodeOptionReplyHeader(reply);
+    assert.deepEqual(header, { option: NbdOption.GO, replyType: 0x80000006, lengthBytes: 14 });
+    assert.equal(reply.toString('utf8', NBD_OPTION_REPLY_HEADER_BYTES), 'no such export');
+    assert.ok(isOptionReplyError(header.replyType));
+    assert.ok(!isOptionReplyError(NbdReply.ACK));
+    assert.equal(encodeOptionReply(NbdOption.ABORT, NbdReply.ACK).length, NBD_OPTION_REPLY_HEADER_BYTES);
+    assert.throws(() => decodeOptionReplyHeader(Buffer.alloc(20)), { code: 'PROTOCOL' });
+  });
+
+  test('error messages and names are cut to 4096 bytes on a character boundary', () => {
+    const reply = encodeOptionReply(NbdOption.GO, NbdReply.ERR_UNKNOWN, 'é'.repeat(3000));
+    const length = decodeOptionReplyHeader(reply).lengthBytes;
+    assert.ok(length <= NBD_STRING_BYTES_MAX && length >= NBD_STRING_BYTES_MAX - 1);
+    assert.equal(reply.toString('utf8', NBD_OPTION_REPLY_HEADER_BYTES), 'é'.repeat(length / 2));
+  });
+
+  test('server entries, info replies and block sizes round-trip', () => {
+    assert.deepEqual(decodeServerEntry(encodeServerEntry('vol@snap', 'snapshot of vol')), { name: 'vol@snap', description: 'snapshot of vol' });
+    assert.deepEqual(decodeServerEntry(encodeServerEntry('', '')), { name: '', description: '' });
+    const size = 2 ** 53 - 1;
+    assert.deepEqual(decodeInfoReply(encodeInfoExport(size, 0x1ed)), { type: NbdInfo.EXPORT, sizeBytes: size, transmissionFlags: 0x1ed });
+    assert.deepEqual(decodeInfoReply(encodeInfoName('vol')), { type: NbdInfo.NAME, name: 'vol' });
+    assert.deepEqual(decodeInfoReply(encodeInfoDescription('a volume')), { type: NbdInfo.DESCRIPTION, description: 'a volume' });
+    const sizes = { minimumBytes: 1, preferredBytes: 4096, maximumPayloadBytes: 32 * 1024 * 1024 };
+    assert.deepEqual(decodeInfoReply(encodeInfoBlockSize(sizes)), { type: NbdInfo.BLOCK_SIZE, sizes });
+    assert.equal(encodeInfoExport(1, 1).length, 12);
+    assert.equal(encodeInfoBlockSize(sizes).length, 14);
+  });
+
+  test('the export name reply has 124 zeroes unless NO_ZEROES', () => {
+    const withZeroes = encodeExportNameReply(2 ** 40 + 3, 0x0103, false);
+    assert.equal(withZeroes.length, 134);
+    assert.ok(withZeroes.subarray(10).equals(Buffer.alloc(124)));
+    assert.deepEqual(decodeExportNameReply(withZeroes), { sizeBytes: 2 ** 40 + 3, transmissionFlags: 0x0103 });
+    assert.equal(encodeExportNameReply(5, 1, true).length, 10);
+  });
+
+  test('INFO/GO data round-trips and malformed data is INVALID_ARGUMENT', () => {
+    const request = { name: 'vol-1', informationRequests: [NbdInfo.NAME, NbdInfo.BLOCK_SIZE, 77] };
+    assert.deepEqual(decodeInfoRequest(encodeInfoRequest(request.name, request.informationRequests)), request);
+    assert.deepEqual(decodeInfoRequest(encodeInfoRequest('', [])), { name: '', informationRequests: [] });
+    const good = encodeInfoRequest('abc', [1]);
+    const invalid: Buffer[] = [
+      Buffer.alloc(5),
+      good.subarray(0, good.length - 1),
+      Buffer.concat([good, Buffer.alloc(1)]),
+      (() => {
+        const copy = Buffer.from(good);
+        copy.writeUInt32BE(1000, 0);
+        return copy;
+      })(),
+      encodeInfoRequest('a\u0000b', []),
+      Buffer.concat([Buffer.from([0, 0, 0, 2, 0xc3, 0x28]), Buffer.from([0, 0])]),
+      encodeInfoRequest('x'.repeat(NBD_STRING_BYTES_MAX + 1), []),
+    ];
+    for (const data of invalid) {
+      assert.throws(() => decodeInfoRequest(data), (error: unknown) => error instanceof ShaleError && error.code === 'INVALID_ARGUMENT', data.toString('hex'));
+    }
+    assert.equal(decodeExportName(Buffer.from('vol@snap')), 'vol@snap');
+    assert.throws(() => decodeExportName(Buffer.from([0x61, 0])), { code: 'INVALID_ARGUMENT' });
+  });
+});
+
+describe('transmission codecs', () => {
+  test('request headers round-trip, 64-bit offsets and opaque cookies included', () => {
+    const cases: NbdRequestFields[] = [
+      { flags: 0, type: NbdCommand.READ, cookieHigh: 0, cookieLow: 0, offsetBytes: 0, lengthBytes: 0 },
+      { flags: NbdCommandFlag.FUA, type: NbdCommand.WRITE, cookieHigh: 0xffffffff, cookieLow: 0xfffffffe, offsetBytes: 2 ** 53 - 1, lengthBytes: 0xffffffff },
+      { flags: 0xffff, type: 0xffff, cookieHigh: 1, cookieLow: 2, offsetBytes: 2 ** 32 + 5, lengthBytes: 4096 },
+    ];
+    for (const fields of cases) {
+      const header = encodeRequestHeader(fields);
+      assert.equal(header.length, 28);
+      assert.equal(header.readUInt32BE(0), 0x25609513);
+      const { magic, ...decoded } = decodeRequestHeader(header, 0);
+      assert.equal(magic, 0x25609513);
+      assert.deepEqual(decoded, fields);
+    }
+  });
+
+  test('simple reply headers round-trip at any offset', () => {
+    const target = Buffer.alloc(40);
+    encodeSimpleReplyHeader(target, 20, 28, 0xdeadbeef, 7);
+    assert.deepEqual(decodeSimpleReplyHeader(target, 20), { magic: NBD_SIMPLE_REPLY_MAGIC, error: 28, cookieHigh: 0xdeadbeef, cookieLow: 7 });
+    assert.ok(target.subarray(0, 20).equals(Buffer.alloc(20)));
+  });
+});
+
+describe('ByteQueue', () => {
+  test('reads within one chunk are views; reads across chunks copy once', () => {
+    const queue = new ByteQueue();
+    const first = Buffer.from('abcdef');
+    const second = Buffer.from('ghij');
+    queue.push(first);
+    queue.push(Buffer.alloc(0));
+    queue.push(second);
+    assert.equal(queue.length, 10);
+    const view = queue.take(3);
+    assert.equal(view.buffer, first.buffer);
+    assert.equal(view.byteOffset, first.byteOffset);
+    assert.equal(view.toString(), 'abc');
+    const scratch = Buffer.alloc(8);
+    const spanning = queue.peek(5, scratch);
+    assert.equal(spanning.toString(), 'defgh');
+    assert.equal(spanning.buffer, scratch.buffer);
+    assert.equal(queue.skip(4), 4);
+    assert.equal(queue.take(3).toString(), 'hij');
+    assert.equal(queue.skip(10), 0);
+    assert.equal(queue.length, 0);
+  });
+});
+
+// -------------------------------------------------------------------------------------------------
+// Stream framing
+
+const smallLimits: NbdServerParserLimits = { optionDataBytesMax: 8192, payloadBytesMax: 64, oversizedPayloadSkipBytesMax: 200 };
+
+function request(fields: Partial<NbdRequestFields> & { type: number }, payload?: Buffer): Buffer {
+  const header = encodeRequestHeader({ flags: 0, cookieHigh: 0, cookieLow: 0, offsetBytes: 0, lengthBytes: payload?.length ?? 0, ...fields });
+  return payload === undefined ? header : Buffer.concat([header, payload]);
+}
+
+/** A whole client conversation: flags, options (one oversized), GO, then every kind of request. */
+function conversation(): Buffer {
+  return Buffer.concat([
+    encodeClientFlags(NbdClientFlag.FIXED_NEWSTYLE | NbdClientFlag.NO_ZEROES),
+    encodeOptionRequest(NbdOption.LIST),
+    encodeOptionRequest(NbdOption.STRUCTURED_REPLY, Buffer.alloc(8200, 7)),
+    encodeOptionRequest(NbdOption.INFO, encodeInfoRequest('vol', [NbdInfo.NAME])),
+    encodeOptionRequest(NbdOption.GO, encodeInfoRequest('vol', [])),
+    request({ type: NbdCommand.READ, cookieLow: 1, offsetBytes: 4096, lengthBytes: 512 }),
+    request({ type: NbdCommand.WRITE, cookieLow: 2, offsetBytes: 2 ** 40, flags: NbdCommandFlag.FUA }, Buffer.alloc(64, 0xab)),
+    request({ type: NbdCommand.WRITE, cookieLow: 3, offsetBytes: 8 }, Buffer.alloc(150, 0xcd)),
+    request({ type: NbdCommand.WRITE, cookieLow: 4 }, Buffer.alloc(0)),
+    request({ type: NbdCommand.FLUSH, cookieHigh: 0xffffffff, cookieLow: 5 }),
+    request({ type: NbdCommand.TRIM, cookieLow: 6, offsetBytes: 512, lengthBytes: 2 ** 31 }),
+    request({ type: NbdCommand.WRITE_ZEROES, cookieLow: 7, flags: NbdCommandFlag.NO_HOLE, lengthBytes: 100 }),
+    request({ type: 99, cookieLow: 8, lengthBytes: 12 }),
+    request({ type: NbdCommand.DISC, cookieLow: 9 }),
+  ]);
+}
+
+/** Runs a parser over the pieces, switching to transmission after GO as a server would. */
+function parse(pieces: readonly Buffer[], limits = smallLimits): unknown[] {
+  const parser = new NbdServerParser(limits);
+  const messages: unknown[] = [];
+  for (const piece of pieces) {
+    parser.push(piece);
+    for (let message = parser.next(); message !== undefined; message = parser.next()) {
+      messages.push(normalize(message));
+      if (message.kind === 'option' && message.option === NbdOption.GO) parser.enterTransmission();
+    }
+  }
+  assert.equal(parser.bufferedBytes, 0, 'nothing left over');
+  return messages;
+}
+
+function normalize(message: NbdClientMessage): unknown {
+  if (message.kind === 'option') return { ...message, data: message.data.toString('hex') };
+  if (message.kind === 'request') return { ...message, payload: message.payload?.toString('hex') };
+  return message;
+}
+
+describe('NbdServerParser', () => {
+  const stream = conversation();
+  const expected = parse([stream]);
+
+  test('frames a whole conversation', () => {
+    assert.equal(expected.length, 14);
+    assert.deepEqual(expected[0], { kind: 'client-flags', flags: 3 });
+    assert.deepEqual(expected[2], { kind: 'oversized-option', option: NbdOption.STRUCTURED_REPLY, lengthBytes: 8200 });
+    assert.deepEqual(expected[6], {
+      kind: 'request', flags: 1, type: NbdCommand.WRITE, cookieHigh: 0, cookieLow: 2, offsetBytes: 2 ** 40, lengthBytes: 64,
+      payload: 'ab'.repeat(64), payloadSkipped: false,
+    });
+    assert.deepEqual(expected[7], {
+      kind: 'request', flags: 0, type: NbdCommand.WRITE, cookieHigh: 0, cookieLow: 3, offsetBytes: 8, lengthBytes: 150,
+      payload: undefined, payloadSkipped: true,
+    });
+    assert.deepEqual(expected[8], {
+      kind: 'request', flags: 0, type: NbdCommand.WRITE, cookieHigh: 0, cookieLow: 4, offsetBytes: 0, lengthBytes: 0,
+      payload: '', payloadSkipped: false,
+    });
+    assert.equal((expected[12] as { type: number }).type, 99);
+    assert.equal((expected[13] as { type: number }).type, NbdCommand.DISC);
+  });
+
+  test('every split into two pieces frames the same messages', () => {
+    for (let split = 0; split <= stream.length; split++) {
+      assert.deepEqual(parse([stream.subarray(0, split), stream.subarray(split)]), expected, `split at ${split}`);
+    }
+  });
+
+  test('every split into three pieces of the transmission part frames the same messages', () => {
+    const transmissionStart = stream.length - (28 * 9 + 64 + 150);
+    const head = stream.subarray(0, transmissionStart);
+    const tail = stream.subarray(transmissionStart);
+    for (let first = 0; first <= tail.length; first++) {
+      for (let second = first; second <= tail.length; second += 3) {
+        const pieces = [head, tail.subarray(0, first), tail.subarray(first, second), tail.subarray(second)];
+        assert.deepEqual(parse(pieces), expected, `splits at ${first}, ${second}`);
+      }
+    }
+  });
+
+  test('byte by byte frames the same messages', () => {
+    const pieces = [...stream].map((byte) => Buffer.from([byte]));
+    assert.deepEqual(parse(pieces), expected);
+  });
+
+  test('random splits of random requests frame the same messages', () => {
+    const arbitraryRequest = fc.record({
+      type: fc.constantFrom(NbdCommand.READ, NbdCommand.WRITE, NbdCommand.FLUSH, NbdCommand.TRIM, NbdCommand.WRITE_ZEROES, 42),
+      flags: fc.integer({ min: 0, max: 0xffff }),
+      cookieHigh: fc.nat(0xffffffff),
+      cookieLow: fc.nat(0xffffffff),
+      offsetBytes: fc.nat(Number.MAX_SAFE_INTEGER),
+      lengthBytes: fc.nat(100),
+    });
+    fc.assert(fc.property(fc.array(arbitraryRequest, { maxLength: 20 }), fc.array(fc.nat(), { maxLength: 10 }), (requests, cuts) => {
+      const bytes = Buffer.concat(requests.map((fields) => (fields.type === NbdCommand.WRITE ? request(fields, Buffer.alloc(fields.lengthBytes, fields.cookieLow & 0xff)) : request(fields))));
+      const points = [...new Set(cuts.map((cut) => cut % (bytes.length + 1)))].sort((a, b) => a - b);
+      const pieces: Buffer[] = [];
+      let start = 0;
+      for (const point of points) {
+        pieces.push(bytes.subarray(start, point));
+        start = point;
+      }
+      pieces.push(bytes.subarray(start));
+      const parser = new NbdServerParser(smallLimits);
+      parser.push(encodeClientFlags(1));
+      parser.push(encodeOptionRequest(NbdOption.GO, encodeInfoRequest('x', [])));
+      parser.next();
+      parser.next();
+      parser.enterTransmission();
+      const framed: unknown[] = [];
+      for (const piece of pieces) {
+        parser.push(piece);
+        for (let message = parser.next(); message !== undefined; message = parser.next()) framed.push(normalize(message));
+      }
+      assert.equal(framed.length, requests.length);
+      framed.forEach((message, index) => {
+        const fields = requests[index]!;
+        const skipped = fields.type === NbdCommand.WRITE && fields.lengthBytes > smallLimits.payloadBytesMax;
+        assert.deepEqual(message, {
+          kind: 'request', ...fields,
+          payload: fields.type === NbdCommand.WRITE && !skipped ? Buffer.alloc(fields.lengthBytes, fields.cookieLow & 0xff).toString('hex') : undefined,
+          payloadSkipped: skipped,
+        });
+      });
+    }));
+  });
+
+  test('a payload inside one chunk is a view of it, not a copy', () => {
+    const parser = new NbdServerParser();
+    parser.push(encodeClientFlags(1));
+    parser.next();
+    parser.push(encodeOptionRequest(NbdOption.GO, encodeInfoRequest('x', [])));
+    parser.next();
+    parser.enterTransmission();
+    const chunk = request({ type: NbdCommand.WRITE, cookieLow: 1 }, Buffer.alloc(4096, 1));
+    parser.push(chunk);
+    const message = parser.next();
+    assert.ok(message?.kind === 'request' && message.payload !== undefined);
+    assert.equal(message.payload.buffer, chunk.buffer);
+    assert.equal(message.payload.byteOffset, chunk.byteOffset + 28);
+  });
+
+  test('a bad option magic, a bad request magic and a write too large to skip are PROTOCOL, and stay so', () => {
+    const badOption = new NbdServerParser(smallLimits);
+    badOption.push(Buffer.concat([encodeClientFlags(1), Buffer.from('IHAVEOPX\0\0\0\x01\0\0\0\0', 'latin1')]));
+    assert.deepEqual(badOption.next(), { kind: 'client-flags', flags: 1 });
+    assert.throws(() => badOption.next(), { code: 'PROTOCOL' });
+    assert.throws(() => badOption.next(), { code: 'PROTOCOL' });
+
+    const transmission = (): NbdServerParser => {
+      const parser = new NbdServerParser(smallLimits);
+      parser.push(Buffer.concat([encodeClientFlags(1), encodeOptionRequest(NbdOption.GO, encodeInfoRequest('x', []))]));
+      parser.next();
+      parser.next();
+      parser.enterTransmission();
+      return parser;
+    };
+    const badRequest = transmission();
+    const garbage = request({ type: NbdCommand.READ, lengthBytes: 1 });
+    garbage.writeUInt32BE(0x21e41c71, 0);
+    badRequest.push(garbage);
+    assert.throws(() => badRequest.next(), /bad request magic 0x21e41c71/);
+    badRequest.push(request({ type: NbdCommand.READ }));
+    assert.throws(() => badRequest.next(), { code: 'PROTOCOL' });
+    assert.equal(badRequest.bufferedBytes, 0);
+
+    const tooLarge = transmission();
+    tooLarge.push(request({ type: NbdCommand.WRITE, lengthBytes: smallLimits.oversizedPayloadSkipBytesMax + 1 }));
+    assert.throws(() => tooLarge.next(), /too large|beyond/);
+  });
+
+  test('random garbage either frames messages or fails with PROTOCOL, nothing else', () => {
+    fc.assert(fc.property(fc.uint8Array({ maxLength: 300 }), fc.boolean(), (bytes, inTransmission) => {
+      const parser = new NbdServerParser(smallLimits);
+      if (inTransmission) {
+        parser.push(Buffer.concat([encodeClientFlags(1), encodeOptionRequest(NbdOption.GO, encodeInfoRequest('x', []))]));
+        parser.next();
+        parser.next();
+        parser.enterTransmission();
+      }
+      parser.push(Buffer.from(bytes));
+      try {
+        let count = 0;
+        while (parser.next() !== undefined) count++;
+        assert.ok(count <= bytes.length);
+      } catch (error) {
+        assert.ok(error instanceof ShaleError && error.code === 'PROTOCOL', String(error));
+      }
+      assert.ok(parser.bufferedBytes <= bytes.length);
+    }));
+  });
+
+  test('the header of a request arriving in pieces is read once it is whole, and a partial payload waits', () => {
+    const parser = new NbdServerParser(smallLimits);
+    parser.push(Buffer.concat([encodeClientFlags(1), encodeOptionRequest(NbdOption.GO, encodeInfoRequest('x', []))]));
+    parser.next();
+    parser.next();
+    parser.enterTransmission();
+    const write = request({ type: NbdCommand.WRITE, cookieLow: 11 }, Buffer.alloc(60, 9));
+    parser.push(write.subarray(0, 27));
+    assert.equal(parser.next(), undefined);
+    parser.push(write.subarray(27, 50));
+    assert.equal(parser.next(), undefined);
+    assert.equal(parser.bufferedBytes, 50);
+    parser.push(write.subarray(50));
+    const message = parser.next();
+    assert.ok(message?.kind === 'request');
+    assert.equal(message.payload?.length, 60);
+    assert.equal(parser.next(), undefined);
+  });
+});

@@ -1,0 +1,715 @@
+/**
+ * The NBD wire protocol (NetworkBlockDevice/nbd doc/proto.md): constants, and pure codecs over
+ * Buffers for both sides of the fixed newstyle handshake and of the transmission phase with simple
+ * replies. No I/O here: `src/nbd/server.ts` drives a socket with these functions.
+ *
+ * Everything on the wire is big-endian. 64-bit fields are read as two 32-bit halves; an offset is
+ * returned as a JS number (`high * 2^32 + low`), exact below 2^53 and, above that, still larger than
+ * any export, so range checks stay correct. The request cookie (once called "handle") is opaque and
+ * carried as two uint32 halves so it can be echoed without BigInt.
+ *
+ * `NbdServerParser` frames what a client sends — client flags, options, requests with their write
+ * payload — from an arbitrary split of the byte stream. Headers are read in place from the socket's
+ * chunks (a header split across chunks is first copied into a 28-byte scratch buffer); a write
+ * payload that lies within one chunk is returned as a view of that chunk, otherwise it is copied
+ * once into a buffer of its exact size. Every buffer is bounded: option data by
+ * `optionDataBytesMax` (larger options are skipped without buffering), write payloads by
+ * `payloadBytesMax` (larger ones are skipped up to `oversizedPayloadSkipBytesMax`, beyond which the
+ * stream is treated as garbage). A framing error (bad magic, a payload too large to skip) is a
+ * ShaleError PROTOCOL and is sticky: the parser stays failed and the connection must be closed.
+ */
+import { assert } from '../lib/assert.ts';
+import { ShaleError } from '../lib/errors.ts';
+import { MiB } from '../lib/units.ts';
+
+// ---------------------------------------------------------------------------------------------
+// Constants
+
+/** 'NBDMAGIC', sent first by the server. */
+export const NBD_INIT_MAGIC = Buffer.from('NBDMAGIC', 'latin1');
+/** 'IHAVEOPT': the newstyle server magic, and the magic of every option the client sends. */
+export const NBD_OPTION_MAGIC = Buffer.from('IHAVEOPT', 'latin1');
+/** 0x3e889045565a9, the magic of an option reply, as two 32-bit halves. */
+export const NBD_OPTION_REPLY_MAGIC_HIGH = 0x0003e889;
+export const NBD_OPTION_REPLY_MAGIC_LOW = 0x045565a9;
+export const NBD_REQUEST_MAGIC = 0x25609513;
+export const NBD_SIMPLE_REPLY_MAGIC = 0x67446698;
+export const NBD_STRUCTURED_REPLY_MAGIC = 0x668e33ef;
+/** Defined by the EXTENDED_HEADERS extension; refused as garbage until that is negotiated. */
+export const NBD_EXTENDED_REQUEST_MAGIC = 0x21e41c71;
+export const NBD_EXTENDED_REPLY_MAGIC = 0x6e8a278c;
+
+/** Server greeting: NBDMAGIC, IHAVEOPT, 16-bit handshake flags. */
+export const NBD_GREETING_BYTES = 18;
+export const NBD_CLIENT_FLAGS_BYTES = 4;
+/** Option request header: IHAVEOPT, option, data length. */
+export const NBD_OPTION_HEADER_BYTES = 16;
+/** Option reply header: magic, option, reply type, data length. */
+export const NBD_OPTION_REPLY_HEADER_BYTES = 20;
+/** Reply to NBD_OPT_EXPORT_NAME: size, transmission flags, then 124 zero bytes unless NO_ZEROES. */
+export const NBD_EXPORT_NAME_REPLY_BYTES = 10;
+export const NBD_EXPORT_NAME_REPLY_ZEROES_BYTES = 124;
+export const NBD_REQUEST_HEADER_BYTES = 28;
+export const NBD_SIMPLE_REPLY_HEADER_BYTES = 16;
+export const NBD_STRUCTURED_REPLY_HEADER_BYTES = 20;
+
+/** Strings (export names, descriptions, messages) MUST be at most 4096 bytes (proto.md "Conventions"). */
+export const NBD_STRING_BYTES_MAX = 4096;
+
+/** The size constraints Shale advertises: proto.md's defaults, so clients need not ask for them. */
+export const NBD_BLOCK_SIZE_MINIMUM = 1;
+export const NBD_BLOCK_SIZE_PREFERRED = 4096;
+export const NBD_PAYLOAD_BYTES_MAX = 32 * MiB;
+
+export const NbdHandshakeFlag = {
+  FIXED_NEWSTYLE: 1 << 0,
+  NO_ZEROES: 1 << 1,
+} as const;
+
+export const NbdClientFlag = {
+  FIXED_NEWSTYLE: 1 << 0,
+  NO_ZEROES: 1 << 1,
+} as const;
+
+export const NbdTransmissionFlag = {
+  HAS_FLAGS: 1 << 0,
+  READ_ONLY: 1 << 1,
+  SEND_FLUSH: 1 << 2,
+  SEND_FUA: 1 << 3,
+  ROTATIONAL: 1 << 4,
+  SEND_TRIM: 1 << 5,
+  SEND_WRITE_ZEROES: 1 << 6,
+  SEND_DF: 1 << 7,
+  CAN_MULTI_CONN: 1 << 8,
+  SEND_RESIZE: 1 << 9,
+  SEND_CACHE: 1 << 10,
+  SEND_FAST_ZERO: 1 << 11,
+  BLOCK_STATUS_PAYLOAD: 1 << 12,
+} as const;
+
+export const NbdOption = {
+  EXPORT_NAME: 1,
+  ABORT: 2,
+  LIST: 3,
+  PEEK_EXPORT: 4,
+  STARTTLS: 5,
+  INFO: 6,
+  GO: 7,
+  STRUCTURED_REPLY: 8,
+  LIST_META_CONTEXT: 9,
+  SET_META_CONTEXT: 10,
+  EXTENDED_HEADERS: 11,
+} as const;
+
+const NBD_REPLY_ERROR_BIT = 0x80000000;
+
+export const NbdReply = {
+  ACK: 1,
+  SERVER: 2,
+  INFO: 3,
+  META_CONTEXT: 4,
+  ERR_UNSUP: NBD_REPLY_ERROR_BIT + 1,
+  ERR_POLICY: NBD_REPLY_ERROR_BIT + 2,
+  ERR_INVALID: NBD_REPLY_ERROR_BIT + 3,
+  ERR_PLATFORM: NBD_REPLY_ERROR_BIT + 4,
+  ERR_TLS_REQD: NBD_REPLY_ERROR_BIT + 5,
+  ERR_UNKNOWN: NBD_REPLY_ERROR_BIT + 6,
+  ERR_SHUTDOWN: NBD_REPLY_ERROR_BIT + 7,
+  ERR_BLOCK_SIZE_REQD: NBD_REPLY_ERROR_BIT + 8,
+  ERR_TOO_BIG: NBD_REPLY_ERROR_BIT + 9,
+  ERR_EXT_HEADER_REQD: NBD_REPLY_ERROR_BIT + 10,
+} as const;
+
+export function isOptionReplyError(replyType: number): boolean {
+  return replyType >= NBD_REPLY_ERROR_BIT;
+}
+
+export const NbdInfo = {
+  EXPORT: 0,
+  NAME: 1,
+  DESCRIPTION: 2,
+  BLOCK_SIZE: 3,
+} as const;
+
+export const NbdCommand = {
+  READ: 0,
+  WRITE: 1,
+  DISC: 2,
+  FLUSH: 3,
+  TRIM: 4,
+  CACHE: 5,
+  WRITE_ZEROES: 6,
+  BLOCK_STATUS: 7,
+  RESIZE: 8,
+} as const;
+
+export const NbdCommandFlag = {
+  FUA: 1 << 0,
+  NO_HOLE: 1 << 1,
+  DF: 1 << 2,
+  REQ_ONE: 1 << 3,
+  FAST_ZERO: 1 << 4,
+  PAYLOAD_LEN: 1 << 5,
+} as const;
+
+/** Structured reply chunk types, for when NBD_OPT_STRUCTURED_REPLY is supported. */
+export const NbdStructuredReplyType = {
+  NONE: 0,
+  OFFSET_DATA: 1,
+  OFFSET_HOLE: 2,
+  BLOCK_STATUS: 5,
+  ERROR: (1 << 15) + 1,
+  ERROR_OFFSET: (1 << 15) + 2,
+} as const;
+
+export const NBD_REPLY_FLAG_DONE = 1 << 0;
+
+export function optionName(option: number): string {
+  for (const [name, value] of Object.entries(NbdOption)) if (value === option) return `NBD_OPT_${name}`;
+  return `option ${option}`;
+}
+
+export function commandName(type: number): string {
+  for (const [name, value] of Object.entries(NbdCommand)) if (value === type) return `NBD_CMD_${name}`;
+  return `command ${type}`;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Handshake: server side
+
+export function encodeGreeting(handshakeFlags: number): Buffer {
+  const buffer = Buffer.allocUnsafe(NBD_GREETING_BYTES);
+  NBD_INIT_MAGIC.copy(buffer, 0);
+  NBD_OPTION_MAGIC.copy(buffer, 8);
+  buffer.writeUInt16BE(handshakeFlags, 16);
+  return buffer;
+}
+
+/**
+ * An option reply: header plus data. `data` may be a Buffer, or a string sent as UTF-8 (an error
+ * message, cut to the 4096 bytes a string may have).
+ */
+export function encodeOptionReply(option: number, replyType: number, data?: Buffer | string): Buffer {
+  const payload = typeof data === 'string' ? encodeString(data) : data;
+  const lengthBytes = payload?.length ?? 0;
+  const buffer = Buffer.allocUnsafe(NBD_OPTION_REPLY_HEADER_BYTES + lengthBytes);
+  buffer.writeUInt32BE(NBD_OPTION_REPLY_MAGIC_HIGH, 0);
+  buffer.writeUInt32BE(NBD_OPTION_REPLY_MAGIC_LOW, 4);
+  buffer.writeUInt32BE(option >>> 0, 8);
+  buffer.writeUInt32BE(replyType >>> 0, 12);
+  buffer.writeUInt32BE(lengthBytes, 16);
+  payload?.copy(buffer, NBD_OPTION_REPLY_HEADER_BYTES);
+  return buffer;
+}
+
+/** Data of an NBD_REP_SERVER reply: name length, name, then a description for people. */
+export function encodeServerEntry(name: string, description: string): Buffer {
+  const nameBytes = encodeString(name);
+  const descriptionBytes = encodeString(description);
+  const buffer = Buffer.allocUnsafe(4 + nameBytes.length + descriptionBytes.length);
+  buffer.writeUInt32BE(nameBytes.length, 0);
+  nameBytes.copy(buffer, 4);
+  descriptionBytes.copy(buffer, 4 + nameBytes.length);
+  return buffer;
+}
+
+/** Data of NBD_REP_INFO / NBD_INFO_EXPORT: type, size, transmission flags (12 bytes). */
+export function encodeInfoExport(sizeBytes: number, transmissionFlags: number): Buffer {
+  const buffer = Buffer.allocUnsafe(12);
+  buffer.writeUInt16BE(NbdInfo.EXPORT, 0);
+  writeUInt64(buffer, 2, sizeBytes);
+  buffer.writeUInt16BE(transmissionFlags, 10);
+  return buffer;
+}
+
+export function encodeInfoName(name: string): Buffer {
+  return encodeInfoString(NbdInfo.NAME, name);
+}
+
+export function encodeInfoDescription(description: string): Buffer {
+  return encodeInfoString(NbdInfo.DESCRIPTION, description);
+}
+
+export interface NbdBlockSizes {
+  readonly minimumBytes: number;
+  readonly preferredBytes: number;
+  readonly maximumPayloadBytes: number;
+}
+
+/** Data of NBD_REP_INFO / NBD_INFO_BLOCK_SIZE (14 bytes). */
+export function encodeInfoBlockSize(sizes: NbdBlockSizes): Buffer {
+  const buffer = Buffer.allocUnsafe(14);
+  buffer.writeUInt16BE(NbdInfo.BLOCK_SIZE, 0);
+  buffer.writeUInt32BE(sizes.minimumBytes, 2);
+  buffer.writeUInt32BE(sizes.preferredBytes, 6);
+  buffer.writeUInt32BE(sizes.maximumPayloadBytes, 10);
+  return buffer;
+}
+
+/** The reply that ends NBD_OPT_EXPORT_NAME: size, flags, and the 124 zeroes unless the client said NO_ZEROES. */
+export function encodeExportNameReply(sizeBytes: number, transmissionFlags: number, noZeroes: boolean): Buffer {
+  const buffer = Buffer.alloc(NBD_EXPORT_NAME_REPLY_BYTES + (noZeroes ? 0 : NBD_EXPORT_NAME_REPLY_ZEROES_BYTES));
+  writeUInt64(buffer, 0, sizeBytes);
+  buffer.writeUInt16BE(transmissionFlags, 8);
+  return buffer;
+}
+
+export interface NbdInfoRequest {
+  readonly name: string;
+  /** NBD_INFO_* types the client asked for, in its order. */
+  readonly informationRequests: readonly number[];
+}
+
+/**
+ * Reads the data of NBD_OPT_INFO / NBD_OPT_GO: name length, name, count, count × 16-bit info types.
+ * Errors: INVALID_ARGUMENT when the lengths do not add up or the name is not a valid string (the
+ * server answers NBD_REP_ERR_INVALID).
+ */
+export function decodeInfoRequest(data: Buffer): NbdInfoRequest {
+  if (data.length < 6) throw new ShaleError('INVALID_ARGUMENT', `option data of ${data.length} bytes is shorter than 6`);
+  const nameBytes = data.readUInt32BE(0);
+  if (nameBytes > data.length - 6) {
+    throw new ShaleError('INVALID_ARGUMENT', `name length ${nameBytes} does not fit in option data of ${data.length} bytes`);
+  }
+  const name = decodeString(data.subarray(4, 4 + nameBytes), 'export name');
+  const count = data.readUInt16BE(4 + nameBytes);
+  const listStart = 6 + nameBytes;
+  if (data.length !== listStart + 2 * count) {
+    throw new ShaleError('INVALID_ARGUMENT', `${count} information requests need ${listStart + 2 * count} bytes of option data, got ${data.length}`);
+  }
+  const informationRequests: number[] = [];
+  for (let index = 0; index < count; index++) informationRequests.push(data.readUInt16BE(listStart + 2 * index));
+  return { name, informationRequests };
+}
+
+/** The data of NBD_OPT_EXPORT_NAME is the name itself. Errors: INVALID_ARGUMENT for an invalid string. */
+export function decodeExportName(data: Buffer): string {
+  return decodeString(data, 'export name');
+}
+
+// ---------------------------------------------------------------------------------------------
+// Transmission: server side
+
+/** A request as framed by NbdServerParser. */
+export interface NbdRequest {
+  readonly kind: 'request';
+  readonly flags: number;
+  readonly type: number;
+  readonly cookieHigh: number;
+  readonly cookieLow: number;
+  /** Exact below 2^53; above, it is still larger than any export. */
+  readonly offsetBytes: number;
+  readonly lengthBytes: number;
+  /** The write payload (length `lengthBytes`); undefined for commands without one and for skipped payloads. */
+  readonly payload: Buffer | undefined;
+  /** A write whose payload exceeded the parser's payloadBytesMax and was discarded unread. */
+  readonly payloadSkipped: boolean;
+}
+
+/** Reads a request header at `offset` of `source`, which must hold 28 bytes there. Does not check the magic. */
+export function decodeRequestHeader(source: Buffer, offset: number): { magic: number; flags: number; type: number; cookieHigh: number; cookieLow: number; offsetBytes: number; lengthBytes: number } {
+  return {
+    magic: source.readUInt32BE(offset),
+    flags: source.readUInt16BE(offset + 4),
+    type: source.readUInt16BE(offset + 6),
+    cookieHigh: source.readUInt32BE(offset + 8),
+    cookieLow: source.readUInt32BE(offset + 12),
+    offsetBytes: source.readUInt32BE(offset + 16) * 2 ** 32 + source.readUInt32BE(offset + 20),
+    lengthBytes: source.readUInt32BE(offset + 24),
+  };
+}
+
+/** Writes a 16-byte simple reply header into `target` at `offset`. */
+export function encodeSimpleReplyHeader(target: Buffer, offset: number, error: number, cookieHigh: number, cookieLow: number): void {
+  target.writeUInt32BE(NBD_SIMPLE_REPLY_MAGIC, offset);
+  target.writeUInt32BE(error, offset + 4);
+  target.writeUInt32BE(cookieHigh, offset + 8);
+  target.writeUInt32BE(cookieLow, offset + 12);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Client side (for Shale's own client and tests)
+
+export function decodeGreeting(source: Buffer): { handshakeFlags: number } {
+  if (source.length < NBD_GREETING_BYTES) throw new ShaleError('PROTOCOL', `greeting of ${source.length} bytes is too short`);
+  if (!source.subarray(0, 8).equals(NBD_INIT_MAGIC)) throw new ShaleError('PROTOCOL', 'greeting does not start with NBDMAGIC');
+  if (!source.subarray(8, 16).equals(NBD_OPTION_MAGIC)) throw new ShaleError('PROTOCOL', 'server does not speak newstyle (no IHAVEOPT)');
+  return { handshakeFlags: source.readUInt16BE(16) };
+}
+
+export function encodeClientFlags(flags: number): Buffer {
+  const buffer = Buffer.allocUnsafe(NBD_CLIENT_FLAGS_BYTES);
+  buffer.writeUInt32BE(flags >>> 0, 0);
+  return buffer;
+}
+
+export function encodeOptionRequest(option: number, data: Buffer = Buffer.alloc(0)): Buffer {
+  const buffer = Buffer.allocUnsafe(NBD_OPTION_HEADER_BYTES + data.length);
+  NBD_OPTION_MAGIC.copy(buffer, 0);
+  buffer.writeUInt32BE(option >>> 0, 8);
+  buffer.writeUInt32BE(data.length, 12);
+  data.copy(buffer, NBD_OPTION_HEADER_BYTES);
+  return buffer;
+}
+
+export function encodeInfoRequest(name: string, informationRequests: readonly number[]): Buffer {
+  const nameBytes = Buffer.from(name, 'utf8');
+  const buffer = Buffer.allocUnsafe(6 + nameBytes.length + 2 * informationRequests.length);
+  buffer.writeUInt32BE(nameBytes.length, 0);
+  nameBytes.copy(buffer, 4);
+  buffer.writeUInt16BE(informationRequests.length, 4 + nameBytes.length);
+  informationRequests.forEach((type, index) => buffer.writeUInt16BE(type, 6 + nameBytes.length + 2 * index));
+  return buffer;
+}
+
+export interface NbdOptionReplyHeader {
+  readonly option: number;
+  readonly replyType: number;
+  readonly lengthBytes: number;
+}
+
+export function decodeOptionReplyHeader(source: Buffer, offset = 0): NbdOptionReplyHeader {
+  if (source.readUInt32BE(offset) !== NBD_OPTION_REPLY_MAGIC_HIGH || source.readUInt32BE(offset + 4) !== NBD_OPTION_REPLY_MAGIC_LOW) {
+    throw new ShaleError('PROTOCOL', 'option reply has a bad magic');
+  }
+  return { option: source.readUInt32BE(offset + 8), replyType: source.readUInt32BE(offset + 12), lengthBytes: source.readUInt32BE(offset + 16) };
+}
+
+export type NbdInfoReply =
+  | { readonly type: typeof NbdInfo.EXPORT; readonly sizeBytes: number; readonly transmissionFlags: number }
+  | { readonly type: typeof NbdInfo.NAME; readonly name: string }
+  | { readonly type: typeof NbdInfo.DESCRIPTION; readonly description: string }
+  | { readonly type: typeof NbdInfo.BLOCK_SIZE; readonly sizes: NbdBlockSizes }
+  | { readonly type: number; readonly unknown: Buffer };
+
+/** Reads the data of an NBD_REP_INFO reply. */
+export function decodeInfoReply(data: Buffer): NbdInfoReply {
+  if (data.length < 2) throw new ShaleError('PROTOCOL', 'NBD_REP_INFO shorter than 2 bytes');
+  const type = data.readUInt16BE(0);
+  switch (type) {
+    case NbdInfo.EXPORT:
+      if (data.length !== 12) throw new ShaleError('PROTOCOL', `NBD_INFO_EXPORT of ${data.length} bytes, not 12`);
+      return { type, sizeBytes: readUInt64(data, 2), transmissionFlags: data.readUInt16BE(10) };
+    case NbdInfo.NAME:
+      return { type, name: data.toString('utf8', 2) };
+    case NbdInfo.DESCRIPTION:
+      return { type, description: data.toString('utf8', 2) };
+    case NbdInfo.BLOCK_SIZE:
+      if (data.length !== 14) throw new ShaleError('PROTOCOL', `NBD_INFO_BLOCK_SIZE of ${data.length} bytes, not 14`);
+      return { type, sizes: { minimumBytes: data.readUInt32BE(2), preferredBytes: data.readUInt32BE(6), maximumPayloadBytes: data.readUInt32BE(10) } };
+    default:
+      return { type, unknown: data.subarray(2) };
+  }
+}
+
+/** Reads the data of an NBD_REP_SERVER reply. */
+export function decodeServerEntry(data: Buffer): { name: string; description: string } {
+  if (data.length < 4) throw new ShaleError('PROTOCOL', 'NBD_REP_SERVER shorter than 4 bytes');
+  const nameBytes = data.readUInt32BE(0);
+  if (nameBytes > data.length - 4) throw new ShaleError('PROTOCOL', 'NBD_REP_SERVER name length exceeds the reply');
+  return { name: data.toString('utf8', 4, 4 + nameBytes), description: data.toString('utf8', 4 + nameBytes) };
+}
+
+export function decodeExportNameReply(source: Buffer): { sizeBytes: number; transmissionFlags: number } {
+  return { sizeBytes: readUInt64(source, 0), transmissionFlags: source.readUInt16BE(8) };
+}
+
+export interface NbdRequestFields {
+  readonly flags: number;
+  readonly type: number;
+  readonly cookieHigh: number;
+  readonly cookieLow: number;
+  readonly offsetBytes: number;
+  readonly lengthBytes: number;
+}
+
+/** A 28-byte request header (the payload, if any, is sent after it). */
+export function encodeRequestHeader(request: NbdRequestFields): Buffer {
+  const buffer = Buffer.allocUnsafe(NBD_REQUEST_HEADER_BYTES);
+  buffer.writeUInt32BE(NBD_REQUEST_MAGIC, 0);
+  buffer.writeUInt16BE(request.flags, 4);
+  buffer.writeUInt16BE(request.type, 6);
+  buffer.writeUInt32BE(request.cookieHigh >>> 0, 8);
+  buffer.writeUInt32BE(request.cookieLow >>> 0, 12);
+  writeUInt64(buffer, 16, request.offsetBytes);
+  buffer.writeUInt32BE(request.lengthBytes >>> 0, 24);
+  return buffer;
+}
+
+export function decodeSimpleReplyHeader(source: Buffer, offset = 0): { magic: number; error: number; cookieHigh: number; cookieLow: number } {
+  return {
+    magic: source.readUInt32BE(offset),
+    error: source.readUInt32BE(offset + 4),
+    cookieHigh: source.readUInt32BE(offset + 8),
+    cookieLow: source.readUInt32BE(offset + 12),
+  };
+}
+
+// ---------------------------------------------------------------------------------------------
+// Stream framing
+
+/**
+ * A FIFO of received chunks. Reads that fall within one chunk return views of it (no copy);
+ * reads that span chunks copy once. Node gives every socket read its own buffer, so a view stays
+ * valid after the chunk is consumed.
+ */
+export class ByteQueue {
+  readonly #chunks: Buffer[] = [];
+  /** Offset of the first unread byte in #chunks[0]. */
+  #head = 0;
+  #length = 0;
+
+  get length(): number {
+    return this.#length;
+  }
+
+  push(chunk: Buffer): void {
+    if (chunk.length === 0) return;
+    this.#chunks.push(chunk);
+    this.#length += chunk.length;
+  }
+
+  /**
+   * The next `count` bytes without consuming them: a view when they lie in one chunk, else a copy
+   * into `scratch` (which must be at least `count` long) or into a new buffer.
+   */
+  peek(count: number, scratch?: Buffer): Buffer {
+    assert(count <= this.#length, 'peek within the queued bytes');
+    const first = this.#chunks[0];
+    if (count === 0) return Buffer.alloc(0);
+    assert(first !== undefined, 'bytes are queued');
+    if (first.length - this.#head >= count) return first.subarray(this.#head, this.#head + count);
+    const target = scratch !== undefined && scratch.length >= count ? scratch.subarray(0, count) : Buffer.allocUnsafe(count);
+    let copied = 0;
+    let position = this.#head;
+    for (const chunk of this.#chunks) {
+      const taken = chunk.copy(target, copied, position, Math.min(chunk.length, position + count - copied));
+      copied += taken;
+      position = 0;
+      if (copied === count) break;
+    }
+    return target;
+  }
+
+  /** Consumes and returns the next `count` bytes: a view when they lie in one chunk, else one copy. */
+  take(count: number): Buffer {
+    const bytes = this.peek(count);
+    this.skip(count);
+    return bytes;
+  }
+
+  /** Consumes up to `count` bytes; returns how many were consumed. */
+  skip(count: number): number {
+    let remaining = Math.min(count, this.#length);
+    const consumed = remaining;
+    while (remaining > 0) {
+      const first = this.#chunks[0]!;
+      const available = first.length - this.#head;
+      if (available > remaining) {
+        this.#head += remaining;
+        remaining = 0;
+      } else {
+        remaining -= available;
+        this.#chunks.shift();
+        this.#head = 0;
+      }
+    }
+    this.#length -= consumed;
+    return consumed;
+  }
+
+  clear(): void {
+    this.#chunks.length = 0;
+    this.#head = 0;
+    this.#length = 0;
+  }
+}
+
+export type NbdParserPhase = 'client-flags' | 'options' | 'transmission';
+
+export type NbdClientMessage =
+  | { readonly kind: 'client-flags'; readonly flags: number }
+  | { readonly kind: 'option'; readonly option: number; readonly data: Buffer }
+  /** An option whose data exceeded optionDataBytesMax: its data is discarded unread. */
+  | { readonly kind: 'oversized-option'; readonly option: number; readonly lengthBytes: number }
+  | NbdRequest;
+
+export interface NbdServerParserLimits {
+  /** Largest option data kept in memory. */
+  readonly optionDataBytesMax: number;
+  /** Largest write payload kept in memory (the advertised maximum payload). */
+  readonly payloadBytesMax: number;
+  /** Largest oversized write payload discarded to keep the stream in step; beyond it, PROTOCOL. */
+  readonly oversizedPayloadSkipBytesMax: number;
+}
+
+export const defaultParserLimits: NbdServerParserLimits = {
+  optionDataBytesMax: 64 * 1024,
+  payloadBytesMax: NBD_PAYLOAD_BYTES_MAX,
+  oversizedPayloadSkipBytesMax: 2 * NBD_PAYLOAD_BYTES_MAX,
+};
+
+/**
+ * Frames the client's side of an NBD connection. Feed it with `push`, then call `next` until it
+ * returns undefined (more bytes needed). The phase moves from client flags to options by itself;
+ * the server moves it to transmission with `enterTransmission` once it has accepted an export.
+ * Errors: ShaleError PROTOCOL, sticky.
+ */
+export class NbdServerParser {
+  readonly #limits: NbdServerParserLimits;
+  readonly #queue = new ByteQueue();
+  readonly #scratch = Buffer.allocUnsafe(NBD_REQUEST_HEADER_BYTES);
+  #phase: NbdParserPhase = 'client-flags';
+  /** Bytes of a discarded payload still to be dropped from the stream. */
+  #skipBytes = 0;
+  #failure: ShaleError | undefined;
+
+  constructor(limits: NbdServerParserLimits = defaultParserLimits) {
+    assert(limits.optionDataBytesMax >= NBD_STRING_BYTES_MAX + 6, 'options can hold a maximal name');
+    assert(limits.oversizedPayloadSkipBytesMax >= limits.payloadBytesMax, 'skip limit covers the payload limit');
+    this.#limits = limits;
+  }
+
+  get phase(): NbdParserPhase {
+    return this.#phase;
+  }
+
+  /** Bytes received and not yet framed (a partial message, or messages not yet pulled). */
+  get bufferedBytes(): number {
+    return this.#queue.length;
+  }
+
+  push(chunk: Buffer): void {
+    if (this.#failure === undefined) this.#queue.push(chunk);
+  }
+
+  enterTransmission(): void {
+    assert(this.#phase === 'options', 'transmission follows option haggling');
+    this.#phase = 'transmission';
+  }
+
+  /** Drops everything buffered (after NBD_CMD_DISC, or when the connection closes). */
+  discard(): void {
+    this.#queue.clear();
+    this.#skipBytes = 0;
+  }
+
+  next(): NbdClientMessage | undefined {
+    if (this.#failure !== undefined) throw this.#failure;
+    if (this.#skipBytes > 0) {
+      this.#skipBytes -= this.#queue.skip(this.#skipBytes);
+      if (this.#skipBytes > 0) return undefined;
+    }
+    switch (this.#phase) {
+      case 'client-flags': {
+        if (this.#queue.length < NBD_CLIENT_FLAGS_BYTES) return undefined;
+        const flags = this.#queue.peek(NBD_CLIENT_FLAGS_BYTES, this.#scratch).readUInt32BE(0);
+        this.#queue.skip(NBD_CLIENT_FLAGS_BYTES);
+        this.#phase = 'options';
+        return { kind: 'client-flags', flags };
+      }
+      case 'options':
+        return this.#nextOption();
+      case 'transmission':
+        return this.#nextRequest();
+    }
+  }
+
+  #fail(message: string): never {
+    this.#failure = new ShaleError('PROTOCOL', message);
+    this.discard();
+    throw this.#failure;
+  }
+
+  #nextOption(): NbdClientMessage | undefined {
+    if (this.#queue.length < NBD_OPTION_HEADER_BYTES) return undefined;
+    const header = this.#queue.peek(NBD_OPTION_HEADER_BYTES, this.#scratch);
+    if (!header.subarray(0, 8).equals(NBD_OPTION_MAGIC)) this.#fail(`bad option magic 0x${header.toString('hex', 0, 8)}`);
+    const option = header.readUInt32BE(8);
+    const lengthBytes = header.readUInt32BE(12);
+    if (lengthBytes > this.#limits.optionDataBytesMax) {
+      this.#queue.skip(NBD_OPTION_HEADER_BYTES);
+      this.#skipBytes = lengthBytes;
+      return { kind: 'oversized-option', option, lengthBytes };
+    }
+    if (this.#queue.length < NBD_OPTION_HEADER_BYTES + lengthBytes) return undefined;
+    this.#queue.skip(NBD_OPTION_HEADER_BYTES);
+    return { kind: 'option', option, data: this.#queue.take(lengthBytes) };
+  }
+
+  #nextRequest(): NbdRequest | undefined {
+    if (this.#queue.length < NBD_REQUEST_HEADER_BYTES) return undefined;
+    const header = this.#queue.peek(NBD_REQUEST_HEADER_BYTES, this.#scratch);
+    const magic = header.readUInt32BE(0);
+    if (magic !== NBD_REQUEST_MAGIC) this.#fail(`bad request magic 0x${magic.toString(16).padStart(8, '0')}`);
+    const flags = header.readUInt16BE(4);
+    const type = header.readUInt16BE(6);
+    const cookieHigh = header.readUInt32BE(8);
+    const cookieLow = header.readUInt32BE(12);
+    const offsetBytes = header.readUInt32BE(16) * 2 ** 32 + header.readUInt32BE(20);
+    const lengthBytes = header.readUInt32BE(24);
+    let payload: Buffer | undefined;
+    let payloadSkipped = false;
+    if (type === NbdCommand.WRITE) {
+      if (lengthBytes > this.#limits.payloadBytesMax) {
+        if (lengthBytes > this.#limits.oversizedPayloadSkipBytesMax) {
+          this.#fail(`write of ${lengthBytes} bytes is beyond the ${this.#limits.oversizedPayloadSkipBytesMax} bytes the server skips`);
+        }
+        this.#queue.skip(NBD_REQUEST_HEADER_BYTES);
+        this.#skipBytes = lengthBytes;
+        payloadSkipped = true;
+      } else {
+        if (this.#queue.length < NBD_REQUEST_HEADER_BYTES + lengthBytes) return undefined;
+        this.#queue.skip(NBD_REQUEST_HEADER_BYTES);
+        payload = this.#queue.take(lengthBytes);
+      }
+    } else {
+      this.#queue.skip(NBD_REQUEST_HEADER_BYTES);
+    }
+    return { kind: 'request', flags, type, cookieHigh, cookieLow, offsetBytes, lengthBytes, payload, payloadSkipped };
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Helpers
+
+/** A string as UTF-8, cut (on a character boundary) to the 4096 bytes proto.md allows. */
+function encodeString(text: string): Buffer {
+  const bytes = Buffer.from(text, 'utf8');
+  if (bytes.length <= NBD_STRING_BYTES_MAX) return bytes;
+  let end = NBD_STRING_BYTES_MAX;
+  while (end > 0 && (bytes[end]! & 0xc0) === 0x80) end--;
+  return bytes.subarray(0, end);
+}
+
+function encodeInfoString(type: number, text: string): Buffer {
+  const bytes = encodeString(text);
+  const buffer = Buffer.allocUnsafe(2 + bytes.length);
+  buffer.writeUInt16BE(type, 0);
+  bytes.copy(buffer, 2);
+  return buffer;
+}
+
+const utf8Decoder = new TextDecoder('utf-8', { fatal: true });
+
+/** A protocol string: valid UTF-8, no NUL, at most 4096 bytes. Errors: INVALID_ARGUMENT. */
+function decodeString(bytes: Buffer, what: string): string {
+  if (bytes.length > NBD_STRING_BYTES_MAX) throw new ShaleError('INVALID_ARGUMENT', `${what} of ${bytes.length} bytes is longer than ${NBD_STRING_BYTES_MAX}`);
+  if (bytes.includes(0)) throw new ShaleError('INVALID_ARGUMENT', `${what} contains a NUL byte`);
+  try {
+    return utf8Decoder.decode(bytes);
+  } catch {
+    throw new ShaleError('INVALID_ARGUMENT', `${what} is not valid UTF-8`);
+  }
+}
+
+/** Any integer in [0, 2^64) that a double holds exactly (all of them below 2^53). */
+function writeUInt64(target: Buffer, offset: number, value: number): void {
+  assert(Number.isInteger(value) && value >= 0 && value < 2 ** 64, 'a 64-bit field holds a non-negative integer below 2^64');
+  target.writeUInt32BE(Math.floor(value / 2 ** 32), offset);
+  target.writeUInt32BE(value >>> 0, offset + 4);
+}
+
+function readUInt64(source: Buffer, offset: number): number {
+  return source.readUInt32BE(offset) * 2 ** 32 + source.readUInt32BE(offset + 4);
+}
