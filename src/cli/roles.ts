@@ -77,20 +77,32 @@ export function registerRoleCommands(program: Command): void {
   program
     .command('store')
     .description('run a store daemon on one disk')
-    .requiredOption('--disk <path[:size]>', 'disk file or block device; SIZE makes a new file that large')
+    .option('--disk <path[:size]>', 'disk file or block device; SIZE makes a new file that large (required)')
     .option('--format', 'format the disk if it has no Shale superblock (an existing Shale disk is never reformatted)', false)
     .option('--listen <host:port>', 'store protocol address (port 0: any free port)', `127.0.0.1:${DEFAULT_STORE_PORT}`)
     .option('--conductor <urls>', 'conductor URLs, comma separated', `http://127.0.0.1:${DEFAULT_API_PORT}`)
     .option('--domain <label>', 'failure domain (host or rack) of this store', 'default')
-    .action(async (options: { disk: string; format: boolean; listen: string; conductor: string; domain: string }) => {
+    .option('--resync-rate <bytes-per-second>', 'most bytes per second a resync copies into this store (0: unlimited)', '0')
+    .action(async (options: { disk?: string; format: boolean; listen: string; conductor: string; domain: string; resyncRate: string }) => {
       try {
+        if (!options.disk) throw new ShaleError('INVALID_ARGUMENT', 'shale store: --disk PATH[:SIZE] is required to run a store (or use `shale store list`)');
         const disk = parseDiskArgument(options.disk);
         const log = makeLog(`store ${disk.path}`);
         const daemon = await startStoreDaemon(nodeEnv, {
           diskPath: disk.path, diskSizeBytes: disk.sizeBytes, format: options.format, listen: options.listen,
           conductorUrls: options.conductor, domain: options.domain, log, openEngine: openLogEngine,
+          resyncRateBytesPerSecond: parseSize(options.resyncRate, '--resync-rate'),
         });
         stopOnSignals(() => daemon.close(), log);
+        // Under a supervisor (shale up), say we are registered and serving.
+        if (process.send) {
+          process.send({ type: 'ready', storeId: daemon.storeId, address: daemon.address });
+          // The supervisor is gone (it crashed or was killed): stop rather than run on unmanaged.
+          process.on('disconnect', () => {
+            log('supervisor gone: stopping');
+            daemon.close().finally(() => process.exit(0));
+          });
+        }
       } catch (error) {
         exitWithError(error);
       }

@@ -33,6 +33,7 @@ interface UpOptions {
   heartbeatTimeout: string;
   restartDelay: string;
   ioTimeout: string;
+  resyncRate: string;
 }
 
 export function registerUpCommand(program: Command): void {
@@ -48,6 +49,7 @@ export function registerUpCommand(program: Command): void {
     .option('--heartbeat-timeout <duration>', 'mark a store down after this long without a heartbeat', '5s')
     .option('--restart-delay <duration>', 'restart a store process this long after it died', '2s')
     .option('--io-timeout <duration>', 'fail I/O with NO_QUORUM after waiting this long for replicas (0: wait forever)', '0')
+    .option('--resync-rate <bytes-per-second>', 'most bytes per second a resync copies into one store (0: unlimited)', '0')
     .action(async (options: UpOptions) => {
       try {
         await up(options);
@@ -65,6 +67,7 @@ async function up(options: UpOptions): Promise<void> {
   const nbdPort = port(options.nbdPort, '--nbd-port');
   const apiPort = port(options.apiPort, '--api-port');
   const restartDelayMs = parseDuration(options.restartDelay, '--restart-delay');
+  const resyncRateBytesPerSecond = parseSize(options.resyncRate, '--resync-rate');
   mkdirSync(dataDir, { recursive: true });
 
   const conductor = await startConductor(nodeEnv, {
@@ -76,14 +79,19 @@ async function up(options: UpOptions): Promise<void> {
 
   let stopping = false;
   const children = new Map<number, ChildProcess>();
+  const readyStores = new Set<number>();
   const startStore = (index: number): void => {
+    readyStores.delete(index);
     const dir = `${dataDir}/store-${index}`;
     mkdirSync(dir, { recursive: true });
     const child = spawn(process.execPath, [
       MAIN, 'store', '--disk', `${dir}/disk.img:${diskSizeBytes}`, '--format', '--listen', `${options.host}:0`,
-      '--conductor', apiUrl, '--domain', `local-${index}`,
-    ], { stdio: ['ignore', 'inherit', 'inherit'], env: process.env });
+      '--conductor', apiUrl, '--domain', `local-${index}`, '--resync-rate', String(resyncRateBytesPerSecond),
+    ], { stdio: ['ignore', 'inherit', 'inherit', 'ipc'], env: process.env });
     children.set(index, child);
+    child.on('message', (message: { type?: string }) => {
+      if (message?.type === 'ready') readyStores.add(index);
+    });
     if (child.pid) writeFileSync(`${dir}/store.pid`, `${child.pid}\n`);
     child.on('exit', (code, signal) => {
       children.delete(index);
@@ -95,7 +103,17 @@ async function up(options: UpOptions): Promise<void> {
       });
     });
   };
-  for (let index = 1; index <= storeCount; index++) startStore(index);
+  // Stores start one after the other so that, in a new cluster, store-N gets store id N.
+  const conductorClient = new ConductorClient(nodeEnv, apiUrl);
+  for (let index = 1; index <= storeCount; index++) {
+    startStore(index);
+    await waitFor(() => readyStores.has(index), `store-${index}`)
+      .catch(async (error: unknown) => {
+        await stopStores();
+        await conductor.close();
+        throw error;
+      });
+  }
 
   const stopStores = async (): Promise<void> => {
     stopping = true;
@@ -108,13 +126,11 @@ async function up(options: UpOptions): Promise<void> {
     await Promise.all(exits);
   };
 
-  try {
-    await waitForStores(new ConductorClient(nodeEnv, apiUrl), storeCount);
-  } catch (error) {
+  await waitFor(async () => (await conductorClient.map()).pools.length > 0, 'the default pool').catch(async (error: unknown) => {
     await stopStores();
     await conductor.close();
     throw error;
-  }
+  });
 
   const gateway = await startNbdGateway({
     listen: `${options.host}:${nbdPort}`, conductor: apiUrl, owner: `up-nbd`, ioTimeout: options.ioTimeout, log: makeLog('nbd'),
@@ -146,20 +162,18 @@ async function up(options: UpOptions): Promise<void> {
   }, log);
 }
 
-async function waitForStores(conductor: ConductorClient, count: number): Promise<void> {
-  const deadlineMs = nodeEnv.clock.nowMs() + 60_000;
+async function waitFor(ready: () => boolean | Promise<boolean>, what: string): Promise<void> {
+  const deadlineMs = nodeEnv.clock.nowMs() + 120_000;
   for (;;) {
     try {
-      const map = await conductor.map();
-      const up = map.stores.filter((store) => store.state === 'up').length;
-      if (up >= count && map.pools.length > 0) return;
+      if (await ready()) return;
     } catch {
-      // the conductor is still starting
+      // not reachable yet
     }
     if (nodeEnv.clock.nowMs() > deadlineMs) {
-      throw new ShaleError('UNAVAILABLE', `the ${count} stores did not all register within 60 s; see the store messages above`);
+      throw new ShaleError('UNAVAILABLE', `${what} did not come up within 120 s; see the messages above`);
     }
-    await nodeEnv.clock.sleep(100);
+    await nodeEnv.clock.sleep(50);
   }
 }
 

@@ -253,7 +253,15 @@ export class ClusterOps {
     pg.lastClean = [];
     pg.epoch = epoch;
     await this.tx.putPg(pg);
-    this.events.push(`PG ${poolId}.${pgIndex}: store ${storeId} is clean at epoch ${epoch}`);
+    // One line per store when its last recovering replica turns clean, not one per PG.
+    const pools = await this.tx.pools();
+    let stillRecovering = 0;
+    for (const pool of pools) {
+      for (const other of await this.tx.pgs(pool.id)) {
+        if (other.replicas.some((r) => r.storeId === storeId && r.state === 'recovering')) stillRecovering++;
+      }
+    }
+    if (stillRecovering === 0) this.events.push(`store ${storeId}: every PG replica is clean again (epoch ${epoch})`);
   }
 
   // ---- pools -------------------------------------------------------------------------------

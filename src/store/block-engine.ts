@@ -41,8 +41,9 @@ export interface BlockEngine {
   readonly diskUuid: string;
   readonly clusterId: string;
   readonly path: string;
-  write(request: { volumeId: number; chunkIndex: number; offsetBlocks: number; data: Buffer; checksums: Uint32Array; version: BlockVersion; snapSeq: number }): Promise<{ appliedBlocks: number }>;
-  writeZeroes(request: { volumeId: number; chunkIndex: number; offsetBlocks: number; countBlocks: number; version: BlockVersion; snapSeq: number }): Promise<{ appliedBlocks: number }>;
+  /** With `ownerEpoch`, refused with FENCED if the volume is fenced above it (checked when queued, so a fence can't race it). */
+  write(request: { volumeId: number; chunkIndex: number; offsetBlocks: number; data: Buffer; checksums: Uint32Array; version: BlockVersion; snapSeq: number; ownerEpoch?: number }): Promise<{ appliedBlocks: number }>;
+  writeZeroes(request: { volumeId: number; chunkIndex: number; offsetBlocks: number; countBlocks: number; version: BlockVersion; snapSeq: number; ownerEpoch?: number }): Promise<{ appliedBlocks: number }>;
   read(volumeId: number, chunkIndex: number, offsetBlocks: number, countBlocks: number): Promise<BlockReadResult>;
   flush(): Promise<void>;
   fence(volumeId: number, ownerEpoch: number): Promise<void>;

@@ -31,6 +31,8 @@ export const RESYNC_PARALLEL_MAX = 4;
 
 export interface ResyncDeps {
   env: Env;
+  /** Bytes per second resync may copy on this store; 0 = unlimited. */
+  rateBytesPerSecond?: number;
   engine: BlockEngine;
   view: MapStoreView;
   conductor: ConductorClient;
@@ -44,6 +46,8 @@ export class Resyncer {
   #queue: { pool: PoolMapEntry; pgId: number }[] = [];
   #active = 0;
   #latest: ClusterMap | undefined;
+  #startedMs = 0;
+  #budgetBytes = 0;
   bytesCopied = 0;
 
   constructor(deps: ResyncDeps) {
@@ -113,6 +117,21 @@ export class Resyncer {
     }
   }
 
+  /** Keeps resync at or below the configured rate (a simple budget over a sliding second). */
+  async #throttle(bytes: number): Promise<void> {
+    const rate = this.#deps.rateBytesPerSecond ?? 0;
+    if (rate <= 0) return;
+    const clock = this.#deps.env.clock;
+    const now = clock.nowMs();
+    if (now - this.#startedMs > 1000) {
+      this.#startedMs = now;
+      this.#budgetBytes = 0;
+    }
+    this.#budgetBytes += bytes;
+    const dueMs = this.#startedMs + (this.#budgetBytes / rate) * 1000;
+    if (dueMs > now) await clock.sleep(dueMs - now);
+  }
+
   async #copyFrom(address: string, pool: PoolMapEntry, pgId: number, pgEpoch: number): Promise<void> {
     const { engine, conductor } = this.#deps;
     const volumeIds = (await conductor.volumes()).volumes.filter((volume) => volume.poolId === pool.id).map((volume) => volume.id);
@@ -146,6 +165,7 @@ export class Resyncer {
           });
           this.bytesCopied += BLOCK_SIZE_BYTES;
         }
+        await this.#throttle(run.count * BLOCK_SIZE_BYTES);
       }
     }
     await engine.flush();

@@ -25,6 +25,8 @@ export interface StoreDaemonOptions {
   listen: string;
   conductorUrls: string | readonly string[];
   domain: string;
+  /** Bytes per second a resync may copy into this store; 0 = unlimited. */
+  resyncRateBytesPerSecond?: number;
   log: (message: string) => void;
   openEngine: (env: Env, options: { path: string; clusterId: string; format: boolean; sizeBytes?: number }) => Promise<BlockEngine>;
 }
@@ -66,7 +68,7 @@ export async function startStoreDaemon(env: Env, options: StoreDaemonOptions): P
     }
     return existing;
   };
-  const resyncer = new Resyncer({ env, engine, view, conductor, channel, log });
+  const resyncer = new Resyncer({ env, engine, view, conductor, channel, log, rateBytesPerSecond: options.resyncRateBytesPerSecond ?? 0 });
 
   let applying = Promise.resolve();
   const applyMap = async (map: ClusterMap): Promise<void> => {

@@ -195,6 +195,7 @@ export class StoreServer {
     const isRepair = (h.flags & Flag.REPAIR) !== 0;
     this.#checkEpochs(h, isRepair);
     const version = { epoch: h.ownerEpoch, seq: h.versionSeq };
+    const ownerEpoch = isRepair ? undefined : h.ownerEpoch;
     let appliedBlocks: number;
     if (h.op === Op.WRITE) {
       const checksumBytes = h.countBlocks * 4;
@@ -205,11 +206,11 @@ export class StoreServer {
       for (let i = 0; i < h.countBlocks; i++) checksums[i] = frame.payload.readUInt32LE(i * 4);
       const data = frame.payload.subarray(checksumBytes);
       ({ appliedBlocks } = await this.#engine.write({
-        volumeId: h.volumeId, chunkIndex: h.chunkIndex, offsetBlocks: h.offsetBlocks, data, checksums, version, snapSeq: h.snapSeq,
+        volumeId: h.volumeId, chunkIndex: h.chunkIndex, offsetBlocks: h.offsetBlocks, data, checksums, version, snapSeq: h.snapSeq, ownerEpoch,
       }));
     } else {
       ({ appliedBlocks } = await this.#engine.writeZeroes({
-        volumeId: h.volumeId, chunkIndex: h.chunkIndex, offsetBlocks: h.offsetBlocks, countBlocks: h.countBlocks, version, snapSeq: h.snapSeq,
+        volumeId: h.volumeId, chunkIndex: h.chunkIndex, offsetBlocks: h.offsetBlocks, countBlocks: h.countBlocks, version, snapSeq: h.snapSeq, ownerEpoch,
       }));
     }
     if ((h.flags & Flag.FUA) !== 0) await this.#engine.flush();

@@ -1,0 +1,110 @@
+/**
+ * Opens a store's disk with the log-structured engine, formatting it first when asked and when it
+ * is new. "New" means the file did not exist, or its first MiB is all zeros: a disk holding anything
+ * else — a Shale disk of this or another cluster, or data we don't recognise — is never formatted
+ * here; opening it either works or is refused untouched (WRONG_CLUSTER).
+ */
+import type { Env } from '../env/env.ts';
+import { ShaleError } from '../lib/errors.ts';
+import { MiB } from '../lib/units.ts';
+import type { BlockEngine, BlockReadResult, ObjectVersions } from './block-engine.ts';
+import { StoreEngine } from './engine/engine.ts';
+
+export async function openLogEngine(env: Env, options: { path: string; clusterId: string; format: boolean; sizeBytes?: number }): Promise<BlockEngine> {
+  if (options.format && (await isBlank(env, options.path))) {
+    const sizeBytes = options.sizeBytes ?? (await sizeOf(env, options.path));
+    if (!sizeBytes) throw new ShaleError('INVALID_ARGUMENT', `${options.path}: a new disk file needs a size (--disk PATH:SIZE)`);
+    await StoreEngine.format(env, options.path, { sizeBytes, clusterId: options.clusterId });
+  }
+  const engine = await StoreEngine.open(env, options.path, { clusterId: options.clusterId });
+  return new LogEngineAdapter(engine, options.path);
+}
+
+async function isBlank(env: Env, path: string): Promise<boolean> {
+  if (!(await env.disk.exists(path))) return true;
+  const file = await env.disk.open(path, { readOnly: true });
+  try {
+    const head = Buffer.alloc(Math.min(MiB, file.sizeBytes));
+    const read = await file.read(head, 0);
+    return head.subarray(0, read).every((byte) => byte === 0);
+  } finally {
+    await file.close();
+  }
+}
+
+async function sizeOf(env: Env, path: string): Promise<number> {
+  if (!(await env.disk.exists(path))) return 0;
+  const file = await env.disk.open(path, { readOnly: true });
+  const size = file.sizeBytes;
+  await file.close();
+  return size;
+}
+
+class LogEngineAdapter implements BlockEngine {
+  readonly #engine: StoreEngine;
+  readonly path: string;
+
+  constructor(engine: StoreEngine, path: string) {
+    this.#engine = engine;
+    this.path = path;
+  }
+
+  get diskUuid(): string {
+    return this.#engine.info.diskUuid;
+  }
+
+  get clusterId(): string {
+    return this.#engine.info.clusterId;
+  }
+
+  write(request: Parameters<BlockEngine['write']>[0]): Promise<{ appliedBlocks: number }> {
+    return this.#engine.write(request);
+  }
+
+  writeZeroes(request: Parameters<BlockEngine['writeZeroes']>[0]): Promise<{ appliedBlocks: number }> {
+    return this.#engine.writeZeroes(request);
+  }
+
+  async read(volumeId: number, chunkIndex: number, offsetBlocks: number, countBlocks: number): Promise<BlockReadResult> {
+    const result = await this.#engine.read(volumeId, chunkIndex, offsetBlocks, countBlocks);
+    return { data: result.data, checksums: result.checksums, states: result.states, epochs: result.versions.epochs, seqs: result.versions.seqs };
+  }
+
+  flush(): Promise<void> {
+    return this.#engine.flush();
+  }
+
+  fence(volumeId: number, ownerEpoch: number): Promise<void> {
+    return this.#engine.fence(volumeId, ownerEpoch);
+  }
+
+  ownerEpoch(volumeId: number): number {
+    return this.#engine.ownerEpoch(volumeId);
+  }
+
+  purgeVolume(volumeId: number): Promise<void> {
+    return this.#engine.purgeVolume(volumeId);
+  }
+
+  isPurged(volumeId: number): boolean {
+    return this.#engine.isPurged(volumeId);
+  }
+
+  listObjects(volumeIds: ReadonlySet<number>, filter: (volumeId: number, chunkIndex: number) => boolean): ObjectVersions[] {
+    const out: ObjectVersions[] = [];
+    for (const key of this.#engine.listObjects()) {
+      if (!volumeIds.has(key.volumeId) || !filter(key.volumeId, key.chunkIndex)) continue;
+      const versions = this.#engine.objectVersions(key.volumeId, key.chunkIndex);
+      if (versions) out.push(versions);
+    }
+    return out;
+  }
+
+  stats(): { capacityBytes: number; usedBytes: number; freeBytes: number; liveBytes: number } {
+    return this.#engine.stats();
+  }
+
+  close(): Promise<void> {
+    return this.#engine.close();
+  }
+}

@@ -1,0 +1,148 @@
+/**
+ * Helpers for integration tests: run `shale up` as a real child process in a temporary directory,
+ * run the CLI and external tools (qemu-img, nbdinfo, fio), find free ports.
+ */
+import { spawn, spawnSync, type ChildProcess } from 'node:child_process';
+import { mkdtempSync, readFileSync, rmSync } from 'node:fs';
+import { createServer } from 'node:net';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { fileURLToPath } from 'node:url';
+
+export const MAIN = fileURLToPath(new URL('../src/cli/main.ts', import.meta.url));
+
+export function temporaryDirectory(prefix: string): { path: string; remove(): void } {
+  const path = mkdtempSync(join(tmpdir(), `shale-${prefix}-`));
+  return { path, remove: () => rmSync(path, { recursive: true, force: true }) };
+}
+
+export async function freePort(): Promise<number> {
+  return new Promise((resolve, reject) => {
+    const server = createServer();
+    server.listen(0, '127.0.0.1', () => {
+      const address = server.address();
+      server.close(() => (typeof address === 'object' && address ? resolve(address.port) : reject(new Error('no port'))));
+    });
+  });
+}
+
+export interface RunResult {
+  status: number;
+  stdout: string;
+  stderr: string;
+}
+
+/** Runs a command to completion (async, so the event loop keeps serving in-process servers). */
+export function run(command: string, args: readonly string[], options: { env?: NodeJS.ProcessEnv; timeoutMs?: number; input?: string } = {}): Promise<RunResult> {
+  return new Promise((resolve, reject) => {
+    const child = spawn(command, args, { env: { ...process.env, ...options.env }, stdio: ['pipe', 'pipe', 'pipe'] });
+    let stdout = '';
+    let stderr = '';
+    child.stdout.on('data', (chunk: Buffer) => (stdout += chunk.toString()));
+    child.stderr.on('data', (chunk: Buffer) => (stderr += chunk.toString()));
+    const timer = setTimeout(() => {
+      child.kill('SIGKILL');
+      reject(new Error(`${command} ${args.join(' ')} timed out after ${options.timeoutMs ?? 120_000} ms\n${stdout}\n${stderr}`));
+    }, options.timeoutMs ?? 120_000);
+    child.on('error', (error) => {
+      clearTimeout(timer);
+      reject(error);
+    });
+    child.on('close', (code) => {
+      clearTimeout(timer);
+      resolve({ status: code ?? 128, stdout, stderr });
+    });
+    child.stdin.end(options.input ?? '');
+  });
+}
+
+/** Runs the shale CLI against `api`. */
+export function shale(api: string, ...args: string[]): Promise<RunResult> {
+  return run(process.execPath, [MAIN, ...args], { env: { SHALE_API: api } });
+}
+
+export function requireTool(tool: string): void {
+  if (spawnSync('sh', ['-c', `command -v ${tool}`]).status !== 0) {
+    throw new Error(`${tool} is not installed: run \`npm test\` as root (it installs it) or apt-get install it`);
+  }
+}
+
+/** A `shale up` running as a child process. */
+export class ShaleUp {
+  readonly dataDir: string;
+  readonly nbdPort: number;
+  readonly apiPort: number;
+  readonly extraArgs: string[];
+  process: ChildProcess | undefined;
+  output = '';
+
+  constructor(dataDir: string, nbdPort: number, apiPort: number, extraArgs: string[] = []) {
+    this.dataDir = dataDir;
+    this.nbdPort = nbdPort;
+    this.apiPort = apiPort;
+    this.extraArgs = extraArgs;
+  }
+
+  get api(): string {
+    return `http://127.0.0.1:${this.apiPort}`;
+  }
+
+  uri(volume: string): string {
+    return `nbd://127.0.0.1:${this.nbdPort}/${volume}`;
+  }
+
+  /** Starts `shale up` and resolves once it printed that it is up. */
+  async start(timeoutMs = 60_000): Promise<void> {
+    const child = spawn(process.execPath, [
+      MAIN, 'up', '--data', this.dataDir, '--nbd-port', String(this.nbdPort), '--api-port', String(this.apiPort), ...this.extraArgs,
+    ], { stdio: ['ignore', 'pipe', 'pipe'] });
+    this.process = child;
+    await new Promise<void>((resolve, reject) => {
+      const timer = setTimeout(() => reject(new Error(`shale up did not come up in ${timeoutMs} ms:\n${this.output}`)), timeoutMs);
+      const onData = (chunk: Buffer): void => {
+        this.output += chunk.toString();
+        if (this.output.includes('Shale is up')) {
+          clearTimeout(timer);
+          resolve();
+        }
+      };
+      child.stdout!.on('data', onData);
+      child.stderr!.on('data', (chunk: Buffer) => (this.output += chunk.toString()));
+      child.on('exit', (code) => {
+        clearTimeout(timer);
+        reject(new Error(`shale up exited with ${code} before it was up:\n${this.output}`));
+      });
+    });
+  }
+
+  /** SIGTERM, and the exit code once it has stopped. */
+  async stop(timeoutMs = 30_000): Promise<number | null> {
+    const child = this.process;
+    if (!child || child.exitCode !== null) return child?.exitCode ?? null;
+    const exited = new Promise<number | null>((resolve) => child.once('exit', (code) => resolve(code)));
+    child.kill('SIGTERM');
+    const timer = setTimeout(() => child.kill('SIGKILL'), timeoutMs);
+    const code = await exited;
+    clearTimeout(timer);
+    return code;
+  }
+
+  storePid(index: number): number {
+    return Number(readFileSync(join(this.dataDir, `store-${index}`, 'store.pid'), 'utf8').trim());
+  }
+}
+
+export async function waitFor<T>(what: string, probe: () => Promise<T | undefined | false>, timeoutMs = 60_000, intervalMs = 200): Promise<T> {
+  const deadline = Date.now() + timeoutMs;
+  let last: unknown;
+  for (;;) {
+    try {
+      const value = await probe();
+      if (value !== undefined && value !== false) return value;
+    } catch (error) {
+      last = error;
+    }
+    if (Date.now() > deadline) throw new Error(`timed out waiting for ${what}${last ? `: ${(last as Error).message}` : ''}`);
+    await new Promise((resolve) => setTimeout(resolve, intervalMs));
+  }
+}

@@ -1,0 +1,160 @@
+/**
+ * `shale up` as a user runs it: a real child process with 3 store processes, driven by the CLI,
+ * nbdinfo, qemu-img and fio; kill -9 of stores under load; a clean stop and a restart on the same
+ * data directory.
+ */
+import assert from 'node:assert/strict';
+import { randomBytes } from 'node:crypto';
+import { writeFileSync } from 'node:fs';
+import { join } from 'node:path';
+import { after, before, describe, test } from 'node:test';
+import { freePort, requireTool, run, shale, ShaleUp, temporaryDirectory, waitFor } from './harness.ts';
+
+const MiB = 1024 * 1024;
+
+describe('shale up, end to end', () => {
+  const dir = temporaryDirectory('up');
+  let cluster: ShaleUp;
+  const imageA = join(dir.path, 'a.raw');
+  const imageB = join(dir.path, 'b.raw');
+
+  before(async () => {
+    for (const tool of ['qemu-img', 'nbdinfo', 'fio']) requireTool(tool);
+    writeFileSync(imageA, randomBytes(24 * MiB));
+    writeFileSync(imageB, Buffer.concat([randomBytes(8 * MiB), Buffer.alloc(8 * MiB), randomBytes(8 * MiB)]));
+    cluster = new ShaleUp(join(dir.path, 'data'), await freePort(), await freePort(), [
+      // A slow resync keeps the window in which a returning store must not be read from wide open.
+      '--disk-size', '1G', '--heartbeat-timeout', '2s', '--restart-delay', '2s', '--resync-rate', '4M',
+    ]);
+    await cluster.start();
+  });
+
+  after(async () => {
+    await cluster?.stop();
+    dir.remove();
+  });
+
+  test('the CLI shows the cluster and manages volumes, with clear errors', async () => {
+    const stores = await shale(cluster.api, 'store', 'list', '--json');
+    assert.equal(stores.status, 0, stores.stderr);
+    const storeList = JSON.parse(stores.stdout) as { stores?: { state: string }[] } | { state: string }[];
+    const entries = Array.isArray(storeList) ? storeList : storeList.stores!;
+    assert.equal(entries.length, 3);
+    assert.ok(entries.every((store) => store.state === 'up'));
+
+    const created = await shale(cluster.api, 'volume', 'create', 'vol1', '--size', '64M', '--replicas', '3');
+    assert.equal(created.status, 0, created.stderr);
+    const info = await shale(cluster.api, 'volume', 'info', 'vol1', '--json');
+    assert.equal(info.status, 0, info.stderr);
+    assert.equal((JSON.parse(info.stdout) as { sizeBytes: number }).sizeBytes, 64 * MiB);
+    const table = await shale(cluster.api, 'volume', 'list');
+    assert.equal(table.status, 0, table.stderr);
+    assert.match(table.stdout, /vol1/);
+    assert.match(table.stdout, /64\.0 MiB/);
+    const status = await shale(cluster.api, 'cluster', 'status');
+    assert.equal(status.status, 0, status.stderr);
+
+    const duplicate = await shale(cluster.api, 'volume', 'create', 'vol1', '--size', '1G');
+    assert.equal(duplicate.status, 4, 'ALREADY_EXISTS exits 4');
+    assert.match(duplicate.stderr, /^shale: .*\(ALREADY_EXISTS\)\n$/);
+    const missing = await shale(cluster.api, 'volume', 'info', 'nope');
+    assert.equal(missing.status, 3, 'NOT_FOUND exits 3');
+    const badSize = await shale(cluster.api, 'volume', 'create', 'vol2', '--size', 'lots');
+    assert.equal(badSize.status, 2, 'INVALID_ARGUMENT exits 2');
+    const unreachable = await shale('http://127.0.0.1:1', 'volume', 'list');
+    assert.equal(unreachable.status, 13, 'UNAVAILABLE exits 13');
+  });
+
+  test('nbdinfo sees the volume; qemu-img writes an image and reads it back equal', async () => {
+    const nbdinfo = await run('nbdinfo', ['--json', cluster.uri('vol1')]);
+    assert.equal(nbdinfo.status, 0, nbdinfo.stderr);
+    const described = JSON.parse(nbdinfo.stdout) as { exports: { 'export-size': number }[] };
+    assert.equal(described.exports[0]!['export-size'], 64 * MiB);
+
+    const convert = await run('qemu-img', ['convert', '-n', '-f', 'raw', '-O', 'raw', imageA, cluster.uri('vol1')]);
+    assert.equal(convert.status, 0, convert.stderr);
+    const compare = await run('qemu-img', ['compare', '-f', 'raw', '-F', 'raw', imageA, cluster.uri('vol1')]);
+    // The volume is larger than the image: compare checks the tail of the longer one reads as zeros.
+    assert.equal(compare.status, 0, compare.stdout + compare.stderr);
+
+    const unknown = await run('nbdinfo', [cluster.uri('no-such-volume')]);
+    assert.notEqual(unknown.status, 0, 'an unknown export is refused');
+  });
+
+  test('fio with verify=crc32c passes over the NBD engine', async () => {
+    const fio = await run('fio', [
+      '--name=verify', '--ioengine=nbd', `--uri=${cluster.uri('vol1')}`, '--rw=randwrite', '--bs=4k', '--iodepth=16',
+      '--size=16M', '--verify=crc32c', '--verify_fatal=1', '--randrepeat=0',
+    ], { timeoutMs: 300_000 });
+    assert.equal(fio.status, 0, fio.stdout + fio.stderr);
+    assert.match(fio.stdout, /verify/);
+  });
+
+  test('kill -9 of a store under an fio verify write load causes no I/O error', async () => {
+    const volume = await shale(cluster.api, 'volume', 'create', 'vol-kill', '--size', '64M');
+    assert.equal(volume.status, 0, volume.stderr);
+    const victim = cluster.storePid(2);
+    const fio = run('fio', [
+      '--name=kill', '--ioengine=nbd', `--uri=${cluster.uri('vol-kill')}`, '--rw=randwrite', '--bs=4k', '--iodepth=16',
+      '--size=32M', '--verify=crc32c', '--verify_fatal=1', '--randrepeat=0',
+    ], { timeoutMs: 300_000 });
+    await new Promise((resolve) => setTimeout(resolve, 800));
+    process.kill(victim, 'SIGKILL');
+    const result = await fio;
+    assert.equal(result.status, 0, result.stdout + result.stderr);
+    assert.doesNotMatch(result.stdout + result.stderr, /error=|verify: bad/i);
+    await waitForHealthy(cluster);
+  });
+
+  test('a store that comes back is read from only once it has caught up', async () => {
+    assert.equal((await shale(cluster.api, 'volume', 'create', 'vol-resync', '--size', '24M')).status, 0);
+    let convert = await run('qemu-img', ['convert', '-n', '-f', 'raw', '-O', 'raw', imageA, cluster.uri('vol-resync')]);
+    assert.equal(convert.status, 0, convert.stderr);
+    // Store 1 dies; the volume is rewritten while it is away.
+    process.kill(cluster.storePid(1), 'SIGKILL');
+    convert = await run('qemu-img', ['convert', '-n', '-f', 'raw', '-O', 'raw', imageB, cluster.uri('vol-resync')]);
+    assert.equal(convert.status, 0, convert.stderr);
+    // While it returns and resyncs, every read must see the new data.
+    const differences: string[] = [];
+    let compares = 0;
+    await waitFor('all placement groups clean again', async () => {
+      const compare = await run('qemu-img', ['compare', '-f', 'raw', '-F', 'raw', imageB, cluster.uri('vol-resync')]);
+      if (compare.status !== 0) differences.push(compare.stdout + compare.stderr);
+      compares++;
+      return isHealthy(cluster);
+    }, 90_000, 100);
+    assert.deepEqual(differences, [], 'every read during the resync saw the new data');
+    assert.ok(compares > 1, `compared ${compares} times while the store resynced`);
+    // Now the other two die together: reads can only come from store 1, which must hold the new data.
+    const others = [cluster.storePid(2), cluster.storePid(3)];
+    for (const pid of others) process.kill(pid, 'SIGKILL');
+    const compare = await run('qemu-img', ['compare', '-f', 'raw', '-F', 'raw', imageB, cluster.uri('vol-resync')]);
+    assert.equal(compare.status, 0, `store 1 alone: ${compare.stdout}${compare.stderr}`);
+    await waitForHealthy(cluster);
+  });
+
+  test('SIGTERM stops every process; shale up on the same directory brings the volumes back', async () => {
+    const code = await cluster.stop();
+    assert.equal(code, 0, cluster.output);
+    cluster = new ShaleUp(cluster.dataDir, cluster.nbdPort, cluster.apiPort, cluster.extraArgs);
+    await cluster.start();
+    const list = await shale(cluster.api, 'volume', 'list', '--json');
+    assert.equal(list.status, 0, list.stderr);
+    const names = (JSON.parse(list.stdout) as { volumes?: { name: string }[] } | { name: string }[]);
+    const volumes = Array.isArray(names) ? names : names.volumes!;
+    assert.deepEqual(volumes.map((volume) => volume.name).sort(), ['vol-kill', 'vol-resync', 'vol1']);
+    const compare = await run('qemu-img', ['compare', '-f', 'raw', '-F', 'raw', imageB, cluster.uri('vol-resync')]);
+    assert.equal(compare.status, 0, compare.stdout + compare.stderr);
+  });
+});
+
+async function isHealthy(cluster: ShaleUp): Promise<boolean> {
+  const status = await shale(cluster.api, 'cluster', 'status', '--json');
+  if (status.status !== 0) return false;
+  const parsed = JSON.parse(status.stdout) as { health: string; stores: { up: number } };
+  return parsed.health === 'ok' && parsed.stores.up === 3;
+}
+
+async function waitForHealthy(cluster: ShaleUp): Promise<void> {
+  await waitFor('the cluster to be healthy', async () => isHealthy(cluster), 90_000, 250);
+}
