@@ -84,7 +84,7 @@ describe('shale up, end to end', () => {
   test('fio with verify=crc32c passes over the NBD engine', async () => {
     const fio = await run('fio', [
       '--name=verify', '--ioengine=nbd', `--uri=${cluster.uri('vol1')}`, '--rw=randwrite', '--bs=4k', '--iodepth=16',
-      '--size=16M', '--verify=crc32c', '--verify_fatal=1', '--randrepeat=0',
+      '--size=16M', '--verify=crc32c', '--verify_fatal=1', '--randrepeat=0', '--verify_state_save=0',
     ], { timeoutMs: 300_000 });
     assert.equal(fio.status, 0, fio.stdout + fio.stderr);
     assert.match(fio.stdout, /verify/);
@@ -96,7 +96,7 @@ describe('shale up, end to end', () => {
     const victim = cluster.storePid(2);
     const fio = run('fio', [
       '--name=kill', '--ioengine=nbd', `--uri=${cluster.uri('vol-kill')}`, '--rw=randwrite', '--bs=4k', '--iodepth=16',
-      '--size=32M', '--verify=crc32c', '--verify_fatal=1', '--randrepeat=0',
+      '--size=32M', '--verify=crc32c', '--verify_fatal=1', '--randrepeat=0', '--verify_state_save=0',
     ], { timeoutMs: 300_000 });
     await new Promise((resolve) => setTimeout(resolve, 800));
     process.kill(victim, 'SIGKILL');
