@@ -1,0 +1,92 @@
+import { test } from 'node:test';
+import assert from 'node:assert/strict';
+import { SimDisk } from './sim-disk.ts';
+import { SimRandom } from './sim-random.ts';
+import { SimClock } from './sim-clock.ts';
+
+test('SimRandom is deterministic per seed and spreads values', () => {
+  const a = new SimRandom(42);
+  const b = new SimRandom(42);
+  const c = new SimRandom(43);
+  const fromA = Array.from({ length: 8 }, () => a.uint32());
+  assert.deepEqual(fromA, Array.from({ length: 8 }, () => b.uint32()));
+  assert.notDeepEqual(fromA, Array.from({ length: 8 }, () => c.uint32()));
+  const buckets = new Array(10).fill(0);
+  for (let i = 0; i < 10_000; i++) buckets[a.below(10)]++;
+  for (const count of buckets) assert.ok(count > 800 && count < 1200, `bucket count ${count}`);
+  assert.match(a.uuid(), /^[0-9a-f]{8}-[0-9a-f]{4}-4[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}$/);
+});
+
+test('SimClock runs timers in time order only when advanced', () => {
+  const clock = new SimClock();
+  const fired: string[] = [];
+  clock.after(20, () => fired.push('b'));
+  clock.after(10, () => fired.push('a'));
+  const cancelled = clock.after(15, () => fired.push('x'));
+  cancelled.cancel();
+  const every = clock.every(7, () => fired.push('e'));
+  clock.advance(5);
+  assert.deepEqual(fired, []);
+  clock.advance(16);
+  assert.deepEqual(fired, ['e', 'a', 'e', 'b', 'e']);
+  every.cancel();
+  assert.equal(clock.nowMs(), 21);
+});
+
+test('unsynced writes are lost or kept by a crash; synced writes always survive', async () => {
+  let lost = 0;
+  let kept = 0;
+  for (let seed = 1; seed <= 40; seed++) {
+    const disk = new SimDisk({ seed, tearProbability: 0 });
+    const file = await disk.open('/d', { create: true, sizeBytes: 8192 });
+    await file.writev([Buffer.alloc(4096, 1)], 0);
+    await file.sync();
+    await file.writev([Buffer.alloc(4096, 2)], 4096);
+    const check = Buffer.alloc(4096);
+    await file.read(check, 4096);
+    assert.equal(check[0], 2, 'reads see unsynced writes');
+    disk.crash();
+    const after = disk.fileBytes('/d');
+    assert.equal(after[0], 1, `seed ${seed}: synced write lost`);
+    if (after[4096] === 2) kept++;
+    else {
+      assert.equal(after[4096], 0);
+      lost++;
+    }
+    await assert.rejects(file.read(check, 0), /simulated crash/, 'old handles are dead');
+  }
+  assert.ok(lost > 0 && kept > 0, `expected both outcomes, lost ${lost} kept ${kept}`);
+});
+
+test('a crash can tear a write at sector granularity', async () => {
+  let torn = 0;
+  for (let seed = 1; seed <= 30; seed++) {
+    const disk = new SimDisk({ seed, survivalProbability: 1, tearProbability: 1 });
+    const file = await disk.open('/d', { create: true, sizeBytes: 4096 });
+    await file.writev([Buffer.alloc(4096, 7)], 0);
+    disk.crash();
+    const bytes = disk.fileBytes('/d');
+    for (let sector = 0; sector < 8; sector++) {
+      const slice = bytes.subarray(sector * 512, (sector + 1) * 512);
+      assert.ok(slice.every((b) => b === 7) || slice.every((b) => b === 0), 'a sector is whole or absent');
+    }
+    const landed = bytes.filter((b) => b === 7).length;
+    if (landed > 0 && landed < 4096) torn++;
+  }
+  assert.ok(torn > 0);
+});
+
+test('sync covers only completed writes; corrupt flips one bit durably', async () => {
+  const disk = new SimDisk({ seed: 5, completionTurnsMax: 0 });
+  const file = await disk.open('/d', { create: true, sizeBytes: 4096 });
+  await file.writev([Buffer.alloc(4096, 3)], 0);
+  assert.equal(disk.unsyncedWrites('/d'), 1);
+  await file.sync();
+  assert.equal(disk.unsyncedWrites('/d'), 0);
+  disk.corrupt('/d', 100, 0);
+  disk.crash();
+  const bytes = disk.fileBytes('/d');
+  assert.equal(bytes[100], 3 ^ 1);
+  assert.equal(bytes[101], 3);
+  await assert.rejects(disk.open('/missing'), (error: { code?: string }) => error.code === 'NOT_FOUND');
+});

@@ -1,0 +1,463 @@
+/**
+ * The store engine's on-disk format, version 1: pure encoders and decoders over Buffers, no I/O.
+ * docs/format.md describes every byte; keep the two in step.
+ *
+ *   offset 0            superblock, two identical copies (blocks 0 and 1)
+ *   ...                 rest of the 1 MiB metadata area: reserved (index checkpoints, later)
+ *   segmentAreaOffset   segment 0, segment 1, … each `segmentSizeBytes`
+ *
+ *   segment:  [segment header ×2][batch][batch]…[unused]
+ *   batch:    [header block(s): fixed part, record entries, crc table][data blocks]
+ *
+ * Every structure starts with its magic, its format version and its crc32c; integers are
+ * little-endian; u64 fields are read as JavaScript numbers and a value above 2^53 makes the
+ * structure invalid (Shale never writes one). Validation never throws: a decoder returns
+ * `undefined` for anything that is not a valid structure of this format.
+ */
+import { crc32c } from '../../lib/crc32c.ts';
+import { BLOCK_SIZE_BYTES, MiB } from '../../lib/units.ts';
+
+export const FORMAT_VERSION = 1;
+
+export const SUPERBLOCK_MAGIC = Buffer.from('SHALE-SB', 'latin1');
+export const SEGMENT_MAGIC = Buffer.from('SHALESEG', 'latin1');
+export const BATCH_MAGIC = Buffer.from('SHALEBAT', 'latin1');
+
+/** Superblock copies at blocks 0 and 1. */
+export const SUPERBLOCK_COPIES = 2;
+/** Segments start after this area; what is not superblock is reserved for index checkpoints. */
+export const METADATA_AREA_BYTES = 1 * MiB;
+/** Every segment starts with two identical copies of its header. */
+export const SEGMENT_HEADER_BLOCKS = 2;
+export const CLUSTER_ID_BYTES_MAX = 64;
+export const SEGMENT_SIZE_BYTES_DEFAULT = 16 * MiB;
+export const SEGMENT_SIZE_BYTES_MIN = 64 * 1024;
+export const SEGMENT_SIZE_BYTES_MAX = 1024 * MiB;
+/** Locations are u32 block numbers in the segment area: 16 TiB of segments per disk in format 1. */
+export const SEGMENT_AREA_BLOCKS_MAX = 2 ** 32 - 1;
+
+export const BATCH_FIXED_BYTES = 128;
+export const RECORD_ENTRY_BYTES = 64;
+export const CRC_ENTRY_BYTES = 4;
+/** Largest object: 1 GiB chunks of 4 KiB blocks. */
+export const CHUNK_BLOCKS_MAX = (1024 * MiB) / BLOCK_SIZE_BYTES;
+
+export const RecordKind = {
+  /** Data blocks: offsetBlocks..+countBlocks of the object, data in the batch. */
+  DATA: 1,
+  /** A tombstone over offsetBlocks..+countBlocks (TRIM, WRITE_ZEROES): reads as zeros, no data. */
+  ZERO: 2,
+  /** The volume's owner epoch was raised to `epoch`. */
+  FENCE: 3,
+  /** The volume was deleted: every record of it is dead, whatever its version. */
+  PURGE: 4,
+} as const;
+export type RecordKindValue = (typeof RecordKind)[keyof typeof RecordKind];
+
+const TWO_32 = 2 ** 32;
+
+function readU64(buffer: Buffer, offset: number): number | undefined {
+  const low = buffer.readUInt32LE(offset);
+  const high = buffer.readUInt32LE(offset + 4);
+  if (high >= 2 ** 21) return undefined;
+  return high * TWO_32 + low;
+}
+
+function writeU64(buffer: Buffer, offset: number, value: number): void {
+  buffer.writeUInt32LE(value % TWO_32 >>> 0, offset);
+  buffer.writeUInt32LE(Math.floor(value / TWO_32) >>> 0, offset + 4);
+}
+
+function hasMagic(buffer: Buffer, offset: number, magic: Buffer): boolean {
+  return buffer.compare(magic, 0, magic.length, offset, offset + magic.length) === 0;
+}
+
+/** crc32c of `length` bytes at `offset`, counting the 4 bytes at `offset + 12` as zeros. */
+function structureCrc(buffer: Buffer, offset: number, length: number): number {
+  let crc = crc32c(buffer.subarray(offset, offset + 12));
+  crc = crc32c(ZERO_WORD, crc);
+  return crc32c(buffer.subarray(offset + 16, offset + length), crc);
+}
+const ZERO_WORD = Buffer.alloc(4);
+
+export function uuidToBytes(uuid: string): Buffer | undefined {
+  const hex = uuid.replace(/-/g, '');
+  if (!/^[0-9a-fA-F]{32}$/.test(hex)) return undefined;
+  return Buffer.from(hex, 'hex');
+}
+
+export function bytesToUuid(bytes: Buffer): string {
+  const hex = bytes.toString('hex');
+  return `${hex.slice(0, 8)}-${hex.slice(8, 12)}-${hex.slice(12, 16)}-${hex.slice(16, 20)}-${hex.slice(20, 32)}`;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Superblock
+
+export interface Superblock {
+  formatVersion: number;
+  segmentSizeBytes: number;
+  segmentCount: number;
+  segmentAreaOffsetBytes: number;
+  /** Size the disk was formatted with. */
+  sizeBytes: number;
+  formattedWallMs: number;
+  diskUuid: string;
+  /** Random at every format: segment and batch headers repeat it, so a reformatted disk's old records are never read. */
+  formatId: Buffer;
+  clusterId: string;
+}
+
+export function encodeSuperblock(superblock: Superblock): Buffer {
+  const block = Buffer.alloc(BLOCK_SIZE_BYTES);
+  const clusterId = Buffer.from(superblock.clusterId, 'utf8');
+  const diskUuid = uuidToBytes(superblock.diskUuid);
+  if (clusterId.length === 0 || clusterId.length > CLUSTER_ID_BYTES_MAX) throw new RangeError('cluster id must be 1..64 bytes');
+  if (!diskUuid) throw new RangeError(`disk uuid "${superblock.diskUuid}" is not a uuid`);
+  if (superblock.formatId.length !== 16) throw new RangeError('format id must be 16 bytes');
+  SUPERBLOCK_MAGIC.copy(block, 0);
+  block.writeUInt32LE(superblock.formatVersion, 8);
+  block.writeUInt32LE(BLOCK_SIZE_BYTES, 16);
+  block.writeUInt32LE(clusterId.length, 20);
+  writeU64(block, 24, superblock.segmentSizeBytes);
+  writeU64(block, 32, superblock.segmentCount);
+  writeU64(block, 40, superblock.segmentAreaOffsetBytes);
+  writeU64(block, 48, superblock.sizeBytes);
+  writeU64(block, 56, superblock.formattedWallMs);
+  diskUuid.copy(block, 64);
+  superblock.formatId.copy(block, 80);
+  clusterId.copy(block, 96);
+  block.writeUInt32LE(structureCrc(block, 0, BLOCK_SIZE_BYTES), 12);
+  return block;
+}
+
+export type SuperblockDecode =
+  | { ok: true; superblock: Superblock }
+  | { ok: false; reason: 'no-magic' | 'bad-crc' | 'unknown-version' | 'invalid'; version?: number };
+
+/** Decodes one superblock copy (4 KiB at `offset`). */
+export function decodeSuperblock(buffer: Buffer, offset = 0): SuperblockDecode {
+  if (buffer.length < offset + BLOCK_SIZE_BYTES || !hasMagic(buffer, offset, SUPERBLOCK_MAGIC)) return { ok: false, reason: 'no-magic' };
+  // The version is read before the crc: a later format may checksum differently, and the
+  // operator should hear "unknown version", not "damaged".
+  const version = buffer.readUInt32LE(offset + 8);
+  if (version !== FORMAT_VERSION) return { ok: false, reason: 'unknown-version', version };
+  if (buffer.readUInt32LE(offset + 12) !== structureCrc(buffer, offset, BLOCK_SIZE_BYTES)) return { ok: false, reason: 'bad-crc' };
+  const blockSize = buffer.readUInt32LE(offset + 16);
+  const clusterIdLength = buffer.readUInt32LE(offset + 20);
+  const segmentSizeBytes = readU64(buffer, offset + 24);
+  const segmentCount = readU64(buffer, offset + 32);
+  const segmentAreaOffsetBytes = readU64(buffer, offset + 40);
+  const sizeBytes = readU64(buffer, offset + 48);
+  const formattedWallMs = readU64(buffer, offset + 56);
+  if (
+    blockSize !== BLOCK_SIZE_BYTES || clusterIdLength === 0 || clusterIdLength > CLUSTER_ID_BYTES_MAX ||
+    segmentSizeBytes === undefined || segmentSizeBytes % BLOCK_SIZE_BYTES !== 0 ||
+    segmentSizeBytes < SEGMENT_SIZE_BYTES_MIN || segmentSizeBytes > SEGMENT_SIZE_BYTES_MAX ||
+    segmentCount === undefined || segmentCount < 1 ||
+    segmentAreaOffsetBytes === undefined || segmentAreaOffsetBytes % BLOCK_SIZE_BYTES !== 0 ||
+    segmentAreaOffsetBytes < SUPERBLOCK_COPIES * BLOCK_SIZE_BYTES ||
+    sizeBytes === undefined || formattedWallMs === undefined ||
+    segmentAreaOffsetBytes + segmentCount * segmentSizeBytes > sizeBytes ||
+    (segmentCount * segmentSizeBytes) / BLOCK_SIZE_BYTES > SEGMENT_AREA_BLOCKS_MAX
+  ) {
+    return { ok: false, reason: 'invalid' };
+  }
+  return {
+    ok: true,
+    superblock: {
+      formatVersion: version,
+      segmentSizeBytes,
+      segmentCount,
+      segmentAreaOffsetBytes,
+      sizeBytes,
+      formattedWallMs,
+      diskUuid: bytesToUuid(buffer.subarray(offset + 64, offset + 80)),
+      formatId: Buffer.from(buffer.subarray(offset + 80, offset + 96)),
+      clusterId: buffer.toString('utf8', offset + 96, offset + 96 + clusterIdLength),
+    },
+  };
+}
+
+// ---------------------------------------------------------------------------------------------
+// Segment header
+
+export interface SegmentHeader {
+  segmentIndex: number;
+  /** Bumped every time the segment is reused; every batch in it repeats it. */
+  generation: number;
+  /** Sequence number of the first batch written in this generation: orders segments by age. */
+  firstSequence: number;
+  formatId: Buffer;
+}
+
+/** One copy of a segment header (4 KiB). */
+export function encodeSegmentHeader(header: SegmentHeader): Buffer {
+  const block = Buffer.alloc(BLOCK_SIZE_BYTES);
+  SEGMENT_MAGIC.copy(block, 0);
+  block.writeUInt32LE(FORMAT_VERSION, 8);
+  block.writeUInt32LE(header.segmentIndex, 16);
+  writeU64(block, 24, header.generation);
+  writeU64(block, 32, header.firstSequence);
+  header.formatId.copy(block, 40);
+  block.writeUInt32LE(structureCrc(block, 0, BLOCK_SIZE_BYTES), 12);
+  return block;
+}
+
+/** Decodes one segment-header copy at `offset`; valid only for this disk (format id) and this segment. */
+export function decodeSegmentHeader(buffer: Buffer, offset: number, segmentIndex: number, formatId: Buffer): SegmentHeader | undefined {
+  if (!hasMagic(buffer, offset, SEGMENT_MAGIC)) return undefined;
+  if (buffer.readUInt32LE(offset + 12) !== structureCrc(buffer, offset, BLOCK_SIZE_BYTES)) return undefined;
+  if (buffer.readUInt32LE(offset + 8) !== FORMAT_VERSION) return undefined;
+  if (buffer.readUInt32LE(offset + 16) !== segmentIndex) return undefined;
+  if (buffer.compare(formatId, 0, 16, offset + 40, offset + 56) !== 0) return undefined;
+  const generation = readU64(buffer, offset + 24);
+  const firstSequence = readU64(buffer, offset + 32);
+  if (generation === undefined || generation < 1 || firstSequence === undefined) return undefined;
+  return { segmentIndex, generation, firstSequence, formatId };
+}
+
+// ---------------------------------------------------------------------------------------------
+// Batch header
+
+export interface BatchFixed {
+  segmentIndex: number;
+  headerBlocks: number;
+  generation: number;
+  /** Disk-wide, strictly increasing. */
+  sequence: number;
+  /** First sequence written by the engine instance (incarnation) that wrote this batch. */
+  incarnationFirstSequence: number;
+  /** Highest sequence of that incarnation known durable when this batch was built (< incarnationFirstSequence: none). */
+  durableSequence: number;
+  formatId: Buffer;
+  /** Block offset of this header inside its segment. */
+  positionBlocks: number;
+  recordCount: number;
+  dataBlocks: number;
+}
+
+export interface BatchRecord {
+  kind: RecordKindValue;
+  volumeId: number;
+  chunkIndex: number;
+  offsetBlocks: number;
+  countBlocks: number;
+  epoch: number;
+  seq: number;
+  snapSeq: number;
+  /** Index of the record's first data block in the batch's data area (DATA only). */
+  dataIndexBlocks: number;
+}
+
+export interface DecodedBatch extends BatchFixed {
+  records: BatchRecord[];
+  /** crc32c of every data block of the batch, in order. */
+  checksums: Uint32Array;
+}
+
+export function batchHeaderBytes(recordCount: number, dataBlocks: number): number {
+  return BATCH_FIXED_BYTES + recordCount * RECORD_ENTRY_BYTES + dataBlocks * CRC_ENTRY_BYTES;
+}
+
+export function batchHeaderBlocks(recordCount: number, dataBlocks: number): number {
+  return Math.ceil(batchHeaderBytes(recordCount, dataBlocks) / BLOCK_SIZE_BYTES);
+}
+
+/** Writes record entry `index` into a batch header buffer (before `sealBatchHeader`). */
+export function writeRecordEntry(header: Buffer, index: number, record: BatchRecord): void {
+  const at = BATCH_FIXED_BYTES + index * RECORD_ENTRY_BYTES;
+  writeU64(header, at, record.volumeId);
+  header.writeUInt32LE(record.chunkIndex, at + 8);
+  header.writeUInt32LE(record.offsetBlocks, at + 12);
+  header.writeUInt32LE(record.countBlocks, at + 16);
+  header.writeUInt8(record.kind, at + 20);
+  writeU64(header, at + 24, record.epoch);
+  writeU64(header, at + 32, record.seq);
+  writeU64(header, at + 40, record.snapSeq);
+  header.writeUInt32LE(record.dataIndexBlocks, at + 48);
+}
+
+/** Writes the crc of data block `index` into a batch header with `recordCount` records. */
+export function writeCrcEntry(header: Buffer, recordCount: number, index: number, crc: number): void {
+  header.writeUInt32LE(crc >>> 0, BATCH_FIXED_BYTES + recordCount * RECORD_ENTRY_BYTES + index * CRC_ENTRY_BYTES);
+}
+
+/** Fills the fixed part and the crc over the whole header area; records and crcs must be written already. */
+export function sealBatchHeader(header: Buffer, fixed: BatchFixed): void {
+  if (header.length !== fixed.headerBlocks * BLOCK_SIZE_BYTES) throw new RangeError('batch header buffer size does not match headerBlocks');
+  BATCH_MAGIC.copy(header, 0);
+  header.writeUInt32LE(FORMAT_VERSION, 8);
+  header.writeUInt32LE(fixed.segmentIndex, 16);
+  header.writeUInt32LE(fixed.headerBlocks, 20);
+  writeU64(header, 24, fixed.generation);
+  writeU64(header, 32, fixed.sequence);
+  writeU64(header, 40, fixed.incarnationFirstSequence);
+  writeU64(header, 48, fixed.durableSequence);
+  fixed.formatId.copy(header, 56);
+  header.writeUInt32LE(fixed.positionBlocks, 72);
+  header.writeUInt32LE(fixed.recordCount, 76);
+  header.writeUInt32LE(fixed.dataBlocks, 80);
+  header.writeUInt32LE(structureCrc(header, 0, header.length), 12);
+}
+
+/**
+ * Decodes the batch header whose first block is block `positionBlocks` of the segment image in
+ * `segment` (which holds the whole segment). Valid only if magic, version, crc, format id, segment
+ * index and position all match, the batch fits in the segment and every record is well formed.
+ * The generation is *not* checked here: the caller compares it with the segment header's.
+ */
+export function decodeBatchHeader(segment: Buffer, positionBlocks: number, segmentIndex: number, formatId: Buffer): DecodedBatch | undefined {
+  const offset = positionBlocks * BLOCK_SIZE_BYTES;
+  const segmentBlocks = segment.length / BLOCK_SIZE_BYTES;
+  if (offset + BLOCK_SIZE_BYTES > segment.length || !hasMagic(segment, offset, BATCH_MAGIC)) return undefined;
+  if (segment.readUInt32LE(offset + 8) !== FORMAT_VERSION) return undefined;
+  if (segment.readUInt32LE(offset + 16) !== segmentIndex) return undefined;
+  if (segment.readUInt32LE(offset + 72) !== positionBlocks) return undefined;
+  if (segment.compare(formatId, 0, 16, offset + 56, offset + 72) !== 0) return undefined;
+  const headerBlocks = segment.readUInt32LE(offset + 20);
+  const recordCount = segment.readUInt32LE(offset + 76);
+  const dataBlocks = segment.readUInt32LE(offset + 80);
+  if (headerBlocks < 1 || positionBlocks + headerBlocks + dataBlocks > segmentBlocks) return undefined;
+  if (batchHeaderBlocks(recordCount, dataBlocks) !== headerBlocks) return undefined;
+  const headerBytes = headerBlocks * BLOCK_SIZE_BYTES;
+  if (segment.readUInt32LE(offset + 12) !== structureCrc(segment, offset, headerBytes)) return undefined;
+  const generation = readU64(segment, offset + 24);
+  const sequence = readU64(segment, offset + 32);
+  const incarnationFirstSequence = readU64(segment, offset + 40);
+  const durableSequence = readU64(segment, offset + 48);
+  if (generation === undefined || sequence === undefined || incarnationFirstSequence === undefined || durableSequence === undefined) return undefined;
+  const records: BatchRecord[] = [];
+  for (let i = 0; i < recordCount; i++) {
+    const at = offset + BATCH_FIXED_BYTES + i * RECORD_ENTRY_BYTES;
+    const volumeId = readU64(segment, at);
+    const kind = segment.readUInt8(at + 20);
+    const epoch = readU64(segment, at + 24);
+    const seq = readU64(segment, at + 32);
+    const snapSeq = readU64(segment, at + 40);
+    const record: BatchRecord = {
+      kind: kind as RecordKindValue,
+      volumeId: volumeId ?? 0,
+      chunkIndex: segment.readUInt32LE(at + 8),
+      offsetBlocks: segment.readUInt32LE(at + 12),
+      countBlocks: segment.readUInt32LE(at + 16),
+      epoch: epoch ?? 0,
+      seq: seq ?? 0,
+      snapSeq: snapSeq ?? 0,
+      dataIndexBlocks: segment.readUInt32LE(at + 48),
+    };
+    if (volumeId === undefined || epoch === undefined || seq === undefined || snapSeq === undefined) return undefined;
+    if (epoch >= TWO_32 || !recordShapeValid(record, dataBlocks)) return undefined;
+    records.push(record);
+  }
+  const checksums = new Uint32Array(dataBlocks);
+  const crcAt = offset + BATCH_FIXED_BYTES + recordCount * RECORD_ENTRY_BYTES;
+  for (let i = 0; i < dataBlocks; i++) checksums[i] = segment.readUInt32LE(crcAt + i * CRC_ENTRY_BYTES);
+  return {
+    segmentIndex, headerBlocks, generation, sequence, incarnationFirstSequence, durableSequence,
+    formatId, positionBlocks, recordCount, dataBlocks, records, checksums,
+  };
+}
+
+function recordShapeValid(record: BatchRecord, dataBlocks: number): boolean {
+  switch (record.kind) {
+    case RecordKind.DATA:
+      return record.countBlocks >= 1 && record.offsetBlocks + record.countBlocks <= CHUNK_BLOCKS_MAX &&
+        record.dataIndexBlocks + record.countBlocks <= dataBlocks;
+    case RecordKind.ZERO:
+      return record.countBlocks >= 1 && record.offsetBlocks + record.countBlocks <= CHUNK_BLOCKS_MAX;
+    case RecordKind.FENCE:
+    case RecordKind.PURGE:
+      return record.countBlocks === 0;
+    default:
+      return false;
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Segment scan (replay and compaction)
+
+export interface SegmentScan {
+  /** The valid header copy with the highest generation, if any. */
+  header: SegmentHeader | undefined;
+  /** Valid batches of the header's generation, in position order. */
+  batches: DecodedBatch[];
+  /** Valid batch headers of another generation (left over from before the segment was reused). */
+  staleBatches: number;
+  /** Highest generation seen in a header copy or any valid batch header anywhere in the segment (0: none). */
+  generationMax: number;
+  /** Highest sequence seen in any valid batch header anywhere in the segment, or the segment header (0: none). */
+  sequenceMax: number;
+  /** (incarnationFirstSequence, durableSequence) of every valid batch header, whatever its generation. */
+  durableClaims: [number, number][];
+  /**
+   * Sequences of chain batches that do not start where the previous one ended: something in
+   * between was lost. Harmless if that was never durable (a crash dropped it); if this batch is
+   * known durable, the lost one was too — a damaged header.
+   */
+  gapsBefore: number[];
+}
+
+/**
+ * Reads a whole-segment image. Every block is tried as a batch header (a valid one needs the
+ * magic, the crc, this disk's format id, this segment and its own position, so data cannot pass
+ * for one), because the maxima must count every header in the segment — also one that sits
+ * inside the extent of an older batch it partly overwrote, where walking from batch to batch
+ * would never look. If some header shows a generation above the segment header's, the segment
+ * was being reused and the new header was lost: the segment holds nothing live and is reported
+ * without a header. Otherwise batches of the segment header's generation form the chain that is replayed:
+ * within one generation batches never overlap, so the walk takes each one and continues after
+ * its extent; a lost, torn or damaged batch does not hide those after it.
+ */
+export function scanSegment(segment: Buffer, segmentIndex: number, formatId: Buffer): SegmentScan {
+  const copies = [decodeSegmentHeader(segment, 0, segmentIndex, formatId), decodeSegmentHeader(segment, BLOCK_SIZE_BYTES, segmentIndex, formatId)];
+  let header: SegmentHeader | undefined;
+  for (const copy of copies) if (copy && (!header || copy.generation > header.generation)) header = copy;
+  const scan: SegmentScan = {
+    header,
+    batches: [],
+    staleBatches: 0,
+    generationMax: 0,
+    sequenceMax: header?.firstSequence ?? 0,
+    durableClaims: [],
+    gapsBefore: [],
+  };
+  for (const copy of copies) if (copy) scan.generationMax = Math.max(scan.generationMax, copy.generation);
+  const blocks = segment.length / BLOCK_SIZE_BYTES;
+  let chainEnd = SEGMENT_HEADER_BLOCKS;
+  for (let position = SEGMENT_HEADER_BLOCKS; position < blocks; position++) {
+    const batch = decodeBatchHeader(segment, position, segmentIndex, formatId);
+    if (!batch) continue;
+    scan.generationMax = Math.max(scan.generationMax, batch.generation);
+    scan.sequenceMax = Math.max(scan.sequenceMax, batch.sequence);
+    scan.durableClaims.push([batch.incarnationFirstSequence, batch.durableSequence]);
+    if (header && batch.generation === header.generation && position >= chainEnd) {
+      if (position > chainEnd) scan.gapsBefore.push(batch.sequence);
+      scan.batches.push(batch);
+      chainEnd = position + batch.headerBlocks + batch.dataBlocks;
+    } else {
+      scan.staleBatches++;
+    }
+  }
+  if (header && scan.generationMax > header.generation) {
+    // A newer generation was started here but its header was lost: it was never synced (the
+    // header goes out with its first batch), and the segment was only reused because all of the
+    // header's generation was dead and that was durable. Nothing in it is live.
+    scan.staleBatches += scan.batches.length;
+    scan.batches = [];
+    scan.gapsBefore = [];
+    scan.header = undefined;
+  }
+  return scan;
+}
+
+/** Indices (in the batch's data area) of the data blocks of `batch` whose crc32c does not match its header. */
+export function badDataBlocks(segment: Buffer, batch: DecodedBatch): number[] {
+  const bad: number[] = [];
+  const start = (batch.positionBlocks + batch.headerBlocks) * BLOCK_SIZE_BYTES;
+  for (let i = 0; i < batch.dataBlocks; i++) {
+    const at = start + i * BLOCK_SIZE_BYTES;
+    if (crc32c(segment.subarray(at, at + BLOCK_SIZE_BYTES)) !== batch.checksums[i]) bad.push(i);
+  }
+  return bad;
+}

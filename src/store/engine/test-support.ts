@@ -1,0 +1,317 @@
+/**
+ * Helpers for the engine's tests (imported by *.test.ts only): a simulated environment, block
+ * contents that say which write produced them, and write requests built from those.
+ *
+ * Every test block is a 32-byte stamp (magic, volume, chunk, block, epoch, seq) repeated over the
+ * 4 KiB, so a block read back tells exactly which version it is, and a block mixing sectors of
+ * two versions (torn) or a flipped bit is recognised as neither.
+ */
+import { blockChecksums } from '../../lib/crc32c.ts';
+import { BLOCK_SIZE_BYTES, KiB } from '../../lib/units.ts';
+import { SimClock } from '../../env/sim/sim-clock.ts';
+import { SimDisk } from '../../env/sim/sim-disk.ts';
+import type { SimDiskOptions } from '../../env/sim/sim-disk.ts';
+import { SimRandom } from '../../env/sim/sim-random.ts';
+import { StoreEngine } from './engine.ts';
+import type { EngineEnv, WriteRequest } from './engine.ts';
+import { METADATA_AREA_BYTES } from './format.ts';
+
+const STAMP_BYTES = 32;
+const STAMP_MAGIC = 0x5ea1b10c;
+
+export interface SimEnv extends EngineEnv {
+  disk: SimDisk;
+  clock: SimClock;
+  random: SimRandom;
+}
+
+export function simEnv(seed: number, diskOptions: Omit<SimDiskOptions, 'seed'> = {}): SimEnv {
+  return { disk: new SimDisk({ seed, ...diskOptions }), clock: new SimClock(), random: new SimRandom(seed ^ 0x5bd1e995) };
+}
+
+export interface Stamp {
+  volumeId: number;
+  chunkIndex: number;
+  block: number;
+  epoch: number;
+  seq: number;
+}
+
+export function stampBlock(target: Buffer, stamp: Stamp): void {
+  const head = Buffer.alloc(STAMP_BYTES);
+  head.writeUInt32LE(STAMP_MAGIC, 0);
+  head.writeUInt32LE(stamp.chunkIndex, 4);
+  head.writeDoubleLE(stamp.volumeId, 8);
+  head.writeUInt32LE(stamp.block, 16);
+  head.writeUInt32LE(stamp.epoch, 20);
+  head.writeDoubleLE(stamp.seq, 24);
+  target.fill(head);
+}
+
+/** The stamp of a whole, untorn test block; undefined for zeros, garbage or a mix. */
+export function readStamp(block: Buffer): Stamp | undefined {
+  if (block.length !== BLOCK_SIZE_BYTES || block.readUInt32LE(0) !== STAMP_MAGIC) return undefined;
+  const head = block.subarray(0, STAMP_BYTES);
+  for (let at = STAMP_BYTES; at < BLOCK_SIZE_BYTES; at += STAMP_BYTES) {
+    if (block.compare(head, 0, STAMP_BYTES, at, at + STAMP_BYTES) !== 0) return undefined;
+  }
+  return {
+    chunkIndex: block.readUInt32LE(4),
+    volumeId: block.readDoubleLE(8),
+    block: block.readUInt32LE(16),
+    epoch: block.readUInt32LE(20),
+    seq: block.readDoubleLE(24),
+  };
+}
+
+/** A write of blocks offsetBlocks..+countBlocks, each stamped with (epoch, seq). */
+export function stampedWrite(volumeId: number, chunkIndex: number, offsetBlocks: number, countBlocks: number, epoch: number, seq: number, snapSeq = 0): WriteRequest {
+  const data = Buffer.alloc(countBlocks * BLOCK_SIZE_BYTES);
+  for (let i = 0; i < countBlocks; i++) {
+    stampBlock(data.subarray(i * BLOCK_SIZE_BYTES, (i + 1) * BLOCK_SIZE_BYTES), { volumeId, chunkIndex, block: offsetBlocks + i, epoch, seq });
+  }
+  return { volumeId, chunkIndex, offsetBlocks, data, checksums: blockChecksums(data), version: { epoch, seq }, snapSeq };
+}
+
+export function isAllZero(buffer: Buffer): boolean {
+  for (let i = 0; i < buffer.length; i++) if (buffer[i] !== 0) return false;
+  return true;
+}
+
+export interface ModelVersion {
+  epoch: number;
+  seq: number;
+  zero: boolean;
+  acked: boolean;
+}
+
+function compareVersions(a: { epoch: number; seq: number }, b: { epoch: number; seq: number }): number {
+  return a.epoch - b.epoch || a.seq - b.seq;
+}
+
+interface ModelBlock {
+  issued: ModelVersion[];
+  /** Highest version acknowledged before an acknowledged flush: a crash may not go below it. */
+  floor: { epoch: number; seq: number } | undefined;
+}
+
+/**
+ * What a single writer knows about its blocks: every version it issued (and whether the write was
+ * acknowledged) and, per block, the floor that flushes guarantee. `verify` checks an engine
+ * against it — every block reads as a whole version that was written, at or above its floor, or
+ * exactly the newest version when nothing can have been lost — and `settle` adopts what the
+ * engine holds after a crash (it is durable from then on).
+ */
+export class VersionModel {
+  readonly #blocks = new Map<string, ModelBlock>();
+  readonly label: string;
+
+  constructor(label: string) {
+    this.label = label;
+  }
+
+  #block(volumeId: number, chunkIndex: number, block: number): ModelBlock {
+    const key = `${volumeId}/${chunkIndex}/${block}`;
+    let entry = this.#blocks.get(key);
+    if (!entry) {
+      entry = { issued: [], floor: undefined };
+      this.#blocks.set(key, entry);
+    }
+    return entry;
+  }
+
+  /** Records a write about to be issued; call the returned function when it is acknowledged. */
+  issue(volumeId: number, chunkIndex: number, offsetBlocks: number, countBlocks: number, epoch: number, seq: number, zero: boolean): () => void {
+    const versions: ModelVersion[] = [];
+    for (let i = 0; i < countBlocks; i++) {
+      const version = { epoch, seq, zero, acked: false };
+      this.#block(volumeId, chunkIndex, offsetBlocks + i).issued.push(version);
+      versions.push(version);
+    }
+    return () => {
+      for (const version of versions) version.acked = true;
+    };
+  }
+
+  /** Call when a flush is issued; call the returned function when it resolves. */
+  flushIssued(): () => void {
+    const best = new Map<ModelBlock, { epoch: number; seq: number }>();
+    for (const block of this.#blocks.values()) {
+      for (const version of block.issued) {
+        if (!version.acked) continue;
+        const current = best.get(block);
+        if (!current || compareVersions(version, current) > 0) best.set(block, version);
+      }
+    }
+    return () => {
+      for (const [block, version] of best) {
+        if (!block.floor || compareVersions(version, block.floor) > 0) block.floor = { epoch: version.epoch, seq: version.seq };
+      }
+    };
+  }
+
+  /** Object keys the model knows. */
+  objects(): { volumeId: number; chunkIndex: number; blocks: number[] }[] {
+    const objects = new Map<string, { volumeId: number; chunkIndex: number; blocks: number[] }>();
+    for (const key of this.#blocks.keys()) {
+      const [volumeId, chunkIndex, block] = key.split('/').map(Number) as [number, number, number];
+      const objectKey = `${volumeId}/${chunkIndex}`;
+      let object = objects.get(objectKey);
+      if (!object) {
+        object = { volumeId, chunkIndex, blocks: [] };
+        objects.set(objectKey, object);
+      }
+      object.blocks.push(block);
+    }
+    return [...objects.values()];
+  }
+
+  /**
+   * Checks `engine` against the model. `exact`: no write can have been lost (no crash since the
+   * last settle and nothing in flight), so every block must hold at least the newest acknowledged
+   * version.
+   * With `settle`, the model then adopts what the engine holds.
+   */
+  async verify(engine: { read(volumeId: number, chunkIndex: number, offsetBlocks: number, countBlocks: number): Promise<{ data: Buffer; states: Uint8Array; versions: { epochs: Uint32Array; seqs: Float64Array } }> }, options: { exact: boolean; settle: boolean }): Promise<void> {
+    for (const object of this.objects()) {
+      const highest = Math.max(...object.blocks) + 1;
+      let read;
+      try {
+        read = await engine.read(object.volumeId, object.chunkIndex, 0, highest);
+      } catch (error) {
+        throw new Error(`${this.label}: read of ${object.volumeId}/${object.chunkIndex} failed: ${(error as Error).message}`);
+      }
+      for (const blockIndex of object.blocks) {
+        const where = `${this.label}: block ${object.volumeId}/${object.chunkIndex}/${blockIndex}`;
+        const block = this.#block(object.volumeId, object.chunkIndex, blockIndex);
+        const bytes = read.data.subarray(blockIndex * BLOCK_SIZE_BYTES, (blockIndex + 1) * BLOCK_SIZE_BYTES);
+        const state = read.states[blockIndex]!;
+        const got = { epoch: read.versions.epochs[blockIndex]!, seq: read.versions.seqs[blockIndex]! };
+        let observed: ModelVersion | undefined;
+        if (state === 0) {
+          if (block.floor) throw new Error(`${where}: absent, but version ${block.floor.epoch}.${block.floor.seq} was flushed`);
+          if (!isAllZero(bytes)) throw new Error(`${where}: absent but not zeros`);
+        } else {
+          observed = block.issued.find((v) => v.epoch === got.epoch && v.seq === got.seq);
+          if (!observed) throw new Error(`${where}: holds version ${got.epoch}.${got.seq}, which was never written there`);
+          if (observed.zero !== (state === 2)) throw new Error(`${where}: state ${state} does not match the write of ${got.epoch}.${got.seq}`);
+          if (state === 2) {
+            if (!isAllZero(bytes)) throw new Error(`${where}: tombstone does not read as zeros`);
+          } else {
+            const stamp = readStamp(bytes);
+            if (!stamp) throw new Error(`${where}: content is not one whole version (torn or corrupt)`);
+            if (stamp.volumeId !== object.volumeId || stamp.chunkIndex !== object.chunkIndex || stamp.block !== blockIndex ||
+              stamp.epoch !== got.epoch || stamp.seq !== got.seq) {
+              throw new Error(`${where}: content is ${JSON.stringify(stamp)}, version says ${got.epoch}.${got.seq}`);
+            }
+          }
+          if (block.floor && compareVersions(got, block.floor) < 0) {
+            throw new Error(`${where}: holds ${got.epoch}.${got.seq}, older than the flushed ${block.floor.epoch}.${block.floor.seq}`);
+          }
+        }
+        if (options.exact) {
+          // Nothing lost: at least the newest acknowledged version (a failed write may or may not have landed).
+          let newest: ModelVersion | undefined;
+          for (const v of block.issued) if (v.acked && (!newest || compareVersions(v, newest) > 0)) newest = v;
+          if (newest && (!observed || compareVersions(observed, newest) < 0)) {
+            throw new Error(`${where}: holds ${observed ? `${observed.epoch}.${observed.seq}` : 'nothing'}, expected at least the newest acknowledged ${newest.epoch}.${newest.seq}`);
+          }
+        }
+        if (options.settle) {
+          block.issued = observed ? [{ ...observed, acked: true }] : [];
+          block.floor = observed ? { epoch: observed.epoch, seq: observed.seq } : undefined;
+        }
+      }
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Generated workloads
+
+const COMMANDS_PATH = '/disks/commands';
+
+/** One step of a generated engine workload (engine-property.test.ts). */
+export type EngineCommand =
+  | { kind: 'write'; volumeId: number; chunkIndex: number; offsetBlocks: number; countBlocks: number; zero: boolean; wait: boolean }
+  | { kind: 'flush'; wait: boolean }
+  | { kind: 'compact'; wait: boolean }
+  | { kind: 'takeover' }
+  | { kind: 'pause'; turns: number }
+  | { kind: 'settle' }
+  | { kind: 'crash' };
+
+/**
+ * Runs a command sequence against an engine on a fresh simulated disk (seeded) and checks it
+ * against a VersionModel after every crash and settle; throws on the first difference.
+ */
+export async function runEngineCommands(seed: number, commands: readonly EngineCommand[], segments = 8): Promise<void> {
+  const env = simEnv(seed);
+  await StoreEngine.format(env, COMMANDS_PATH, { sizeBytes: METADATA_AREA_BYTES + segments * 64 * KiB, clusterId: 'p', segmentSizeBytes: 64 * KiB });
+  const open = async () => {
+    const engine = await StoreEngine.open(env, COMMANDS_PATH, { backgroundCompaction: false });
+    const report = engine.replayReport;
+    if (report.corruptBatches > 0 || report.damagedHeaders > 0) throw new Error(`seed ${seed}: a crash looks like corruption: ${JSON.stringify(report)}`);
+    return engine;
+  };
+  const model = new VersionModel(`seed ${seed}`);
+  let engine = await open();
+  let inFlight: Promise<unknown>[] = [];
+  let epoch = 1;
+  let seq = 0;
+  const swallow = () => undefined;
+  for (const c of commands) {
+    switch (c.kind) {
+      case 'write': {
+        const version = { epoch, seq: ++seq };
+        const ack = model.issue(c.volumeId, c.chunkIndex, c.offsetBlocks, c.countBlocks, version.epoch, version.seq, c.zero);
+        const promise = (c.zero
+          ? engine.writeZeroes({ volumeId: c.volumeId, chunkIndex: c.chunkIndex, offsetBlocks: c.offsetBlocks, countBlocks: c.countBlocks, version, snapSeq: 0 })
+          : engine.write(stampedWrite(c.volumeId, c.chunkIndex, c.offsetBlocks, c.countBlocks, version.epoch, version.seq))
+        ).then(ack, swallow);
+        if (c.wait) await promise;
+        else inFlight.push(promise);
+        break;
+      }
+      case 'flush': {
+        const flushed = model.flushIssued();
+        const promise = engine.flush().then(flushed, swallow);
+        if (c.wait) await promise;
+        else inFlight.push(promise);
+        break;
+      }
+      case 'compact': {
+        const promise = engine.compact().catch(swallow);
+        if (c.wait) await promise;
+        else inFlight.push(promise);
+        break;
+      }
+      case 'takeover':
+        epoch++;
+        seq = 0;
+        break;
+      case 'pause':
+        for (let i = 0; i < c.turns; i++) await null;
+        break;
+      case 'settle':
+        await Promise.all(inFlight);
+        inFlight = [];
+        await model.verify(engine, { exact: true, settle: false });
+        break;
+      case 'crash':
+        env.disk.crash();
+        await Promise.all(inFlight);
+        inFlight = [];
+        engine = await open();
+        await model.verify(engine, { exact: false, settle: true });
+        break;
+    }
+  }
+  await Promise.all(inFlight);
+  await model.verify(engine, { exact: true, settle: false });
+  env.disk.crash();
+  engine = await open();
+  await model.verify(engine, { exact: false, settle: true });
+  await engine.close();
+}
+
