@@ -46,6 +46,8 @@
  *   PING          none either way.
  */
 import { assert } from '../lib/assert.ts';
+import type { BlockStateValue } from '../lib/block-state.ts';
+import { BlockState } from '../lib/block-state.ts';
 import { crc32c } from '../lib/crc32c.ts';
 import { ShaleError } from '../lib/errors.ts';
 import { BLOCK_SIZE_BYTES } from '../lib/units.ts';
@@ -77,12 +79,7 @@ export const Flag = {
   REPAIR: 2,
 } as const;
 
-export const BlockState = {
-  ABSENT: 0,
-  DATA: 1,
-  ZERO: 2,
-} as const;
-export type BlockStateValue = (typeof BlockState)[keyof typeof BlockState];
+export { BlockState, type BlockStateValue } from '../lib/block-state.ts';
 
 export interface FrameHeader {
   op: number;

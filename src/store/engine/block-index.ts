@@ -12,13 +12,9 @@
  * is the one writer of these arrays.
  */
 import { assert } from '../../lib/assert.ts';
+import { BlockState, type BlockStateValue } from '../../lib/block-state.ts';
 
-export const BlockState = {
-  ABSENT: 0,
-  DATA: 1,
-  ZERO: 2,
-} as const;
-export type BlockStateValue = (typeof BlockState)[keyof typeof BlockState];
+export { BlockState, type BlockStateValue } from '../../lib/block-state.ts';
 
 const SLOT_BYTES = 8 + 4 + 4 + 4 + 1;
 const TABLE_BLOCKS_MIN = 16;
