@@ -19,8 +19,13 @@ export const DEFAULT_API_PORT = 49180;
 export const DEFAULT_NBD_PORT = 10809;
 export const DEFAULT_STORE_PORT = 49162;
 
-/** Runs `stop` once on SIGINT/SIGTERM, then exits. A second signal exits at once. */
+/**
+ * Runs `stop` once on SIGINT/SIGTERM, then exits. A second signal exits at once. A process run by
+ * a supervisor (`shale up`, over an IPC channel) ignores SIGINT: Ctrl-C in a terminal reaches the
+ * whole process group, and the supervisor stops its children itself, in order, with SIGTERM.
+ */
 export function stopOnSignals(stop: () => Promise<void>, log: (message: string) => void): void {
+  const supervised = process.send !== undefined;
   let stopping = false;
   const onSignal = (signal: string): void => {
     if (stopping) {
@@ -37,7 +42,9 @@ export function stopOnSignals(stop: () => Promise<void>, log: (message: string) 
       },
     );
   };
-  process.on('SIGINT', () => onSignal('SIGINT'));
+  process.on('SIGINT', () => {
+    if (!supervised) onSignal('SIGINT');
+  });
   process.on('SIGTERM', () => onSignal('SIGTERM'));
 }
 
@@ -92,6 +99,7 @@ export function registerRoleCommands(program: Command): void {
           diskPath: disk.path, diskSizeBytes: disk.sizeBytes, format: options.format, listen: options.listen,
           conductorUrls: options.conductor, domain: options.domain, log, openEngine: openLogEngine,
           resyncRateBytesPerSecond: parseSize(options.resyncRate, '--resync-rate'),
+          beforeRegister: process.send ? () => registrationTurn() : undefined,
         });
         stopOnSignals(() => daemon.close(), log);
         // Under a supervisor (shale up), say we are registered and serving.
@@ -125,6 +133,22 @@ export function registerRoleCommands(program: Command): void {
         exitWithError(error);
       }
     });
+}
+
+/**
+ * Under a supervisor: say the disk is open, then wait for its word to register, so that a new
+ * cluster's stores get ids in the supervisor's order while their disks open in parallel.
+ */
+function registrationTurn(): Promise<void> {
+  return new Promise((resolve) => {
+    const onMessage = (message: { type?: string }): void => {
+      if (message?.type !== 'register') return;
+      process.off('message', onMessage);
+      resolve();
+    };
+    process.on('message', onMessage);
+    process.send!({ type: 'opened' });
+  });
 }
 
 export async function startNbdGateway(options: { listen: string; conductor: string; owner: string; ioTimeout: string; log: (message: string) => void }): Promise<{ address: string; close(): Promise<void> }> {

@@ -80,6 +80,17 @@ async function up(options: UpOptions): Promise<void> {
   let stopping = false;
   const children = new Map<number, ChildProcess>();
   const readyStores = new Set<number>();
+  const openedStores = new Set<number>();
+  // At start, stores register in order (store-N gets id N in a new cluster); a restarted one at once.
+  let registrationsInOrder = true;
+  let nextToRegister = 1;
+  const registerNext = (): void => {
+    // The next store registers once its disk is open and the one before it is registered.
+    if (nextToRegister > storeCount || !openedStores.has(nextToRegister)) return;
+    if (nextToRegister > 1 && !readyStores.has(nextToRegister - 1)) return;
+    children.get(nextToRegister)?.send({ type: 'register' });
+    nextToRegister++;
+  };
   const startStore = (index: number): void => {
     readyStores.delete(index);
     const dir = `${dataDir}/store-${index}`;
@@ -90,7 +101,16 @@ async function up(options: UpOptions): Promise<void> {
     ], { stdio: ['ignore', 'inherit', 'inherit', 'ipc'], env: process.env });
     children.set(index, child);
     child.on('message', (message: { type?: string }) => {
-      if (message?.type === 'ready') readyStores.add(index);
+      if (message?.type === 'opened') {
+        openedStores.add(index);
+        // In order at start; at once for a store restarted later or one that already had its turn.
+        if (registrationsInOrder && index >= nextToRegister) registerNext();
+        else child.send({ type: 'register' });
+      }
+      if (message?.type === 'ready') {
+        readyStores.add(index);
+        if (registrationsInOrder) registerNext();
+      }
     });
     if (child.pid) writeFileSync(`${dir}/store.pid`, `${child.pid}\n`);
     child.on('exit', (code, signal) => {
@@ -105,15 +125,13 @@ async function up(options: UpOptions): Promise<void> {
   };
   // Stores start one after the other so that, in a new cluster, store-N gets store id N.
   const conductorClient = new ConductorClient(nodeEnv, apiUrl);
-  for (let index = 1; index <= storeCount; index++) {
-    startStore(index);
-    await waitFor(() => readyStores.has(index), `store-${index}`)
-      .catch(async (error: unknown) => {
-        await stopStores();
-        await conductor.close();
-        throw error;
-      });
-  }
+  for (let index = 1; index <= storeCount; index++) startStore(index);
+  await waitFor(() => readyStores.size === storeCount, `the ${storeCount} stores`).catch(async (error: unknown) => {
+    await stopStores();
+    await conductor.close();
+    throw error;
+  });
+  registrationsInOrder = false;
 
   const stopStores = async (): Promise<void> => {
     stopping = true;

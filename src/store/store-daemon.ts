@@ -28,6 +28,8 @@ export interface StoreDaemonOptions {
   /** Bytes per second a resync may copy into this store; 0 = unlimited. */
   resyncRateBytesPerSecond?: number;
   log: (message: string) => void;
+  /** Awaited after the disk is open and the server listens, before registering (lets a supervisor order registrations). */
+  beforeRegister?: () => Promise<void>;
   openEngine: (env: Env, options: { path: string; clusterId: string; format: boolean; sizeBytes?: number }) => Promise<BlockEngine>;
 }
 
@@ -53,6 +55,7 @@ export async function startStoreDaemon(env: Env, options: StoreDaemonOptions): P
     const stats = engine.stats();
     return [{ uuid: engine.diskUuid, path: engine.path, capacityBytes: stats.capacityBytes, usedBytes: stats.usedBytes }];
   };
+  await options.beforeRegister?.();
   const registration = await retryUntilReachable(env, () => conductor.register({
     diskUuid: engine.diskUuid, clusterId: cluster.clusterId, address, domain: options.domain, disks: diskReport(),
   }), log);
