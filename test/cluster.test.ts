@@ -4,6 +4,7 @@
  */
 import assert from 'node:assert/strict';
 import { randomBytes } from 'node:crypto';
+import { openSync, readSync, writeSync, closeSync, fstatSync } from 'node:fs';
 import { join } from 'node:path';
 import { after, before, describe, test } from 'node:test';
 import { ClusterClient } from '../src/client/cluster-client.ts';
@@ -12,7 +13,7 @@ import { nodeEnv } from '../src/env/node/node-env.ts';
 import { ShaleError } from '../src/lib/errors.ts';
 import { placementGroupOf } from '../src/lib/placement-hash.ts';
 import { StoreChannel } from '../src/proto/store-channel.ts';
-import { Op } from '../src/proto/store-protocol.ts';
+import { decodeReadReply, Flag, Op } from '../src/proto/store-protocol.ts';
 import { openLogEngine } from '../src/store/open-engine.ts';
 import { startStoreDaemon, type StoreDaemon } from '../src/store/store-daemon.ts';
 import { temporaryDirectory, waitFor } from './harness.ts';
@@ -100,6 +101,33 @@ describe('a cluster in one process', () => {
     assert.ok((await taken.read(0, 4096)).equals(Buffer.alloc(4096, 3)));
   });
 
+  test('a block that rots on one replica is never returned: another replica answers and the bad copy is repaired', async () => {
+    await createVolume('rot', 4 * MiB);
+    const gateway = await client('gw-rot');
+    const volume = await gateway.openVolume('rot');
+    const data = randomBytes(64 * 1024);
+    await volume.write(0, data);
+    await volume.flush();
+    // Flip one bit of the first block's copy in store 0's disk file (the page cache serves the change).
+    const victim = stores[0]!;
+    const offset = findBlock(join(dir.path, 'disk-0.img'), data.subarray(0, 4096));
+    flipBit(join(dir.path, 'disk-0.img'), offset + 100);
+    for (let i = 0; i < 6; i++) assert.ok((await volume.read(0, data.length)).equals(data), `read ${i} returns the written bytes`);
+    await waitFor('the repair', async () => volume.repairs > 0, 10_000);
+    const map = gateway.map;
+    const pool = map.pools[0]!;
+    const pgId = placementGroupOf(volume.info.id, 0, pool.pgCount);
+    const direct = new StoreChannel(nodeEnv, victim.address);
+    const reply = await direct.request({
+      op: Op.READ, flags: Flag.REPAIR, volumeId: volume.info.id, chunkIndex: 0, poolId: pool.id, pgId, pgCount: pool.pgCount,
+      pgEpoch: pool.pgs[pgId]!.epoch, offsetBlocks: 0, countBlocks: 16,
+    });
+    direct.close();
+    assert.ok(decodeReadReply(reply.payload, 16).data.equals(data), 'the rotten replica holds the right bytes again');
+    const status = await volume.blockStatus(0, 4 * MiB);
+    assert.deepEqual(status, [{ lengthBytes: 64 * 1024, hole: false, zero: false }, { lengthBytes: 4 * MiB - 64 * 1024, hole: true, zero: true }]);
+  });
+
   test('a store that missed writes is recovering: it takes writes, refuses reads, and catches up', async () => {
     await createVolume('recover', 8 * MiB);
     const gateway = await client('gw-recover');
@@ -142,3 +170,30 @@ describe('a cluster in one process', () => {
     await startStore(1);
   });
 });
+
+/** The byte offset of the first 4 KiB-aligned block of `path` equal to `block`. */
+function findBlock(path: string, block: Buffer): number {
+  const fd = openSync(path, 'r');
+  try {
+    const size = fstatSync(fd).size;
+    const buffer = Buffer.alloc(16 * MiB);
+    for (let base = 0; base < size; base += buffer.length) {
+      const read = readSync(fd, buffer, 0, buffer.length, base);
+      for (let at = 0; at + 4096 <= read; at += 4096) {
+        if (buffer.subarray(at, at + 4096).equals(block)) return base + at;
+      }
+    }
+  } finally {
+    closeSync(fd);
+  }
+  throw new Error(`block not found in ${path}`);
+}
+
+function flipBit(path: string, offset: number): void {
+  const fd = openSync(path, 'r+');
+  const byte = Buffer.alloc(1);
+  readSync(fd, byte, 0, 1, offset);
+  byte[0]! ^= 0x10;
+  writeSync(fd, byte, 0, 1, offset);
+  closeSync(fd);
+}

@@ -58,6 +58,8 @@ export class VolumeClient {
   #readTurn = 0;
   #writtenSinceFlush = new Set<number>();
   #closed = false;
+  /** Pieces repaired on a replica after it failed a checksum. */
+  repairs = 0;
 
   private constructor(cluster: ClusterClient, info: VolumeInfo, ownerEpoch: number) {
     this.#cluster = cluster;
@@ -151,6 +153,18 @@ export class VolumeClient {
   }
 
   async #readPiece(piece: Piece): Promise<Buffer> {
+    const bad: number[] = [];
+    const { value, storeId, pool, pgId, pgEpoch, payload } = await this.#fromCleanReplica(piece, Op.READ, (reply, from) => assembleRead(reply, piece.countBlocks, from), bad);
+    if (bad.length > 0) void this.#repair(piece, payload, bad, { pool, pgId, pgEpoch }, storeId);
+    return value;
+  }
+
+  /**
+   * Asks one clean replica after another (round robin from a rotating start) until one answers.
+   * Replicas that answered CHECKSUM are collected in `bad` for repair. Waits for a newer map when
+   * none can answer, up to the I/O timeout.
+   */
+  async #fromCleanReplica<T>(piece: Piece, op: number, decode: (payload: Buffer, storeId: number) => T, bad: number[]): Promise<{ value: T; storeId: number; pool: PoolMapEntry; pgId: number; pgEpoch: number; payload: Buffer }> {
     const deadline = this.#deadline();
     let lastError: ShaleError | undefined;
     for (;;) {
@@ -165,20 +179,92 @@ export class VolumeClient {
         const storeId = clean[(turn + i) % clean.length]!.storeId;
         try {
           const reply = await this.#cluster.channel(storeId).request({
-            op: Op.READ, volumeId: this.info.id, chunkIndex: piece.chunkIndex, poolId: pool.id, pgId, pgCount: pool.pgCount,
+            op, volumeId: this.info.id, chunkIndex: piece.chunkIndex, poolId: pool.id, pgId, pgCount: pool.pgCount,
             pgEpoch: pg.epoch, ownerEpoch: this.ownerEpoch, offsetBlocks: piece.offsetBlocks, countBlocks: piece.countBlocks,
           });
-          return assembleRead(reply.payload, piece.countBlocks, storeId);
+          return { value: decode(reply.payload, storeId), storeId, pool, pgId, pgEpoch: pg.epoch, payload: reply.payload };
         } catch (error) {
           lastError = error instanceof ShaleError ? error : new ShaleError('INTERNAL', String(error));
           if (lastError.code === 'FENCED' || lastError.code === 'NOT_FOUND' || lastError.code === 'INVALID_ARGUMENT') throw lastError;
           if (lastError.code === 'STALE_PG_EPOCH') staleMap = true;
-          if (lastError.code === 'CHECKSUM') this.#cluster.log(`volume ${this.info.name}: ${lastError.message}; reading another replica`);
+          if (lastError.code === 'CHECKSUM') {
+            this.#cluster.log(`volume ${this.info.name}: ${lastError.message}; reading another replica`);
+            if (!bad.includes(storeId)) bad.push(storeId);
+          }
         }
       }
       if (staleMap) await this.#cluster.watcher.refresh().catch(() => {});
       else await this.#waitForChange(map, deadline, lastError);
     }
+  }
+
+  /**
+   * Rewrites a piece on replicas that failed a checksum, from the good READ reply, with each
+   * block's own version and the REPAIR flag: the store replaces its copy of that version (an equal
+   * version takes the newer location) and never overwrites a newer one.
+   */
+  async #repair(piece: Piece, goodPayload: Buffer, badStores: readonly number[], where: { pool: PoolMapEntry; pgId: number; pgEpoch: number }, goodStore: number): Promise<void> {
+    const read = decodeReadReply(goodPayload, piece.countBlocks);
+    const dataOffsets = new Int32Array(piece.countBlocks).fill(-1);
+    for (let i = 0, at = 0; i < piece.countBlocks; i++) if (read.states[i] === BlockState.DATA) dataOffsets[i] = at++;
+    for (const storeId of badStores) {
+      try {
+        let i = 0;
+        while (i < piece.countBlocks) {
+          const state = read.states[i]!;
+          let end = i + 1;
+          while (end < piece.countBlocks && read.states[end] === state && read.epochs[end] === read.epochs[i] && read.seqs[end] === read.seqs[i]) end++;
+          if (state !== BlockState.ABSENT) {
+            const header = {
+              op: state === BlockState.DATA ? Op.WRITE : Op.WRITE_ZEROES, flags: Flag.REPAIR, volumeId: this.info.id, chunkIndex: piece.chunkIndex,
+              poolId: where.pool.id, pgId: where.pgId, pgCount: where.pool.pgCount, pgEpoch: where.pgEpoch,
+              ownerEpoch: read.epochs[i]!, versionSeq: read.seqs[i]!, offsetBlocks: piece.offsetBlocks + i, countBlocks: end - i,
+            };
+            const payload: Buffer[] = [];
+            if (state === BlockState.DATA) {
+              const sums = Buffer.allocUnsafe((end - i) * 4);
+              for (let k = i; k < end; k++) sums.writeUInt32LE(read.checksums[k]!, (k - i) * 4);
+              const first = dataOffsets[i]!;
+              payload.push(sums, read.data.subarray(first * BLOCK_SIZE_BYTES, (first + end - i) * BLOCK_SIZE_BYTES));
+            }
+            await this.#cluster.channel(storeId).request(header, payload);
+          }
+          i = end;
+        }
+        this.repairs++;
+        this.#cluster.log(`volume ${this.info.name}: repaired chunk ${piece.chunkIndex} blocks ${piece.offsetBlocks}+${piece.countBlocks} on store ${storeId} from store ${goodStore}`);
+      } catch (error) {
+        this.#cluster.log(`volume ${this.info.name}: repair on store ${storeId} failed: ${(error as Error).message}`);
+      }
+    }
+  }
+
+  /**
+   * Block status of a byte range, for NBD BLOCK_STATUS: extents from `offsetBytes` on, each a run of
+   * blocks that are all data or all holes (absent or zero: they read as zeros). Covers at most one chunk.
+   */
+  async blockStatus(offsetBytes: number, lengthBytes: number): Promise<{ lengthBytes: number; hole: boolean; zero: boolean }[]> {
+    this.#checkRange(offsetBytes, Math.min(lengthBytes, REQUEST_BYTES_MAX));
+    if (lengthBytes === 0) return [];
+    const startBlock = Math.floor(offsetBytes / BLOCK_SIZE_BYTES);
+    const endBlock = Math.ceil(Math.min(offsetBytes + lengthBytes, this.info.sizeBytes) / BLOCK_SIZE_BYTES);
+    const piece = this.#pieces(startBlock, endBlock - startBlock)[0]!;
+    const { value: states } = await this.#fromCleanReplica(piece, Op.BLOCK_STATES, (payload) => {
+      if (payload.length !== piece.countBlocks) throw new ShaleError('PROTOCOL', 'BLOCK_STATES reply of the wrong length');
+      return payload;
+    }, []);
+    const extents: { lengthBytes: number; hole: boolean; zero: boolean }[] = [];
+    let cursor = offsetBytes;
+    for (let i = 0; i < piece.countBlocks;) {
+      const hole = states[i] !== BlockState.DATA;
+      let end = i + 1;
+      while (end < piece.countBlocks && (states[end] !== BlockState.DATA) === hole) end++;
+      const extentEnd = Math.min((startBlock + end) * BLOCK_SIZE_BYTES, offsetBytes + lengthBytes);
+      extents.push({ lengthBytes: extentEnd - cursor, hole, zero: hole });
+      cursor = extentEnd;
+      i = end;
+    }
+    return extents;
   }
 
   async write(offsetBytes: number, data: Buffer, options: { fua?: boolean } = {}): Promise<void> {

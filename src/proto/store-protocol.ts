@@ -44,6 +44,8 @@
  *                 reply: for each object of those volumes in that PG: volume id u64, chunk index u32,
  *                 block count u32, then per block (state u8, 3 pad, epoch u32, seq f64) = 16 bytes.
  *   PING          none either way.
+ *   BLOCK_STATES  request: none. reply: one state byte per block (absent, data, zero) — block status
+ *                 without reading data.
  */
 import { assert } from '../lib/assert.ts';
 import type { BlockStateValue } from '../lib/block-state.ts';
@@ -67,6 +69,7 @@ export const Op = {
   FENCE: 5,
   LIST_PG: 6,
   PING: 7,
+  BLOCK_STATES: 8,
 } as const;
 export type OpCode = (typeof Op)[keyof typeof Op];
 export const REPLY_BIT = 0x80;

@@ -50,6 +50,8 @@ export interface BlockEngine {
   ownerEpoch(volumeId: number): number;
   purgeVolume(volumeId: number): Promise<void>;
   isPurged(volumeId: number): boolean;
+  /** The state of each block of the range (absent, data, zero) without reading data. */
+  blockStates(volumeId: number, chunkIndex: number, offsetBlocks: number, countBlocks: number): Uint8Array;
   /** Per-block versions of every object whose volume is in `volumeIds` and which `filter` accepts. */
   listObjects(volumeIds: ReadonlySet<number>, filter: (volumeId: number, chunkIndex: number) => boolean): ObjectVersions[];
   stats(): EngineStats;

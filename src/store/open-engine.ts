@@ -90,6 +90,13 @@ class LogEngineAdapter implements BlockEngine {
     return this.#engine.isPurged(volumeId);
   }
 
+  blockStates(volumeId: number, chunkIndex: number, offsetBlocks: number, countBlocks: number): Uint8Array {
+    const states = new Uint8Array(countBlocks);
+    const versions = this.#engine.objectVersions(volumeId, chunkIndex);
+    if (versions) states.set(versions.states.subarray(offsetBlocks, offsetBlocks + countBlocks));
+    return states;
+  }
+
   listObjects(volumeIds: ReadonlySet<number>, filter: (volumeId: number, chunkIndex: number) => boolean): ObjectVersions[] {
     const out: ObjectVersions[] = [];
     for (const key of this.#engine.listObjects()) {

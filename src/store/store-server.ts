@@ -153,6 +153,8 @@ export class StoreServer {
         return this.#fence(h);
       case Op.LIST_PG:
         return this.#listPg(frame);
+      case Op.BLOCK_STATES:
+        return this.#blockStates(h);
       default:
         throw new ShaleError('INVALID_ARGUMENT', `unknown store op ${h.op}`);
     }
@@ -240,6 +242,16 @@ export class StoreServer {
       }
     }
     return [replyHeader(h, { payloadBytes: descriptors.length + data.length }), descriptors, data];
+  }
+
+  #blockStates(h: FrameHeader): Buffer[] {
+    this.#checkRange(h);
+    this.#checkEpochs(h, true);
+    if (!this.#view.canServeReads(h.poolId, h.pgId, h.pgEpoch)) {
+      throw new ShaleError('NOT_READY', `PG ${h.poolId}.${h.pgId} is recovering on this store`);
+    }
+    const states = Buffer.from(this.#engine.blockStates(h.volumeId, h.chunkIndex, h.offsetBlocks, h.countBlocks));
+    return [replyHeader(h, { payloadBytes: states.length }), states];
   }
 
   async #fence(h: FrameHeader): Promise<Buffer[]> {
