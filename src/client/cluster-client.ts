@@ -6,7 +6,8 @@
 import type { Env } from '../env/env.ts';
 import { ShaleError } from '../lib/errors.ts';
 import { ConductorClient, MapWatcher } from '../proto/conductor-client.ts';
-import { StoreChannel } from '../proto/store-channel.ts';
+import { LocalChannel, type LocalStores } from '../proto/local-channel.ts';
+import { StoreChannel, type StoreRequester } from '../proto/store-channel.ts';
 import type { ClusterMap } from '../conductor/api/types.ts';
 import { VolumeClient } from './volume-client.ts';
 
@@ -19,6 +20,8 @@ export interface ClusterClientOptions {
   /** How long one store request may take before the store counts as failed. */
   requestTimeoutMs?: number;
   log?: (message: string) => void;
+  /** Stores served by this same process: reached by direct calls instead of sockets. */
+  localStores?: LocalStores;
 }
 
 export class ClusterClient {
@@ -29,7 +32,8 @@ export class ClusterClient {
   readonly ioTimeoutMs: number;
   readonly requestTimeoutMs: number;
   readonly log: (message: string) => void;
-  #channels = new Map<string, StoreChannel>();
+  readonly #localStores: LocalStores | undefined;
+  #channels = new Map<string, StoreRequester>();
   #volumes = new Map<string, Promise<VolumeClient>>();
   #reportsInFlight = new Map<number, Promise<ClusterMap>>();
 
@@ -41,6 +45,7 @@ export class ClusterClient {
     this.ioTimeoutMs = options.ioTimeoutMs ?? 0;
     this.requestTimeoutMs = options.requestTimeoutMs ?? 10_000;
     this.log = options.log ?? (() => {});
+    this.#localStores = options.localStores;
   }
 
   async start(): Promise<void> {
@@ -53,12 +58,15 @@ export class ClusterClient {
     return map;
   }
 
-  channel(storeId: number): StoreChannel {
+  channel(storeId: number): StoreRequester {
     const store = this.map.stores.find((candidate) => candidate.id === storeId);
     if (!store) throw new ShaleError('NOT_FOUND', `store ${storeId} is not in the map`);
     let channel = this.#channels.get(store.address);
     if (!channel) {
-      channel = new StoreChannel(this.env, store.address, { timeoutMs: this.requestTimeoutMs });
+      const local = this.#localStores?.get(store.address);
+      channel = local
+        ? new LocalChannel(store.address, local)
+        : new StoreChannel(this.env, store.address, { timeoutMs: this.requestTimeoutMs });
       this.#channels.set(store.address, channel);
     }
     return channel;

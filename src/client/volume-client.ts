@@ -28,7 +28,7 @@ import { blockChecksums, crc32c } from '../lib/crc32c.ts';
 import { ShaleError } from '../lib/errors.ts';
 import { placementGroupOf } from '../lib/placement-hash.ts';
 import { BLOCK_SHIFT, BLOCK_SIZE_BYTES } from '../lib/units.ts';
-import { BLOCKS_PER_REQUEST_MAX, BlockState, decodeReadReply, Flag, Op } from '../proto/store-protocol.ts';
+import { BLOCKS_PER_REQUEST_MAX, BlockState, decodeReadReply, Flag, Op, type Frame } from '../proto/store-protocol.ts';
 import type { ClusterMap, PoolMapEntry, VolumeInfo } from '../conductor/api/types.ts';
 import type { ClusterClient } from './cluster-client.ts';
 import { RangeLock } from './range-lock.ts';
@@ -154,7 +154,7 @@ export class VolumeClient {
 
   async #readPiece(piece: Piece): Promise<Buffer> {
     const bad: number[] = [];
-    const { value, storeId, pool, pgId, pgEpoch, payload } = await this.#fromCleanReplica(piece, Op.READ, (reply, from) => assembleRead(reply, piece.countBlocks, from), bad);
+    const { value, storeId, pool, pgId, pgEpoch, payload } = await this.#fromCleanReplica(piece, Op.READ, (reply, from) => assembleRead(reply.payload, piece.countBlocks, from, reply.verified === true), bad);
     if (bad.length > 0) void this.#repair(piece, payload, bad, { pool, pgId, pgEpoch }, storeId);
     return value;
   }
@@ -164,7 +164,7 @@ export class VolumeClient {
    * Replicas that answered CHECKSUM are collected in `bad` for repair. Waits for a newer map when
    * none can answer, up to the I/O timeout.
    */
-  async #fromCleanReplica<T>(piece: Piece, op: number, decode: (payload: Buffer, storeId: number) => T, bad: number[]): Promise<{ value: T; storeId: number; pool: PoolMapEntry; pgId: number; pgEpoch: number; payload: Buffer }> {
+  async #fromCleanReplica<T>(piece: Piece, op: number, decode: (reply: Frame, storeId: number) => T, bad: number[]): Promise<{ value: T; storeId: number; pool: PoolMapEntry; pgId: number; pgEpoch: number; payload: Buffer }> {
     const deadline = this.#deadline();
     let lastError: ShaleError | undefined;
     for (;;) {
@@ -182,7 +182,7 @@ export class VolumeClient {
             op, volumeId: this.info.id, chunkIndex: piece.chunkIndex, poolId: pool.id, pgId, pgCount: pool.pgCount,
             pgEpoch: pg.epoch, ownerEpoch: this.ownerEpoch, offsetBlocks: piece.offsetBlocks, countBlocks: piece.countBlocks,
           });
-          return { value: decode(reply.payload, storeId), storeId, pool, pgId, pgEpoch: pg.epoch, payload: reply.payload };
+          return { value: decode(reply, storeId), storeId, pool, pgId, pgEpoch: pg.epoch, payload: reply.payload };
         } catch (error) {
           lastError = error instanceof ShaleError ? error : new ShaleError('INTERNAL', String(error));
           if (lastError.code === 'FENCED' || lastError.code === 'NOT_FOUND' || lastError.code === 'INVALID_ARGUMENT') throw lastError;
@@ -249,9 +249,9 @@ export class VolumeClient {
     const startBlock = Math.floor(offsetBytes / BLOCK_SIZE_BYTES);
     const endBlock = Math.ceil(Math.min(offsetBytes + lengthBytes, this.info.sizeBytes) / BLOCK_SIZE_BYTES);
     const piece = this.#pieces(startBlock, endBlock - startBlock)[0]!;
-    const { value: states } = await this.#fromCleanReplica(piece, Op.BLOCK_STATES, (payload) => {
-      if (payload.length !== piece.countBlocks) throw new ShaleError('PROTOCOL', 'BLOCK_STATES reply of the wrong length');
-      return payload;
+    const { value: states } = await this.#fromCleanReplica(piece, Op.BLOCK_STATES, (reply) => {
+      if (reply.payload.length !== piece.countBlocks) throw new ShaleError('PROTOCOL', 'BLOCK_STATES reply of the wrong length');
+      return reply.payload;
     }, []);
     const extents: { lengthBytes: number; hole: boolean; zero: boolean }[] = [];
     let cursor = offsetBytes;
@@ -457,14 +457,17 @@ function noQuorum(lastError: ShaleError | undefined): ShaleError {
   return new ShaleError('NO_QUORUM', `I/O timed out waiting for replicas${lastError ? `: ${lastError.message}` : ''}`);
 }
 
-/** Rebuilds the piece's bytes from a READ reply, verifying every data block's crc32c. */
-function assembleRead(payload: Buffer, countBlocks: number, storeId: number): Buffer {
+/**
+ * Rebuilds the piece's bytes from a READ reply, verifying every data block's crc32c — end to end,
+ * unless the store already verified them in this same process (`verified`).
+ */
+function assembleRead(payload: Buffer, countBlocks: number, storeId: number, verified: boolean): Buffer {
   const read = decodeReadReply(payload, countBlocks);
   let dataBlocks = 0;
   for (let i = 0; i < countBlocks; i++) {
     if (read.states[i] !== BlockState.DATA) continue;
     const block = read.data.subarray(dataBlocks * BLOCK_SIZE_BYTES, (dataBlocks + 1) * BLOCK_SIZE_BYTES);
-    if (crc32c(block) !== read.checksums[i]) {
+    if (!verified && crc32c(block) !== read.checksums[i]) {
       throw new ShaleError('CHECKSUM', `block ${i} from store ${storeId} failed its crc32c in transit`);
     }
     dataBlocks++;

@@ -23,7 +23,16 @@ interface Pending {
   op: number;
 }
 
-export class StoreChannel {
+/** What the client library needs of a connection to a store: a socket channel or the in-process one. */
+export interface StoreRequester {
+  readonly address: string;
+  readonly inFlight: number;
+  request(fields: Partial<FrameHeader> & { op: number }, payload?: readonly Buffer[], timeoutMs?: number): Promise<Frame>;
+  close(): void;
+  reset(): void;
+}
+
+export class StoreChannel implements StoreRequester {
   readonly address: string;
   readonly #env: Env;
   readonly #timeoutMs: number;

@@ -188,6 +188,10 @@ export function decodeHeader(source: Buffer, offset = 0): FrameHeader {
 export interface Frame {
   header: FrameHeader;
   payload: Buffer;
+  /** In-process requests only: the payload as the parts it was built from (no concatenation). */
+  parts?: readonly Buffer[];
+  /** In-process replies only: the data's checksums were verified in this process and need no second check. */
+  verified?: boolean;
 }
 
 /**

@@ -9,6 +9,7 @@
 import type { Env, Timer } from '../env/env.ts';
 import { ShaleError } from '../lib/errors.ts';
 import { ConductorClient, MapWatcher } from '../proto/conductor-client.ts';
+import type { LocalStores } from '../proto/local-channel.ts';
 import { StoreChannel } from '../proto/store-channel.ts';
 import type { ClusterMap, DiskReport } from '../conductor/api/types.ts';
 import type { BlockEngine } from './block-engine.ts';
@@ -30,6 +31,8 @@ export interface StoreDaemonOptions {
   log: (message: string) => void;
   /** Awaited after the disk is open and the server listens, before registering (lets a supervisor order registrations). */
   beforeRegister?: () => Promise<void>;
+  /** Register the server here so clients of this same process reach it without a socket. */
+  localStores?: LocalStores;
   openEngine: (env: Env, options: { path: string; clusterId: string; format: boolean; sizeBytes?: number }) => Promise<BlockEngine>;
 }
 
@@ -51,6 +54,7 @@ export async function startStoreDaemon(env: Env, options: StoreDaemonOptions): P
   const view = new MapStoreView();
   const server = new StoreServer(env, { engine, view, log });
   const address = await server.listen(options.listen);
+  options.localStores?.add(address, server);
   const diskReport = (): DiskReport[] => {
     const stats = engine.stats();
     return [{ uuid: engine.diskUuid, path: engine.path, capacityBytes: stats.capacityBytes, usedBytes: stats.usedBytes }];
@@ -116,6 +120,7 @@ export async function startStoreDaemon(env: Env, options: StoreDaemonOptions): P
     async close(): Promise<void> {
       heartbeat.cancel();
       watcher.stop();
+      options.localStores?.remove(address);
       await server.close();
       for (const existing of channels.values()) existing.close();
       await engine.close();

@@ -16,7 +16,7 @@ import { placementGroupOf } from '../lib/placement-hash.ts';
 import { BLOCK_SIZE_BYTES } from '../lib/units.ts';
 import type { Connection, Env, Listener } from '../env/env.ts';
 import {
-  BLOCKS_PER_REQUEST_MAX, BlockState, decodeVolumeIds, emptyHeader, encodeHeader, encodeListReply, encodeReadDescriptors,
+  BLOCKS_PER_REQUEST_MAX, BlockState, decodeVolumeIds, encodeHeader, encodeListReply, encodeReadDescriptors,
   Flag, FrameParser, HEADER_BYTES, Op, REPLY_BIT, type Frame, type FrameHeader,
 } from '../proto/store-protocol.ts';
 import type { BlockEngine } from './block-engine.ts';
@@ -117,11 +117,11 @@ export class StoreServer {
         inFlight++;
         this.#handle(frame).then(
           (reply) => {
-            send(reply);
+            send(encodeReply(reply));
             done();
           },
           (error: unknown) => {
-            send(errorReply(frame.header, error));
+            send(encodeReply(errorReply(frame.header, error)));
             done();
           },
         );
@@ -134,13 +134,23 @@ export class StoreServer {
     connection.onClose(() => this.#connections.delete(connection));
   }
 
-  async #handle(frame: Frame): Promise<Buffer[]> {
+  /**
+   * A request from a client in this process (the hyperconverged fast path, DESIGN §9): the same
+   * checks and engine calls as over a socket, without framing, copies or event-loop hops.
+   * Resolves with the reply's header and payload parts; rejects with the ShaleError a socket
+   * client would get as a status.
+   */
+  serveLocal(frame: Frame): Promise<Reply> {
+    return this.#handle(frame);
+  }
+
+  async #handle(frame: Frame): Promise<Reply> {
     const h = frame.header;
     if (this.#stopping) throw new ShaleError('SHUTTING_DOWN', 'store is stopping');
     if (!this.#view.ready && h.op !== Op.PING) throw new ShaleError('NOT_READY', 'store has not received the cluster map yet');
     switch (h.op) {
       case Op.PING:
-        return [replyHeader(h)];
+        return { header: replyHeader(h), parts: [] };
       case Op.WRITE:
       case Op.WRITE_ZEROES:
         return this.#track(this.#write(frame));
@@ -148,7 +158,7 @@ export class StoreServer {
         return this.#read(h);
       case Op.FLUSH:
         await this.#engine.flush();
-        return [replyHeader(h)];
+        return { header: replyHeader(h), parts: [] };
       case Op.FENCE:
         return this.#fence(h);
       case Op.LIST_PG:
@@ -191,7 +201,7 @@ export class StoreServer {
     if (h.pgEpoch > known) this.#view.notePgEpoch(h.poolId, h.pgId, h.pgEpoch);
   }
 
-  async #write(frame: Frame): Promise<Buffer[]> {
+  async #write(frame: Frame): Promise<Reply> {
     const h = frame.header;
     this.#checkRange(h);
     const isRepair = (h.flags & Flag.REPAIR) !== 0;
@@ -201,12 +211,15 @@ export class StoreServer {
     let appliedBlocks: number;
     if (h.op === Op.WRITE) {
       const checksumBytes = h.countBlocks * 4;
-      if (frame.payload.length !== checksumBytes + h.countBlocks * BLOCK_SIZE_BYTES) {
-        throw new ShaleError('INVALID_ARGUMENT', `WRITE payload of ${frame.payload.length} bytes does not match ${h.countBlocks} blocks`);
+      // A local request keeps checksums and data as separate parts; a socket frame is one buffer.
+      const local = frame.parts?.length === 2 ? frame.parts : undefined;
+      const sums = local ? local[0]! : frame.payload.subarray(0, checksumBytes);
+      const data = local ? local[1]! : frame.payload.subarray(checksumBytes);
+      if (sums.length !== checksumBytes || data.length !== h.countBlocks * BLOCK_SIZE_BYTES) {
+        throw new ShaleError('INVALID_ARGUMENT', `WRITE payload of ${sums.length + data.length} bytes does not match ${h.countBlocks} blocks`);
       }
       const checksums = new Uint32Array(h.countBlocks);
-      for (let i = 0; i < h.countBlocks; i++) checksums[i] = frame.payload.readUInt32LE(i * 4);
-      const data = frame.payload.subarray(checksumBytes);
+      for (let i = 0; i < h.countBlocks; i++) checksums[i] = sums.readUInt32LE(i * 4);
       ({ appliedBlocks } = await this.#engine.write({
         volumeId: h.volumeId, chunkIndex: h.chunkIndex, offsetBlocks: h.offsetBlocks, data, checksums, version, snapSeq: h.snapSeq, ownerEpoch,
       }));
@@ -216,10 +229,10 @@ export class StoreServer {
       }));
     }
     if ((h.flags & Flag.FUA) !== 0) await this.#engine.flush();
-    return [replyHeader(h, { countBlocks: appliedBlocks })];
+    return { header: replyHeader(h, { countBlocks: appliedBlocks }), parts: [] };
   }
 
-  async #read(h: FrameHeader): Promise<Buffer[]> {
+  async #read(h: FrameHeader): Promise<Reply> {
     this.#checkRange(h);
     this.#checkEpochs(h, true);
     if ((h.flags & Flag.REPAIR) === 0 && !this.#view.canServeReads(h.poolId, h.pgId, h.pgEpoch)) {
@@ -241,27 +254,27 @@ export class StoreServer {
         at += BLOCK_SIZE_BYTES;
       }
     }
-    return [replyHeader(h, { payloadBytes: descriptors.length + data.length }), descriptors, data];
+    return { header: replyHeader(h, { payloadBytes: descriptors.length + data.length }), parts: [descriptors, data] };
   }
 
-  #blockStates(h: FrameHeader): Buffer[] {
+  #blockStates(h: FrameHeader): Reply {
     this.#checkRange(h);
     this.#checkEpochs(h, true);
     if (!this.#view.canServeReads(h.poolId, h.pgId, h.pgEpoch)) {
       throw new ShaleError('NOT_READY', `PG ${h.poolId}.${h.pgId} is recovering on this store`);
     }
     const states = Buffer.from(this.#engine.blockStates(h.volumeId, h.chunkIndex, h.offsetBlocks, h.countBlocks));
-    return [replyHeader(h, { payloadBytes: states.length }), states];
+    return { header: replyHeader(h, { payloadBytes: states.length }), parts: [states] };
   }
 
-  async #fence(h: FrameHeader): Promise<Buffer[]> {
+  async #fence(h: FrameHeader): Promise<Reply> {
     const current = this.#engine.ownerEpoch(h.volumeId);
     if (h.ownerEpoch < current) throw new ShaleError('FENCED', `volume ${h.volumeId} is fenced at ${current}, above ${h.ownerEpoch}`);
     if (h.ownerEpoch > current) await this.#engine.fence(h.volumeId, h.ownerEpoch);
-    return [replyHeader(h)];
+    return { header: replyHeader(h), parts: [] };
   }
 
-  async #listPg(frame: Frame): Promise<Buffer[]> {
+  async #listPg(frame: Frame): Promise<Reply> {
     const h = frame.header;
     if (h.pgCount === 0 || h.pgId >= h.pgCount) throw new ShaleError('INVALID_ARGUMENT', `PG ${h.pgId} of ${h.pgCount}`);
     this.#checkEpochs({ ...h, volumeId: 0 }, true);
@@ -270,19 +283,26 @@ export class StoreServer {
     const volumeIds = new Set(decodeVolumeIds(frame.payload));
     const objects = this.#engine.listObjects(volumeIds, (volumeId, chunkIndex) => placementGroupOf(volumeId, chunkIndex, h.pgCount) === h.pgId);
     const payload = encodeListReply(objects);
-    return [replyHeader(h, { payloadBytes: payload.length }), payload];
+    return { header: replyHeader(h, { payloadBytes: payload.length }), parts: [payload] };
   }
 }
 
-function replyHeader(request: FrameHeader, fields: Partial<FrameHeader> = {}): Buffer {
-  return encodeHeader({ ...emptyHeader(), ...request, op: request.op | REPLY_BIT, status: 0, payloadBytes: 0, ...fields }, Buffer.allocUnsafe(HEADER_BYTES));
+/** A reply before encoding: its header fields and payload parts. Sockets encode it; local callers take it as is. */
+export interface Reply {
+  header: FrameHeader;
+  parts: Buffer[];
 }
 
-function errorReply(request: FrameHeader, error: unknown): Buffer[] {
+function replyHeader(request: FrameHeader, fields: Partial<FrameHeader> = {}): FrameHeader {
+  return { ...request, op: request.op | REPLY_BIT, status: 0, payloadBytes: 0, ...fields };
+}
+
+function encodeReply(reply: Reply): Buffer[] {
+  return [encodeHeader(reply.header, Buffer.allocUnsafe(HEADER_BYTES)), ...reply.parts];
+}
+
+function errorReply(request: FrameHeader, error: unknown): Reply {
   const shaleError = toShaleError(error);
   const message = Buffer.from(shaleError.message.slice(0, 1000), 'utf8');
-  return [
-    encodeHeader({ ...request, op: request.op | REPLY_BIT, status: ErrorCodes[codeOf(shaleError)].wire, payloadBytes: message.length }, Buffer.allocUnsafe(HEADER_BYTES)),
-    message,
-  ];
+  return { header: { ...request, op: request.op | REPLY_BIT, status: ErrorCodes[codeOf(shaleError)].wire, payloadBytes: message.length }, parts: [message] };
 }

@@ -1,0 +1,197 @@
+/**
+ * NBD block benchmark: Shale beside nbdkit (file plugin) and qemu-nbd on a file of the same size on
+ * the same disk, in one run, with fio's nbd engine. Rounds are interleaved (every target once per
+ * round) so that load from elsewhere on a shared machine hits all targets alike; the table shows
+ * the median of the rounds and the ratio to nbdkit over the same transport.
+ *
+ *   npm run bench:nbd                      # all targets, all workloads, RUNS=3 rounds of RUNTIME=10 s
+ *   RUNS=5 RUNTIME=20 npm run bench:nbd
+ *   TARGETS=nbdkit-tcp,shale1-tcp WORKLOADS=randread_4k_qd32 npm run bench:nbd
+ *
+ * Targets: nbdkit file plugin (tcp, unix), qemu-nbd (--cache=none --aio=threads, unix), Shale with
+ * 1 replica on `shale up --stores 1` (the store engine in the gateway's process) and with 3
+ * replicas on `shale up --stores 3` (3 store processes), each over TCP and a unix socket.
+ * Volumes and files are 1 GiB, written once (1 MiB sequential) before measuring.
+ */
+import { spawn, spawnSync, type ChildProcess } from 'node:child_process';
+import { mkdtempSync, readFileSync, rmSync, truncateSync, writeFileSync } from 'node:fs';
+import { createServer } from 'node:net';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { fileURLToPath } from 'node:url';
+
+const MAIN = fileURLToPath(new URL('../src/cli/main.ts', import.meta.url));
+const RUNS = Number(process.env.RUNS ?? 3);
+const RUNTIME = Number(process.env.RUNTIME ?? 10);
+const SIZE = '1G';
+
+const WORKLOADS: Record<string, string[]> = {
+  randread_4k_qd1: ['--rw=randread', '--bs=4k', '--iodepth=1'],
+  randread_4k_qd32: ['--rw=randread', '--bs=4k', '--iodepth=32'],
+  randwrite_4k_qd1: ['--rw=randwrite', '--bs=4k', '--iodepth=1'],
+  randwrite_4k_qd32: ['--rw=randwrite', '--bs=4k', '--iodepth=32'],
+  seqread_1m_qd8: ['--rw=read', '--bs=1M', '--iodepth=8'],
+  seqwrite_1m_qd8: ['--rw=write', '--bs=1M', '--iodepth=8'],
+};
+
+interface Target {
+  name: string;
+  transport: 'tcp' | 'unix';
+  uri: string;
+  pids: () => number[];
+}
+
+const dir = mkdtempSync(join(tmpdir(), 'shale-bench-nbd-'));
+const children: ChildProcess[] = [];
+
+function log(message: string): void {
+  process.stderr.write(`[bench] ${message}\n`);
+}
+
+async function freePort(): Promise<number> {
+  return new Promise((resolve) => {
+    const server = createServer();
+    server.listen(0, '127.0.0.1', () => {
+      const address = server.address();
+      server.close(() => resolve(typeof address === 'object' && address ? address.port : 0));
+    });
+  });
+}
+
+function start(command: string, args: string[], env: NodeJS.ProcessEnv = {}): ChildProcess {
+  const child = spawn(command, args, { stdio: ['ignore', 'pipe', 'pipe'], env: { ...process.env, ...env } });
+  let output = '';
+  child.stdout!.on('data', (chunk: Buffer) => (output += chunk.toString()));
+  child.stderr!.on('data', (chunk: Buffer) => (output += chunk.toString()));
+  (child as ChildProcess & { output: () => string }).output = () => output;
+  children.push(child);
+  return child;
+}
+
+async function waitFor(what: string, ready: () => boolean, timeoutMs = 120_000): Promise<void> {
+  const deadline = Date.now() + timeoutMs;
+  while (!ready()) {
+    if (Date.now() > deadline) throw new Error(`${what} did not come up`);
+    await new Promise((resolve) => setTimeout(resolve, 100));
+  }
+}
+
+function has(tool: string): boolean {
+  return spawnSync('sh', ['-c', `command -v ${tool}`]).status === 0;
+}
+
+function fio(uri: string, args: string[], runtime: number, extra: string[] = []): { iops: number; mibps: number; p50us: number; p99us: number } {
+  const output = join(dir, 'fio.json');
+  const result = spawnSync('fio', [
+    '--name=bench', '--ioengine=nbd', `--uri=${uri}`, `--size=${SIZE}`, '--time_based', `--runtime=${runtime}`,
+    '--norandommap', '--randrepeat=0', '--output-format=json', `--output=${output}`, ...args, ...extra,
+  ], { encoding: 'utf8' });
+  if (result.status !== 0) throw new Error(`fio failed on ${uri}: ${result.stderr}`);
+  const job = JSON.parse(readFileSync(output, 'utf8')).jobs[0];
+  const side = job.read.iops > job.write.iops ? job.read : job.write;
+  const percentile = side.clat_ns.percentile ?? {};
+  return { iops: side.iops, mibps: side.bw / 1024, p50us: (percentile['50.000000'] ?? 0) / 1000, p99us: (percentile['99.000000'] ?? 0) / 1000 };
+}
+
+async function shaleUp(name: string, stores: number): Promise<Target[]> {
+  const nbdPort = await freePort();
+  const apiPort = await freePort();
+  const socket = join(dir, `${name}.sock`);
+  const child = start(process.execPath, [
+    MAIN, 'up', '--data', join(dir, name), '--stores', String(stores), '--disk-size', '4G',
+    '--nbd-port', String(nbdPort), '--api-port', String(apiPort), '--nbd-socket', socket,
+  ], { SHALE_CONFIG_DIR: join(dir, `${name}-config`) });
+  const output = (child as ChildProcess & { output: () => string }).output;
+  await waitFor(`shale up (${name})`, () => output().includes('Shale is up'));
+  const create = spawnSync(process.execPath, [MAIN, 'volume', 'create', 'bench', '--size', SIZE, '--replicas', String(Math.min(3, stores))], {
+    encoding: 'utf8', env: { ...process.env, SHALE_API: `http://127.0.0.1:${apiPort}`, SHALE_CONFIG_DIR: join(dir, `${name}-config`) },
+  });
+  if (create.status !== 0) throw new Error(`volume create on ${name}: ${create.stderr}`);
+  const pids = (): number[] => {
+    const list = spawnSync('pgrep', ['-f', join(dir, name)], { encoding: 'utf8' }).stdout.trim().split('\n').filter(Boolean).map(Number);
+    return list;
+  };
+  return [
+    { name, transport: 'tcp', uri: `nbd://127.0.0.1:${nbdPort}/bench`, pids },
+    { name, transport: 'unix', uri: `nbd+unix:///bench?socket=${socket}`, pids },
+  ];
+}
+
+async function main(): Promise<void> {
+  for (const tool of ['fio', 'nbdkit', 'qemu-nbd']) {
+    if (!has(tool)) throw new Error(`${tool} is missing: apt-get install fio nbdkit qemu-utils`);
+  }
+  const only = process.env.TARGETS?.split(',');
+  const workloads = Object.entries(WORKLOADS).filter(([name]) => !process.env.WORKLOADS || process.env.WORKLOADS.split(',').includes(name));
+  const targets: Target[] = [];
+
+  const nbdkitFile = join(dir, 'nbdkit.img');
+  truncateSync(writeFileAndReturn(nbdkitFile), 1024 ** 3);
+  const nbdkitPort = await freePort();
+  const nbdkitSocket = join(dir, 'nbdkit.sock');
+  const nbdkitTcp = start('nbdkit', ['-f', '-p', String(nbdkitPort), 'file', nbdkitFile]);
+  const nbdkitUnix = start('nbdkit', ['-f', '-U', nbdkitSocket, 'file', nbdkitFile]);
+  targets.push({ name: 'nbdkit-file', transport: 'tcp', uri: `nbd://127.0.0.1:${nbdkitPort}/`, pids: () => [nbdkitTcp.pid!] });
+  targets.push({ name: 'nbdkit-file', transport: 'unix', uri: `nbd+unix:///?socket=${nbdkitSocket}`, pids: () => [nbdkitUnix.pid!] });
+
+  const qemuFile = join(dir, 'qemu.img');
+  truncateSync(writeFileAndReturn(qemuFile), 1024 ** 3);
+  const qemuSocket = join(dir, 'qemu.sock');
+  const qemu = start('qemu-nbd', ['--persistent', '--shared=8', '--cache=none', '--aio=threads', '--format=raw', `--socket=${qemuSocket}`, qemuFile]);
+  targets.push({ name: 'qemu-nbd', transport: 'unix', uri: `nbd+unix:///?socket=${qemuSocket}`, pids: () => [qemu.pid!] });
+
+  targets.push(...(await shaleUp('shale-1-replica', 1)));
+  targets.push(...(await shaleUp('shale-3-replicas', 3)));
+  const chosen = targets.filter((target) => !only || only.includes(`${target.name}-${target.transport}`));
+  await new Promise((resolve) => setTimeout(resolve, 1000));
+
+  for (const target of chosen) {
+    log(`filling ${target.name} over ${target.transport}`);
+    fio(target.uri, ['--rw=write', '--bs=1M', '--iodepth=8'], 0, ['--time_based=0']);
+  }
+
+  const results = new Map<string, { iops: number; mibps: number; p50us: number; p99us: number }[]>();
+  for (let round = 1; round <= RUNS; round++) {
+    for (const [workload, args] of workloads) {
+      for (const target of chosen) {
+        const key = `${workload}|${target.name}|${target.transport}`;
+        const result = fio(target.uri, args, RUNTIME);
+        log(`round ${round} ${workload} ${target.name}/${target.transport}: ${Math.round(result.iops)} IOPS, ${result.mibps.toFixed(0)} MiB/s, p50 ${result.p50us.toFixed(0)} µs`);
+        results.set(key, [...(results.get(key) ?? []), result]);
+      }
+    }
+  }
+
+  const median = (values: number[]): number => {
+    const sorted = [...values].sort((a, b) => a - b);
+    return sorted[Math.floor(sorted.length / 2)]!;
+  };
+  const lines: string[] = [];
+  lines.push(`| workload | target | transport | IOPS (median) | MiB/s | p50 µs | p99 µs | vs nbdkit-file (same transport) |`);
+  lines.push('|---|---|---|---:|---:|---:|---:|---:|');
+  for (const [workload] of workloads) {
+    for (const target of chosen) {
+      const runs = results.get(`${workload}|${target.name}|${target.transport}`)!;
+      const iops = median(runs.map((run) => run.iops));
+      const reference = results.get(`${workload}|nbdkit-file|${target.transport}`);
+      const ratio = reference ? iops / median(reference.map((run) => run.iops)) : undefined;
+      lines.push(`| ${workload} | ${target.name} | ${target.transport} | ${Math.round(iops)} | ${median(runs.map((run) => run.mibps)).toFixed(0)} | ${median(runs.map((run) => run.p50us)).toFixed(0)} | ${median(runs.map((run) => run.p99us)).toFixed(0)} | ${ratio === undefined ? '–' : `${ratio.toFixed(2)}×`} |`);
+    }
+  }
+  const loadavg = readFileSync('/proc/loadavg', 'utf8').split(' ').slice(0, 3).join(' ');
+  process.stdout.write(`\nNBD benchmark: ${RUNS} rounds × ${RUNTIME} s per workload and target, medians; load average at the end ${loadavg}\n\n${lines.join('\n')}\n`);
+}
+
+function writeFileAndReturn(path: string): string {
+  writeFileSync(path, '');
+  return path;
+}
+
+try {
+  await main();
+} finally {
+  for (const child of children) child.kill('SIGTERM');
+  await new Promise((resolve) => setTimeout(resolve, 3000));
+  for (const child of children) if (child.exitCode === null) child.kill('SIGKILL');
+  rmSync(dir, { recursive: true, force: true });
+}
