@@ -10,6 +10,7 @@ import { after, before, describe, test } from 'node:test';
 import { ClusterClient } from '../src/client/cluster-client.ts';
 import { startConductor, type Conductor } from '../src/conductor/conductor.ts';
 import { nodeEnv } from '../src/env/node/node-env.ts';
+import { crc32c } from '../src/lib/crc32c.ts';
 import { ShaleError } from '../src/lib/errors.ts';
 import { placementGroupOf } from '../src/lib/placement-hash.ts';
 import { StoreChannel } from '../src/proto/store-channel.ts';
@@ -99,6 +100,38 @@ describe('a cluster in one process', () => {
     assert.ok(seen.equals(Buffer.alloc(4096, 1)), 'the new owner sees the last write of the old one, not the fenced one');
     await taken.write(0, Buffer.alloc(4096, 3));
     assert.ok((await taken.read(0, 4096)).equals(Buffer.alloc(4096, 3)));
+  });
+
+  test('a write a crashed writer left on one replica is rolled forward to all by the next owner before it serves', async () => {
+    await createVolume('crashed', 4 * MiB);
+    const first = await (await client('gw-crash-a')).openVolume('crashed');
+    const before = Buffer.alloc(8192, 0x11);
+    await first.write(0, before);
+    await first.flush();
+    // The writer crashes with a write in flight that reached only one replica.
+    const gateway = await client('gw-crash-b');
+    const map = gateway.map;
+    const pool = map.pools[0]!;
+    const pgId = placementGroupOf(first.info.id, 0, pool.pgCount);
+    const pg = pool.pgs[pgId]!;
+    const address = (storeId: number): string => map.stores.find((store) => store.id === storeId)!.address;
+    const lone = new StoreChannel(nodeEnv, address(pg.replicas[1]!.storeId));
+    const inFlight = Buffer.alloc(4096, 0x22);
+    const header = { volumeId: first.info.id, chunkIndex: 0, poolId: pool.id, pgId, pgCount: pool.pgCount, pgEpoch: pg.epoch };
+    await lone.request({ op: Op.WRITE, ...header, ownerEpoch: first.ownerEpoch, versionSeq: 1000, watermark: 1, offsetBlocks: 1, countBlocks: 1 }, [checksumOf(inFlight), inFlight]);
+    lone.close();
+
+    const next = await gateway.openVolume('crashed', { takeover: true });
+    assert.equal(next.reconciledBlocks, 1, 'the one block in flight was rolled forward, nothing else');
+    for (const replica of pg.replicas) {
+      const direct = new StoreChannel(nodeEnv, address(replica.storeId));
+      const reply = await direct.request({ op: Op.READ, flags: Flag.REPAIR, ...header, ownerEpoch: next.ownerEpoch, offsetBlocks: 0, countBlocks: 2 });
+      direct.close();
+      const data = decodeReadReply(reply.payload, 2).data;
+      assert.ok(data.subarray(0, 4096).equals(before.subarray(0, 4096)), `store ${replica.storeId} keeps block 0`);
+      assert.ok(data.subarray(4096).equals(inFlight), `store ${replica.storeId} has the rolled-forward block 1`);
+    }
+    assert.ok((await next.read(4096, 4096)).equals(inFlight));
   });
 
   test('a block that rots on one replica is never returned: another replica answers and the bad copy is repaired', async () => {
@@ -196,4 +229,10 @@ function flipBit(path: string, offset: number): void {
   byte[0]! ^= 0x10;
   writeSync(fd, byte, 0, 1, offset);
   closeSync(fd);
+}
+
+function checksumOf(block: Buffer): Buffer {
+  const out = Buffer.allocUnsafe(4);
+  out.writeUInt32LE(crc32c(block), 0);
+  return out;
 }

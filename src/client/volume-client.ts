@@ -28,7 +28,7 @@ import { blockChecksums, crc32c } from '../lib/crc32c.ts';
 import { ShaleError } from '../lib/errors.ts';
 import { placementGroupOf } from '../lib/placement-hash.ts';
 import { BLOCK_SHIFT, BLOCK_SIZE_BYTES } from '../lib/units.ts';
-import { BLOCKS_PER_REQUEST_MAX, BlockState, decodeReadReply, Flag, Op, type Frame } from '../proto/store-protocol.ts';
+import { BLOCKS_PER_REQUEST_MAX, BlockState, compareVersions, decodeReadReply, decodeRecentWrites, Flag, Op, type Frame } from '../proto/store-protocol.ts';
 import type { ClusterMap, PoolMapEntry, VolumeInfo } from '../conductor/api/types.ts';
 import type { ClusterClient } from './cluster-client.ts';
 import { RangeLock } from './range-lock.ts';
@@ -55,11 +55,17 @@ export class VolumeClient {
   readonly #chunkBlocks: number;
   readonly #lock = new RangeLock();
   #seq = 0;
+  /** Every write with seq ≤ this has been acknowledged by all its replicas (sent as the watermark). */
+  #watermark = 0;
+  /** Seqs above the watermark that have completed, waiting for the ones below them. */
+  #completedAbove = new Set<number>();
   #readTurn = 0;
   #writtenSinceFlush = new Set<number>();
   #closed = false;
   /** Pieces repaired on a replica after it failed a checksum. */
   repairs = 0;
+  /** Blocks an earlier owner left on only some replicas that opening this volume rolled forward. */
+  reconciledBlocks = 0;
 
   private constructor(cluster: ClusterClient, info: VolumeInfo, ownerEpoch: number) {
     this.#cluster = cluster;
@@ -74,6 +80,7 @@ export class VolumeClient {
     cluster.watcher.offer(opened.map);
     const volume = new VolumeClient(cluster, opened.volume, opened.ownerEpoch);
     await volume.#fenceAll();
+    await volume.#reconcile();
     cluster.log(`volume ${name} (id ${opened.volume.id}) open with owner epoch ${opened.ownerEpoch}`);
     return volume;
   }
@@ -289,8 +296,12 @@ export class VolumeClient {
       }
       const checksums = blockChecksums(aligned);
       const seq = ++this.#seq;
-      await Promise.all(this.#pieces(startBlock, endBlock - startBlock).map((piece) =>
-        this.#writePiece(piece, Op.WRITE, seq, options.fua ?? false, aligned, checksums)));
+      try {
+        await Promise.all(this.#pieces(startBlock, endBlock - startBlock).map((piece) =>
+          this.#writePiece(piece, Op.WRITE, seq, options.fua ?? false, aligned, checksums)));
+      } finally {
+        this.#completed(seq);
+      }
     } finally {
       release();
     }
@@ -320,8 +331,12 @@ export class VolumeClient {
     const release = await this.#lock.acquire(startBlock, endBlock);
     try {
       const seq = ++this.#seq;
-      await Promise.all(this.#pieces(startBlock, endBlock - startBlock).map((piece) =>
-        this.#writePiece(piece, Op.WRITE_ZEROES, seq, options.fua ?? false, undefined, undefined)));
+      try {
+        await Promise.all(this.#pieces(startBlock, endBlock - startBlock).map((piece) =>
+          this.#writePiece(piece, Op.WRITE_ZEROES, seq, options.fua ?? false, undefined, undefined)));
+      } finally {
+        this.#completed(seq);
+      }
     } finally {
       release();
     }
@@ -350,7 +365,7 @@ export class VolumeClient {
       const header = {
         op, flags: fua ? Flag.FUA : 0, volumeId: this.info.id, chunkIndex: piece.chunkIndex, poolId: pool.id, pgId,
         pgCount: pool.pgCount, pgEpoch: pg.epoch, ownerEpoch: this.ownerEpoch, versionSeq: seq,
-        offsetBlocks: piece.offsetBlocks, countBlocks: piece.countBlocks, snapSeq: 0,
+        offsetBlocks: piece.offsetBlocks, countBlocks: piece.countBlocks, snapSeq: 0, watermark: this.#watermark,
       };
       const results = await Promise.all(acting.map(async (replica): Promise<Failure | undefined> => {
         this.#writtenSinceFlush.add(replica.storeId);
@@ -400,6 +415,97 @@ export class VolumeClient {
     return failures[0]!.error;
   }
 
+  /**
+   * A write finished (acknowledged, or failed for good: a failed write is no longer in flight, and
+   * whatever part of it landed is the kind of divergence reconciliation repairs after a crash).
+   */
+  #completed(seq: number): void {
+    this.#completedAbove.add(seq);
+    while (this.#completedAbove.delete(this.#watermark + 1)) this.#watermark++;
+  }
+
+  /**
+   * Reconciliation after a writer crash (DESIGN §3): after fencing, gather from every replica the
+   * writes it holds above the old owners' watermarks, and roll the newest version of each range
+   * forward to every replica of its PG, before this owner serves any I/O. Then the stores forget
+   * those entries.
+   */
+  async #reconcile(): Promise<void> {
+    const map = this.#cluster.map;
+    const pool = this.#pool(map);
+    const storeIds = new Set<number>();
+    for (const pg of pool.pgs) for (const replica of pg.replicas) if (replica.state !== 'down' && isUp(map, replica.storeId)) storeIds.add(replica.storeId);
+    const ranges = new Map<string, { chunkIndex: number; offsetBlocks: number; countBlocks: number }>();
+    const asked: number[] = [];
+    for (const storeId of storeIds) {
+      try {
+        const reply = await this.#cluster.channel(storeId).request({ op: Op.RECENT_WRITES, volumeId: this.info.id, ownerEpoch: this.ownerEpoch });
+        asked.push(storeId);
+        for (const entry of decodeRecentWrites(reply.payload)) {
+          if (entry.epoch >= this.ownerEpoch) continue;
+          ranges.set(`${entry.chunkIndex}:${entry.offsetBlocks}:${entry.countBlocks}`, entry);
+        }
+      } catch (error) {
+        if (error instanceof ShaleError && error.code === 'FENCED') throw error;
+        await this.#cluster.reportDown(storeId, `reconciliation: ${(error as Error).message}`);
+      }
+    }
+    let rolled = 0;
+    for (const range of ranges.values()) rolled += await this.#rollForward(range);
+    for (const storeId of asked) {
+      await this.#cluster.channel(storeId).request({ op: Op.RECENT_WRITES, flags: Flag.CLEAR, volumeId: this.info.id, ownerEpoch: this.ownerEpoch }).catch(() => {});
+    }
+    if (rolled > 0) this.#cluster.log(`volume ${this.info.name}: rolled ${rolled} block(s) an earlier owner left in flight forward to every replica`);
+    this.reconciledBlocks = rolled;
+  }
+
+  /** Reads a range from every replica of its PG and writes the newest version of each block to those that lack it. */
+  async #rollForward(range: { chunkIndex: number; offsetBlocks: number; countBlocks: number }): Promise<number> {
+    const map = this.#cluster.map;
+    const pool = this.#pool(map);
+    const pgId = placementGroupOf(this.info.id, range.chunkIndex, pool.pgCount);
+    const pg = pool.pgs[pgId]!;
+    const replicas = pg.replicas.filter((replica) => replica.state !== 'down' && isUp(map, replica.storeId)).map((replica) => replica.storeId);
+    const header = {
+      volumeId: this.info.id, chunkIndex: range.chunkIndex, poolId: pool.id, pgId, pgCount: pool.pgCount, pgEpoch: pg.epoch,
+      offsetBlocks: range.offsetBlocks, countBlocks: range.countBlocks,
+    };
+    const settled = await Promise.allSettled(replicas.map(async (storeId) => {
+      const reply = await this.#cluster.channel(storeId).request({ op: Op.READ, flags: Flag.REPAIR, ...header, ownerEpoch: this.ownerEpoch });
+      return { storeId, read: decodeReadReply(reply.payload, range.countBlocks) };
+    }));
+    // A replica that can't be read now is down; it is resynced from the others when it returns.
+    const reads = settled.flatMap((result) => (result.status === 'fulfilled' ? [result.value] : []));
+    let rolled = 0;
+    // The newest copy of each block, and which replicas hold an older one.
+    for (let block = 0; block < range.countBlocks && reads.length > 0; block++) {
+      let newest = reads[0]!;
+      for (const candidate of reads) {
+        if (compareVersions(candidate.read.epochs[block]!, candidate.read.seqs[block]!, newest.read.epochs[block]!, newest.read.seqs[block]!) > 0) newest = candidate;
+      }
+      const state = newest.read.states[block]!;
+      if (state === BlockState.ABSENT) continue;
+      const epoch = newest.read.epochs[block]!;
+      const seq = newest.read.seqs[block]!;
+      const behind = reads.filter((candidate) => compareVersions(candidate.read.epochs[block]!, candidate.read.seqs[block]!, epoch, seq) < 0);
+      if (behind.length === 0) continue;
+      let dataIndex = 0;
+      for (let i = 0; i < block; i++) if (newest.read.states[i] === BlockState.DATA) dataIndex++;
+      const repair = {
+        op: state === BlockState.DATA ? Op.WRITE : Op.WRITE_ZEROES, flags: Flag.REPAIR, ...header,
+        offsetBlocks: range.offsetBlocks + block, countBlocks: 1, ownerEpoch: epoch, versionSeq: seq,
+      };
+      const checksum = Buffer.allocUnsafe(4);
+      checksum.writeUInt32LE(newest.read.checksums[block]!, 0);
+      const payload = state === BlockState.DATA
+        ? [checksum, newest.read.data.subarray(dataIndex * BLOCK_SIZE_BYTES, (dataIndex + 1) * BLOCK_SIZE_BYTES)]
+        : [];
+      await Promise.all(behind.map((candidate) => this.#cluster.channel(candidate.storeId).request(repair, payload)));
+      rolled++;
+    }
+    return rolled;
+  }
+
   async flush(): Promise<void> {
     const deadline = this.#deadline();
     const stores = [...this.#writtenSinceFlush];
@@ -410,7 +516,7 @@ export class VolumeClient {
       const results = await Promise.all(pending.map(async (storeId): Promise<Failure | undefined> => {
         if (!isUp(map, storeId)) return undefined; // already down in a committed epoch
         try {
-          await this.#cluster.channel(storeId).request({ op: Op.FLUSH, volumeId: this.info.id, ownerEpoch: this.ownerEpoch });
+          await this.#cluster.channel(storeId).request({ op: Op.FLUSH, volumeId: this.info.id, ownerEpoch: this.ownerEpoch, watermark: this.#watermark });
           return undefined;
         } catch (error) {
           return { storeId, error: error instanceof ShaleError ? error : new ShaleError('INTERNAL', String(error)) };

@@ -46,6 +46,9 @@
  *   PING          none either way.
  *   BLOCK_STATES  request: none. reply: one state byte per block (absent, data, zero) — block status
  *                 without reading data.
+ *   RECENT_WRITES request: volume id (and owner epoch with CLEAR). reply: the writes of that volume
+ *                 above the watermark, 24 bytes each: chunk u32, offset u32, count u32, epoch u32,
+ *                 seq f64. With CLEAR, entries of older owner epochs are dropped after the reply is built.
  */
 import { assert } from '../lib/assert.ts';
 import type { BlockStateValue } from '../lib/block-state.ts';
@@ -70,6 +73,7 @@ export const Op = {
   LIST_PG: 6,
   PING: 7,
   BLOCK_STATES: 8,
+  RECENT_WRITES: 9,
 } as const;
 export type OpCode = (typeof Op)[keyof typeof Op];
 export const REPLY_BIT = 0x80;
@@ -80,6 +84,8 @@ export const Flag = {
   /** A store-to-store repair copy: carries the block's original version, bypasses the owner fence,
    *  is applied only where its version is higher, and may be sent to a recovering replica. */
   REPAIR: 2,
+  /** RECENT_WRITES: forget the entries of owner epochs below the request's owner epoch. */
+  CLEAR: 4,
 } as const;
 
 export { BlockState, type BlockStateValue } from '../lib/block-state.ts';
@@ -382,4 +388,40 @@ export function decodeVolumeIds(payload: Buffer): number[] {
 /** Versions compare as (epoch, seq) pairs. */
 export function compareVersions(epochA: number, seqA: number, epochB: number, seqB: number): number {
   return epochA !== epochB ? epochA - epochB : seqA - seqB;
+}
+
+/** One entry of a RECENT_WRITES reply. */
+export interface RecentWriteEntry {
+  chunkIndex: number;
+  offsetBlocks: number;
+  countBlocks: number;
+  epoch: number;
+  seq: number;
+}
+
+export const RECENT_WRITE_BYTES = 24;
+
+export function encodeRecentWrites(entries: readonly RecentWriteEntry[]): Buffer {
+  const out = Buffer.allocUnsafe(entries.length * RECENT_WRITE_BYTES);
+  entries.forEach((entry, i) => {
+    const at = i * RECENT_WRITE_BYTES;
+    out.writeUInt32LE(entry.chunkIndex, at);
+    out.writeUInt32LE(entry.offsetBlocks, at + 4);
+    out.writeUInt32LE(entry.countBlocks, at + 8);
+    out.writeUInt32LE(entry.epoch, at + 12);
+    out.writeDoubleLE(entry.seq, at + 16);
+  });
+  return out;
+}
+
+export function decodeRecentWrites(payload: Buffer): RecentWriteEntry[] {
+  if (payload.length % RECENT_WRITE_BYTES !== 0) throw new ShaleError('PROTOCOL', 'RECENT_WRITES reply is not a whole number of entries');
+  const entries: RecentWriteEntry[] = [];
+  for (let at = 0; at < payload.length; at += RECENT_WRITE_BYTES) {
+    entries.push({
+      chunkIndex: payload.readUInt32LE(at), offsetBlocks: payload.readUInt32LE(at + 4), countBlocks: payload.readUInt32LE(at + 8),
+      epoch: payload.readUInt32LE(at + 12), seq: payload.readDoubleLE(at + 16),
+    });
+  }
+  return entries;
 }

@@ -16,10 +16,11 @@ import { placementGroupOf } from '../lib/placement-hash.ts';
 import { BLOCK_SIZE_BYTES } from '../lib/units.ts';
 import type { Connection, Env, Listener } from '../env/env.ts';
 import {
-  BLOCKS_PER_REQUEST_MAX, BlockState, decodeVolumeIds, encodeHeader, encodeListReply, encodeReadDescriptors,
+  BLOCKS_PER_REQUEST_MAX, BlockState, decodeVolumeIds, encodeRecentWrites, encodeHeader, encodeListReply, encodeReadDescriptors,
   Flag, FrameParser, HEADER_BYTES, Op, REPLY_BIT, type Frame, type FrameHeader,
 } from '../proto/store-protocol.ts';
 import type { BlockEngine } from './block-engine.ts';
+import { RecentWrites } from './recent-writes.ts';
 
 /** Requests one connection may have in flight before the server stops reading from it. */
 export const CONNECTION_IN_FLIGHT_MAX = 1024;
@@ -52,6 +53,8 @@ export class StoreServer {
   #connections = new Set<Connection>();
   /** Writes accepted and not yet answered, so a PG listing can wait until they are in the index. */
   #writesInFlight = new Set<Promise<unknown>>();
+  /** Writes above each volume's watermark, for reconciliation after a writer crash. */
+  readonly recentWrites = new RecentWrites();
   #stopping = false;
 
   constructor(env: Env, options: Omit<StoreServerOptions, 'listen'>) {
@@ -157,6 +160,7 @@ export class StoreServer {
       case Op.READ:
         return this.#read(h);
       case Op.FLUSH:
+        if (h.volumeId !== 0) this.recentWrites.advance(h.volumeId, h.ownerEpoch, h.watermark);
         await this.#engine.flush();
         return { header: replyHeader(h), parts: [] };
       case Op.FENCE:
@@ -165,6 +169,8 @@ export class StoreServer {
         return this.#listPg(frame);
       case Op.BLOCK_STATES:
         return this.#blockStates(h);
+      case Op.RECENT_WRITES:
+        return this.#recentWrites(h);
       default:
         throw new ShaleError('INVALID_ARGUMENT', `unknown store op ${h.op}`);
     }
@@ -208,6 +214,7 @@ export class StoreServer {
     this.#checkEpochs(h, isRepair);
     const version = { epoch: h.ownerEpoch, seq: h.versionSeq };
     const ownerEpoch = isRepair ? undefined : h.ownerEpoch;
+    if (!isRepair) this.recentWrites.check(h.volumeId, h.ownerEpoch, h.watermark);
     let appliedBlocks: number;
     if (h.op === Op.WRITE) {
       const checksumBytes = h.countBlocks * 4;
@@ -227,6 +234,9 @@ export class StoreServer {
       ({ appliedBlocks } = await this.#engine.writeZeroes({
         volumeId: h.volumeId, chunkIndex: h.chunkIndex, offsetBlocks: h.offsetBlocks, countBlocks: h.countBlocks, version, snapSeq: h.snapSeq, ownerEpoch,
       }));
+    }
+    if (!isRepair) {
+      this.recentWrites.note(h.volumeId, { chunkIndex: h.chunkIndex, offsetBlocks: h.offsetBlocks, countBlocks: h.countBlocks, epoch: h.ownerEpoch, seq: h.versionSeq }, h.watermark);
     }
     if ((h.flags & Flag.FUA) !== 0) await this.#engine.flush();
     return { header: replyHeader(h, { countBlocks: appliedBlocks }), parts: [] };
@@ -265,6 +275,15 @@ export class StoreServer {
     }
     const states = Buffer.from(this.#engine.blockStates(h.volumeId, h.chunkIndex, h.offsetBlocks, h.countBlocks));
     return { header: replyHeader(h, { payloadBytes: states.length }), parts: [states] };
+  }
+
+  #recentWrites(h: FrameHeader): Reply {
+    if (this.#view.isDeleted(h.volumeId)) throw new ShaleError('NOT_FOUND', `volume ${h.volumeId} was deleted`);
+    const fence = this.#engine.ownerEpoch(h.volumeId);
+    if (h.ownerEpoch < fence) throw new ShaleError('FENCED', `volume ${h.volumeId} is fenced at ${fence}, above ${h.ownerEpoch}`);
+    const payload = encodeRecentWrites(this.recentWrites.list(h.volumeId));
+    if ((h.flags & Flag.CLEAR) !== 0) this.recentWrites.clearOlder(h.volumeId, h.ownerEpoch);
+    return { header: replyHeader(h, { payloadBytes: payload.length }), parts: [payload] };
   }
 
   async #fence(h: FrameHeader): Promise<Reply> {
