@@ -161,6 +161,31 @@ describe('a cluster in one process', () => {
     assert.deepEqual(status, [{ lengthBytes: 64 * 1024, hole: false, zero: false }, { lengthBytes: 4 * MiB - 64 * 1024, hole: true, zero: true }]);
   });
 
+  test('below min replicas writes wait, then fail with NO_QUORUM after the I/O timeout; reads go on from a clean replica', async () => {
+    await createVolume('quorum', 4 * MiB);
+    const gateway = new ClusterClient(nodeEnv, { conductorUrls: api, ownerId: 'gw-quorum', requestTimeoutMs: 2000, ioTimeoutMs: 1500, log: quiet });
+    await gateway.start();
+    clients.push(gateway);
+    const volume = await gateway.openVolume('quorum');
+    const data = randomBytes(8192);
+    await volume.write(0, data);
+    await stores[1]!.close();
+    await stores[2]!.close();
+    stores[1] = stores[2] = undefined;
+    const startedMs = Date.now();
+    await assert.rejects(volume.write(0, Buffer.alloc(4096)), (error: unknown) => error instanceof ShaleError && error.code === 'NO_QUORUM');
+    const waitedMs = Date.now() - startedMs;
+    assert.ok(waitedMs >= 1400, `the write waited ${waitedMs} ms before failing`);
+    // The failed write may have landed on the replica that took it (a failed NBD write leaves its
+    // range undefined); the block next to it must be intact and readable from the one clean replica.
+    assert.ok((await volume.read(4096, 4096)).equals(data.subarray(4096)), 'reads go on from the one clean replica');
+    await startStore(1);
+    await startStore(2);
+    await waitFor('every replica clean', async () => gateway.map.pools[0]!.pgs.every((candidate) => candidate.replicas.every((replica) => replica.state === 'clean')), 60_000);
+    await volume.write(0, Buffer.alloc(4096, 9));
+    assert.ok((await volume.read(0, 4096)).equals(Buffer.alloc(4096, 9)), 'writes work again once the stores are back');
+  });
+
   test('a store that missed writes is recovering: it takes writes, refuses reads, and catches up', async () => {
     await createVolume('recover', 8 * MiB);
     const gateway = await client('gw-recover');

@@ -81,6 +81,22 @@ describe('shale up, end to end', () => {
     assert.notEqual(unknown.status, 0, 'an unknown export is refused');
   });
 
+  test('nbdcopy and qemu-io read and write the volume, with FUA, flush, trim and write zeroes', async () => {
+    const copyOut = join(dir.path, 'copy-out.raw');
+    let result = await run('nbdcopy', ['--connections=4', cluster.uri('vol1'), copyOut]);
+    assert.equal(result.status, 0, result.stderr);
+    const back = await run('qemu-img', ['compare', '-f', 'raw', '-F', 'raw', copyOut, cluster.uri('vol1')]);
+    assert.equal(back.status, 0, back.stdout + back.stderr);
+    result = await run('qemu-io', ['-f', 'raw',
+      '-c', 'write -P 0x5a -f 1M 64k', '-c', 'flush', '-c', 'read -P 0x5a 1M 64k',
+      '-c', 'write -z -u 1M 4k', '-c', 'read -P 0 1M 4k', '-c', 'read -P 0x5a 1052672 60k',
+      '-c', 'discard 2M 1M', '-c', 'read -P 0 2M 1M',
+      '-c', 'write -P 0x33 12345 777', '-c', 'read -P 0x33 12345 777',
+      cluster.uri('vol1')]);
+    assert.equal(result.status, 0, result.stdout + result.stderr);
+    assert.doesNotMatch(result.stdout + result.stderr, /Pattern verification failed|error/i);
+  });
+
   test('fio with verify=crc32c passes over the NBD engine', async () => {
     const fio = await run('fio', [
       '--name=verify', '--ioengine=nbd', `--uri=${cluster.uri('vol1')}`, '--rw=randwrite', '--bs=4k', '--iodepth=16',
