@@ -10,7 +10,17 @@ const requiredTools: Record<string, string> = {
   'qemu-io': 'qemu-utils',
   nbdinfo: 'libnbd-bin',
   nbdcopy: 'libnbd-bin',
+  nbdfuse: 'libnbd-bin',
+  nbdsh: 'python3-libnbd',
   fio: 'fio',
+  fuse2fs: 'fuse2fs',
+  fusermount3: 'fuse3',
+  'mkfs.ext4': 'e2fsprogs',
+  e2fsck: 'e2fsprogs',
+  debugfs: 'e2fsprogs',
+  openssl: 'openssl',
+  etcd: 'etcd-server',
+  etcdctl: 'etcd-client',
 };
 
 function has(tool: string): boolean {

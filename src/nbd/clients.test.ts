@@ -1,13 +1,17 @@
 /**
- * The NBD server against real clients: nbdinfo, nbdcopy and python3-libnbd (libnbd-bin,
- * python3-libnbd), qemu-img and qemu-io (qemu-utils), fio's nbd engine. Exports live in memory and
+ * The NBD server against real clients: nbdinfo, nbdcopy, nbdfuse and python3-libnbd (libnbd-bin,
+ * python3-libnbd), qemu-img and qemu-io (qemu-utils), fio's nbd engine, and a real filesystem
+ * (mkfs.ext4, e2fsck, debugfs from e2fsprogs; fuse2fs; fusermount3 from fuse3) on an export
+ * mounted as a file by nbdfuse. TLS with certificates made by openssl. Exports live in memory and
  * are served on 127.0.0.1, port 0. A missing tool fails its test with the package to install: these
  * tests never pass by skipping.
  */
 import assert from 'node:assert/strict';
-import { execFile, execFileSync } from 'node:child_process';
-import { randomBytes } from 'node:crypto';
-import { mkdtemp, readFile, rm, writeFile } from 'node:fs/promises';
+import { execFile, execFileSync, spawn } from 'node:child_process';
+import type { ChildProcess } from 'node:child_process';
+import { createHash, randomBytes } from 'node:crypto';
+import { mkdir, mkdtemp, readFile, readdir, rm, truncate, writeFile } from 'node:fs/promises';
+import { open as openFile } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { setTimeout as sleep } from 'node:timers/promises';
@@ -17,6 +21,8 @@ import { MemoryExport, MemoryExportProvider } from './memory-export.ts';
 import { startNbdServer } from './server.ts';
 import type { NbdServer } from './server.ts';
 import { NbdSimpleClient } from './simple-client.ts';
+import { makeTestCertificates } from './test-certificates.ts';
+import type { TestCertificates } from './test-certificates.ts';
 
 const MiB = 1024 * 1024;
 const PYTHON = '/usr/bin/python3';
@@ -24,9 +30,16 @@ const PYTHON = '/usr/bin/python3';
 const packageOf: Record<string, string> = {
   nbdinfo: 'libnbd-bin',
   nbdcopy: 'libnbd-bin',
+  nbdfuse: 'libnbd-bin',
   'qemu-img': 'qemu-utils',
   'qemu-io': 'qemu-utils',
   fio: 'fio',
+  fuse2fs: 'fuse2fs',
+  fusermount3: 'fuse3',
+  'mkfs.ext4': 'e2fsprogs',
+  e2fsck: 'e2fsprogs',
+  debugfs: 'e2fsprogs',
+  openssl: 'openssl',
 };
 
 function requireTool(name: string): void {
@@ -118,11 +131,15 @@ describe('real NBD clients', () => {
     flags: new MemoryExport({ name: 'flags', sizeBytes: 4 * MiB }),
     convert: new MemoryExport({ name: 'convert', sizeBytes: 8 * MiB }),
     copy: new MemoryExport({ name: 'copy', sizeBytes: 8 * MiB }),
+    sparse: new MemoryExport({ name: 'sparse', sizeBytes: 16 * MiB }),
+    sparseCopy: new MemoryExport({ name: 'sparse-copy', sizeBytes: 16 * MiB }),
+    slowZero: new MemoryExport({ name: 'slow-zero', sizeBytes: 4 * MiB, fastZeroes: false }),
+    filesystem: new MemoryExport({ name: 'filesystem', sizeBytes: 64 * MiB }),
     fio: new MemoryExport({ name: 'fio', sizeBytes: 16 * MiB }),
     edge: new MemoryExport({ name: 'edge', sizeBytes: MiB }),
     snapshot: new MemoryExport({ name: 'vol@snap', sizeBytes: MiB, readOnly: true, description: 'read-only snapshot' }),
   };
-  exports.snapshot.data.fill(0x61);
+  exports.snapshot.load(0, Buffer.alloc(MiB, 0x61));
   let server: NbdServer;
   let directory: string;
   const uri = (name: string): string => `nbd://${server.address}/${name}`;
@@ -148,7 +165,9 @@ describe('real NBD clients', () => {
     const disk = info.exports[0]!;
     assert.equal(disk['export-size'], 16 * MiB);
     assert.equal(disk.description, 'scratch disk');
-    for (const flag of ['can_flush', 'can_fua', 'can_trim', 'can_zero', 'can_multi_conn']) assert.equal(disk[flag], true, flag);
+    for (const flag of ['can_flush', 'can_fua', 'can_trim', 'can_zero', 'can_fast_zero', 'can_multi_conn', 'can_df']) assert.equal(disk[flag], true, flag);
+    assert.equal(disk.can_cache, false);
+    assert.deepEqual(disk.contexts, ['base:allocation']);
     assert.equal(disk.is_read_only, false);
     assert.equal(disk.block_size_minimum, 1);
     assert.equal(disk.block_size_preferred, 4096);
@@ -206,7 +225,7 @@ describe('real NBD clients', () => {
     await runOk('qemu-img', ['compare', '-f', 'raw', '-F', 'raw', source, uri('convert')]);
     await runOk('qemu-img', ['convert', '-f', 'raw', '-O', 'raw', uri('convert'), back]);
     assert.ok((await readFile(back)).equals(image), 'the copy back equals the image');
-    exports.convert.data[7 * MiB] ^= 1;
+    exports.convert.load(7 * MiB, Buffer.from([exports.convert.data[7 * MiB]! ^ 1]));
     const differing = await run('qemu-img', ['compare', '-f', 'raw', '-F', 'raw', source, uri('convert')]);
     assert.equal(differing.code, 1, 'qemu-img compare sees a changed byte');
   });
@@ -290,5 +309,219 @@ h.shutdown()
     await copying;
     assert.deepEqual(exports.disk.data.subarray(MiB, 5 * MiB), Buffer.alloc(4 * MiB, 0x3c));
     assert.ok(logs.some((line) => /closing connection: bad request magic/.test(line)), logs.join('\n'));
+  });
+
+  test('nbdinfo --map and qemu-img map show the holes, the data and the allocated zeroes', async () => {
+    const sparse = exports.sparse;
+    sparse.load(MiB, randomBytes(MiB));
+    sparse.load(8 * MiB, randomBytes(64 * 1024));
+    // write -z without -u asks for NO_HOLE: allocated zeroes; discard makes a hole inside the data.
+    await runOk('qemu-io', ['-f', 'raw', '-d', 'unmap', '-c', 'write -z 4M 1M', '-c', 'discard 1536k 256k', uri('sparse')]);
+    const map = JSON.parse((await runOk('nbdinfo', ['--map', '--json', uri('sparse')])).stdout) as { offset: number; length: number; type: number; description: string }[];
+    assert.deepEqual(map.map((entry) => [entry.offset, entry.length, entry.description]), [
+      [0, MiB, 'hole,zero'],
+      [MiB, MiB / 2, 'data'],
+      [1536 * 1024, 256 * 1024, 'hole,zero'],
+      [1792 * 1024, 256 * 1024, 'data'],
+      [2 * MiB, 2 * MiB, 'hole,zero'],
+      [4 * MiB, MiB, 'zero'],
+      [5 * MiB, 3 * MiB, 'hole,zero'],
+      [8 * MiB, 64 * 1024, 'data'],
+      [8 * MiB + 64 * 1024, 8 * MiB - 64 * 1024, 'hole,zero'],
+    ]);
+    const qemuMap = JSON.parse((await runOk('qemu-img', ['map', '--output=json', '-f', 'raw', uri('sparse')])).stdout) as { start: number; length: number; data: boolean; zero: boolean }[];
+    // qemu calls allocated ranges data (the allocated zeroes too, with zero: true).
+    const allocated = qemuMap.filter((entry) => entry.data).map((entry) => [entry.start, entry.length, entry.zero]);
+    assert.deepEqual(allocated, [[MiB, MiB / 2, false], [1792 * 1024, 256 * 1024, false], [4 * MiB, MiB, true], [8 * MiB, 64 * 1024, false]]);
+    assert.ok(qemuMap.filter((entry) => !entry.data).every((entry) => entry.zero), 'every hole reads as zeroes');
+    assert.ok(sparse.counters.blockStatuses >= 2);
+  });
+
+  test('libnbd: reads come as data and hole chunks, block status and FAST_ZERO work', async () => {
+    const result = await python(`${pythonPrelude.replace('h.connect_uri', 'h.add_meta_context(nbd.CONTEXT_BASE_ALLOCATION)\nh.connect_uri')}
+chunks = []
+def chunk(subbuf, offset, status, error):
+    chunks.append([offset, len(subbuf), {nbd.READ_DATA: "data", nbd.READ_HOLE: "hole"}.get(status, status)])
+    return 0
+h.pwrite(b"\\x07" * 8192, 65536)
+buf = h.pread_structured(4 * 65536, 0, chunk)
+extents = []
+def extent(metacontext, offset, entries, error):
+    extents.append([metacontext] + list(entries))
+    return 0
+h.block_status(4 * 65536, 0, extent)
+print(json.dumps({
+    "structured": h.get_structured_replies_negotiated(),
+    "chunks": chunks,
+    "data": buf[65536:65536 + 8192] == b"\\x07" * 8192 and buf[:65536] == bytes(65536),
+    "extents": extents,
+    "fastZero": attempt(lambda: h.zero(65536, 0, nbd.CMD_FLAG_FAST_ZERO)),
+}))
+h.shutdown()
+`, uri('sparse-copy'));
+    assert.deepEqual(result, {
+      structured: true,
+      chunks: [[0, 65536, 'hole'], [65536, 8192, 'data'], [65536 + 8192, 3 * 65536 - 8192, 'hole']],
+      data: true,
+      extents: [['base:allocation', 65536, 3, 8192, 0, 3 * 65536 - 8192, 3]],
+      fastZero: 'ok',
+    });
+    assert.equal(exports.sparseCopy.counters.sparseReads, 1);
+  });
+
+  test('FAST_ZERO: qemu-io gets ENOTSUP from an export that cannot zero fast; qemu-img still fills it', async () => {
+    const refused = await run('qemu-io', ['-f', 'raw', '-c', 'write -z -n 0 64k', uri('slow-zero')]);
+    assert.match(refused.stdout + refused.stderr, /Operation not supported/);
+    assert.equal(exports.slowZero.counters.fastWriteZeroes, 1);
+    assert.equal(exports.slowZero.counters.writeZeroes, 0, 'refused fast, nothing was zeroed');
+    await runOk('qemu-io', ['-f', 'raw', '-c', 'write -z -n 0 64k', uri('sparse')]);
+    const image = Buffer.alloc(4 * MiB);
+    randomBytes(MiB).copy(image, 0);
+    randomBytes(MiB / 2).copy(image, 3 * MiB);
+    const source = join(directory, 'slow-zero-source.img');
+    await writeFile(source, image);
+    exports.slowZero.load(0, Buffer.alloc(4 * MiB, 0xee));
+    await runOk('qemu-img', ['convert', '-n', '-f', 'raw', '-O', 'raw', source, uri('slow-zero')]);
+    assert.ok(exports.slowZero.data.equals(image), 'the zero ranges were written anyway');
+  });
+
+  test('nbdcopy of a sparse file keeps its holes as holes', async () => {
+    const source = join(directory, 'sparse-source.img');
+    const file = await openFile(source, 'w');
+    await file.write(Buffer.alloc(MiB, 0x42), 0, MiB, 2 * MiB);
+    await file.write(Buffer.alloc(4096, 0x43), 0, 4096, 12 * MiB);
+    await file.close();
+    await truncate(source, 16 * MiB);
+    exports.sparseCopy.load(0, Buffer.alloc(16 * MiB, 0xff));
+    await runOk('nbdcopy', [source, uri('sparse-copy')]);
+    assert.ok(exports.sparseCopy.data.equals(await readFile(source)));
+    const map = JSON.parse((await runOk('nbdinfo', ['--map', '--json', uri('sparse-copy')])).stdout) as { offset: number; length: number; description: string }[];
+    const holes = map.filter((entry) => entry.description === 'hole,zero').reduce((sum, entry) => sum + entry.length, 0);
+    assert.ok(holes >= 14 * MiB, `only ${holes} bytes are holes after copying a file that is 15 MiB of holes`);
+  });
+
+  test('a filesystem: nbdfuse exposes the export as a file, mkfs.ext4, fuse2fs mounts it twice, e2fsck passes', async () => {
+    for (const tool of ['nbdfuse', 'fuse2fs', 'fusermount3', 'mkfs.ext4', 'e2fsck', 'debugfs']) requireTool(tool);
+    const base = join(directory, 'fs');
+    const fuseDirectory = join(base, 'nbd');
+    const mountPoint = join(base, 'mnt');
+    await mkdir(fuseDirectory, { recursive: true });
+    await mkdir(mountPoint, { recursive: true });
+    const image = join(fuseDirectory, 'disk.img');
+    const pidFile = join(base, 'nbdfuse.pid');
+    const children: ChildProcess[] = [];
+    const started = (command: string, args: string[]): Promise<number | null> => {
+      const child = spawn(command, args, { stdio: ['ignore', 'ignore', 'pipe'] });
+      children.push(child);
+      let stderr = '';
+      child.stderr!.on('data', (chunk: Buffer) => (stderr += chunk.toString()));
+      return new Promise((resolve) => child.on('exit', (code) => {
+        if (code !== 0) logs.push(`${command} exited ${code}: ${stderr}`);
+        resolve(code);
+      }));
+    };
+    const mounted = async (): Promise<boolean> => (await readFile('/proc/mounts', 'utf8')).includes(` ${mountPoint} `);
+    const files = new Map<string, Buffer>([['hello.txt', Buffer.from('hello from shale\n')], ['random.bin', randomBytes(3 * MiB + 123)]]);
+    const md5 = (bytes: Buffer): string => createHash('md5').update(bytes).digest('hex');
+    /** Mounts with fuse2fs in the foreground; returns when mounted, with the daemon's exit to wait for. */
+    const mountFilesystem = async (): Promise<{ exited: Promise<number | null> }> => {
+      const exited = started('fuse2fs', ['-f', image, mountPoint, '-o', 'fakeroot']);
+      const deadline = Date.now() + 20_000;
+      while (!(await mounted())) {
+        if (Date.now() > deadline) assert.fail(`fuse2fs did not mount: ${logs.join('\n')}`);
+        await sleep(20);
+      }
+      return { exited };
+    };
+    const unmount = async (target: string, exited: Promise<number | null>): Promise<void> => {
+      await runOk('fusermount3', ['-u', target]);
+      assert.equal(await exited, 0, `the FUSE daemon of ${target} exits cleanly`);
+    };
+    const nbdfuseExited = started('nbdfuse', ['-P', pidFile, image, uri('filesystem')]);
+    try {
+      const deadline = Date.now() + 20_000;
+      while (!(await readFile(pidFile, 'utf8').catch(() => '')).trim()) {
+        if (Date.now() > deadline) assert.fail(`nbdfuse did not start: ${logs.join('\n')}`);
+        await sleep(20);
+      }
+      await runOk('mkfs.ext4', ['-q', '-F', image], 60_000);
+      let { exited } = await mountFilesystem();
+      for (const [name, bytes] of files) await writeFile(join(mountPoint, name), bytes);
+      await mkdir(join(mountPoint, 'dir'));
+      await writeFile(join(mountPoint, 'dir', 'nested.txt'), 'nested\n');
+      await unmount(mountPoint, exited);
+      ({ exited } = await mountFilesystem());
+      assert.deepEqual((await readdir(mountPoint)).sort(), ['dir', 'hello.txt', 'lost+found', 'random.bin']);
+      for (const [name, bytes] of files) assert.equal(md5(await readFile(join(mountPoint, name))), md5(bytes), name);
+      await unmount(mountPoint, exited);
+      await runOk('e2fsck', ['-fn', image], 60_000);
+      await unmount(fuseDirectory, nbdfuseExited);
+    } finally {
+      for (const target of [mountPoint, fuseDirectory]) await run('fusermount3', ['-u', '-q', target]).catch(() => {});
+      for (const child of children) if (child.exitCode === null) child.kill();
+    }
+    // The filesystem is in the export itself, not in some cache on the way: check a copy of its bytes.
+    const copy = join(base, 'copy.img');
+    await writeFile(copy, exports.filesystem.data);
+    await runOk('e2fsck', ['-fn', copy], 60_000);
+    assert.equal((await runOk('debugfs', ['-R', 'cat /dir/nested.txt', copy])).stdout, 'nested\n');
+    assert.ok(exports.filesystem.counters.flushes > 0, 'the filesystem tools flushed');
+  });
+});
+
+describe('real NBD clients over TLS', () => {
+  const logs: string[] = [];
+  const disk = new MemoryExport({ name: 'disk', sizeBytes: 8 * MiB });
+  let server: NbdServer;
+  let directory: string;
+  let certificates: TestCertificates;
+  const tlsUri = (name: string, certificateDirectory = certificates.directory): string => `nbds://${server.address}/${name}?tls-certificates=${certificateDirectory}`;
+  /** qemu's --object for the client's credentials (the directory holds ca-cert.pem, client-cert.pem, client-key.pem). */
+  const qemuTls = (_name: string): string[] => ['--object', `tls-creds-x509,id=tls0,dir=${certificates.directory},endpoint=client`];
+  const nbdOptions = (name: string): string => `driver=nbd,host=127.0.0.1,port=${server.address.split(':')[1]},export=${name},tls-creds=tls0`;
+
+  before(async () => {
+    directory = await mkdtemp(join(tmpdir(), 'shale-nbd-tls-clients-'));
+    requireTool('openssl');
+    certificates = await makeTestCertificates(join(directory, 'certificates'));
+    server = await startNbdServer(nodeEnv, {
+      listen: '127.0.0.1:0',
+      provider: new MemoryExportProvider([disk]),
+      log: (message) => logs.push(message),
+      tls: { mode: 'require', certFile: certificates.serverCertFile, keyFile: certificates.serverKeyFile, caFile: certificates.caFile },
+    });
+  });
+
+  after(async () => {
+    await server.close();
+    await rm(directory, { recursive: true, force: true });
+  });
+
+  test('nbdinfo over TLS with a client certificate; plaintext and a certificate from another CA are refused', async () => {
+    const info = await runOk('nbdinfo', [tlsUri('disk')]);
+    assert.match(info.stdout, /with TLS/);
+    assert.match(info.stdout, /export-size: 8388608/);
+    const plain = await run('nbdinfo', [`nbd://${server.address}/disk`]);
+    assert.notEqual(plain.code, 0);
+    const stranger = await run('nbdinfo', [tlsUri('disk', certificates.strangerDirectory)]);
+    assert.notEqual(stranger.code, 0);
+    await waitFor('the refusals in the log', () => logs.some((line) => /before STARTTLS/.test(line)) && logs.some((line) => /handshake \(TLS\)/.test(line)));
+  });
+
+  test('qemu-img converts and compares, nbdcopy copies, all over TLS', async () => {
+    const image = imageBytes(8 * MiB);
+    const source = join(directory, 'source.img');
+    const back = join(directory, 'back.img');
+    await writeFile(source, image);
+    await runOk('qemu-img', ['convert', '-n', '-f', 'raw', qemuTls('disk')[0]!, qemuTls('disk')[1]!, source, '--target-image-opts', nbdOptions('disk')]);
+    assert.ok(disk.data.equals(image));
+    // qemu-img compare takes --image-opts for both images or for neither.
+    await runOk('qemu-img', ['compare', qemuTls('disk')[0]!, qemuTls('disk')[1]!, '--image-opts', `driver=raw,file.driver=file,file.filename=${source}`, nbdOptions('disk')]);
+    disk.load(MiB, Buffer.from([disk.data[MiB]! ^ 1]));
+    const differing = await run('qemu-img', ['compare', qemuTls('disk')[0]!, qemuTls('disk')[1]!, '--image-opts', `driver=raw,file.driver=file,file.filename=${source}`, nbdOptions('disk')]);
+    assert.equal(differing.code, 1, 'qemu-img compare over TLS sees a changed byte');
+    disk.load(0, image);
+    await runOk('nbdcopy', [tlsUri('disk'), back]);
+    assert.ok((await readFile(back)).equals(image));
   });
 });

@@ -4,27 +4,34 @@
  * Tests with real clients (qemu, nbdinfo, nbdcopy, fio, libnbd) are in clients.test.ts.
  */
 import assert from 'node:assert/strict';
+import { randomBytes } from 'node:crypto';
 import { setTimeout as sleep } from 'node:timers/promises';
+import fc from 'fast-check';
 import { describe, test } from 'node:test';
 import type { TestContext } from 'node:test';
 import { nodeEnv } from '../env/node/node-env.ts';
 import { NbdErrno, ShaleError } from '../lib/errors.ts';
 import {
+  NBD_REPLY_FLAG_DONE,
+  NbdBlockStatusFlag,
   NbdClientFlag,
   NbdCommand,
   NbdCommandFlag,
   NbdInfo,
   NbdOption,
   NbdReply,
+  NbdStructuredReplyType,
   NbdTransmissionFlag,
   decodeServerEntry,
   encodeClientFlags,
   encodeInfoRequest,
+  encodeMetaContextRequest,
   encodeOptionRequest,
   encodeRequestHeader,
 } from '../proto/nbd.ts';
 import { MemoryExport, MemoryExportProvider } from './memory-export.ts';
 import type { MemoryOperation } from './memory-export.ts';
+import type { NbdExport, NbdExtentStatus, NbdReadPiece } from './server.ts';
 import { startNbdServer } from './server.ts';
 import type { NbdServer, NbdServerOptions } from './server.ts';
 import { NbdSimpleClient } from './simple-client.ts';
@@ -97,7 +104,8 @@ describe('handshake', () => {
     const infos = await client.go('disk', [NbdInfo.NAME, NbdInfo.DESCRIPTION, NbdInfo.BLOCK_SIZE]);
     assert.equal(client.sizeBytes, 3 * MiB + 512);
     const expectedFlags = NbdTransmissionFlag.HAS_FLAGS | NbdTransmissionFlag.SEND_FLUSH | NbdTransmissionFlag.SEND_FUA
-      | NbdTransmissionFlag.SEND_TRIM | NbdTransmissionFlag.SEND_WRITE_ZEROES | NbdTransmissionFlag.CAN_MULTI_CONN;
+      | NbdTransmissionFlag.SEND_TRIM | NbdTransmissionFlag.SEND_WRITE_ZEROES | NbdTransmissionFlag.CAN_MULTI_CONN
+      | NbdTransmissionFlag.SEND_FAST_ZERO;
     assert.equal(client.transmissionFlags, expectedFlags);
     assert.deepEqual(infos.filter((info) => info.type !== NbdInfo.EXPORT), [
       { type: NbdInfo.BLOCK_SIZE, sizes: { minimumBytes: 1, preferredBytes: 4096, maximumPayloadBytes: 32 * MiB } },
@@ -149,7 +157,7 @@ describe('handshake', () => {
   test('unsupported and unknown options get NBD_REP_ERR_UNSUP; malformed GO gets NBD_REP_ERR_INVALID', async (t) => {
     const { connect } = await serve(t, [new MemoryExport({ name: 'disk', sizeBytes: 4096 })]);
     const client = await connect();
-    for (const option of [NbdOption.STRUCTURED_REPLY, NbdOption.STARTTLS, NbdOption.LIST_META_CONTEXT, NbdOption.SET_META_CONTEXT, NbdOption.EXTENDED_HEADERS, 4, 999, 0xffffffff]) {
+    for (const option of [NbdOption.EXTENDED_HEADERS, NbdOption.PEEK_EXPORT, 999, 0xffffffff]) {
       const replies = await client.option(option);
       assert.deepEqual(replies.map((reply) => reply.replyType), [NbdReply.ERR_UNSUP], `option ${option}`);
       assert.match(replies[0]!.data.toString(), /not supported/);
@@ -228,8 +236,8 @@ describe('handshake', () => {
   test('too many options close the connection', async (t) => {
     const { connect, logs } = await serve(t, [], { optionsPerConnectionMax: 5 });
     const client = await connect();
-    for (let index = 0; index < 5; index++) await client.option(NbdOption.STRUCTURED_REPLY);
-    await assert.rejects(client.option(NbdOption.STRUCTURED_REPLY));
+    for (let index = 0; index < 5; index++) await client.option(NbdOption.EXTENDED_HEADERS);
+    await assert.rejects(client.option(NbdOption.EXTENDED_HEADERS));
     await client.closed;
     assert.match(logs.join('\n'), /more than 5 options/);
   });
@@ -330,11 +338,12 @@ describe('transmission', () => {
     const { open } = await serve(t, [disk]);
     const client = await open('disk');
     assert.equal((await client.request(NbdCommand.CACHE, { lengthBytes: 512 })).error, NbdErrno.EINVAL);
-    assert.equal((await client.request(NbdCommand.BLOCK_STATUS, { lengthBytes: 512 })).error, NbdErrno.EINVAL);
+    assert.equal((await client.request(NbdCommand.BLOCK_STATUS, { lengthBytes: 512 })).error, NbdErrno.EINVAL, 'no meta context was selected');
     assert.equal((await client.request(200)).error, NbdErrno.EINVAL);
-    assert.equal((await client.read(0, 512, NbdCommandFlag.DF)).error, NbdErrno.EINVAL);
+    assert.equal((await client.read(0, 512, NbdCommandFlag.DF)).error, NbdErrno.EINVAL, 'DF needs structured replies');
+    assert.equal((await client.read(0, 512, NbdCommandFlag.REQ_ONE)).error, NbdErrno.EINVAL);
     assert.equal((await client.write(0, Buffer.alloc(512, 1), NbdCommandFlag.NO_HOLE)).error, NbdErrno.EINVAL);
-    assert.equal((await client.request(NbdCommand.WRITE_ZEROES, { lengthBytes: 512, flags: NbdCommandFlag.FAST_ZERO })).error, NbdErrno.EINVAL);
+    assert.equal((await client.write(0, Buffer.alloc(512, 1), NbdCommandFlag.FAST_ZERO)).error, NbdErrno.EINVAL);
     assert.equal((await client.request(NbdCommand.FLUSH, { flags: 0x8000 })).error, NbdErrno.EINVAL);
     assert.equal((await client.read(0, 512, NbdCommandFlag.FUA)).error, 0, 'FUA is accepted on every command');
     assert.deepEqual((await client.read(0, 512)).data, Buffer.alloc(512), 'the refused write changed nothing');
@@ -600,5 +609,313 @@ describe('raw bytes', () => {
     await waitFor('the read reply', () => Buffer.concat(received).length >= 24);
     const reply = Buffer.concat(received);
     assert.equal(reply.toString('hex'), '67446698' + '00000000' + '00000001' + '00000002' + '42'.repeat(8));
+  });
+});
+
+/** Connects, negotiates structured replies (and `base:allocation` on `name` unless told not to), then GO. */
+async function openStructured(served: Served, name: string, metaContext = true): Promise<NbdSimpleClient> {
+  const client = await served.connect();
+  assert.equal(await client.negotiateStructuredReplies(), true);
+  if (metaContext) assert.deepEqual(await client.metaContext(name, ['base:allocation']), [{ contextId: 1, name: 'base:allocation' }]);
+  await client.go(name);
+  return client;
+}
+
+const chunkTypes = (reply: { chunks?: readonly { type: number; flags: number }[] }): string[] =>
+  (reply.chunks ?? []).map((chunk) => `${chunk.type}${(chunk.flags & NBD_REPLY_FLAG_DONE) !== 0 ? '!' : ''}`);
+const DATA = NbdStructuredReplyType.OFFSET_DATA;
+const HOLE = NbdStructuredReplyType.OFFSET_HOLE;
+const ERROR = NbdStructuredReplyType.ERROR;
+
+describe('structured replies', () => {
+  test('reads come back as one data chunk, or as data and hole chunks where the export has holes', async (t) => {
+    const disk = new MemoryExport({ name: 'disk', sizeBytes: MiB });
+    disk.load(8192, patterned(8192, 3));
+    const served = await serve(t, [disk]);
+    const client = await openStructured(served, 'disk', false);
+    assert.ok((client.transmissionFlags & NbdTransmissionFlag.SEND_DF) !== 0, 'SEND_DF once structured replies are on');
+    const data = await client.read(8192, 8192);
+    assert.deepEqual(data.data, patterned(8192, 3));
+    assert.deepEqual(chunkTypes(data), [`${DATA}!`]);
+    const mixed = await client.read(0, 64 * 1024);
+    assert.deepEqual(chunkTypes(mixed), [`${HOLE}`, `${DATA}`, `${HOLE}!`]);
+    assert.deepEqual(mixed.chunks!.map((chunk) => [chunk.offsetBytes, chunk.lengthBytes]), [[0, 8192], [8192, 8192], [16384, 65536 - 16384]]);
+    assert.deepEqual(mixed.data!.subarray(8192, 16384), patterned(8192, 3));
+    assert.ok(mixed.data!.subarray(0, 8192).equals(Buffer.alloc(8192)) && mixed.data!.subarray(16384).equals(Buffer.alloc(65536 - 16384)));
+    const unfragmented = await client.read(0, 64 * 1024, NbdCommandFlag.DF);
+    assert.deepEqual(chunkTypes(unfragmented), [`${DATA}!`], 'DF: one content chunk with the zeroes in it');
+    assert.deepEqual(unfragmented.data, mixed.data);
+    const hole = await client.read(MiB - 4096, 4096);
+    assert.deepEqual(chunkTypes(hole), [`${HOLE}!`]);
+    const empty = await client.read(0, 0);
+    assert.deepEqual(chunkTypes(empty), [`${NbdStructuredReplyType.NONE}!`], 'a read of nothing is a NONE chunk');
+    assert.equal((await client.write(0, Buffer.alloc(10, 1))).chunks, undefined, 'other successes keep the simple reply');
+    await client.disconnect();
+  });
+
+  test('errors come as error chunks with a message; a read above the maximum is EOVERFLOW', async (t) => {
+    const disk = new MemoryExport({
+      name: 'disk',
+      sizeBytes: MiB,
+      beforeOperation: (operation, offsetBytes) => {
+        if (offsetBytes === 4096) throw new ShaleError('NO_QUORUM', 'only 1 of 3 replicas answered');
+      },
+    });
+    const served = await serve(t, [disk]);
+    const client = await openStructured(served, 'disk');
+    const pastEnd = await client.read(MiB - 512, 1024);
+    assert.equal(pastEnd.error, NbdErrno.EINVAL);
+    assert.deepEqual(chunkTypes(pastEnd), [`${ERROR}!`]);
+    assert.match(pastEnd.message!, /1024 bytes at 1048064 go past the end of the export \(1048576 bytes\)/);
+    const failed = await client.read(4096, 512);
+    assert.equal(failed.error, NbdErrno.EIO);
+    assert.match(failed.message!, /NO_QUORUM: only 1 of 3 replicas answered/);
+    const write = await client.write(4096, Buffer.alloc(512));
+    assert.deepEqual([write.error, chunkTypes(write)], [NbdErrno.EIO, [`${ERROR}!`]]);
+    assert.equal((await client.read(0, 32 * MiB + 1)).error, NbdErrno.EOVERFLOW);
+    assert.equal((await client.request(NbdCommand.CACHE, { lengthBytes: 1 })).error, NbdErrno.EINVAL);
+    assert.equal((await client.read(0, 512)).error, 0, 'the connection carries on');
+  });
+
+  test('NBD_OPT_STRUCTURED_REPLY with data is NBD_REP_ERR_INVALID; without it, reads stay simple and DF is refused', async (t) => {
+    const disk = new MemoryExport({ name: 'disk', sizeBytes: MiB });
+    const served = await serve(t, [disk]);
+    const client = await served.connect();
+    assert.equal((await client.option(NbdOption.STRUCTURED_REPLY, Buffer.from('x'))).at(-1)!.replyType, NbdReply.ERR_INVALID);
+    await client.go('disk');
+    assert.equal(client.transmissionFlags & NbdTransmissionFlag.SEND_DF, 0);
+    const read = await client.read(0, 4096);
+    assert.equal(read.chunks, undefined);
+    assert.deepEqual(read.data, Buffer.alloc(4096));
+    assert.equal(disk.counters.sparseReads, 0, 'readSparse is for structured replies only');
+  });
+
+  test('an export whose readSparse breaks its contract gets EIO, logged, and nothing malformed goes out', async (t) => {
+    const disk = new MemoryExport({ name: 'disk', sizeBytes: MiB });
+    const broken: NbdExport = {
+      name: 'broken', sizeBytes: MiB, readOnly: false,
+      read: (offset, length) => disk.read(offset, length),
+      readSparse: async (offsetBytes): Promise<NbdReadPiece[]> => [{ offsetBytes, lengthBytes: 100 }, { offsetBytes: offsetBytes + 200, lengthBytes: 100 }],
+      write: (offset, data, fua) => disk.write(offset, data, fua),
+      flush: () => disk.flush(),
+      trim: (offset, length, fua) => disk.trim(offset, length, fua),
+      writeZeroes: (offset, length, options) => disk.writeZeroes(offset, length, options),
+      blockStatus: async (): Promise<NbdExtentStatus[]> => [{ lengthBytes: 0, hole: true, zero: true }],
+      release: async () => {},
+    };
+    const served = await serve(t, [disk], { provider: { open: async () => broken, list: async () => [] } });
+    const client = await openStructured(served, 'broken');
+    assert.equal((await client.read(0, 300)).error, NbdErrno.EIO);
+    assert.equal((await client.blockStatus(0, 4096)).error, NbdErrno.EIO);
+    assert.equal((await client.read(0, 300, NbdCommandFlag.DF)).error, 0, 'DF reads use read()');
+    assert.match(served.logs.join('\n'), /bug: export "broken" readSparse returned a piece at 200 where 100 was due/);
+    assert.match(served.logs.join('\n'), /bug: export "broken" blockStatus returned an extent of 0 bytes/);
+  });
+});
+
+describe('meta contexts and block status', () => {
+  test('LIST and SET_META_CONTEXT: base:allocation only, other namespaces ignored, structured replies first', async (t) => {
+    const served = await serve(t, [new MemoryExport({ name: 'disk', sizeBytes: MiB })]);
+    const client = await served.connect();
+    await assert.rejects(client.metaContext('disk', ['base:allocation']), (error: unknown) => error instanceof ShaleError && error.details?.replyType === NbdReply.ERR_INVALID);
+    await client.negotiateStructuredReplies();
+    assert.deepEqual(await client.metaContext('disk', [], true), [{ contextId: 0, name: 'base:allocation' }]);
+    assert.deepEqual(await client.metaContext('disk', ['base:'], true), [{ contextId: 0, name: 'base:allocation' }]);
+    assert.deepEqual(await client.metaContext('disk', ['qemu:dirty-bitmap:x', 'x-shale:'], true), []);
+    assert.deepEqual(await client.metaContext('disk', ['base:'], false), [], 'base: selects nothing');
+    assert.deepEqual(await client.metaContext('disk', ['qemu:allocation-depth', 'base:allocation', 'base:nonsense']), [{ contextId: 1, name: 'base:allocation' }]);
+    await assert.rejects(client.metaContext('disk', ['allocation']), (error: unknown) => error instanceof ShaleError && error.details?.replyType === NbdReply.ERR_INVALID);
+    await assert.rejects(client.metaContext('nope', ['base:allocation']), (error: unknown) => error instanceof ShaleError && error.details?.replyType === NbdReply.ERR_UNKNOWN);
+    const malformed = await client.option(NbdOption.SET_META_CONTEXT, encodeMetaContextRequest('disk', ['base:allocation']).subarray(0, 10));
+    assert.equal(malformed.at(-1)!.replyType, NbdReply.ERR_INVALID);
+    await client.go('disk');
+    assert.equal((await client.blockStatus(0, 4096)).error, NbdErrno.EINVAL, 'the failed SET forgot the earlier selection');
+  });
+
+  test('BLOCK_STATUS reports holes, data and allocated zeroes as the export tracks them', async (t) => {
+    const disk = new MemoryExport({ name: 'disk', sizeBytes: MiB });
+    const served = await serve(t, [disk]);
+    const client = await openStructured(served, 'disk');
+    assert.equal((await client.write(64 * 1024, Buffer.alloc(128 * 1024, 7))).error, 0);
+    assert.equal((await client.request(NbdCommand.TRIM, { offsetBytes: 96 * 1024, lengthBytes: 32 * 1024 })).error, 0);
+    assert.equal((await client.request(NbdCommand.WRITE_ZEROES, { offsetBytes: 256 * 1024, lengthBytes: 64 * 1024, flags: NbdCommandFlag.NO_HOLE })).error, 0);
+    assert.equal((await client.request(NbdCommand.WRITE_ZEROES, { offsetBytes: 128 * 1024, lengthBytes: 16 * 1024 })).error, 0);
+    const reply = await client.blockStatus(0, MiB);
+    assert.equal(reply.error, 0);
+    assert.deepEqual(chunkTypes(reply), [`${NbdStructuredReplyType.BLOCK_STATUS}!`]);
+    const hole = NbdBlockStatusFlag.HOLE | NbdBlockStatusFlag.ZERO;
+    const KiB = 1024;
+    assert.deepEqual(reply.blockStatus!.get(1), [
+      { lengthBytes: 64 * KiB, flags: hole },
+      { lengthBytes: 32 * KiB, flags: 0 },
+      { lengthBytes: 32 * KiB, flags: hole },
+      { lengthBytes: 16 * KiB, flags: hole },
+      { lengthBytes: 48 * KiB, flags: 0 },
+      { lengthBytes: 64 * KiB, flags: hole },
+      { lengthBytes: 64 * KiB, flags: NbdBlockStatusFlag.ZERO },
+      { lengthBytes: MiB - 320 * KiB, flags: hole },
+    ].reduce<{ lengthBytes: number; flags: number }[]>((merged, extent) => {
+      // The server merges neighbours with equal flags.
+      const last = merged.at(-1);
+      if (last?.flags === extent.flags) last.lengthBytes += extent.lengthBytes;
+      else merged.push({ ...extent });
+      return merged;
+    }, []));
+    const one = await client.blockStatus(100, 4000, NbdCommandFlag.REQ_ONE);
+    assert.deepEqual(one.blockStatus!.get(1), [{ lengthBytes: 4000, flags: hole }], 'REQ_ONE: one extent, no longer than asked');
+    const unaligned = await client.blockStatus(65 * KiB + 1, 10);
+    assert.deepEqual(unaligned.blockStatus!.get(1), [{ lengthBytes: 10, flags: 0 }]);
+    assert.equal((await client.blockStatus(MiB - 10, 11)).error, NbdErrno.EINVAL);
+    assert.equal((await client.blockStatus(0, 0)).error, NbdErrno.EINVAL);
+    assert.equal((await client.request(NbdCommand.BLOCK_STATUS, { lengthBytes: 512, flags: NbdCommandFlag.NO_HOLE })).error, NbdErrno.EINVAL);
+    await client.disconnect();
+  });
+
+  test('a block status reply holds at most blockStatusExtentsMax extents; the client asks again for the rest', async (t) => {
+    const disk = new MemoryExport({ name: 'disk', sizeBytes: MiB });
+    for (let block = 0; block < 16; block += 2) disk.load(block * 4096, Buffer.alloc(4096, 1));
+    const served = await serve(t, [disk], { blockStatusExtentsMax: 3 });
+    const client = await openStructured(served, 'disk');
+    const first = (await client.blockStatus(0, MiB)).blockStatus!.get(1)!;
+    assert.deepEqual(first.map((extent) => extent.flags), [0, 3, 0]);
+    const covered = first.reduce((sum, extent) => sum + extent.lengthBytes, 0);
+    assert.equal(covered, 3 * 4096);
+    assert.deepEqual((await client.blockStatus(covered, MiB - covered)).blockStatus!.get(1)![0], { lengthBytes: 4096, flags: 3 });
+  });
+
+  test('without blockStatus on the export, the whole range is data; GO on another export than SET leaves BLOCK_STATUS off', async (t) => {
+    const disk = new MemoryExport({ name: 'disk', sizeBytes: MiB });
+    const plain: NbdExport = {
+      name: 'plain', sizeBytes: MiB, readOnly: true,
+      read: (offset, length) => disk.read(offset, length),
+      write: async () => {}, flush: async () => {}, trim: async () => {}, writeZeroes: async () => {}, release: async () => {},
+    };
+    const provider = { open: async (name: string) => (name === 'plain' ? plain : disk), list: async () => [] };
+    const served = await serve(t, [disk], { provider });
+    const client = await openStructured(served, 'plain');
+    assert.deepEqual((await client.blockStatus(4096, 3 * MiB / 4)).blockStatus!.get(1), [{ lengthBytes: 3 * MiB / 4, flags: 0 }]);
+    const other = await served.connect();
+    await other.negotiateStructuredReplies();
+    await other.metaContext('plain', ['base:allocation']);
+    await other.go('disk');
+    assert.equal((await other.blockStatus(0, 4096)).error, NbdErrno.EINVAL);
+  });
+});
+
+describe('write zeroes, fast zero, block sizes, multi-conn', () => {
+  test('FAST_ZERO: ENOTSUP when the export cannot zero fast, leaving the data; NOT_SUPPORTED elsewhere is EINVAL', async (t) => {
+    const slow = new MemoryExport({ name: 'slow', sizeBytes: MiB, fastZeroes: false });
+    slow.load(0, Buffer.alloc(8192, 9));
+    const fast = new MemoryExport({ name: 'fast', sizeBytes: MiB });
+    fast.load(0, Buffer.alloc(8192, 9));
+    const served = await serve(t, [slow, fast, new MemoryExport({
+      name: 'odd', sizeBytes: MiB, beforeOperation: () => {
+        throw new ShaleError('NOT_SUPPORTED', 'not here');
+      },
+    })]);
+    const slowClient = await served.open('slow');
+    assert.ok((slowClient.transmissionFlags & NbdTransmissionFlag.SEND_FAST_ZERO) !== 0);
+    const zero = (client: NbdSimpleClient, flags: number): Promise<number> => client.request(NbdCommand.WRITE_ZEROES, { lengthBytes: 8192, flags }).then((reply) => reply.error);
+    assert.equal(await zero(slowClient, NbdCommandFlag.FAST_ZERO), NbdErrno.ENOTSUP);
+    assert.deepEqual(slow.data.subarray(0, 8192), Buffer.alloc(8192, 9), 'a refused fast zero changes nothing');
+    assert.equal(await zero(slowClient, 0), 0, 'without FAST_ZERO the slow export zeroes');
+    assert.deepEqual(slow.data.subarray(0, 8192), Buffer.alloc(8192));
+    const fastClient = await served.open('fast');
+    assert.equal(await zero(fastClient, NbdCommandFlag.FAST_ZERO | NbdCommandFlag.NO_HOLE), 0);
+    assert.deepEqual(fast.data.subarray(0, 8192), Buffer.alloc(8192));
+    assert.deepEqual([slow.counters.fastWriteZeroes, fast.counters.fastWriteZeroes, fast.counters.noHoleWriteZeroes], [1, 1, 1]);
+    const oddClient = await served.open('odd');
+    assert.equal(await zero(oddClient, NbdCommandFlag.FAST_ZERO), NbdErrno.ENOTSUP);
+    assert.equal(await zero(oddClient, 0), NbdErrno.EINVAL, 'ENOTSUP is for FAST_ZERO only');
+    assert.equal((await oddClient.read(0, 512)).error, NbdErrno.EINVAL);
+    assert.equal((await oddClient.request(NbdCommand.TRIM, { lengthBytes: 512 })).error, NbdErrno.EINVAL);
+  });
+
+  test('an export with block sizes: advertised in NBD_INFO_BLOCK_SIZE, unaligned or too large requests get EINVAL', async (t) => {
+    const aligned = new MemoryExport({ name: 'aligned', sizeBytes: MiB, blockSizes: { minimumBytes: 512, maximumPayloadBytes: 64 * 1024 } });
+    const served = await serve(t, [aligned, new MemoryExport({ name: 'bad', sizeBytes: MiB, blockSizes: { minimumBytes: 3 } })]);
+    const client = await served.connect();
+    const infos = await client.go('aligned', [NbdInfo.BLOCK_SIZE]);
+    assert.deepEqual(infos.find((info) => info.type === NbdInfo.BLOCK_SIZE), { type: NbdInfo.BLOCK_SIZE, sizes: { minimumBytes: 512, preferredBytes: 4096, maximumPayloadBytes: 64 * 1024 } });
+    assert.equal((await client.read(512, 1024)).error, 0);
+    assert.equal((await client.read(100, 512)).error, NbdErrno.EINVAL);
+    assert.equal((await client.write(0, Buffer.alloc(100))).error, NbdErrno.EINVAL);
+    assert.equal((await client.request(NbdCommand.TRIM, { offsetBytes: 512, lengthBytes: 1000 })).error, NbdErrno.EINVAL);
+    assert.equal((await client.read(0, 128 * 1024)).error, NbdErrno.EINVAL);
+    assert.equal((await client.write(0, Buffer.alloc(128 * 1024))).error, NbdErrno.EINVAL, 'a write above the export maximum, payload consumed');
+    assert.equal((await client.request(NbdCommand.WRITE_ZEROES, { lengthBytes: 512 * 1024 })).error, 0, 'no payload, no maximum');
+    assert.equal(aligned.counters.writes, 0);
+    const refused = await served.connect();
+    await assert.rejects(refused.go('bad'), /block sizes/);
+    assert.match(served.logs.join('\n'), /refused export "bad": INTERNAL: export "bad" has block sizes 3\/4096/);
+  });
+
+  test('CAN_MULTI_CONN: a FLUSH on one connection makes the writes acknowledged on the others durable', async (t) => {
+    // An export with a volatile cache: writes land in the cache, a flush persists it, a crash drops it.
+    const durable = Buffer.alloc(MiB);
+    let cache = new Map<number, Buffer>();
+    const cached: NbdExport = {
+      name: 'cached', sizeBytes: MiB, readOnly: false,
+      read: async (offset, length) => {
+        const bytes = Buffer.from(durable.subarray(offset, offset + length));
+        for (const [at, data] of cache) if (at >= offset && at + data.length <= offset + length) data.copy(bytes, at - offset);
+        return bytes;
+      },
+      write: async (offset, data, fua) => {
+        if (fua) data.copy(durable, offset);
+        else cache.set(offset, Buffer.from(data));
+      },
+      flush: async () => {
+        for (const [at, data] of cache) data.copy(durable, at);
+        cache = new Map();
+      },
+      trim: async () => {}, writeZeroes: async () => {}, release: async () => {},
+    };
+    const served = await serve(t, [], { provider: { open: async () => cached, list: async () => [] } });
+    const writers = await Promise.all([served.open('cached'), served.open('cached'), served.open('cached')]);
+    assert.ok(writers.every((client) => (client.transmissionFlags & NbdTransmissionFlag.CAN_MULTI_CONN) !== 0));
+    const acked = await Promise.all(writers.flatMap((client, index) => Array.from({ length: 8 }, (_, block) => client.write((index * 8 + block) * 4096, patterned(4096, index * 8 + block)))));
+    assert.ok(acked.every((reply) => reply.error === 0));
+    const flusher = await served.open('cached');
+    assert.equal((await flusher.request(NbdCommand.FLUSH)).error, 0);
+    assert.equal((await writers[0]!.write(100 * 4096, patterned(4096, 99))).error, 0, 'acknowledged after the flush: not covered');
+    cache = new Map(); // crash: the volatile cache is lost
+    for (let block = 0; block < 24; block++) assert.deepEqual(durable.subarray(block * 4096, (block + 1) * 4096), patterned(4096, block), `block ${block} survived`);
+    assert.deepEqual(durable.subarray(100 * 4096, 101 * 4096), Buffer.alloc(4096), 'the unflushed write was lost, so this test can fail');
+  });
+});
+
+describe('robustness', () => {
+  test('random requests and random bytes after a structured handshake: errors or a closed connection, never a crash; others carry on', async (t) => {
+    const disk = new MemoryExport({ name: 'disk', sizeBytes: MiB });
+    disk.load(0, patterned(64 * 1024, 1));
+    const scratch = new MemoryExport({ name: 'scratch', sizeBytes: MiB, blockSizes: { minimumBytes: 512 } });
+    const served = await serve(t, [disk, scratch], { payloadBytesMax: 64 * 1024, oversizedPayloadSkipBytesMax: 128 * 1024, blockStatusExtentsMax: 8 });
+    const healthy = await openStructured(served, 'disk');
+    const arbitraryRequest = fc.record({
+      type: fc.constantFrom(NbdCommand.READ, NbdCommand.WRITE, NbdCommand.FLUSH, NbdCommand.TRIM, NbdCommand.WRITE_ZEROES, NbdCommand.BLOCK_STATUS, NbdCommand.CACHE, 77),
+      flags: fc.oneof(fc.constant(0), fc.integer({ min: 0, max: 0x3f }), fc.integer({ min: 0, max: 0xffff })),
+      offsetBytes: fc.oneof(fc.nat(MiB), fc.constantFrom(MiB - 512, MiB, 2 ** 40, Number.MAX_SAFE_INTEGER)),
+      lengthBytes: fc.oneof(fc.nat(8192), fc.constantFrom(0, 512, 64 * 1024, 64 * 1024 + 1, 2 ** 32 - 1)),
+    });
+    await fc.assert(fc.asyncProperty(fc.array(arbitraryRequest, { maxLength: 12 }), fc.option(fc.uint8Array({ minLength: 1, maxLength: 64 }), { nil: undefined }), async (requests, garbage) => {
+      const client = await openStructured(served, 'scratch');
+      const replies = requests.map((request) => {
+        // A write's payload goes with it unless it is above what the server skips (then the server hangs up).
+        const payload = request.type === NbdCommand.WRITE && request.lengthBytes <= 128 * 1024 ? randomBytes(request.lengthBytes) : undefined;
+        return client.request(request.type, { flags: request.flags, offsetBytes: request.offsetBytes, lengthBytes: request.lengthBytes, payload, expectData: request.type === NbdCommand.READ })
+          .then((reply) => reply.error, () => 'closed' as const);
+      });
+      if (garbage !== undefined) client.sendRaw(Buffer.from(garbage));
+      const outcomes = await Promise.all(replies);
+      for (const outcome of outcomes) assert.ok(outcome === 'closed' || [0, NbdErrno.EINVAL, NbdErrno.EPERM, NbdErrno.ENOSPC, NbdErrno.EOVERFLOW].includes(outcome), `unexpected outcome ${outcome}`);
+      client.destroy();
+      await client.closed;
+      const check = await healthy.read(0, 4096);
+      assert.deepEqual(check.data, patterned(64 * 1024, 1).subarray(0, 4096), 'the healthy connection still reads what it should');
+    }), { numRuns: 40 });
+    await waitFor('every fuzzed connection to finish', () => served.server.connectionCount() === 1);
+    assert.equal(scratch.counters.running, 0);
+    assert.ok(scratch.counters.reads + scratch.counters.writes + scratch.counters.blockStatuses > 0, 'some requests got through to the export');
   });
 });

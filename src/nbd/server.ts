@@ -1,7 +1,8 @@
 /**
  * The NBD server of the nbd gateway (DESIGN §1, §6): serves exports — one per volume, read-only
  * ones for snapshots — to NBD clients (qemu, nbdcopy, fio, nbdfuse, the kernel's nbd-client) over
- * TCP or a unix socket. What it supports, its limits and its error mapping are in docs/nbd.md.
+ * TCP or a unix socket, optionally with TLS. What it supports, its limits and its error mapping are
+ * in docs/nbd.md.
  *
  * Exports come from an ExportProvider. All connections to one export share one NbdExport object
  * (the provider returns the same instance for the same name), which is what makes
@@ -20,15 +21,20 @@
 import type { Connection, Env, Listener } from '../env/env.ts';
 import { ShaleError } from '../lib/errors.ts';
 import { MiB } from '../lib/units.ts';
-import { NBD_PAYLOAD_BYTES_MAX, NBD_STRING_BYTES_MAX } from '../proto/nbd.ts';
+import { NBD_BLOCK_STATUS_EXTENTS_MAX, NBD_PAYLOAD_BYTES_MAX, NBD_STRING_BYTES_MAX } from '../proto/nbd.ts';
 import { ExportReferences } from './export-references.ts';
 import { NbdSession } from './session.ts';
-import type { SessionLimits } from './session.ts';
+import type { SessionContext, SessionLimits } from './session.ts';
+import { loadServerTls } from './tls.ts';
+import type { NbdTlsOptions } from './tls.ts';
+
+export type { NbdTlsMode, NbdTlsOptions } from './tls.ts';
 
 /**
  * One export as the server sees it. Offsets and lengths are in bytes and always within
- * [0, sizeBytes] — the server checks them before calling. Operations may run concurrently, also
- * on overlapping ranges (ordering those is the client's business, as on a disk).
+ * [0, sizeBytes] — the server checks them (and the export's block sizes) before calling.
+ * Operations may run concurrently, also on overlapping ranges (ordering those is the client's
+ * business, as on a disk).
  */
 export interface NbdExport {
   readonly name: string;
@@ -36,8 +42,25 @@ export interface NbdExport {
   readonly readOnly: boolean;
   /** Shown to clients that ask (NBD_INFO_DESCRIPTION). */
   readonly description?: string;
+  /**
+   * Size constraints sent in NBD_INFO_BLOCK_SIZE and enforced by the server (unaligned requests get
+   * EINVAL). Omitted fields take proto.md's defaults: minimum 1, preferred 4096, maximum payload the
+   * server's payloadBytesMax (a larger value is lowered to it). minimumBytes: a power of two
+   * ≤ 64 KiB; preferredBytes: a power of two ≥ max(minimumBytes, 512); maximumPayloadBytes ≥
+   * preferredBytes. An export that breaks these rules is refused (NBD_REP_ERR_UNKNOWN, logged).
+   */
+  readonly blockSizes?: NbdExportBlockSizes;
   /** Returns exactly `lengthBytes` bytes; the buffer is sent as is and must not change afterwards. */
   read(offsetBytes: number, lengthBytes: number): Promise<Buffer>;
+  /**
+   * Optional: the same read, with the zero ranges left out. Returns pieces that cover
+   * [offsetBytes, offsetBytes + lengthBytes) in order, back to back, each with lengthBytes > 0:
+   * with `data` (exactly lengthBytes bytes, not changed afterwards) for data, without for a range
+   * that reads as zeroes. The server sends the zero pieces as NBD_REPLY_TYPE_OFFSET_HOLE chunks when
+   * the client negotiated structured replies; otherwise, and for NBD_CMD_FLAG_DF reads, it calls
+   * read(). Pieces that do not cover the range exactly fail the read with EIO (a bug, logged).
+   */
+  readSparse?(offsetBytes: number, lengthBytes: number): Promise<NbdReadPiece[]>;
   /**
    * Writes `data` (at most 32 MiB). Resolving acknowledges the write: it must be visible to reads on
    * every connection, and durable once a later flush() resolves; with `fua`, durable before resolving.
@@ -47,10 +70,44 @@ export interface NbdExport {
   flush(): Promise<void>;
   /** The range is no longer needed; it may read back as anything until rewritten. The length may exceed 32 MiB. */
   trim(offsetBytes: number, lengthBytes: number, fua: boolean): Promise<void>;
-  /** The range reads back as zeroes; `noHole` asks for it to stay allocated. The length may exceed 32 MiB. */
-  writeZeroes(offsetBytes: number, lengthBytes: number, options: { fua: boolean; noHole: boolean }): Promise<void>;
+  /**
+   * The range reads back as zeroes; `noHole` asks for it to stay allocated. The length may exceed
+   * 32 MiB. With `fast` (NBD_CMD_FLAG_FAST_ZERO), an export that cannot zero the range faster than
+   * it would write it must throw ShaleError NOT_SUPPORTED at once, leaving the range unchanged; the
+   * client then gets ENOTSUP and writes the zeroes itself. NOT_SUPPORTED from any other call (or
+   * without `fast`) reaches the client as EINVAL: ENOTSUP is reserved to FAST_ZERO by proto.md.
+   */
+  writeZeroes(offsetBytes: number, lengthBytes: number, options: { fua: boolean; noHole: boolean; fast: boolean }): Promise<void>;
+  /**
+   * Optional: the allocation status of the range (NBD_CMD_BLOCK_STATUS, meta context
+   * `base:allocation`). Returns extents that start at offsetBytes and follow each other, each with
+   * lengthBytes > 0; together they may cover less than lengthBytes (the client asks again for the
+   * rest) but never more (the excess is cut). `hole`: not allocated (writing there may need space);
+   * `zero`: reads as zeroes. Without this method the server reports the whole range as allocated
+   * data, which proto.md allows.
+   */
+  blockStatus?(offsetBytes: number, lengthBytes: number): Promise<NbdExtentStatus[]>;
   /** Called when the last connection to it closes (after its operations completed). */
   release(): Promise<void>;
+}
+
+export interface NbdExportBlockSizes {
+  readonly minimumBytes?: number;
+  readonly preferredBytes?: number;
+  readonly maximumPayloadBytes?: number;
+}
+
+export interface NbdReadPiece {
+  readonly offsetBytes: number;
+  readonly lengthBytes: number;
+  /** The bytes of a data piece; absent for a piece that reads as zeroes. */
+  readonly data?: Buffer;
+}
+
+export interface NbdExtentStatus {
+  readonly lengthBytes: number;
+  readonly hole: boolean;
+  readonly zero: boolean;
 }
 
 export interface ExportProvider {
@@ -89,6 +146,10 @@ export interface NbdServerOptions {
   readonly lingerMs?: number;
   /** Time close() waits for in-flight operations before cutting connections. Default 30 s. */
   readonly shutdownGraceMs?: number;
+  /** Most extents in one NBD_CMD_BLOCK_STATUS reply (8 bytes each); the client asks again for the rest. Default 65536. */
+  readonly blockStatusExtentsMax?: number;
+  /** NBD_OPT_STARTTLS with x509 certificates; needs the Node environment (see tls.ts). Default: off. */
+  readonly tls?: NbdTlsOptions;
 }
 
 export interface NbdServer {
@@ -122,19 +183,25 @@ export async function startNbdServer(env: Env, options: NbdServerOptions): Promi
     inFlightBytesMax: limitOf(options.inFlightBytesMax, 64 * MiB, 'inFlightBytesMax'),
     handshakeTimeoutMs: limitOf(options.handshakeTimeoutMs, 10_000, 'handshakeTimeoutMs'),
     lingerMs: limitOf(options.lingerMs, 5_000, 'lingerMs'),
+    blockStatusExtentsMax: limitOf(options.blockStatusExtentsMax, 65_536, 'blockStatusExtentsMax'),
   };
+  if (limits.blockStatusExtentsMax > NBD_BLOCK_STATUS_EXTENTS_MAX) {
+    throw new ShaleError('INVALID_ARGUMENT', `nbd server option blockStatusExtentsMax: ${limits.blockStatusExtentsMax} is above ${NBD_BLOCK_STATUS_EXTENTS_MAX}`);
+  }
+  const tls = options.tls === undefined ? undefined : await loadServerTls(env, options.tls);
   const maxConnections = limitOf(options.maxConnections, 256, 'maxConnections');
   const shutdownGraceMs = limitOf(options.shutdownGraceMs, 30_000, 'shutdownGraceMs', 0);
   const references = new ExportReferences(options.provider, log);
   const sessions = new Set<NbdSession>();
   let shuttingDown = false;
 
-  const context = {
+  const context: SessionContext = {
     env,
     provider: options.provider,
     references,
     limits,
     log,
+    tls,
     isShuttingDown: () => shuttingDown,
   };
 

@@ -1,8 +1,13 @@
 /**
- * A minimal NBD client: fixed newstyle handshake, then requests with simple replies, many in
- * flight. It exists to drive the server precisely in tests (raw bytes, bad flags, oversized
- * requests) and is the seed of the client that "nexus" volumes will use to mirror onto an external
- * NBD target. It trusts nothing: a reply with an unknown cookie or bad magic closes the connection.
+ * A minimal NBD client: fixed newstyle handshake (with STARTTLS, structured replies and meta
+ * contexts), then requests with simple or structured replies, many in flight. It exists to drive
+ * the server precisely in tests (raw bytes, bad flags, oversized requests) and is the seed of the
+ * client that "nexus" volumes will use to mirror onto an external NBD target. It trusts nothing: a
+ * reply with an unknown cookie, a bad magic or an oversized chunk closes the connection.
+ *
+ * With structured replies, the chunks of one reply are collected until the one flagged DONE; a
+ * read's data is assembled from its data and hole chunks (holes read as zeroes) and the chunks are
+ * kept in the reply so tests can see how the server answered.
  */
 import type { Connection, Env } from '../env/env.ts';
 import { assert } from '../lib/assert.ts';
@@ -13,34 +18,58 @@ import {
   NBD_EXPORT_NAME_REPLY_ZEROES_BYTES,
   NBD_GREETING_BYTES,
   NBD_OPTION_REPLY_HEADER_BYTES,
-  NBD_SIMPLE_REPLY_HEADER_BYTES,
-  NBD_SIMPLE_REPLY_MAGIC,
+  NBD_PAYLOAD_BYTES_MAX,
+  NBD_REPLY_FLAG_DONE,
   NbdClientFlag,
   NbdCommand,
   NbdOption,
   NbdReply,
+  NbdReplyParser,
+  NbdStructuredReplyType,
+  decodeBlockStatus,
+  decodeErrorChunk,
   decodeExportNameReply,
   decodeGreeting,
   decodeInfoReply,
+  decodeMetaContextReply,
+  decodeOffsetData,
+  decodeOffsetHole,
   decodeOptionReplyHeader,
-  decodeSimpleReplyHeader,
   encodeClientFlags,
   encodeInfoRequest,
+  encodeMetaContextRequest,
   encodeOptionRequest,
   encodeRequestHeader,
   isOptionReplyError,
 } from '../proto/nbd.ts';
-import type { NbdInfoReply } from '../proto/nbd.ts';
+import type { NbdExtent, NbdInfoReply, NbdReplyMessage } from '../proto/nbd.ts';
+import { upgradeClientConnection } from './tls.ts';
+import type { NbdTlsClientOptions } from './tls.ts';
 
 export interface NbdOptionReply {
   readonly replyType: number;
   readonly data: Buffer;
 }
 
+/** One chunk of a structured reply, as received. */
+export interface NbdReceivedChunk {
+  readonly type: number;
+  readonly flags: number;
+  /** Offset and length of a data or hole chunk. */
+  readonly offsetBytes?: number;
+  readonly lengthBytes?: number;
+}
+
 export interface NbdSimpleReply {
   readonly error: number;
-  /** A read's data (when error is 0). */
+  /** A read's data (when error is 0); assembled from data and hole chunks with structured replies. */
   readonly data: Buffer | undefined;
+  /** With structured replies: the message of an error chunk. */
+  readonly message?: string;
+  /** With structured replies: every chunk of the reply, in order. */
+  readonly chunks?: readonly NbdReceivedChunk[];
+  /** A block status reply: per context id, its extents. */
+  readonly blockStatus?: ReadonlyMap<number, readonly NbdExtent[]>;
 }
 
 export interface NbdRequestOptions {
@@ -60,10 +89,22 @@ interface Waiter {
 }
 
 interface PendingRequest {
+  readonly offsetBytes: number;
+  /** Data bytes of a successful simple reply (a read's length). */
   readonly dataBytes: number;
   readonly resolve: (reply: NbdSimpleReply) => void;
   readonly reject: (error: Error) => void;
+  /** Structured chunks received so far. */
+  chunks: NbdReceivedChunk[];
+  assembled: Buffer | undefined;
+  error: number;
+  message: string | undefined;
+  blockStatus: Map<number, readonly NbdExtent[]> | undefined;
 }
+
+/** Largest structured chunk the client accepts: the maximum payload plus a data chunk's offset. */
+const CHUNK_PAYLOAD_BYTES_MAX = NBD_PAYLOAD_BYTES_MAX + 8 * 1024 * 1024;
+const COOKIE_HIGH = 0x5a4c;
 
 export class NbdSimpleClient {
   readonly handshakeFlags: number;
@@ -71,20 +112,29 @@ export class NbdSimpleClient {
   readonly closed: Promise<Error | undefined>;
   sizeBytes = 0;
   transmissionFlags = 0;
-  readonly #connection: Connection;
+  /** Whether the server acknowledged NBD_OPT_STRUCTURED_REPLY (reset by STARTTLS). */
+  structuredReplies = false;
+  #connection: Connection;
   readonly #queue: ByteQueue;
+  readonly #parser: NbdReplyParser;
   #waiter: Waiter | undefined;
   #transmission = false;
   #pending = new Map<number, PendingRequest>();
   #nextCookie = 1;
   #closedError: Error | undefined;
   #isClosed = false;
+  #resolveClosed: (error: Error | undefined) => void;
 
-  private constructor(connection: Connection, queue: ByteQueue, handshakeFlags: number, closed: Promise<Error | undefined>) {
+  private constructor(connection: Connection, queue: ByteQueue, handshakeFlags: number, closed: Promise<Error | undefined>, resolveClosed: (error: Error | undefined) => void) {
     this.#connection = connection;
     this.#queue = queue;
     this.handshakeFlags = handshakeFlags;
     this.closed = closed;
+    this.#resolveClosed = resolveClosed;
+    this.#parser = new NbdReplyParser({
+      simpleReplyDataBytes: (cookieHigh, cookieLow) => (cookieHigh === COOKIE_HIGH ? this.#pending.get(cookieLow)?.dataBytes : undefined),
+      chunkPayloadBytesMax: CHUNK_PAYLOAD_BYTES_MAX,
+    });
   }
 
   /** Connects, reads the greeting and sends the client flags (default: FIXED_NEWSTYLE | NO_ZEROES). */
@@ -98,16 +148,18 @@ export class NbdSimpleClient {
       resolveClosed = resolve;
     });
     connection.onData((chunk) => {
-      if (client !== undefined) client.#onData(chunk);
+      if (client !== undefined) client.#onData(connection, chunk);
       else {
         queue.push(chunk);
         if (greetingWaiter !== undefined && queue.length >= NBD_GREETING_BYTES) greetingWaiter(queue.take(NBD_GREETING_BYTES));
       }
     });
     connection.onClose((error) => {
-      if (client !== undefined) client.#onClose(error);
-      else greetingWaiter?.(error ?? new ShaleError('UNAVAILABLE', 'connection closed before the greeting'));
-      resolveClosed(error);
+      if (client !== undefined) client.#onClose(connection, error);
+      else {
+        greetingWaiter?.(error ?? new ShaleError('UNAVAILABLE', 'connection closed before the greeting'));
+        resolveClosed(error);
+      }
     });
     const greeting = await new Promise<Buffer | Error>((resolve) => {
       if (queue.length >= NBD_GREETING_BYTES) resolve(queue.take(NBD_GREETING_BYTES));
@@ -121,13 +173,18 @@ export class NbdSimpleClient {
       connection.destroy();
       throw error;
     }
-    client = new NbdSimpleClient(connection, queue, handshakeFlags, closed);
+    client = new NbdSimpleClient(connection, queue, handshakeFlags, closed, resolveClosed);
     connection.write(encodeClientFlags(clientFlags));
     return client;
   }
 
   get isClosed(): boolean {
     return this.#isClosed;
+  }
+
+  /** The connection in use (the TLS one after startTls). */
+  get connection(): Connection {
+    return this.#connection;
   }
 
   /** Sends bytes as they are (garbage, hand-made messages). */
@@ -146,6 +203,41 @@ export class NbdSimpleClient {
       replies.push({ replyType: header.replyType, data: replyData });
       if (header.replyType === NbdReply.ACK || isOptionReplyError(header.replyType)) return replies;
     }
+  }
+
+  /** NBD_OPT_STRUCTURED_REPLY; true when the server acknowledged it. */
+  async negotiateStructuredReplies(): Promise<boolean> {
+    const replies = await this.option(NbdOption.STRUCTURED_REPLY);
+    this.structuredReplies = replies.at(-1)!.replyType === NbdReply.ACK;
+    return this.structuredReplies;
+  }
+
+  /**
+   * NBD_OPT_SET_META_CONTEXT (or LIST with `list`): the contexts the server returned. Errors:
+   * PROTOCOL for an error reply (its type in details).
+   */
+  async metaContext(exportName: string, queries: readonly string[], list = false): Promise<{ contextId: number; name: string }[]> {
+    const option = list ? NbdOption.LIST_META_CONTEXT : NbdOption.SET_META_CONTEXT;
+    const replies = await this.option(option, encodeMetaContextRequest(exportName, queries));
+    const final = replies.at(-1)!;
+    if (final.replyType !== NbdReply.ACK) throw new ShaleError('PROTOCOL', final.data.toString('utf8'), { replyType: final.replyType });
+    return replies.filter((reply) => reply.replyType === NbdReply.META_CONTEXT).map((reply) => decodeMetaContextReply(reply.data));
+  }
+
+  /**
+   * NBD_OPT_STARTTLS, then the TLS handshake; everything after goes through TLS. Errors: PROTOCOL
+   * for an error reply (its type in details), UNAVAILABLE for a failed TLS handshake.
+   */
+  async startTls(options: NbdTlsClientOptions): Promise<void> {
+    const replies = await this.option(NbdOption.STARTTLS);
+    const final = replies.at(-1)!;
+    if (final.replyType !== NbdReply.ACK) throw new ShaleError('PROTOCOL', final.data.toString('utf8'), { replyType: final.replyType });
+    assert(this.#queue.length === 0, 'nothing follows the STARTTLS reply in plaintext');
+    const upgraded = await upgradeClientConnection(this.#connection, options);
+    this.#connection = upgraded;
+    this.structuredReplies = false;
+    upgraded.onData((chunk) => this.#onData(upgraded, chunk));
+    upgraded.onClose((error) => this.#onClose(upgraded, error));
   }
 
   /**
@@ -190,14 +282,25 @@ export class NbdSimpleClient {
     assert(this.#transmission, 'requests follow the handshake');
     const cookie = this.#nextCookie++;
     const lengthBytes = options.lengthBytes ?? options.payload?.length ?? 0;
-    const header = encodeRequestHeader({ flags: options.flags ?? 0, type, cookieHigh: 0x5a4c, cookieLow: cookie, offsetBytes: options.offsetBytes ?? 0, lengthBytes });
+    const offsetBytes = options.offsetBytes ?? 0;
+    const header = encodeRequestHeader({ flags: options.flags ?? 0, type, cookieHigh: COOKIE_HIGH, cookieLow: cookie, offsetBytes, lengthBytes });
     const expectData = options.expectData ?? type === NbdCommand.READ;
     const reply = new Promise<NbdSimpleReply>((resolve, reject) => {
       if (this.#isClosed) {
         reject(this.#closedError ?? new ShaleError('UNAVAILABLE', 'connection closed'));
         return;
       }
-      this.#pending.set(cookie, { dataBytes: expectData ? lengthBytes : 0, resolve, reject });
+      this.#pending.set(cookie, {
+        offsetBytes,
+        dataBytes: expectData ? lengthBytes : 0,
+        resolve,
+        reject,
+        chunks: [],
+        assembled: undefined,
+        error: 0,
+        message: undefined,
+        blockStatus: undefined,
+      });
     });
     this.#connection.write(options.payload !== undefined ? [header, options.payload] : header);
     return reply;
@@ -209,6 +312,10 @@ export class NbdSimpleClient {
 
   write(offsetBytes: number, payload: Buffer, flags = 0): Promise<NbdSimpleReply> {
     return this.request(NbdCommand.WRITE, { offsetBytes, payload, flags });
+  }
+
+  blockStatus(offsetBytes: number, lengthBytes: number, flags = 0): Promise<NbdSimpleReply> {
+    return this.request(NbdCommand.BLOCK_STATUS, { offsetBytes, lengthBytes, flags, expectData: false });
   }
 
   /** NBD_CMD_DISC, then waits for the server to close. */
@@ -232,14 +339,19 @@ export class NbdSimpleClient {
 
   #enterTransmission(): void {
     this.#transmission = true;
+    if (this.#queue.length > 0) this.#parser.push(this.#queue.take(this.#queue.length));
     this.#parseReplies();
   }
 
-  #onData(chunk: Buffer): void {
-    this.#queue.push(chunk);
+  #onData(from: Connection, chunk: Buffer): void {
+    if (from !== this.#connection) return;
     if (this.#transmission) {
+      this.#parser.push(chunk);
       this.#parseReplies();
-    } else if (this.#waiter !== undefined && this.#queue.length >= this.#waiter.count) {
+      return;
+    }
+    this.#queue.push(chunk);
+    if (this.#waiter !== undefined && this.#queue.length >= this.#waiter.count) {
       const waiter = this.#waiter;
       this.#waiter = undefined;
       waiter.resolve(this.#queue.take(waiter.count));
@@ -256,32 +368,83 @@ export class NbdSimpleClient {
   }
 
   #parseReplies(): void {
-    while (this.#queue.length >= NBD_SIMPLE_REPLY_HEADER_BYTES) {
-      const header = decodeSimpleReplyHeader(this.#queue.peek(NBD_SIMPLE_REPLY_HEADER_BYTES));
-      if (header.magic !== NBD_SIMPLE_REPLY_MAGIC) {
-        this.#connection.destroy(new ShaleError('PROTOCOL', `bad reply magic 0x${header.magic.toString(16)}`));
-        return;
+    try {
+      for (;;) {
+        const message = this.#parser.next();
+        if (message === undefined) return;
+        this.#handleReply(message);
       }
-      const pending = this.#pending.get(header.cookieLow);
-      if (pending === undefined) {
-        this.#connection.destroy(new ShaleError('PROTOCOL', `reply for unknown cookie ${header.cookieLow}`));
-        return;
-      }
-      const dataBytes = header.error === 0 ? pending.dataBytes : 0;
-      if (this.#queue.length < NBD_SIMPLE_REPLY_HEADER_BYTES + dataBytes) return;
-      this.#queue.skip(NBD_SIMPLE_REPLY_HEADER_BYTES);
-      const data = header.error === 0 && pending.dataBytes > 0 ? this.#queue.take(dataBytes) : undefined;
-      this.#pending.delete(header.cookieLow);
-      pending.resolve({ error: header.error, data });
+    } catch (error) {
+      this.#connection.destroy(error instanceof Error ? error : new ShaleError('PROTOCOL', String(error)));
     }
   }
 
-  #onClose(error: Error | undefined): void {
+  #handleReply(message: NbdReplyMessage): void {
+    const pending = this.#pending.get(message.cookieLow);
+    assert(pending !== undefined, 'the parser only frames replies to known cookies');
+    if (message.kind === 'simple') {
+      if (pending.chunks.length > 0) throw new ShaleError('PROTOCOL', `simple reply to cookie ${message.cookieLow} after structured chunks`);
+      this.#pending.delete(message.cookieLow);
+      pending.resolve({ error: message.error, data: message.data });
+      return;
+    }
+    if (!this.structuredReplies) throw new ShaleError('PROTOCOL', 'structured reply chunk without NBD_OPT_STRUCTURED_REPLY');
+    const payload = message.payload;
+    switch (message.type) {
+      case NbdStructuredReplyType.NONE:
+        if (payload.length !== 0 || (message.flags & NBD_REPLY_FLAG_DONE) === 0) throw new ShaleError('PROTOCOL', 'NBD_REPLY_TYPE_NONE with a payload or without DONE');
+        pending.chunks.push({ type: message.type, flags: message.flags });
+        break;
+      case NbdStructuredReplyType.OFFSET_DATA: {
+        const { offsetBytes, data } = decodeOffsetData(payload);
+        this.#place(pending, offsetBytes, data.length, data);
+        pending.chunks.push({ type: message.type, flags: message.flags, offsetBytes, lengthBytes: data.length });
+        break;
+      }
+      case NbdStructuredReplyType.OFFSET_HOLE: {
+        const { offsetBytes, holeBytes } = decodeOffsetHole(payload);
+        this.#place(pending, offsetBytes, holeBytes, undefined);
+        pending.chunks.push({ type: message.type, flags: message.flags, offsetBytes, lengthBytes: holeBytes });
+        break;
+      }
+      case NbdStructuredReplyType.BLOCK_STATUS: {
+        const { contextId, extents } = decodeBlockStatus(payload);
+        pending.blockStatus ??= new Map();
+        pending.blockStatus.set(contextId, extents);
+        pending.chunks.push({ type: message.type, flags: message.flags });
+        break;
+      }
+      default: {
+        if ((message.type & 0x8000) === 0) throw new ShaleError('PROTOCOL', `unknown structured reply type ${message.type}`);
+        const { error, message: text } = decodeErrorChunk(message.type, payload);
+        if (error === 0) throw new ShaleError('PROTOCOL', 'error chunk with error 0');
+        pending.error ||= error;
+        pending.message ??= text;
+        pending.chunks.push({ type: message.type, flags: message.flags });
+      }
+    }
+    if ((message.flags & NBD_REPLY_FLAG_DONE) === 0) return;
+    this.#pending.delete(message.cookieLow);
+    const data = pending.error === 0 && pending.dataBytes > 0 ? pending.assembled ?? Buffer.alloc(pending.dataBytes) : undefined;
+    pending.resolve({ error: pending.error, data, message: pending.message, chunks: pending.chunks, blockStatus: pending.blockStatus });
+  }
+
+  /** Puts a data or hole chunk in a read's buffer; PROTOCOL if it lies outside the request. */
+  #place(pending: PendingRequest, offsetBytes: number, lengthBytes: number, data: Buffer | undefined): void {
+    const start = offsetBytes - pending.offsetBytes;
+    if (start < 0 || start + lengthBytes > pending.dataBytes) throw new ShaleError('PROTOCOL', `chunk of ${lengthBytes} bytes at ${offsetBytes} lies outside the read`);
+    pending.assembled ??= Buffer.alloc(pending.dataBytes);
+    if (data !== undefined) data.copy(pending.assembled, start);
+  }
+
+  #onClose(from: Connection, error: Error | undefined): void {
+    if (from !== this.#connection) return;
     this.#isClosed = true;
     this.#closedError = error ?? new ShaleError('UNAVAILABLE', 'connection closed');
     this.#waiter?.reject(this.#closedError);
     this.#waiter = undefined;
     for (const pending of this.#pending.values()) pending.reject(this.#closedError);
     this.#pending.clear();
+    this.#resolveClosed(error);
   }
 }

@@ -4,7 +4,12 @@ import fc from 'fast-check';
 import { ShaleError } from '../lib/errors.ts';
 import {
   ByteQueue,
+  NBD_ERROR_CHUNK_FIXED_BYTES,
   NBD_GREETING_BYTES,
+  NBD_OFFSET_DATA_HEADER_BYTES,
+  NBD_OFFSET_HOLE_CHUNK_BYTES,
+  NBD_REPLY_FLAG_DONE,
+  NBD_STRUCTURED_REPLY_MAGIC,
   NBD_OPTION_REPLY_HEADER_BYTES,
   NBD_SIMPLE_REPLY_MAGIC,
   NBD_STRING_BYTES_MAX,
@@ -15,8 +20,17 @@ import {
   NbdInfo,
   NbdOption,
   NbdReply,
+  NbdReplyParser,
   NbdServerParser,
+  NbdStructuredReplyType,
+  decodeBlockStatus,
+  decodeErrorChunk,
   decodeExportName,
+  decodeMetaContextReply,
+  decodeMetaContextRequest,
+  decodeOffsetData,
+  decodeOffsetHole,
+  decodeStructuredReplyHeader,
   decodeExportNameReply,
   decodeGreeting,
   decodeInfoReply,
@@ -25,7 +39,9 @@ import {
   decodeRequestHeader,
   decodeServerEntry,
   decodeSimpleReplyHeader,
+  encodeBlockStatusChunk,
   encodeClientFlags,
+  encodeErrorChunk,
   encodeExportNameReply,
   encodeGreeting,
   encodeInfoBlockSize,
@@ -33,14 +49,21 @@ import {
   encodeInfoExport,
   encodeInfoName,
   encodeInfoRequest,
+  encodeMetaContextReply,
+  encodeMetaContextRequest,
+  encodeNoneChunk,
+  encodeOffsetDataHeader,
+  encodeOffsetHoleChunk,
   encodeOptionReply,
   encodeOptionRequest,
   encodeRequestHeader,
   encodeServerEntry,
   encodeSimpleReplyHeader,
+  encodeStructuredReplyHeader,
   isOptionReplyError,
+  structuredReplyTypeName,
 } from './nbd.ts';
-import type { NbdClientMessage, NbdRequestFields, NbdServerParserLimits } from './nbd.ts';
+import type { NbdClientMessage, NbdReplyMessage, NbdRequestFields, NbdServerParserLimits } from './nbd.ts';
 
 describe('handshake codecs', () => {
   test('the greeting is NBDMAGIC, IHAVEOPT and the handshake flags', () => {
@@ -389,5 +412,253 @@ describe('NbdServerParser', () => {
     assert.ok(message?.kind === 'request');
     assert.equal(message.payload?.length, 60);
     assert.equal(parser.next(), undefined);
+  });
+});
+
+// -------------------------------------------------------------------------------------------------
+// Meta contexts and structured replies
+
+describe('meta context codecs', () => {
+  test('LIST/SET_META_CONTEXT data round-trips, queries and all', () => {
+    const cases = [
+      { exportName: 'vol', queries: ['base:allocation'] },
+      { exportName: '', queries: [] },
+      { exportName: 'vol@snap', queries: ['base:', 'qemu:dirty-bitmap:b0', 'x-é:z'] },
+    ];
+    for (const request of cases) assert.deepEqual(decodeMetaContextRequest(encodeMetaContextRequest(request.exportName, request.queries)), request);
+    assert.equal(encodeMetaContextRequest('ab', ['base:allocation']).toString('hex'), '00000002' + '6162' + '00000001' + '0000000f' + Buffer.from('base:allocation').toString('hex'));
+  });
+
+  test('malformed meta context data is INVALID_ARGUMENT, never a crash', () => {
+    const good = encodeMetaContextRequest('vol', ['base:allocation']);
+    const hugeCount = Buffer.from(good);
+    hugeCount.writeUInt32BE(0xffffffff, 4 + 3);
+    const hugeQuery = Buffer.from(good);
+    hugeQuery.writeUInt32BE(0xffffff00, 4 + 3 + 4);
+    const invalid = [
+      Buffer.alloc(0), Buffer.alloc(3), good.subarray(0, good.length - 1), Buffer.concat([good, Buffer.alloc(1)]), hugeCount, hugeQuery,
+      encodeMetaContextRequest('a\u0000', []), encodeMetaContextRequest('vol', ['x'.repeat(NBD_STRING_BYTES_MAX + 1)]),
+    ];
+    for (const data of invalid) assert.throws(() => decodeMetaContextRequest(data), { code: 'INVALID_ARGUMENT' }, data.toString('hex').slice(0, 80));
+    fc.assert(fc.property(fc.uint8Array({ maxLength: 64 }), (bytes) => {
+      try {
+        decodeMetaContextRequest(Buffer.from(bytes));
+      } catch (error) {
+        assert.ok(error instanceof ShaleError && error.code === 'INVALID_ARGUMENT', String(error));
+      }
+    }));
+  });
+
+  test('NBD_REP_META_CONTEXT carries an id and a name', () => {
+    const data = encodeMetaContextReply(1, 'base:allocation');
+    assert.equal(data.toString('hex', 0, 4), '00000001');
+    assert.deepEqual(decodeMetaContextReply(data), { contextId: 1, name: 'base:allocation' });
+    assert.throws(() => decodeMetaContextReply(Buffer.alloc(3)), { code: 'PROTOCOL' });
+  });
+});
+
+describe('structured reply codecs', () => {
+  test('the chunk header is magic, flags, type, cookie, length', () => {
+    const target = Buffer.alloc(24);
+    encodeStructuredReplyHeader(target, 4, NBD_REPLY_FLAG_DONE, NbdStructuredReplyType.BLOCK_STATUS, 0x01020304, 0x05060708, 12);
+    assert.equal(target.toString('hex'), '00000000' + '668e33ef' + '0001' + '0005' + '01020304' + '05060708' + '0000000c');
+    assert.deepEqual(decodeStructuredReplyHeader(target, 4), { magic: NBD_STRUCTURED_REPLY_MAGIC, flags: 1, type: 5, cookieHigh: 0x01020304, cookieLow: 0x05060708, lengthBytes: 12 });
+    assert.equal(structuredReplyTypeName(NbdStructuredReplyType.OFFSET_HOLE), 'NBD_REPLY_TYPE_OFFSET_HOLE');
+  });
+
+  test('a data chunk header is 28 bytes: header with length 8 + data, then the offset', () => {
+    const target = Buffer.alloc(NBD_OFFSET_DATA_HEADER_BYTES);
+    encodeOffsetDataHeader(target, 0, NBD_REPLY_FLAG_DONE, 0, 9, 2 ** 40 + 512, 4096);
+    const header = decodeStructuredReplyHeader(target);
+    assert.deepEqual({ type: header.type, flags: header.flags, lengthBytes: header.lengthBytes }, { type: NbdStructuredReplyType.OFFSET_DATA, flags: 1, lengthBytes: 4104 });
+    const decoded = decodeOffsetData(Buffer.concat([target.subarray(20), Buffer.alloc(4096, 3)]));
+    assert.equal(decoded.offsetBytes, 2 ** 40 + 512);
+    assert.deepEqual(decoded.data, Buffer.alloc(4096, 3));
+    assert.throws(() => decodeOffsetData(Buffer.alloc(8)), { code: 'PROTOCOL' });
+  });
+
+  test('a hole chunk is 32 bytes: offset and size', () => {
+    const target = Buffer.alloc(NBD_OFFSET_HOLE_CHUNK_BYTES);
+    encodeOffsetHoleChunk(target, 0, 0, 1, 2, 8192, 65536);
+    const header = decodeStructuredReplyHeader(target);
+    assert.deepEqual({ type: header.type, flags: header.flags, lengthBytes: header.lengthBytes }, { type: NbdStructuredReplyType.OFFSET_HOLE, flags: 0, lengthBytes: 12 });
+    assert.deepEqual(decodeOffsetHole(target.subarray(20)), { offsetBytes: 8192, holeBytes: 65536 });
+    assert.throws(() => decodeOffsetHole(Buffer.alloc(12)), { code: 'PROTOCOL' }, 'a hole of 0 bytes');
+  });
+
+  test('an error chunk carries the errno and a message cut to 4096 bytes; NONE is empty and DONE', () => {
+    const chunk = encodeErrorChunk(0, 3, 22, 'read past the end');
+    const header = decodeStructuredReplyHeader(chunk);
+    assert.deepEqual({ type: header.type, flags: header.flags, lengthBytes: header.lengthBytes }, { type: NbdStructuredReplyType.ERROR, flags: 1, lengthBytes: NBD_ERROR_CHUNK_FIXED_BYTES + 17 });
+    assert.deepEqual(decodeErrorChunk(header.type, chunk.subarray(20)), { error: 22, message: 'read past the end', offsetBytes: undefined });
+    const long = encodeErrorChunk(0, 3, 5, 'x'.repeat(10_000));
+    assert.equal(decodeStructuredReplyHeader(long).lengthBytes, NBD_ERROR_CHUNK_FIXED_BYTES + NBD_STRING_BYTES_MAX);
+    const withOffset = Buffer.concat([Buffer.from([0, 0, 0, 5, 0, 1, 0x61]), Buffer.from([0, 0, 0, 0, 0, 0, 0x10, 0])]);
+    assert.deepEqual(decodeErrorChunk(NbdStructuredReplyType.ERROR_OFFSET, withOffset), { error: 5, message: 'a', offsetBytes: 4096 });
+    assert.throws(() => decodeErrorChunk(NbdStructuredReplyType.ERROR, Buffer.from([0, 0, 0, 5, 0, 9, 0x61])), { code: 'PROTOCOL' });
+    assert.equal(encodeNoneChunk(1, 2).toString('hex'), '668e33ef' + '0001' + '0000' + '00000001' + '00000002' + '00000000');
+  });
+
+  test('a block status chunk is the context id and one (length, flags) pair per extent', () => {
+    const extents = [{ lengthBytes: 4096, flags: 0 }, { lengthBytes: 2 ** 32 - 1, flags: 3 }];
+    const chunk = encodeBlockStatusChunk(0, 4, 1, extents);
+    assert.equal(decodeStructuredReplyHeader(chunk).lengthBytes, 4 + 16);
+    assert.deepEqual(decodeBlockStatus(chunk.subarray(20)), { contextId: 1, extents });
+    assert.throws(() => decodeBlockStatus(Buffer.alloc(4)), { code: 'PROTOCOL' });
+    assert.throws(() => decodeBlockStatus(Buffer.alloc(13)), { code: 'PROTOCOL' });
+  });
+});
+
+/** A server's side of a conversation: simple and structured replies of every kind, for cookies 1..7. */
+function replyStream(): { bytes: Buffer; dataBytes: Map<number, number> } {
+  const simple = (cookie: number, error: number, data?: Buffer): Buffer => {
+    const header = Buffer.alloc(16);
+    encodeSimpleReplyHeader(header, 0, error, 0, cookie);
+    return data === undefined ? header : Buffer.concat([header, data]);
+  };
+  const dataChunk = (cookie: number, flags: number, offset: number, data: Buffer): Buffer => {
+    const header = Buffer.alloc(NBD_OFFSET_DATA_HEADER_BYTES);
+    encodeOffsetDataHeader(header, 0, flags, 0, cookie, offset, data.length);
+    return Buffer.concat([header, data]);
+  };
+  const hole = (cookie: number, flags: number, offset: number, length: number): Buffer => {
+    const chunk = Buffer.alloc(NBD_OFFSET_HOLE_CHUNK_BYTES);
+    encodeOffsetHoleChunk(chunk, 0, flags, 0, cookie, offset, length);
+    return chunk;
+  };
+  const bytes = Buffer.concat([
+    simple(1, 0, Buffer.alloc(100, 1)),
+    simple(2, 22),
+    dataChunk(3, 0, 0, Buffer.alloc(40, 3)),
+    simple(4, 0),
+    hole(3, 0, 40, 24),
+    dataChunk(3, NBD_REPLY_FLAG_DONE, 64, Buffer.alloc(36, 3)),
+    encodeErrorChunk(0, 5, 5, 'disk on fire'),
+    encodeBlockStatusChunk(0, 6, 1, [{ lengthBytes: 512, flags: 3 }, { lengthBytes: 1024, flags: 0 }]),
+    encodeNoneChunk(0, 7),
+  ]);
+  return { bytes, dataBytes: new Map([[1, 100], [2, 100], [3, 100], [4, 0], [5, 100], [6, 0], [7, 0]]) };
+}
+
+function parseReplies(pieces: readonly Buffer[], dataBytes: Map<number, number>, chunkPayloadBytesMax = 1024): unknown[] {
+  const parser = new NbdReplyParser({ simpleReplyDataBytes: (high, low) => (high === 0 ? dataBytes.get(low) : undefined), chunkPayloadBytesMax });
+  const messages: unknown[] = [];
+  for (const piece of pieces) {
+    parser.push(piece);
+    for (let message = parser.next(); message !== undefined; message = parser.next()) messages.push(normalizeReply(message));
+  }
+  assert.equal(parser.bufferedBytes, 0, 'nothing left over');
+  return messages;
+}
+
+function normalizeReply(message: NbdReplyMessage): unknown {
+  if (message.kind === 'simple') return { ...message, data: message.data?.toString('hex') };
+  return { ...message, payload: message.payload.toString('hex') };
+}
+
+describe('NbdReplyParser', () => {
+  const { bytes, dataBytes } = replyStream();
+  const expected = parseReplies([bytes], dataBytes);
+
+  test('frames simple replies (with read data) and every kind of chunk, interleaved', () => {
+    assert.equal(expected.length, 9);
+    assert.deepEqual(expected[0], { kind: 'simple', error: 0, cookieHigh: 0, cookieLow: 1, data: '01'.repeat(100) });
+    assert.deepEqual(expected[1], { kind: 'simple', error: 22, cookieHigh: 0, cookieLow: 2, data: undefined }, 'an error reply carries no data');
+    assert.deepEqual((expected as { kind: string; type?: number; flags?: number }[]).map((message) => (message.kind === 'chunk' ? `${message.type}/${message.flags}` : message.kind)), [
+      'simple', 'simple', '1/0', 'simple', '2/0', '1/1', `${NbdStructuredReplyType.ERROR}/1`, '5/1', '0/1',
+    ]);
+  });
+
+  test('every split into two pieces frames the same messages', () => {
+    for (let split = 0; split <= bytes.length; split++) {
+      assert.deepEqual(parseReplies([bytes.subarray(0, split), bytes.subarray(split)], dataBytes), expected, `split at ${split}`);
+    }
+  });
+
+  test('every split into three pieces frames the same messages', () => {
+    for (let first = 0; first <= bytes.length; first += 2) {
+      for (let second = first; second <= bytes.length; second += 5) {
+        assert.deepEqual(parseReplies([bytes.subarray(0, first), bytes.subarray(first, second), bytes.subarray(second)], dataBytes), expected, `splits at ${first}, ${second}`);
+      }
+    }
+  });
+
+  test('byte by byte, and at random points, frames the same messages', () => {
+    assert.deepEqual(parseReplies([...bytes].map((byte) => Buffer.from([byte])), dataBytes), expected);
+    fc.assert(fc.property(fc.array(fc.nat(bytes.length), { maxLength: 12 }), (cuts) => {
+      const points = [...new Set(cuts)].sort((a, b) => a - b);
+      const pieces: Buffer[] = [];
+      let start = 0;
+      for (const point of points) {
+        pieces.push(bytes.subarray(start, point));
+        start = point;
+      }
+      pieces.push(bytes.subarray(start));
+      assert.deepEqual(parseReplies(pieces, dataBytes), expected);
+    }));
+  });
+
+  test('a bad magic, an unknown cookie or an oversized chunk is PROTOCOL, and stays so', () => {
+    const known = new Map([[1, 8]]);
+    assert.throws(() => parseReplies([Buffer.from('HTTP/1.1 200 OK\r\n\r\n')], known), /bad reply magic 0x48545450/);
+    const unknown = Buffer.alloc(16);
+    encodeSimpleReplyHeader(unknown, 0, 0, 0, 99);
+    assert.throws(() => parseReplies([unknown], known), /unknown cookie/);
+    assert.throws(() => parseReplies([encodeNoneChunk(0, 99)], known), /unknown cookie/);
+    const big = Buffer.alloc(20);
+    encodeStructuredReplyHeader(big, 0, 0, NbdStructuredReplyType.OFFSET_DATA, 0, 1, 2 ** 31);
+    const parser = new NbdReplyParser({ simpleReplyDataBytes: () => 0, chunkPayloadBytesMax: 1024 });
+    parser.push(big);
+    assert.throws(() => parser.next(), /exceeds 1024/);
+    parser.push(encodeNoneChunk(0, 1));
+    assert.throws(() => parser.next(), { code: 'PROTOCOL' });
+    assert.equal(parser.bufferedBytes, 0);
+  });
+
+  test('random garbage either frames replies or fails with PROTOCOL, nothing else', () => {
+    fc.assert(fc.property(fc.uint8Array({ maxLength: 200 }), (garbage) => {
+      const parser = new NbdReplyParser({ simpleReplyDataBytes: (_high, low) => (low % 3 === 0 ? undefined : low % 64), chunkPayloadBytesMax: 256 });
+      parser.push(Buffer.from(garbage));
+      try {
+        while (parser.next() !== undefined);
+      } catch (error) {
+        assert.ok(error instanceof ShaleError && error.code === 'PROTOCOL', String(error));
+      }
+    }));
+  });
+});
+
+describe('NbdServerParser with the extensions', () => {
+  /** Options for TLS, structured replies and meta contexts, then the requests they allow. */
+  const stream = Buffer.concat([
+    encodeClientFlags(NbdClientFlag.FIXED_NEWSTYLE),
+    encodeOptionRequest(NbdOption.STARTTLS),
+    encodeOptionRequest(NbdOption.STRUCTURED_REPLY),
+    encodeOptionRequest(NbdOption.LIST_META_CONTEXT, encodeMetaContextRequest('vol', [])),
+    encodeOptionRequest(NbdOption.SET_META_CONTEXT, encodeMetaContextRequest('vol', ['base:allocation', 'qemu:allocation-depth'])),
+    encodeOptionRequest(NbdOption.GO, encodeInfoRequest('vol', [NbdInfo.BLOCK_SIZE])),
+    request({ type: NbdCommand.BLOCK_STATUS, cookieLow: 1, offsetBytes: 0, lengthBytes: 2 ** 32 - 1, flags: NbdCommandFlag.REQ_ONE }),
+    request({ type: NbdCommand.READ, cookieLow: 2, lengthBytes: 65536, flags: NbdCommandFlag.DF }),
+    request({ type: NbdCommand.WRITE_ZEROES, cookieLow: 3, lengthBytes: 2 ** 31, flags: NbdCommandFlag.FAST_ZERO | NbdCommandFlag.NO_HOLE }),
+    request({ type: NbdCommand.WRITE, cookieLow: 4 }, Buffer.alloc(33, 4)),
+    request({ type: NbdCommand.DISC, cookieLow: 5 }),
+  ]);
+  const expected = parse([stream]);
+
+  test('frames the options and the requests; the meta context data decodes', () => {
+    assert.equal(expected.length, 11);
+    const set = expected[4] as { option: number; data: string };
+    assert.equal(set.option, NbdOption.SET_META_CONTEXT);
+    assert.deepEqual(decodeMetaContextRequest(Buffer.from(set.data, 'hex')), { exportName: 'vol', queries: ['base:allocation', 'qemu:allocation-depth'] });
+    assert.deepEqual(expected[6], {
+      kind: 'request', flags: NbdCommandFlag.REQ_ONE, type: NbdCommand.BLOCK_STATUS, cookieHigh: 0, cookieLow: 1, offsetBytes: 0, lengthBytes: 2 ** 32 - 1,
+      payload: undefined, payloadSkipped: false,
+    });
+  });
+
+  test('every split into two pieces frames the same messages', () => {
+    for (let split = 0; split <= stream.length; split++) {
+      assert.deepEqual(parse([stream.subarray(0, split), stream.subarray(split)]), expected, `split at ${split}`);
+    }
   });
 });

@@ -1,7 +1,8 @@
 /**
  * The NBD wire protocol (NetworkBlockDevice/nbd doc/proto.md): constants, and pure codecs over
- * Buffers for both sides of the fixed newstyle handshake and of the transmission phase with simple
- * replies. No I/O here: `src/nbd/server.ts` drives a socket with these functions.
+ * Buffers for both sides of the fixed newstyle handshake (with meta contexts) and of the
+ * transmission phase with simple and structured replies. No I/O here: `src/nbd/session.ts` drives a
+ * socket with these functions.
  *
  * Everything on the wire is big-endian. 64-bit fields are read as two 32-bit halves; an offset is
  * returned as a JS number (`high * 2^32 + low`), exact below 2^53 and, above that, still larger than
@@ -17,6 +18,9 @@
  * `payloadBytesMax` (larger ones are skipped up to `oversizedPayloadSkipBytesMax`, beyond which the
  * stream is treated as garbage). A framing error (bad magic, a payload too large to skip) is a
  * ShaleError PROTOCOL and is sticky: the parser stays failed and the connection must be closed.
+ *
+ * `NbdReplyParser` is its mirror for a client: it frames simple replies (whose data length only the
+ * client knows, from the request) and structured reply chunks (bounded by `chunkPayloadBytesMax`).
  */
 import { assert } from '../lib/assert.ts';
 import { ShaleError } from '../lib/errors.ts';
@@ -60,6 +64,10 @@ export const NBD_STRING_BYTES_MAX = 4096;
 export const NBD_BLOCK_SIZE_MINIMUM = 1;
 export const NBD_BLOCK_SIZE_PREFERRED = 4096;
 export const NBD_PAYLOAD_BYTES_MAX = 32 * MiB;
+/** proto.md: a server SHOULD NOT send more than 2^20 extents in one block status chunk. */
+export const NBD_BLOCK_STATUS_EXTENTS_MAX = 2 ** 20;
+/** proto.md: a minimum block size MUST NOT be larger than 2^16. */
+export const NBD_BLOCK_SIZE_MINIMUM_MAX = 64 * 1024;
 
 export const NbdHandshakeFlag = {
   FIXED_NEWSTYLE: 1 << 0,
@@ -163,6 +171,27 @@ export const NbdStructuredReplyType = {
 } as const;
 
 export const NBD_REPLY_FLAG_DONE = 1 << 0;
+
+/** Bytes of an NBD_REPLY_TYPE_OFFSET_DATA chunk before its data: header, then the 64-bit offset. */
+export const NBD_OFFSET_DATA_HEADER_BYTES = NBD_STRUCTURED_REPLY_HEADER_BYTES + 8;
+/** An NBD_REPLY_TYPE_OFFSET_HOLE chunk: header, 64-bit offset, 32-bit hole size. */
+export const NBD_OFFSET_HOLE_CHUNK_BYTES = NBD_STRUCTURED_REPLY_HEADER_BYTES + 12;
+/** An error chunk's payload before its message: 32-bit error, 16-bit message length. */
+export const NBD_ERROR_CHUNK_FIXED_BYTES = 6;
+
+/** Status flags of the `base:allocation` meta context. */
+export const NbdBlockStatusFlag = {
+  HOLE: 1 << 0,
+  ZERO: 1 << 1,
+} as const;
+
+/** The one meta context proto.md defines, and the only one Shale offers. */
+export const NBD_META_CONTEXT_BASE_ALLOCATION = 'base:allocation';
+
+export function structuredReplyTypeName(type: number): string {
+  for (const [name, value] of Object.entries(NbdStructuredReplyType)) if (value === type) return `NBD_REPLY_TYPE_${name}`;
+  return `reply type ${type}`;
+}
 
 export function optionName(option: number): string {
   for (const [name, value] of Object.entries(NbdOption)) if (value === option) return `NBD_OPT_${name}`;
@@ -287,6 +316,77 @@ export function decodeExportName(data: Buffer): string {
   return decodeString(data, 'export name');
 }
 
+export interface NbdMetaContextRequest {
+  readonly exportName: string;
+  readonly queries: readonly string[];
+}
+
+/**
+ * Reads the data of NBD_OPT_LIST_META_CONTEXT / NBD_OPT_SET_META_CONTEXT: name length, export name,
+ * query count, then each query as length + string. Errors: INVALID_ARGUMENT when the lengths do not
+ * add up or a string is invalid (the server answers NBD_REP_ERR_INVALID).
+ */
+export function decodeMetaContextRequest(data: Buffer): NbdMetaContextRequest {
+  let position = 0;
+  const need = (count: number, what: string): void => {
+    if (count > data.length - position) {
+      throw new ShaleError('INVALID_ARGUMENT', `${what} needs ${count} bytes at ${position} of option data of ${data.length} bytes`);
+    }
+  };
+  need(4, 'export name length');
+  const nameBytes = data.readUInt32BE(position);
+  position += 4;
+  need(nameBytes, 'export name');
+  const exportName = decodeString(data.subarray(position, position + nameBytes), 'export name');
+  position += nameBytes;
+  need(4, 'query count');
+  const count = data.readUInt32BE(position);
+  position += 4;
+  // Each query takes at least its 4-byte length: a count the data cannot hold is refused before looping.
+  if (count > (data.length - position) / 4) throw new ShaleError('INVALID_ARGUMENT', `${count} queries cannot fit in ${data.length - position} bytes`);
+  const queries: string[] = [];
+  for (let index = 0; index < count; index++) {
+    need(4, `query ${index} length`);
+    const queryBytes = data.readUInt32BE(position);
+    position += 4;
+    need(queryBytes, `query ${index}`);
+    queries.push(decodeString(data.subarray(position, position + queryBytes), `query ${index}`));
+    position += queryBytes;
+  }
+  if (position !== data.length) throw new ShaleError('INVALID_ARGUMENT', `${data.length - position} bytes after the last query`);
+  return { exportName, queries };
+}
+
+export function encodeMetaContextRequest(exportName: string, queries: readonly string[]): Buffer {
+  const parts: Buffer[] = [];
+  const pushString = (text: string): void => {
+    const bytes = Buffer.from(text, 'utf8');
+    const length = Buffer.allocUnsafe(4);
+    length.writeUInt32BE(bytes.length, 0);
+    parts.push(length, bytes);
+  };
+  pushString(exportName);
+  const count = Buffer.allocUnsafe(4);
+  count.writeUInt32BE(queries.length, 0);
+  parts.push(count);
+  for (const query of queries) pushString(query);
+  return Buffer.concat(parts);
+}
+
+/** Data of NBD_REP_META_CONTEXT: 32-bit context id, then the context name. */
+export function encodeMetaContextReply(contextId: number, name: string): Buffer {
+  const nameBytes = encodeString(name);
+  const buffer = Buffer.allocUnsafe(4 + nameBytes.length);
+  buffer.writeUInt32BE(contextId >>> 0, 0);
+  nameBytes.copy(buffer, 4);
+  return buffer;
+}
+
+export function decodeMetaContextReply(data: Buffer): { contextId: number; name: string } {
+  if (data.length < 4) throw new ShaleError('PROTOCOL', 'NBD_REP_META_CONTEXT shorter than 4 bytes');
+  return { contextId: data.readUInt32BE(0), name: data.toString('utf8', 4) };
+}
+
 // ---------------------------------------------------------------------------------------------
 // Transmission: server side
 
@@ -325,6 +425,77 @@ export function encodeSimpleReplyHeader(target: Buffer, offset: number, error: n
   target.writeUInt32BE(error, offset + 4);
   target.writeUInt32BE(cookieHigh, offset + 8);
   target.writeUInt32BE(cookieLow, offset + 12);
+}
+
+/** Writes a 20-byte structured reply chunk header into `target` at `offset`; the payload follows it. */
+export function encodeStructuredReplyHeader(target: Buffer, offset: number, flags: number, type: number, cookieHigh: number, cookieLow: number, payloadBytes: number): void {
+  target.writeUInt32BE(NBD_STRUCTURED_REPLY_MAGIC, offset);
+  target.writeUInt16BE(flags, offset + 4);
+  target.writeUInt16BE(type, offset + 6);
+  target.writeUInt32BE(cookieHigh, offset + 8);
+  target.writeUInt32BE(cookieLow, offset + 12);
+  target.writeUInt32BE(payloadBytes, offset + 16);
+}
+
+/**
+ * Writes the 28 bytes that precede `dataBytes` of data in an NBD_REPLY_TYPE_OFFSET_DATA chunk (header
+ * and offset) into `target` at `offset`. The data itself is sent from its own buffer, not copied.
+ */
+export function encodeOffsetDataHeader(target: Buffer, offset: number, flags: number, cookieHigh: number, cookieLow: number, dataOffsetBytes: number, dataBytes: number): void {
+  assert(dataBytes > 0 && dataBytes <= 0xffffffff - 8, 'a data chunk carries at least one byte and fits its 32-bit length');
+  encodeStructuredReplyHeader(target, offset, flags, NbdStructuredReplyType.OFFSET_DATA, cookieHigh, cookieLow, 8 + dataBytes);
+  writeUInt64(target, offset + NBD_STRUCTURED_REPLY_HEADER_BYTES, dataOffsetBytes);
+}
+
+/** Writes a whole 32-byte NBD_REPLY_TYPE_OFFSET_HOLE chunk into `target` at `offset`. */
+export function encodeOffsetHoleChunk(target: Buffer, offset: number, flags: number, cookieHigh: number, cookieLow: number, holeOffsetBytes: number, holeBytes: number): void {
+  assert(holeBytes > 0 && holeBytes <= 0xffffffff, 'a hole is 1 to 2^32 - 1 bytes');
+  encodeStructuredReplyHeader(target, offset, flags, NbdStructuredReplyType.OFFSET_HOLE, cookieHigh, cookieLow, 12);
+  writeUInt64(target, offset + NBD_STRUCTURED_REPLY_HEADER_BYTES, holeOffsetBytes);
+  target.writeUInt32BE(holeBytes, offset + NBD_STRUCTURED_REPLY_HEADER_BYTES + 8);
+}
+
+/** A whole NBD_REPLY_TYPE_NONE chunk (20 bytes, DONE): the reply succeeded and carries nothing more. */
+export function encodeNoneChunk(cookieHigh: number, cookieLow: number): Buffer {
+  const buffer = Buffer.allocUnsafe(NBD_STRUCTURED_REPLY_HEADER_BYTES);
+  encodeStructuredReplyHeader(buffer, 0, NBD_REPLY_FLAG_DONE, NbdStructuredReplyType.NONE, cookieHigh, cookieLow, 0);
+  return buffer;
+}
+
+/** A whole NBD_REPLY_TYPE_ERROR chunk (DONE): errno and a message for people (cut to 4096 bytes). */
+export function encodeErrorChunk(cookieHigh: number, cookieLow: number, error: number, message: string): Buffer {
+  assert(error !== 0, 'an error chunk carries a nonzero error');
+  const messageBytes = encodeString(message);
+  const buffer = Buffer.allocUnsafe(NBD_STRUCTURED_REPLY_HEADER_BYTES + NBD_ERROR_CHUNK_FIXED_BYTES + messageBytes.length);
+  encodeStructuredReplyHeader(buffer, 0, NBD_REPLY_FLAG_DONE, NbdStructuredReplyType.ERROR, cookieHigh, cookieLow, NBD_ERROR_CHUNK_FIXED_BYTES + messageBytes.length);
+  buffer.writeUInt32BE(error, NBD_STRUCTURED_REPLY_HEADER_BYTES);
+  buffer.writeUInt16BE(messageBytes.length, NBD_STRUCTURED_REPLY_HEADER_BYTES + 4);
+  messageBytes.copy(buffer, NBD_STRUCTURED_REPLY_HEADER_BYTES + NBD_ERROR_CHUNK_FIXED_BYTES);
+  return buffer;
+}
+
+export interface NbdExtent {
+  /** Nonzero, below 2^32. */
+  readonly lengthBytes: number;
+  /** NbdBlockStatusFlag bits. */
+  readonly flags: number;
+}
+
+/** A whole NBD_REPLY_TYPE_BLOCK_STATUS chunk (DONE): context id, then one descriptor per extent. */
+export function encodeBlockStatusChunk(cookieHigh: number, cookieLow: number, contextId: number, extents: readonly NbdExtent[]): Buffer {
+  assert(extents.length > 0, 'a block status chunk has at least one extent');
+  const payloadBytes = 4 + 8 * extents.length;
+  const buffer = Buffer.allocUnsafe(NBD_STRUCTURED_REPLY_HEADER_BYTES + payloadBytes);
+  encodeStructuredReplyHeader(buffer, 0, NBD_REPLY_FLAG_DONE, NbdStructuredReplyType.BLOCK_STATUS, cookieHigh, cookieLow, payloadBytes);
+  buffer.writeUInt32BE(contextId >>> 0, NBD_STRUCTURED_REPLY_HEADER_BYTES);
+  let position = NBD_STRUCTURED_REPLY_HEADER_BYTES + 4;
+  for (const extent of extents) {
+    assert(Number.isInteger(extent.lengthBytes) && extent.lengthBytes > 0 && extent.lengthBytes <= 0xffffffff, 'an extent is 1 to 2^32 - 1 bytes');
+    buffer.writeUInt32BE(extent.lengthBytes, position);
+    buffer.writeUInt32BE(extent.flags >>> 0, position + 4);
+    position += 8;
+  }
+  return buffer;
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -443,6 +614,62 @@ export function decodeSimpleReplyHeader(source: Buffer, offset = 0): { magic: nu
     cookieHigh: source.readUInt32BE(offset + 8),
     cookieLow: source.readUInt32BE(offset + 12),
   };
+}
+
+export interface NbdStructuredReplyHeader {
+  readonly magic: number;
+  readonly flags: number;
+  readonly type: number;
+  readonly cookieHigh: number;
+  readonly cookieLow: number;
+  readonly lengthBytes: number;
+}
+
+export function decodeStructuredReplyHeader(source: Buffer, offset = 0): NbdStructuredReplyHeader {
+  return {
+    magic: source.readUInt32BE(offset),
+    flags: source.readUInt16BE(offset + 4),
+    type: source.readUInt16BE(offset + 6),
+    cookieHigh: source.readUInt32BE(offset + 8),
+    cookieLow: source.readUInt32BE(offset + 12),
+    lengthBytes: source.readUInt32BE(offset + 16),
+  };
+}
+
+/** The payload of NBD_REPLY_TYPE_OFFSET_DATA. Errors: PROTOCOL when shorter than 9 bytes. */
+export function decodeOffsetData(payload: Buffer): { offsetBytes: number; data: Buffer } {
+  if (payload.length < 9) throw new ShaleError('PROTOCOL', `NBD_REPLY_TYPE_OFFSET_DATA payload of ${payload.length} bytes, at least 9 needed`);
+  return { offsetBytes: readUInt64(payload, 0), data: payload.subarray(8) };
+}
+
+/** The payload of NBD_REPLY_TYPE_OFFSET_HOLE. Errors: PROTOCOL unless 12 bytes with a nonzero size. */
+export function decodeOffsetHole(payload: Buffer): { offsetBytes: number; holeBytes: number } {
+  if (payload.length !== 12) throw new ShaleError('PROTOCOL', `NBD_REPLY_TYPE_OFFSET_HOLE payload of ${payload.length} bytes, not 12`);
+  const holeBytes = payload.readUInt32BE(8);
+  if (holeBytes === 0) throw new ShaleError('PROTOCOL', 'NBD_REPLY_TYPE_OFFSET_HOLE of 0 bytes');
+  return { offsetBytes: readUInt64(payload, 0), holeBytes };
+}
+
+/** The payload of an error chunk (type with bit 15 set). Errors: PROTOCOL when the message overruns it. */
+export function decodeErrorChunk(type: number, payload: Buffer): { error: number; message: string; offsetBytes: number | undefined } {
+  if (payload.length < NBD_ERROR_CHUNK_FIXED_BYTES) throw new ShaleError('PROTOCOL', `error chunk payload of ${payload.length} bytes, at least 6 needed`);
+  const error = payload.readUInt32BE(0);
+  const messageBytes = payload.readUInt16BE(4);
+  const trailerBytes = type === NbdStructuredReplyType.ERROR_OFFSET ? 8 : 0;
+  if (NBD_ERROR_CHUNK_FIXED_BYTES + messageBytes + trailerBytes > payload.length) throw new ShaleError('PROTOCOL', `error chunk message of ${messageBytes} bytes overruns its payload`);
+  const message = payload.toString('utf8', NBD_ERROR_CHUNK_FIXED_BYTES, NBD_ERROR_CHUNK_FIXED_BYTES + messageBytes);
+  const offsetBytes = trailerBytes > 0 ? readUInt64(payload, NBD_ERROR_CHUNK_FIXED_BYTES + messageBytes) : undefined;
+  return { error, message, offsetBytes };
+}
+
+/** The payload of NBD_REPLY_TYPE_BLOCK_STATUS. Errors: PROTOCOL unless 4 + 8n bytes, n ≥ 1. */
+export function decodeBlockStatus(payload: Buffer): { contextId: number; extents: NbdExtent[] } {
+  if (payload.length < 12 || (payload.length - 4) % 8 !== 0) throw new ShaleError('PROTOCOL', `NBD_REPLY_TYPE_BLOCK_STATUS payload of ${payload.length} bytes is not 4 + 8n`);
+  const extents: NbdExtent[] = [];
+  for (let position = 4; position < payload.length; position += 8) {
+    extents.push({ lengthBytes: payload.readUInt32BE(position), flags: payload.readUInt32BE(position + 4) });
+  }
+  return { contextId: payload.readUInt32BE(0), extents };
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -667,6 +894,81 @@ export class NbdServerParser {
       this.#queue.skip(NBD_REQUEST_HEADER_BYTES);
     }
     return { kind: 'request', flags, type, cookieHigh, cookieLow, offsetBytes, lengthBytes, payload, payloadSkipped };
+  }
+}
+
+export type NbdReplyMessage =
+  | { readonly kind: 'simple'; readonly error: number; readonly cookieHigh: number; readonly cookieLow: number; readonly data: Buffer | undefined }
+  | { readonly kind: 'chunk'; readonly flags: number; readonly type: number; readonly cookieHigh: number; readonly cookieLow: number; readonly payload: Buffer };
+
+export interface NbdReplyParserOptions {
+  /**
+   * How many bytes of data follow a successful simple reply to this cookie (the length of a read,
+   * 0 for other commands); undefined for a cookie the client never sent (PROTOCOL).
+   */
+  readonly simpleReplyDataBytes: (cookieHigh: number, cookieLow: number) => number | undefined;
+  /** Largest structured chunk payload kept in memory; a larger one is PROTOCOL. */
+  readonly chunkPayloadBytesMax: number;
+}
+
+/**
+ * Frames what a server sends in the transmission phase — simple replies and structured reply
+ * chunks — from an arbitrary split of the byte stream. Feed it with `push`, call `next` until it
+ * returns undefined. Payloads within one received chunk are views of it. Errors: ShaleError
+ * PROTOCOL (bad magic, unknown cookie, oversized chunk), sticky.
+ */
+export class NbdReplyParser {
+  readonly #options: NbdReplyParserOptions;
+  readonly #queue = new ByteQueue();
+  readonly #scratch = Buffer.allocUnsafe(NBD_STRUCTURED_REPLY_HEADER_BYTES);
+  #failure: ShaleError | undefined;
+
+  constructor(options: NbdReplyParserOptions) {
+    this.#options = options;
+  }
+
+  get bufferedBytes(): number {
+    return this.#queue.length;
+  }
+
+  push(chunk: Buffer): void {
+    if (this.#failure === undefined) this.#queue.push(chunk);
+  }
+
+  next(): NbdReplyMessage | undefined {
+    if (this.#failure !== undefined) throw this.#failure;
+    if (this.#queue.length < 4) return undefined;
+    const magic = this.#queue.peek(4, this.#scratch).readUInt32BE(0);
+    if (magic === NBD_SIMPLE_REPLY_MAGIC) {
+      if (this.#queue.length < NBD_SIMPLE_REPLY_HEADER_BYTES) return undefined;
+      const header = decodeSimpleReplyHeader(this.#queue.peek(NBD_SIMPLE_REPLY_HEADER_BYTES, this.#scratch));
+      const expected = this.#options.simpleReplyDataBytes(header.cookieHigh, header.cookieLow);
+      if (expected === undefined) this.#fail(`simple reply for unknown cookie ${header.cookieHigh}:${header.cookieLow}`);
+      const dataBytes = header.error === 0 ? expected : 0;
+      if (this.#queue.length < NBD_SIMPLE_REPLY_HEADER_BYTES + dataBytes) return undefined;
+      this.#queue.skip(NBD_SIMPLE_REPLY_HEADER_BYTES);
+      const data = dataBytes > 0 ? this.#queue.take(dataBytes) : undefined;
+      return { kind: 'simple', error: header.error, cookieHigh: header.cookieHigh, cookieLow: header.cookieLow, data };
+    }
+    if (magic === NBD_STRUCTURED_REPLY_MAGIC) {
+      if (this.#queue.length < NBD_STRUCTURED_REPLY_HEADER_BYTES) return undefined;
+      const header = decodeStructuredReplyHeader(this.#queue.peek(NBD_STRUCTURED_REPLY_HEADER_BYTES, this.#scratch));
+      if (this.#options.simpleReplyDataBytes(header.cookieHigh, header.cookieLow) === undefined) {
+        this.#fail(`structured reply chunk for unknown cookie ${header.cookieHigh}:${header.cookieLow}`);
+      }
+      if (header.lengthBytes > this.#options.chunkPayloadBytesMax) this.#fail(`structured reply chunk of ${header.lengthBytes} bytes exceeds ${this.#options.chunkPayloadBytesMax}`);
+      if (this.#queue.length < NBD_STRUCTURED_REPLY_HEADER_BYTES + header.lengthBytes) return undefined;
+      this.#queue.skip(NBD_STRUCTURED_REPLY_HEADER_BYTES);
+      const payload = this.#queue.take(header.lengthBytes);
+      return { kind: 'chunk', flags: header.flags, type: header.type, cookieHigh: header.cookieHigh, cookieLow: header.cookieLow, payload };
+    }
+    this.#fail(`bad reply magic 0x${magic.toString(16).padStart(8, '0')}`);
+  }
+
+  #fail(message: string): never {
+    this.#failure = new ShaleError('PROTOCOL', message);
+    this.#queue.clear();
+    throw this.#failure;
   }
 }
 
