@@ -86,6 +86,17 @@ describe('a cluster in one process', () => {
     await assert.rejects(volume.write(-1, Buffer.alloc(1)), (error: unknown) => error instanceof ShaleError && error.code === 'INVALID_ARGUMENT');
   });
 
+  test('a volume grown while open takes its new size from the map, online', async () => {
+    await createVolume('grow', 4 * MiB);
+    const volume = await (await client('gw-grow')).openVolume('grow');
+    await assert.rejects(volume.write(6 * MiB, Buffer.alloc(4096, 1)), (error: unknown) => error instanceof ShaleError && error.code === 'OUT_OF_RANGE');
+    const response = await fetch(`${api}/api/v1/volumes/grow`, { method: 'PATCH', headers: { 'content-type': 'application/json' }, body: JSON.stringify({ size: '8M' }) });
+    assert.equal(response.status, 200, await response.text());
+    await waitFor('the new size', async () => volume.info.sizeBytes === 8 * MiB, 10_000, 20);
+    await volume.write(6 * MiB, Buffer.alloc(4096, 1));
+    assert.ok((await volume.read(6 * MiB, 4096)).equals(Buffer.alloc(4096, 1)));
+  });
+
   test('a takeover fences the old owner on every store: its writes fail with FENCED and never land', async () => {
     await createVolume('fenced', 8 * MiB);
     const first = await (await client('gw-a')).openVolume('fenced');

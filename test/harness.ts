@@ -11,6 +11,9 @@ import { fileURLToPath } from 'node:url';
 
 export const MAIN = fileURLToPath(new URL('../src/cli/main.ts', import.meta.url));
 
+// Tokens that `shale up` saves for the CLI go to a directory of the test run, not to ~/.config.
+process.env.SHALE_CONFIG_DIR ??= mkdtempSync(join(tmpdir(), 'shale-config-'));
+
 export function temporaryDirectory(prefix: string): { path: string; remove(): void } {
   const path = mkdtempSync(join(tmpdir(), `shale-${prefix}-`));
   return { path, remove: () => rmSync(path, { recursive: true, force: true }) };

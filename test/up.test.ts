@@ -5,9 +5,13 @@
  */
 import assert from 'node:assert/strict';
 import { randomBytes } from 'node:crypto';
-import { writeFileSync } from 'node:fs';
+import { createHash } from 'node:crypto';
+import { mkdirSync, writeFileSync } from 'node:fs';
+import { mkdir, readdir, readFile, writeFile } from 'node:fs/promises';
+import { spawn, type ChildProcess } from 'node:child_process';
 import { join } from 'node:path';
 import { after, before, describe, test } from 'node:test';
+import { makeTestCertificates, type TestCertificates } from '../src/nbd/test-certificates.ts';
 import { freePort, requireTool, run, shale, ShaleUp, temporaryDirectory, waitFor } from './harness.ts';
 
 const MiB = 1024 * 1024;
@@ -18,13 +22,19 @@ describe('shale up, end to end', () => {
   const imageA = join(dir.path, 'a.raw');
   const imageB = join(dir.path, 'b.raw');
 
+  let certificates: TestCertificates;
+
   before(async () => {
-    for (const tool of ['qemu-img', 'nbdinfo', 'fio']) requireTool(tool);
+    for (const tool of ['qemu-img', 'nbdinfo', 'fio', 'openssl']) requireTool(tool);
     writeFileSync(imageA, randomBytes(24 * MiB));
     writeFileSync(imageB, Buffer.concat([randomBytes(8 * MiB), Buffer.alloc(8 * MiB), randomBytes(8 * MiB)]));
+    mkdirSync(join(dir.path, 'certificates'));
+    certificates = await makeTestCertificates(join(dir.path, 'certificates'));
     cluster = new ShaleUp(join(dir.path, 'data'), await freePort(), await freePort(), [
       // A slow resync keeps the window in which a returning store must not be read from wide open.
       '--disk-size', '1G', '--heartbeat-timeout', '2s', '--restart-delay', '2s', '--resync-rate', '4M',
+      // TLS offered (plaintext still allowed); clients that use it must show a certificate of this CA.
+      '--tls', 'on', '--tls-cert', certificates.serverCertFile, '--tls-key', certificates.serverKeyFile, '--tls-ca', certificates.caFile,
     ]);
     await cluster.start();
   });
@@ -97,6 +107,95 @@ describe('shale up, end to end', () => {
     assert.doesNotMatch(result.stdout + result.stderr, /Pattern verification failed|error/i);
   });
 
+  test('thin volumes: nbdinfo --map and qemu-img map show the holes, and TRIM makes holes again', async () => {
+    assert.equal((await shale(cluster.api, 'volume', 'create', 'vol-map', '--size', '32M')).status, 0);
+    let result = await run('qemu-io', ['-f', 'raw', '-c', 'write -P 0x77 4M 1M', '-c', 'write -P 0x78 20M 64k', cluster.uri('vol-map')]);
+    assert.equal(result.status, 0, result.stderr);
+    const extents = async (): Promise<{ offset: number; length: number; type: number }[]> => {
+      const map = await run('nbdinfo', ['--map', '--json', cluster.uri('vol-map')]);
+      assert.equal(map.status, 0, map.stderr);
+      return JSON.parse(map.stdout) as { offset: number; length: number; type: number }[];
+    };
+    const dataRanges = (list: { offset: number; length: number; type: number }[]): [number, number][] =>
+      list.filter((extent) => (extent.type & 1) === 0).map((extent) => [extent.offset, extent.length]);
+    assert.deepEqual(dataRanges(await extents()), [[4 * MiB, MiB], [20 * MiB, 64 * 1024]]);
+    const qemuMap = await run('qemu-img', ['map', '--output=json', '-f', 'raw', cluster.uri('vol-map')]);
+    assert.equal(qemuMap.status, 0, qemuMap.stderr);
+    const qemuData = (JSON.parse(qemuMap.stdout) as { start: number; length: number; data: boolean }[]).filter((entry) => entry.data);
+    assert.deepEqual(qemuData.map((entry) => [entry.start, entry.length]), [[4 * MiB, MiB], [20 * MiB, 64 * 1024]]);
+    result = await run('qemu-io', ['-f', 'raw', '-c', 'discard 4M 1M', cluster.uri('vol-map')]);
+    assert.equal(result.status, 0, result.stderr);
+    assert.deepEqual(dataRanges(await extents()), [[20 * MiB, 64 * 1024]], 'a trimmed range is a hole again');
+  });
+
+  test('TLS: a client with a certificate of the CA reads and writes; one without is refused', async () => {
+    assert.equal((await shale(cluster.api, 'volume', 'create', 'vol-tls', '--size', '16M')).status, 0);
+    const tlsUri = `nbds://127.0.0.1:${cluster.nbdPort}/vol-tls?tls-certificates=${certificates.directory}`;
+    const info = await run('nbdinfo', ['--json', tlsUri]);
+    assert.equal(info.status, 0, info.stderr);
+    assert.equal((JSON.parse(info.stdout) as { exports: { 'export-size': number; 'is_tls'?: boolean }[] }).exports[0]!['export-size'], 16 * MiB);
+    const write = await run('qemu-io', ['--image-opts', '--object', `tls-creds-x509,id=tls0,dir=${certificates.directory},endpoint=client`,
+      '-c', 'write -P 0x42 0 1M', '-c', 'read -P 0x42 0 1M',
+      `driver=nbd,host=127.0.0.1,port=${cluster.nbdPort},export=vol-tls,tls-creds=tls0`]);
+    assert.equal(write.status, 0, write.stdout + write.stderr);
+    assert.doesNotMatch(write.stdout, /Pattern verification failed/);
+    const stranger = await run('nbdinfo', [`nbds://127.0.0.1:${cluster.nbdPort}/vol-tls?tls-certificates=${certificates.strangerDirectory}`]);
+    assert.notEqual(stranger.status, 0, 'a client certificate of another CA is refused');
+  });
+
+  test('a real filesystem on a replicated volume: nbdfuse, mkfs.ext4, fuse2fs, remount, e2fsck', async () => {
+    for (const tool of ['nbdfuse', 'fuse2fs', 'fusermount3', 'mkfs.ext4', 'e2fsck']) requireTool(tool);
+    assert.equal((await shale(cluster.api, 'volume', 'create', 'vol-fs', '--size', '128M')).status, 0);
+    const base = join(dir.path, 'fs');
+    const fuseDirectory = join(base, 'nbd');
+    const mountPoint = join(base, 'mnt');
+    await mkdir(fuseDirectory, { recursive: true });
+    await mkdir(mountPoint, { recursive: true });
+    const image = join(fuseDirectory, 'disk.img');
+    const pidFile = join(base, 'nbdfuse.pid');
+    const children: ChildProcess[] = [];
+    const started = (command: string, args: string[]): Promise<number | null> => {
+      const child = spawn(command, args, { stdio: ['ignore', 'ignore', 'inherit'] });
+      children.push(child);
+      return new Promise((resolve) => child.on('exit', (code) => resolve(code)));
+    };
+    const mounted = async (): Promise<boolean> => (await readFile('/proc/mounts', 'utf8')).includes(` ${mountPoint} `);
+    const mount = async (): Promise<{ exited: Promise<number | null> }> => {
+      const exited = started('fuse2fs', ['-f', image, mountPoint, '-o', 'fakeroot']);
+      await waitFor('fuse2fs to mount', async () => mounted(), 20_000, 20);
+      return { exited };
+    };
+    const unmount = async (target: string, exited: Promise<number | null>): Promise<void> => {
+      const result = await run('fusermount3', ['-u', target]);
+      assert.equal(result.status, 0, result.stderr);
+      assert.equal(await exited, 0, `the FUSE daemon of ${target} exits cleanly`);
+    };
+    const md5 = (bytes: Buffer): string => createHash('md5').update(bytes).digest('hex');
+    const payload = randomBytes(5 * MiB + 321);
+    const nbdfuse = started('nbdfuse', ['-P', pidFile, image, cluster.uri('vol-fs')]);
+    try {
+      await waitFor('nbdfuse to start', async () => (await readFile(pidFile, 'utf8').catch(() => '')).trim().length > 0, 20_000, 20);
+      const mkfs = await run('mkfs.ext4', ['-q', '-F', image], { timeoutMs: 120_000 });
+      assert.equal(mkfs.status, 0, mkfs.stderr);
+      let { exited } = await mount();
+      await writeFile(join(mountPoint, 'payload.bin'), payload);
+      await mkdir(join(mountPoint, 'dir'));
+      await writeFile(join(mountPoint, 'dir', 'note.txt'), 'stored by shale\n');
+      await unmount(mountPoint, exited);
+      ({ exited } = await mount());
+      assert.deepEqual((await readdir(mountPoint)).sort(), ['dir', 'lost+found', 'payload.bin']);
+      assert.equal(md5(await readFile(join(mountPoint, 'payload.bin'))), md5(payload));
+      assert.equal(await readFile(join(mountPoint, 'dir', 'note.txt'), 'utf8'), 'stored by shale\n');
+      await unmount(mountPoint, exited);
+      const fsck = await run('e2fsck', ['-fn', image], { timeoutMs: 120_000 });
+      assert.equal(fsck.status, 0, fsck.stdout + fsck.stderr);
+      await unmount(fuseDirectory, nbdfuse);
+    } finally {
+      for (const target of [mountPoint, fuseDirectory]) await run('fusermount3', ['-u', '-q', target]).catch(() => {});
+      for (const child of children) if (child.exitCode === null) child.kill();
+    }
+  });
+
   test('fio with verify=crc32c passes over the NBD engine', async () => {
     const fio = await run('fio', [
       '--name=verify', '--ioengine=nbd', `--uri=${cluster.uri('vol1')}`, '--rw=randwrite', '--bs=4k', '--iodepth=16',
@@ -158,7 +257,7 @@ describe('shale up, end to end', () => {
     assert.equal(list.status, 0, list.stderr);
     const names = (JSON.parse(list.stdout) as { volumes?: { name: string }[] } | { name: string }[]);
     const volumes = Array.isArray(names) ? names : names.volumes!;
-    assert.deepEqual(volumes.map((volume) => volume.name).sort(), ['vol-kill', 'vol-resync', 'vol1']);
+    assert.deepEqual(volumes.map((volume) => volume.name).sort(), ['vol-fs', 'vol-kill', 'vol-map', 'vol-resync', 'vol-tls', 'vol1']);
     const compare = await run('qemu-img', ['compare', '-f', 'raw', '-F', 'raw', imageB, cluster.uri('vol-resync')]);
     assert.equal(compare.status, 0, compare.stdout + compare.stderr);
   });

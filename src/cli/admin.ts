@@ -1,16 +1,21 @@
 /**
- * Admin verbs (DESIGN §6): `shale cluster status`, `store list`, `volume create|list|info|delete`.
- * Each talks only to the conductor's HTTP API (--api URL, default $SHALE_API or
- * http://127.0.0.1:49180), prints a table for people or the API's JSON with --json, and on
- * failure prints one line `shale: <message> (<CODE>)` on stderr and exits with the code's CLI
- * exit code (src/lib/errors.ts).
+ * Admin verbs (DESIGN §6): `shale cluster status`, `store list`, `disk list`,
+ * `pool create|list|info`, `volume create|list|info|resize|delete`. Each talks only to the
+ * conductor's HTTP API (--api URL[,URL…], default $SHALE_API or http://127.0.0.1:49180) with
+ * the admin token (SHALE_TOKEN or the config directory's token file, token.ts), prints a table
+ * for people or the API's JSON with --json, and on failure prints one line
+ * `shale: <message> (<CODE>)` on stderr and exits with the code's CLI exit code
+ * (src/lib/errors.ts).
  */
 import type { Command } from 'commander';
-import type { ClusterStatus, CreateVolumeRequest, StoreInfo, VolumeInfo } from '../conductor/api/types.ts';
+import type {
+  ClusterStatus, CreatePoolRequest, CreateVolumeRequest, DiskInfo, PoolDetail, PoolInfo, ResizeVolumeRequest, StoreInfo, VolumeInfo,
+} from '../conductor/api/types.ts';
 import { codeOf, ErrorCodes, ShaleError } from '../lib/errors.ts';
 import { formatBytes } from '../lib/units.ts';
-import { AdminApi, defaultApiUrl } from './admin-api.ts';
-import { formatJson, formatPercent, formatTime, renderFields, renderTable } from './format.ts';
+import { AdminApi, defaultApiUrl, normalizeApiUrl } from './admin-api.ts';
+import { formatJson, formatPercent, formatReplicas, formatTime, renderFields, renderTable } from './format.ts';
+import { findToken, readTextFile } from './token.ts';
 
 /** Where the admin verbs read and write; tests pass their own. */
 export interface AdminIo {
@@ -19,6 +24,8 @@ export interface AdminIo {
   readonly stdoutIsTty: boolean;
   readonly env: Readonly<Record<string, string | undefined>>;
   readonly fetch: typeof fetch;
+  /** A file's text, or undefined (the token file). */
+  readTextFile(path: string): string | undefined;
   /** Reports a failed verb: the default prints the one-line message and sets the exit code. */
   fail(error: unknown): void;
 }
@@ -39,6 +46,7 @@ export const processIo: AdminIo = {
   },
   env: process.env,
   fetch: (input, init) => fetch(input, init),
+  readTextFile,
   fail(error) {
     process.exitCode = reportFailure(this, error);
   },
@@ -58,10 +66,14 @@ function group(program: Command, name: string, description: string): Command {
   return program.commands.find((command) => command.name() === name) ?? program.command(name).description(description);
 }
 
-function parseReplicas(text: string | undefined): number | undefined {
+function parseCount(text: string | undefined, option: string): number | undefined {
   if (text === undefined) return undefined;
-  if (!/^[0-9]+$/.test(text) || Number(text) < 1) throw new ShaleError('INVALID_ARGUMENT', `--replicas: expected a whole number of at least 1, got "${text}"`);
+  if (!/^[0-9]{1,9}$/.test(text) || Number(text) < 1) throw new ShaleError('INVALID_ARGUMENT', `${option}: expected a whole number of at least 1, got "${text}"`);
   return Number(text);
+}
+
+function parseReplicas(text: string | undefined): number | undefined {
+  return parseCount(text, '--replicas');
 }
 
 function volumeFields(volume: VolumeInfo): [string, string | number][] {
@@ -77,6 +89,14 @@ function volumeFields(volume: VolumeInfo): [string, string | number][] {
   ];
 }
 
+function poolTable(pools: readonly PoolInfo[], isTty: boolean): string {
+  return renderTable(
+    ['POOL', 'ID', 'REPLICAS', 'MIN', 'PGS', 'DOMAIN', 'CLEAN', 'DEGRADED'],
+    pools.map((p) => [p.name, p.id, p.replicas, p.minReplicas, p.pgCount, p.domainLevel, p.pgsClean, p.pgsDegraded]),
+    isTty,
+  );
+}
+
 export function registerAdminCommands(program: Command, io: AdminIo = processIo): void {
   const apiDefault = io.env.SHALE_API || defaultApiUrl;
 
@@ -86,14 +106,16 @@ export function registerAdminCommands(program: Command, io: AdminIo = processIo)
     run: (api: AdminApi, options: O, ...args: A) => Promise<void>,
   ): Command =>
     command
-      .option('--api <url>', 'conductor API URL (env SHALE_API)', apiDefault)
+      .option('--api <url>', 'conductor API URL, or several comma separated (env SHALE_API)', apiDefault)
       .option('--json', 'print the API answer as JSON, for scripts', false)
       .action(async (...received: unknown[]) => {
         // commander passes the arguments, then the options, then the command.
         const args = received.slice(0, -2) as A;
         const options = received[received.length - 2] as O;
         try {
-          await run(new AdminApi(options.api, io.fetch), options, ...args);
+          // The token of the first conductor listed (every conductor of a cluster takes the same).
+          const { token, source } = findToken(io.env, normalizeApiUrl(options.api.split(',')[0]!.trim()), (path) => io.readTextFile(path));
+          await run(new AdminApi(options.api, io.fetch, token, source), options, ...args);
         } catch (error) {
           io.fail(error);
         }
@@ -118,14 +140,11 @@ export function registerAdminCommands(program: Command, io: AdminIo = processIo)
           ['capacity', formatBytes(status.capacityBytes)],
           ['used', `${formatBytes(status.usedBytes)} (${formatPercent(status.usedBytes, status.capacityBytes)})`],
           ['provisioned', formatBytes(status.provisionedBytes)],
+          ['conductor', status.conductor.leading
+            ? `${status.conductor.url} (leader)`
+            : `${status.conductor.url} (standby; leader: ${status.conductor.leaderUrl ?? 'none elected'})`],
         ]);
-        if (status.pools.length > 0) {
-          text += '\n' + renderTable(
-            ['POOL', 'ID', 'REPLICAS', 'MIN', 'PGS', 'CLEAN', 'DEGRADED'],
-            status.pools.map((p) => [p.name, p.id, p.replicas, p.minReplicas, p.pgCount, p.pgsClean, p.pgsDegraded]),
-            io.stdoutIsTty,
-          );
-        }
+        if (status.pools.length > 0) text += '\n' + poolTable(status.pools, io.stdoutIsTty);
         if (status.messages.length > 0) text += '\n' + status.messages.map((m) => `  - ${m}\n`).join('');
         return text;
       });
@@ -148,19 +167,86 @@ export function registerAdminCommands(program: Command, io: AdminIo = processIo)
         ));
     });
 
+  // ---- disk -------------------------------------------------------------------------------
+  const disk = group(program, 'disk', 'the disks of every store');
+  verb(disk.command('list').description('every disk with its store, state, capacity and use'),
+    async (api, options: CommonOptions) => {
+      const { disks } = await api.call<{ disks: DiskInfo[] }>('GET', '/disks');
+      out(options, { disks }, () => disks.length === 0
+        ? 'no disks: no store has registered\n'
+        : renderTable(
+          ['STORE', 'ADDRESS', 'STATE', 'DOMAIN', 'DISK', 'PATH', 'CAPACITY', 'USED', 'USE%'],
+          disks.map((d) => [
+            d.storeId, d.storeAddress, d.storeState, d.domain || '-', d.uuid, d.path, formatBytes(d.capacityBytes), formatBytes(d.usedBytes),
+            formatPercent(d.usedBytes, d.capacityBytes),
+          ]),
+          io.stdoutIsTty,
+        ));
+    });
+
+  // ---- pool -------------------------------------------------------------------------------
+  const pool = group(program, 'pool', 'pools of stores with a redundancy policy and placement groups');
+
+  verb(pool.command('create').argument('<name>', 'pool name').description('create a pool and place its placement groups')
+    .option('--replicas <n>', 'copies of every object (required)')
+    .option('--min-replicas <m>', 'fewest replicas a write completes on (default R - floor(R/2))')
+    .option('--pgs <p>', 'placement groups (default: the conductor\'s, 256)')
+    .option('--domain-level <level>', 'failure-domain level the replicas spread over: host, rack, … or store', 'host'),
+  async (api, options: CommonOptions & { replicas?: string; minReplicas?: string; pgs?: string; domainLevel: string }, name: string) => {
+    const replicas = parseCount(options.replicas, '--replicas');
+    if (replicas === undefined) throw new ShaleError('INVALID_ARGUMENT', 'pool create: --replicas is required (example: --replicas 3)');
+    const request: CreatePoolRequest = { name, replicas, domainLevel: options.domainLevel };
+    const minReplicas = parseCount(options.minReplicas, '--min-replicas');
+    if (minReplicas !== undefined) request.minReplicas = minReplicas;
+    const pgCount = parseCount(options.pgs, '--pgs');
+    if (pgCount !== undefined) request.pgCount = pgCount;
+    const created = await api.call<PoolInfo>('POST', '/pools', request);
+    out(options, created, () =>
+      `created pool ${created.name} (id ${created.id}): ${created.replicas} replicas (min ${created.minReplicas}), ${created.pgCount} PGs over "${created.domainLevel}" domains\n`);
+  });
+
+  verb(pool.command('list').description('every pool with the health of its placement groups'),
+    async (api, options: CommonOptions) => {
+      const { pools } = await api.call<{ pools: PoolInfo[] }>('GET', '/pools');
+      out(options, { pools }, () => pools.length === 0 ? 'no pools\n' : poolTable(pools, io.stdoutIsTty));
+    });
+
+  verb(pool.command('info').argument('<name>', 'pool name').description('one pool: its stores and, with --pgs, its PG table')
+    .option('--pgs', 'print every placement group with its replicas and their states', false),
+  async (api, options: CommonOptions & { pgs: boolean }, name: string) => {
+    const detail = await api.call<PoolDetail>('GET', `/pools/${encodeURIComponent(name)}`);
+    out(options, detail, () => {
+      let text = renderFields([
+        ['name', detail.name],
+        ['id', detail.id],
+        ['replicas', `${detail.replicas} (writes complete on at least ${detail.minReplicas})`],
+        ['PGs', `${detail.pgCount}: ${detail.pgsClean} clean, ${detail.pgsDegraded} degraded`],
+        ['domain level', detail.domainLevel],
+        ['created', formatTime(detail.createdAt)],
+      ]);
+      text += '\n' + renderTable(['STORE', 'PGS', 'PREFERRED'], detail.stores.map((s) => [s.storeId, s.pgs, s.preferred]), io.stdoutIsTty);
+      if (options.pgs) {
+        text += '\n' + renderTable(['PG', 'EPOCH', 'REPLICAS'], detail.pgs.map((pg) => [pg.index, pg.epoch, formatReplicas(pg.replicas)]), io.stdoutIsTty);
+      }
+      return text;
+    });
+  });
+
   // ---- volume -----------------------------------------------------------------------------
   const volume = group(program, 'volume', 'block volumes');
 
   verb(volume.command('create').argument('<name>', 'volume name').description('create a thin volume')
     .option('--size <size>', 'size, e.g. 10G (a multiple of 4 KiB)')
     .option('--replicas <n>', 'replicas (default: the default pool\'s)')
+    .option('--pool <name>', 'the pool to place it in (default: the default pool)')
     .option('--chunk-size <size>', 'chunk size, a power of two from 64K to 1G', undefined),
-  async (api, options: CommonOptions & { size?: string; replicas?: string; chunkSize?: string }, name: string) => {
+  async (api, options: CommonOptions & { size?: string; replicas?: string; chunkSize?: string; pool?: string }, name: string) => {
     if (options.size === undefined) throw new ShaleError('INVALID_ARGUMENT', 'volume create: --size is required (example: --size 10G)');
     const request: CreateVolumeRequest = { name, size: options.size };
     const replicas = parseReplicas(options.replicas);
     if (replicas !== undefined) request.replicas = replicas;
     if (options.chunkSize !== undefined) request.chunkSize = options.chunkSize;
+    if (options.pool !== undefined) request.pool = options.pool;
     const created = await api.call<VolumeInfo>('POST', '/volumes', request);
     out(options, created, () =>
       `created volume ${created.name} (id ${created.id}): ${formatBytes(created.sizeBytes)}, ${created.replicas} replicas in pool ${created.poolName}, chunk ${formatBytes(created.chunkSizeBytes)}\n`);
@@ -185,6 +271,20 @@ export function registerAdminCommands(program: Command, io: AdminIo = processIo)
       const info = await api.call<VolumeInfo>('GET', `/volumes/${encodeURIComponent(name)}`);
       out(options, info, () => renderFields(volumeFields(info)));
     });
+
+  verb(volume.command('resize').argument('<name>', 'volume name').description('change a volume\'s size: grow while open; shrink only with --force')
+    .option('--size <size>', 'the new size, e.g. 20G (a multiple of 4 KiB)')
+    .option('--force', 'allow shrinking (the data beyond the new end is lost)', false),
+  async (api, options: CommonOptions & { size?: string; force: boolean }, name: string) => {
+    if (options.size === undefined) throw new ShaleError('INVALID_ARGUMENT', 'volume resize: --size is required (example: --size 20G)');
+    const before = await api.call<VolumeInfo>('GET', `/volumes/${encodeURIComponent(name)}`);
+    const request: ResizeVolumeRequest = { size: options.size };
+    if (options.force) request.force = true;
+    const resized = await api.call<VolumeInfo>('PATCH', `/volumes/${encodeURIComponent(name)}`, request);
+    out(options, resized, () => resized.sizeBytes === before.sizeBytes
+      ? `volume ${name} is already ${formatBytes(resized.sizeBytes)}\n`
+      : `resized volume ${name}: ${formatBytes(before.sizeBytes)} -> ${formatBytes(resized.sizeBytes)}\n`);
+  });
 
   verb(volume.command('delete').argument('<name>', 'volume name').description('delete a volume and all its data')
     .option('--force', 'delete even while a gateway has it open', false),

@@ -40,3 +40,10 @@ export function formatPercent(part: number, whole: number): string {
   if (whole <= 0) return '-';
   return `${((part / whole) * 100).toFixed(1)}%`;
 }
+
+const replicaStateLetters: Record<string, string> = { clean: 'clean', recovering: 'recovering', down: 'DOWN' };
+
+/** A PG's replicas in order: "3 clean, 1 recovering, 2 DOWN". */
+export function formatReplicas(replicas: readonly { storeId: number; state: string }[]): string {
+  return replicas.map((r) => `${r.storeId} ${replicaStateLetters[r.state] ?? r.state}`).join(', ');
+}

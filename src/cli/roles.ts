@@ -3,17 +3,20 @@
  * cluster (and for `shale up`, which runs stores as child processes through `shale store`).
  * SIGINT and SIGTERM stop a role cleanly: in-flight requests finish, disks are synced.
  */
+import { hostname } from 'node:os';
 import type { Command } from 'commander';
 import { ClusterClient } from '../client/cluster-client.ts';
 import { startConductor } from '../conductor/conductor.ts';
 import { nodeEnv } from '../env/node/node-env.ts';
 import { ShaleError } from '../lib/errors.ts';
 import { parseDuration, parseSize } from '../lib/units.ts';
-import { startNbdServer } from '../nbd/server.ts';
+import { startNbdServer, type NbdTlsOptions } from '../nbd/server.ts';
 import { VolumeExports } from '../nbd/volume-exports.ts';
+import type { LocalStores } from '../proto/local-channel.ts';
 import { openLogEngine } from '../store/open-engine.ts';
 import { startStoreDaemon } from '../store/store-daemon.ts';
 import { exitWithError, makeLog } from './output.ts';
+import { configDirectory, saveToken } from './token.ts';
 
 export const DEFAULT_API_PORT = 49180;
 export const DEFAULT_NBD_PORT = 10809;
@@ -58,23 +61,43 @@ export function parseDiskArgument(text: string): { path: string; sizeBytes?: num
 export function registerRoleCommands(program: Command): void {
   program
     .command('conductor')
-    .description('run the conductor (control plane and HTTP API)')
-    .option('--meta <url>', 'metadata store: sqlite:PATH', 'sqlite:./shale-data/meta.db')
+    .description('run a conductor (control plane and HTTP API); on etcd, run several: one leads, the others stand by')
+    .option('--meta <url>', 'metadata: sqlite:PATH (one conductor) or etcd://HOST:PORT[,HOST:PORT…][/prefix] (several)', 'sqlite:./shale-data/meta.db')
     .option('--listen <host:port>', 'HTTP API address', `127.0.0.1:${DEFAULT_API_PORT}`)
+    .option('--advertise <url>', 'the URL other processes reach this conductor at (default: http://LISTEN)')
     .option('--heartbeat-timeout <duration>', 'mark a store down after this long without a heartbeat', '5s')
     .option('--replicas <n>', 'replicas of the default pool', '3')
-    .action(async (options: { meta: string; listen: string; heartbeatTimeout: string; replicas: string }) => {
+    .option('--pgs <n>', 'placement groups of pools made without --pgs (the default pool)', '256')
+    .option('--lease-ttl <duration>', 'etcd: leadership lease; a dead leader is replaced within about this long', '5s')
+    .option('--new-admin-token', 'replace the cluster\'s admin token (the old one stops working) and print the new one', false)
+    .action(async (options: {
+      meta: string; listen: string; advertise?: string; heartbeatTimeout: string; replicas: string; pgs: string; leaseTtl: string; newAdminToken: boolean;
+    }) => {
       try {
         const log = makeLog('conductor');
-        if (!options.meta.startsWith('sqlite:')) {
-          throw new ShaleError('NOT_SUPPORTED', `--meta ${options.meta}: only sqlite:PATH is supported in this version (etcd comes later)`);
+        if (!options.meta.startsWith('sqlite:') && !options.meta.startsWith('etcd:')) {
+          throw new ShaleError('INVALID_ARGUMENT', `--meta ${options.meta}: expected sqlite:PATH or etcd://HOST:PORT[,HOST:PORT…]`);
         }
+        const leaseTtlSeconds = Math.max(2, Math.ceil(parseDuration(options.leaseTtl, '--lease-ttl') / 1000));
         const conductor = await startConductor(nodeEnv, {
-          metaPath: options.meta.slice('sqlite:'.length), listen: options.listen,
+          metaPath: options.meta, listen: options.listen, advertiseUrl: options.advertise,
           heartbeatTimeoutMs: parseDuration(options.heartbeatTimeout, '--heartbeat-timeout'),
-          defaultReplicas: positiveInteger(options.replicas, '--replicas'), log,
+          defaultReplicas: positiveInteger(options.replicas, '--replicas'), pgCount: positiveInteger(options.pgs, '--pgs'),
+          leaseTtlSeconds, log, auth: 'token',
+          adminToken: {
+            replace: options.newAdminToken,
+            // Shown once, on stdout (not in the log), and kept where the CLI looks for it.
+            onCreated: async (token) => {
+              const urls = [options.advertise ?? `http://${options.listen}`];
+              const path = saveToken(process.env, token, urls);
+              process.stdout.write(`admin token (shown once; saved with mode 0600 to ${path}):\n  ${token}\n`);
+            },
+          },
         });
-        log(`conductor of cluster ${conductor.clusterId} listening on http://${conductor.address}`);
+        if (!conductor.newAdminToken) {
+          log(`the admin token was made when the cluster was created; the CLI reads it from SHALE_TOKEN or ${configDirectory(process.env)}/token`);
+        }
+        log(`conductor ${conductor.id} of cluster ${conductor.clusterId} listening on http://${conductor.address} (${conductor.isLeader ? 'leading' : 'standby'})`);
         stopOnSignals(() => conductor.close(), log);
       } catch (error) {
         exitWithError(error);
@@ -88,7 +111,7 @@ export function registerRoleCommands(program: Command): void {
     .option('--format', 'format the disk if it has no Shale superblock (an existing Shale disk is never reformatted)', false)
     .option('--listen <host:port>', 'store protocol address (port 0: any free port)', `127.0.0.1:${DEFAULT_STORE_PORT}`)
     .option('--conductor <urls>', 'conductor URLs, comma separated', `http://127.0.0.1:${DEFAULT_API_PORT}`)
-    .option('--domain <label>', 'failure domain (host or rack) of this store', 'default')
+    .option('--domain <label>', 'failure domain of this store: a host name, or rack=R,host=H', hostname())
     .option('--resync-rate <bytes-per-second>', 'most bytes per second a resync copies into this store (0: unlimited)', '0')
     .action(async (options: { disk?: string; format: boolean; listen: string; conductor: string; domain: string; resyncRate: string }) => {
       try {
@@ -123,10 +146,14 @@ export function registerRoleCommands(program: Command): void {
     .option('--conductor <urls>', 'conductor URLs, comma separated', `http://127.0.0.1:${DEFAULT_API_PORT}`)
     .option('--owner <id>', 'owner id of the volumes this gateway opens', `nbd-${process.pid}`)
     .option('--io-timeout <duration>', 'fail I/O with NO_QUORUM after waiting this long for replicas (0: wait forever)', '0')
-    .action(async (options: { listen: string; conductor: string; owner: string; ioTimeout: string }) => {
+    .option('--tls <mode>', 'off, on (offer STARTTLS) or require (refuse plaintext)', 'off')
+    .option('--tls-cert <file>', 'x509 certificate (PEM) for TLS')
+    .option('--tls-key <file>', 'private key (PEM) of the certificate')
+    .option('--tls-ca <file>', 'CA (PEM) that client certificates must be signed by; without it clients need none')
+    .action(async (options: { listen: string; conductor: string; owner: string; ioTimeout: string } & TlsCliOptions) => {
       try {
         const log = makeLog('nbd');
-        const gateway = await startNbdGateway({ ...options, log });
+        const gateway = await startNbdGateway({ ...options, tls: tlsOptions(options), log });
         log(`NBD gateway listening on ${gateway.address}`);
         stopOnSignals(() => gateway.close(), log);
       } catch (error) {
@@ -151,19 +178,54 @@ function registrationTurn(): Promise<void> {
   });
 }
 
-export async function startNbdGateway(options: { listen: string; conductor: string; owner: string; ioTimeout: string; log: (message: string) => void }): Promise<{ address: string; close(): Promise<void> }> {
+export async function startNbdGateway(options: {
+  listen: string;
+  /** More addresses to serve the same exports on (a unix socket beside TCP, say). */
+  alsoListen?: string[];
+  conductor: string;
+  owner: string;
+  ioTimeout: string;
+  log: (message: string) => void;
+  localStores?: LocalStores;
+  tls?: NbdTlsOptions;
+}): Promise<{ address: string; addresses: string[]; close(): Promise<void> }> {
   const cluster = new ClusterClient(nodeEnv, {
     conductorUrls: options.conductor, ownerId: options.owner, ioTimeoutMs: parseDuration(options.ioTimeout, '--io-timeout'), log: options.log,
+    localStores: options.localStores,
   });
   await cluster.start();
-  const server = await startNbdServer(nodeEnv, { listen: options.listen, provider: new VolumeExports(cluster), log: options.log });
+  // Every listener shares one provider: all connections to a volume share one client (CAN_MULTI_CONN).
+  const provider = new VolumeExports(cluster);
+  const servers: Awaited<ReturnType<typeof startNbdServer>>[] = [];
+  for (const address of [options.listen, ...(options.alsoListen ?? [])]) {
+    servers.push(await startNbdServer(nodeEnv, { listen: address, provider, log: options.log, tls: options.tls }));
+  }
   return {
-    address: server.address,
+    address: servers[0]!.address,
+    addresses: servers.map((server) => server.address),
     async close(): Promise<void> {
-      await server.close();
+      for (const server of servers) await server.close();
       await cluster.close();
     },
   };
+}
+
+export interface TlsCliOptions {
+  tls: string;
+  tlsCert?: string;
+  tlsKey?: string;
+  tlsCa?: string;
+}
+
+/** The NBD TLS options from --tls, --tls-cert, --tls-key, --tls-ca. */
+export function tlsOptions(options: TlsCliOptions): NbdTlsOptions {
+  if (options.tls !== 'off' && options.tls !== 'on' && options.tls !== 'require') {
+    throw new ShaleError('INVALID_ARGUMENT', `--tls: expected off, on or require, got "${options.tls}"`);
+  }
+  if (options.tls !== 'off' && (!options.tlsCert || !options.tlsKey)) {
+    throw new ShaleError('INVALID_ARGUMENT', `--tls ${options.tls} needs --tls-cert and --tls-key`);
+  }
+  return { mode: options.tls, certFile: options.tlsCert, keyFile: options.tlsKey, caFile: options.tlsCa };
 }
 
 export function positiveInteger(text: string, what: string): number {

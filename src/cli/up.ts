@@ -18,8 +18,12 @@ import { nodeEnv } from '../env/node/node-env.ts';
 import { ShaleError } from '../lib/errors.ts';
 import { formatBytes, parseDuration, parseSize } from '../lib/units.ts';
 import { ConductorClient } from '../proto/conductor-client.ts';
+import { LocalStores } from '../proto/local-channel.ts';
+import { openLogEngine } from '../store/open-engine.ts';
+import { startStoreDaemon, type StoreDaemon } from '../store/store-daemon.ts';
 import { exitWithError, makeLog } from './output.ts';
-import { DEFAULT_API_PORT, DEFAULT_NBD_PORT, positiveInteger, startNbdGateway, stopOnSignals } from './roles.ts';
+import { readTextFile, saveToken, writeTokenFile } from './token.ts';
+import { DEFAULT_API_PORT, DEFAULT_NBD_PORT, positiveInteger, startNbdGateway, stopOnSignals, tlsOptions } from './roles.ts';
 
 const MAIN = fileURLToPath(new URL('./main.ts', import.meta.url));
 
@@ -34,6 +38,11 @@ interface UpOptions {
   restartDelay: string;
   ioTimeout: string;
   resyncRate: string;
+  nbdSocket?: string;
+  tls: string;
+  tlsCert?: string;
+  tlsKey?: string;
+  tlsCa?: string;
 }
 
 export function registerUpCommand(program: Command): void {
@@ -50,6 +59,11 @@ export function registerUpCommand(program: Command): void {
     .option('--restart-delay <duration>', 'restart a store process this long after it died', '2s')
     .option('--io-timeout <duration>', 'fail I/O with NO_QUORUM after waiting this long for replicas (0: wait forever)', '0')
     .option('--resync-rate <bytes-per-second>', 'most bytes per second a resync copies into one store (0: unlimited)', '0')
+    .option('--nbd-socket <path>', 'also serve NBD on this unix socket')
+    .option('--tls <mode>', 'NBD TLS: off, on (offer STARTTLS) or require (refuse plaintext)', 'off')
+    .option('--tls-cert <file>', 'x509 certificate (PEM) for NBD TLS')
+    .option('--tls-key <file>', 'private key (PEM) of the certificate')
+    .option('--tls-ca <file>', 'CA (PEM) that NBD client certificates must be signed by')
     .action(async (options: UpOptions) => {
       try {
         await up(options);
@@ -68,14 +82,28 @@ async function up(options: UpOptions): Promise<void> {
   const apiPort = port(options.apiPort, '--api-port');
   const restartDelayMs = parseDuration(options.restartDelay, '--restart-delay');
   const resyncRateBytesPerSecond = parseSize(options.resyncRate, '--resync-rate');
+  const tls = tlsOptions(options);
   mkdirSync(dataDir, { recursive: true });
 
+  // The admin token: kept in DATA/token (mode 0600) so a restart on the same data directory
+  // finds it; a data directory without it (or with a stale one) gets a new one, since shale up
+  // owns its cluster.
+  const tokenPath = `${dataDir}/token`;
+  const knownToken = readTextFile(tokenPath)?.trim() || undefined;
   const conductor = await startConductor(nodeEnv, {
     metaPath: `${dataDir}/meta.db`, listen: `${options.host}:${apiPort}`,
     heartbeatTimeoutMs: parseDuration(options.heartbeatTimeout, '--heartbeat-timeout'),
     defaultReplicas: Math.min(3, storeCount), log: makeLog('conductor'),
+    auth: 'token', adminToken: { known: knownToken, replaceUnlessKnown: true, onCreated: async (token) => writeTokenFile(tokenPath, token) },
   });
   const apiUrl = `http://${conductor.address}`;
+  const adminToken = conductor.newAdminToken ?? knownToken!;
+  // Where the CLI looks ($SHALE_CONFIG_DIR or ~/.config/shale), so it works with no extra step.
+  const tokenFile = saveToken(process.env, adminToken, [apiUrl]);
+  if (conductor.newAdminToken) process.stdout.write(`admin token (shown once; saved with mode 0600 to ${tokenFile} and ${tokenPath}):\n  ${adminToken}\n`);
+  // The stores (children inherit the environment) and this process's gateway send it; it never
+  // goes on a command line.
+  process.env.SHALE_TOKEN = adminToken;
 
   let stopping = false;
   const children = new Map<number, ChildProcess>();
@@ -123,18 +151,10 @@ async function up(options: UpOptions): Promise<void> {
       });
     });
   };
-  // Stores start one after the other so that, in a new cluster, store-N gets store id N.
-  const conductorClient = new ConductorClient(nodeEnv, apiUrl);
-  for (let index = 1; index <= storeCount; index++) startStore(index);
-  await waitFor(() => readyStores.size === storeCount, `the ${storeCount} stores`).catch(async (error: unknown) => {
-    await stopStores();
-    await conductor.close();
-    throw error;
-  });
-  registrationsInOrder = false;
-
+  let localStore: StoreDaemon | undefined;
   const stopStores = async (): Promise<void> => {
     stopping = true;
+    await localStore?.close();
     const exits = [...children.values()].map((child) => new Promise<void>((done) => {
       if (child.exitCode !== null || child.signalCode !== null) return done();
       child.once('exit', () => done());
@@ -144,6 +164,29 @@ async function up(options: UpOptions): Promise<void> {
     await Promise.all(exits);
   };
 
+  const conductorClient = new ConductorClient(nodeEnv, apiUrl);
+  // One store runs inside this process, beside the gateway: no socket hop per I/O (DESIGN §9).
+  // Several run as child processes, opening their disks in parallel and registering in order.
+  const localStores = storeCount === 1 ? new LocalStores() : undefined;
+  if (localStores) {
+    mkdirSync(`${dataDir}/store-1`, { recursive: true });
+    localStore = await startStoreDaemon(nodeEnv, {
+      diskPath: `${dataDir}/store-1/disk.img`, diskSizeBytes, format: true, listen: `${options.host}:0`, conductorUrls: apiUrl,
+      domain: 'local-1', resyncRateBytesPerSecond, log: makeLog(`store ${dataDir}/store-1/disk.img`), openEngine: openLogEngine, localStores,
+    }).catch(async (error: unknown) => {
+      await conductor.close();
+      throw error;
+    });
+  } else {
+    for (let index = 1; index <= storeCount; index++) startStore(index);
+    await waitFor(() => readyStores.size === storeCount, `the ${storeCount} stores`).catch(async (error: unknown) => {
+      await stopStores();
+      await conductor.close();
+      throw error;
+    });
+  }
+  registrationsInOrder = false;
+
   await waitFor(async () => (await conductorClient.map()).pools.length > 0, 'the default pool').catch(async (error: unknown) => {
     await stopStores();
     await conductor.close();
@@ -151,7 +194,8 @@ async function up(options: UpOptions): Promise<void> {
   });
 
   const gateway = await startNbdGateway({
-    listen: `${options.host}:${nbdPort}`, conductor: apiUrl, owner: `up-nbd`, ioTimeout: options.ioTimeout, log: makeLog('nbd'),
+    listen: `${options.host}:${nbdPort}`, alsoListen: options.nbdSocket ? [`unix:${resolve(options.nbdSocket)}`] : [],
+    conductor: apiUrl, owner: `up-nbd`, ioTimeout: options.ioTimeout, log: makeLog('nbd'), localStores, tls,
   }).catch(async (error: unknown) => {
     await stopStores();
     await conductor.close();
@@ -163,6 +207,7 @@ async function up(options: UpOptions): Promise<void> {
     `Shale is up: ${storeCount} store${storeCount === 1 ? '' : 's'} × ${formatBytes(diskSizeBytes)} in ${dataDir}`,
     `  HTTP API   ${apiUrl}/api/v1/`,
     `  NBD        nbd://${gateway.address}/VOLUME`,
+    ...(options.nbdSocket ? [`  NBD (unix) nbd+unix:///VOLUME?socket=${resolve(options.nbdSocket)}`] : []),
     '',
     'Try:',
     `  npx shale volume create disk1 --size 1G`,

@@ -49,7 +49,22 @@ export class ClusterClient {
   }
 
   async start(): Promise<void> {
+    this.watcher.onMap((map) => this.#applySizes(map));
     await this.watcher.start();
+  }
+
+  /** A volume resized by the conductor (a new map epoch): open volumes take the new size. */
+  #applySizes(map: ClusterMap): void {
+    const sizes = new Map(map.volumeSizes ?? []);
+    for (const opening of this.#volumes.values()) {
+      opening.then((volume) => {
+        const size = sizes.get(volume.info.id);
+        if (size !== undefined && size !== volume.info.sizeBytes) {
+          this.log(`volume ${volume.info.name} resized from ${volume.info.sizeBytes} to ${size} bytes`);
+          volume.info.sizeBytes = size;
+        }
+      }, () => {});
+    }
   }
 
   get map(): ClusterMap {

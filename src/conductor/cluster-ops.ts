@@ -5,7 +5,8 @@
  * may run again on an etcd conflict).
  *
  * The map epoch grows by exactly one per transaction that changes anything the data path sees
- * (stores, PGs, owners, deletions); every PG changed in that transaction takes the new epoch.
+ * (stores, PGs, owners, the size of an open volume, deletions); every PG changed in that
+ * transaction takes the new epoch.
  *
  * Replica states (DESIGN §2, §3), one decision table per event:
  *
@@ -29,14 +30,26 @@ import { assert } from '../lib/assert.ts';
 import { ShaleError } from '../lib/errors.ts';
 import type { DiskReport } from './api/types.ts';
 import type { MetaTx, PgRecord, PoolRecord, StoreRecord, VolumeRecord } from './meta/meta-store.ts';
-import { defaultMinReplicas, placePool } from './placement/rendezvous.ts';
-import { sameDisks } from './validate.ts';
+import { defaultMinReplicas, distinctDomains, type PlacementCandidate, placePool } from './placement/rendezvous.ts';
+import { pgReplicasTotalMax, poolsMax, sameDisks } from './validate.ts';
 
 export const defaultPoolName = 'default';
+export const defaultDomainLevel = 'host';
 
 export interface ClusterConfig {
   defaultReplicas: number;
+  /** PGs of pools made without an explicit count (the default pool, replicas-N pools). */
   pgCount: number;
+}
+
+/** What `pool create` asks for; validated at the API's edge. */
+export interface PoolSpec {
+  name: string;
+  replicas: number;
+  /** Default R − ⌊R/2⌋. */
+  minReplicas?: number;
+  pgCount: number;
+  domainLevel: string;
 }
 
 export interface RegisterInput {
@@ -52,6 +65,8 @@ export interface CreateVolumeInput {
   sizeBytes: number;
   chunkSizeBytes: number;
   replicas: number | undefined;
+  /** The pool by name; without it, the default pool (or a replicas-N pool when `replicas` differs). */
+  pool?: string | undefined;
 }
 
 export function poolNameForReplicas(replicas: number): string {
@@ -270,22 +285,47 @@ export class ClusterOps {
     return (await this.tx.stores()).filter((s) => s.state === 'up');
   }
 
-  async createPool(name: string, replicas: number): Promise<PoolRecord> {
+  /**
+   * Creates a pool and places its PGs on the up stores, weighted by capacity, on distinct
+   * failure domains of `spec.domainLevel`. `strict` (an operator's `pool create`) refuses when
+   * the up stores span fewer such domains than replicas; pools made on the fly (default,
+   * replicas-N) then share domains where they must, and status says so.
+   * Errors: ALREADY_EXISTS, NOT_READY (too few stores or domains), INVALID_ARGUMENT (limits).
+   */
+  async createPool(spec: PoolSpec, strict: boolean): Promise<PoolRecord> {
+    const { name, replicas, pgCount, domainLevel } = spec;
+    if (await this.tx.poolByName(name)) throw new ShaleError('ALREADY_EXISTS', `a pool named ${name} already exists`);
+    const minReplicas = spec.minReplicas ?? defaultMinReplicas(replicas);
+    if (minReplicas < 1 || minReplicas > replicas) {
+      throw new ShaleError('INVALID_ARGUMENT', `min replicas ${minReplicas} must be between 1 and the replicas (${replicas})`);
+    }
+    const pools = await this.tx.pools();
+    if (pools.length >= poolsMax) throw new ShaleError('INVALID_ARGUMENT', `the cluster already has ${pools.length} pools, the most it can hold`);
+    const replicasUsed = pools.reduce((sum, pool) => sum + pool.pgCount * pool.replicas, 0);
+    if (replicasUsed + pgCount * replicas > pgReplicasTotalMax) {
+      throw new ShaleError('INVALID_ARGUMENT', `pool ${name} would hold ${pgCount * replicas} PG replicas; the cluster holds ${replicasUsed} of at most ${pgReplicasTotalMax} (PGs × replicas over all pools): use fewer PGs`);
+    }
     const up = await this.upStores();
     if (up.length < replicas) {
       throw new ShaleError('NOT_READY', `pool ${name} needs ${replicas} stores up to place ${replicas} replicas, but ${up.length} ${up.length === 1 ? 'is' : 'are'} up`);
+    }
+    const candidates: PlacementCandidate[] = up.map((s) => ({ id: s.id, domain: s.domain, weight: Math.max(s.capacityBytes, 1) }));
+    const domains = distinctDomains(candidates, domainLevel);
+    if (strict && domains < replicas) {
+      throw new ShaleError('NOT_READY', `pool ${name} needs ${replicas} distinct "${domainLevel}" failure domains, but the up stores span ${domains}: start stores in more domains (shale store --domain) or pass another --domain-level`);
     }
     const epoch = await this.epoch();
     const pool: PoolRecord = {
       id: await this.tx.allocate('poolId'),
       name,
       replicas,
-      minReplicas: defaultMinReplicas(replicas),
-      pgCount: this.config.pgCount,
+      minReplicas,
+      pgCount,
+      domainLevel,
       createdAt: this.nowIso,
     };
     await this.tx.putPool(pool);
-    const placement = placePool(pool.id, pool.pgCount, replicas, up.map((s) => ({ id: s.id, domain: s.domain })));
+    const placement = placePool(pool.id, pool.pgCount, replicas, candidates, domainLevel);
     for (const [index, storeIds] of placement.entries()) {
       const pg: PgRecord = {
         poolId: pool.id,
@@ -296,7 +336,7 @@ export class ClusterOps {
       };
       await this.tx.putPg(pg);
     }
-    this.events.push(`pool ${pool.id} "${name}" created: ${replicas} replicas (min ${pool.minReplicas}), ${pool.pgCount} PGs over stores ${up.map((s) => s.id).join(', ')}`);
+    this.events.push(`pool ${pool.id} "${name}" created: ${replicas} replicas (min ${pool.minReplicas}), ${pool.pgCount} PGs over stores ${up.map((s) => s.id).join(', ')}, "${domainLevel}" domains${domains < replicas ? ` (only ${domains}: some PGs share a domain)` : ''}`);
     return pool;
   }
 
@@ -305,11 +345,19 @@ export class ClusterOps {
     const existing = await this.tx.poolByName(defaultPoolName);
     if (existing) return existing;
     if ((await this.upStores()).length < this.config.defaultReplicas) return undefined;
-    return this.createPool(defaultPoolName, this.config.defaultReplicas);
+    return this.createPool({ name: defaultPoolName, replicas: this.config.defaultReplicas, pgCount: this.config.pgCount, domainLevel: defaultDomainLevel }, false);
   }
 
-  /** The pool a volume with `replicas` goes to, created if needed. Errors: NOT_READY. */
-  async poolFor(replicas: number | undefined): Promise<PoolRecord> {
+  /** The pool a volume goes to, created if needed. Errors: NOT_FOUND (no such pool), INVALID_ARGUMENT, NOT_READY. */
+  async poolFor(replicas: number | undefined, poolName?: string): Promise<PoolRecord> {
+    if (poolName !== undefined) {
+      const named = await this.tx.poolByName(poolName);
+      if (!named) throw new ShaleError('NOT_FOUND', `no pool named ${poolName}`);
+      if (replicas !== undefined && replicas !== named.replicas) {
+        throw new ShaleError('INVALID_ARGUMENT', `pool ${poolName} keeps ${named.replicas} replicas, not ${replicas}: leave out replicas or pick another pool`);
+      }
+      return named;
+    }
     const defaultPool = await this.ensureDefaultPool();
     const wanted = replicas ?? defaultPool?.replicas ?? this.config.defaultReplicas;
     if (defaultPool && defaultPool.replicas === wanted) return defaultPool;
@@ -318,7 +366,7 @@ export class ClusterOps {
       throw new ShaleError('NOT_READY', `the default pool needs ${wanted} stores up and ${up} ${up === 1 ? 'is' : 'are'}: start more stores or pass a smaller replicas count`);
     }
     const name = poolNameForReplicas(wanted);
-    return (await this.tx.poolByName(name)) ?? this.createPool(name, wanted);
+    return (await this.tx.poolByName(name)) ?? this.createPool({ name, replicas: wanted, pgCount: this.config.pgCount, domainLevel: defaultDomainLevel }, false);
   }
 
   // ---- volumes -----------------------------------------------------------------------------
@@ -331,7 +379,7 @@ export class ClusterOps {
 
   async createVolume(input: CreateVolumeInput): Promise<VolumeRecord> {
     if (await this.tx.volumeByName(input.name)) throw new ShaleError('ALREADY_EXISTS', `a volume named ${input.name} already exists`);
-    const pool = await this.poolFor(input.replicas);
+    const pool = await this.poolFor(input.replicas, input.pool);
     const volume: VolumeRecord = {
       id: await this.tx.allocate('volumeId'),
       name: input.name,
@@ -356,6 +404,31 @@ export class ClusterOps {
     await this.tx.deleteVolume(volume.id, { id: volume.id, name: volume.name, deletedAt: this.nowIso, epoch });
     this.events.push(`volume ${volume.id} "${name}" deleted at epoch ${epoch}`);
     return volume;
+  }
+
+  /**
+   * Changes a volume's size. Growing is online: an open volume's owner learns the new size from
+   * the map (`volumeSizes`, which lists every volume ever opened, like `owners`), so the map
+   * epoch grows for such a volume. Shrinking
+   * drops the data beyond the new end, so it needs `force` and a volume nobody has open.
+   * Errors: NOT_FOUND, INVALID_ARGUMENT (shrink without force), FENCED (shrink while open).
+   */
+  async resizeVolume(name: string, sizeBytes: number, force: boolean): Promise<VolumeRecord> {
+    const volume = await this.volumeByName(name);
+    if (sizeBytes === volume.sizeBytes) return volume;
+    if (sizeBytes < volume.sizeBytes) {
+      if (!force) {
+        throw new ShaleError('INVALID_ARGUMENT', `shrinking volume ${name} from ${volume.sizeBytes} to ${sizeBytes} bytes discards the data beyond the new end: pass force to do it`);
+      }
+      if (volume.owner !== null) {
+        throw new ShaleError('FENCED', `volume ${name} is open by ${volume.owner} (owner epoch ${volume.ownerEpoch}): close it before shrinking (growing works while open)`);
+      }
+    }
+    const updated: VolumeRecord = { ...volume, sizeBytes };
+    await this.tx.putVolume(updated);
+    const epoch = volume.ownerEpoch > 0 ? await this.epoch() : undefined;
+    this.events.push(`volume ${volume.id} "${name}" resized from ${volume.sizeBytes} to ${sizeBytes} bytes${epoch === undefined ? '' : ` (map epoch ${epoch})`}`);
+    return updated;
   }
 
   /** Gives `owner` a new owner epoch, higher than any before for the volume. Errors: NOT_FOUND, FENCED (owned by another, no takeover). */

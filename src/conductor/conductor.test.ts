@@ -2,90 +2,10 @@
  * The conductor through its real HTTP API on 127.0.0.1 (port 0), with a temporary SQLite file.
  */
 import assert from 'node:assert/strict';
-import { mkdtempSync, rmSync } from 'node:fs';
-import { tmpdir } from 'node:os';
-import { join } from 'node:path';
-import { after, describe, it } from 'node:test';
-import { nodeEnv } from '../env/node/node-env.ts';
+import { describe, it } from 'node:test';
 import { ErrorCodes, type ErrorCode } from '../lib/errors.ts';
-import type {
-  ClusterMap, ClusterStatus, OpenVolumeResponse, PoolInfo, RegisterStoreRequest, RegisterStoreResponse, StoreInfo, VolumeInfo,
-} from './api/types.ts';
-import { type Conductor, type ConductorOptions, startConductor } from './conductor.ts';
-
-const directory = mkdtempSync(join(tmpdir(), 'shale-conductor-'));
-after(() => rmSync(directory, { recursive: true, force: true }));
-let fileNumber = 0;
-
-interface Reply<T = any> {
-  status: number;
-  body: T;
-}
-
-interface TestCluster {
-  conductor: Conductor;
-  metaPath: string;
-  logs: string[];
-  call<T = any>(method: string, path: string, body?: unknown): Promise<Reply<T>>;
-  raw(method: string, path: string, body: string): Promise<Reply>;
-  register(n: number, overrides?: Partial<RegisterStoreRequest>): Promise<number>;
-  map(): Promise<ClusterMap>;
-  close(): Promise<void>;
-}
-
-const clock = nodeEnv.clock;
-
-async function startCluster(options: Partial<ConductorOptions> = {}): Promise<TestCluster> {
-  const metaPath = options.metaPath ?? join(directory, `meta-${++fileNumber}.db`);
-  const logs: string[] = [];
-  const conductor = await startConductor(nodeEnv, {
-    listen: '127.0.0.1:0', heartbeatTimeoutMs: 60_000, ...options, metaPath, log: (line) => logs.push(line),
-  });
-  const base = `http://${conductor.address}/api/v1`;
-  const raw = async (method: string, path: string, body?: string): Promise<Reply> => {
-    const result = await nodeEnv.net.httpRequest(method, base + path, body === undefined ? {} : { body, headers: { 'content-type': 'application/json' } });
-    const text = result.body.toString('utf8');
-    return { status: result.status, body: text.length > 0 ? JSON.parse(text) : undefined };
-  };
-  const call = <T>(method: string, path: string, body?: unknown): Promise<Reply<T>> =>
-    raw(method, path, body === undefined ? undefined : JSON.stringify(body)) as Promise<Reply<T>>;
-  const cluster: TestCluster = {
-    conductor, metaPath, logs, call, raw: (method, path, body) => raw(method, path, body),
-    async register(n, overrides = {}) {
-      const reply = await call<RegisterStoreResponse>('POST', '/stores/register', {
-        diskUuid: `disk-${n}`, clusterId: conductor.clusterId, address: `127.0.0.1:${20000 + n}`, domain: `host-${n}`,
-        disks: [{ uuid: `disk-${n}`, path: `/disks/${n}`, capacityBytes: 100 * 2 ** 30, usedBytes: n * 2 ** 20 }],
-        ...overrides,
-      });
-      assert.equal(reply.status, 200, JSON.stringify(reply.body));
-      return reply.body.storeId;
-    },
-    async map() {
-      const reply = await call<ClusterMap>('GET', '/map');
-      assert.equal(reply.status, 200);
-      return reply.body;
-    },
-    close: () => conductor.close(),
-  };
-  return cluster;
-}
-
-function expectError(reply: Reply, code: ErrorCode, pattern?: RegExp): void {
-  assert.equal(reply.body?.code, code, `expected ${code}, got ${JSON.stringify(reply.body)}`);
-  assert.equal(reply.status, ErrorCodes[code].httpStatus);
-  assert.equal(typeof reply.body.message, 'string');
-  if (pattern) assert.match(reply.body.message, pattern);
-}
-
-async function eventually<T>(what: string, probe: () => Promise<T | undefined>, timeoutMs = 5000): Promise<T> {
-  const deadline = clock.nowMs() + timeoutMs;
-  for (;;) {
-    const value = await probe();
-    if (value !== undefined) return value;
-    if (clock.nowMs() > deadline) assert.fail(`timed out waiting for ${what}`);
-    await clock.sleep(20);
-  }
-}
+import type { ClusterMap, ClusterStatus, OpenVolumeResponse, PoolInfo, StoreInfo, VolumeInfo } from './api/types.ts';
+import { clock, eventually, expectError, type Reply, startCluster } from './testing/conductor-harness.ts';
 
 describe('conductor: stores, pools and placement', () => {
   it('registers stores, creates the default pool once three are up, places R distinct stores per PG', async () => {
@@ -459,6 +379,26 @@ describe('conductor: volumes', () => {
         ['open unknown volume', 'POST', '/volumes/nope/open', { owner: 'gw' }, 'NOT_FOUND'],
         ['clean without pgEpoch', 'POST', '/pgs/1/0/clean', { storeId: 1 }, 'INVALID_ARGUMENT'],
         ['delete with bad force', 'DELETE', '/volumes/taken?force=maybe', undefined, 'INVALID_ARGUMENT'],
+        ['volume in an unknown pool', 'POST', '/volumes', { name: 'v', size: '1G', pool: 'nope' }, 'NOT_FOUND'],
+        ['volume with a bad pool name', 'POST', '/volumes', { name: 'v', size: '1G', pool: 'a/b' }, 'INVALID_ARGUMENT'],
+        ['volume replicas not those of its pool', 'POST', '/volumes', { name: 'v', size: '1G', pool: 'default', replicas: 2 }, 'INVALID_ARGUMENT'],
+        ['resize unknown volume', 'PATCH', '/volumes/nope', { size: '2G' }, 'NOT_FOUND'],
+        ['resize to 0', 'PATCH', '/volumes/taken', { size: 0 }, 'INVALID_ARGUMENT'],
+        ['resize beyond the limit', 'PATCH', '/volumes/taken', { size: '2P' }, 'INVALID_ARGUMENT'],
+        ['resize without size', 'PATCH', '/volumes/taken', {}, 'INVALID_ARGUMENT'],
+        ['shrink without force', 'PATCH', '/volumes/taken', { size: '512M' }, 'INVALID_ARGUMENT'],
+        ['resize with bad force', 'PATCH', '/volumes/taken', { size: '512M', force: 'yes' }, 'INVALID_ARGUMENT'],
+        ['pool without replicas', 'POST', '/pools', { name: 'p' }, 'INVALID_ARGUMENT'],
+        ['pool with 0 replicas', 'POST', '/pools', { name: 'p', replicas: 0 }, 'INVALID_ARGUMENT'],
+        ['pool with min above replicas', 'POST', '/pools', { name: 'p', replicas: 2, minReplicas: 3 }, 'INVALID_ARGUMENT'],
+        ['pool with 0 PGs', 'POST', '/pools', { name: 'p', replicas: 2, pgCount: 0 }, 'INVALID_ARGUMENT'],
+        ['pool with too many PGs', 'POST', '/pools', { name: 'p', replicas: 2, pgCount: 100_000 }, 'INVALID_ARGUMENT'],
+        ['pool over the cluster PG limit', 'POST', '/pools', { name: 'p', replicas: 3, pgCount: 16_384 }, 'INVALID_ARGUMENT'],
+        ['pool with a bad domain level', 'POST', '/pools', { name: 'p', replicas: 2, domainLevel: 'Rack!' }, 'INVALID_ARGUMENT'],
+        ['pool with a bad name', 'POST', '/pools', { name: '.p', replicas: 2 }, 'INVALID_ARGUMENT'],
+        ['duplicate pool', 'POST', '/pools', { name: 'default', replicas: 3 }, 'ALREADY_EXISTS'],
+        ['pool with more replicas than stores', 'POST', '/pools', { name: 'p', replicas: 4 }, 'NOT_READY'],
+        ['unknown pool', 'GET', '/pools/nope', undefined, 'NOT_FOUND'],
       ];
       for (const [what, method, path, body, code] of cases) {
         const reply = body === undefined ? await cluster.call(method, path) : await cluster.call(method, path, body);
@@ -473,6 +413,44 @@ describe('conductor: volumes', () => {
       assert.equal(cluster.logs.filter((line) => line.includes('GET /api/v1/volumes/nope')).length, 1);
       // And the server still answers.
       assert.equal((await cluster.call('GET', '/status')).status, 200);
+    } finally {
+      await cluster.close();
+    }
+  });
+
+  it('resizes: grows an open volume online (its owner learns the size from the map), shrinks a closed one only with force', async () => {
+    const cluster = await startCluster({ pgCount: 8 });
+    try {
+      for (const n of [1, 2, 3]) await cluster.register(n);
+      const created = (await cluster.call<VolumeInfo>('POST', '/volumes', { name: 'grow', size: '1G' })).body;
+      const opened = await cluster.call<OpenVolumeResponse>('POST', '/volumes/grow/open', { owner: 'gw' });
+      assert.deepEqual(opened.body.map.volumeSizes, [[created.id, 2 ** 30]]);
+      const before = opened.body.map.epoch;
+      const grown = await cluster.call<VolumeInfo>('PATCH', '/volumes/grow', { size: '2GiB' });
+      assert.equal(grown.status, 200, JSON.stringify(grown.body));
+      assert.equal(grown.body.sizeBytes, 2 * 2 ** 30);
+      const map = await cluster.map();
+      assert.equal(map.epoch, before + 1, 'a new epoch tells the owner');
+      assert.deepEqual(map.volumeSizes, [[created.id, 2 * 2 ** 30]]);
+      // The same size again changes nothing.
+      assert.equal((await cluster.call<VolumeInfo>('PATCH', '/volumes/grow', { size: 2 * 2 ** 30 })).status, 200);
+      assert.equal((await cluster.map()).epoch, map.epoch);
+
+      expectError(await cluster.call('PATCH', '/volumes/grow', { size: '1G' }), 'INVALID_ARGUMENT', /pass force/);
+      expectError(await cluster.call('PATCH', '/volumes/grow', { size: '1G', force: true }), 'FENCED', /close it before shrinking/);
+      await cluster.call('POST', '/volumes/grow/close', { owner: 'gw', ownerEpoch: opened.body.ownerEpoch });
+      const closedMap = await cluster.map();
+      assert.equal(closedMap.epoch, map.epoch, 'closing changes nothing the data path sees');
+      const shrunk = await cluster.call<VolumeInfo>('PATCH', '/volumes/grow', { size: '512M', force: true });
+      assert.equal(shrunk.body.sizeBytes, 512 * 2 ** 20);
+      const shrunkMap = await cluster.map();
+      assert.equal(shrunkMap.epoch, closedMap.epoch + 1, 'a volume ever opened has its size in the map');
+      assert.deepEqual(shrunkMap.volumeSizes, [[created.id, 512 * 2 ** 20]]);
+      // A volume never opened is not in the map: resizing it changes no epoch.
+      await cluster.call('POST', '/volumes', { name: 'cold', size: '1G' });
+      await cluster.call('PATCH', '/volumes/cold', { size: '3G' });
+      assert.equal((await cluster.map()).epoch, shrunkMap.epoch);
+      assert.ok(cluster.logs.some((line) => /resized from 2147483648 to 536870912 bytes/.test(line)));
     } finally {
       await cluster.close();
     }
@@ -568,6 +546,176 @@ describe('conductor: volumes', () => {
   });
 });
 
+describe('conductor: pools', () => {
+  it('creates pools with replicas, min replicas, PG count and domain level; shows the PG table; volumes pick a pool', async () => {
+    const cluster = await startCluster({ pgCount: 16 });
+    try {
+      for (let n = 1; n <= 6; n++) await cluster.register(n, { domain: `rack=r${n % 3},host=h${n}` });
+      const created = await cluster.call<PoolInfo>('POST', '/pools', { name: 'fast', replicas: 3, minReplicas: 3, pgCount: 64, domainLevel: 'rack' });
+      assert.equal(created.status, 201, JSON.stringify(created.body));
+      assert.deepEqual({ ...created.body, createdAt: undefined, id: undefined }, {
+        id: undefined, name: 'fast', replicas: 3, minReplicas: 3, pgCount: 64, domainLevel: 'rack', pgsClean: 64, pgsDegraded: 0, createdAt: undefined,
+      });
+      const detail = (await cluster.call('GET', '/pools/fast')).body;
+      assert.equal(detail.pgs.length, 64);
+      for (const pg of detail.pgs) {
+        const racks = pg.replicas.map((r: { storeId: number }) => r.storeId % 3);
+        assert.equal(new Set(racks).size, 3, `PG ${pg.index} spans 3 racks`);
+        assert.ok(pg.replicas.every((r: { state: string }) => r.state === 'clean'));
+      }
+      assert.equal(detail.stores.reduce((sum: number, s: { pgs: number }) => sum + s.pgs, 0), 64 * 3);
+      // Default min replicas is R - floor(R/2); default PG count is the conductor's.
+      const plain = (await cluster.call<PoolInfo>('POST', '/pools', { name: 'plain', replicas: 2 })).body;
+      assert.deepEqual([plain.minReplicas, plain.pgCount, plain.domainLevel], [1, 16, 'host']);
+      const volume = await cluster.call<VolumeInfo>('POST', '/volumes', { name: 'db', size: '1G', pool: 'fast' });
+      assert.equal(volume.status, 201);
+      assert.equal(volume.body.poolName, 'fast');
+      assert.equal(volume.body.replicas, 3);
+      const pools = (await cluster.call<{ pools: PoolInfo[] }>('GET', '/pools')).body.pools;
+      assert.deepEqual(pools.map((p) => p.name), ['default', 'fast', 'plain']);
+      assert.ok(cluster.logs.some((line) => /pool \d+ "fast" created: 3 replicas \(min 3\), 64 PGs/.test(line)));
+    } finally {
+      await cluster.close();
+    }
+  });
+
+  it('places PGs in proportion to capacity', async () => {
+    const cluster = await startCluster();
+    try {
+      for (let n = 1; n <= 4; n++) {
+        const capacityBytes = (n === 4 ? 300 : 100) * 2 ** 30;
+        await cluster.register(n, { disks: [{ uuid: `disk-${n}`, path: `/d${n}`, capacityBytes, usedBytes: 0 }] });
+      }
+      const created = await cluster.call('POST', '/pools', { name: 'weighted', replicas: 1, pgCount: 1200 });
+      assert.equal(created.status, 201, JSON.stringify(created.body));
+      const detail = (await cluster.call('GET', '/pools/weighted')).body as { stores: { storeId: number; pgs: number }[] };
+      const share = new Map(detail.stores.map((s) => [s.storeId, s.pgs]));
+      // Weights 1:1:1:3 of 1200 PGs: 200, 200, 200, 600.
+      for (const id of [1, 2, 3]) assert.ok(share.get(id)! > 150 && share.get(id)! < 250, `store ${id}: ${share.get(id)}`);
+      assert.ok(share.get(4)! > 530 && share.get(4)! < 670, `store 4: ${share.get(4)}`);
+    } finally {
+      await cluster.close();
+    }
+  });
+
+  it('says when replicas share a failure domain', async () => {
+    const cluster = await startCluster({ pgCount: 8 });
+    try {
+      for (const n of [1, 2, 3]) await cluster.register(n, { domain: 'same-host' });
+      const status = (await cluster.call<ClusterStatus>('GET', '/status')).body;
+      assert.equal(status.health, 'degraded');
+      assert.ok(status.messages.some((m) => /pool default: 8 PGs keep two replicas in one "host" failure domain/.test(m)), status.messages.join('; '));
+      // An operator's pool create is strict; "store" level accepts any distinct stores.
+      expectError(await cluster.call('POST', '/pools', { name: 'strict', replicas: 2 }), 'NOT_READY', /needs 2 distinct "host" failure domains/);
+      assert.equal((await cluster.call('POST', '/pools', { name: 'anywhere', replicas: 2, domainLevel: 'store' })).status, 201);
+    } finally {
+      await cluster.close();
+    }
+  });
+});
+
+describe('conductor: membership', () => {
+  it('lists disks; heartbeats update figures at once without a commit per beat', async () => {
+    const cluster = await startCluster({ pgCount: 8 });
+    try {
+      for (const n of [1, 2, 3]) await cluster.register(n);
+      const disks = (await cluster.call('GET', '/disks')).body.disks;
+      assert.deepEqual(disks.map((d: { storeId: number; uuid: string; storeState: string }) => [d.storeId, d.uuid, d.storeState]), [[1, 'disk-1', 'up'], [2, 'disk-2', 'up'], [3, 'disk-3', 'up']]);
+      assert.equal(disks[0].capacityBytes, 100 * 2 ** 30);
+      const epoch = (await cluster.map()).epoch;
+      for (let used = 1; used <= 5; used++) {
+        const beat = await cluster.call('POST', '/stores/2/heartbeat', { disks: [{ uuid: 'disk-2', path: '/disks/2', capacityBytes: 100 * 2 ** 30, usedBytes: used * 2 ** 30 }] });
+        assert.equal(beat.status, 200);
+      }
+      const store = (await cluster.call<{ stores: StoreInfo[] }>('GET', '/stores')).body.stores.find((s) => s.id === 2)!;
+      assert.equal(store.usedBytes, 5 * 2 ** 30, 'the latest figure shows at once');
+      assert.equal((await cluster.call('GET', '/disks')).body.disks[1].usedBytes, 5 * 2 ** 30);
+      assert.equal((await cluster.call<ClusterStatus>('GET', '/status')).body.usedBytes, (1 + 5 * 1024 + 3) * 2 ** 20);
+      assert.equal((await cluster.map()).epoch, epoch, 'heartbeats do not change the map');
+      // A new disk set is written at once.
+      const grown = await cluster.call('POST', '/stores/2/heartbeat', { disks: [{ uuid: 'disk-2', path: '/disks/2', capacityBytes: 200 * 2 ** 30, usedBytes: 0 }] });
+      assert.equal(grown.status, 200);
+      assert.equal((await cluster.call<{ stores: StoreInfo[] }>('GET', '/stores')).body.stores[1]!.capacityBytes, 200 * 2 ** 30);
+    } finally {
+      await cluster.close();
+    }
+  });
+});
+
+describe('conductor: tokens', () => {
+  it('makes an admin token at first start, asks for it everywhere but the OpenAPI document, and keeps it across restarts', async () => {
+    const made: string[] = [];
+    const cluster = await startCluster({ auth: 'token', pgCount: 8, adminToken: { onCreated: async (token) => void made.push(token) } });
+    let metaPath = cluster.metaPath;
+    try {
+      assert.equal(made.length, 1);
+      assert.match(made[0]!, /^shale_[A-Za-z0-9_-]{43}$/);
+      assert.equal(cluster.conductor.newAdminToken, made[0]);
+      for (const n of [1, 2, 3]) await cluster.register(n);
+      const before = await cluster.map();
+      const cases: [string, Record<string, string>][] = [
+        ['no token', { authorization: '' }],
+        ['wrong token', { authorization: 'Bearer shale_wrong' }],
+        ['not bearer', { authorization: `Basic ${made[0]}` }],
+        ['too long', { authorization: `Bearer ${'x'.repeat(300)}` }],
+      ];
+      for (const [what, headers] of cases) {
+        for (const [method, path, body] of [['GET', '/volumes', undefined], ['POST', '/volumes', { name: 'v', size: '1G' }], ['GET', '/map', undefined], ['POST', '/stores/register', {}]] as const) {
+          const reply = await cluster.raw(method, path, body === undefined ? undefined : JSON.stringify(body), headers);
+          expectError(reply, 'UNAUTHENTICATED');
+          assert.equal(reply.status, 401, `${what} ${method} ${path}`);
+        }
+      }
+      assert.deepEqual(await cluster.map(), before, 'nothing changed');
+      assert.equal((await cluster.call('GET', '/volumes')).body.volumes.length, 0);
+      assert.ok(!cluster.logs.some((line) => line.includes(made[0]!)), 'the token never appears in the log');
+      assert.equal(cluster.logs.filter((line) => line.includes('UNAUTHENTICATED')).length, 16, 'each refusal logged once');
+      const openapi = await cluster.raw('GET', '/openapi.json', undefined, { authorization: 'Bearer nope' });
+      assert.equal(openapi.status, 200);
+      assert.equal(openapi.body.openapi, '3.1.0');
+      await cluster.close();
+
+      const again = await startCluster({ auth: 'token', metaPath, token: made[0], adminToken: { onCreated: async (token) => void made.push(token) } });
+      try {
+        assert.equal(made.length, 1, 'no new token on a restart');
+        assert.equal((await again.call('GET', '/volumes')).status, 200);
+      } finally {
+        await again.close();
+      }
+      // Replacing makes a new token; the old one stops working.
+      const replaced = await startCluster({ auth: 'token', metaPath, adminToken: { replace: true, onCreated: async (token) => void made.push(token) } });
+      metaPath = replaced.metaPath;
+      try {
+        assert.equal(made.length, 2);
+        assert.equal((await replaced.call('GET', '/volumes')).status, 200);
+        expectError(await replaced.call('GET', '/volumes', undefined, { authorization: `Bearer ${made[0]}` }), 'UNAUTHENTICATED');
+      } finally {
+        await replaced.close();
+      }
+    } finally {
+      await cluster.close();
+    }
+  });
+
+  it('serves an OpenAPI document that lists exactly the routes the server has', async () => {
+    const { conductorRoutes } = await import('./api/server.ts');
+    const { operations } = await import('./api/openapi.ts');
+    const routes = conductorRoutes({} as never).map((route) => `${route.method.toLowerCase()} ${route.path}`).sort();
+    const documented = Object.entries(operations).flatMap(([path, methods]) => Object.keys(methods).map((method) => `${method} ${path}`)).sort();
+    assert.deepEqual(documented, routes);
+    const cluster = await startCluster();
+    try {
+      const document = (await cluster.call('GET', '/openapi.json')).body;
+      assert.equal(document.paths['/volumes'].post.requestBody.content['application/json'].schema.$ref, '#/components/schemas/CreateVolumeRequest');
+      for (const [name, schema] of Object.entries(document.components.schemas)) assert.ok(schema, name);
+      const refs = JSON.stringify(document).match(/#\/components\/schemas\/[A-Za-z]+/g)!;
+      for (const target of new Set(refs)) assert.ok(document.components.schemas[target.split('/').pop()!], `${target} is defined`);
+    } finally {
+      await cluster.close();
+    }
+  });
+});
+
 describe('conductor: map long poll', () => {
   it('answers at once when newer, wakes on a change, and times out with the same map', async () => {
     const cluster = await startCluster({ pgCount: 8 });
@@ -651,7 +799,8 @@ describe('conductor: restart', () => {
   });
 
   it('refuses bad options and the etcd MetaStore with a clear code', async () => {
-    await assert.rejects(startCluster({ metaPath: 'etcd://127.0.0.1:2379' }), (error: any) => error.code === 'NOT_SUPPORTED');
+    await assert.rejects(startCluster({ metaPath: 'etcd://127.0.0.1:1' }), (error: any) => error.code === 'UNAVAILABLE' && /etcd/.test(error.message));
+    await assert.rejects(startCluster({ metaPath: 'etcd://nohost' }), (error: any) => error.code === 'INVALID_ARGUMENT');
     await assert.rejects(startCluster({ pgCount: 0 }), (error: any) => error.code === 'INVALID_ARGUMENT' && /pgCount/.test(error.message));
     await assert.rejects(startCluster({ listen: 'nowhere' }), (error: any) => error.code === 'INVALID_ARGUMENT' && /listen/.test(error.message));
   });

@@ -2,68 +2,103 @@
  * The conductor: Shale's control plane (DESIGN §5). It keeps cluster membership, pools and PG
  * placement, volumes and owners in a MetaStore, serves them over the HTTP API, and detects failed
  * stores by missed heartbeats. It is never on the data path: clients cache the map it publishes
- * and long-poll for changes.
+ * and long-poll for changes, so I/O goes on while it restarts or fails over.
  *
- * State: the MetaStore is the truth; memory holds only what is leader-local and rebuilt on start:
- * heartbeat times (monotonic; every up store gets a fresh grace period after a restart), the
- * serialized map of the current epoch, and the long-poll waiters.
+ * One or several. With SQLite (`sqlite:PATH`) one conductor runs and always leads. With etcd
+ * (`etcd://H:P,…`) several may run; they elect a leader (meta/etcd-election.ts). Only the leader
+ * writes, detects failures and keeps heartbeat state; the others answer reads from etcd, wake
+ * their long polls from an etcd watch of the map epoch, and redirect writes to the leader (HTTP
+ * 307). Every commit is guarded by the leader key, so a deposed leader can never hand out an
+ * epoch or id.
+ *
+ * State: the MetaStore is the truth; memory holds only what is leader-local and rebuilt whenever
+ * this conductor starts to lead: heartbeat times (monotonic; every up store gets a fresh grace
+ * period), the latest disk figures (persisted at most every diskPersistIntervalMs, so heartbeats
+ * cost no commit), the serialized map of the current epoch, and the long-poll waiters.
  *
  * Ordering: every change is one MetaStore transaction (cluster-ops.ts); answers that carry a map
  * (report-down, mark-clean, open) are built after the commit, so a client never acts on an epoch
- * that a crash could undo. Failure detection runs every heartbeatTimeoutMs/4 and marks every store
- * silent for longer than heartbeatTimeoutMs down in one transaction.
+ * that a crash could undo. Failure detection runs every heartbeatTimeoutMs/4 on the leader and
+ * marks every store silent for longer than heartbeatTimeoutMs down in one transaction.
  */
 import { dirname } from 'node:path';
 import type { Env, Listener, Timer } from '../env/env.ts';
 import { parseAddress } from '../env/env.ts';
 import { assert } from '../lib/assert.ts';
 import { ShaleError } from '../lib/errors.ts';
+import { adminTokenName, newToken, TokenAuthenticator, tokenSha256 } from './api/auth.ts';
+import { openApiDocument } from './api/openapi.ts';
 import { type ConductorService, conductorRoutes, createHttpHandler, type Log, type MapSnapshot } from './api/server.ts';
 import type {
-  ClusterInfo, ClusterStatus, DiskReport, OpenVolumeResponse, PoolInfo, RegisterStoreResponse, StoreInfo, VolumeInfo,
+  ClusterInfo, ClusterStatus, ConductorInfo, DiskInfo, DiskReport, OpenVolumeResponse, PoolDetail, PoolInfo, RegisterStoreResponse, StoreInfo,
+  VolumeInfo,
 } from './api/types.ts';
-import { ClusterOps, type ClusterConfig, type CreateVolumeInput, type RegisterInput } from './cluster-ops.ts';
-import { buildMap, buildStatus, poolInfos, storeInfo, volumeInfo, volumeInfos } from './map-view.ts';
+import { ClusterOps, type ClusterConfig, type CreateVolumeInput, type PoolSpec, type RegisterInput } from './cluster-ops.ts';
+import { type ConductorIdentity, type Leadership, SoleLeadership } from './leadership.ts';
+import { buildMap, buildStatus, diskInfos, type LiveHeartbeat, poolDetail, poolInfo, poolInfos, storeInfo, volumeInfo, volumeInfos } from './map-view.ts';
 import { MapWatch } from './map-watch.ts';
+import { EtcdElection } from './meta/etcd-election.ts';
+import { EtcdMetaStore, parseEtcdUrl } from './meta/etcd-meta-store.ts';
 import type { MetaStore } from './meta/meta-store.ts';
 import { SqliteMetaStore } from './meta/sqlite-meta-store.ts';
-import { replicasMax } from './validate.ts';
+import { pgCountMax, replicasMax } from './validate.ts';
+
+export interface AdminTokenOptions {
+  /** A token the caller already holds (shale up keeps one in its data directory). */
+  known?: string;
+  /** Make a new admin token if the cluster's is not `known` (shale up, which owns its cluster). */
+  replaceUnlessKnown?: boolean;
+  /** Make a new admin token even if there is one: the old one stops working. */
+  replace?: boolean;
+  /** Called with a new token after it is committed and before the API serves; it should keep it (mode 0600). */
+  onCreated?(token: string): Promise<void>;
+}
 
 export interface ConductorOptions {
-  /** "PATH" or "sqlite:PATH" of the SQLite metadata file (created if missing). */
+  /** Metadata: "PATH" or "sqlite:PATH" (a SQLite file, created if missing), or "etcd://HOST:PORT[,HOST:PORT…][/prefix]". */
   metaPath: string;
   /** "HOST:PORT" to serve the API on; port 0 picks a free one. */
   listen: string;
+  /** The URL other processes reach this conductor at (the leader key holds it). Default http://<bound address>. */
+  advertiseUrl?: string;
   /** A store is marked down after this long without a heartbeat. Default 5000. */
   heartbeatTimeoutMs?: number;
   /** The period stores are told to heartbeat at. Default heartbeatTimeoutMs / 4. */
   heartbeatIntervalMs?: number;
   /** Replicas of the default pool, created once that many stores are up. Default 3. */
   defaultReplicas?: number;
-  /** PGs per new pool. Default 256. */
+  /** PGs per pool made without an explicit count. Default 256. */
   pgCount?: number;
+  /**
+   * "token": every request but the OpenAPI document needs the admin token (the CLI roles always
+   * run so). "none" (the default, for in-process tests and embedders): no token is asked for.
+   */
+  auth?: 'none' | 'token';
+  adminToken?: AdminTokenOptions;
+  /** etcd only: the leader's lease TTL in whole seconds (default 5) and the election poll (default 250 ms). */
+  leaseTtlSeconds?: number;
+  electionPollMs?: number;
   log?: Log;
 }
 
 export interface Conductor {
   /** The bound API address, "HOST:PORT". */
   readonly address: string;
+  /** The advertised base URL. */
+  readonly url: string;
+  readonly id: string;
   readonly clusterId: string;
+  /** The admin token made by this start (first start, or replaced), to show once; undefined otherwise. */
+  readonly newAdminToken: string | undefined;
+  readonly isLeader: boolean;
   close(): Promise<void>;
 }
 
 /** Most long polls waiting at once. */
 export const mapWaitersMax = 10_000;
-export const pgCountMax = 65_536;
-
-function metaFilePath(metaPath: string): string {
-  if (metaPath.startsWith('etcd://') || metaPath.startsWith('etcd:')) {
-    throw new ShaleError('NOT_SUPPORTED', `--meta ${metaPath}: the etcd MetaStore is not implemented yet; use sqlite:PATH`);
-  }
-  const path = metaPath.startsWith('sqlite:') ? metaPath.slice('sqlite:'.length) : metaPath;
-  if (path.length === 0) throw new ShaleError('INVALID_ARGUMENT', 'metaPath: empty path');
-  return path;
-}
+export { pgCountMax };
+/** How often at most a store's changing disk figures are written to the MetaStore. */
+export const diskPersistIntervalMs = 30_000;
 
 function positiveInteger(value: number, name: string, maximum: number): number {
   if (!Number.isSafeInteger(value) || value < 1 || value > maximum) {
@@ -72,27 +107,40 @@ function positiveInteger(value: number, name: string, maximum: number): number {
   return value;
 }
 
+/** The same disks (uuid, path, capacity) in the same order; usedBytes may differ. */
+function sameDiskSet(a: readonly DiskReport[], b: readonly DiskReport[]): boolean {
+  return a.length === b.length && a.every((disk, i) => disk.uuid === b[i]!.uuid && disk.path === b[i]!.path && disk.capacityBytes === b[i]!.capacityBytes);
+}
+
 class ConductorCore implements ConductorService {
   readonly #env: Env;
   readonly #meta: MetaStore;
   readonly #config: ClusterConfig;
   readonly #log: Log;
+  readonly #identity: ConductorIdentity;
+  readonly #leadership: Leadership;
   readonly clusterId: string;
   readonly heartbeatTimeoutMs: number;
   readonly heartbeatIntervalMs: number;
-  /** Monotonic time of the last sign of life of each store believed up. */
+  /** Monotonic time of the last sign of life of each store believed up (leader only). */
   readonly #lastSeenMs = new Map<number, number>();
-  /** Wall time of the last heartbeat of each store, for display. */
-  readonly #heartbeatTimes = new Map<number, string>();
+  /** Latest heartbeat of each up store (leader only). */
+  readonly #live = new Map<number, LiveHeartbeat>();
+  /** Monotonic time each store's disk figures were last written to the MetaStore. */
+  readonly #persistedAtMs = new Map<number, number>();
   readonly watch: MapWatch;
   #cached: MapSnapshot | undefined;
+  /** The build of the map under way, for the epoch it started at. */
+  #building: { epoch: number; promise: Promise<MapSnapshot> } | undefined;
   #checking = false;
 
-  constructor(env: Env, meta: MetaStore, config: ClusterConfig, log: Log, clusterId: string, epoch: number, timing: { timeoutMs: number; intervalMs: number }) {
+  constructor(env: Env, meta: MetaStore, config: ClusterConfig, log: Log, identity: ConductorIdentity, leadership: Leadership, clusterId: string, epoch: number, timing: { timeoutMs: number; intervalMs: number }) {
     this.#env = env;
     this.#meta = meta;
     this.#config = config;
     this.#log = log;
+    this.#identity = identity;
+    this.#leadership = leadership;
     this.clusterId = clusterId;
     this.heartbeatTimeoutMs = timing.timeoutMs;
     this.heartbeatIntervalMs = timing.intervalMs;
@@ -119,27 +167,56 @@ class ConductorCore implements ConductorService {
     return result;
   }
 
-  async #snapshot(): Promise<MapSnapshot> {
+  /**
+   * The map of the current epoch, serialized once: when a change wakes every long poll at once,
+   * they share one build (single flight) instead of each reading the whole map.
+   */
+  #snapshot(): Promise<MapSnapshot> {
     const cached = this.#cached;
-    if (cached && cached.map.epoch === this.watch.epoch) return cached;
-    const map = await this.#meta.read((tx) => buildMap(tx, this.clusterId));
-    const snapshot = { map, json: JSON.stringify(map) };
-    // Cache only the newest epoch: a read that raced a commit must not shadow it.
-    if (map.epoch === this.watch.epoch) this.#cached = snapshot;
-    return snapshot;
+    if (cached && cached.map.epoch === this.watch.epoch) return Promise.resolve(cached);
+    const building = this.#building;
+    if (building && building.epoch === this.watch.epoch) return building.promise;
+    const epoch = this.watch.epoch;
+    const promise = (async () => {
+      const map = await this.#meta.read((tx) => buildMap(tx, this.clusterId));
+      // A read may see an epoch the watch has not delivered yet (another conductor committed it).
+      this.watch.advance(map.epoch);
+      const snapshot = { map, json: JSON.stringify(map) };
+      // Cache only the newest epoch: a read that raced a commit must not shadow it.
+      if (map.epoch === this.watch.epoch) this.#cached = snapshot;
+      return snapshot;
+    })();
+    const entry = { epoch, promise };
+    this.#building = entry;
+    const clear = (): void => {
+      if (this.#building === entry) this.#building = undefined;
+    };
+    promise.then(clear, clear);
+    return promise;
   }
 
-  /** Gives every store the MetaStore says is up a fresh grace period (at start). */
-  async adoptUpStores(): Promise<void> {
+  /**
+   * This conductor starts or stops leading. Starting: every store the MetaStore says is up gets
+   * a fresh grace period (its heartbeats went to the old leader), and the epoch is read afresh.
+   * Stopping: the leader-local state is dropped; the next leader rebuilds its own.
+   */
+  async onLeading(leading: boolean): Promise<void> {
+    this.#lastSeenMs.clear();
+    this.#live.clear();
+    this.#persistedAtMs.clear();
+    this.#cached = undefined;
+    if (!leading) return;
     const now = this.#env.clock.nowMs();
-    for (const store of await this.#meta.read((tx) => tx.stores())) {
+    const { stores, epoch } = await this.#meta.read(async (tx) => ({ stores: await tx.stores(), epoch: await tx.counter('mapEpoch') }));
+    for (const store of stores) {
       if (store.state === 'up') this.#lastSeenMs.set(store.id, now);
     }
+    this.watch.advance(epoch);
   }
 
-  /** Marks down every store silent for longer than the timeout. Runs on a timer; never overlaps itself. */
+  /** Marks down every store silent for longer than the timeout. Runs on a timer on the leader; never overlaps itself. */
   async checkHeartbeats(): Promise<void> {
-    if (this.#checking) return;
+    if (this.#checking || !this.#leadership.isLeader) return;
     const expired = (): number[] => {
       const deadline = this.#env.clock.nowMs() - this.heartbeatTimeoutMs;
       return [...this.#lastSeenMs].filter(([, seen]) => seen < deadline).map(([id]) => id);
@@ -160,13 +237,19 @@ class ConductorCore implements ConductorService {
         }
         return marked;
       });
-      for (const id of down) this.#lastSeenMs.delete(id);
+      for (const id of down) this.#forget(id);
     } catch (error) {
-      if (error instanceof ShaleError && error.code === 'SHUTTING_DOWN') return;
+      if (error instanceof ShaleError && (error.code === 'SHUTTING_DOWN' || error.details?.notLeader)) return;
       this.#log(`heartbeat check failed: ${error instanceof Error ? (error.stack ?? error.message) : String(error)}`);
     } finally {
       this.#checking = false;
     }
+  }
+
+  #forget(storeId: number): void {
+    this.#lastSeenMs.delete(storeId);
+    this.#live.delete(storeId);
+    this.#persistedAtMs.delete(storeId);
   }
 
   // ---- ConductorService ----------------------------------------------------------------------
@@ -175,28 +258,48 @@ class ConductorCore implements ConductorService {
     return { clusterId: this.clusterId, apiVersion: 1 };
   }
 
+  conductorInfo(): ConductorInfo {
+    return {
+      id: this.#identity.id,
+      url: this.#identity.url,
+      leading: this.#leadership.isLeader,
+      leaderUrl: this.#leadership.leaderUrl ?? null,
+      meta: this.#meta.description,
+    };
+  }
+
   async registerStore(input: RegisterInput): Promise<RegisterStoreResponse> {
     const store = await this.#commit(async (ops) => {
       const registered = await ops.registerStore(input);
-      // Inside the transaction so the failure check (serialized behind it) sees it; idempotent on retry.
+      // Inside the transaction so the failure check (serialized behind it) sees it; idempotent on a re-run.
       this.#lastSeenMs.set(registered.id, this.#env.clock.nowMs());
       return registered;
     });
-    this.#heartbeatTimes.set(store.id, store.lastHeartbeatAt ?? this.#nowIso());
+    this.#live.set(store.id, { at: store.lastHeartbeatAt ?? this.#nowIso(), disks: store.disks });
+    this.#persistedAtMs.set(store.id, this.#env.clock.nowMs());
     return { storeId: store.id, heartbeatIntervalMs: this.heartbeatIntervalMs, heartbeatTimeoutMs: this.heartbeatTimeoutMs };
   }
 
   async heartbeat(storeId: number, disks: DiskReport[]): Promise<void> {
+    const now = this.#env.clock.nowMs();
+    const live = this.#live.get(storeId);
+    // The common case costs no commit: a store known to be up, the same disks, figures written recently.
+    if (this.#lastSeenMs.has(storeId) && live && sameDiskSet(live.disks, disks) && now - (this.#persistedAtMs.get(storeId) ?? -Infinity) < diskPersistIntervalMs) {
+      this.#lastSeenMs.set(storeId, now);
+      this.#live.set(storeId, { at: this.#nowIso(), disks });
+      return;
+    }
     await this.#commit(async (ops) => {
       await ops.heartbeat(storeId, disks);
       this.#lastSeenMs.set(storeId, this.#env.clock.nowMs());
     });
-    this.#heartbeatTimes.set(storeId, this.#nowIso());
+    this.#live.set(storeId, { at: this.#nowIso(), disks });
+    this.#persistedAtMs.set(storeId, now);
   }
 
   async reportDown(storeId: number, reporter: string, reason: string): Promise<MapSnapshot> {
     const changed = await this.#commit((ops) => ops.markStoreDown(storeId, `reported by ${reporter}: ${reason}`));
-    if (changed) this.#lastSeenMs.delete(storeId);
+    if (changed) this.#forget(storeId);
     return this.#snapshot();
   }
 
@@ -226,16 +329,36 @@ class ConductorCore implements ConductorService {
   }
 
   status(): Promise<ClusterStatus> {
-    return this.#meta.read((tx) => buildStatus(tx, this.clusterId, this.#config.defaultReplicas));
+    return this.#meta.read((tx) => buildStatus(tx, this.clusterId, this.#config.defaultReplicas, this.#live, this.conductorInfo()));
   }
 
   async stores(): Promise<StoreInfo[]> {
     const records = await this.#meta.read((tx) => tx.stores());
-    return records.map((s) => storeInfo(s, this.#heartbeatTimes));
+    return records.map((s) => storeInfo(s, this.#live));
+  }
+
+  async disks(): Promise<DiskInfo[]> {
+    return diskInfos(await this.#meta.read((tx) => tx.stores()), this.#live);
   }
 
   pools(): Promise<PoolInfo[]> {
     return this.#meta.read((tx) => poolInfos(tx));
+  }
+
+  pool(name: string): Promise<PoolDetail> {
+    return this.#meta.read(async (tx) => {
+      const pool = await tx.poolByName(name);
+      if (!pool) throw new ShaleError('NOT_FOUND', `no pool named ${name}`);
+      return poolDetail(pool, await tx.pgs(pool.id));
+    });
+  }
+
+  createPool(spec: PoolSpec): Promise<PoolInfo> {
+    const full: PoolSpec = { ...spec, pgCount: spec.pgCount > 0 ? spec.pgCount : this.#config.pgCount };
+    return this.#commit(async (ops) => {
+      const pool = await ops.createPool(full, true);
+      return poolInfo(pool, await ops.tx.pgs(pool.id));
+    });
   }
 
   createVolume(input: CreateVolumeInput): Promise<VolumeInfo> {
@@ -261,6 +384,15 @@ class ConductorCore implements ConductorService {
     });
   }
 
+  resizeVolume(name: string, sizeBytes: number, force: boolean): Promise<VolumeInfo> {
+    return this.#commit(async (ops) => {
+      const volume = await ops.resizeVolume(name, sizeBytes, force);
+      const pool = await ops.tx.pool(volume.poolId);
+      assert(pool, 'a volume lives in an existing pool');
+      return volumeInfo(volume, pool);
+    });
+  }
+
   async deleteVolume(name: string, force: boolean): Promise<void> {
     await this.#commit((ops) => ops.deleteVolume(name, force));
   }
@@ -268,11 +400,31 @@ class ConductorCore implements ConductorService {
 
 const silent: Log = () => {};
 
+/** Opens the MetaStore named by `metaPath`. */
+async function openMeta(env: Env, metaPath: string): Promise<MetaStore> {
+  if (metaPath.startsWith('etcd:')) {
+    const { endpoints, prefix } = parseEtcdUrl(metaPath);
+    return EtcdMetaStore.open(env, { endpoints, prefix });
+  }
+  const path = metaPath.startsWith('sqlite:') ? metaPath.slice('sqlite:'.length) : metaPath;
+  if (path.length === 0) throw new ShaleError('INVALID_ARGUMENT', 'metaPath: empty path (expected sqlite:PATH or etcd://HOST:PORT)');
+  if (path !== ':memory:') await env.disk.mkdir(dirname(path));
+  return SqliteMetaStore.open(path);
+}
+
+/** "http://h:p" for a bound "h:p" (0.0.0.0 and :: cannot be reached: use 127.0.0.1). */
+function defaultUrl(address: string): string {
+  const parsed = parseAddress(address);
+  if (parsed.kind === 'unix') return `http://localhost`;
+  const host = parsed.host === '0.0.0.0' || parsed.host === '::' ? '127.0.0.1' : parsed.host;
+  return `http://${host.includes(':') ? `[${host}]` : host}:${parsed.port}`;
+}
+
 /**
- * Opens the MetaStore (creating the cluster on first start), serves the API on `listen` and
- * starts failure detection. Errors: INVALID_ARGUMENT (options), NOT_SUPPORTED (etcd),
- * UNAVAILABLE (metadata file locked by another conductor, or the address is taken),
- * WRONG_CLUSTER (a metadata file that is not Shale's or is newer).
+ * Opens the MetaStore (creating the cluster on first start), serves the API on `listen`, takes
+ * part in the election (etcd) and starts failure detection. Errors: INVALID_ARGUMENT (options),
+ * UNAVAILABLE (metadata file locked by another conductor, etcd unreachable, or the address is
+ * taken), WRONG_CLUSTER (metadata that is not Shale's or is newer).
  */
 export async function startConductor(env: Env, options: ConductorOptions): Promise<Conductor> {
   const log = options.log ?? silent;
@@ -282,48 +434,116 @@ export async function startConductor(env: Env, options: ConductorOptions): Promi
     defaultReplicas: positiveInteger(options.defaultReplicas ?? 3, 'defaultReplicas', replicasMax),
     pgCount: positiveInteger(options.pgCount ?? 256, 'pgCount', pgCountMax),
   };
+  const leaseTtlSeconds = positiveInteger(options.leaseTtlSeconds ?? 5, 'leaseTtlSeconds', 3600);
+  const electionPollMs = positiveInteger(options.electionPollMs ?? 250, 'electionPollMs', 60_000);
   try {
     parseAddress(options.listen);
   } catch (error) {
     throw new ShaleError('INVALID_ARGUMENT', `listen: ${(error as Error).message}`);
   }
-  const path = metaFilePath(options.metaPath);
-  if (path !== ':memory:') await env.disk.mkdir(dirname(path));
-  const meta = SqliteMetaStore.open(path);
+  if (options.advertiseUrl !== undefined && !/^https?:\/\/[^/\s]+$/.test(options.advertiseUrl)) {
+    throw new ShaleError('INVALID_ARGUMENT', `advertiseUrl: "${options.advertiseUrl}" must be http://HOST:PORT`);
+  }
+  const auth = options.auth ?? 'none';
+  const meta = await openMeta(env, options.metaPath);
   let listener: Listener | undefined;
   let timer: Timer | undefined;
+  let leadership: Leadership | undefined;
+  let stopWatch: (() => void) | undefined;
   try {
-    const { clusterId, epoch } = await meta.write(async (tx) => {
+    const tokenOptions = options.adminToken ?? {};
+    const { clusterId, epoch, tokenHash, createdToken } = await meta.write(async (tx) => {
       let cluster = await tx.cluster();
       if (!cluster) {
         cluster = { clusterId: env.random.uuid(), createdAt: new Date(env.clock.wallMs()).toISOString() };
         await tx.putCluster(cluster);
       }
-      return { clusterId: cluster.clusterId, epoch: await tx.counter('mapEpoch') };
-    });
-    const core = new ConductorCore(env, meta, config, log, clusterId, epoch, { timeoutMs: heartbeatTimeoutMs, intervalMs: heartbeatIntervalMs });
-    await core.adoptUpStores();
+      let token = await tx.token(adminTokenName);
+      let made: string | undefined;
+      if (auth === 'token') {
+        const knownMatches = token !== undefined && tokenOptions.known !== undefined && tokenSha256(tokenOptions.known) === token.sha256;
+        if (!token || tokenOptions.replace || (tokenOptions.replaceUnlessKnown && !knownMatches)) {
+          made = tokenOptions.replaceUnlessKnown && tokenOptions.known && !token ? tokenOptions.known : newToken(env.random);
+          token = { name: adminTokenName, sha256: tokenSha256(made), createdAt: new Date(env.clock.wallMs()).toISOString() };
+          await tx.putToken(token);
+        }
+      }
+      return { clusterId: cluster.clusterId, epoch: await tx.counter('mapEpoch'), tokenHash: token?.sha256, createdToken: made };
+    }, { unguarded: true });
+    if (createdToken !== undefined) {
+      log(`a new admin token was made for cluster ${clusterId}`);
+      await tokenOptions.onCreated?.(createdToken);
+    }
+
+    const identity: ConductorIdentity = { id: env.random.uuid().slice(0, 8), url: '' };
     let closing = false;
-    const handler = createHttpHandler(conductorRoutes(core), { log, isClosing: () => closing });
+    let core: ConductorCore | undefined;
+    const leadershipView = {
+      get isLeader() {
+        return leadership?.isLeader ?? false;
+      },
+      get leaderUrl() {
+        return leadership?.leaderUrl;
+      },
+    };
+    const service = new Proxy({} as ConductorService, {
+      get: (_, name: keyof ConductorService) => {
+        if (!core) throw new ShaleError('UNAVAILABLE', 'the conductor is starting: retry in a moment');
+        const value = core[name];
+        return typeof value === 'function' ? value.bind(core) : value;
+      },
+    });
+    const handler = createHttpHandler(conductorRoutes(service, openApiDocument), {
+      log, isClosing: () => closing,
+      auth: auth === 'token' ? new TokenAuthenticator(meta, env.clock, tokenHash) : undefined,
+      leadership: leadershipView,
+    });
     try {
       listener = await env.net.serveHttp(options.listen, handler);
     } catch (error) {
       if (error instanceof ShaleError) throw error;
       throw new ShaleError('UNAVAILABLE', `cannot serve the API on ${options.listen}: ${(error as Error).message}`);
     }
-    timer = env.clock.every(Math.max(1, Math.floor(heartbeatTimeoutMs / 4)), () => void core.checkHeartbeats());
-    log(`cluster ${clusterId}: metadata ${meta.description} (schema ${meta.schemaVersion}), map epoch ${epoch}, API on http://${listener.address}/api/v1`);
+    identity.url = options.advertiseUrl ?? defaultUrl(listener.address);
+    if (meta instanceof EtcdMetaStore) {
+      leadership = new EtcdElection(env, meta, { identity, leaseTtlSeconds, pollMs: electionPollMs, log });
+    } else {
+      leadership = new SoleLeadership(identity.url);
+    }
+    const ready = new ConductorCore(env, meta, config, log, identity, leadership, clusterId, epoch, { timeoutMs: heartbeatTimeoutMs, intervalMs: heartbeatIntervalMs });
+    // Leadership changes are applied one after the other, in the order they happen.
+    let leadingChanges = Promise.resolve();
+    leadership.onChange((leading) => {
+      leadingChanges = leadingChanges.then(() => ready.onLeading(leading)).catch((error: unknown) => log(`taking up leadership: ${(error as Error).message}`));
+    });
+    stopWatch = meta.watchCounter('mapEpoch', (value) => ready.watch.advance(value));
+    if (leadership instanceof EtcdElection) await leadership.start();
+    else await ready.onLeading(true);
+    await leadingChanges;
+    core = ready;
+    timer = env.clock.every(Math.max(1, Math.floor(heartbeatTimeoutMs / 4)), () => void ready.checkHeartbeats());
+    log(`cluster ${clusterId}: conductor ${identity.id} at ${identity.url}, metadata ${meta.description} (schema ${meta.schemaVersion}), map epoch ${epoch}${leadership.isLeader ? ', leading' : ', standby'}`);
     const bound = listener;
     const ticking = timer;
+    const elected = leadership;
+    const unwatch = stopWatch;
     let closed: Promise<void> | undefined;
     return {
       address: bound.address,
+      url: identity.url,
+      id: identity.id,
       clusterId,
+      newAdminToken: createdToken,
+      get isLeader() {
+        return elected.isLeader;
+      },
       close: () => {
         closed ??= (async () => {
           closing = true;
           ticking.cancel();
-          core.watch.close();
+          unwatch();
+          ready.watch.close();
+          await elected.close();
           await bound.close();
           await meta.close();
         })();
@@ -332,6 +552,8 @@ export async function startConductor(env: Env, options: ConductorOptions): Promi
     };
   } catch (error) {
     timer?.cancel();
+    stopWatch?.();
+    await leadership?.close().catch(() => {});
     await listener?.close();
     await meta.close();
     throw error;

@@ -3,10 +3,11 @@
  * transaction (so every answer is one consistent snapshot). Pure over the records given.
  */
 import type {
-  ClusterMap, ClusterStatus, PoolInfo, PoolMapEntry, StoreInfo, VolumeInfo,
+  ClusterMap, ClusterStatus, ConductorInfo, DiskInfo, DiskReport, PoolDetail, PoolInfo, PoolMapEntry, StoreInfo, VolumeInfo,
 } from './api/types.ts';
 import type { MetaReadTx, PgRecord, PoolRecord, StoreRecord, VolumeRecord } from './meta/meta-store.ts';
 import { defaultPoolName } from './cluster-ops.ts';
+import { domainAt } from './placement/rendezvous.ts';
 
 export async function buildMap(tx: MetaReadTx, clusterId: string): Promise<ClusterMap> {
   const stores = await tx.stores();
@@ -23,8 +24,10 @@ export async function buildMap(tx: MetaReadTx, clusterId: string): Promise<Clust
     });
   }
   const owners: [number, number][] = [];
+  const volumeSizes: [number, number][] = [];
   for (const volume of await tx.volumes()) {
     if (volume.ownerEpoch > 0) owners.push([volume.id, volume.ownerEpoch]);
+    if (volume.ownerEpoch > 0) volumeSizes.push([volume.id, volume.sizeBytes]);
   }
   return {
     clusterId,
@@ -33,6 +36,7 @@ export async function buildMap(tx: MetaReadTx, clusterId: string): Promise<Clust
     pools,
     owners,
     deletedVolumes: (await tx.deletedVolumes()).map((d) => d.id),
+    volumeSizes,
   };
 }
 
@@ -56,20 +60,53 @@ export async function volumeInfos(tx: MetaReadTx): Promise<VolumeInfo[]> {
   return (await tx.volumes()).map((v) => volumeInfo(v, pools.get(v.poolId)!));
 }
 
-/** Live heartbeat times the conductor keeps in memory (more recent than the MetaStore's). */
-export type HeartbeatTimes = ReadonlyMap<number, string>;
+/**
+ * What the leading conductor keeps in memory from heartbeats, more recent than the MetaStore's
+ * copy (which is refreshed at most every diskPersistIntervalMs): time and disk figures.
+ */
+export interface LiveHeartbeat {
+  at: string;
+  disks: DiskReport[];
+}
 
-export function storeInfo(store: StoreRecord, heartbeats: HeartbeatTimes): StoreInfo {
+export type LiveHeartbeats = ReadonlyMap<number, LiveHeartbeat>;
+
+function totals(disks: readonly DiskReport[]): { capacityBytes: number; usedBytes: number } {
+  return disks.reduce((sum, disk) => ({ capacityBytes: sum.capacityBytes + disk.capacityBytes, usedBytes: sum.usedBytes + disk.usedBytes }), { capacityBytes: 0, usedBytes: 0 });
+}
+
+/** A store record with the live heartbeat figures laid over it (only while it is up). */
+export function withLive(store: StoreRecord, live: LiveHeartbeats): StoreRecord {
+  const beat = store.state === 'up' ? live.get(store.id) : undefined;
+  return beat ? { ...store, ...totals(beat.disks), disks: beat.disks, lastHeartbeatAt: beat.at } : store;
+}
+
+export function storeInfo(store: StoreRecord, live: LiveHeartbeats): StoreInfo {
+  const current = withLive(store, live);
   return {
-    id: store.id,
-    address: store.address,
-    domain: store.domain,
-    state: store.state,
-    capacityBytes: store.capacityBytes,
-    usedBytes: store.usedBytes,
-    lastHeartbeatAt: heartbeats.get(store.id) ?? store.lastHeartbeatAt,
-    disks: store.disks,
+    id: current.id,
+    address: current.address,
+    domain: current.domain,
+    state: current.state,
+    capacityBytes: current.capacityBytes,
+    usedBytes: current.usedBytes,
+    lastHeartbeatAt: current.lastHeartbeatAt,
+    disks: current.disks,
   };
+}
+
+/** Every disk of every store, ordered by store id. */
+export function diskInfos(stores: readonly StoreRecord[], live: LiveHeartbeats): DiskInfo[] {
+  const result: DiskInfo[] = [];
+  for (const store of stores.map((s) => withLive(s, live))) {
+    for (const disk of store.disks) {
+      result.push({
+        uuid: disk.uuid, path: disk.path, capacityBytes: disk.capacityBytes, usedBytes: disk.usedBytes,
+        storeId: store.id, storeAddress: store.address, storeState: store.state, domain: store.domain,
+      });
+    }
+  }
+  return result;
 }
 
 interface PgHealth {
@@ -102,9 +139,42 @@ export function poolInfo(pool: PoolRecord, pgs: readonly PgRecord[]): PoolInfo {
     replicas: pool.replicas,
     minReplicas: pool.minReplicas,
     pgCount: pool.pgCount,
+    domainLevel: pool.domainLevel,
     pgsClean: health.clean,
     pgsDegraded: health.degraded,
+    createdAt: pool.createdAt,
   };
+}
+
+export function poolDetail(pool: PoolRecord, pgs: readonly PgRecord[]): PoolDetail {
+  const perStore = new Map<number, { pgs: number; preferred: number }>();
+  for (const pg of pgs) {
+    pg.replicas.forEach((replica, i) => {
+      const entry = perStore.get(replica.storeId) ?? { pgs: 0, preferred: 0 };
+      entry.pgs++;
+      if (i === 0) entry.preferred++;
+      perStore.set(replica.storeId, entry);
+    });
+  }
+  return {
+    ...poolInfo(pool, pgs),
+    stores: [...perStore].sort(([a], [b]) => a - b).map(([storeId, counts]) => ({ storeId, ...counts })),
+    pgs: pgs.map((pg) => ({ index: pg.index, epoch: pg.epoch, replicas: pg.replicas.map((r) => ({ storeId: r.storeId, state: r.state })) })),
+  };
+}
+
+/** PGs of the pool with two replicas in one failure domain of the pool's level. */
+function pgsSharingDomain(pool: PoolRecord, pgs: readonly PgRecord[], stores: ReadonlyMap<number, StoreRecord>): number {
+  if (pool.domainLevel === 'store') return 0;
+  let shared = 0;
+  for (const pg of pgs) {
+    const domains = pg.replicas.map((r) => {
+      const store = stores.get(r.storeId);
+      return (store && domainAt(store.domain, pool.domainLevel)) ?? `\u0000store-${r.storeId}`;
+    });
+    if (new Set(domains).size < domains.length) shared++;
+  }
+  return shared;
 }
 
 export async function poolInfos(tx: MetaReadTx): Promise<PoolInfo[]> {
@@ -122,8 +192,9 @@ function plural(count: number, word: string): string {
  * there are no stores; `degraded` when a store is down, a PG is not fully clean, or the default
  * pool is still waiting for stores; `ok` otherwise.
  */
-export async function buildStatus(tx: MetaReadTx, clusterId: string, defaultReplicas: number): Promise<ClusterStatus> {
-  const stores = await tx.stores();
+export async function buildStatus(tx: MetaReadTx, clusterId: string, defaultReplicas: number, live: LiveHeartbeats, conductor: ConductorInfo): Promise<ClusterStatus> {
+  const stores = (await tx.stores()).map((s) => withLive(s, live));
+  const storesById = new Map(stores.map((s) => [s.id, s]));
   const up = stores.filter((s) => s.state === 'up').length;
   const messages: string[] = [];
   let errors = 0;
@@ -155,6 +226,15 @@ export async function buildStatus(tx: MetaReadTx, clusterId: string, defaultRepl
       messages.push(`pool ${pool.name}: ${plural(health.unreadable, 'PG')} without a clean replica: reads there wait`);
       errors++;
     }
+    const shared = pgsSharingDomain(pool, pgs, storesById);
+    if (shared > 0) {
+      messages.push(`pool ${pool.name}: ${plural(shared, 'PG')} keep two replicas in one "${pool.domainLevel}" failure domain: give stores distinct --domain labels`);
+      degraded++;
+    }
+  }
+  if (!conductor.leaderUrl) {
+    messages.push('no conductor leads: changes wait until one is elected');
+    degraded++;
   }
   if (stores.length > 0 && !(await tx.poolByName(defaultPoolName))) {
     messages.push(`default pool waits for ${defaultReplicas} stores up (${up} up)`);
@@ -172,5 +252,6 @@ export async function buildStatus(tx: MetaReadTx, clusterId: string, defaultRepl
     usedBytes: stores.reduce((sum, s) => sum + s.usedBytes, 0),
     provisionedBytes: volumes.reduce((sum, v) => sum + v.sizeBytes, 0),
     messages,
+    conductor,
   };
 }

@@ -6,6 +6,7 @@ import { parseAddress } from '../env/env.ts';
 import { ShaleError } from '../lib/errors.ts';
 import { BLOCK_SIZE_BYTES, GiB, KiB, MiB, TiB, isPowerOfTwo, parseSize } from '../lib/units.ts';
 import type { DiskReport } from './api/types.ts';
+import { domainLevelPattern } from './placement/rendezvous.ts';
 
 export const volumeNameLengthMax = 64;
 export const volumeSizeBytesMax = 1024 * TiB;
@@ -16,6 +17,13 @@ export const replicasMax = 16;
 export const ownerLengthMax = 128;
 export const disksPerStoreMax = 64;
 export const labelLengthMax = 128;
+/** PGs of one pool. */
+export const pgCountMax = 16_384;
+/** Pools in a cluster (with pgReplicasTotalMax, keeps every metadata transaction within etcd's limits). */
+export const poolsMax = 32;
+/** Σ pgCount × replicas over every pool. */
+export const pgReplicasTotalMax = 32_768;
+export const poolNameLengthMax = 64;
 
 export type JsonObject = Record<string, unknown>;
 
@@ -73,6 +81,20 @@ export function volumeName(value: unknown, what = 'volume name'): string {
   if (value.length === 0 || value.length > volumeNameLengthMax) invalid(`${what} must be 1 to ${volumeNameLengthMax} characters long`);
   if (!/^[A-Za-z0-9_][A-Za-z0-9._-]*$/.test(value)) {
     invalid(`${what} "${value}" may contain only letters, digits, '.', '_' and '-', and must not start with '.' or '-'`);
+  }
+  return value;
+}
+
+/** Pool names follow the rules of volume names. */
+export function poolName(value: unknown, what = 'pool name'): string {
+  return volumeName(value, what);
+}
+
+/** A failure-domain level: "host", "rack", … (lower case, ≤ 32 characters) or "store". */
+export function domainLevel(value: unknown): string {
+  if (value === undefined || value === null) return 'host';
+  if (typeof value !== 'string' || !domainLevelPattern.test(value)) {
+    invalid(`domainLevel must be a level name such as "host", "rack" or "store" (lower-case letters, digits, '-', '_'), got ${JSON.stringify(value)}`);
   }
   return value;
 }

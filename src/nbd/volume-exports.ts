@@ -43,13 +43,19 @@ function volumeExport(volume: VolumeClient): NbdExport {
   return {
     name: volume.info.name,
     description: `Shale volume ${volume.info.name}`,
-    sizeBytes: volume.info.sizeBytes,
+    // A getter: a resize seen in the cluster map shows to the connections made after it.
+    get sizeBytes(): number {
+      return volume.info.sizeBytes;
+    },
     readOnly: false,
     read: (offsetBytes, lengthBytes) => volume.read(offsetBytes, lengthBytes),
     write: (offsetBytes, data, fua) => volume.write(offsetBytes, data, { fua }),
     flush: () => volume.flush(),
     trim: (offsetBytes, lengthBytes, fua) => volume.writeZeroes(offsetBytes, lengthBytes, { fua }),
+    // Tombstones are written at once, so zeroing is always fast (FAST_ZERO never needs refusing).
     writeZeroes: (offsetBytes, lengthBytes, options) => volume.writeZeroes(offsetBytes, lengthBytes, { fua: options.fua }),
+    // Absent and zero blocks read as zeros: holes for NBD block status (clones will consult their parent chain).
+    blockStatus: (offsetBytes, lengthBytes) => volume.blockStatus(offsetBytes, lengthBytes),
     release: () => volume.flush(),
   };
 }

@@ -1,7 +1,19 @@
 /**
- * Calls to the conductor's HTTP API (src/conductor/api/types.ts), for stores and gateways. Takes
- * the list of conductor URLs and sticks to the one that last answered, moving on to the next when
- * one can't be reached. Errors come back as ShaleErrors with the API's code.
+ * Calls to the conductor's HTTP API (src/conductor/api/types.ts), for stores and gateways.
+ *
+ * Finding the leader. It takes the list of every conductor's URL and sticks to the one that last
+ * answered. A conductor that cannot be reached, or answers UNAVAILABLE (no leader elected yet,
+ * stopping), makes it try the next; a standby answers a write with 307 and the leader's URL in
+ * `Location`, and the client re-sends the request there and sticks to the leader from then on
+ * (a leader it did not know is added to the list). So every role follows the leader as it
+ * changes, with no configuration beyond the list. A call fails only when no conductor could
+ * answer (UNAVAILABLE), and the caller retries later as it would for one conductor.
+ *
+ * Authentication: every request carries `Authorization: Bearer <token>`: the token given, or
+ * SHALE_TOKEN from the environment (`shale up` hands it to its children that way; it never goes
+ * on a command line).
+ *
+ * Errors come back as ShaleErrors with the API's code.
  */
 import type { Env } from '../env/env.ts';
 import { isErrorCode, ShaleError } from '../lib/errors.ts';
@@ -10,46 +22,107 @@ import type {
   RegisterStoreRequest, RegisterStoreResponse, ReportDownRequest, VolumeInfo,
 } from '../conductor/api/types.ts';
 
+/** Redirects followed for one call (a standby points at the leader; one hop is the norm). */
+export const redirectsMax = 3;
+
+export interface ConductorClientOptions {
+  /** The admin token. Default: the SHALE_TOKEN environment variable, if set. */
+  token?: string;
+}
+
+/** "http://h:p/", "h:p" → "http://h:p". */
+function normalize(url: string): string {
+  const trimmed = url.trim().replace(/\/+$/, '').replace(/\/api\/v1$/, '');
+  return /^[a-z][a-z0-9+.-]*:\/\//i.test(trimmed) ? trimmed : `http://${trimmed}`;
+}
+
 export class ConductorClient {
+  /** The conductors as given. */
   readonly urls: readonly string[];
   readonly #env: Env;
+  readonly #token: string | undefined;
+  /** The conductors to try: those given, then leaders learnt from redirects. */
+  readonly #known: string[];
   #current = 0;
 
-  constructor(env: Env, urls: string | readonly string[]) {
+  constructor(env: Env, urls: string | readonly string[], options: ConductorClientOptions = {}) {
     this.#env = env;
     const list = typeof urls === 'string' ? urls.split(',') : urls;
-    this.urls = list.map((url) => url.trim().replace(/\/+$/, '')).filter((url) => url.length > 0);
+    this.urls = list.filter((url) => url.trim().length > 0).map(normalize);
     if (this.urls.length === 0) throw new ShaleError('INVALID_ARGUMENT', 'no conductor URL given');
+    this.#known = [...this.urls];
+    // The one place a role's token is read from the environment, so no caller has to pass it on.
+    this.#token = options.token ?? (typeof process === 'object' ? process.env.SHALE_TOKEN || undefined : undefined);
+  }
+
+  /** The conductor calls go to first (the leader, once a redirect named it). */
+  get currentUrl(): string {
+    return this.#known[this.#current]!;
+  }
+
+  #follow(location: string | undefined, from: string): number | undefined {
+    if (!location) return undefined;
+    let target: URL;
+    try {
+      target = new URL(location, from);
+    } catch {
+      return undefined;
+    }
+    const apiAt = target.pathname.indexOf('/api/v1/');
+    const base = normalize(`${target.origin}${apiAt >= 0 ? target.pathname.slice(0, apiAt) : ''}`);
+    let index = this.#known.indexOf(base);
+    if (index < 0) {
+      this.#known.push(base);
+      index = this.#known.length - 1;
+    }
+    return index;
   }
 
   async call<T>(method: string, path: string, body?: unknown, timeoutMs = 30_000): Promise<T> {
     let lastError: unknown;
-    for (let attempt = 0; attempt < this.urls.length; attempt++) {
-      const index = (this.#current + attempt) % this.urls.length;
-      const url = `${this.urls[index]}/api/v1${path}`;
+    const headers: Record<string, string> = body === undefined ? {} : { 'content-type': 'application/json' };
+    if (this.#token) headers.authorization = `Bearer ${this.#token}`;
+    const payload = body === undefined ? undefined : JSON.stringify(body);
+    let redirects = 0;
+    let failures = 0;
+    let index = this.#current;
+    // Every known conductor until one answers; a redirect to the leader does not count as a failure.
+    while (failures < this.#known.length) {
+      index %= this.#known.length;
+      const base = this.#known[index]!;
+      const url = `${base}/api/v1${path}`;
       try {
-        const result = await this.#env.net.httpRequest(method, url, {
-          body: body === undefined ? undefined : JSON.stringify(body),
-          headers: body === undefined ? {} : { 'content-type': 'application/json' },
-          timeoutMs,
-        });
+        const result = await this.#env.net.httpRequest(method, url, { body: payload, headers, timeoutMs });
+        if ((result.status === 307 || result.status === 308) && redirects < redirectsMax) {
+          const leader = this.#follow(result.headers.location, url);
+          if (leader !== undefined) {
+            redirects++;
+            index = leader;
+            this.#current = leader;
+            continue;
+          }
+        }
         this.#current = index;
         const text = result.body.toString('utf8');
         let parsed: unknown;
         try {
           parsed = text.length > 0 ? JSON.parse(text) : {};
         } catch {
-          throw new ShaleError('PROTOCOL', `conductor answered ${method} ${path} with status ${result.status} and no JSON`);
+          throw new ShaleError('PROTOCOL', `conductor ${base} answered ${method} ${path} with status ${result.status} and no JSON`);
         }
-        if (result.status >= 400) {
+        if (result.status >= 300) {
           const errorBody = parsed as { code?: string; message?: string };
           const code = isErrorCode(errorBody.code) ? errorBody.code : 'INTERNAL';
-          throw new ShaleError(code, errorBody.message ?? `conductor answered ${result.status}`);
+          throw new ShaleError(code, errorBody.message ?? `conductor ${base} answered ${result.status}`);
         }
         return parsed as T;
       } catch (error) {
         lastError = error;
-        if (!(error instanceof ShaleError) || error.code !== 'UNAVAILABLE') throw error;
+        // Unreachable, no leader yet, or stopping: another conductor may answer.
+        if (!(error instanceof ShaleError) || !['UNAVAILABLE', 'SHUTTING_DOWN'].includes(error.code)) throw error;
+        failures++;
+        index++;
+        this.#current = index % this.#known.length;
       }
     }
     throw lastError;
@@ -91,6 +164,11 @@ export class ConductorClient {
 
   volumes(): Promise<{ volumes: VolumeInfo[] }> {
     return this.call('GET', '/volumes');
+  }
+
+  /** One volume, with its current size (a gateway may check it after a map names a new size). */
+  volume(name: string): Promise<VolumeInfo> {
+    return this.call('GET', `/volumes/${encodeURIComponent(name)}`);
   }
 }
 

@@ -4,17 +4,23 @@
  * ConductorService, and turns every failure into `{ code, message }` with the status of the
  * error table. Nothing a client sends can crash it: a malformed body is INVALID_ARGUMENT, an
  * unknown route NOT_FOUND, a bug INTERNAL (logged with its stack). Each error is logged once.
+ *
+ * Order of checks for every request: stopping (SHUTTING_DOWN) → route (NOT_FOUND) → token
+ * (UNAUTHENTICATED; never logged with the token) → body (INVALID_ARGUMENT) → leadership: a
+ * request that changes something, on a conductor that does not lead, is answered 307 with
+ * `Location: <leader URL><same path>` (or UNAVAILABLE while no one leads) → the handler.
  */
 import type { IncomingMessage, ServerResponse } from 'node:http';
 import type { HttpHandler } from '../../env/env.ts';
 import { ErrorCodes, ShaleError, toShaleError } from '../../lib/errors.ts';
-import type { CreateVolumeInput, RegisterInput } from '../cluster-ops.ts';
+import type { CreateVolumeInput, PoolSpec, RegisterInput } from '../cluster-ops.ts';
 import {
-  chunkSize, diskReports, integerField, type JsonObject, optionalBooleanField, optionalIntegerField, ownerLengthMax, pathId,
-  replicasMax, requireObject, storeAddress, stringField, volumeName, volumeSize,
+  chunkSize, diskReports, domainLevel, integerField, type JsonObject, optionalBooleanField, optionalIntegerField, ownerLengthMax, pathId,
+  pgCountMax, poolName, replicasMax, requireObject, storeAddress, stringField, volumeName, volumeSize,
 } from '../validate.ts';
 import type {
-  ApiErrorBody, ClusterInfo, ClusterMap, ClusterStatus, DiskReport, OpenVolumeResponse, PoolInfo, RegisterStoreResponse, StoreInfo, VolumeInfo,
+  ApiErrorBody, ClusterInfo, ClusterMap, ClusterStatus, ConductorInfo, DiskInfo, DiskReport, OpenVolumeResponse, PoolDetail, PoolInfo,
+  RegisterStoreResponse, StoreInfo, VolumeInfo,
 } from './types.ts';
 
 export const apiPrefix = '/api/v1';
@@ -46,12 +52,29 @@ export interface ConductorService {
   openVolume(name: string, owner: string, takeover: boolean): Promise<OpenVolumeResponse>;
   closeVolume(name: string, owner: string, ownerEpoch: number): Promise<boolean>;
   status(): Promise<ClusterStatus>;
+  conductorInfo(): ConductorInfo;
   stores(): Promise<StoreInfo[]>;
+  disks(): Promise<DiskInfo[]>;
   pools(): Promise<PoolInfo[]>;
+  pool(name: string): Promise<PoolDetail>;
+  createPool(spec: PoolSpec): Promise<PoolInfo>;
   createVolume(input: CreateVolumeInput): Promise<VolumeInfo>;
   volumes(): Promise<VolumeInfo[]>;
   volume(name: string): Promise<VolumeInfo>;
+  resizeVolume(name: string, sizeBytes: number, force: boolean): Promise<VolumeInfo>;
   deleteVolume(name: string, force: boolean): Promise<void>;
+}
+
+/** Checks the bearer token of a request. */
+export interface Authenticator {
+  /** Whether `token` is valid. Errors: UNAVAILABLE (the MetaStore could not be read). */
+  verify(token: string): Promise<boolean>;
+}
+
+/** What the handler asks of leadership (leadership.ts). */
+export interface LeadershipView {
+  readonly isLeader: boolean;
+  readonly leaderUrl: string | undefined;
 }
 
 interface ApiRequest {
@@ -68,9 +91,15 @@ interface ApiReply {
   json?: string;
 }
 
-interface Route {
+export interface Route {
   method: string;
+  /** The path as the OpenAPI document writes it: "/volumes/{name}". */
+  path: string;
   pattern: RegExp;
+  /** Changes state: only the leader runs it. */
+  write: boolean;
+  /** Needs no token. */
+  public: boolean;
   handle(request: ApiRequest): Promise<ApiReply>;
 }
 
@@ -100,14 +129,19 @@ function decodeSegment(text: string): string {
 
 const ok = { ok: true } as const;
 
-export function conductorRoutes(service: ConductorService): Route[] {
-  const route = (method: string, path: string, handle: Route['handle']): Route => ({
+export function conductorRoutes(service: ConductorService, openApiJson: () => string = () => '{}'): Route[] {
+  const route = (method: string, path: string, handle: Route['handle'], flags: { write?: boolean; public?: boolean } = {}): Route => ({
     method,
+    path,
     pattern: new RegExp(`^${path.replace(/\{[a-zA-Z]+\}/g, '([^/]+)')}$`),
+    write: flags.write ?? method !== 'GET',
+    public: flags.public ?? false,
     handle,
   });
   return [
+    route('GET', '/openapi.json', async () => ({ json: openApiJson() }), { public: true }),
     route('GET', '/cluster', async () => ({ body: service.clusterInfo() })),
+    route('GET', '/conductor', async () => ({ body: service.conductorInfo() })),
 
     route('POST', '/stores/register', async ({ body }) => {
       const input: RegisterInput = {
@@ -133,6 +167,7 @@ export function conductorRoutes(service: ConductorService): Route[] {
     }),
 
     route('GET', '/stores', async () => ({ body: { stores: await service.stores() } })),
+    route('GET', '/disks', async () => ({ body: { disks: await service.disks() } })),
 
     route('GET', '/map', async ({ query, onAbort }) => {
       const since = queryInteger(query, 'since', 0, Number.MAX_SAFE_INTEGER);
@@ -163,6 +198,22 @@ export function conductorRoutes(service: ConductorService): Route[] {
 
     route('GET', '/status', async () => ({ body: await service.status() })),
     route('GET', '/pools', async () => ({ body: { pools: await service.pools() } })),
+    route('POST', '/pools', async ({ body }) => {
+      const replicas = integerField(body, 'replicas', 1, replicasMax);
+      const minReplicas = optionalIntegerField(body, 'minReplicas', 1, replicasMax);
+      if (minReplicas !== undefined && minReplicas > replicas) {
+        throw new ShaleError('INVALID_ARGUMENT', `minReplicas (${minReplicas}) must not exceed replicas (${replicas})`);
+      }
+      const spec: PoolSpec = {
+        name: poolName(body.name),
+        replicas,
+        minReplicas,
+        pgCount: optionalIntegerField(body, 'pgCount', 1, pgCountMax) ?? 0,
+        domainLevel: domainLevel(body.domainLevel),
+      };
+      return { status: 201, body: await service.createPool(spec) };
+    }),
+    route('GET', '/pools/{name}', async ({ params }) => ({ body: await service.pool(poolName(decodeSegment(params[0]!))) })),
 
     route('POST', '/volumes', async ({ body }) => {
       const input: CreateVolumeInput = {
@@ -170,12 +221,17 @@ export function conductorRoutes(service: ConductorService): Route[] {
         sizeBytes: volumeSize(body.size),
         chunkSizeBytes: chunkSize(body.chunkSize),
         replicas: optionalIntegerField(body, 'replicas', 1, replicasMax),
+        pool: body.pool === undefined || body.pool === null ? undefined : poolName(body.pool),
       };
       return { status: 201, body: await service.createVolume(input) };
     }),
 
     route('GET', '/volumes', async () => ({ body: { volumes: await service.volumes() } })),
     route('GET', '/volumes/{name}', async ({ params }) => ({ body: await service.volume(volumeName(decodeSegment(params[0]!))) })),
+    route('PATCH', '/volumes/{name}', async ({ params, body }) => {
+      const name = volumeName(decodeSegment(params[0]!));
+      return { body: await service.resizeVolume(name, volumeSize(body.size), optionalBooleanField(body, 'force')) };
+    }),
     route('DELETE', '/volumes/{name}', async ({ params, query }) => {
       await service.deleteVolume(volumeName(decodeSegment(params[0]!)), queryBoolean(query, 'force'));
       return { body: ok };
@@ -238,17 +294,35 @@ export interface HttpHandlerOptions {
   /** While true, every request gets SHUTTING_DOWN. */
   isClosing(): boolean;
   bodyBytesMax?: number;
+  /** Without it, no token is asked for (in-process tests and embedders). */
+  auth?: Authenticator;
+  /** Without it, this conductor always leads. */
+  leadership?: LeadershipView;
+}
+
+/** Longest token accepted in a header (ours are 50 characters). */
+export const tokenLengthMax = 256;
+
+function bearerToken(request: IncomingMessage): string {
+  const header = request.headers.authorization;
+  if (header === undefined) {
+    throw new ShaleError('UNAUTHENTICATED', 'this API needs a token: send "Authorization: Bearer TOKEN" (the CLI reads it from SHALE_TOKEN or $SHALE_CONFIG_DIR/token)');
+  }
+  const match = /^Bearer +([\x21-\x7e]+) *$/i.exec(header);
+  if (!match || match[1]!.length > tokenLengthMax) throw new ShaleError('UNAUTHENTICATED', 'the Authorization header is not "Bearer TOKEN"');
+  return match[1]!;
 }
 
 export function createHttpHandler(routes: readonly Route[], options: HttpHandlerOptions): HttpHandler {
   const limit = options.bodyBytesMax ?? bodyBytesMax;
 
-  const send = (response: ServerResponse, status: number, json: string, close = false): void => {
+  const send = (response: ServerResponse, status: number, json: string, close = false, extra: Record<string, string> = {}): void => {
     if (response.headersSent || response.destroyed) return;
     const headers: Record<string, string | number> = {
       'content-type': 'application/json; charset=utf-8',
       'content-length': Buffer.byteLength(json),
       'cache-control': 'no-store',
+      ...extra,
     };
     if (close) headers.connection = 'close';
     response.writeHead(status, headers);
@@ -291,7 +365,20 @@ export function createHttpHandler(routes: readonly Route[], options: HttpHandler
     if (!matched) {
       throw new ShaleError('NOT_FOUND', pathKnown ? `${method} is not supported on ${url.pathname}` : `no such endpoint: ${method} ${url.pathname}`);
     }
+    if (options.auth && !matched.route.public) {
+      if (!(await options.auth.verify(bearerToken(request)))) {
+        throw new ShaleError('UNAUTHENTICATED', 'the token is not valid for this cluster (see SHALE_TOKEN or $SHALE_CONFIG_DIR/token)');
+      }
+    }
     const body = method === 'GET' || method === 'HEAD' ? {} : parseJsonBody(await readBody(request, limit));
+    const leadership = options.leadership;
+    if (matched.route.write && leadership && !leadership.isLeader) {
+      const leaderUrl = leadership.leaderUrl;
+      if (!leaderUrl) throw new ShaleError('UNAVAILABLE', 'no conductor leads at the moment (an election is under way): retry in a few seconds');
+      const location = `${leaderUrl}${url.pathname}${url.search}`;
+      send(response, 307, JSON.stringify({ leader: leaderUrl, message: `this conductor does not lead: send changes to ${leaderUrl}` }), false, { location });
+      return;
+    }
     const aborts: (() => void)[] = [];
     const onClose = (): void => {
       if (!response.writableFinished) for (const cancel of aborts) cancel();

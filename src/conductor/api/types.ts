@@ -2,7 +2,13 @@
  * The conductor's HTTP API: JSON under /api/v1/. These types are the contract between the
  * conductor and everything that talks to it (stores, gateways, the CLI); none of those import the
  * conductor itself. Errors come back as `{ code, message }` with the HTTP status of the error
- * table (src/lib/errors.ts).
+ * table (src/lib/errors.ts). docs/api.md describes every endpoint; GET /api/v1/openapi.json
+ * serves the same as an OpenAPI 3.1 document.
+ *
+ * Authentication: every endpoint but the OpenAPI document wants `Authorization: Bearer TOKEN`
+ * (the cluster's admin token) when the conductor runs with tokens (always, from the CLI).
+ * Several conductors (etcd): a standby answers reads itself and sends every request that
+ * changes something to the leader with HTTP 307 and a Location header.
  *
  * Data-path endpoints (used by stores and the client library):
  *   GET  /api/v1/cluster                      -> ClusterInfo
@@ -17,12 +23,18 @@
  *
  * Admin endpoints (used by the CLI):
  *   GET    /api/v1/status                     -> ClusterStatus
+ *   GET    /api/v1/conductor                  -> ConductorInfo (this conductor and the leader)
  *   GET    /api/v1/stores                     -> { stores: StoreInfo[] }
+ *   GET    /api/v1/disks                      -> { disks: DiskInfo[] }
  *   GET    /api/v1/pools                      -> { pools: PoolInfo[] }
+ *   POST   /api/v1/pools                      CreatePoolRequest -> PoolInfo (201)
+ *   GET    /api/v1/pools/{name}               -> PoolDetail (with the PG table)
  *   POST   /api/v1/volumes                    CreateVolumeRequest -> VolumeInfo (201)
  *   GET    /api/v1/volumes                    -> { volumes: VolumeInfo[] }
  *   GET    /api/v1/volumes/{name}             -> VolumeInfo
- *   DELETE /api/v1/volumes/{name}             -> { ok: true }
+ *   PATCH  /api/v1/volumes/{name}             ResizeVolumeRequest -> VolumeInfo
+ *   DELETE /api/v1/volumes/{name}?force=true  -> { ok: true }
+ *   GET    /api/v1/openapi.json               -> the OpenAPI document (no token needed)
  */
 
 export type StoreState = 'up' | 'down' | 'out';
@@ -100,6 +112,11 @@ export interface ClusterMap {
   owners: [number, number][];
   /** Ids of deleted volumes; stores purge their objects. Never shrinks. */
   deletedVolumes: number[];
+  /**
+   * Size in bytes of every volume ever opened (those in `owners`), as [volumeId, sizeBytes]: a
+   * resize of such a volume is a new epoch, so its owner learns the new size with the map.
+   */
+  volumeSizes: [number, number][];
 }
 
 export interface ReportDownRequest {
@@ -152,6 +169,26 @@ export interface CreateVolumeRequest {
   size: number | string;
   replicas?: number;
   chunkSize?: number | string;
+  /** Pool name; default: the default pool (or replicas-N when `replicas` differs from it). */
+  pool?: string;
+}
+
+export interface ResizeVolumeRequest {
+  /** The new size: bytes, or a string with a unit ("20G"). */
+  size: number | string;
+  /** Needed to shrink (data beyond the new end is lost). */
+  force?: boolean;
+}
+
+export interface CreatePoolRequest {
+  name: string;
+  replicas: number;
+  /** Default replicas − ⌊replicas/2⌋. */
+  minReplicas?: number;
+  /** Default: the conductor's --pgs (256). */
+  pgCount?: number;
+  /** Failure-domain level replicas spread over: "host" (default), "rack", … or "store". */
+  domainLevel?: string;
 }
 
 export interface StoreInfo extends StoreMapEntry {
@@ -167,8 +204,42 @@ export interface PoolInfo {
   replicas: number;
   minReplicas: number;
   pgCount: number;
+  domainLevel: string;
+  /** PGs whose every replica is clean. */
   pgsClean: number;
+  /** PGs with a replica recovering or down. */
   pgsDegraded: number;
+  createdAt: string;
+}
+
+export interface PgInfo {
+  index: number;
+  epoch: number;
+  replicas: ReplicaEntry[];
+}
+
+export interface PoolDetail extends PoolInfo {
+  /** Replicas per store: how many PGs of the pool each store holds. */
+  stores: { storeId: number; pgs: number; preferred: number }[];
+  pgs: PgInfo[];
+}
+
+export interface DiskInfo extends DiskReport {
+  storeId: number;
+  storeAddress: string;
+  storeState: StoreState;
+  domain: string;
+}
+
+export interface ConductorInfo {
+  /** This conductor's id and URL. */
+  id: string;
+  url: string;
+  leading: boolean;
+  /** The leader's URL, or null while no one leads. */
+  leaderUrl: string | null;
+  /** "sqlite:/path" or "etcd://h:p,…/prefix". */
+  meta: string;
 }
 
 export interface ClusterStatus {
@@ -182,6 +253,8 @@ export interface ClusterStatus {
   usedBytes: number;
   provisionedBytes: number;
   messages: string[];
+  /** The conductor that answered, and the leader. */
+  conductor: ConductorInfo;
 }
 
 export interface ApiErrorBody {

@@ -1,11 +1,13 @@
 /**
  * MetaStore: the conductor's durable state behind one small transactional interface, so the
- * embedded SQLite engine (sqlite-meta-store.ts) and a later etcd engine are interchangeable.
+ * embedded SQLite engine (sqlite-meta-store.ts) and the etcd engine (etcd-meta-store.ts) are
+ * interchangeable and pass one test suite (meta-store.suite.ts).
  *
  * Shape. A transaction hands out *typed repository methods* (get/find/list/put/delete per record
- * kind) rather than raw keys: SQLite maps each kind to a real table, etcd will map each record to
- * one JSON value under a key prefix (`/shale/v1/stores/<id>`, …) and run the function as an STM
- * (optimistic, re-run on conflict). Every method is async so both engines fit.
+ * kind) rather than raw keys: SQLite maps each kind to a real table, etcd maps each record to one
+ * JSON value under a key prefix (`/shale/stores/<id>`, …) and runs the function optimistically
+ * (re-run on conflict). Every method is async so both engines fit. docs/metadata.md has both
+ * layouts and their versions.
  *
  * Rules every caller keeps (and both engines rely on):
  *  - A transaction function touches the outside world only through `tx`: it may be run more than
@@ -13,7 +15,8 @@
  *    and answer requests after `write` resolves, never inside.
  *  - `write` resolves only after the commit is durable (SQLite synchronous=FULL; etcd quorum
  *    commit guarded by the leader key), so an id or epoch handed out is never handed out again,
- *    even after a crash.
+ *    even after a crash. A conductor that is not the leader cannot commit: the etcd engine
+ *    refuses with UNAVAILABLE (`details.notLeader`), SQLite holds an exclusive file lock.
  *  - A throw inside the function rolls everything back and `write` rejects with that error.
  *  - Transactions are serializable: each sees the effects of every transaction that resolved
  *    before it started, and none of a concurrent one.
@@ -54,6 +57,17 @@ export interface PoolRecord {
   replicas: number;
   minReplicas: number;
   pgCount: number;
+  /** The failure-domain level replicas are spread over: "host", "rack", … or "store" (any distinct stores). */
+  domainLevel: string;
+  createdAt: string;
+}
+
+/** An API token: only its SHA-256 is kept. */
+export interface TokenRecord {
+  /** "admin" for the cluster's admin token. */
+  name: string;
+  /** Lower-case hex SHA-256 of the token. */
+  sha256: string;
   createdAt: string;
 }
 
@@ -127,6 +141,8 @@ export interface MetaReadTx {
   volumes(): Promise<VolumeRecord[]>;
   /** Ordered by id. */
   deletedVolumes(): Promise<DeletedVolumeRecord[]>;
+
+  token(name: string): Promise<TokenRecord | undefined>;
 }
 
 /** What a read-write transaction may do in addition. */
@@ -145,6 +161,17 @@ export interface MetaTx extends MetaReadTx {
   putVolume(record: VolumeRecord): Promise<void>;
   /** Removes a live volume and records its id on the deleted list, in one step. */
   deleteVolume(id: number, deleted: DeletedVolumeRecord): Promise<void>;
+  /** Inserts or replaces by name. */
+  putToken(record: TokenRecord): Promise<void>;
+}
+
+export interface WriteOptions {
+  /**
+   * Commit without holding leadership. Only for steps any conductor may race on safely because
+   * they create what is missing and change nothing that exists (the cluster record and the first
+   * admin token at start); conflicts are still detected and the function re-run.
+   */
+  unguarded?: boolean;
 }
 
 export interface MetaStore {
@@ -152,10 +179,22 @@ export interface MetaStore {
   readonly description: string;
   /** The schema version of the open store. */
   readonly schemaVersion: number;
-  /** Runs `fn` in a read-write transaction; resolves with its result once the commit is durable. */
-  write<T>(fn: (tx: MetaTx) => Promise<T>): Promise<T>;
+  /**
+   * Runs `fn` in a read-write transaction; resolves with its result once the commit is durable.
+   * Errors: what `fn` throws; UNAVAILABLE (engine unreachable, or not the leader: nothing was
+   * committed); MAYBE_COMMITTED (the commit was sent and its outcome is unknown); BUSY (the
+   * function kept conflicting with other writers).
+   */
+  write<T>(fn: (tx: MetaTx) => Promise<T>, options?: WriteOptions): Promise<T>;
   /** Runs `fn` in a read-only transaction over one consistent snapshot. */
   read<T>(fn: (tx: MetaReadTx) => Promise<T>): Promise<T>;
+  /**
+   * Calls `listener` with a counter's value whenever another process commits a change to it (a
+   * standby conductor learns new map epochs so). The engine may also call it for this process's
+   * own commits and with values seen before. Returns a function that stops the watch. SQLite has
+   * a single writer, so it never calls back.
+   */
+  watchCounter(name: CounterName, listener: (value: number) => void): () => void;
   /** Waits for the running transaction and closes. Later calls reject with SHUTTING_DOWN. */
   close(): Promise<void>;
 }

@@ -19,7 +19,7 @@ import { ShaleError } from '../../lib/errors.ts';
 import type { DiskReport, ReplicaState, StoreState } from '../api/types.ts';
 import type {
   ClusterRecord, CounterName, DeletedVolumeRecord, MetaReadTx, MetaStore, MetaTx, PgRecord, PoolRecord, ReplicaRecord,
-  StoreRecord, VolumeRecord,
+  StoreRecord, TokenRecord, VolumeRecord, WriteOptions,
 } from './meta-store.ts';
 
 /** One schema step: brings a file from `version - 1` to `version`. Runs inside the migration transaction. */
@@ -87,6 +87,22 @@ export const migrations: readonly Migration[] = [
           name TEXT NOT NULL,
           deleted_at TEXT NOT NULL,
           epoch INTEGER NOT NULL
+        );
+      `);
+    },
+  },
+  {
+    version: 2,
+    description: 'pools.domain_level (failure-domain level of placement); tokens (API token hashes)',
+    up(db) {
+      // Pools made by version 1 spread replicas over the stores' plain domain labels, which
+      // version 2 reads as the "host" level: the same placement.
+      db.exec(`
+        ALTER TABLE pools ADD COLUMN domain_level TEXT NOT NULL DEFAULT 'host';
+        CREATE TABLE tokens (
+          name TEXT PRIMARY KEY,
+          sha256 TEXT NOT NULL CHECK (length(sha256) = 64),
+          created_at TEXT NOT NULL
         );
       `);
     },
@@ -195,6 +211,7 @@ function poolFromRow(row: Row): PoolRecord {
     replicas: num(row, 'replicas'),
     minReplicas: num(row, 'min_replicas'),
     pgCount: num(row, 'pg_count'),
+    domainLevel: str(row, 'domain_level'),
     createdAt: str(row, 'created_at'),
   };
 }
@@ -322,6 +339,20 @@ class SqliteTx implements MetaTx {
     return this.#all(`SELECT * FROM deleted_volumes ORDER BY id`).map(deletedFromRow);
   }
 
+  async token(name: string): Promise<TokenRecord | undefined> {
+    const row = this.#get(`SELECT * FROM tokens WHERE name = ?`, name);
+    return row ? { name: str(row, 'name'), sha256: str(row, 'sha256'), createdAt: str(row, 'created_at') } : undefined;
+  }
+
+  async putToken(record: TokenRecord): Promise<void> {
+    assert(/^[0-9a-f]{64}$/.test(record.sha256), 'a token is kept as a hex SHA-256');
+    this.#run(
+      `INSERT INTO tokens (name, sha256, created_at) VALUES (?, ?, ?)
+       ON CONFLICT (name) DO UPDATE SET sha256 = excluded.sha256, created_at = excluded.created_at`,
+      record.name, record.sha256, record.createdAt,
+    );
+  }
+
   async putCluster(record: ClusterRecord): Promise<void> {
     const existing = await this.cluster();
     assert(!existing || existing.clusterId === record.clusterId, 'the cluster id never changes');
@@ -359,10 +390,10 @@ class SqliteTx implements MetaTx {
     const holder = await this.poolByName(record.name);
     if (holder && holder.id !== record.id) throw new ShaleError('ALREADY_EXISTS', `a pool named ${record.name} already exists`);
     this.#run(
-      `INSERT INTO pools (id, name, replicas, min_replicas, pg_count, created_at) VALUES (?, ?, ?, ?, ?, ?)
+      `INSERT INTO pools (id, name, replicas, min_replicas, pg_count, domain_level, created_at) VALUES (?, ?, ?, ?, ?, ?, ?)
        ON CONFLICT (id) DO UPDATE SET name = excluded.name, replicas = excluded.replicas, min_replicas = excluded.min_replicas,
-         pg_count = excluded.pg_count, created_at = excluded.created_at`,
-      record.id, record.name, record.replicas, record.minReplicas, record.pgCount, record.createdAt,
+         pg_count = excluded.pg_count, domain_level = excluded.domain_level, created_at = excluded.created_at`,
+      record.id, record.name, record.replicas, record.minReplicas, record.pgCount, record.domainLevel, record.createdAt,
     );
   }
 
@@ -482,8 +513,14 @@ export class SqliteMetaStore implements MetaStore {
     });
   }
 
-  write<T>(fn: (tx: MetaTx) => Promise<T>): Promise<T> {
+  /** The exclusive file lock stands in for leadership, so `unguarded` changes nothing here. */
+  write<T>(fn: (tx: MetaTx) => Promise<T>, _options?: WriteOptions): Promise<T> {
     return this.#transaction(true, fn);
+  }
+
+  /** One process owns the file: no other writer can change a counter, so there is nothing to watch. */
+  watchCounter(_name: CounterName, _listener: (value: number) => void): () => void {
+    return () => {};
   }
 
   read<T>(fn: (tx: MetaReadTx) => Promise<T>): Promise<T> {

@@ -1,6 +1,6 @@
 import assert from 'node:assert/strict';
 import { describe, it } from 'node:test';
-import { defaultMinReplicas, placePg, placePool, type PlacementCandidate, rendezvousScore } from './rendezvous.ts';
+import { defaultMinReplicas, distinctDomains, domainAt, placePg, placePool, type PlacementCandidate, rendezvousScore } from './rendezvous.ts';
 
 const stores = (count: number, domains?: (id: number) => string): PlacementCandidate[] =>
   Array.from({ length: count }, (_, i) => ({ id: i + 1, domain: domains ? domains(i + 1) : `host-${i + 1}` }));
@@ -72,5 +72,28 @@ describe('rendezvous placement', () => {
 
   it('derives min replicas as R - floor(R/2)', () => {
     assert.deepEqual([1, 2, 3, 4, 5].map(defaultMinReplicas), [1, 1, 2, 2, 3]);
+  });
+
+  it('reads domain levels from labels: a plain name is the host, pairs name their levels', () => {
+    assert.equal(domainAt('h3', 'host'), 'h3');
+    assert.equal(domainAt('h3', 'rack'), undefined);
+    assert.equal(domainAt('rack=r1,host=h3', 'rack'), 'r1');
+    assert.equal(domainAt('rack=r1, host = h3', 'host'), 'h3');
+    assert.equal(domainAt('rack=r1', 'host'), undefined);
+    assert.equal(domainAt('h3', 'store'), undefined);
+    assert.equal(domainAt('', 'host'), undefined);
+    const candidates = [1, 2, 3, 4].map((id) => ({ id, domain: `rack=r${id % 2},host=h${id}` }));
+    assert.equal(distinctDomains(candidates, 'rack'), 2);
+    assert.equal(distinctDomains(candidates, 'host'), 4);
+    for (const set of placePool(1, 64, 2, candidates, 'rack')) assert.notEqual(set[0]! % 2, set[1]! % 2, 'two racks');
+  });
+
+  it('gives a store PGs in proportion to its weight, and equal weights the unweighted order', () => {
+    const weighted = [1, 2, 3, 4].map((id) => ({ id, domain: `h${id}`, weight: id === 4 ? 3 : 1 }));
+    const counts = new Map<number, number>();
+    for (const [id] of placePool(7, 3000, 1, weighted)) counts.set(id!, (counts.get(id!) ?? 0) + 1);
+    assert.ok(counts.get(4)! > 1350 && counts.get(4)! < 1650, `store 4 holds ${counts.get(4)} of 3000 (expect 1500)`);
+    const plain = stores(5);
+    assert.deepEqual(placePool(3, 64, 3, plain), placePool(3, 64, 3, plain.map((s) => ({ ...s, weight: 42 }))));
   });
 });

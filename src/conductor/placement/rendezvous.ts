@@ -5,8 +5,14 @@
  * adding a store takes over only the PGs where it now scores in the top R (about R/N of them),
  * and removing one moves only the PGs it held. Pure functions: no I/O, no randomness.
  *
- * Stores are unweighted for now (every store is expected to have similar capacity); a weighted
- * variant would rank by -weight / ln(score / 2^32) instead.
+ * Weighted by capacity: a store ranks by weight / -ln(u), u = (score + 0.5) / 2^32 — weighted
+ * rendezvous hashing, under which a store's expected share of PGs is proportional to its weight
+ * and still independent of the other stores. Equal weights give the plain score order.
+ *
+ * Failure domains: a store's domain label is either one name ("h3", which is its host) or
+ * `level=value` pairs ("rack=r1,host=h3"). A pool spreads its replicas over distinct values of
+ * its domain level ("host" by default; "store" means any distinct stores); a store without that
+ * level counts as a domain of its own.
  */
 import { assert } from '../../lib/assert.ts';
 
@@ -14,6 +20,30 @@ export interface PlacementCandidate {
   id: number;
   /** Failure domain label. An empty label counts as a domain of its own. */
   domain: string;
+  /** Relative share of PGs, e.g. capacity in bytes; default 1. Must be > 0. */
+  weight?: number;
+}
+
+/** The level names a domain label may use, and "store" (no grouping). */
+export const domainLevelPattern = /^[a-z][a-z0-9_-]{0,31}$/;
+
+/** The value of `level` in a store's domain label, or undefined if it has none. */
+export function domainAt(label: string, level: string): string | undefined {
+  if (level === 'store') return undefined;
+  if (!label.includes('=')) return level === 'host' && label !== '' ? label : undefined;
+  for (const part of label.split(',')) {
+    const at = part.indexOf('=');
+    if (at > 0 && part.slice(0, at).trim() === level) {
+      const value = part.slice(at + 1).trim();
+      return value === '' ? undefined : value;
+    }
+  }
+  return undefined;
+}
+
+/** How many distinct domains of `level` the candidates span (a store without the level counts alone). */
+export function distinctDomains(candidates: readonly PlacementCandidate[], level: string): number {
+  return new Set(candidates.map((candidate) => domainKey(candidate, level))).size;
 }
 
 function fmix32(value: number): number {
@@ -48,8 +78,15 @@ export function rendezvousScore(poolId: number, pgIndex: number, storeId: number
   return fmix32(h ^ 24);
 }
 
-function domainOf(candidate: PlacementCandidate): string {
-  return candidate.domain === '' ? `\u0000store-${candidate.id}` : candidate.domain;
+function domainKey(candidate: PlacementCandidate, level: string): string {
+  return domainAt(candidate.domain, level) ?? `\u0000store-${candidate.id}`;
+}
+
+function weightedScore(poolId: number, pgIndex: number, candidate: PlacementCandidate): number {
+  const weight = candidate.weight ?? 1;
+  assert(weight > 0 && Number.isFinite(weight), 'a placement weight is a positive number');
+  const u = (rendezvousScore(poolId, pgIndex, candidate.id) + 0.5) / 2 ** 32;
+  return weight / -Math.log(u);
 }
 
 /**
@@ -57,17 +94,18 @@ function domainOf(candidate: PlacementCandidate): string {
  * distinct failure domains where there are enough of them. `candidates` must hold at least
  * `replicas` distinct stores.
  */
-export function placePg(poolId: number, pgIndex: number, replicas: number, candidates: readonly PlacementCandidate[]): number[] {
+export function placePg(poolId: number, pgIndex: number, replicas: number, candidates: readonly PlacementCandidate[], domainLevel = 'host'): number[] {
   assert(replicas >= 1 && replicas <= candidates.length, 'enough candidates for the replica count');
   const ranked = candidates
-    .map((candidate) => ({ candidate, score: rendezvousScore(poolId, pgIndex, candidate.id) }))
+    .map((candidate) => ({ candidate, score: weightedScore(poolId, pgIndex, candidate) }))
     .sort((a, b) => b.score - a.score || a.candidate.id - b.candidate.id);
   const chosen: number[] = [];
   const domains = new Set<string>();
   for (const { candidate } of ranked) {
     if (chosen.length === replicas) break;
-    if (domains.has(domainOf(candidate))) continue;
-    domains.add(domainOf(candidate));
+    const domain = domainKey(candidate, domainLevel);
+    if (domains.has(domain)) continue;
+    domains.add(domain);
     chosen.push(candidate.id);
   }
   for (const { candidate } of ranked) {
@@ -79,9 +117,9 @@ export function placePg(poolId: number, pgIndex: number, replicas: number, candi
 }
 
 /** The replica sets of every PG of a pool, index = PG number. */
-export function placePool(poolId: number, pgCount: number, replicas: number, candidates: readonly PlacementCandidate[]): number[][] {
+export function placePool(poolId: number, pgCount: number, replicas: number, candidates: readonly PlacementCandidate[], domainLevel = 'host'): number[][] {
   const result: number[][] = [];
-  for (let pg = 0; pg < pgCount; pg++) result.push(placePg(poolId, pg, replicas, candidates));
+  for (let pg = 0; pg < pgCount; pg++) result.push(placePg(poolId, pg, replicas, candidates, domainLevel));
   return result;
 }
 
