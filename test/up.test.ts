@@ -6,13 +6,13 @@
 import assert from 'node:assert/strict';
 import { randomBytes } from 'node:crypto';
 import { createHash } from 'node:crypto';
-import { mkdirSync, writeFileSync } from 'node:fs';
+import { mkdirSync, readFileSync, writeFileSync } from 'node:fs';
 import { mkdir, readdir, readFile, writeFile } from 'node:fs/promises';
 import { spawn, type ChildProcess } from 'node:child_process';
 import { join } from 'node:path';
 import { after, before, describe, test } from 'node:test';
 import { makeTestCertificates, type TestCertificates } from '../src/nbd/test-certificates.ts';
-import { freePort, requireTool, run, shale, ShaleUp, temporaryDirectory, waitFor } from './harness.ts';
+import { freePort, MAIN, requireTool, run, shale, ShaleUp, temporaryDirectory, waitFor } from './harness.ts';
 
 const MiB = 1024 * 1024;
 
@@ -196,6 +196,43 @@ describe('shale up, end to end', () => {
     }
   });
 
+  test('a second gateway is refused the volume unless it takes it over; then the first one is fenced', async () => {
+    assert.equal((await shale(cluster.api, 'volume', 'create', 'vol-owner', '--size', '8M')).status, 0);
+    let result = await run('qemu-io', ['-f', 'raw', '-c', 'write -P 0x61 0 64k', cluster.uri('vol-owner')]);
+    assert.equal(result.status, 0, result.stderr);
+    const token = readFileSync(join(cluster.dataDir, 'token'), 'utf8').trim();
+    const gateway = async (extra: string[]): Promise<{ port: number; child: ChildProcess; output: () => string }> => {
+      const port = await freePort();
+      const child = spawn(process.execPath, [MAIN, 'nbd', '--conductor', cluster.api, '--listen', `127.0.0.1:${port}`, ...extra], {
+        stdio: ['ignore', 'pipe', 'pipe'], env: { ...process.env, SHALE_TOKEN: token },
+      });
+      let output = '';
+      child.stdout!.on('data', (chunk: Buffer) => (output += chunk.toString()));
+      child.stderr!.on('data', (chunk: Buffer) => (output += chunk.toString()));
+      await waitFor('the second gateway to listen', async () => output.includes('listening'), 30_000, 50);
+      return { port, child, output: () => output };
+    };
+    const polite = await gateway([]);
+    try {
+      result = await run('qemu-io', ['-f', 'raw', '-c', 'read -P 0x61 0 64k', `nbd://127.0.0.1:${polite.port}/vol-owner`]);
+      assert.notEqual(result.status, 0, 'a gateway without --takeover may not open a volume another gateway owns');
+    } finally {
+      polite.child.kill('SIGTERM');
+    }
+    const usurper = await gateway(['--takeover']);
+    try {
+      result = await run('qemu-io', ['-f', 'raw', '-c', 'read -P 0x61 0 64k', '-c', 'write -P 0x62 0 4k', `nbd://127.0.0.1:${usurper.port}/vol-owner`]);
+      assert.equal(result.status, 0, result.stdout + result.stderr + usurper.output());
+      result = await run('qemu-io', ['-f', 'raw', '-c', 'write -P 0x63 0 4k', cluster.uri('vol-owner')]);
+      assert.notEqual(result.status, 0, 'the first gateway is fenced: its write fails');
+      result = await run('qemu-io', ['-f', 'raw', '-c', 'read -P 0x62 0 4k', `nbd://127.0.0.1:${usurper.port}/vol-owner`]);
+      assert.equal(result.status, 0, result.stdout + result.stderr);
+      assert.doesNotMatch(result.stdout, /Pattern verification failed/, 'the fenced write never landed');
+    } finally {
+      usurper.child.kill('SIGTERM');
+    }
+  });
+
   test('fio with verify=crc32c passes over the NBD engine', async () => {
     const fio = await run('fio', [
       '--name=verify', '--ioengine=nbd', `--uri=${cluster.uri('vol1')}`, '--rw=randwrite', '--bs=4k', '--iodepth=16',
@@ -257,7 +294,7 @@ describe('shale up, end to end', () => {
     assert.equal(list.status, 0, list.stderr);
     const names = (JSON.parse(list.stdout) as { volumes?: { name: string }[] } | { name: string }[]);
     const volumes = Array.isArray(names) ? names : names.volumes!;
-    assert.deepEqual(volumes.map((volume) => volume.name).sort(), ['vol-fs', 'vol-kill', 'vol-map', 'vol-resync', 'vol-tls', 'vol1']);
+    assert.deepEqual(volumes.map((volume) => volume.name).sort(), ['vol-fs', 'vol-kill', 'vol-map', 'vol-owner', 'vol-resync', 'vol-tls', 'vol1']);
     const compare = await run('qemu-img', ['compare', '-f', 'raw', '-F', 'raw', imageB, cluster.uri('vol-resync')]);
     assert.equal(compare.status, 0, compare.stdout + compare.stderr);
   });

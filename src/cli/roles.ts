@@ -146,11 +146,12 @@ export function registerRoleCommands(program: Command): void {
     .option('--conductor <urls>', 'conductor URLs, comma separated', `http://127.0.0.1:${DEFAULT_API_PORT}`)
     .option('--owner <id>', 'owner id of the volumes this gateway opens', `nbd-${process.pid}`)
     .option('--io-timeout <duration>', 'fail I/O with NO_QUORUM after waiting this long for replicas (0: wait forever)', '0')
+    .option('--takeover', 'take over volumes that another gateway owns (it is fenced and can never write again)', false)
     .option('--tls <mode>', 'off, on (offer STARTTLS) or require (refuse plaintext)', 'off')
     .option('--tls-cert <file>', 'x509 certificate (PEM) for TLS')
     .option('--tls-key <file>', 'private key (PEM) of the certificate')
     .option('--tls-ca <file>', 'CA (PEM) that client certificates must be signed by; without it clients need none')
-    .action(async (options: { listen: string; conductor: string; owner: string; ioTimeout: string } & TlsCliOptions) => {
+    .action(async (options: { listen: string; conductor: string; owner: string; ioTimeout: string; takeover: boolean } & TlsCliOptions) => {
       try {
         const log = makeLog('nbd');
         const gateway = await startNbdGateway({ ...options, tls: tlsOptions(options), log });
@@ -188,6 +189,7 @@ export async function startNbdGateway(options: {
   log: (message: string) => void;
   localStores?: LocalStores;
   tls?: NbdTlsOptions;
+  takeover?: boolean;
 }): Promise<{ address: string; addresses: string[]; close(): Promise<void> }> {
   const cluster = new ClusterClient(nodeEnv, {
     conductorUrls: options.conductor, ownerId: options.owner, ioTimeoutMs: parseDuration(options.ioTimeout, '--io-timeout'), log: options.log,
@@ -195,7 +197,7 @@ export async function startNbdGateway(options: {
   });
   await cluster.start();
   // Every listener shares one provider: all connections to a volume share one client (CAN_MULTI_CONN).
-  const provider = new VolumeExports(cluster);
+  const provider = new VolumeExports(cluster, { takeover: options.takeover });
   const servers: Awaited<ReturnType<typeof startNbdServer>>[] = [];
   for (const address of [options.listen, ...(options.alsoListen ?? [])]) {
     servers.push(await startNbdServer(nodeEnv, { listen: address, provider, log: options.log, tls: options.tls }));

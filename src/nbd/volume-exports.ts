@@ -12,16 +12,19 @@ import type { ExportProvider, NbdExport } from './server.ts';
 export class VolumeExports implements ExportProvider {
   readonly #cluster: ClusterClient;
   readonly #exports = new Map<string, NbdExport>();
+  readonly #takeover: boolean;
 
-  constructor(cluster: ClusterClient) {
+  /** With `takeover`, opening a volume another gateway owns takes it over (and fences that gateway). */
+  constructor(cluster: ClusterClient, options: { takeover?: boolean } = {}) {
     this.#cluster = cluster;
+    this.#takeover = options.takeover ?? false;
   }
 
   async open(name: string): Promise<NbdExport> {
     if (name.includes('@')) throw new ShaleError('NOT_SUPPORTED', `snapshot exports ("${name}") are not supported yet`);
     const existing = this.#exports.get(name);
     if (existing) return existing;
-    const volume = await this.#cluster.openVolume(name);
+    const volume = await this.#cluster.openVolume(name, { takeover: this.#takeover });
     const raced = this.#exports.get(name);
     if (raced) return raced;
     const created = volumeExport(volume);
