@@ -28,7 +28,7 @@ import { blockChecksums, crc32c } from '../lib/crc32c.ts';
 import { ShaleError } from '../lib/errors.ts';
 import { placementGroupOf } from '../lib/placement-hash.ts';
 import { BLOCK_SHIFT, BLOCK_SIZE_BYTES } from '../lib/units.ts';
-import { BLOCKS_PER_REQUEST_MAX, BlockState, compareVersions, decodeReadReply, decodeRecentWrites, Flag, Op, type Frame } from '../proto/store-protocol.ts';
+import { BLOCKS_PER_REQUEST_MAX, BlockState, compareVersions, decodeReadParts, decodeReadReply, decodeRecentWrites, Flag, Op, type DecodedRead, type Frame } from '../proto/store-protocol.ts';
 import type { ClusterMap, PoolMapEntry, VolumeInfo } from '../conductor/api/types.ts';
 import type { ClusterClient } from './cluster-client.ts';
 import { RangeLock } from './range-lock.ts';
@@ -161,8 +161,8 @@ export class VolumeClient {
 
   async #readPiece(piece: Piece): Promise<Buffer> {
     const bad: number[] = [];
-    const { value, storeId, pool, pgId, pgEpoch, payload } = await this.#fromCleanReplica(piece, Op.READ, (reply, from) => assembleRead(reply.payload, piece.countBlocks, from, reply.verified === true), bad);
-    if (bad.length > 0) void this.#repair(piece, payload, bad, { pool, pgId, pgEpoch }, storeId);
+    const { value, storeId, pool, pgId, pgEpoch, reply } = await this.#fromCleanReplica(piece, Op.READ, (frame, from) => assembleRead(decodeRead(frame, piece.countBlocks), piece.countBlocks, from, frame.verified === true), bad);
+    if (bad.length > 0) void this.#repair(piece, reply.payload, bad, { pool, pgId, pgEpoch }, storeId);
     return value;
   }
 
@@ -171,7 +171,7 @@ export class VolumeClient {
    * Replicas that answered CHECKSUM are collected in `bad` for repair. Waits for a newer map when
    * none can answer, up to the I/O timeout.
    */
-  async #fromCleanReplica<T>(piece: Piece, op: number, decode: (reply: Frame, storeId: number) => T, bad: number[]): Promise<{ value: T; storeId: number; pool: PoolMapEntry; pgId: number; pgEpoch: number; payload: Buffer }> {
+  async #fromCleanReplica<T>(piece: Piece, op: number, decode: (reply: Frame, storeId: number) => T, bad: number[]): Promise<{ value: T; storeId: number; pool: PoolMapEntry; pgId: number; pgEpoch: number; reply: Frame }> {
     const deadline = this.#deadline();
     let lastError: ShaleError | undefined;
     for (;;) {
@@ -189,7 +189,7 @@ export class VolumeClient {
             op, volumeId: this.info.id, chunkIndex: piece.chunkIndex, poolId: pool.id, pgId, pgCount: pool.pgCount,
             pgEpoch: pg.epoch, ownerEpoch: this.ownerEpoch, offsetBlocks: piece.offsetBlocks, countBlocks: piece.countBlocks,
           });
-          return { value: decode(reply, storeId), storeId, pool, pgId, pgEpoch: pg.epoch, payload: reply.payload };
+          return { value: decode(reply, storeId), storeId, pool, pgId, pgEpoch: pg.epoch, reply };
         } catch (error) {
           lastError = error instanceof ShaleError ? error : new ShaleError('INTERNAL', String(error));
           if (lastError.code === 'FENCED' || lastError.code === 'NOT_FOUND' || lastError.code === 'INVALID_ARGUMENT') throw lastError;
@@ -563,12 +563,17 @@ function noQuorum(lastError: ShaleError | undefined): ShaleError {
   return new ShaleError('NO_QUORUM', `I/O timed out waiting for replicas${lastError ? `: ${lastError.message}` : ''}`);
 }
 
+/** Decodes a READ reply, from its parts when it came from the in-process store (no joined copy). */
+function decodeRead(frame: Frame, countBlocks: number): DecodedRead {
+  const parts = frame.parts;
+  return parts && parts.length === 2 ? decodeReadParts(parts[0]!, parts[1]!, countBlocks) : decodeReadReply(frame.payload, countBlocks);
+}
+
 /**
  * Rebuilds the piece's bytes from a READ reply, verifying every data block's crc32c — end to end,
  * unless the store already verified them in this same process (`verified`).
  */
-function assembleRead(payload: Buffer, countBlocks: number, storeId: number, verified: boolean): Buffer {
-  const read = decodeReadReply(payload, countBlocks);
+function assembleRead(read: DecodedRead, countBlocks: number, storeId: number, verified: boolean): Buffer {
   let dataBlocks = 0;
   for (let i = 0; i < countBlocks; i++) {
     if (read.states[i] !== BlockState.DATA) continue;

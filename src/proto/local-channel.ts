@@ -63,7 +63,19 @@ export class LocalChannel implements StoreRequester {
       }
       const parts = reply.parts;
       // The store verified every block's crc32c as it read it, in this process: no transit to check again.
-      return { header: reply.header, payload: parts.length === 0 ? EMPTY : parts.length === 1 ? parts[0]! : Buffer.concat(parts), verified: true };
+      if (parts.length <= 1) return { header: reply.header, payload: parts[0] ?? EMPTY, parts, verified: true };
+      // Several parts (a READ's descriptors and data): readers that know the parts use them; the
+      // payload is joined (a copy) only for one that asks for it.
+      let joined: Buffer | undefined;
+      return {
+        header: reply.header,
+        parts,
+        verified: true,
+        get payload(): Buffer {
+          joined ??= Buffer.concat(parts);
+          return joined;
+        },
+      };
     } finally {
       this.#inFlight--;
     }

@@ -295,6 +295,13 @@ export interface DecodedRead {
 export function decodeReadReply(payload: Buffer, count: number): DecodedRead {
   const descriptorBytes = count * READ_DESCRIPTOR_BYTES;
   if (payload.length < descriptorBytes) throw new ShaleError('PROTOCOL', 'READ reply shorter than its descriptors');
+  return decodeReadParts(payload.subarray(0, descriptorBytes), payload.subarray(descriptorBytes), count);
+}
+
+/** As decodeReadReply, for a reply whose descriptors and data arrive as separate buffers (in-process). */
+export function decodeReadParts(descriptors: Buffer, data: Buffer, count: number): DecodedRead {
+  const payload = descriptors;
+  if (payload.length !== count * READ_DESCRIPTOR_BYTES) throw new ShaleError('PROTOCOL', 'READ reply descriptors of the wrong length');
   const checksums = new Uint32Array(count);
   const states = new Uint8Array(count);
   const epochs = new Uint32Array(count);
@@ -310,7 +317,6 @@ export function decodeReadReply(payload: Buffer, count: number): DecodedRead {
     seqs[i] = payload.readDoubleLE(at + 12);
     if (state === BlockState.DATA) dataBlocks++;
   }
-  const data = payload.subarray(descriptorBytes);
   if (data.length !== dataBlocks * BLOCK_SIZE_BYTES) {
     throw new ShaleError('PROTOCOL', `READ reply carries ${data.length} data bytes for ${dataBlocks} data blocks`);
   }
