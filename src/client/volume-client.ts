@@ -294,14 +294,7 @@ export class VolumeClient {
         }
         data.copy(aligned, head);
       }
-      const checksums = blockChecksums(aligned);
-      const seq = ++this.#seq;
-      try {
-        await Promise.all(this.#pieces(startBlock, endBlock - startBlock).map((piece) =>
-          this.#writePiece(piece, Op.WRITE, seq, options.fua ?? false, aligned, checksums)));
-      } finally {
-        this.#completed(seq);
-      }
+      await this.#writeVersioned(Op.WRITE, startBlock, endBlock, options.fua ?? false, aligned, blockChecksums(aligned));
     } finally {
       release();
     }
@@ -330,15 +323,19 @@ export class VolumeClient {
     if (endBlock <= startBlock) return;
     const release = await this.#lock.acquire(startBlock, endBlock);
     try {
-      const seq = ++this.#seq;
-      try {
-        await Promise.all(this.#pieces(startBlock, endBlock - startBlock).map((piece) =>
-          this.#writePiece(piece, Op.WRITE_ZEROES, seq, options.fua ?? false, undefined, undefined)));
-      } finally {
-        this.#completed(seq);
-      }
+      await this.#writeVersioned(Op.WRITE_ZEROES, startBlock, endBlock, options.fua ?? false, undefined, undefined);
     } finally {
       release();
+    }
+  }
+
+  /** One write under one new version: every chunk piece in parallel; the seq counts as done either way. */
+  async #writeVersioned(op: number, startBlock: number, endBlock: number, fua: boolean, data: Buffer | undefined, checksums: Uint32Array | undefined): Promise<void> {
+    const seq = ++this.#seq;
+    try {
+      await Promise.all(this.#pieces(startBlock, endBlock - startBlock).map((piece) => this.#writePiece(piece, op, seq, fua, data, checksums)));
+    } finally {
+      this.#completed(seq);
     }
   }
 
