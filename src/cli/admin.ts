@@ -272,9 +272,9 @@ export function registerAdminCommands(program: Command, io: AdminIo = processIo)
       out(options, info, () => renderFields(volumeFields(info)));
     });
 
-  verb(volume.command('resize').argument('<name>', 'volume name').description('change a volume\'s size: grow while open; shrink only with --force')
+  verb(volume.command('resize').argument('<name>', 'volume name').description('grow a volume, also while it is open (shrinking is not supported yet)')
     .option('--size <size>', 'the new size, e.g. 20G (a multiple of 4 KiB)')
-    .option('--force', 'allow shrinking (the data beyond the new end is lost)', false),
+    .option('--force', 'allow shrinking, once supported (the data beyond the new end is lost)', false),
   async (api, options: CommonOptions & { size?: string; force: boolean }, name: string) => {
     if (options.size === undefined) throw new ShaleError('INVALID_ARGUMENT', 'volume resize: --size is required (example: --size 20G)');
     const before = await api.call<VolumeInfo>('GET', `/volumes/${encodeURIComponent(name)}`);

@@ -417,12 +417,10 @@ export class ClusterOps {
     const volume = await this.volumeByName(name);
     if (sizeBytes === volume.sizeBytes) return volume;
     if (sizeBytes < volume.sizeBytes) {
-      if (!force) {
-        throw new ShaleError('INVALID_ARGUMENT', `shrinking volume ${name} from ${volume.sizeBytes} to ${sizeBytes} bytes discards the data beyond the new end: pass force to do it`);
-      }
-      if (volume.owner !== null) {
-        throw new ShaleError('FENCED', `volume ${name} is open by ${volume.owner} (owner epoch ${volume.ownerEpoch}): close it before shrinking (growing works while open)`);
-      }
+      // The stores cannot yet discard the blocks beyond a new end, so a later grow would bring the
+      // old bytes back into view (invariant 4: deleted data never comes back). Refused until they can.
+      void force;
+      throw new ShaleError('NOT_SUPPORTED', `shrinking volume ${name} is not supported yet: the stores cannot discard the data beyond a new end, and growing it again would expose that data (grow works, also while open)`);
     }
     const updated: VolumeRecord = { ...volume, sizeBytes };
     await this.tx.putVolume(updated);
