@@ -55,6 +55,8 @@ export function run(command: string, args: readonly string[], options: { env?: N
       clearTimeout(timer);
       resolve({ status: code ?? 128, stdout, stderr });
     });
+    // A child that exits before reading its input closes the pipe: that is not an error here.
+    child.stdin.on('error', () => {});
     child.stdin.end(options.input ?? '');
   });
 }

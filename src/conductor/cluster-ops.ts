@@ -411,7 +411,7 @@ export class ClusterOps {
    * the map (`volumeSizes`, which lists every volume ever opened, like `owners`), so the map
    * epoch grows for such a volume. Shrinking
    * drops the data beyond the new end, so it needs `force` and a volume nobody has open.
-   * Errors: NOT_FOUND, INVALID_ARGUMENT (shrink without force), FENCED (shrink while open).
+   * Errors: NOT_FOUND, NOT_SUPPORTED (any shrink, until stores can discard beyond the new end).
    */
   async resizeVolume(name: string, sizeBytes: number, force: boolean): Promise<VolumeRecord> {
     const volume = await this.volumeByName(name);

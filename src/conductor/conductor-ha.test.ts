@@ -165,7 +165,7 @@ describe('conductors on etcd, in one process', () => {
         ['POST', '/volumes', { name: 'v', size: 0 }, 'INVALID_ARGUMENT'],
         ['POST', '/volumes', { name: 'v', size: '2P' }, 'INVALID_ARGUMENT'],
         ['POST', '/stores/register', { diskUuid: 'd', clusterId: 'another', address: '127.0.0.1:1', domain: '', disks: [] }, 'WRONG_CLUSTER'],
-        ['PATCH', '/volumes/taken', { size: '1M' }, 'INVALID_ARGUMENT'],
+        ['PATCH', '/volumes/taken', { size: '1M' }, 'NOT_SUPPORTED'],
         ['POST', '/pools', { name: 'p', replicas: 9 }, 'NOT_READY'],
       ];
       for (const [method, path, body, code] of cases) {
