@@ -90,3 +90,24 @@ test('sync covers only completed writes; corrupt flips one bit durably', async (
   assert.equal(bytes[101], 3);
   await assert.rejects(disk.open('/missing'), (error: { code?: string }) => error.code === 'NOT_FOUND');
 });
+
+test('files are sparse: a 64 GiB disk costs only what is written; reads and writes are counted', async () => {
+  const disk = new SimDisk({ seed: 6, completionTurnsMax: 0 });
+  const file = await disk.open('/big', { create: true, sizeBytes: 64 * 1024 ** 3 });
+  assert.equal(file.sizeBytes, 64 * 1024 ** 3);
+  const data = Buffer.alloc(10_000, 7);
+  await file.writev([data.subarray(0, 6000), data.subarray(6000)], 40 * 1024 **3 - 3000);
+  assert.deepEqual(disk.stats.writtenBytes, 10_000);
+  const back = Buffer.alloc(12_000, 1);
+  assert.equal(await file.read(back, 40 * 1024 ** 3 - 4000), 12_000);
+  assert.ok(back.subarray(0, 1000).every((b) => b === 0), 'never written reads as zeros');
+  assert.ok(back.subarray(1000, 11_000).every((b) => b === 7));
+  assert.ok(back.subarray(11_000).every((b) => b === 0));
+  assert.deepEqual([disk.stats.reads, disk.stats.readBytes], [1, 12_000]);
+  // Unsynced and lost in a crash: zeros again; the pages written stay few.
+  disk.crash();
+  const again = await disk.open('/big');
+  const after = Buffer.alloc(100, 1);
+  await again.read(after, 40 * 1024 ** 3 - 3000 + 5 * 512 + 10); // inside one 512-byte sector of the write
+  assert.ok(after.every((b) => b === 0) || after.every((b) => b === 7), 'a sector is lost or kept whole');
+});

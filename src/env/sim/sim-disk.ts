@@ -13,6 +13,9 @@
  * - Operations complete after a random number of microtask turns, so concurrent requests finish
  *   in a seeded, varying order.
  *
+ * Files are sparse (4 KiB pages held only once written), so a simulated multi-GiB disk costs
+ * only what is written; `stats` counts reads and writes with their bytes.
+ *
  * Simplifications: extending a file (open with `sizeBytes`) and the whole-file helpers
  * (`writeFileAtomic`, `remove`, …) are durable at once; there is no directory tree.
  */
@@ -48,11 +51,75 @@ interface PendingWrite {
   completed: boolean;
 }
 
+/** Bytes per page of the sparse store: pages never written read as zeros and cost nothing. */
+const PAGE_BYTES = 4096;
+
+/** A sparse byte store: a map of pages. */
+class Pages {
+  readonly map = new Map<number, Buffer>();
+
+  read(target: Buffer, offsetBytes: number, length: number): void {
+    let done = 0;
+    while (done < length) {
+      const at = offsetBytes + done;
+      const page = Math.floor(at / PAGE_BYTES);
+      const within = at - page * PAGE_BYTES;
+      const take = Math.min(PAGE_BYTES - within, length - done);
+      const stored = this.map.get(page);
+      if (stored) stored.copy(target, done, within, within + take);
+      else target.fill(0, done, done + take);
+      done += take;
+    }
+  }
+
+  write(data: Buffer, offsetBytes: number): void {
+    let done = 0;
+    while (done < data.length) {
+      const at = offsetBytes + done;
+      const page = Math.floor(at / PAGE_BYTES);
+      const within = at - page * PAGE_BYTES;
+      const take = Math.min(PAGE_BYTES - within, data.length - done);
+      let stored = this.map.get(page);
+      if (!stored) {
+        stored = Buffer.alloc(PAGE_BYTES);
+        this.map.set(page, stored);
+      }
+      data.copy(stored, within, done, done + take);
+      done += take;
+    }
+  }
+
+  flip(offsetBytes: number, mask: number): void {
+    const page = Math.floor(offsetBytes / PAGE_BYTES);
+    let stored = this.map.get(page);
+    if (!stored) {
+      stored = Buffer.alloc(PAGE_BYTES);
+      this.map.set(page, stored);
+    }
+    stored[offsetBytes - page * PAGE_BYTES]! ^= mask;
+  }
+
+  /** Zeros everything from `offsetBytes` on. */
+  cut(offsetBytes: number): void {
+    for (const [page, stored] of this.map) {
+      const start = page * PAGE_BYTES;
+      if (start >= offsetBytes) this.map.delete(page);
+      else if (start + PAGE_BYTES > offsetBytes) stored.fill(0, offsetBytes - start);
+    }
+  }
+
+  clone(): Pages {
+    const copy = new Pages();
+    for (const [page, stored] of this.map) copy.map.set(page, Buffer.from(stored));
+    return copy;
+  }
+}
+
 class SimFileState {
   /** What reads see. */
-  current: Buffer;
+  current = new Pages();
   /** What survives a crash. */
-  durable: Buffer;
+  durable = new Pages();
   sizeBytes: number;
   durableSizeBytes: number;
   pending: PendingWrite[] = [];
@@ -60,33 +127,25 @@ class SimFileState {
   incarnation = 0;
 
   constructor(sizeBytes: number) {
-    this.current = Buffer.alloc(sizeBytes);
-    this.durable = Buffer.alloc(sizeBytes);
     this.sizeBytes = sizeBytes;
     this.durableSizeBytes = sizeBytes;
   }
 
   grow(sizeBytes: number, durableToo: boolean): void {
-    if (sizeBytes > this.current.length) this.current = growBuffer(this.current, sizeBytes);
     this.sizeBytes = Math.max(this.sizeBytes, sizeBytes);
-    if (durableToo) {
-      if (sizeBytes > this.durable.length) this.durable = growBuffer(this.durable, sizeBytes);
-      this.durableSizeBytes = Math.max(this.durableSizeBytes, sizeBytes);
-    }
+    if (durableToo) this.durableSizeBytes = Math.max(this.durableSizeBytes, sizeBytes);
   }
 
   applyDurable(write: PendingWrite, data: Buffer = write.data): void {
-    const end = write.offsetBytes + data.length;
-    if (end > this.durable.length) this.durable = growBuffer(this.durable, end);
-    this.durableSizeBytes = Math.max(this.durableSizeBytes, end);
-    data.copy(this.durable, write.offsetBytes);
+    this.durable.write(data, write.offsetBytes);
+    this.durableSizeBytes = Math.max(this.durableSizeBytes, write.offsetBytes + data.length);
   }
-}
 
-function growBuffer(buffer: Buffer, sizeBytes: number): Buffer {
-  const grown = Buffer.alloc(Math.max(sizeBytes, buffer.length * 2));
-  buffer.copy(grown);
-  return grown;
+  bytes(pages: Pages, sizeBytes: number): Buffer {
+    const out = Buffer.alloc(sizeBytes);
+    pages.read(out, 0, sizeBytes);
+    return out;
+  }
 }
 
 function crashedError(path: string): Error {
@@ -122,7 +181,9 @@ class SimDiskFile implements DiskFile {
     this.#check();
     const state = this.#state;
     const available = Math.max(0, Math.min(target.length, state.sizeBytes - offsetBytes));
-    state.current.copy(target, 0, offsetBytes, offsetBytes + available);
+    state.current.read(target, offsetBytes, available);
+    this.#disk.stats.reads++;
+    this.#disk.stats.readBytes += available;
     return available;
   }
 
@@ -132,10 +193,11 @@ class SimDiskFile implements DiskFile {
     const data = Buffer.concat(buffers as Buffer[]);
     const state = this.#state;
     state.grow(offsetBytes + data.length, false);
-    data.copy(state.current, offsetBytes);
+    state.current.write(data, offsetBytes);
     const write: PendingWrite = { offsetBytes, data, completed: false };
     state.pending.push(write);
     this.#disk.stats.writes++;
+    this.#disk.stats.writtenBytes += data.length;
     this.#disk.onOperation?.({ kind: 'write', path: this.path, offsetBytes, lengthBytes: data.length });
     await this.#disk.completionDelay();
     // A crash while the write was in flight: whether it landed is the crash's decision.
@@ -167,7 +229,7 @@ class SimDiskFile implements DiskFile {
 
 export class SimDisk implements Disk {
   readonly random: SimRandom;
-  readonly stats = { writes: 0, syncs: 0, crashes: 0 };
+  readonly stats = { writes: 0, writtenBytes: 0, reads: 0, readBytes: 0, syncs: 0, crashes: 0 };
   /** Test hook: may call `crash()` to lose power at exactly that point. */
   onOperation: SimDiskHook | undefined;
   readonly #files = new Map<string, SimFileState>();
@@ -205,14 +267,14 @@ export class SimDisk implements Disk {
 
   async readFile(path: string): Promise<Buffer | undefined> {
     const state = this.#files.get(path);
-    return state ? Buffer.from(state.current.subarray(0, state.sizeBytes)) : undefined;
+    return state ? state.bytes(state.current, state.sizeBytes) : undefined;
   }
 
   async writeFileAtomic(path: string, data: Buffer | string): Promise<void> {
     const bytes = Buffer.from(data);
     const state = new SimFileState(bytes.length);
-    bytes.copy(state.current);
-    bytes.copy(state.durable);
+    state.current.write(bytes, 0);
+    state.durable.write(bytes, 0);
     this.#files.set(path, state);
   }
 
@@ -260,7 +322,7 @@ export class SimDisk implements Disk {
       }
       state.pending = [];
       state.incarnation++;
-      state.current = Buffer.from(state.durable);
+      state.current = state.durable.clone();
       state.sizeBytes = state.durableSizeBytes;
     }
     return report;
@@ -271,8 +333,8 @@ export class SimDisk implements Disk {
     const state = this.#mustGet(path);
     if (offsetBytes >= state.sizeBytes) throw new RangeError(`${path}: offset ${offsetBytes} is past the end (${state.sizeBytes})`);
     const mask = 1 << bit;
-    state.current[offsetBytes]! ^= mask;
-    if (offsetBytes < state.durable.length) state.durable[offsetBytes]! ^= mask;
+    state.current.flip(offsetBytes, mask);
+    state.durable.flip(offsetBytes, mask);
     for (const write of state.pending) {
       const at = offsetBytes - write.offsetBytes;
       if (at >= 0 && at < write.data.length) write.data[at]! ^= mask;
@@ -282,7 +344,7 @@ export class SimDisk implements Disk {
   /** A copy of the bytes reads would see now. */
   fileBytes(path: string): Buffer {
     const state = this.#mustGet(path);
-    return Buffer.from(state.current.subarray(0, state.sizeBytes));
+    return state.bytes(state.current, state.sizeBytes);
   }
 
   /** Writes bytes durably at once, behind any handle's back (a test planting content). */
@@ -293,15 +355,15 @@ export class SimDisk implements Disk {
       this.#files.set(path, state);
     }
     state.grow(offsetBytes + data.length, true);
-    data.copy(state.current, offsetBytes);
-    data.copy(state.durable, offsetBytes);
+    state.current.write(data, offsetBytes);
+    state.durable.write(data, offsetBytes);
   }
 
   /** Cuts a file to `sizeBytes`, durably. */
   truncate(path: string, sizeBytes: number): void {
     const state = this.#mustGet(path);
-    state.current.fill(0, sizeBytes);
-    state.durable.fill(0, sizeBytes);
+    state.current.cut(sizeBytes);
+    state.durable.cut(sizeBytes);
     state.sizeBytes = Math.min(state.sizeBytes, sizeBytes);
     state.durableSizeBytes = Math.min(state.durableSizeBytes, sizeBytes);
     state.pending = state.pending.filter((write) => write.offsetBytes < sizeBytes);

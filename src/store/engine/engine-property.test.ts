@@ -1,8 +1,10 @@
 /**
  * Property test: fast-check generates sequences of writes, tombstones, flushes, compactions,
- * takeovers (higher epoch, sequence restarted), pauses and crashes, run against the engine on a
- * simulated disk and checked against a VersionModel (test-support.ts). A failure prints its seed
- * and the command sequence; set SHALE_PROPERTY_SHRINK=1 to shrink it to a minimal one (slow).
+ * checkpoints, snapshot creations and deletions, takeovers (higher epoch, sequence restarted),
+ * pauses and crashes, run against the engine on a simulated disk and checked against a
+ * VersionModel (test-support.ts) — every block as the head and as every live snapshot sees it. A
+ * failure prints its seed and the command sequence; set SHALE_PROPERTY_SHRINK=1 to shrink it to a
+ * minimal one (slow).
  */
 import { test } from 'node:test';
 import fc from 'fast-check';
@@ -21,13 +23,16 @@ const command: fc.Arbitrary<EngineCommand> = fc.oneof(
   }), weight: 10 },
   { arbitrary: fc.record({ kind: fc.constant('flush' as const), wait: fc.boolean() }), weight: 3 },
   { arbitrary: fc.record({ kind: fc.constant('compact' as const), wait: fc.boolean() }), weight: 2 },
+  { arbitrary: fc.record({ kind: fc.constant('checkpoint' as const), wait: fc.boolean() }), weight: 1 },
+  { arbitrary: fc.record({ kind: fc.constant('snapshot' as const), volumeId: fc.integer({ min: 1, max: 2 }) }), weight: 1 },
+  { arbitrary: fc.record({ kind: fc.constant('deleteSnapshot' as const), volumeId: fc.integer({ min: 1, max: 2 }), pick: fc.nat(7) }), weight: 1 },
   { arbitrary: fc.constant({ kind: 'takeover' as const }), weight: 1 },
   { arbitrary: fc.record({ kind: fc.constant('pause' as const), turns: fc.integer({ min: 0, max: 20 }) }), weight: 2 },
   { arbitrary: fc.constant({ kind: 'settle' as const }), weight: 1 },
   { arbitrary: fc.constant({ kind: 'crash' as const }), weight: 2 },
 );
 
-test('property: interleaved writes, zeroes, flushes, compactions and crashes match the model', async () => {
+test('property: interleaved writes, zeroes, flushes, compactions, checkpoints, snapshots and crashes match the model', async () => {
   await fc.assert(
     fc.asyncProperty(fc.integer({ min: 1, max: 2 ** 31 - 1 }), fc.array(command, { minLength: 1, maxLength: 150, size: 'max' }), async (seed, commands) => {
       await runEngineCommands(seed, commands);

@@ -7,7 +7,7 @@ import { BlockState, StoreEngine } from './engine.ts';
 import type { EngineOpenOptions } from './engine.ts';
 import {
   batchHeaderBlocks, decodeSuperblock, encodeSuperblock, METADATA_AREA_BYTES, RecordKind, scanSegment, sealBatchHeader,
-  SEGMENT_HEADER_BLOCKS, writeCrcEntry, writeRecordEntry,
+  SEGMENT_HEADER_BLOCKS, SegmentKind, writeCrcEntry, writeRecordEntry,
 } from './format.ts';
 import { isAllZero, readStamp, simEnv, stampedWrite } from './test-support.ts';
 import type { SimEnv } from './test-support.ts';
@@ -75,7 +75,8 @@ test('write then read returns the bytes, states, versions and checksums; survive
   const again = await reopen(env, engine);
   await check(again);
   assert.equal(again.stats().liveBytes, 4 * BLOCK_SIZE_BYTES);
-  assert.equal(again.replayReport.batchesApplied, 2, 'the write and the close marker');
+  assert.equal(again.replayReport.batchesApplied, 0, 'a clean close checkpoints: nothing to replay');
+  assert.ok(again.replayReport.checkpointSequence > 0);
   await again.close();
 });
 
@@ -261,7 +262,7 @@ test('full disk: NO_SPACE before compaction is starved, data intact, reads work;
     }
   }
   assert.ok(hasCode('NO_SPACE')(error), `expected NO_SPACE, got ${String(error)}`);
-  assert.ok(written.length >= 12, `wrote ${written.length} writes before NO_SPACE`);
+  assert.ok(written.length >= 10, `wrote ${written.length} writes before NO_SPACE`);
   assert.ok(engine.stats().freeSegments >= 1, 'the reserve is left');
   for (const i of written) {
     const read = await engine.read(1, 0, i * 4, 4);
@@ -271,11 +272,12 @@ test('full disk: NO_SPACE before compaction is starved, data intact, reads work;
   await engine.write(stampedWrite(2, 0, 0, 1, 1, 1)).catch(() => undefined);
   await engine.purgeVolume(1);
   assert.equal(engine.stats().liveBytes <= BLOCK_SIZE_BYTES, true);
-  // Writes work again: the purged segments are reclaimed.
-  for (let i = 0; i < 12; i++) await engine.write(stampedWrite(3, 0, i * 4, 4, 1, i + 1));
-  for (let i = 0; i < 12; i++) assert.equal((await stampAt(engine, 3, 0, i * 4)).stamp?.seq, i + 1);
+  // Writes work again: the purged segments are reclaimed (one segment now holds the checkpoint image).
+  const again_ = written.length - 3;
+  for (let i = 0; i < again_; i++) await engine.write(stampedWrite(3, 0, i * 4, 4, 1, i + 1));
+  for (let i = 0; i < again_; i++) assert.equal((await stampAt(engine, 3, 0, i * 4)).stamp?.seq, i + 1);
   const again = await reopen(env, engine);
-  for (let i = 0; i < 12; i++) assert.equal((await stampAt(again, 3, 0, i * 4)).stamp?.seq, i + 1);
+  for (let i = 0; i < again_; i++) assert.equal((await stampAt(again, 3, 0, i * 4)).stamp?.seq, i + 1);
   await again.close();
 });
 
@@ -302,6 +304,8 @@ test('overwriting a full disk keeps working: foreground compaction reclaims garb
 
 test('compaction moves live data keeping versions and snap stamps, and frees the segment', async () => {
   const { env, engine } = await fresh(14, 12, 64 * KiB);
+  // No snapshot (nothing older is kept); tombstones kept (as for a clone), so compaction copies them.
+  await engine.setSnapshots(1, [], { snapSeq: 100, keepTombstones: true });
   await engine.write(stampedWrite(1, 0, 0, 8, 1, 1, 42));
   await engine.writeZeroes({ volumeId: 1, chunkIndex: 0, offsetBlocks: 20, countBlocks: 4, version: { epoch: 1, seq: 2 }, snapSeq: 43 });
   await engine.fence(1, 1);
@@ -347,10 +351,14 @@ test('a flipped bit in a record\'s data: that block reads CHECKSUM, live and aft
   env.disk.corrupt(PATH, dataStart + 2 * BLOCK_SIZE_BYTES + 77);
   await assert.rejects(engine.read(1, 0, 0, 4), (error: unknown) => hasCode('CHECKSUM')(error) && (error as ShaleError).details?.block === 2);
   assert.equal((await stampAt(engine, 1, 0, 3)).stamp?.seq, 1);
+  // After a clean close the checkpoint holds the crcs: the read still fails, and scrub names the block.
   const again = await reopen(env, engine);
-  assert.equal(again.replayReport.corruptBatches, 1);
   assert.equal(again.replayReport.tornBatches, 0);
   await assert.rejects(again.read(1, 0, 2, 1), hasCode('CHECKSUM'));
+  const scrub = await again.scrub();
+  assert.equal(scrub.badBlocks, 1);
+  assert.deepEqual(scrub.bad.map((b) => [b.volumeId, b.chunkIndex, b.block, b.seq]), [[1, 0, 2, 1]]);
+  assert.equal(scrub.blocks, 4);
   assert.equal((await stampAt(again, 1, 0, 1)).stamp?.seq, 1);
   // Compaction copies the damage with its crc: still detected, never laundered.
   await again.write(stampedWrite(2, 0, 0, 40, 1, 1));
@@ -367,7 +375,9 @@ test('a damaged header of a durable batch is reported (its records are lost to t
   await engine.write(stampedWrite(1, 0, 0, 2, 1, 1));
   await engine.write(stampedWrite(1, 0, 2, 2, 1, 2));
   await engine.flush();
-  await engine.close();
+  await engine.write(stampedWrite(1, 0, 8, 1, 1, 3)); // its header says the first two are durable
+  await engine.flush();
+  env.disk.crash(); // no checkpoint: open replays the three batches
   // The first batch's header is block 2 of segment 0.
   env.disk.corrupt(PATH, METADATA_AREA_BYTES + 2 * BLOCK_SIZE_BYTES + 300);
   const again = await reopen(env, undefined);
@@ -469,110 +479,106 @@ async function dump(engine: StoreEngine): Promise<string> {
   return lines.join('\n');
 }
 
-test('replay is independent of the order segments are scanned', async () => {
-  const { env, engine } = await fresh(18, 16, 64 * KiB);
-  let seq = 0;
-  for (let round = 0; round < 6; round++) {
-    for (let volume = 1; volume <= 3; volume++) {
-      await engine.write(stampedWrite(volume, round % 2, (round * 3) % 20, 5, 1 + (round >> 2), ++seq));
+test('checkpoint + replay rebuild exactly the index the engine had (crash after flush, checkpoints at any point)', async () => {
+  for (const checkpointAt of [-1, 0, 2, 4, 5]) {
+    const { env, engine } = await fresh(18, 16, 64 * KiB);
+    let seq = 0;
+    for (let round = 0; round < 6; round++) {
+      if (round === checkpointAt) await engine.checkpoint();
+      for (let volume = 1; volume <= 3; volume++) {
+        await engine.write(stampedWrite(volume, round % 2, (round * 3) % 20, 5, 1 + (round >> 2), ++seq));
+      }
+      await engine.writeZeroes({ volumeId: 2, chunkIndex: 0, offsetBlocks: round, countBlocks: 2, version: { epoch: 1, seq: ++seq }, snapSeq: 0 });
+      await engine.write(stampedWrite(1, 0, 0, 2, 1, seq - 3)); // mostly stale: version rule
+      if (round === 2) await engine.fence(3, 4);
+      if (round === 3) await engine.purgeVolume(4);
+      if (round === 4) await engine.compact();
     }
-    await engine.writeZeroes({ volumeId: 2, chunkIndex: 0, offsetBlocks: round, countBlocks: 2, version: { epoch: 1, seq: ++seq }, snapSeq: 0 });
-    await engine.write(stampedWrite(1, 0, 0, 2, 1, seq - 3)); // mostly stale: version rule
-    if (round === 2) await engine.fence(3, 4);
-    if (round === 3) await engine.purgeVolume(4);
-    if (round === 4) await engine.compact();
-  }
-  // The same version twice (a retry) lands in two places.
-  const retry = stampedWrite(5, 0, 0, 3, 9, 1);
-  await engine.write(retry);
-  await engine.write(retry);
-  await engine.compact();
-  const expected = await dump(engine);
-  const orders: number[][] = [Array.from({ length: 16 }, (_, i) => 15 - i)];
-  for (let k = 0; k < 4; k++) {
-    const order = Array.from({ length: 16 }, (_, i) => i);
-    for (let i = order.length - 1; i > 0; i--) {
-      const j = env.random.below(i + 1);
-      [order[i], order[j]] = [order[j]!, order[i]!];
-    }
-    orders.push(order);
-  }
-  let current: StoreEngine | undefined = engine;
-  await engine.close();
-  current = undefined;
-  const forward = await reopen(env, current);
-  assert.equal(await dump(forward), expected);
-  await forward.close();
-  for (const order of orders) {
-    const other = await StoreEngine.open(env, PATH, { backgroundCompaction: false, replaySegmentOrder: order });
-    assert.equal(await dump(other), expected, `order ${order.join(',')}`);
-    // Closing writes a marker; the image stays equivalent for the next order.
-    await other.close();
+    // The same version twice (a retry) lands in two places.
+    const retry = stampedWrite(5, 0, 0, 3, 9, 1);
+    await engine.write(retry);
+    await engine.write(retry);
+    await engine.compact();
+    await engine.flush();
+    const expected = await dump(engine);
+    env.disk.crash();
+    const again = await reopen(env, undefined);
+    assert.equal(await dump(again), expected, `checkpoint at round ${checkpointAt}`);
+    // And once more from the root the reopen wrote (same checkpoint, the replayed segments listed).
+    env.disk.crash();
+    const third = await reopen(env, undefined);
+    assert.equal(await dump(third), expected, `second replay, checkpoint at round ${checkpointAt}`);
+    const fourth = await reopen(env, third);
+    assert.equal(await dump(fourth), expected, `after a clean close, checkpoint at round ${checkpointAt}`);
+    assert.equal(fourth.replayReport.batchesApplied, 0, 'a clean close leaves nothing to replay');
+    await fourth.close();
   }
 });
 
-test('a reused segment full of stale records with valid checksums is not replayed as live', async () => {
+/**
+ * Runs one seeded scenario: segment 0 is filled, compacted away and reused (new generation) by
+ * later batches; then a crash. A batch is forged at the end of segment 0 that would win
+ * everywhere (epoch 99): with the old generation, or (the control) with the current one.
+ */
+async function reusedSegmentScenario(forge: 'old' | 'current'): Promise<{ epoch: number; stale: number; seq: number | undefined }> {
   const { env, engine } = await fresh(19, 8, 256 * KiB);
-  // Fill segment 0 with a record we will later forge from; then make it garbage and compact it away.
   await engine.write(stampedWrite(1, 0, 0, 10, 1, 1));
   await engine.write(stampedWrite(1, 0, 0, 10, 1, 2));
   await engine.write(stampedWrite(2, 0, 0, 10, 1, 1));
   await engine.flush();
-  const image = env.disk.fileBytes(PATH);
-  const superblock = decodeSuperblock(image);
+  const superblock = decodeSuperblock(env.disk.fileBytes(PATH));
   assert.ok(superblock.ok);
   const formatId = superblock.superblock.formatId;
   const segmentStart = (s: number) => METADATA_AREA_BYTES + s * 256 * KiB;
-  const oldScan = scanSegment(image.subarray(segmentStart(0), segmentStart(1)), 0, formatId);
-  const oldGeneration = oldScan.header!.generation;
-  // Seal segment 0, compact it away, and keep writing until it is reused with a higher generation.
+  const scan0 = () => scanSegment(env.disk.fileBytes(PATH).subarray(segmentStart(0), segmentStart(1)), 0, formatId);
+  const oldGeneration = scan0().header!.generation;
   let seq = 2;
   for (let i = 0; i < 6; i++) await engine.write(stampedWrite(3, 0, (i % 5) * 8, 8, 1, ++seq));
   assert.equal(await engine.compact(), true);
-  for (let i = 0; i < 200; i++) {
+  let reused = scan0();
+  for (let i = 0; i < 400 && !(reused.header?.kind === SegmentKind.LOG && reused.header.generation > oldGeneration && reused.batches.length >= 2); i++) {
     await engine.write(stampedWrite(3, 0, (i % 5) * 8, 8, 1, ++seq));
-    const now = scanSegment(env.disk.fileBytes(PATH).subarray(segmentStart(0), segmentStart(1)), 0, formatId);
-    if (now.header && now.header.generation > oldGeneration) break;
+    reused = scan0();
   }
-  await engine.close();
-  const reused = scanSegment(env.disk.fileBytes(PATH).subarray(segmentStart(0), segmentStart(1)), 0, formatId);
-  assert.ok(reused.header && reused.header.generation > oldGeneration, 'segment 0 was reused with a new generation');
+  assert.ok(reused.header?.kind === SegmentKind.LOG && reused.header.generation > oldGeneration, 'segment 0 was reused as a log segment with a new generation');
+  // Stop writing into segment 0: a crash now, with everything flushed.
+  await engine.flush();
+  reused = scan0();
+  env.disk.crash();
 
-  // Forge a batch at the end of segment 0 that would win everywhere (epoch 99) — once with the old
-  // generation (must be ignored), once with the current one (the control: it is applied).
-  const forge = (generation: number, sequence: number) => {
-    const header = Buffer.alloc(batchHeaderBlocks(1, 1) * BLOCK_SIZE_BYTES);
-    const data = Buffer.alloc(BLOCK_SIZE_BYTES, 0xab);
-    writeRecordEntry(header, 0, { kind: RecordKind.DATA, volumeId: 2, chunkIndex: 0, offsetBlocks: 0, countBlocks: 1, epoch: 99, seq: 1, snapSeq: 0, dataIndexBlocks: 0 });
-    writeCrcEntry(header, 1, 0, blockChecksums(data)[0]!);
-    const last = reused.batches[reused.batches.length - 1]!;
-    const position = last.positionBlocks + last.headerBlocks + last.dataBlocks;
-    assert.ok(position + 2 <= 64, `room left in segment 0 for the forged batch: ${reused.batches.map((b) => `${b.positionBlocks}+${b.headerBlocks}+${b.dataBlocks}`)}`);
-    sealBatchHeader(header, {
-      segmentIndex: 0, headerBlocks: 1, generation, sequence, incarnationFirstSequence: sequence, durableSequence: sequence,
-      formatId, positionBlocks: position, recordCount: 1, dataBlocks: 1,
-    });
-    env.disk.plant(PATH, segmentStart(0) + position * BLOCK_SIZE_BYTES, Buffer.concat([header, data]));
-  };
-  forge(oldGeneration, 1_000_000);
-  const stale = await reopen(env, undefined);
-  assert.ok(stale.replayReport.staleBatches >= 1);
-  const kept = await stampAt(stale, 2, 0, 0);
-  assert.equal(kept.epoch, 1, 'the stale record was not applied');
-  assert.equal(kept.stamp?.seq, 1);
-  await stale.close();
+  const header = Buffer.alloc(batchHeaderBlocks(1, 1) * BLOCK_SIZE_BYTES);
+  const data = Buffer.alloc(BLOCK_SIZE_BYTES, 0xab);
+  writeRecordEntry(header, 0, { kind: RecordKind.DATA, volumeId: 2, chunkIndex: 0, offsetBlocks: 0, countBlocks: 1, epoch: 99, seq: 1, snapSeq: 0, dataIndexBlocks: 0 });
+  writeCrcEntry(header, 1, 0, blockChecksums(data)[0]!);
+  const last = reused.batches[reused.batches.length - 1]!;
+  const position = last.positionBlocks + last.headerBlocks + last.dataBlocks;
+  assert.ok(position + 2 <= 64, 'room left in segment 0 for the forged batch');
+  const sequence = 2 ** 40; // above anything leased
+  sealBatchHeader(header, {
+    segmentIndex: 0, headerBlocks: 1, generation: forge === 'old' ? oldGeneration : reused.header!.generation, sequence,
+    incarnationFirstSequence: sequence, durableSequence: sequence, formatId, positionBlocks: position, recordCount: 1, dataBlocks: 1,
+  });
+  env.disk.plant(PATH, segmentStart(0) + position * BLOCK_SIZE_BYTES, Buffer.concat([header, data]));
+  const again = await reopen(env, undefined);
+  const got = await stampAt(again, 2, 0, 0);
+  const result = { epoch: got.epoch!, stale: again.replayReport.staleBatches, seq: got.stamp?.seq };
+  await again.close();
+  return result;
+}
 
-  forge(reused.header!.generation, 1_000_001);
-  const control = await reopen(env, undefined);
-  assert.equal((await stampAt(control, 2, 0, 0)).epoch, 99, 'control: the same record with the current generation is applied');
-  await control.close();
+test('a reused segment full of stale records with valid checksums is not replayed as live', async () => {
+  const stale = await reusedSegmentScenario('old');
+  assert.ok(stale.stale >= 1, 'the forged batch is seen as stale');
+  assert.deepEqual([stale.epoch, stale.seq], [1, 1], 'the stale record was not applied');
+  const control = await reusedSegmentScenario('current');
+  assert.equal(control.epoch, 99, 'control: the same record with the current generation is applied');
 });
 
 test('background compaction runs when free segments run low and the engine is idle', async () => {
-  const { env, engine } = await fresh(20, 12, 64 * KiB, { backgroundCompaction: true, compactionIdleDelayMs: 50 });
+  const { env, engine } = await fresh(20, 12, 64 * KiB, { backgroundCompaction: true, compactionIdleDelayMs: 50, compactionFreeSegmentsMin: 8 });
   let seq = 0;
   let cold = 0;
-  while (engine.stats().freeSegments >= 4) {
+  while (engine.stats().freeSegments >= 6) {
     await engine.write(stampedWrite(1, 0, 100 + cold++, 1, 1, ++seq));
     await engine.write(stampedWrite(1, 0, 0, 3, 1, ++seq));
   }

@@ -7,7 +7,7 @@ import { BlockIndex } from './block-index.ts';
 import { Fifo } from './fifo.ts';
 import {
   badDataBlocks, batchHeaderBlocks, decodeBatchHeader, decodeSegmentHeader, decodeSuperblock, encodeSegmentHeader, encodeSuperblock,
-  RecordKind, scanSegment, sealBatchHeader, SEGMENT_HEADER_BLOCKS, writeCrcEntry, writeRecordEntry,
+  RecordKind, scanSegment, sealBatchHeader, SEGMENT_HEADER_BLOCKS, SegmentKind, writeCrcEntry, writeRecordEntry,
 } from './format.ts';
 import type { BatchRecord, Superblock } from './format.ts';
 
@@ -23,6 +23,8 @@ const superblock: Superblock = {
   diskUuid: '0f0e0d0c-0b0a-4908-8706-050403020100',
   formatId,
   clusterId: 'clüster-1',
+  rootSlotOffsetBytes: 8192,
+  rootSlotSizeBytes: 4096,
 };
 
 test('superblock round-trips; any flipped byte or a short buffer makes it invalid', () => {
@@ -42,8 +44,8 @@ test('superblock round-trips; any flipped byte or a short buffer makes it invali
 });
 
 test('segment header round-trips and is bound to its segment and disk', () => {
-  const block = encodeSegmentHeader({ segmentIndex: 7, generation: 3, firstSequence: 12345, formatId });
-  assert.deepEqual(decodeSegmentHeader(block, 0, 7, formatId), { segmentIndex: 7, generation: 3, firstSequence: 12345, formatId });
+  const block = encodeSegmentHeader({ segmentIndex: 7, kind: SegmentKind.LOG, generation: 3, firstSequence: 12345, formatId });
+  assert.deepEqual(decodeSegmentHeader(block, 0, 7, formatId), { segmentIndex: 7, kind: SegmentKind.LOG, generation: 3, firstSequence: 12345, formatId });
   assert.equal(decodeSegmentHeader(block, 0, 8, formatId), undefined);
   assert.equal(decodeSegmentHeader(block, 0, 7, Buffer.alloc(16)), undefined);
   block[30]! ^= 1;
@@ -131,7 +133,7 @@ test('scanSegment walks the chain, steps over damage, and counts every header fo
   place(segment, buildBatch(32, 9, 2, 11, [record(11, 1)], Buffer.alloc(BLOCK_SIZE_BYTES, 3)), 9, 2);
   segment.fill(0xee, 11 * BLOCK_SIZE_BYTES, 20 * BLOCK_SIZE_BYTES);
   place(segment, buildBatch(32, 20, 2, 13, [record(13, 1)], Buffer.alloc(BLOCK_SIZE_BYTES, 4)), 20, 2);
-  const header = encodeSegmentHeader({ segmentIndex: 2, generation: 2, firstSequence: 10, formatId });
+  const header = encodeSegmentHeader({ segmentIndex: 2, kind: SegmentKind.LOG, generation: 2, firstSequence: 10, formatId });
   header.copy(segment, 0);
   header.copy(segment, BLOCK_SIZE_BYTES);
   const scan = scanSegment(segment, 2, formatId);
@@ -158,16 +160,32 @@ test('BlockIndex grows tables and deletes volumes; Fifo keeps order', () => {
   const index = new BlockIndex();
   const table = index.getOrCreate(5, 1, 3);
   assert.equal(table.capacity, 16);
-  table.state[2] = 1;
-  table.seq[2] = 42;
+  table.setHead(2, 1, 7, 2 ** 40 + 42, 3, 99, 1234);
   index.getOrCreate(5, 1, 1000);
   assert.equal(table.capacity, 1024);
-  assert.equal(table.seq[2], 42, 'growing keeps the slots');
+  assert.deepEqual([table.stateAt(2), table.epochAt(2), table.seqAt(2), table.stampAt(2), table.location[2], table.crc[2]], [1, 7, 2 ** 40 + 42, 3, 99, 1234], 'growing keeps the slots');
   assert.equal(table.stateAt(5000), 0);
+  // Compact while few versions (9 bytes a block); wide once more than 255, keeping every value.
+  const busy = index.getOrCreate(7, 0, 1024);
+  assert.equal(busy.memoryBytes, 1024 * 9);
+  for (let b = 0; b < 200; b++) busy.setHead(b, 1, 1, 2 ** 33 + b, b % 3, 1000 + b, b);
+  busy.insertHistory(5, 2, 1, 7, 0, 77, 0);
+  assert.equal(busy.wideSeq, false);
+  for (let b = 200; b < 600; b++) busy.setHead(b, 1 + (b % 2), 2, b, 9, 1000 + b, b);
+  assert.equal(busy.wideSeq, true);
+  assert.equal(busy.memoryBytes, 1024 * 13 + 1024 * 4 + 16 * 18);
+  for (let b = 0; b < 600; b++) {
+    const want = b < 200 ? [1, 1, 2 ** 33 + b, b % 3] : [1 + (b % 2), 2, b, 9];
+    assert.deepEqual([busy.stateAt(b), busy.epochAt(b), busy.seqAt(b), busy.stampAt(b), busy.location[b], busy.crc[b]], [...want, 1000 + b, b]);
+  }
+  const kept = busy.firstHistory(5);
+  assert.deepEqual([busy.entryKind(kept), busy.entryEpoch(kept), busy.entrySeq(kept), busy.entryStamp(kept), busy.hLocation[kept]], [2, 1, 7, 0, 77]);
+  for (let b = 0; b < 600; b++) busy.clearHead(b);
+  assert.equal(busy.presentBlocks, 0);
   index.getOrCreate(6, 0, 1);
-  assert.equal(index.objectCount, 2);
+  assert.equal(index.objectCount, 3);
   assert.equal(index.deleteVolume(5).length, 1);
-  assert.equal(index.objectCount, 1);
+  assert.equal(index.objectCount, 2);
   assert.equal(index.get(5, 1), undefined);
 
   const fifo = new Fifo<number>();

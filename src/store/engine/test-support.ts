@@ -81,26 +81,47 @@ export function isAllZero(buffer: Buffer): boolean {
 export interface ModelVersion {
   epoch: number;
   seq: number;
+  /** The snap stamp the write carried. */
+  stamp: number;
   zero: boolean;
   acked: boolean;
 }
 
-function compareVersions(a: { epoch: number; seq: number }, b: { epoch: number; seq: number }): number {
+type V = { epoch: number; seq: number };
+
+function compareVersions(a: V, b: V): number {
   return a.epoch - b.epoch || a.seq - b.seq;
 }
 
 interface ModelBlock {
   issued: ModelVersion[];
   /** Highest version acknowledged before an acknowledged flush: a crash may not go below it. */
-  floor: { epoch: number; seq: number } | undefined;
+  floor: V | undefined;
+  /** The same per live snapshot: the newest version stamped below it that a flush covered. */
+  snapshotFloors: Map<number, V>;
+}
+
+/** Live snapshot ids per volume, as the test told the engine. */
+export type ModelSnapshots = ReadonlyMap<number, readonly number[]>;
+
+type ReadableEngine = {
+  read(volumeId: number, chunkIndex: number, offsetBlocks: number, countBlocks: number, options?: { snapshotId?: number }):
+    Promise<{ data: Buffer; states: Uint8Array; versions: { epochs: Uint32Array; seqs: Float64Array } }>;
+};
+
+function newest(versions: readonly ModelVersion[], where: (v: ModelVersion) => boolean): ModelVersion | undefined {
+  let best: ModelVersion | undefined;
+  for (const v of versions) if (where(v) && (!best || compareVersions(v, best) > 0)) best = v;
+  return best;
 }
 
 /**
- * What a single writer knows about its blocks: every version it issued (and whether the write was
- * acknowledged) and, per block, the floor that flushes guarantee. `verify` checks an engine
- * against it — every block reads as a whole version that was written, at or above its floor, or
- * exactly the newest version when nothing can have been lost — and `settle` adopts what the
- * engine holds after a crash (it is durable from then on).
+ * What a single writer knows about its blocks: every version it issued (with its snap stamp, and
+ * whether the write was acknowledged) and, per block, the floor that flushes guarantee — for the
+ * head and for each live snapshot. `verify` checks an engine against it: every block, read as the
+ * head and as every live snapshot, is a whole version that was written there (stamped below the
+ * snapshot), at or above its floor, or exactly the newest acknowledged one when nothing can have
+ * been lost; `settle` adopts what the engine holds after a crash (durable from then on).
  */
 export class VersionModel {
   readonly #blocks = new Map<string, ModelBlock>();
@@ -114,17 +135,17 @@ export class VersionModel {
     const key = `${volumeId}/${chunkIndex}/${block}`;
     let entry = this.#blocks.get(key);
     if (!entry) {
-      entry = { issued: [], floor: undefined };
+      entry = { issued: [], floor: undefined, snapshotFloors: new Map() };
       this.#blocks.set(key, entry);
     }
     return entry;
   }
 
   /** Records a write about to be issued; call the returned function when it is acknowledged. */
-  issue(volumeId: number, chunkIndex: number, offsetBlocks: number, countBlocks: number, epoch: number, seq: number, zero: boolean): () => void {
+  issue(volumeId: number, chunkIndex: number, offsetBlocks: number, countBlocks: number, epoch: number, seq: number, zero: boolean, stamp = 0): () => void {
     const versions: ModelVersion[] = [];
     for (let i = 0; i < countBlocks; i++) {
-      const version = { epoch, seq, zero, acked: false };
+      const version = { epoch, seq, stamp, zero, acked: false };
       this.#block(volumeId, chunkIndex, offsetBlocks + i).issued.push(version);
       versions.push(version);
     }
@@ -134,18 +155,22 @@ export class VersionModel {
   }
 
   /** Call when a flush is issued; call the returned function when it resolves. */
-  flushIssued(): () => void {
-    const best = new Map<ModelBlock, { epoch: number; seq: number }>();
-    for (const block of this.#blocks.values()) {
-      for (const version of block.issued) {
-        if (!version.acked) continue;
-        const current = best.get(block);
-        if (!current || compareVersions(version, current) > 0) best.set(block, version);
+  flushIssued(snapshots: ModelSnapshots = new Map()): () => void {
+    const raises: { block: ModelBlock; snapshot: number | undefined; version: V }[] = [];
+    for (const [key, block] of this.#blocks) {
+      const best = newest(block.issued, (v) => v.acked);
+      if (best) raises.push({ block, snapshot: undefined, version: best });
+      for (const s of snapshots.get(Number(key.split('/')[0])) ?? []) {
+        const visible = newest(block.issued, (v) => v.acked && v.stamp < s);
+        if (visible) raises.push({ block, snapshot: s, version: visible });
       }
     }
     return () => {
-      for (const [block, version] of best) {
-        if (!block.floor || compareVersions(version, block.floor) > 0) block.floor = { epoch: version.epoch, seq: version.seq };
+      for (const { block, snapshot, version } of raises) {
+        const current = snapshot === undefined ? block.floor : block.snapshotFloors.get(snapshot);
+        if (current && compareVersions(version, current) <= 0) continue;
+        if (snapshot === undefined) block.floor = { epoch: version.epoch, seq: version.seq };
+        else block.snapshotFloors.set(snapshot, { epoch: version.epoch, seq: version.seq });
       }
     };
   }
@@ -167,60 +192,87 @@ export class VersionModel {
   }
 
   /**
-   * Checks `engine` against the model. `exact`: no write can have been lost (no crash since the
-   * last settle and nothing in flight), so every block must hold at least the newest acknowledged
-   * version.
-   * With `settle`, the model then adopts what the engine holds.
+   * Checks one view of one block (the head, or snapshot `snapshot`): returns the version it shows
+   * (undefined: absent). Throws on any difference from the model.
    */
-  async verify(engine: { read(volumeId: number, chunkIndex: number, offsetBlocks: number, countBlocks: number): Promise<{ data: Buffer; states: Uint8Array; versions: { epochs: Uint32Array; seqs: Float64Array } }> }, options: { exact: boolean; settle: boolean }): Promise<void> {
+  #check(where: string, block: ModelBlock, snapshot: number | undefined, state: number, got: V, bytes: Buffer, object: { volumeId: number; chunkIndex: number }, blockIndex: number, exact: boolean): ModelVersion | undefined {
+    const candidates = snapshot === undefined ? block.issued : block.issued.filter((v) => v.stamp < snapshot);
+    const floor = snapshot === undefined ? block.floor : block.snapshotFloors.get(snapshot);
+    const newestAcked = newest(candidates, (v) => v.acked);
+    let observed: ModelVersion | undefined;
+    if (state === 0) {
+      if (!isAllZero(bytes)) throw new Error(`${where}: absent but not zeros`);
+      // Compaction drops a tombstone nothing older survives under: absent then stands for it.
+      const droppedTombstone = candidates.find((v) => v.zero && (!floor || compareVersions(v, floor) >= 0) &&
+        (!exact || !newestAcked || compareVersions(v, newestAcked) >= 0));
+      if (floor && !droppedTombstone) throw new Error(`${where}: absent, but version ${floor.epoch}.${floor.seq} was flushed`);
+      observed = droppedTombstone;
+    } else {
+      observed = candidates.find((v) => v.epoch === got.epoch && v.seq === got.seq);
+      if (!observed) throw new Error(`${where}: holds version ${got.epoch}.${got.seq}, which was never written there${snapshot === undefined ? '' : ' below the snapshot'}`);
+      if (observed.zero !== (state === 2)) throw new Error(`${where}: state ${state} does not match the write of ${got.epoch}.${got.seq}`);
+      if (state === 2) {
+        if (!isAllZero(bytes)) throw new Error(`${where}: tombstone does not read as zeros`);
+      } else {
+        const stamp = readStamp(bytes);
+        if (!stamp) throw new Error(`${where}: content is not one whole version (torn or corrupt)`);
+        if (stamp.volumeId !== object.volumeId || stamp.chunkIndex !== object.chunkIndex || stamp.block !== blockIndex ||
+          stamp.epoch !== got.epoch || stamp.seq !== got.seq) {
+          throw new Error(`${where}: content is ${JSON.stringify(stamp)}, version says ${got.epoch}.${got.seq}`);
+        }
+      }
+      if (floor && compareVersions(got, floor) < 0) {
+        throw new Error(`${where}: holds ${got.epoch}.${got.seq}, older than the flushed ${floor.epoch}.${floor.seq}`);
+      }
+    }
+    if (exact && newestAcked && (!observed || compareVersions(observed, newestAcked) < 0)) {
+      // Nothing lost: at least the newest acknowledged version (a failed write may or may not have landed).
+      throw new Error(`${where}: holds ${observed ? `${observed.epoch}.${observed.seq}` : 'nothing'}, expected at least the newest acknowledged ${newestAcked.epoch}.${newestAcked.seq}`);
+    }
+    return observed;
+  }
+
+  /**
+   * Checks `engine` against the model: the head of every block, and its view from every live
+   * snapshot in `snapshots`. `exact`: no write can have been lost (no crash since the last settle
+   * and nothing in flight). With `settle`, the model then adopts what the engine holds.
+   */
+  async verify(engine: ReadableEngine, options: { exact: boolean; settle: boolean }, snapshots: ModelSnapshots = new Map()): Promise<void> {
     for (const object of this.objects()) {
       const highest = Math.max(...object.blocks) + 1;
-      let read;
-      try {
-        read = await engine.read(object.volumeId, object.chunkIndex, 0, highest);
-      } catch (error) {
-        throw new Error(`${this.label}: read of ${object.volumeId}/${object.chunkIndex} failed: ${(error as Error).message}`);
+      const views: (number | undefined)[] = [undefined, ...(snapshots.get(object.volumeId) ?? [])];
+      const seen = new Map<ModelBlock, { head: ModelVersion | undefined; snapshots: Map<number, ModelVersion | undefined> }>();
+      for (const snapshot of views) {
+        let read;
+        try {
+          read = await engine.read(object.volumeId, object.chunkIndex, 0, highest, snapshot === undefined ? {} : { snapshotId: snapshot });
+        } catch (error) {
+          throw new Error(`${this.label}: read of ${object.volumeId}/${object.chunkIndex}${snapshot === undefined ? '' : `@${snapshot}`} failed: ${(error as Error).message}`);
+        }
+        for (const blockIndex of object.blocks) {
+          const where = `${this.label}: block ${object.volumeId}/${object.chunkIndex}/${blockIndex}${snapshot === undefined ? '' : ` at snapshot ${snapshot}`}`;
+          const block = this.#block(object.volumeId, object.chunkIndex, blockIndex);
+          const bytes = read.data.subarray(blockIndex * BLOCK_SIZE_BYTES, (blockIndex + 1) * BLOCK_SIZE_BYTES);
+          const got = { epoch: read.versions.epochs[blockIndex]!, seq: read.versions.seqs[blockIndex]! };
+          const observed = this.#check(where, block, snapshot, read.states[blockIndex]!, got, bytes, object, blockIndex, options.exact);
+          let entry = seen.get(block);
+          if (!entry) {
+            entry = { head: undefined, snapshots: new Map() };
+            seen.set(block, entry);
+          }
+          if (snapshot === undefined) entry.head = observed;
+          else entry.snapshots.set(snapshot, observed);
+        }
       }
-      for (const blockIndex of object.blocks) {
-        const where = `${this.label}: block ${object.volumeId}/${object.chunkIndex}/${blockIndex}`;
-        const block = this.#block(object.volumeId, object.chunkIndex, blockIndex);
-        const bytes = read.data.subarray(blockIndex * BLOCK_SIZE_BYTES, (blockIndex + 1) * BLOCK_SIZE_BYTES);
-        const state = read.states[blockIndex]!;
-        const got = { epoch: read.versions.epochs[blockIndex]!, seq: read.versions.seqs[blockIndex]! };
-        let observed: ModelVersion | undefined;
-        if (state === 0) {
-          if (block.floor) throw new Error(`${where}: absent, but version ${block.floor.epoch}.${block.floor.seq} was flushed`);
-          if (!isAllZero(bytes)) throw new Error(`${where}: absent but not zeros`);
-        } else {
-          observed = block.issued.find((v) => v.epoch === got.epoch && v.seq === got.seq);
-          if (!observed) throw new Error(`${where}: holds version ${got.epoch}.${got.seq}, which was never written there`);
-          if (observed.zero !== (state === 2)) throw new Error(`${where}: state ${state} does not match the write of ${got.epoch}.${got.seq}`);
-          if (state === 2) {
-            if (!isAllZero(bytes)) throw new Error(`${where}: tombstone does not read as zeros`);
-          } else {
-            const stamp = readStamp(bytes);
-            if (!stamp) throw new Error(`${where}: content is not one whole version (torn or corrupt)`);
-            if (stamp.volumeId !== object.volumeId || stamp.chunkIndex !== object.chunkIndex || stamp.block !== blockIndex ||
-              stamp.epoch !== got.epoch || stamp.seq !== got.seq) {
-              throw new Error(`${where}: content is ${JSON.stringify(stamp)}, version says ${got.epoch}.${got.seq}`);
-            }
-          }
-          if (block.floor && compareVersions(got, block.floor) < 0) {
-            throw new Error(`${where}: holds ${got.epoch}.${got.seq}, older than the flushed ${block.floor.epoch}.${block.floor.seq}`);
-          }
-        }
-        if (options.exact) {
-          // Nothing lost: at least the newest acknowledged version (a failed write may or may not have landed).
-          let newest: ModelVersion | undefined;
-          for (const v of block.issued) if (v.acked && (!newest || compareVersions(v, newest) > 0)) newest = v;
-          if (newest && (!observed || compareVersions(observed, newest) < 0)) {
-            throw new Error(`${where}: holds ${observed ? `${observed.epoch}.${observed.seq}` : 'nothing'}, expected at least the newest acknowledged ${newest.epoch}.${newest.seq}`);
-          }
-        }
-        if (options.settle) {
-          block.issued = observed ? [{ ...observed, acked: true }] : [];
-          block.floor = observed ? { epoch: observed.epoch, seq: observed.seq } : undefined;
-        }
+      if (!options.settle) continue;
+      for (const [block, entry] of seen) {
+        const kept = new Set<ModelVersion>();
+        if (entry.head) kept.add(entry.head);
+        for (const v of entry.snapshots.values()) if (v) kept.add(v);
+        block.issued = [...kept].map((v) => ({ ...v, acked: true }));
+        block.floor = entry.head ? { epoch: entry.head.epoch, seq: entry.head.seq } : undefined;
+        block.snapshotFloors = new Map();
+        for (const [s, v] of entry.snapshots) if (v) block.snapshotFloors.set(s, { epoch: v.epoch, seq: v.seq });
       }
     }
   }
@@ -236,6 +288,9 @@ export type EngineCommand =
   | { kind: 'write'; volumeId: number; chunkIndex: number; offsetBlocks: number; countBlocks: number; zero: boolean; wait: boolean }
   | { kind: 'flush'; wait: boolean }
   | { kind: 'compact'; wait: boolean }
+  | { kind: 'checkpoint'; wait: boolean }
+  | { kind: 'snapshot'; volumeId: number }
+  | { kind: 'deleteSnapshot'; volumeId: number; pick: number }
   | { kind: 'takeover' }
   | { kind: 'pause'; turns: number }
   | { kind: 'settle' }
@@ -243,15 +298,19 @@ export type EngineCommand =
 
 /**
  * Runs a command sequence against an engine on a fresh simulated disk (seeded) and checks it
- * against a VersionModel after every crash and settle; throws on the first difference.
+ * against a VersionModel — heads and every live snapshot — after every crash and settle; throws
+ * on the first difference. Snapshots are created and deleted through setSnapshots (durable), and
+ * every later write to the volume carries the new snap sequence as its stamp.
  */
 export async function runEngineCommands(seed: number, commands: readonly EngineCommand[], segments = 8): Promise<void> {
   const env = simEnv(seed);
   await StoreEngine.format(env, COMMANDS_PATH, { sizeBytes: METADATA_AREA_BYTES + segments * 64 * KiB, clusterId: 'p', segmentSizeBytes: 64 * KiB });
   const open = async () => {
-    const engine = await StoreEngine.open(env, COMMANDS_PATH, { backgroundCompaction: false });
+    const engine = await StoreEngine.open(env, COMMANDS_PATH, { backgroundCompaction: false, checkpointIntervalBytes: 256 * KiB });
     const report = engine.replayReport;
-    if (report.corruptBatches > 0 || report.damagedHeaders > 0) throw new Error(`seed ${seed}: a crash looks like corruption: ${JSON.stringify(report)}`);
+    if (report.corruptBatches > 0 || report.damagedHeaders > 0 || report.lostBlocks > 0) {
+      throw new Error(`seed ${seed}: a crash looks like corruption: ${JSON.stringify(report)}`);
+    }
     return engine;
   };
   const model = new VersionModel(`seed ${seed}`);
@@ -259,22 +318,25 @@ export async function runEngineCommands(seed: number, commands: readonly EngineC
   let inFlight: Promise<unknown>[] = [];
   let epoch = 1;
   let seq = 0;
+  const snapSeqs = new Map<number, number>();
+  const live = new Map<number, number[]>();
   const swallow = () => undefined;
   for (const c of commands) {
     switch (c.kind) {
       case 'write': {
         const version = { epoch, seq: ++seq };
-        const ack = model.issue(c.volumeId, c.chunkIndex, c.offsetBlocks, c.countBlocks, version.epoch, version.seq, c.zero);
+        const stamp = snapSeqs.get(c.volumeId) ?? 0;
+        const ack = model.issue(c.volumeId, c.chunkIndex, c.offsetBlocks, c.countBlocks, version.epoch, version.seq, c.zero, stamp);
         const promise = (c.zero
-          ? engine.writeZeroes({ volumeId: c.volumeId, chunkIndex: c.chunkIndex, offsetBlocks: c.offsetBlocks, countBlocks: c.countBlocks, version, snapSeq: 0 })
-          : engine.write(stampedWrite(c.volumeId, c.chunkIndex, c.offsetBlocks, c.countBlocks, version.epoch, version.seq))
+          ? engine.writeZeroes({ volumeId: c.volumeId, chunkIndex: c.chunkIndex, offsetBlocks: c.offsetBlocks, countBlocks: c.countBlocks, version, snapSeq: stamp })
+          : engine.write(stampedWrite(c.volumeId, c.chunkIndex, c.offsetBlocks, c.countBlocks, version.epoch, version.seq, stamp))
         ).then(ack, swallow);
         if (c.wait) await promise;
         else inFlight.push(promise);
         break;
       }
       case 'flush': {
-        const flushed = model.flushIssued();
+        const flushed = model.flushIssued(live);
         const promise = engine.flush().then(flushed, swallow);
         if (c.wait) await promise;
         else inFlight.push(promise);
@@ -284,6 +346,32 @@ export async function runEngineCommands(seed: number, commands: readonly EngineC
         const promise = engine.compact().catch(swallow);
         if (c.wait) await promise;
         else inFlight.push(promise);
+        break;
+      }
+      case 'checkpoint': {
+        const promise = engine.checkpoint().catch(swallow);
+        if (c.wait) await promise;
+        else inFlight.push(promise);
+        break;
+      }
+      case 'snapshot':
+      case 'deleteSnapshot': {
+        const ids = [...(live.get(c.volumeId) ?? [])];
+        let snapSeq = snapSeqs.get(c.volumeId) ?? 0;
+        if (c.kind === 'snapshot') {
+          snapSeq++;
+          ids.push(snapSeq);
+        } else {
+          if (ids.length === 0) break;
+          ids.splice(c.pick % ids.length, 1);
+        }
+        try {
+          await engine.setSnapshots(c.volumeId, ids, { snapSeq });
+        } catch {
+          break; // NO_SPACE (or the engine broke): the snapshot was not taken
+        }
+        snapSeqs.set(c.volumeId, snapSeq);
+        live.set(c.volumeId, ids);
         break;
       }
       case 'takeover':
@@ -296,22 +384,24 @@ export async function runEngineCommands(seed: number, commands: readonly EngineC
       case 'settle':
         await Promise.all(inFlight);
         inFlight = [];
-        await model.verify(engine, { exact: true, settle: false });
+        await model.verify(engine, { exact: true, settle: false }, live);
         break;
       case 'crash':
         env.disk.crash();
         await Promise.all(inFlight);
         inFlight = [];
         engine = await open();
-        await model.verify(engine, { exact: false, settle: true });
+        await model.verify(engine, { exact: false, settle: true }, live);
         break;
     }
   }
   await Promise.all(inFlight);
-  await model.verify(engine, { exact: true, settle: false });
+  await model.verify(engine, { exact: true, settle: false }, live);
   env.disk.crash();
   engine = await open();
-  await model.verify(engine, { exact: false, settle: true });
+  await model.verify(engine, { exact: false, settle: true }, live);
   await engine.close();
+  const closed = await open();
+  await model.verify(closed, { exact: true, settle: false }, live);
+  await closed.close();
 }
-
