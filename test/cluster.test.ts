@@ -172,6 +172,32 @@ describe('a cluster in one process', () => {
     assert.deepEqual(status, [{ lengthBytes: 64 * 1024, hole: false, zero: false }, { lengthBytes: 4 * MiB - 64 * 1024, hole: true, zero: true }]);
   });
 
+  test('scrub finds a rotten block on one store; after read repair a second scrub finds none', async () => {
+    await createVolume('scrubbed', 4 * MiB);
+    const volume = await (await client('gw-scrub')).openVolume('scrubbed');
+    const data = randomBytes(32 * 1024);
+    await volume.write(0, data);
+    await volume.flush();
+    const victim = stores[0]!;
+    flipBit(join(dir.path, 'disk-0.img'), findBlock(join(dir.path, 'disk-0.img'), data.subarray(8192, 12288)) + 7);
+    const scrub = async (storeId: number): Promise<{ badBlocks: number; blocks: number; bad: { volumeId: number; block: number }[] }> => {
+      const response = await fetch(`${api}/api/v1/stores/${storeId}/scrub`, { method: 'POST' });
+      assert.equal(response.status, 200);
+      return (await response.json()) as { badBlocks: number; blocks: number; bad: { volumeId: number; block: number }[] };
+    };
+    const found = await scrub(victim.storeId);
+    assert.equal(found.badBlocks, 1, JSON.stringify(found));
+    assert.equal(found.bad[0]!.volumeId, volume.info.id);
+    assert.equal(found.bad[0]!.block, 2);
+    assert.equal((await scrub(stores[1]!.storeId)).badBlocks, 0, 'the other replicas are sound');
+    for (let i = 0; i < 6; i++) assert.ok((await volume.read(0, data.length)).equals(data));
+    await waitFor('the repair', async () => volume.repairs > 0, 10_000);
+    const after = await scrub(victim.storeId);
+    assert.equal(after.badBlocks, 0, JSON.stringify(after));
+    const missing = await fetch(`${api}/api/v1/stores/999/scrub`, { method: 'POST' });
+    assert.equal(missing.status, 404);
+  });
+
   test('below min replicas writes wait, then fail with NO_QUORUM after the I/O timeout; reads go on from a clean replica', async () => {
     await createVolume('quorum', 4 * MiB);
     const gateway = new ClusterClient(nodeEnv, { conductorUrls: api, ownerId: 'gw-quorum', requestTimeoutMs: 2000, ioTimeoutMs: 1500, log: quiet });

@@ -64,6 +64,12 @@ describe('shale up, end to end', () => {
     const status = await shale(cluster.api, 'cluster', 'status');
     assert.equal(status.status, 0, status.stderr);
 
+    const scrub = await shale(cluster.api, 'store', 'scrub', '1');
+    assert.equal(scrub.status, 0, scrub.stderr);
+    assert.match(scrub.stdout, /^store 1: \d+ blocks of \d+ objects read .*: no bad blocks\n$/);
+    const badScrub = await shale(cluster.api, 'store', 'scrub', 'x1');
+    assert.equal(badScrub.status, 2, 'a bad store id is INVALID_ARGUMENT');
+
     const duplicate = await shale(cluster.api, 'volume', 'create', 'vol1', '--size', '1G');
     assert.equal(duplicate.status, 4, 'ALREADY_EXISTS exits 4');
     assert.match(duplicate.stderr, /^shale: .*\(ALREADY_EXISTS\)\n$/);

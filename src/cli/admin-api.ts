@@ -49,11 +49,11 @@ export class AdminApi {
     this.#tokenSource = tokenSource;
   }
 
-  async call<T>(method: string, path: string, body?: unknown): Promise<T> {
+  async call<T>(method: string, path: string, body?: unknown, timeoutMs = apiTimeoutMs): Promise<T> {
     let lastError: unknown;
     for (const base of this.baseUrls) {
       try {
-        return await this.#callOne<T>(base, method, path, body);
+        return await this.#callOne<T>(base, method, path, body, timeoutMs);
       } catch (error) {
         lastError = error;
         if (!(error instanceof ShaleError) || error.code !== 'UNAVAILABLE') throw error;
@@ -62,7 +62,7 @@ export class AdminApi {
     throw lastError;
   }
 
-  async #callOne<T>(base: string, method: string, path: string, body?: unknown): Promise<T> {
+  async #callOne<T>(base: string, method: string, path: string, body: unknown, timeoutMs: number): Promise<T> {
     let url = `${base}/api/v1${path}`;
     const headers: Record<string, string> = body === undefined ? {} : { 'content-type': 'application/json' };
     if (this.#token) headers.authorization = `Bearer ${this.#token}`;
@@ -74,12 +74,12 @@ export class AdminApi {
           headers,
           body: body === undefined ? undefined : JSON.stringify(body),
           redirect: 'manual',
-          signal: AbortSignal.timeout(apiTimeoutMs),
+          signal: AbortSignal.timeout(timeoutMs),
         });
       } catch (error) {
         const cause = (error as { cause?: { code?: string; message?: string } }).cause;
         const reason = (error as Error).name === 'TimeoutError'
-          ? `no answer within ${apiTimeoutMs / 1000} s`
+          ? `no answer within ${timeoutMs / 1000} s`
           : cause?.code ?? cause?.message ?? (error as Error).message;
         throw new ShaleError('UNAVAILABLE', `cannot reach the Shale API at ${base} (${reason}): is \`shale up\` or \`shale conductor\` running? Point --api or SHALE_API at it`);
       }

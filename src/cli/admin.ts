@@ -13,6 +13,10 @@ import type {
 } from '../conductor/api/types.ts';
 import { codeOf, ErrorCodes, ShaleError } from '../lib/errors.ts';
 import { formatBytes } from '../lib/units.ts';
+import type { ScrubReport } from '../proto/store-protocol.ts';
+
+/** A scrub reads a whole disk: the CLI waits for it this long. */
+const scrubTimeoutMs = 6 * 3_600_000;
 import { AdminApi, defaultApiUrl, normalizeApiUrl } from './admin-api.ts';
 import { formatJson, formatPercent, formatReplicas, formatTime, renderFields, renderTable } from './format.ts';
 import { findToken, readTextFile } from './token.ts';
@@ -166,6 +170,22 @@ export function registerAdminCommands(program: Command, io: AdminIo = processIo)
           io.stdoutIsTty,
         ));
     });
+
+  verb(store.command('scrub').argument('<id>', 'store id').description('read every live block of the store\'s disk and check its crc32c; list the bad ones')
+    .option('--mib-per-second <n>', 'read at most this many MiB per second (default: unthrottled)'),
+  async (api, options: CommonOptions & { mibPerSecond?: string }, id: string) => {
+    if (!/^[1-9][0-9]{0,15}$/.test(id)) throw new ShaleError('INVALID_ARGUMENT', `store id: expected a positive whole number, got "${id}"`);
+    const rate = options.mibPerSecond;
+    if (rate !== undefined && !/^[1-9][0-9]{0,6}$/.test(rate)) throw new ShaleError('INVALID_ARGUMENT', `--mib-per-second: expected a positive whole number, got "${rate}"`);
+    const query = rate === undefined ? '' : `?mibPerSecond=${rate}`;
+    const report = await api.call<ScrubReport>('POST', `/stores/${id}/scrub${query}`, undefined, scrubTimeoutMs);
+    out(options, report, () => {
+      const summary = `store ${id}: ${report.blocks} blocks of ${report.objects} objects read (${formatBytes(report.bytesRead)}) in ${(report.durationMs / 1000).toFixed(1)} s: ${report.badBlocks === 0 ? 'no bad blocks' : `${report.badBlocks} bad block(s)`}\n`;
+      if (report.bad.length === 0) return summary;
+      return summary + renderTable(['VOLUME', 'CHUNK', 'BLOCK'], report.bad.map((bad) => [bad.volumeId, bad.chunkIndex, bad.block]), io.stdoutIsTty);
+    });
+    if (report.badBlocks > 0) process.exitCode = ErrorCodes.CHECKSUM.exitCode;
+  });
 
   // ---- disk -------------------------------------------------------------------------------
   const disk = group(program, 'disk', 'the disks of every store');

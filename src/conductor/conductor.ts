@@ -26,6 +26,11 @@ import type { Env, Listener, Timer } from '../env/env.ts';
 import { parseAddress } from '../env/env.ts';
 import { assert } from '../lib/assert.ts';
 import { ShaleError } from '../lib/errors.ts';
+import { StoreChannel } from '../proto/store-channel.ts';
+import { Op } from '../proto/store-protocol.ts';
+
+/** How long a scrub relayed to a store may take (it reads the whole disk). */
+const scrubTimeoutMs = 6 * 3_600_000;
 import { adminTokenName, newToken, TokenAuthenticator, tokenSha256 } from './api/auth.ts';
 import { openApiDocument } from './api/openapi.ts';
 import { type ConductorService, conductorRoutes, createHttpHandler, type Log, type MapSnapshot } from './api/server.ts';
@@ -335,6 +340,20 @@ class ConductorCore implements ConductorService {
   async stores(): Promise<StoreInfo[]> {
     const records = await this.#meta.read((tx) => tx.stores());
     return records.map((s) => storeInfo(s, this.#live));
+  }
+
+  async scrubStore(storeId: number, mibPerSecondMax: number): Promise<unknown> {
+    const store = (await this.#meta.read((tx) => tx.stores())).find((candidate) => candidate.id === storeId);
+    if (!store) throw new ShaleError('NOT_FOUND', `no store ${storeId}`);
+    if (store.state !== 'up') throw new ShaleError('NOT_READY', `store ${storeId} is ${store.state}`);
+    // An administrative relay, not the data path: one connection for the one request.
+    const channel = new StoreChannel(this.#env, store.address, { timeoutMs: scrubTimeoutMs });
+    try {
+      const reply = await channel.request({ op: Op.SCRUB, countBlocks: mibPerSecondMax });
+      return JSON.parse(reply.payload.toString('utf8'));
+    } finally {
+      channel.close();
+    }
   }
 
   async disks(): Promise<DiskInfo[]> {

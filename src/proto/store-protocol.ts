@@ -49,6 +49,8 @@
  *   RECENT_WRITES request: volume id (and owner epoch with CLEAR). reply: the writes of that volume
  *                 above the watermark, 24 bytes each: chunk u32, offset u32, count u32, epoch u32,
  *                 seq f64. With CLEAR, entries of older owner epochs are dropped after the reply is built.
+ *   SCRUB         request: none (count = most MiB per second to read, 0 = unthrottled). reply: a
+ *                 JSON ScrubReport (a rare administrative call, not on the data path).
  */
 import { assert } from '../lib/assert.ts';
 import type { BlockStateValue } from '../lib/block-state.ts';
@@ -74,6 +76,7 @@ export const Op = {
   PING: 7,
   BLOCK_STATES: 8,
   RECENT_WRITES: 9,
+  SCRUB: 10,
 } as const;
 export type OpCode = (typeof Op)[keyof typeof Op];
 export const REPLY_BIT = 0x80;
@@ -430,4 +433,15 @@ export function decodeRecentWrites(payload: Buffer): RecentWriteEntry[] {
     });
   }
   return entries;
+}
+
+/** What a scrub found: every live block read and checked against its crc32c. */
+export interface ScrubReport {
+  objects: number;
+  blocks: number;
+  bytesRead: number;
+  badBlocks: number;
+  /** The first bad blocks (a bounded list). */
+  bad: { volumeId: number; chunkIndex: number; block: number; [detail: string]: unknown }[];
+  durationMs: number;
 }

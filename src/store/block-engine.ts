@@ -7,6 +7,8 @@
  * version rule holds per block: a write applies only where its (epoch, seq) is higher than the
  * block's; the result says how many blocks it applied.
  */
+import type { ScrubReport } from '../proto/store-protocol.ts';
+
 export interface BlockVersion {
   epoch: number;
   seq: number;
@@ -55,5 +57,7 @@ export interface BlockEngine {
   /** Per-block versions of every object whose volume is in `volumeIds` and which `filter` accepts. */
   listObjects(volumeIds: ReadonlySet<number>, filter: (volumeId: number, chunkIndex: number) => boolean): ObjectVersions[];
   stats(): EngineStats;
+  /** Reads every live block and checks its crc32c; reports bad ones (repair is the client's). */
+  scrub(options?: { bytesPerSecondMax?: number }): Promise<ScrubReport>;
   close(): Promise<void>;
 }

@@ -7,6 +7,7 @@
 import type { Env } from '../env/env.ts';
 import { ShaleError } from '../lib/errors.ts';
 import { MiB } from '../lib/units.ts';
+import type { ScrubReport } from '../proto/store-protocol.ts';
 import type { BlockEngine, BlockReadResult, ObjectVersions } from './block-engine.ts';
 import { StoreEngine } from './engine/engine.ts';
 
@@ -109,6 +110,11 @@ class LogEngineAdapter implements BlockEngine {
 
   stats(): { capacityBytes: number; usedBytes: number; freeBytes: number; liveBytes: number } {
     return this.#engine.stats();
+  }
+
+  async scrub(options: { bytesPerSecondMax?: number } = {}): Promise<ScrubReport> {
+    const report = await this.#engine.scrub(options);
+    return { ...report, bad: report.bad.map((bad) => ({ ...bad })) };
   }
 
   close(): Promise<void> {

@@ -171,6 +171,11 @@ export class StoreServer {
         return this.#blockStates(h);
       case Op.RECENT_WRITES:
         return this.#recentWrites(h);
+      case Op.SCRUB: {
+        const report = await this.#engine.scrub(h.countBlocks > 0 ? { bytesPerSecondMax: h.countBlocks * 1024 * 1024 } : {});
+        const payload = Buffer.from(JSON.stringify(report), 'utf8');
+        return { header: replyHeader(h, { payloadBytes: payload.length }), parts: [payload] };
+      }
       default:
         throw new ShaleError('INVALID_ARGUMENT', `unknown store op ${h.op}`);
     }

@@ -130,6 +130,12 @@ export const operations: Record<string, Record<string, Operation>> = {
   '/stores/{id}/heartbeat': {
     post: { summary: 'A store is alive; refreshes its disk figures.', request: 'HeartbeatRequest', response: okBody, parameters: [pathParameter('id', 'Store id.', integer(undefined, 1))] },
   },
+  '/stores/{id}/scrub': {
+    post: {
+      summary: 'The store reads every live block of its disk and checks its crc32c; answers with what it found (query mibPerSecond throttles it).',
+      response: { type: 'object' }, parameters: [pathParameter('id', 'Store id.', integer(undefined, 1))],
+    },
+  },
   '/stores/{id}/report-down': {
     post: { summary: 'A client saw the store fail: mark it down now.', request: 'ReportDownRequest', response: 'ClusterMap', parameters: [pathParameter('id', 'Store id.', integer(undefined, 1))] },
   },

@@ -54,6 +54,8 @@ export interface ConductorService {
   status(): Promise<ClusterStatus>;
   conductorInfo(): ConductorInfo;
   stores(): Promise<StoreInfo[]>;
+  /** Has the store scrub its disk now (reads every live block, checks its crc32c) and returns its report. */
+  scrubStore(storeId: number, mibPerSecondMax: number): Promise<unknown>;
   disks(): Promise<DiskInfo[]>;
   pools(): Promise<PoolInfo[]>;
   pool(name: string): Promise<PoolDetail>;
@@ -167,6 +169,10 @@ export function conductorRoutes(service: ConductorService, openApiJson: () => st
     }),
 
     route('GET', '/stores', async () => ({ body: { stores: await service.stores() } })),
+    // Changes no metadata: any conductor may relay it, leader or not.
+    route('POST', '/stores/{id}/scrub', async ({ params, query }) => ({
+      body: await service.scrubStore(pathId(params[0]!, 'store id'), queryInteger(query, 'mibPerSecond', 0, 1_000_000) ?? 0),
+    }), { write: false }),
     route('GET', '/disks', async () => ({ body: { disks: await service.disks() } })),
 
     route('GET', '/map', async ({ query, onAbort }) => {
