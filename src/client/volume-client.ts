@@ -29,7 +29,7 @@ import { ShaleError } from '../lib/errors.ts';
 import { placementGroupOf } from '../lib/placement-hash.ts';
 import { BLOCK_SHIFT, BLOCK_SIZE_BYTES } from '../lib/units.ts';
 import { BLOCKS_PER_REQUEST_MAX, BlockState, compareVersions, decodeReadParts, decodeReadReply, decodeRecentWrites, Flag, Op, type DecodedRead, type Frame } from '../proto/store-protocol.ts';
-import type { ClusterMap, PoolMapEntry, VolumeInfo } from '../conductor/api/types.ts';
+import type { ClusterMap, PgEntry, PoolMapEntry, VolumeInfo } from '../conductor/api/types.ts';
 import type { ClusterClient } from './cluster-client.ts';
 import { RangeLock } from './range-lock.ts';
 
@@ -107,6 +107,13 @@ export class VolumeClient {
     }));
   }
 
+  /** Where chunk `chunkIndex` lives in `map`: its pool, PG number and PG entry. */
+  #placement(map: ClusterMap, chunkIndex: number): { pool: PoolMapEntry; pgId: number; pg: PgEntry } {
+    const pool = this.#pool(map);
+    const pgId = placementGroupOf(this.info.id, chunkIndex, pool.pgCount);
+    return { pool, pgId, pg: pool.pgs[pgId]! };
+  }
+
   #pool(map: ClusterMap): PoolMapEntry {
     const pool = map.pools.find((candidate) => candidate.id === this.info.poolId);
     if (!pool) throw new ShaleError('NOT_READY', `pool ${this.info.poolId} of volume ${this.info.name} is not in the map`);
@@ -176,9 +183,7 @@ export class VolumeClient {
     let lastError: ShaleError | undefined;
     for (;;) {
       const map = this.#cluster.map;
-      const pool = this.#pool(map);
-      const pgId = placementGroupOf(this.info.id, piece.chunkIndex, pool.pgCount);
-      const pg = pool.pgs[pgId]!;
+      const { pool, pgId, pg } = this.#placement(map, piece.chunkIndex);
       const clean = pg.replicas.filter((replica) => replica.state === 'clean' && isUp(map, replica.storeId));
       const turn = this.#readTurn++;
       let staleMap = false;
@@ -350,9 +355,7 @@ export class VolumeClient {
     let lastError: ShaleError | undefined;
     for (;;) {
       const map = this.#cluster.map;
-      const pool = this.#pool(map);
-      const pgId = placementGroupOf(this.info.id, piece.chunkIndex, pool.pgCount);
-      const pg = pool.pgs[pgId]!;
+      const { pool, pgId, pg } = this.#placement(map, piece.chunkIndex);
       const acting = pg.replicas.filter((replica) => replica.state !== 'down' && isUp(map, replica.storeId));
       if (acting.length < pool.minReplicas) {
         lastError = new ShaleError('NO_QUORUM', `PG ${pool.id}.${pgId} has ${acting.length} of ${pool.minReplicas} replicas needed`);
@@ -459,9 +462,7 @@ export class VolumeClient {
   /** Reads a range from every replica of its PG and writes the newest version of each block to those that lack it. */
   async #rollForward(range: { chunkIndex: number; offsetBlocks: number; countBlocks: number }): Promise<number> {
     const map = this.#cluster.map;
-    const pool = this.#pool(map);
-    const pgId = placementGroupOf(this.info.id, range.chunkIndex, pool.pgCount);
-    const pg = pool.pgs[pgId]!;
+    const { pool, pgId, pg } = this.#placement(map, range.chunkIndex);
     const replicas = pg.replicas.filter((replica) => replica.state !== 'down' && isUp(map, replica.storeId)).map((replica) => replica.storeId);
     const header = {
       volumeId: this.info.id, chunkIndex: range.chunkIndex, poolId: pool.id, pgId, pgCount: pool.pgCount, pgEpoch: pg.epoch,
