@@ -4,30 +4,9 @@
  * file with Node's test runner. Extra arguments are passed to `node --test` (e.g. a file name).
  */
 import { spawnSync } from 'node:child_process';
+import { hasTool, requiredTools } from './required-tools.ts';
 
-const requiredTools: Record<string, string> = {
-  'qemu-img': 'qemu-utils',
-  'qemu-io': 'qemu-utils',
-  nbdinfo: 'libnbd-bin',
-  nbdcopy: 'libnbd-bin',
-  nbdfuse: 'libnbd-bin',
-  nbdsh: 'python3-libnbd',
-  fio: 'fio',
-  fuse2fs: 'fuse2fs',
-  fusermount3: 'fuse3',
-  'mkfs.ext4': 'e2fsprogs',
-  e2fsck: 'e2fsprogs',
-  debugfs: 'e2fsprogs',
-  openssl: 'openssl',
-  etcd: 'etcd-server',
-  etcdctl: 'etcd-client',
-};
-
-function has(tool: string): boolean {
-  return spawnSync('sh', ['-c', `command -v ${tool}`], { stdio: 'ignore' }).status === 0;
-}
-
-const missing = [...new Set(Object.entries(requiredTools).filter(([tool]) => !has(tool)).map(([, pkg]) => pkg))];
+const missing = [...new Set(Object.entries(requiredTools).filter(([tool]) => !hasTool(tool)).map(([, pkg]) => pkg))];
 if (missing.length > 0) {
   if (process.getuid?.() === 0) {
     console.log(`installing ${missing.join(' ')} with apt-get for the integration tests`);

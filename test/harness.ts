@@ -2,7 +2,7 @@
  * Helpers for integration tests: run `shale up` as a real child process in a temporary directory,
  * run the CLI and external tools (qemu-img, nbdinfo, fio), find free ports.
  */
-import { spawn, spawnSync, type ChildProcess } from 'node:child_process';
+import { spawn, type ChildProcess } from 'node:child_process';
 import { mkdtempSync, readFileSync, rmSync } from 'node:fs';
 import { createServer } from 'node:net';
 import { tmpdir } from 'node:os';
@@ -66,11 +66,7 @@ export function shale(api: string, ...args: string[]): Promise<RunResult> {
   return run(process.execPath, [MAIN, ...args], { env: { SHALE_API: api } });
 }
 
-export function requireTool(tool: string): void {
-  if (spawnSync('sh', ['-c', `command -v ${tool}`]).status !== 0) {
-    throw new Error(`${tool} is not installed: run \`npm test\` as root (it installs it) or apt-get install it`);
-  }
-}
+export { requireTool } from '../scripts/required-tools.ts';
 
 /** A `shale up` running as a child process. */
 export class ShaleUp {

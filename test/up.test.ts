@@ -5,13 +5,12 @@
  */
 import assert from 'node:assert/strict';
 import { randomBytes } from 'node:crypto';
-import { createHash } from 'node:crypto';
 import { mkdirSync, readFileSync, writeFileSync } from 'node:fs';
-import { mkdir, readdir, readFile, writeFile } from 'node:fs/promises';
 import { spawn, type ChildProcess } from 'node:child_process';
 import { join } from 'node:path';
 import { after, before, describe, test } from 'node:test';
 import { makeTestCertificates, type TestCertificates } from '../src/nbd/test-certificates.ts';
+import { filesystemRoundTrip } from './filesystem.ts';
 import { freePort, MAIN, requireTool, run, shale, ShaleUp, temporaryDirectory, waitFor } from './harness.ts';
 
 const MiB = 1024 * 1024;
@@ -150,56 +149,8 @@ describe('shale up, end to end', () => {
   });
 
   test('a real filesystem on a replicated volume: nbdfuse, mkfs.ext4, fuse2fs, remount, e2fsck', async () => {
-    for (const tool of ['nbdfuse', 'fuse2fs', 'fusermount3', 'mkfs.ext4', 'e2fsck']) requireTool(tool);
     assert.equal((await shale(cluster.api, 'volume', 'create', 'vol-fs', '--size', '128M')).status, 0);
-    const base = join(dir.path, 'fs');
-    const fuseDirectory = join(base, 'nbd');
-    const mountPoint = join(base, 'mnt');
-    await mkdir(fuseDirectory, { recursive: true });
-    await mkdir(mountPoint, { recursive: true });
-    const image = join(fuseDirectory, 'disk.img');
-    const pidFile = join(base, 'nbdfuse.pid');
-    const children: ChildProcess[] = [];
-    const started = (command: string, args: string[]): Promise<number | null> => {
-      const child = spawn(command, args, { stdio: ['ignore', 'ignore', 'inherit'] });
-      children.push(child);
-      return new Promise((resolve) => child.on('exit', (code) => resolve(code)));
-    };
-    const mounted = async (): Promise<boolean> => (await readFile('/proc/mounts', 'utf8')).includes(` ${mountPoint} `);
-    const mount = async (): Promise<{ exited: Promise<number | null> }> => {
-      const exited = started('fuse2fs', ['-f', image, mountPoint, '-o', 'fakeroot']);
-      await waitFor('fuse2fs to mount', async () => mounted(), 20_000, 20);
-      return { exited };
-    };
-    const unmount = async (target: string, exited: Promise<number | null>): Promise<void> => {
-      const result = await run('fusermount3', ['-u', target]);
-      assert.equal(result.status, 0, result.stderr);
-      assert.equal(await exited, 0, `the FUSE daemon of ${target} exits cleanly`);
-    };
-    const md5 = (bytes: Buffer): string => createHash('md5').update(bytes).digest('hex');
-    const payload = randomBytes(5 * MiB + 321);
-    const nbdfuse = started('nbdfuse', ['-P', pidFile, image, cluster.uri('vol-fs')]);
-    try {
-      await waitFor('nbdfuse to start', async () => (await readFile(pidFile, 'utf8').catch(() => '')).trim().length > 0, 20_000, 20);
-      const mkfs = await run('mkfs.ext4', ['-q', '-F', image], { timeoutMs: 120_000 });
-      assert.equal(mkfs.status, 0, mkfs.stderr);
-      let { exited } = await mount();
-      await writeFile(join(mountPoint, 'payload.bin'), payload);
-      await mkdir(join(mountPoint, 'dir'));
-      await writeFile(join(mountPoint, 'dir', 'note.txt'), 'stored by shale\n');
-      await unmount(mountPoint, exited);
-      ({ exited } = await mount());
-      assert.deepEqual((await readdir(mountPoint)).sort(), ['dir', 'lost+found', 'payload.bin']);
-      assert.equal(md5(await readFile(join(mountPoint, 'payload.bin'))), md5(payload));
-      assert.equal(await readFile(join(mountPoint, 'dir', 'note.txt'), 'utf8'), 'stored by shale\n');
-      await unmount(mountPoint, exited);
-      const fsck = await run('e2fsck', ['-fn', image], { timeoutMs: 120_000 });
-      assert.equal(fsck.status, 0, fsck.stdout + fsck.stderr);
-      await unmount(fuseDirectory, nbdfuse);
-    } finally {
-      for (const target of [mountPoint, fuseDirectory]) await run('fusermount3', ['-u', '-q', target]).catch(() => {});
-      for (const child of children) if (child.exitCode === null) child.kill();
-    }
+    await filesystemRoundTrip(cluster.uri('vol-fs'), join(dir.path, 'fs'));
   });
 
   test('a second gateway is refused the volume unless it takes it over; then the first one is fenced', async () => {

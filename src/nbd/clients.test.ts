@@ -7,10 +7,9 @@
  * tests never pass by skipping.
  */
 import assert from 'node:assert/strict';
-import { execFile, execFileSync, spawn } from 'node:child_process';
-import type { ChildProcess } from 'node:child_process';
-import { createHash, randomBytes } from 'node:crypto';
-import { mkdir, mkdtemp, readFile, readdir, rm, truncate, writeFile } from 'node:fs/promises';
+import { execFile, execFileSync } from 'node:child_process';
+import { randomBytes } from 'node:crypto';
+import { mkdtemp, readFile, rm, truncate, writeFile } from 'node:fs/promises';
 import { open as openFile } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
@@ -21,34 +20,13 @@ import { MemoryExport, MemoryExportProvider } from './memory-export.ts';
 import { startNbdServer } from './server.ts';
 import type { NbdServer } from './server.ts';
 import { NbdSimpleClient } from './simple-client.ts';
+import { requireTool } from '../../scripts/required-tools.ts';
+import { filesystemRoundTrip } from '../../test/filesystem.ts';
 import { makeTestCertificates } from './test-certificates.ts';
 import type { TestCertificates } from './test-certificates.ts';
 
 const MiB = 1024 * 1024;
 const PYTHON = '/usr/bin/python3';
-
-const packageOf: Record<string, string> = {
-  nbdinfo: 'libnbd-bin',
-  nbdcopy: 'libnbd-bin',
-  nbdfuse: 'libnbd-bin',
-  'qemu-img': 'qemu-utils',
-  'qemu-io': 'qemu-utils',
-  fio: 'fio',
-  fuse2fs: 'fuse2fs',
-  fusermount3: 'fuse3',
-  'mkfs.ext4': 'e2fsprogs',
-  e2fsck: 'e2fsprogs',
-  debugfs: 'e2fsprogs',
-  openssl: 'openssl',
-};
-
-function requireTool(name: string): void {
-  try {
-    execFileSync('sh', ['-c', `command -v ${name}`], { stdio: 'ignore' });
-  } catch {
-    assert.fail(`${name} is not installed: run \`apt-get install -y ${packageOf[name]}\` (this test needs the real client)`);
-  }
-}
 
 function requirePythonNbd(): void {
   try {
@@ -401,65 +379,8 @@ h.shutdown()
   });
 
   test('a filesystem: nbdfuse exposes the export as a file, mkfs.ext4, fuse2fs mounts it twice, e2fsck passes', async () => {
-    for (const tool of ['nbdfuse', 'fuse2fs', 'fusermount3', 'mkfs.ext4', 'e2fsck', 'debugfs']) requireTool(tool);
     const base = join(directory, 'fs');
-    const fuseDirectory = join(base, 'nbd');
-    const mountPoint = join(base, 'mnt');
-    await mkdir(fuseDirectory, { recursive: true });
-    await mkdir(mountPoint, { recursive: true });
-    const image = join(fuseDirectory, 'disk.img');
-    const pidFile = join(base, 'nbdfuse.pid');
-    const children: ChildProcess[] = [];
-    const started = (command: string, args: string[]): Promise<number | null> => {
-      const child = spawn(command, args, { stdio: ['ignore', 'ignore', 'pipe'] });
-      children.push(child);
-      let stderr = '';
-      child.stderr!.on('data', (chunk: Buffer) => (stderr += chunk.toString()));
-      return new Promise((resolve) => child.on('exit', (code) => {
-        if (code !== 0) logs.push(`${command} exited ${code}: ${stderr}`);
-        resolve(code);
-      }));
-    };
-    const mounted = async (): Promise<boolean> => (await readFile('/proc/mounts', 'utf8')).includes(` ${mountPoint} `);
-    const files = new Map<string, Buffer>([['hello.txt', Buffer.from('hello from shale\n')], ['random.bin', randomBytes(3 * MiB + 123)]]);
-    const md5 = (bytes: Buffer): string => createHash('md5').update(bytes).digest('hex');
-    /** Mounts with fuse2fs in the foreground; returns when mounted, with the daemon's exit to wait for. */
-    const mountFilesystem = async (): Promise<{ exited: Promise<number | null> }> => {
-      const exited = started('fuse2fs', ['-f', image, mountPoint, '-o', 'fakeroot']);
-      const deadline = Date.now() + 20_000;
-      while (!(await mounted())) {
-        if (Date.now() > deadline) assert.fail(`fuse2fs did not mount: ${logs.join('\n')}`);
-        await sleep(20);
-      }
-      return { exited };
-    };
-    const unmount = async (target: string, exited: Promise<number | null>): Promise<void> => {
-      await runOk('fusermount3', ['-u', target]);
-      assert.equal(await exited, 0, `the FUSE daemon of ${target} exits cleanly`);
-    };
-    const nbdfuseExited = started('nbdfuse', ['-P', pidFile, image, uri('filesystem')]);
-    try {
-      const deadline = Date.now() + 20_000;
-      while (!(await readFile(pidFile, 'utf8').catch(() => '')).trim()) {
-        if (Date.now() > deadline) assert.fail(`nbdfuse did not start: ${logs.join('\n')}`);
-        await sleep(20);
-      }
-      await runOk('mkfs.ext4', ['-q', '-F', image], 60_000);
-      let { exited } = await mountFilesystem();
-      for (const [name, bytes] of files) await writeFile(join(mountPoint, name), bytes);
-      await mkdir(join(mountPoint, 'dir'));
-      await writeFile(join(mountPoint, 'dir', 'nested.txt'), 'nested\n');
-      await unmount(mountPoint, exited);
-      ({ exited } = await mountFilesystem());
-      assert.deepEqual((await readdir(mountPoint)).sort(), ['dir', 'hello.txt', 'lost+found', 'random.bin']);
-      for (const [name, bytes] of files) assert.equal(md5(await readFile(join(mountPoint, name))), md5(bytes), name);
-      await unmount(mountPoint, exited);
-      await runOk('e2fsck', ['-fn', image], 60_000);
-      await unmount(fuseDirectory, nbdfuseExited);
-    } finally {
-      for (const target of [mountPoint, fuseDirectory]) await run('fusermount3', ['-u', '-q', target]).catch(() => {});
-      for (const child of children) if (child.exitCode === null) child.kill();
-    }
+    await filesystemRoundTrip(uri('filesystem'), base);
     // The filesystem is in the export itself, not in some cache on the way: check a copy of its bytes.
     const copy = join(base, 'copy.img');
     await writeFile(copy, exports.filesystem.data);
