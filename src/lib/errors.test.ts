@@ -11,7 +11,7 @@ test('every error code is mapped to an NBD errno, an S3 code, an HTTP status and
   for (const code of codes) {
     const spec = ErrorCodes[code];
     assert.ok(nbdNames.has(spec.nbdErrno) && Number(spec.nbdErrno) !== 0, `${code} maps to a known, non-zero NBD errno`);
-    assert.match(spec.s3Code, /^[A-Z][A-Za-z]+$/, `${code} has an S3 error code`);
+    assert.match(spec.s3Code, /^[A-Z][A-Za-z0-9]+$/, `${code} has an S3 error code`);
     assert.ok(spec.httpStatus >= 400 && spec.httpStatus < 600, `${code} has an HTTP error status`);
     assert.ok(Number.isInteger(spec.exitCode) && spec.exitCode > 0 && spec.exitCode < 126, `${code} has a usable exit code`);
     assert.ok(spec.wire > 0 && spec.wire < 0xffff && !wires.has(spec.wire), `${code} has a unique wire value`);

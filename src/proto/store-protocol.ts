@@ -51,6 +51,17 @@
  *                 seq f64. With CLEAR, entries of older owner epochs are dropped after the reply is built.
  *   SCRUB         request: none (count = most MiB per second to read, 0 = unthrottled). reply: a
  *                 JSON ScrubReport (a rare administrative call, not on the data path).
+ *
+ * Key-value ops (namespace 2, the S3 bucket index; volume id = shard id, chunk index 0, so the
+ * shard's PG is computed like any object's; version = (owner epoch, version seq)):
+ *   KV_PUT        request: u16 key length, key, value. FUA makes it durable before the reply.
+ *                 reply: count = 1 if the version rule applied it, else 0.
+ *   KV_DELETE     request: u16 key length, key. A versioned tombstone. reply: as KV_PUT.
+ *   KV_GET        request: the key. reply: count = 1 and the value, with the record's version in
+ *                 the owner epoch / version seq fields; count = 0 when there is no live record.
+ *   KV_LIST       request: u16 prefix length, prefix, u16 start-after length, start-after; count =
+ *                 most entries (1..10000). reply: entries in key order, each u16 key length, u32
+ *                 value length, u32 version epoch, f64 version seq, key, value.
  */
 import { assert } from '../lib/assert.ts';
 import type { BlockStateValue } from '../lib/block-state.ts';
@@ -77,7 +88,34 @@ export const Op = {
   BLOCK_STATES: 8,
   RECENT_WRITES: 9,
   SCRUB: 10,
+  /** Key-value records (the S3 bucket index), 0x20–0x2F: see below and docs/protocol.md. */
+  KV_PUT: 0x20,
+  KV_DELETE: 0x21,
+  KV_GET: 0x22,
+  KV_LIST: 0x23,
 } as const;
+
+/**
+ * Namespaces of the header's namespace field. Block volumes are 0. S3 object data (immutable
+ * objects, written once) is 1, the S3 bucket-index shards (key-value records) are 2. A store maps
+ * (namespace, id) onto its engine's one id space: 0 → id, 1 → 2^52 + id, 2 → 2^52 + 2^51 + id, so
+ * ids of different namespaces never meet on a disk; ids of namespaces 1 and 2 stay below 2^51.
+ */
+export const Namespace = {
+  VOLUME: 0,
+  S3_DATA: 1,
+  S3_INDEX: 2,
+} as const;
+export const NAMESPACE_ID_MAX = 2 ** 51 - 1;
+
+/** The engine id of (namespace, id). Throws INVALID_ARGUMENT for an unknown namespace or an id too large. */
+export function engineObjectId(namespace: number, id: number): number {
+  if (namespace === Namespace.VOLUME) return id;
+  if (id > NAMESPACE_ID_MAX) throw new ShaleError('INVALID_ARGUMENT', `id ${id} of namespace ${namespace} is above 2^51`);
+  if (namespace === Namespace.S3_DATA) return 2 ** 52 + id;
+  if (namespace === Namespace.S3_INDEX) return 2 ** 52 + 2 ** 51 + id;
+  throw new ShaleError('INVALID_ARGUMENT', `unknown namespace ${namespace}`);
+}
 export type OpCode = (typeof Op)[keyof typeof Op];
 export const REPLY_BIT = 0x80;
 
@@ -444,4 +482,89 @@ export interface ScrubReport {
   /** The first bad blocks (a bounded list). */
   bad: { volumeId: number; chunkIndex: number; block: number; [detail: string]: unknown }[];
   durationMs: number;
+}
+
+/** One key-value record as KV_GET and KV_LIST carry it. */
+export interface KvRecord {
+  key: Buffer;
+  value: Buffer;
+  epoch: number;
+  seq: number;
+}
+
+/** The most entries one KV_LIST returns. */
+export const KV_LIST_LIMIT_MAX = 10_000;
+
+export function encodeKvKey(key: Buffer, value?: Buffer): Buffer[] {
+  if (key.length < 1 || key.length > 0xffff) throw new ShaleError('INVALID_ARGUMENT', `key of ${key.length} bytes`);
+  const length = Buffer.allocUnsafe(2);
+  length.writeUInt16LE(key.length, 0);
+  return value ? [length, key, value] : [length, key];
+}
+
+export function decodeKvKey(payload: Buffer): { key: Buffer; value: Buffer } {
+  if (payload.length < 2) throw new ShaleError('PROTOCOL', 'key-value payload shorter than its key length');
+  const keyBytes = payload.readUInt16LE(0);
+  if (keyBytes < 1 || 2 + keyBytes > payload.length) throw new ShaleError('PROTOCOL', `key-value payload with a bad key length ${keyBytes}`);
+  return { key: payload.subarray(2, 2 + keyBytes), value: payload.subarray(2 + keyBytes) };
+}
+
+export function encodeKvListRequest(prefix: Buffer, startAfter: Buffer | undefined): Buffer {
+  const after = startAfter ?? Buffer.alloc(0);
+  if (prefix.length > 0xffff || after.length > 0xffff) throw new ShaleError('INVALID_ARGUMENT', 'prefix or start-after too long');
+  const out = Buffer.allocUnsafe(4 + prefix.length + after.length);
+  out.writeUInt16LE(prefix.length, 0);
+  prefix.copy(out, 2);
+  out.writeUInt16LE(after.length, 2 + prefix.length);
+  after.copy(out, 4 + prefix.length);
+  return out;
+}
+
+export function decodeKvListRequest(payload: Buffer): { prefix: Buffer; startAfter: Buffer | undefined } {
+  if (payload.length < 4) throw new ShaleError('PROTOCOL', 'KV_LIST request too short');
+  const prefixBytes = payload.readUInt16LE(0);
+  if (2 + prefixBytes + 2 > payload.length) throw new ShaleError('PROTOCOL', 'KV_LIST request truncated');
+  const prefix = payload.subarray(2, 2 + prefixBytes);
+  const afterBytes = payload.readUInt16LE(2 + prefixBytes);
+  if (4 + prefixBytes + afterBytes !== payload.length) throw new ShaleError('PROTOCOL', 'KV_LIST request of the wrong length');
+  const startAfter = afterBytes > 0 ? payload.subarray(4 + prefixBytes) : undefined;
+  return { prefix, startAfter };
+}
+
+const KV_ENTRY_HEADER_BYTES = 18;
+
+export function encodeKvRecords(records: readonly KvRecord[]): Buffer {
+  let size = 0;
+  for (const record of records) size += KV_ENTRY_HEADER_BYTES + record.key.length + record.value.length;
+  const out = Buffer.allocUnsafe(size);
+  let at = 0;
+  for (const record of records) {
+    out.writeUInt16LE(record.key.length, at);
+    out.writeUInt32LE(record.value.length, at + 2);
+    out.writeUInt32LE(record.epoch >>> 0, at + 6);
+    out.writeDoubleLE(record.seq, at + 10);
+    at += KV_ENTRY_HEADER_BYTES;
+    record.key.copy(out, at);
+    at += record.key.length;
+    record.value.copy(out, at);
+    at += record.value.length;
+  }
+  return out;
+}
+
+export function decodeKvRecords(payload: Buffer): KvRecord[] {
+  const records: KvRecord[] = [];
+  let at = 0;
+  while (at < payload.length) {
+    if (at + KV_ENTRY_HEADER_BYTES > payload.length) throw new ShaleError('PROTOCOL', 'KV_LIST reply truncated');
+    const keyBytes = payload.readUInt16LE(at);
+    const valueBytes = payload.readUInt32LE(at + 2);
+    const epoch = payload.readUInt32LE(at + 6);
+    const seq = payload.readDoubleLE(at + 10);
+    at += KV_ENTRY_HEADER_BYTES;
+    if (at + keyBytes + valueBytes > payload.length) throw new ShaleError('PROTOCOL', 'KV_LIST reply truncated');
+    records.push({ key: payload.subarray(at, at + keyBytes), value: payload.subarray(at + keyBytes, at + keyBytes + valueBytes), epoch, seq });
+    at += keyBytes + valueBytes;
+  }
+  return records;
 }

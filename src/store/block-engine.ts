@@ -60,4 +60,10 @@ export interface BlockEngine {
   /** Reads every live block and checks its crc32c; reports bad ones (repair is the client's). */
   scrub(options?: { bytesPerSecondMax?: number }): Promise<ScrubReport>;
   close(): Promise<void>;
+  /** Key-value records (the S3 bucket index): the version rule per key; `fua` makes the change durable. */
+  kvPut(shardId: number, key: Buffer, value: Buffer, version: BlockVersion, options?: { fua?: boolean }): Promise<{ applied: boolean }>;
+  kvDelete(shardId: number, key: Buffer, version: BlockVersion, options?: { fua?: boolean }): Promise<{ applied: boolean }>;
+  kvGet(shardId: number, key: Buffer): { key: Buffer; value: Buffer; version: BlockVersion } | undefined;
+  /** Live records in key order. */
+  kvList(shardId: number, options: { prefix?: Buffer; startAfter?: Buffer; limit?: number }): { key: Buffer; value: Buffer; version: BlockVersion }[];
 }

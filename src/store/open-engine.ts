@@ -120,4 +120,20 @@ class LogEngineAdapter implements BlockEngine {
   close(): Promise<void> {
     return this.#engine.close();
   }
+
+  kvPut(shardId: number, key: Buffer, value: Buffer, version: { epoch: number; seq: number }, options: { fua?: boolean } = {}): Promise<{ applied: boolean }> {
+    return this.#engine.kvPut(shardId, key, value, version, options);
+  }
+
+  kvDelete(shardId: number, key: Buffer, version: { epoch: number; seq: number }, options: { fua?: boolean } = {}): Promise<{ applied: boolean }> {
+    return this.#engine.kvDelete(shardId, key, version, options);
+  }
+
+  kvGet(shardId: number, key: Buffer): { key: Buffer; value: Buffer; version: { epoch: number; seq: number } } | undefined {
+    return this.#engine.kvGet(shardId, key);
+  }
+
+  kvList(shardId: number, options: { prefix?: Buffer; startAfter?: Buffer; limit?: number }): { key: Buffer; value: Buffer; version: { epoch: number; seq: number } }[] {
+    return this.#engine.kvList(shardId, options);
+  }
 }

@@ -16,7 +16,7 @@ import { placementGroupOf } from '../lib/placement-hash.ts';
 import { BLOCK_SIZE_BYTES } from '../lib/units.ts';
 import type { Connection, Env, Listener } from '../env/env.ts';
 import {
-  BLOCKS_PER_REQUEST_MAX, BlockState, decodeVolumeIds, encodeRecentWrites, encodeHeader, encodeListReply, encodeReadDescriptors,
+  BLOCKS_PER_REQUEST_MAX, BlockState, decodeKvKey, decodeKvListRequest, decodeVolumeIds, encodeKvRecords, engineObjectId, KV_LIST_LIMIT_MAX, Namespace, encodeRecentWrites, encodeHeader, encodeListReply, encodeReadDescriptors,
   Flag, FrameParser, HEADER_BYTES, Op, REPLY_BIT, type Frame, type FrameHeader,
 } from '../proto/store-protocol.ts';
 import type { BlockEngine } from './block-engine.ts';
@@ -171,6 +171,12 @@ export class StoreServer {
         return this.#blockStates(h);
       case Op.RECENT_WRITES:
         return this.#recentWrites(h);
+      case Op.KV_PUT:
+      case Op.KV_DELETE:
+        return this.#track(this.#kvWrite(frame));
+      case Op.KV_GET:
+      case Op.KV_LIST:
+        return this.#kvRead(frame);
       case Op.SCRUB: {
         const report = await this.#engine.scrub(h.countBlocks > 0 ? { bytesPerSecondMax: h.countBlocks * 1024 * 1024 } : {});
         const payload = Buffer.from(JSON.stringify(report), 'utf8');
@@ -200,8 +206,9 @@ export class StoreServer {
   }
 
   #checkEpochs(h: FrameHeader, isRepair: boolean): void {
-    if (this.#view.isDeleted(h.volumeId)) throw new ShaleError('NOT_FOUND', `volume ${h.volumeId} was deleted`);
-    if (!isRepair) {
+    if (h.namespace === Namespace.VOLUME && this.#view.isDeleted(h.volumeId)) throw new ShaleError('NOT_FOUND', `volume ${h.volumeId} was deleted`);
+    // S3 data and index objects have no owner: they are written once, or by the version rule alone.
+    if (!isRepair && h.namespace === Namespace.VOLUME) {
       const fence = this.#engine.ownerEpoch(h.volumeId);
       if (h.ownerEpoch < fence) {
         throw new ShaleError('FENCED', `owner epoch ${h.ownerEpoch} of volume ${h.volumeId} is older than the fence ${fence}`);
@@ -218,8 +225,10 @@ export class StoreServer {
     const isRepair = (h.flags & Flag.REPAIR) !== 0;
     this.#checkEpochs(h, isRepair);
     const version = { epoch: h.ownerEpoch, seq: h.versionSeq };
-    const ownerEpoch = isRepair ? undefined : h.ownerEpoch;
-    if (!isRepair) this.recentWrites.check(h.volumeId, h.ownerEpoch, h.watermark);
+    const isVolume = h.namespace === Namespace.VOLUME;
+    const ownerEpoch = isRepair || !isVolume ? undefined : h.ownerEpoch;
+    const volumeId = engineObjectId(h.namespace, h.volumeId);
+    if (!isRepair && isVolume) this.recentWrites.check(h.volumeId, h.ownerEpoch, h.watermark);
     let appliedBlocks: number;
     if (h.op === Op.WRITE) {
       const checksumBytes = h.countBlocks * 4;
@@ -233,14 +242,14 @@ export class StoreServer {
       const checksums = new Uint32Array(h.countBlocks);
       for (let i = 0; i < h.countBlocks; i++) checksums[i] = sums.readUInt32LE(i * 4);
       ({ appliedBlocks } = await this.#engine.write({
-        volumeId: h.volumeId, chunkIndex: h.chunkIndex, offsetBlocks: h.offsetBlocks, data, checksums, version, snapSeq: h.snapSeq, ownerEpoch,
+        volumeId, chunkIndex: h.chunkIndex, offsetBlocks: h.offsetBlocks, data, checksums, version, snapSeq: h.snapSeq, ownerEpoch,
       }));
     } else {
       ({ appliedBlocks } = await this.#engine.writeZeroes({
-        volumeId: h.volumeId, chunkIndex: h.chunkIndex, offsetBlocks: h.offsetBlocks, countBlocks: h.countBlocks, version, snapSeq: h.snapSeq, ownerEpoch,
+        volumeId, chunkIndex: h.chunkIndex, offsetBlocks: h.offsetBlocks, countBlocks: h.countBlocks, version, snapSeq: h.snapSeq, ownerEpoch,
       }));
     }
-    if (!isRepair) {
+    if (!isRepair && isVolume) {
       this.recentWrites.note(h.volumeId, { chunkIndex: h.chunkIndex, offsetBlocks: h.offsetBlocks, countBlocks: h.countBlocks, epoch: h.ownerEpoch, seq: h.versionSeq }, h.watermark);
     }
     if ((h.flags & Flag.FUA) !== 0) await this.#engine.flush();
@@ -253,7 +262,7 @@ export class StoreServer {
     if ((h.flags & Flag.REPAIR) === 0 && !this.#view.canServeReads(h.poolId, h.pgId, h.pgEpoch)) {
       throw new ShaleError('NOT_READY', `PG ${h.poolId}.${h.pgId} is recovering on this store`);
     }
-    const result = await this.#engine.read(h.volumeId, h.chunkIndex, h.offsetBlocks, h.countBlocks);
+    const result = await this.#engine.read(engineObjectId(h.namespace, h.volumeId), h.chunkIndex, h.offsetBlocks, h.countBlocks);
     const descriptors = encodeReadDescriptors(result, h.countBlocks);
     let dataBlocks = 0;
     for (let i = 0; i < h.countBlocks; i++) if (result.states[i] === BlockState.DATA) dataBlocks++;
@@ -278,7 +287,7 @@ export class StoreServer {
     if (!this.#view.canServeReads(h.poolId, h.pgId, h.pgEpoch)) {
       throw new ShaleError('NOT_READY', `PG ${h.poolId}.${h.pgId} is recovering on this store`);
     }
-    const states = Buffer.from(this.#engine.blockStates(h.volumeId, h.chunkIndex, h.offsetBlocks, h.countBlocks));
+    const states = Buffer.from(this.#engine.blockStates(engineObjectId(h.namespace, h.volumeId), h.chunkIndex, h.offsetBlocks, h.countBlocks));
     return { header: replyHeader(h, { payloadBytes: states.length }), parts: [states] };
   }
 
@@ -296,6 +305,52 @@ export class StoreServer {
     if (h.ownerEpoch < current) throw new ShaleError('FENCED', `volume ${h.volumeId} is fenced at ${current}, above ${h.ownerEpoch}`);
     if (h.ownerEpoch > current) await this.#engine.fence(h.volumeId, h.ownerEpoch);
     return { header: replyHeader(h), parts: [] };
+  }
+
+  /** KV_PUT / KV_DELETE on a bucket-index shard: the PG checks of a write, then the version rule per key. */
+  async #kvWrite(frame: Frame): Promise<Reply> {
+    const h = frame.header;
+    this.#checkKv(h);
+    const payload = frame.parts ? Buffer.concat(frame.parts) : frame.payload;
+    const { key, value } = decodeKvKey(payload);
+    const version = { epoch: h.ownerEpoch, seq: h.versionSeq };
+    const fua = (h.flags & Flag.FUA) !== 0;
+    const shardId = engineObjectId(h.namespace, h.volumeId);
+    const { applied } = h.op === Op.KV_PUT
+      ? await this.#engine.kvPut(shardId, Buffer.from(key), Buffer.from(value), version, { fua })
+      : await this.#engine.kvDelete(shardId, Buffer.from(key), version, { fua });
+    if (fua && !applied) await this.#engine.flush();
+    return { header: replyHeader(h, { countBlocks: applied ? 1 : 0 }), parts: [] };
+  }
+
+  /** KV_GET / KV_LIST: only from a replica that serves reads of the shard's PG. */
+  #kvRead(frame: Frame): Reply {
+    const h = frame.header;
+    this.#checkKv(h);
+    if ((h.flags & Flag.REPAIR) === 0 && !this.#view.canServeReads(h.poolId, h.pgId, h.pgEpoch)) {
+      throw new ShaleError('NOT_READY', `PG ${h.poolId}.${h.pgId} is recovering on this store`);
+    }
+    const payload = frame.parts ? Buffer.concat(frame.parts) : frame.payload;
+    const shardId = engineObjectId(h.namespace, h.volumeId);
+    if (h.op === Op.KV_GET) {
+      const { key } = decodeKvKey(payload);
+      const entry = this.#engine.kvGet(shardId, Buffer.from(key));
+      if (!entry) return { header: replyHeader(h, { countBlocks: 0, ownerEpoch: 0, versionSeq: 0 }), parts: [] };
+      return { header: replyHeader(h, { countBlocks: 1, ownerEpoch: entry.version.epoch, versionSeq: entry.version.seq, payloadBytes: entry.value.length }), parts: [entry.value] };
+    }
+    if (h.countBlocks < 1 || h.countBlocks > KV_LIST_LIMIT_MAX) throw new ShaleError('INVALID_ARGUMENT', `KV_LIST limit ${h.countBlocks} outside 1..${KV_LIST_LIMIT_MAX}`);
+    const { prefix, startAfter } = decodeKvListRequest(payload);
+    const entries = this.#engine.kvList(shardId, { prefix: Buffer.from(prefix), startAfter: startAfter ? Buffer.from(startAfter) : undefined, limit: h.countBlocks });
+    const out = encodeKvRecords(entries.map((entry) => ({ key: entry.key, value: entry.value, epoch: entry.version.epoch, seq: entry.version.seq })));
+    return { header: replyHeader(h, { countBlocks: entries.length, payloadBytes: out.length }), parts: [out] };
+  }
+
+  #checkKv(h: FrameHeader): void {
+    if (h.namespace !== Namespace.S3_INDEX) throw new ShaleError('INVALID_ARGUMENT', `key-value ops are for namespace ${Namespace.S3_INDEX}, not ${h.namespace}`);
+    if (h.pgCount === 0 || placementGroupOf(h.volumeId, 0, h.pgCount) !== h.pgId) {
+      throw new ShaleError('INVALID_ARGUMENT', `shard ${h.volumeId} is not in PG ${h.pgId} of ${h.pgCount}`);
+    }
+    this.#checkEpochs(h, true);
   }
 
   async #listPg(frame: Frame): Promise<Reply> {
