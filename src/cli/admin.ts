@@ -312,4 +312,43 @@ export function registerAdminCommands(program: Command, io: AdminIo = processIo)
     const reply = await api.call<{ ok: true }>('DELETE', `/volumes/${encodeURIComponent(name)}${options.force ? '?force=true' : ''}`);
     out(options, reply, () => `deleted volume ${name}\n`);
   });
+
+  // ---- key, bucket (S3) -------------------------------------------------------------------
+  const key = group(program, 'key', 'S3 access keys');
+
+  verb(key.command('create').description('create an S3 access key for an account (the account is made on first use)')
+    .option('--account <name>', 'the account the key acts for (required)')
+    .option('--access-key <id>', 'import this access key id (with --secret-key); generated when absent')
+    .option('--secret-key <secret>', 'its secret key'),
+  async (api, options: CommonOptions & { account?: string; accessKey?: string; secretKey?: string }) => {
+    if (options.account === undefined) throw new ShaleError('INVALID_ARGUMENT', 'key create: --account NAME is required');
+    const created = await api.call<{ accessKey: string; secretKey: string; account: string }>('POST', '/s3/keys', {
+      account: options.account, ...(options.accessKey !== undefined ? { accessKey: options.accessKey } : {}), ...(options.secretKey !== undefined ? { secretKey: options.secretKey } : {}),
+    });
+    out(options, created, () => renderFields([['account', created.account], ['access key', created.accessKey], ['secret key', created.secretKey]]));
+  });
+
+  verb(key.command('list').description('every S3 access key (secrets are not shown)'),
+    async (api, options: CommonOptions) => {
+      const { keys } = await api.call<{ keys: { accessKey: string; account: string; createdAt: string }[] }>('GET', '/s3/keys');
+      out(options, { keys }, () => keys.length === 0
+        ? 'no keys\n'
+        : renderTable(['ACCESS KEY', 'ACCOUNT', 'CREATED'], keys.map((k) => [k.accessKey, k.account, formatTime(k.createdAt)]), io.stdoutIsTty));
+    });
+
+  verb(key.command('delete').argument('<access-key>', 'access key id').description('delete an S3 access key: requests signed with it are refused'),
+    async (api, options: CommonOptions, accessKey: string) => {
+      const reply = await api.call<{ ok: true }>('DELETE', `/s3/keys/${encodeURIComponent(accessKey)}`);
+      out(options, reply, () => `deleted access key ${accessKey}\n`);
+    });
+
+  const bucket = group(program, 'bucket', 'S3 buckets');
+  verb(bucket.command('list').description('every S3 bucket with its account'),
+    async (api, options: CommonOptions) => {
+      const { buckets } = await api.call<{ buckets: { name: string; id: number; account: string; shardCount: number; publicRead: boolean; createdAt: string }[] }>('GET', '/s3/buckets');
+      out(options, { buckets }, () => buckets.length === 0
+        ? 'no buckets\n'
+        : renderTable(['BUCKET', 'ID', 'ACCOUNT', 'SHARDS', 'PUBLIC READ', 'CREATED'],
+          buckets.map((b) => [b.name, b.id, b.account, b.shardCount, b.publicRead ? 'yes' : 'no', formatTime(b.createdAt)]), io.stdoutIsTty));
+    });
 }

@@ -33,6 +33,7 @@ import { Op } from '../proto/store-protocol.ts';
 const scrubTimeoutMs = 6 * 3_600_000;
 import { adminTokenName, newToken, TokenAuthenticator, tokenSha256 } from './api/auth.ts';
 import { openApiDocument } from './api/openapi.ts';
+import { S3Registry } from './s3-registry.ts';
 import { type ConductorService, conductorRoutes, createHttpHandler, type Log, type MapSnapshot } from './api/server.ts';
 import type {
   ClusterInfo, ClusterStatus, ConductorInfo, DiskInfo, DiskReport, OpenVolumeResponse, PoolDetail, PoolInfo, RegisterStoreResponse, StoreInfo,
@@ -137,6 +138,7 @@ class ConductorCore implements ConductorService {
   #cached: MapSnapshot | undefined;
   /** The build of the map under way, for the epoch it started at. */
   #building: { epoch: number; promise: Promise<MapSnapshot> } | undefined;
+  readonly s3: S3Registry;
   #checking = false;
 
   constructor(env: Env, meta: MetaStore, config: ClusterConfig, log: Log, identity: ConductorIdentity, leadership: Leadership, clusterId: string, epoch: number, timing: { timeoutMs: number; intervalMs: number }) {
@@ -150,6 +152,7 @@ class ConductorCore implements ConductorService {
     this.heartbeatTimeoutMs = timing.timeoutMs;
     this.heartbeatIntervalMs = timing.intervalMs;
     this.watch = new MapWatch(env.clock, epoch, mapWaitersMax);
+    this.s3 = new S3Registry(env, meta);
   }
 
   #nowIso(): string {

@@ -88,6 +88,23 @@ const schemas: Record<string, Schema> = {
       required: ['stores', 'pgs'],
     }],
   },
+  AccessKey: object({ accessKey: string(), secretKey: string('Shown to admins and gateways only.'), account: string(), createdAt: { type: 'string', format: 'date-time' } }),
+  AccessKeyInfo: object({ accessKey: string(), account: string(), createdAt: { type: 'string', format: 'date-time' } }),
+  CreateKeyRequest: object({
+    account: { type: 'string', pattern: '^[A-Za-z0-9_][A-Za-z0-9._@-]{0,63}$', description: 'Made on first use.' },
+    accessKey: { type: 'string', pattern: '^[A-Za-z0-9][A-Za-z0-9._-]{2,127}$', description: 'Import a known key; generated when absent (give both or neither).' },
+    secretKey: { type: 'string', pattern: '^[\\x21-\\x7e]{8,128}$' },
+  }, ['account']),
+  Bucket: object({
+    id: integer(undefined, 1), name: string(), account: string(), poolId: integer(undefined, 1), shardCount: integer(undefined, 1),
+    publicRead: { type: 'boolean' }, createdAt: { type: 'string', format: 'date-time' },
+  }),
+  CreateBucketRequest: object({
+    name: { type: 'string', pattern: '^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$' }, account: string(), shardCount: integer('Bucket-index shards, 1..256; default 8.', 1),
+  }, ['name', 'account']),
+  UpdateBucketRequest: object({ publicRead: { type: 'boolean', description: 'Anonymous GET and HEAD of objects.' } }),
+  AllocateDataIdsRequest: object({ count: integer('1..65536', 1) }),
+  DataIdRange: object({ first: integer(undefined, 1), count: integer(undefined, 1) }),
   ClusterStatus: object({
     clusterId: string(), epoch: integer(), health: { enum: ['ok', 'degraded', 'error'] },
     stores: object({ total: integer(), up: integer(), down: integer() }), pools: array(ref('PoolInfo')), volumes: integer(),
@@ -165,6 +182,24 @@ export const operations: Record<string, Record<string, Operation>> = {
   '/volumes/{name}/open': {
     post: { summary: 'Become the volume\'s owner with a new owner epoch.', request: 'OpenVolumeRequest', response: 'OpenVolumeResponse', parameters: [volumeNameParameter] },
   },
+  '/s3/keys': {
+    get: { summary: 'Every S3 access key (without secrets).', response: object({ keys: array(ref('AccessKeyInfo')) }) },
+    post: { summary: 'Create (or import) an S3 access key for an account.', request: 'CreateKeyRequest', response: 'AccessKey', status: 201 },
+  },
+  '/s3/keys/{accessKey}': {
+    get: { summary: 'One access key with its secret (S3 gateways check signatures with it).', response: 'AccessKey', parameters: [pathParameter('accessKey', 'Access key id.')] },
+    delete: { summary: 'Delete an access key; requests signed with it are refused from then on.', response: okBody, parameters: [pathParameter('accessKey', 'Access key id.')] },
+  },
+  '/s3/buckets': {
+    get: { summary: 'Every S3 bucket.', response: object({ buckets: array(ref('Bucket')) }) },
+    post: { summary: 'Create a bucket record (S3 gateways do this for CreateBucket).', request: 'CreateBucketRequest', response: 'Bucket', status: 201 },
+  },
+  '/s3/buckets/{name}': {
+    get: { summary: 'One bucket.', response: 'Bucket', parameters: [pathParameter('name', 'Bucket name.')] },
+    patch: { summary: 'Change a bucket\'s public-read setting.', request: 'UpdateBucketRequest', response: 'Bucket', parameters: [pathParameter('name', 'Bucket name.')] },
+    delete: { summary: 'Forget a bucket (the gateway checks it is empty first).', response: okBody, parameters: [pathParameter('name', 'Bucket name.')] },
+  },
+  '/s3/ids': { post: { summary: 'Hand out a range of fresh S3 data ids (never reused).', request: 'AllocateDataIdsRequest', response: 'DataIdRange' } },
   '/volumes/{name}/close': {
     post: { summary: 'Stop owning the volume.', request: 'CloseVolumeRequest', response: object({ ok: { const: true }, cleared: { type: 'boolean' } }), parameters: [volumeNameParameter] },
   },

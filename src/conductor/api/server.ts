@@ -14,6 +14,8 @@ import type { IncomingMessage, ServerResponse } from 'node:http';
 import type { HttpHandler } from '../../env/env.ts';
 import { ErrorCodes, ShaleError, toShaleError } from '../../lib/errors.ts';
 import type { CreateVolumeInput, PoolSpec, RegisterInput } from '../cluster-ops.ts';
+import type { S3Registry } from '../s3-registry.ts';
+import { s3Routes } from './s3-routes.ts';
 import {
   chunkSize, diskReports, domainLevel, integerField, type JsonObject, optionalBooleanField, optionalIntegerField, ownerLengthMax, pathId,
   pgCountMax, poolName, replicasMax, requireObject, storeAddress, stringField, volumeName, volumeSize,
@@ -65,6 +67,8 @@ export interface ConductorService {
   volume(name: string): Promise<VolumeInfo>;
   resizeVolume(name: string, sizeBytes: number, force: boolean): Promise<VolumeInfo>;
   deleteVolume(name: string, force: boolean): Promise<void>;
+  /** S3 accounts, keys, buckets and data ids (s3-routes.ts). */
+  readonly s3: S3Registry;
 }
 
 /** Checks the bearer token of a request. */
@@ -242,6 +246,7 @@ export function conductorRoutes(service: ConductorService, openApiJson: () => st
       await service.deleteVolume(volumeName(decodeSegment(params[0]!)), queryBoolean(query, 'force'));
       return { body: ok };
     }),
+    ...s3Routes(() => service.s3, (method, path, handle) => route(method, path, handle)),
   ];
 }
 

@@ -36,7 +36,7 @@ import { assert } from '../../lib/assert.ts';
 import { ShaleError } from '../../lib/errors.ts';
 import type { DiskReport, ReplicaState, StoreState } from '../api/types.ts';
 import type {
-  ClusterRecord, CounterName, DeletedVolumeRecord, MetaReadTx, MetaStore, MetaTx, PgRecord, PoolRecord, StoreRecord, TokenRecord,
+  AccessKeyRecord, AccountRecord, BucketRecord, ClusterRecord, CounterName, DeletedVolumeRecord, MetaReadTx, MetaStore, MetaTx, PgRecord, PoolRecord, StoreRecord, TokenRecord,
   VolumeRecord, WriteOptions,
 } from './meta-store.ts';
 
@@ -363,7 +363,68 @@ class EtcdTx implements MetaTx, RawTx {
     return this.#json<TokenRecord>(`tokens/${encodeURIComponent(name)}`);
   }
 
+  account(name: string): Promise<AccountRecord | undefined> {
+    return this.#json<AccountRecord>(`s3-accounts/${encodeURIComponent(name)}`);
+  }
+
+  accounts(): Promise<AccountRecord[]> {
+    return this.#jsonList<AccountRecord>('s3-accounts/');
+  }
+
+  accessKey(accessKey: string): Promise<AccessKeyRecord | undefined> {
+    return this.#json<AccessKeyRecord>(`s3-keys/${encodeURIComponent(accessKey)}`);
+  }
+
+  accessKeys(): Promise<AccessKeyRecord[]> {
+    return this.#jsonList<AccessKeyRecord>('s3-keys/');
+  }
+
+  bucket(name: string): Promise<BucketRecord | undefined> {
+    return this.#json<BucketRecord>(`s3-buckets/${name}`);
+  }
+
+  buckets(): Promise<BucketRecord[]> {
+    return this.#jsonList<BucketRecord>('s3-buckets/');
+  }
+
   // ---- MetaTx ----
+
+  async allocateRange(name: CounterName, count: number): Promise<number> {
+    assert(Number.isSafeInteger(count) && count >= 1, 'a range has at least one value');
+    const first = (await this.counter(name)) + 1;
+    assert(Number.isSafeInteger(first + count), `counter ${name} stays below 2^53`);
+    this.#write(this.#key(`counters/${name}`), String(first + count - 1));
+    return first;
+  }
+
+  async putAccount(record: AccountRecord): Promise<void> {
+    this.#write(this.#key(`s3-accounts/${encodeURIComponent(record.name)}`), JSON.stringify({ name: record.name, createdAt: record.createdAt }));
+  }
+
+  async putAccessKey(record: AccessKeyRecord): Promise<void> {
+    this.#write(this.#key(`s3-keys/${encodeURIComponent(record.accessKey)}`), JSON.stringify({
+      accessKey: record.accessKey, secretKey: record.secretKey, account: record.account, createdAt: record.createdAt,
+    }));
+  }
+
+  async deleteAccessKey(accessKey: string): Promise<boolean> {
+    if (!(await this.accessKey(accessKey))) return false;
+    this.#write(this.#key(`s3-keys/${encodeURIComponent(accessKey)}`), null);
+    return true;
+  }
+
+  async putBucket(record: BucketRecord): Promise<void> {
+    this.#write(this.#key(`s3-buckets/${record.name}`), JSON.stringify({
+      id: record.id, name: record.name, account: record.account, poolId: record.poolId, shardCount: record.shardCount,
+      publicRead: record.publicRead, createdAt: record.createdAt,
+    }));
+  }
+
+  async deleteBucket(name: string): Promise<boolean> {
+    if (!(await this.bucket(name))) return false;
+    this.#write(this.#key(`s3-buckets/${name}`), null);
+    return true;
+  }
 
   async putCluster(record: ClusterRecord): Promise<void> {
     const existing = await this.cluster();

@@ -239,6 +239,47 @@ export function metaStoreSuite(engine: string, fixture: MetaStoreFixture): void 
       await meta.close();
     });
 
+    it('keeps S3 accounts, access keys and buckets; ranges of ids never overlap', async () => {
+      const meta = await fixture.open();
+      try {
+        await meta.write(async (tx) => {
+          await tx.putAccount({ name: 'alice', createdAt: 't1' });
+          await tx.putAccount({ name: 'bob', createdAt: 't2' });
+          await tx.putAccessKey({ accessKey: 'AKALICE', secretKey: 'secret/with+chars', account: 'alice', createdAt: 't1' });
+          await tx.putAccessKey({ accessKey: 'AKBOB', secretKey: 's2', account: 'bob', createdAt: 't2' });
+          await tx.putBucket({ id: await tx.allocate('bucketId'), name: 'photos', account: 'alice', poolId: 1, shardCount: 4, publicRead: false, createdAt: 't3' });
+          await tx.putBucket({ id: await tx.allocate('bucketId'), name: 'a.b-c', account: 'bob', poolId: 1, shardCount: 1, publicRead: true, createdAt: 't4' });
+        });
+        await meta.close();
+        const reopened = await fixture.reopen(meta);
+        try {
+          await reopened.read(async (tx) => {
+            assert.deepEqual((await tx.accounts()).map((account) => account.name), ['alice', 'bob']);
+            assert.deepEqual(await tx.accessKey('AKALICE'), { accessKey: 'AKALICE', secretKey: 'secret/with+chars', account: 'alice', createdAt: 't1' });
+            assert.equal(await tx.accessKey('AKNONE'), undefined);
+            assert.deepEqual((await tx.accessKeys()).map((key) => key.accessKey), ['AKALICE', 'AKBOB']);
+            assert.deepEqual(await tx.bucket('photos'), { id: 1, name: 'photos', account: 'alice', poolId: 1, shardCount: 4, publicRead: false, createdAt: 't3' });
+            assert.deepEqual((await tx.buckets()).map((bucket) => [bucket.name, bucket.id, bucket.publicRead]), [['a.b-c', 2, true], ['photos', 1, false]]);
+          });
+          assert.equal(await reopened.write((tx) => tx.deleteAccessKey('AKBOB')), true);
+          assert.equal(await reopened.write((tx) => tx.deleteAccessKey('AKBOB')), false);
+          assert.equal(await reopened.write((tx) => tx.deleteBucket('photos')), true);
+          assert.equal(await reopened.read((tx) => tx.bucket('photos')), undefined);
+          const first = await reopened.write((tx) => tx.allocateRange('s3DataId', 1000));
+          const second = await reopened.write((tx) => tx.allocateRange('s3DataId', 10));
+          const single = await reopened.write((tx) => tx.allocate('s3DataId'));
+          assert.deepEqual([first, second, single], [1, 1001, 1011]);
+          // The bucket id counter is not reused after a delete.
+          assert.equal(await reopened.write((tx) => tx.allocate('bucketId')), 3);
+        } finally {
+          await reopened.close();
+        }
+      } catch (error) {
+        await meta.close().catch(() => {});
+        throw error;
+      }
+    });
+
     if (fixture.second) {
       it('serializes writers in different processes: no lost update, no id handed out twice', async () => {
         const meta = await fixture.open();

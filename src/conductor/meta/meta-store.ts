@@ -27,7 +27,7 @@
 import type { DiskReport, ReplicaState, StoreState } from '../api/types.ts';
 
 /** The counters a MetaStore keeps. Each only grows. */
-export type CounterName = 'storeId' | 'poolId' | 'volumeId' | 'mapEpoch';
+export type CounterName = 'storeId' | 'poolId' | 'volumeId' | 'mapEpoch' | 'bucketId' | 's3DataId';
 
 export interface ClusterRecord {
   clusterId: string;
@@ -114,6 +114,33 @@ export interface DeletedVolumeRecord {
   epoch: number;
 }
 
+/** An S3 account: owns buckets; its access keys sign requests. */
+export interface AccountRecord {
+  name: string;
+  createdAt: string;
+}
+
+/** An S3 access key. The secret is kept as is: SigV4 needs it to compute signatures. */
+export interface AccessKeyRecord {
+  accessKey: string;
+  secretKey: string;
+  account: string;
+  createdAt: string;
+}
+
+/** An S3 bucket. Its index (key → manifest) lives on the stores in `shardCount` key-value shards. */
+export interface BucketRecord {
+  id: number;
+  name: string;
+  /** The owning account. */
+  account: string;
+  poolId: number;
+  shardCount: number;
+  /** Anonymous GET/HEAD of objects allowed (the minimal "public read" policy). */
+  publicRead: boolean;
+  createdAt: string;
+}
+
 /** What a read-only transaction may do. */
 export interface MetaReadTx {
   cluster(): Promise<ClusterRecord | undefined>;
@@ -143,6 +170,16 @@ export interface MetaReadTx {
   deletedVolumes(): Promise<DeletedVolumeRecord[]>;
 
   token(name: string): Promise<TokenRecord | undefined>;
+
+  account(name: string): Promise<AccountRecord | undefined>;
+  /** Ordered by name. */
+  accounts(): Promise<AccountRecord[]>;
+  accessKey(accessKey: string): Promise<AccessKeyRecord | undefined>;
+  /** Ordered by access key. */
+  accessKeys(): Promise<AccessKeyRecord[]>;
+  bucket(name: string): Promise<BucketRecord | undefined>;
+  /** Ordered by name. */
+  buckets(): Promise<BucketRecord[]>;
 }
 
 /** What a read-write transaction may do in addition. */
@@ -163,6 +200,18 @@ export interface MetaTx extends MetaReadTx {
   deleteVolume(id: number, deleted: DeletedVolumeRecord): Promise<void>;
   /** Inserts or replaces by name. */
   putToken(record: TokenRecord): Promise<void>;
+  /** Adds `count` to a counter and returns the first of the `count` values it handed out. */
+  allocateRange(name: CounterName, count: number): Promise<number>;
+  /** Inserts or replaces by name. */
+  putAccount(record: AccountRecord): Promise<void>;
+  /** Inserts or replaces by access key. */
+  putAccessKey(record: AccessKeyRecord): Promise<void>;
+  /** Removes an access key; false if there was none. */
+  deleteAccessKey(accessKey: string): Promise<boolean>;
+  /** Inserts or replaces by name. */
+  putBucket(record: BucketRecord): Promise<void>;
+  /** Removes a bucket; false if there was none. */
+  deleteBucket(name: string): Promise<boolean>;
 }
 
 export interface WriteOptions {

@@ -19,7 +19,7 @@ import { ShaleError } from '../../lib/errors.ts';
 import type { DiskReport, ReplicaState, StoreState } from '../api/types.ts';
 import type {
   ClusterRecord, CounterName, DeletedVolumeRecord, MetaReadTx, MetaStore, MetaTx, PgRecord, PoolRecord, ReplicaRecord,
-  StoreRecord, TokenRecord, VolumeRecord, WriteOptions,
+  StoreRecord, TokenRecord, VolumeRecord, WriteOptions, AccountRecord, AccessKeyRecord, BucketRecord,
 } from './meta-store.ts';
 
 /** One schema step: brings a file from `version - 1` to `version`. Runs inside the migration transaction. */
@@ -102,6 +102,33 @@ export const migrations: readonly Migration[] = [
         CREATE TABLE tokens (
           name TEXT PRIMARY KEY,
           sha256 TEXT NOT NULL CHECK (length(sha256) = 64),
+          created_at TEXT NOT NULL
+        );
+      `);
+    },
+  },
+  {
+    version: 3,
+    description: 'S3: accounts, access keys, buckets',
+    up(db) {
+      db.exec(`
+        CREATE TABLE s3_accounts (
+          name TEXT PRIMARY KEY,
+          created_at TEXT NOT NULL
+        );
+        CREATE TABLE s3_access_keys (
+          access_key TEXT PRIMARY KEY,
+          secret_key TEXT NOT NULL,
+          account TEXT NOT NULL,
+          created_at TEXT NOT NULL
+        );
+        CREATE TABLE s3_buckets (
+          name TEXT PRIMARY KEY,
+          id INTEGER NOT NULL UNIQUE,
+          account TEXT NOT NULL,
+          pool_id INTEGER NOT NULL,
+          shard_count INTEGER NOT NULL,
+          public_read INTEGER NOT NULL DEFAULT 0,
           created_at TEXT NOT NULL
         );
       `);
@@ -353,6 +380,76 @@ class SqliteTx implements MetaTx {
     );
   }
 
+  async account(name: string): Promise<AccountRecord | undefined> {
+    const row = this.#get(`SELECT * FROM s3_accounts WHERE name = ?`, name);
+    return row ? { name: str(row, 'name'), createdAt: str(row, 'created_at') } : undefined;
+  }
+
+  async accounts(): Promise<AccountRecord[]> {
+    return this.#all(`SELECT * FROM s3_accounts ORDER BY name`).map((row) => ({ name: str(row, 'name'), createdAt: str(row, 'created_at') }));
+  }
+
+  async accessKey(accessKey: string): Promise<AccessKeyRecord | undefined> {
+    const row = this.#get(`SELECT * FROM s3_access_keys WHERE access_key = ?`, accessKey);
+    return row ? accessKeyFromRow(row) : undefined;
+  }
+
+  async accessKeys(): Promise<AccessKeyRecord[]> {
+    return this.#all(`SELECT * FROM s3_access_keys ORDER BY access_key`).map(accessKeyFromRow);
+  }
+
+  async bucket(name: string): Promise<BucketRecord | undefined> {
+    const row = this.#get(`SELECT * FROM s3_buckets WHERE name = ?`, name);
+    return row ? bucketFromRow(row) : undefined;
+  }
+
+  async buckets(): Promise<BucketRecord[]> {
+    return this.#all(`SELECT * FROM s3_buckets ORDER BY name`).map(bucketFromRow);
+  }
+
+  async allocateRange(name: CounterName, count: number): Promise<number> {
+    assert(Number.isSafeInteger(count) && count >= 1, 'a range has at least one value');
+    const first = (await this.counter(name)) + 1;
+    assert(Number.isSafeInteger(first + count), `counter ${name} stays below 2^53`);
+    this.#run(`INSERT INTO counters (name, value) VALUES (?, ?) ON CONFLICT (name) DO UPDATE SET value = excluded.value`, name, first + count - 1);
+    return first;
+  }
+
+  async putAccount(record: AccountRecord): Promise<void> {
+    this.#run(`INSERT INTO s3_accounts (name, created_at) VALUES (?, ?) ON CONFLICT (name) DO UPDATE SET created_at = excluded.created_at`, record.name, record.createdAt);
+  }
+
+  async putAccessKey(record: AccessKeyRecord): Promise<void> {
+    this.#run(
+      `INSERT INTO s3_access_keys (access_key, secret_key, account, created_at) VALUES (?, ?, ?, ?)
+       ON CONFLICT (access_key) DO UPDATE SET secret_key = excluded.secret_key, account = excluded.account, created_at = excluded.created_at`,
+      record.accessKey, record.secretKey, record.account, record.createdAt,
+    );
+  }
+
+  async deleteAccessKey(accessKey: string): Promise<boolean> {
+    const existing = await this.accessKey(accessKey);
+    if (!existing) return false;
+    this.#run(`DELETE FROM s3_access_keys WHERE access_key = ?`, accessKey);
+    return true;
+  }
+
+  async putBucket(record: BucketRecord): Promise<void> {
+    this.#run(
+      `INSERT INTO s3_buckets (name, id, account, pool_id, shard_count, public_read, created_at) VALUES (?, ?, ?, ?, ?, ?, ?)
+       ON CONFLICT (name) DO UPDATE SET id = excluded.id, account = excluded.account, pool_id = excluded.pool_id,
+         shard_count = excluded.shard_count, public_read = excluded.public_read, created_at = excluded.created_at`,
+      record.name, record.id, record.account, record.poolId, record.shardCount, record.publicRead ? 1 : 0, record.createdAt,
+    );
+  }
+
+  async deleteBucket(name: string): Promise<boolean> {
+    const existing = await this.bucket(name);
+    if (!existing) return false;
+    this.#run(`DELETE FROM s3_buckets WHERE name = ?`, name);
+    return true;
+  }
+
   async putCluster(record: ClusterRecord): Promise<void> {
     const existing = await this.cluster();
     assert(!existing || existing.clusterId === record.clusterId, 'the cluster id never changes');
@@ -536,4 +633,15 @@ export class SqliteMetaStore implements MetaStore {
       if (!(error instanceof ShaleError && error.code === 'SHUTTING_DOWN')) throw error;
     });
   }
+}
+
+function accessKeyFromRow(row: Row): AccessKeyRecord {
+  return { accessKey: str(row, 'access_key'), secretKey: str(row, 'secret_key'), account: str(row, 'account'), createdAt: str(row, 'created_at') };
+}
+
+function bucketFromRow(row: Row): BucketRecord {
+  return {
+    name: str(row, 'name'), id: num(row, 'id'), account: str(row, 'account'), poolId: num(row, 'pool_id'), shardCount: num(row, 'shard_count'),
+    publicRead: num(row, 'public_read') === 1, createdAt: str(row, 'created_at'),
+  };
 }
