@@ -95,7 +95,8 @@ export class ShaleUp {
   /** Starts `shale up` and resolves once it printed that it is up. */
   async start(timeoutMs = 60_000): Promise<void> {
     const child = spawn(process.execPath, [
-      MAIN, 'up', '--data', this.dataDir, '--nbd-port', String(this.nbdPort), '--api-port', String(this.apiPort), ...this.extraArgs,
+      // The S3 gateway on any free port (tests run side by side); extraArgs may name one.
+      MAIN, 'up', '--data', this.dataDir, '--nbd-port', String(this.nbdPort), '--api-port', String(this.apiPort), '--s3-listen', '127.0.0.1:0', ...this.extraArgs,
     ], { stdio: ['ignore', 'pipe', 'pipe'] });
     this.process = child;
     await new Promise<void>((resolve, reject) => {
@@ -126,6 +127,13 @@ export class ShaleUp {
     const code = await exited;
     clearTimeout(timer);
     return code;
+  }
+
+  /** The S3 endpoint `shale up` printed. */
+  get s3Endpoint(): string {
+    const match = /S3\s+(http:\/\/\S+)/.exec(this.output);
+    if (!match) throw new Error(`shale up printed no S3 endpoint:\n${this.output}`);
+    return match[1]!;
   }
 
   storePid(index: number): number {

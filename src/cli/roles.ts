@@ -16,6 +16,7 @@ import type { LocalStores } from '../proto/local-channel.ts';
 import { openLogEngine } from '../store/open-engine.ts';
 import { startStoreDaemon } from '../store/store-daemon.ts';
 import { exitWithError, makeLog } from './output.ts';
+import { DEFAULT_S3_PORT, startS3Role } from '../s3/s3-role.ts';
 import { configDirectory, saveToken } from './token.ts';
 
 export const DEFAULT_API_PORT = 49180;
@@ -59,6 +60,27 @@ export function parseDiskArgument(text: string): { path: string; sizeBytes?: num
 }
 
 export function registerRoleCommands(program: Command): void {
+  program
+    .command('s3')
+    .description('run an S3 gateway: buckets and objects on the stores (SigV4; path and virtual-host style)')
+    .option('--listen <host:port>', 'S3 HTTP address', `127.0.0.1:${DEFAULT_S3_PORT}`)
+    .option('--conductor <urls>', 'conductor URLs, comma separated', `http://127.0.0.1:${DEFAULT_API_PORT}`)
+    .option('--domain <names>', 'host names for virtual-host-style requests (BUCKET.NAME), comma separated', 'localhost,s3.localhost')
+    .option('--grace <duration>', 'keep replaced and deleted data this long before freeing it (a GET in progress is never cut off sooner)', '5m')
+    .action(async (options: { listen: string; conductor: string; domain: string; grace: string }) => {
+      try {
+        const log = makeLog('s3');
+        const gateway = await startS3Role({
+          listen: options.listen, conductor: options.conductor, log, domains: options.domain.split(',').map((name) => name.trim()).filter(Boolean),
+          graceMs: parseDuration(options.grace, '--grace'),
+        });
+        process.stdout.write(`S3 gateway on http://${gateway.address}\n`);
+        stopOnSignals(() => gateway.stop(), log);
+      } catch (error) {
+        exitWithError(error);
+      }
+    });
+
   program
     .command('conductor')
     .description('run a conductor (control plane and HTTP API); on etcd, run several: one leads, the others stand by')

@@ -23,6 +23,7 @@ import { openLogEngine } from '../store/open-engine.ts';
 import { startStoreDaemon, type StoreDaemon } from '../store/store-daemon.ts';
 import { exitWithError, makeLog } from './output.ts';
 import { readTextFile, saveToken, writeTokenFile } from './token.ts';
+import { DEFAULT_S3_PORT, startS3Role } from '../s3/s3-role.ts';
 import { DEFAULT_API_PORT, DEFAULT_NBD_PORT, positiveInteger, startNbdGateway, stopOnSignals, tlsOptions } from './roles.ts';
 
 const MAIN = fileURLToPath(new URL('./main.ts', import.meta.url));
@@ -39,6 +40,7 @@ interface UpOptions {
   ioTimeout: string;
   resyncRate: string;
   nbdSocket?: string;
+  s3Listen: string;
   tls: string;
   tlsCert?: string;
   tlsKey?: string;
@@ -48,7 +50,7 @@ interface UpOptions {
 export function registerUpCommand(program: Command): void {
   program
     .command('up')
-    .description('run a whole cluster on this machine: conductor, stores, NBD gateway, HTTP API')
+    .description('run a whole cluster on this machine: conductor, stores, NBD and S3 gateways, HTTP API')
     .option('--data <dir>', 'data directory', './shale-data')
     .option('--stores <n>', 'number of store processes', '3')
     .option('--disk-size <size>', 'size of each store\'s sparse disk file', '4G')
@@ -60,6 +62,7 @@ export function registerUpCommand(program: Command): void {
     .option('--io-timeout <duration>', 'fail I/O with NO_QUORUM after waiting this long for replicas (0: wait forever)', '0')
     .option('--resync-rate <bytes-per-second>', 'most bytes per second a resync copies into one store (0: unlimited)', '0')
     .option('--nbd-socket <path>', 'also serve NBD on this unix socket')
+    .option('--s3-listen <host:port>', 'S3 gateway address (port 0: any free port)', `127.0.0.1:${DEFAULT_S3_PORT}`)
     .option('--tls <mode>', 'NBD TLS: off, on (offer STARTTLS) or require (refuse plaintext)', 'off')
     .option('--tls-cert <file>', 'x509 certificate (PEM) for NBD TLS')
     .option('--tls-key <file>', 'private key (PEM) of the certificate')
@@ -202,23 +205,33 @@ async function up(options: UpOptions): Promise<void> {
     throw error;
   });
 
+  const s3 = await startS3Role({ listen: options.s3Listen, conductor: apiUrl, log: makeLog('s3'), localStores }).catch(async (error: unknown) => {
+    await gateway.close().catch(() => {});
+    await stopStores();
+    await conductor.close();
+    throw error;
+  });
+
   process.stdout.write([
     '',
     `Shale is up: ${storeCount} store${storeCount === 1 ? '' : 's'} × ${formatBytes(diskSizeBytes)} in ${dataDir}`,
     `  HTTP API   ${apiUrl}/api/v1/`,
     `  NBD        nbd://${gateway.address}/VOLUME`,
+    `  S3         http://${s3.address}`,
     ...(options.nbdSocket ? [`  NBD (unix) nbd+unix:///VOLUME?socket=${resolve(options.nbdSocket)}`] : []),
     '',
     'Try:',
     `  npx shale volume create disk1 --size 1G`,
     `  nbdinfo nbd://${gateway.address}/disk1`,
     `  qemu-img convert -n -O raw image.raw nbd://${gateway.address}/disk1`,
+    `  npx shale key create --account me      # then: aws --endpoint-url http://${s3.address} s3 mb s3://bucket`,
     '',
     'Ctrl-C stops every process; `shale up` on the same --data brings the volumes back.',
     '',
   ].join('\n'));
 
   stopOnSignals(async () => {
+    await s3.stop().catch((error: unknown) => log(`closing the S3 gateway: ${(error as Error).message}`));
     await gateway.close().catch((error: unknown) => log(`closing the NBD gateway: ${(error as Error).message}`));
     await stopStores();
     await conductor.close();
