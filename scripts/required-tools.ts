@@ -21,6 +21,8 @@ export const requiredTools: Readonly<Record<string, string>> = {
   openssl: 'openssl',
   etcd: 'etcd-server',
   etcdctl: 'etcd-client',
+  aws: 'awscli',
+  s3cmd: 's3cmd',
 };
 
 export function hasTool(tool: string): boolean {

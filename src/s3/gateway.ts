@@ -454,7 +454,6 @@ export async function startS3Gateway(env: Env, options: S3GatewayOptions): Promi
         response.end();
         return;
       }
-      if (manifest.checksum && header(request, 'x-amz-checksum-mode')?.toUpperCase() === 'ENABLED') headers[`x-amz-checksum-${manifest.checksum.algorithm}`] = manifest.checksum.value;
       for (const [name, override] of [['response-content-type', 'content-type'], ['response-content-disposition', 'content-disposition'], ['response-cache-control', 'cache-control'],
         ['response-content-encoding', 'content-encoding'], ['response-content-language', 'content-language'], ['response-expires', 'expires']] as const) {
         const value = query.get(name);
@@ -473,6 +472,8 @@ export async function startS3Gateway(env: Env, options: S3GatewayOptions): Promi
         response.writeHead(206, { ...headers, 'content-length': range[1] - range[0], 'content-range': `bytes ${range[0]}-${range[1] - 1}/${manifest.size}` });
       } else {
         range = [0, manifest.size];
+        // The stored checksum covers the whole object: shown only when the whole object is.
+        if (manifest.checksum && header(request, 'x-amz-checksum-mode')?.toUpperCase() === 'ENABLED') headers[`x-amz-checksum-${manifest.checksum.algorithm}`] = manifest.checksum.value;
         response.writeHead(200, { ...headers, 'content-length': manifest.size });
       }
       if (method === 'HEAD' || range[1] === range[0]) {

@@ -276,8 +276,14 @@ export class ObjectStore {
    */
   async list(bucket: BucketRef, options: { prefix: string; delimiter?: string; startAfter?: string; limit: number }): Promise<{ objects: ListedObject[]; prefixes: string[]; truncated: boolean; lastKey?: string }> {
     const prefix = Buffer.from(options.prefix, 'utf8');
+    // A marker that is a common prefix (a page ended on it) resumes after everything under it.
+    let startAfter: Buffer | undefined = options.startAfter ? Buffer.from(options.startAfter, 'utf8') : undefined;
+    if (startAfter && options.delimiter && options.startAfter!.startsWith(options.prefix) && options.startAfter!.endsWith(options.delimiter)
+      && options.startAfter!.indexOf(options.delimiter, options.prefix.length) === options.startAfter!.length - options.delimiter.length) {
+      startAfter = Buffer.concat([startAfter, Buffer.alloc(4, 0xff)]);
+    }
     const shards = Array.from({ length: bucket.shardCount }, (_, s) => ({
-      shardId: bucket.id * SHARD_STRIDE + s, buffer: [] as { key: Buffer; value: Buffer }[], after: (options.startAfter ? Buffer.from(options.startAfter, 'utf8') : undefined) as Buffer<ArrayBufferLike> | undefined, done: false,
+      shardId: bucket.id * SHARD_STRIDE + s, buffer: [] as { key: Buffer; value: Buffer }[], after: startAfter as Buffer<ArrayBufferLike> | undefined, done: false,
     }));
     const fill = async (shard: (typeof shards)[number]): Promise<void> => {
       if (shard.buffer.length > 0 || shard.done) return;
