@@ -21,7 +21,7 @@ export const requiredTools: Readonly<Record<string, string>> = {
   openssl: 'openssl',
   etcd: 'etcd-server',
   etcdctl: 'etcd-client',
-  aws: 'awscli',
+  '/usr/bin/aws': 'awscli',
   s3cmd: 's3cmd',
 };
 

@@ -48,7 +48,7 @@ describe('S3 gateway of shale up, with real clients', () => {
     new S3Client({ endpoint, region: 'us-east-1', credentials, forcePathStyle: options.forcePathStyle ?? true, maxAttempts: 1 });
 
   before(async () => {
-    for (const tool of ['aws', 's3cmd']) requireTool(tool);
+    for (const tool of ['/usr/bin/aws', 's3cmd']) requireTool(tool);
     cluster = new ShaleUp(join(dir.path, 'data'), await freePort(), await freePort(), ['--disk-size', '1G', '--heartbeat-timeout', '2s', '--restart-delay', '3s']);
     await cluster.start();
     endpoint = cluster.s3Endpoint;
