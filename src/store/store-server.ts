@@ -19,6 +19,7 @@ import {
   BLOCKS_PER_REQUEST_MAX, BlockState, decodeKvKey, decodeKvListRequest, decodeVolumeIds, encodeKvRecords, engineObjectId, KV_LIST_LIMIT_MAX, Namespace, encodeRecentWrites, encodeHeader, encodeListReply, encodeReadDescriptors,
   Flag, FrameParser, HEADER_BYTES, Op, REPLY_BIT, type Frame, type FrameHeader,
 } from '../proto/store-protocol.ts';
+import type { LocalReadFields, LocalReadResult } from '../proto/store-channel.ts';
 import type { BlockEngine } from './block-engine.ts';
 import { RecentWrites } from './recent-writes.ts';
 
@@ -147,6 +148,24 @@ export class StoreServer {
     return this.#handle(frame);
   }
 
+  /**
+   * A READ from a client in this process answered synchronously: the checks of #read, then the
+   * engine's readNow. Undefined — also for any error, which serveLocal then reports — when it
+   * can't be answered now; the caller falls back to serveLocal.
+   */
+  readLocalNow(fields: LocalReadFields): LocalReadResult | undefined {
+    const engine = this.#engine;
+    if (engine.readNow === undefined || this.#stopping || !this.#view.ready) return undefined;
+    try {
+      this.#checkRange(fields);
+      this.#checkEpochs(fields, true);
+      if (!this.#view.canServeReads(fields.poolId, fields.pgId, fields.pgEpoch)) return undefined;
+      return engine.readNow(fields.volumeId, fields.chunkIndex, fields.offsetBlocks, fields.countBlocks);
+    } catch {
+      return undefined;
+    }
+  }
+
   async #handle(frame: Frame): Promise<Reply> {
     const h = frame.header;
     if (this.#stopping) throw new ShaleError('SHUTTING_DOWN', 'store is stopping');
@@ -196,7 +215,7 @@ export class StoreServer {
     return work;
   }
 
-  #checkRange(h: FrameHeader): void {
+  #checkRange(h: Pick<FrameHeader, 'volumeId' | 'chunkIndex' | 'pgId' | 'pgCount' | 'countBlocks'>): void {
     if (h.countBlocks === 0 || h.countBlocks > BLOCKS_PER_REQUEST_MAX) {
       throw new ShaleError('INVALID_ARGUMENT', `block count ${h.countBlocks} outside 1..${BLOCKS_PER_REQUEST_MAX}`);
     }
@@ -205,10 +224,11 @@ export class StoreServer {
     }
   }
 
-  #checkEpochs(h: FrameHeader, isRepair: boolean): void {
-    if (h.namespace === Namespace.VOLUME && this.#view.isDeleted(h.volumeId)) throw new ShaleError('NOT_FOUND', `volume ${h.volumeId} was deleted`);
+  #checkEpochs(h: Pick<FrameHeader, 'volumeId' | 'ownerEpoch' | 'poolId' | 'pgId' | 'pgEpoch'> & { namespace?: number }, isRepair: boolean): void {
+    const isVolume = (h.namespace ?? Namespace.VOLUME) === Namespace.VOLUME;
+    if (isVolume && this.#view.isDeleted(h.volumeId)) throw new ShaleError('NOT_FOUND', `volume ${h.volumeId} was deleted`);
     // S3 data and index objects have no owner: they are written once, or by the version rule alone.
-    if (!isRepair && h.namespace === Namespace.VOLUME) {
+    if (!isRepair && isVolume) {
       const fence = this.#engine.ownerEpoch(h.volumeId);
       if (h.ownerEpoch < fence) {
         throw new ShaleError('FENCED', `owner epoch ${h.ownerEpoch} of volume ${h.volumeId} is older than the fence ${fence}`);
