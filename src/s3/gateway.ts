@@ -392,13 +392,17 @@ export async function startS3Gateway(env: Env, options: S3GatewayOptions): Promi
         });
         return;
       }
+      if (method === 'GET' && query.has('versions')) {
+        await listVersions(response, bucket, query);
+        return;
+      }
       if (method === 'GET' && (rawQuery === '' || ['list-type', 'prefix', 'delimiter', 'marker', 'max-keys', 'encoding-type', 'continuation-token', 'start-after', 'fetch-owner'].some((name) => query.has(name)))) {
         await listObjects(response, bucket, query, account);
         return;
       }
       if (method === 'POST' && query.has('delete')) {
         const parsed = await readXml(request, auth);
-        const root = parsed.Delete as { Object?: { Key?: string }[]; Quiet?: string } | undefined;
+        const root = parsed.Delete as { Object?: { Key?: string; VersionId?: string }[]; Quiet?: string } | undefined;
         if (!root || !Array.isArray(root.Object) || root.Object.length === 0) throw new ShaleError('MALFORMED_XML', 'DeleteObjects needs <Delete><Object><Key>…');
         if (root.Object.length > DELETE_OBJECTS_MAX) throw new ShaleError('MALFORMED_XML', `at most ${DELETE_OBJECTS_MAX} keys per DeleteObjects`);
         const quiet = root.Quiet === 'true';
@@ -410,9 +414,13 @@ export async function startS3Gateway(env: Env, options: S3GatewayOptions): Promi
             errors.push({ Key: '', Code: 'InvalidArgument', Message: 'an object without a key' });
             continue;
           }
+          if (entry.VersionId !== undefined && entry.VersionId !== 'null') {
+            errors.push({ Key: name, VersionId: entry.VersionId, Code: 'NoSuchVersion', Message: 'the bucket is not versioned: its only version id is "null"' });
+            continue;
+          }
           try {
             await store.delete(bucket, name);
-            if (!quiet) deleted.push({ Key: name });
+            if (!quiet) deleted.push({ Key: name, ...(entry.VersionId !== undefined ? { VersionId: entry.VersionId } : {}) });
           } catch (error) {
             const shaleError = toShaleError(error);
             errors.push({ Key: name, Code: shaleError.spec.s3Code, Message: shaleError.message });
@@ -666,6 +674,26 @@ export async function startS3Gateway(env: Env, options: S3GatewayOptions): Promi
     }
     void account;
     sendXml(response, 200, 'ListBucketResult', body);
+  };
+
+  /** ListObjectVersions of an unversioned bucket: every object is its one version, "null". */
+  const listVersions = async (response: ServerResponse, bucket: Bucket, query: Map<string, string>): Promise<void> => {
+    const prefix = query.get('prefix') ?? '';
+    const delimiter = query.get('delimiter') || undefined;
+    const maxKeysText = query.get('max-keys') ?? '1000';
+    if (!/^\d{1,9}$/.test(maxKeysText)) throw new ShaleError('INVALID_ARGUMENT', 'max-keys must be a whole number');
+    const maxKeys = Math.min(Number(maxKeysText), LIST_KEYS_MAX);
+    const listed = maxKeys === 0 ? { objects: [], prefixes: [], truncated: false, lastKey: undefined } : await store.list(bucket, { prefix, delimiter, startAfter: query.get('key-marker') || undefined, limit: maxKeys });
+    sendXml(response, 200, 'ListVersionsResult', {
+      Name: bucket.name, Prefix: prefix, KeyMarker: query.get('key-marker') ?? '', VersionIdMarker: query.get('version-id-marker') ?? '',
+      MaxKeys: maxKeys, ...(delimiter ? { Delimiter: delimiter } : {}), IsTruncated: listed.truncated,
+      ...(listed.truncated && listed.lastKey !== undefined ? { NextKeyMarker: listed.lastKey, NextVersionIdMarker: 'null' } : {}),
+      Version: listed.objects.map(({ key, manifest }) => ({
+        Key: key, VersionId: 'null', IsLatest: true, LastModified: manifest.lastModified, ETag: quoteEtag(manifest.etag), Size: manifest.size,
+        StorageClass: 'STANDARD', Owner: { ID: bucket.account, DisplayName: bucket.account },
+      })),
+      CommonPrefixes: listed.prefixes.map((text) => ({ Prefix: text })),
+    });
   };
 
   const listener: Listener = await env.net.serveHttp(options.listen, (request, response) => {
