@@ -202,7 +202,8 @@ export async function verifyRequest(request: SignedRequest, query: [string, stri
   if (!signedHeaders.includes('host')) throw new ShaleError('ACCESS_DENIED', 'the host header must be signed');
   const secret = await lookup(credential.accessKey);
   if (secret === undefined) throw new ShaleError('INVALID_ACCESS_KEY', `the access key ${credential.accessKey} does not exist`);
-  const canonicalPath = uriEncode(decode(request.rawPath), true);
+  // Each segment decoded and encoded again the SigV4 way (an encoded '/' inside a segment stays %2F).
+  const canonicalPath = request.rawPath.split('/').map((segment) => uriEncode(decode(segment), false)).join('/');
   const canonicalRequest = [
     request.method, canonicalPath, canonicalQuery(canonicalPairs), canonicalHeaders(request, signedHeaders), signedHeaders.join(';'),
     presigned && headerValue(request.headers, 'x-amz-content-sha256') === undefined ? 'UNSIGNED-PAYLOAD' : payloadHash,
