@@ -575,7 +575,7 @@ export async function startS3Gateway(env: Env, options: S3GatewayOptions): Promi
             start = Number(match[1]);
             end = Number(match[2]) + 1;
           }
-          const copied = await store.copyData(bucket, source, start, end);
+          const copied = await store.copyData(bucket, source, start, end, { uploadId: upload.uploadId, partNumber, key });
           written = copied;
           etag = copied.md5Hex;
           await store.putPart(bucket, upload, { partNumber, dataId: written.dataId, size: written.size, etag, lastModified: new Date(env.clock.wallMs()).toISOString() });
@@ -583,7 +583,7 @@ export async function startS3Gateway(env: Env, options: S3GatewayOptions): Promi
           return;
         }
         const body = bodyStream(request, auth, OBJECT_BYTES_MAX);
-        written = await store.writeData(bucket, body.chunks);
+        written = await store.writeData(bucket, body.chunks, { uploadId: upload.uploadId, partNumber, key });
         const result = body.done();
         etag = result.md5Hex;
         if (result.checksum) {
@@ -602,7 +602,7 @@ export async function startS3Gateway(env: Env, options: S3GatewayOptions): Promi
         if (source.bucket.id === bucket.id && source.key === key && directive === 'COPY') {
           throw new ShaleError('INVALID_REQUEST', 'This copy request is illegal because it is trying to copy an object to itself without changing the object\'s metadata, storage class, website redirect location or encryption attributes.');
         }
-        const copied = await store.copyData(bucket, source, 0, source.manifest.size);
+        const copied = await store.copyData(bucket, source, 0, source.manifest.size, { key });
         const fresh = metadataOf(request);
         const manifest: Manifest = {
           v: 1, size: copied.size, etag: source.manifest.partSizes ? copied.md5Hex : source.manifest.etag, lastModified: new Date(env.clock.wallMs()).toISOString(),
@@ -618,7 +618,7 @@ export async function startS3Gateway(env: Env, options: S3GatewayOptions): Promi
       }
       const { meta, headers, contentType } = metadataOf(request);
       const body = bodyStream(request, auth, OBJECT_BYTES_MAX);
-      const written = await store.writeData(bucket, body.chunks);
+      const written = await store.writeData(bucket, body.chunks, { key });
       const result = body.done();
       const manifest: Manifest = {
         v: 1, size: written.size, etag: result.md5Hex, lastModified: new Date(env.clock.wallMs()).toISOString(),

@@ -89,6 +89,9 @@ export interface PartRecord {
   checksum?: { algorithm: ChecksumAlgorithm; value: string };
 }
 
+/** What an upload's data is for: an object key, or a part of a multipart upload (of that key). */
+export type IntentOwner = { key: string } | { uploadId: string; partNumber: number; key?: string };
+
 export interface ListedObject {
   key: string;
   manifest: Manifest;
@@ -134,9 +137,9 @@ export class ObjectStore {
    * Streams `chunks` into a fresh data object (intent record first). Resolves with its id and
    * size once every chunk is durable; on failure the intent stays and the collector frees it.
    */
-  async writeData(bucket: BucketRef, chunks: AsyncIterable<Buffer>): Promise<{ dataId: number; size: number }> {
+  async writeData(bucket: BucketRef, chunks: AsyncIterable<Buffer>, owner?: IntentOwner): Promise<{ dataId: number; size: number }> {
     const dataId = await this.#client.newDataId();
-    await this.#putIntent(bucket, dataId);
+    await this.#putIntent(bucket, dataId, owner);
     let pending = Buffer.allocUnsafe(DATA_CHUNK_BYTES);
     let filled = 0;
     let chunkIndex = 0;
@@ -175,7 +178,7 @@ export class ObjectStore {
   }
 
   /** Copies a byte range of an object into a fresh data object (CopyObject, UploadPartCopy). */
-  async copyData(bucket: BucketRef, source: { bucket: BucketRef; manifest: Manifest }, start: number, end: number): Promise<{ dataId: number; size: number; md5Hex: string }> {
+  async copyData(bucket: BucketRef, source: { bucket: BucketRef; manifest: Manifest }, start: number, end: number, owner?: IntentOwner): Promise<{ dataId: number; size: number; md5Hex: string }> {
     const md5 = createHash('md5');
     const reader = this.read(source.bucket, source.manifest, start, end);
     const self = this;
@@ -185,7 +188,7 @@ export class ObjectStore {
         yield data;
       }
     }
-    const written = await self.writeData(bucket, hashed());
+    const written = await self.writeData(bucket, hashed(), owner);
     return { ...written, md5Hex: md5.digest('hex') };
   }
 
@@ -225,9 +228,30 @@ export class ObjectStore {
     }
   }
 
-  async #putIntent(bucket: BucketRef, dataId: number): Promise<void> {
+  async #putIntent(bucket: BucketRef, dataId: number, owner: IntentOwner | undefined): Promise<void> {
     const name = `i${dataId}`;
-    await this.#client.kvPut(bucket.poolId, this.#bookShard(bucket, name), Buffer.from(name), json({ dataId, at: this.#env.clock.wallMs() }), this.version());
+    await this.#client.kvPut(bucket.poolId, this.#bookShard(bucket, name), Buffer.from(name), json({ dataId, at: this.#env.clock.wallMs(), ...(owner ? { owner } : {}) }), this.version());
+  }
+
+  /**
+   * Drops intents once their data is referenced, after the reply: an intent left behind (a crash
+   * right here) is harmless, since the collector frees an intent's data only if nothing refers to it.
+   */
+  #dropIntentsLater(bucket: BucketRef, dataIds: readonly number[]): void {
+    void (async () => {
+      for (const dataId of dataIds) await this.#dropIntent(bucket, dataId);
+    })().catch(() => {});
+  }
+
+  /** Whether the data of an old intent is referenced by what its upload was for. */
+  async #isReferenced(bucket: BucketRef, dataId: number, owner: IntentOwner | undefined): Promise<boolean> {
+    if (!owner) return false;
+    if (!('uploadId' in owner)) return (await this.head(bucket, owner.key))?.parts.some(([id]) => id === dataId) ?? false;
+    const name = `p${owner.uploadId}-${String(owner.partNumber).padStart(5, '0')}`;
+    const record = await this.#client.kvGet(bucket.poolId, this.#bookShard(bucket, `u${owner.uploadId}`), Buffer.from(name));
+    if (record && parse<PartRecord>(record.value).dataId === dataId) return true;
+    // A completed upload: its parts live on in the object.
+    return owner.key !== undefined && ((await this.head(bucket, owner.key))?.parts.some(([id]) => id === dataId) ?? false);
   }
 
   async #dropIntent(bucket: BucketRef, dataId: number): Promise<void> {
@@ -258,7 +282,7 @@ export class ObjectStore {
     const previous = await this.head(bucket, key);
     await this.#client.kvPut(bucket.poolId, this.#indexShard(bucket, key), Buffer.from(key, 'utf8'), json(manifest), this.version());
     if (previous) await this.#discard(bucket, previous.parts.filter(([id]) => !manifest.parts.some(([kept]) => kept === id)));
-    for (const dataId of intents) await this.#dropIntent(bucket, dataId);
+    this.#dropIntentsLater(bucket, intents);
   }
 
   async delete(bucket: BucketRef, key: string): Promise<void> {
@@ -383,7 +407,7 @@ export class ObjectStore {
       const old = parse<PartRecord>(previous.value);
       if (old.dataId !== part.dataId) await this.#discard(bucket, [[old.dataId, old.size]]);
     }
-    await this.#dropIntent(bucket, part.dataId);
+    this.#dropIntentsLater(bucket, [part.dataId]);
   }
 
   async parts(bucket: BucketRef, upload: UploadRecord): Promise<PartRecord[]> {
@@ -423,10 +447,10 @@ export class ObjectStore {
         freed++;
       }
       for (const record of await this.#client.kvList(bucket.poolId, shardId, { prefix: Buffer.from('i'), limit: LIST_PAGE })) {
-        const { dataId, at } = parse<{ dataId: number; at: number }>(record.value);
+        const { dataId, at, owner } = parse<{ dataId: number; at: number; owner?: IntentOwner }>(record.value);
         if (now - at < this.graceMs + 3_600_000) continue;
         // A crashed upload: its size is unknown, so every chunk up to the largest object is freed.
-        await this.#discard(bucket, [[dataId, OBJECT_BYTES_MAX]]);
+        if (!(await this.#isReferenced(bucket, dataId, owner))) await this.#discard(bucket, [[dataId, OBJECT_BYTES_MAX]]);
         await this.#client.kvDelete(bucket.poolId, shardId, record.key, this.version());
       }
     }
