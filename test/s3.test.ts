@@ -112,6 +112,8 @@ describe('S3 gateway of shale up, with real clients', () => {
     assert.deepEqual(await errorOf(bob.send(new GetObjectCommand({ Bucket: 'alpha', Key: 'keep' }))), { name: 'AccessDenied', status: 403 });
     assert.deepEqual(await errorOf(alice.send(new DeleteBucketCommand({ Bucket: 'alpha' }))), { name: 'BucketNotEmpty', status: 409 });
     await alice.send(new DeleteObjectCommand({ Bucket: 'alpha', Key: 'keep' }));
+    // An unfinished multipart upload does not keep the bucket alive (as in S3).
+    await alice.send(new CreateMultipartUploadCommand({ Bucket: 'alpha', Key: 'pending' }));
     await alice.send(new DeleteBucketCommand({ Bucket: 'alpha' }));
     assert.equal((await errorOf(alice.send(new HeadBucketCommand({ Bucket: 'alpha' })))).status, 404);
   });
@@ -187,6 +189,12 @@ describe('S3 gateway of shale up, with real clients', () => {
     const batch = await alice.send(new DeleteObjectsCommand({ Bucket: 'objects', Delete: { Objects: [{ Key: 'copy-1' }, { Key: 'empty' }, { Key: 'never-existed' }] } }));
     assert.deepEqual(batch.Deleted?.map((entry) => entry.Key).sort(), ['copy-1', 'empty', 'never-existed']);
     assert.equal((await errorOf(alice.send(new HeadObjectCommand({ Bucket: 'objects', Key: 'copy-1' })))).status, 404);
+    // Regression: DeleteObjects took keys with leading or trailing spaces, or that look like numbers, as trimmed or parsed.
+    const spaced = [' ', ' padded ', '007', '1e3'];
+    for (const key of spaced) await alice.send(new PutObjectCommand({ Bucket: 'objects', Key: key, Body: key }));
+    const removed = await alice.send(new DeleteObjectsCommand({ Bucket: 'objects', Delete: { Objects: spaced.map((key) => ({ Key: key })) } }));
+    assert.deepEqual(removed.Deleted?.map((entry) => entry.Key).sort(), [...spaced].sort());
+    for (const key of spaced) assert.equal((await errorOf(alice.send(new HeadObjectCommand({ Bucket: 'objects', Key: key })))).status, 404, `"${key}" is gone`);
   });
 
   test('listing: v1 and v2 with prefix, delimiter, common prefixes, max-keys, continuation, start-after, url encoding', async () => {

@@ -58,7 +58,8 @@ const STANDARD_HEADERS = ['cache-control', 'content-disposition', 'content-encod
 const META_BYTES_MAX = 2048;
 
 const xml = new XMLBuilder({ ignoreAttributes: false, suppressEmptyNode: false, format: false });
-const xmlParser = new XMLParser({ parseTagValue: false, ignoreAttributes: true, isArray: (name) => ['Object', 'Part'].includes(name) });
+// Values are kept as sent: keys may begin or end with spaces, or look like numbers.
+const xmlParser = new XMLParser({ parseTagValue: false, trimValues: false, ignoreAttributes: true, isArray: (name) => ['Object', 'Part'].includes(name) });
 
 function xmlDocument(root: string, body: Record<string, unknown>): string {
   return `<?xml version="1.0" encoding="UTF-8"?>\n${xml.build({ [root]: { '@_xmlns': 'http://s3.amazonaws.com/doc/2006-03-01/', ...body } }) as string}`;
@@ -342,6 +343,8 @@ export async function startS3Gateway(env: Env, options: S3GatewayOptions): Promi
       }
       if (method === 'DELETE' && rawQuery === '') {
         if (!(await store.isEmpty(bucket))) throw new ShaleError('BUCKET_NOT_EMPTY', `bucket ${bucketName} is not empty`);
+        // Unfinished multipart uploads do not keep a bucket alive (as S3): they are aborted with it.
+        for (const upload of await store.uploads(bucket)) await store.endUpload(bucket, upload, await store.parts(bucket, upload));
         await conductor.call('DELETE', `/s3/buckets/${encodeURIComponent(bucketName)}`);
         buckets.delete(bucketName);
         response.writeHead(204);
@@ -405,7 +408,7 @@ export async function startS3Gateway(env: Env, options: S3GatewayOptions): Promi
         const root = parsed.Delete as { Object?: { Key?: string; VersionId?: string }[]; Quiet?: string } | undefined;
         if (!root || !Array.isArray(root.Object) || root.Object.length === 0) throw new ShaleError('MALFORMED_XML', 'DeleteObjects needs <Delete><Object><Key>…');
         if (root.Object.length > DELETE_OBJECTS_MAX) throw new ShaleError('MALFORMED_XML', `at most ${DELETE_OBJECTS_MAX} keys per DeleteObjects`);
-        const quiet = root.Quiet === 'true';
+        const quiet = String(root.Quiet ?? '').trim() === 'true';
         const deleted: unknown[] = [];
         const errors: unknown[] = [];
         for (const entry of root.Object) {
@@ -521,12 +524,12 @@ export async function startS3Gateway(env: Env, options: S3GatewayOptions): Promi
       const chosen: PartRecord[] = [];
       let previous = 0;
       for (const entry of root.Part) {
-        const number = Number(entry.PartNumber);
+        const number = Number(String(entry.PartNumber ?? '').trim());
         if (!Number.isInteger(number) || number < 1) throw new ShaleError('MALFORMED_XML', `bad part number ${entry.PartNumber}`);
         if (number <= previous) throw new ShaleError('INVALID_PART_ORDER', 'parts must be listed in ascending order');
         previous = number;
         const part = stored.get(number);
-        const etag = (entry.ETag ?? '').replace(/"/g, '').trim();
+        const etag = String(entry.ETag ?? '').replace(/&quot;|"/g, '').trim();
         if (!part || part.etag !== etag) throw new ShaleError('INVALID_PART', `part ${number} was not uploaded${part ? ' with that ETag' : ''}`);
         chosen.push(part);
       }

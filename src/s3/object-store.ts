@@ -355,11 +355,10 @@ export class ObjectStore {
     }
   }
 
-  /** Whether the bucket holds any object or unfinished upload. */
+  /** Whether the bucket holds no object (unfinished uploads do not count, as in S3). */
   async isEmpty(bucket: BucketRef): Promise<boolean> {
     const listed = await this.list(bucket, { prefix: '', limit: 1 });
-    if (listed.objects.length > 0) return false;
-    return (await this.uploads(bucket)).length === 0;
+    return listed.objects.length === 0;
   }
 
   // ---- multipart -----------------------------------------------------------------------------
