@@ -9,8 +9,17 @@
  *      write has already landed here.
  *   3. Ask the conductor to mark the replica clean at that same PG epoch; if the PG changed in the
  *      meantime the conductor refuses (STALE_PG_EPOCH) and the next map starts the PG over.
- * Until then the PG serves no reads here. Left for later (issue 8): copying in both directions to
- * roll back divergent writes, a persisted cursor, throttling, and choosing between full and delta copy.
+ * Until then the PG serves no reads here.
+ *
+ * Healing (issue 8): the same path fills a brand-new replica placed by the conductor (re-replication
+ * after a store is out, scale-out, drain) — a new replica simply lacks everything. Many-to-many:
+ * each PG picks its source among the PG's clean replicas by PG number, so the PGs a store fills
+ * are read from every healthy holder, and every new holder fills its own PGs in parallel. Throttled
+ * by --resync-rate; paused while the disk is at or above backfillfull (0.90 of capacity). A
+ * persisted cursor (per PG: the replica's recovering-since epoch and the last object done) lets a
+ * restarted store skip the objects it finished, as long as it has not been down meanwhile (then
+ * its replica recovers from a new epoch and the cursor no longer applies).
+ * Left out: rolling back a divergent newer block (copying in the other direction) — see docs/healing.md.
  */
 import type { Env } from '../env/env.ts';
 import { ShaleError } from '../lib/errors.ts';
@@ -28,11 +37,25 @@ import { pgKey, type MapStoreView } from './store-view.ts';
 export const RESYNC_RUN_BLOCKS_MAX = 256;
 /** PGs resynced at once. */
 export const RESYNC_PARALLEL_MAX = 4;
+/** Fraction of the disk above which resync waits instead of copying (DESIGN §3 backfillfull). */
+export const BACKFILL_FULL_RATIO = 0.9;
+/** How often at most the resume cursor is written. */
+export const CURSOR_PERSIST_INTERVAL_MS = 1000;
+
+interface CursorEntry {
+  /** The replica's recovering-since epoch the cursor belongs to. */
+  since: number;
+  /** Objects up to and including this (volume id, chunk index), in listing order, are copied. */
+  volumeId: number;
+  chunkIndex: number;
+}
 
 export interface ResyncDeps {
   env: Env;
   /** Bytes per second resync may copy on this store; 0 = unlimited. */
   rateBytesPerSecond?: number;
+  /** Where the resume cursor is kept (a small JSON file beside the disk); none: not persisted. */
+  cursorPath?: string;
   engine: BlockEngine;
   view: MapStoreView;
   conductor: ConductorClient;
@@ -49,9 +72,88 @@ export class Resyncer {
   #startedMs = 0;
   #budgetBytes = 0;
   bytesCopied = 0;
+  /** Bytes the PGs under way still need, per PG. */
+  readonly #pending = new Map<number, number>();
+  /** Copy-rate window: bytes and start of the current and previous windows. */
+  #rateWindow = { startMs: 0, bytes: 0, lastRate: 0 };
+  #paused: string | undefined;
+  #cursor = new Map<string, CursorEntry>();
+  #cursorLoaded = false;
+  #cursorDirty = false;
+  #cursorWrittenMs = 0;
+  #cursorWriting: Promise<void> | undefined;
+  /** Objects skipped thanks to the cursor (for tests and logs). */
+  objectsResumed = 0;
 
   constructor(deps: ResyncDeps) {
     this.#deps = deps;
+  }
+
+  /** Figures for the heartbeat (progress and ETA in cluster status). */
+  report(): { pgsQueued: number; pgsActive: number; bytesCopied: number; bytesPerSecond: number; bytesPending: number; paused?: string } {
+    const now = this.#deps.env.clock.nowMs();
+    const window = this.#rateWindow;
+    const elapsed = now - window.startMs;
+    const rate = elapsed >= 1000 ? (window.bytes * 1000) / elapsed : window.lastRate;
+    if (elapsed >= 2000) {
+      window.lastRate = rate;
+      window.startMs = now;
+      window.bytes = 0;
+    }
+    let pending = 0;
+    for (const bytes of this.#pending.values()) pending += bytes;
+    return {
+      pgsQueued: this.#queue.length, pgsActive: this.#active, bytesCopied: this.bytesCopied,
+      bytesPerSecond: this.#active > 0 || this.#queue.length > 0 ? rate : 0, bytesPending: pending, ...(this.#paused ? { paused: this.#paused } : {}),
+    };
+  }
+
+  async #loadCursor(): Promise<void> {
+    if (this.#cursorLoaded) return;
+    this.#cursorLoaded = true;
+    const path = this.#deps.cursorPath;
+    if (!path) return;
+    try {
+      const text = await this.#deps.env.disk.readFile(path);
+      if (!text) return;
+      const parsed = JSON.parse(text.toString('utf8')) as { version?: number; pgs?: Record<string, CursorEntry> };
+      if (parsed.version !== 1 || !parsed.pgs) return;
+      for (const [key, entry] of Object.entries(parsed.pgs)) this.#cursor.set(key, entry);
+    } catch (error) {
+      this.#deps.log(`resync cursor ${path} unreadable, starting over: ${(error as Error).message}`);
+    }
+  }
+
+  async #persistCursor(force: boolean): Promise<void> {
+    const path = this.#deps.cursorPath;
+    if (!path || !this.#cursorDirty) return;
+    const now = this.#deps.env.clock.nowMs();
+    if (!force && now - this.#cursorWrittenMs < CURSOR_PERSIST_INTERVAL_MS) return;
+    if (this.#cursorWriting) await this.#cursorWriting;
+    this.#cursorDirty = false;
+    this.#cursorWrittenMs = now;
+    const body = JSON.stringify({ version: 1, pgs: Object.fromEntries(this.#cursor) });
+    this.#cursorWriting = this.#deps.env.disk.writeFileAtomic(path, body).catch((error: unknown) => {
+      this.#deps.log(`writing the resync cursor: ${(error as Error).message}`);
+    }).finally(() => {
+      this.#cursorWriting = undefined;
+    });
+    await this.#cursorWriting;
+  }
+
+  /** Waits while the disk is at or above backfillfull: a resync must not fill its target. */
+  async #waitForRoom(): Promise<void> {
+    for (let attempt = 0; ; attempt++) {
+      const stats = this.#deps.engine.stats();
+      const ratio = stats.capacityBytes > 0 ? stats.usedBytes / stats.capacityBytes : 0;
+      if (ratio < BACKFILL_FULL_RATIO) {
+        this.#paused = undefined;
+        return;
+      }
+      this.#paused = `disk ${Math.round(ratio * 100)}% full, at or above backfillfull (${BACKFILL_FULL_RATIO * 100}%)`;
+      if (attempt % 60 === 0) this.#deps.log(`resync paused: ${this.#paused}`);
+      await this.#deps.env.clock.sleep(1000);
+    }
   }
 
   /** Looks at a new map and starts a resync for every PG where this store is recovering. */
@@ -93,18 +195,26 @@ export class Resyncer {
       const pg = pool?.pgs[pgId];
       const own = pg?.replicas.find((replica) => replica.storeId === this.#deps.view.storeId);
       if (!pool || !pg || own?.state !== 'recovering') return;
-      const peer = pg.replicas
+      // Many-to-many: PGs spread their reads over every clean holder (by PG number, moving on at each retry).
+      const holders = pg.replicas
         .filter((replica) => replica.state === 'clean')
         .map((replica) => map.stores.find((store) => store.id === replica.storeId))
-        .find((store) => store !== undefined && store.state === 'up');
+        .filter((store) => store !== undefined && store.state === 'up');
+      const peer = holders.length > 0 ? holders[(pgId + attempt) % holders.length] : undefined;
+      const since = own.sinceEpoch ?? 0;
       try {
         if (peer) {
-          await this.#copyFrom(peer.address, pool, pgId, pg.epoch);
+          await this.#copyFrom(peer.address, pool, pgId, pg.epoch, since);
         } else if (pg.replicas.some((replica) => replica.state === 'clean')) {
           throw new ShaleError('UNAVAILABLE', 'no clean replica is up');
         }
         // No clean replica at all (every copy was down together): this one is as good as any.
         await conductor.markClean(poolId, pgId, { storeId: this.#deps.view.storeId, pgEpoch: pg.epoch });
+        this.#pending.delete(pgKey(poolId, pgId));
+        if (this.#cursor.delete(`${poolId}.${pgId}`)) {
+          this.#cursorDirty = true;
+          await this.#persistCursor(false);
+        }
         return;
       } catch (error) {
         if (attempt % 10 === 0) log(`resync of PG ${poolId}.${pgId} from ${peer?.address ?? 'nobody'}: ${(error as Error).message}; retrying`);
@@ -120,7 +230,10 @@ export class Resyncer {
   /** Keeps resync at or below the configured rate (a simple budget over a sliding second). */
   async #throttle(bytes: number): Promise<void> {
     const rate = this.#deps.rateBytesPerSecond ?? 0;
-    if (rate <= 0) return;
+    if (rate <= 0) {
+      this.#rateWindow.bytes += bytes;
+      return;
+    }
     const clock = this.#deps.env.clock;
     const now = clock.nowMs();
     if (now - this.#startedMs > 1000) {
@@ -128,12 +241,18 @@ export class Resyncer {
       this.#budgetBytes = 0;
     }
     this.#budgetBytes += bytes;
+    this.#rateWindow.bytes += bytes;
     const dueMs = this.#startedMs + (this.#budgetBytes / rate) * 1000;
     if (dueMs > now) await clock.sleep(dueMs - now);
   }
 
-  async #copyFrom(address: string, pool: PoolMapEntry, pgId: number, pgEpoch: number): Promise<void> {
+  async #copyFrom(address: string, pool: PoolMapEntry, pgId: number, pgEpoch: number, since: number): Promise<void> {
     const { engine, conductor } = this.#deps;
+    await this.#loadCursor();
+    await this.#waitForRoom();
+    const cursorKey = `${pool.id}.${pgId}`;
+    const saved = this.#cursor.get(cursorKey);
+    const resumeAfter = saved && since > 0 && saved.since === since ? saved : undefined;
     const volumeIds = (await conductor.volumes()).volumes.filter((volume) => volume.poolId === pool.id).map((volume) => volume.id);
     if (volumeIds.length === 0) return;
     const channel = this.#deps.channel(address);
@@ -142,9 +261,21 @@ export class Resyncer {
     const peerObjects = decodeListReply(listing.payload);
     const local = new Map<string, ListedObject>();
     for (const object of engine.listObjects(new Set(volumeIds), () => true)) local.set(`${object.volumeId}:${object.chunkIndex}`, object);
-    for (const peerObject of peerObjects) {
-      const mine = local.get(`${peerObject.volumeId}:${peerObject.chunkIndex}`);
-      for (const run of newerRuns(peerObject, mine)) {
+    peerObjects.sort((a, b) => a.volumeId - b.volumeId || a.chunkIndex - b.chunkIndex);
+    const key = pgKey(pool.id, pgId);
+    let pendingBytes = 0;
+    const plans = peerObjects.map((peerObject) => {
+      const skip = resumeAfter !== undefined && (peerObject.volumeId < resumeAfter.volumeId ||
+        (peerObject.volumeId === resumeAfter.volumeId && peerObject.chunkIndex <= resumeAfter.chunkIndex));
+      const runs = skip ? [] : newerRuns(peerObject, local.get(`${peerObject.volumeId}:${peerObject.chunkIndex}`));
+      if (skip) this.objectsResumed++;
+      for (const run of runs) if (run.state === BlockState.DATA) pendingBytes += run.count * BLOCK_SIZE_BYTES;
+      return { peerObject, runs };
+    });
+    this.#pending.set(key, pendingBytes);
+    for (const { peerObject, runs } of plans) {
+      for (const run of runs) {
+        await this.#waitForRoom();
         const header = { ...common, volumeId: peerObject.volumeId, chunkIndex: peerObject.chunkIndex, offsetBlocks: run.start, countBlocks: run.count };
         const version = { epoch: run.epoch, seq: run.seq };
         if (run.state === BlockState.ZERO) {
@@ -165,10 +296,19 @@ export class Resyncer {
           });
           this.bytesCopied += BLOCK_SIZE_BYTES;
         }
+        if (run.state === BlockState.DATA) this.#pending.set(key, Math.max(0, (this.#pending.get(key) ?? 0) - run.count * BLOCK_SIZE_BYTES));
         await this.#throttle(run.count * BLOCK_SIZE_BYTES);
+      }
+      if (runs.length > 0 && since > 0) {
+        // Durable first: the cursor must never claim an object whose copy a crash could lose.
+        await engine.flush();
+        this.#cursor.set(cursorKey, { since, volumeId: peerObject.volumeId, chunkIndex: peerObject.chunkIndex });
+        this.#cursorDirty = true;
+        await this.#persistCursor(false);
       }
     }
     await engine.flush();
+    await this.#persistCursor(true);
   }
 }
 
