@@ -19,7 +19,8 @@
  * persisted cursor (per PG: the replica's recovering-since epoch and the last object done) lets a
  * restarted store skip the objects it finished, as long as it has not been down meanwhile (then
  * its replica recovers from a new epoch and the cursor no longer applies).
- * Left out: rolling back a divergent newer block (copying in the other direction) — see docs/healing.md.
+ * Both directions: a block this replica holds at a version no clean replica has, written by an
+ * owner that is gone, is rolled back to the clean content (#rollBack).
  */
 import type { Env } from '../env/env.ts';
 import { ShaleError } from '../lib/errors.ts';
@@ -32,6 +33,7 @@ import {
 import type { ClusterMap, PoolMapEntry } from '../conductor/api/types.ts';
 import type { BlockEngine } from './block-engine.ts';
 import { pgKey, type MapStoreView } from './store-view.ts';
+import { placementGroupOf } from '../lib/placement-hash.ts';
 
 /** Blocks copied per READ from the peer. */
 export const RESYNC_RUN_BLOCKS_MAX = 256;
@@ -84,6 +86,8 @@ export class Resyncer {
   #cursorWriting: Promise<void> | undefined;
   /** Objects skipped thanks to the cursor (for tests and logs). */
   objectsResumed = 0;
+  /** Divergent blocks rolled back to the clean replicas' content. */
+  blocksRolledBack = 0;
 
   constructor(deps: ResyncDeps) {
     this.#deps = deps;
@@ -204,7 +208,8 @@ export class Resyncer {
       const since = own.sinceEpoch ?? 0;
       try {
         if (peer) {
-          await this.#copyFrom(peer.address, pool, pgId, pg.epoch, since);
+          const owners = new Map(map.owners);
+          await this.#copyFrom(peer.address, pool, pgId, pg.epoch, since, holders.map((holder) => holder!.address), owners);
         } else if (pg.replicas.some((replica) => replica.state === 'clean')) {
           throw new ShaleError('UNAVAILABLE', 'no clean replica is up');
         }
@@ -223,6 +228,55 @@ export class Resyncer {
           // Our map is behind; the watcher brings the new one and onMap restarts what is needed.
           if (this.#latest === map) await env.clock.sleep(500);
         }
+      }
+    }
+  }
+
+  /**
+   * Copying in the other direction: a divergent block (divergentBlocks) is rolled back to what the
+   * clean replicas hold. The engine keeps the highest version, so the clean content is written
+   * under a version just above the divergent one — (its epoch, its seq + 1), still below every
+   * version of the current owner — here and on every clean replica, which then all agree. A
+   * current-owner write racing it is higher and wins everywhere.
+   */
+  async #rollBack(peerObjects: readonly ListedObject[], local: ReadonlyMap<string, ListedObject>, owners: ReadonlyMap<number, number>, peer: StoreChannel,
+    cleanAddresses: readonly string[], common: { poolId: number; pgId: number; pgCount: number; pgEpoch: number }): Promise<void> {
+    const peers = new Map(peerObjects.map((object) => [`${object.volumeId}:${object.chunkIndex}`, object]));
+    const { engine } = this.#deps;
+    for (const [objectKey, mine] of local) {
+      const ownerEpoch = owners.get(mine.volumeId) ?? 0;
+      if (ownerEpoch === 0) continue;
+      if (placementGroupOf(mine.volumeId, mine.chunkIndex, common.pgCount) !== common.pgId) continue;
+      for (const block of divergentBlocks(peers.get(objectKey), mine, ownerEpoch)) {
+        const version = { epoch: block.epoch, seq: block.seq + 1 };
+        const header = { ...common, volumeId: block.volumeId, chunkIndex: block.chunkIndex, offsetBlocks: block.block, countBlocks: 1, ownerEpoch: version.epoch, versionSeq: version.seq };
+        let data: Buffer | undefined;
+        let checksum = 0;
+        if (block.peerState === BlockState.DATA) {
+          const reply = await peer.request({ op: Op.READ, flags: Flag.REPAIR, ...header });
+          const read = decodeReadReply(reply.payload, 1);
+          if (read.states[0] === BlockState.DATA) {
+            data = Buffer.from(read.data.subarray(0, BLOCK_SIZE_BYTES));
+            checksum = read.checksums[0]!;
+          }
+        }
+        for (const address of cleanAddresses) {
+          const channel = this.#deps.channel(address);
+          if (data) {
+            const sums = Buffer.allocUnsafe(4);
+            sums.writeUInt32LE(checksum, 0);
+            await channel.request({ op: Op.WRITE, flags: Flag.REPAIR, ...header }, [sums, data]);
+          } else {
+            await channel.request({ op: Op.WRITE_ZEROES, flags: Flag.REPAIR, ...header });
+          }
+        }
+        if (data) {
+          await engine.write({ volumeId: block.volumeId, chunkIndex: block.chunkIndex, offsetBlocks: block.block, data, checksums: Uint32Array.of(checksum), version, snapSeq: 0 });
+        } else {
+          await engine.writeZeroes({ volumeId: block.volumeId, chunkIndex: block.chunkIndex, offsetBlocks: block.block, countBlocks: 1, version, snapSeq: 0 });
+        }
+        this.blocksRolledBack++;
+        this.#deps.log(`resync of PG ${common.poolId}.${common.pgId}: rolled back volume ${block.volumeId} chunk ${block.chunkIndex} block ${block.block} (a write of owner epoch ${block.epoch} no clean replica has)`);
       }
     }
   }
@@ -246,7 +300,7 @@ export class Resyncer {
     if (dueMs > now) await clock.sleep(dueMs - now);
   }
 
-  async #copyFrom(address: string, pool: PoolMapEntry, pgId: number, pgEpoch: number, since: number): Promise<void> {
+  async #copyFrom(address: string, pool: PoolMapEntry, pgId: number, pgEpoch: number, since: number, cleanAddresses: readonly string[] = [address], owners: ReadonlyMap<number, number> = new Map()): Promise<void> {
     const { engine, conductor } = this.#deps;
     await this.#loadCursor();
     await this.#waitForRoom();
@@ -273,6 +327,7 @@ export class Resyncer {
       return { peerObject, runs };
     });
     this.#pending.set(key, pendingBytes);
+    await this.#rollBack(peerObjects, local, owners, channel, cleanAddresses, common);
     for (const { peerObject, runs } of plans) {
       for (const run of runs) {
         await this.#waitForRoom();
@@ -310,6 +365,36 @@ export class Resyncer {
     await engine.flush();
     await this.#persistCursor(true);
   }
+}
+
+/** A block this replica holds at a version the clean replicas never got. */
+interface Divergent {
+  volumeId: number;
+  chunkIndex: number;
+  block: number;
+  epoch: number;
+  seq: number;
+  /** What the clean replica holds there (DATA: copy its data; else zeros). */
+  peerState: number;
+}
+
+/**
+ * Blocks where `mine` is newer than the peer's (or the peer has nothing) and written under an owner
+ * epoch older than the volume's current one: writes of a writer that is gone, which reached this
+ * replica and none of the clean ones (the next owner's reconciliation did not see them: this store
+ * was down). A write of the current owner is never one: it is in flight to every replica.
+ */
+export function divergentBlocks(peer: ListedObject | undefined, mine: ListedObject, currentOwnerEpoch: number): Divergent[] {
+  const result: Divergent[] = [];
+  for (let i = 0; i < mine.states.length; i++) {
+    if (mine.states[i] === BlockState.ABSENT) continue;
+    const epoch = mine.epochs[i]!;
+    if (epoch >= currentOwnerEpoch) continue;
+    const peerState = peer && i < peer.states.length ? peer.states[i]! : BlockState.ABSENT;
+    const newer = peerState === BlockState.ABSENT || compareVersions(epoch, mine.seqs[i]!, peer!.epochs[i]!, peer!.seqs[i]!) > 0;
+    if (newer) result.push({ volumeId: mine.volumeId, chunkIndex: mine.chunkIndex, block: i, epoch, seq: mine.seqs[i]!, peerState });
+  }
+  return result;
 }
 
 interface Run {
