@@ -38,7 +38,7 @@ import { placementGroupOf } from '../lib/placement-hash.ts';
 /** Blocks copied per READ from the peer. */
 export const RESYNC_RUN_BLOCKS_MAX = 256;
 /** PGs resynced at once. */
-export const RESYNC_PARALLEL_MAX = 4;
+export const RESYNC_PARALLEL_MAX = 8;
 /** Fraction of the disk above which resync waits instead of copying (DESIGN §3 backfillfull). */
 export const BACKFILL_FULL_RATIO = 0.9;
 /** How often at most the resume cursor is written. */
@@ -339,27 +339,35 @@ export class Resyncer {
         }
         const reply = await channel.request({ op: Op.READ, flags: Flag.REPAIR, ...header });
         const read = decodeReadReply(reply.payload, run.count);
-        // The peer may have moved on since the listing; copy only blocks still at the listed version.
+        // Blocks as the peer holds them now (it may have moved on since the listing; the version rule
+        // keeps whatever is newer here). Consecutive data blocks of one version go in one write.
         let at = 0;
-        for (let i = 0; i < run.count; i++) {
-          if (read.states[i] !== BlockState.DATA) continue;
-          const data = read.data.subarray(at * BLOCK_SIZE_BYTES, (at + 1) * BLOCK_SIZE_BYTES);
-          at++;
+        let i = 0;
+        while (i < run.count) {
+          if (read.states[i] !== BlockState.DATA) {
+            i++;
+            continue;
+          }
+          let end = i + 1;
+          while (end < run.count && read.states[end] === BlockState.DATA && read.epochs[end] === read.epochs[i] && read.seqs[end] === read.seqs[i]) end++;
+          const count = end - i;
           await engine.write({
-            volumeId: header.volumeId, chunkIndex: header.chunkIndex, offsetBlocks: run.start + i, data,
-            checksums: Uint32Array.of(read.checksums[i]!), version: { epoch: read.epochs[i]!, seq: read.seqs[i]! }, snapSeq: 0,
+            volumeId: header.volumeId, chunkIndex: header.chunkIndex, offsetBlocks: run.start + i, data: read.data.subarray(at * BLOCK_SIZE_BYTES, (at + count) * BLOCK_SIZE_BYTES),
+            checksums: read.checksums.slice(i, end), version: { epoch: read.epochs[i]!, seq: read.seqs[i]! }, snapSeq: 0,
           });
-          this.bytesCopied += BLOCK_SIZE_BYTES;
+          this.bytesCopied += count * BLOCK_SIZE_BYTES;
+          at += count;
+          i = end;
         }
         if (run.state === BlockState.DATA) this.#pending.set(key, Math.max(0, (this.#pending.get(key) ?? 0) - run.count * BLOCK_SIZE_BYTES));
         await this.#throttle(run.count * BLOCK_SIZE_BYTES);
       }
-      if (runs.length > 0 && since > 0) {
+      if (runs.length > 0 && since > 0 && this.#deps.env.clock.nowMs() - this.#cursorWrittenMs >= CURSOR_PERSIST_INTERVAL_MS) {
         // Durable first: the cursor must never claim an object whose copy a crash could lose.
         await engine.flush();
         this.#cursor.set(cursorKey, { since, volumeId: peerObject.volumeId, chunkIndex: peerObject.chunkIndex });
         this.#cursorDirty = true;
-        await this.#persistCursor(false);
+        await this.#persistCursor(true);
       }
     }
     await engine.flush();
