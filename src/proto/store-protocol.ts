@@ -51,6 +51,9 @@
  *                 seq f64. With CLEAR, entries of older owner epochs are dropped after the reply is built.
  *   SCRUB         request: none (count = most MiB per second to read, 0 = unthrottled). reply: a
  *                 JSON ScrubReport (a rare administrative call, not on the data path).
+ *   PG_DIGEST     request: as LIST_PG (count = most MiB per second to read, 0 = unthrottled). reply:
+ *                 per object of the PG its blocks' crc32c, state, version and whether the data read
+ *                 back bad — see pg-digest.ts. Scrub compares replicas with it without moving data.
  *
  * Key-value ops (namespace 2, the S3 bucket index; volume id = shard id, chunk index 0, so the
  * shard's PG is computed like any object's; version = (owner epoch, version seq)):
@@ -93,6 +96,8 @@ export const Op = {
   KV_DELETE: 0x21,
   KV_GET: 0x22,
   KV_LIST: 0x23,
+  /** Self-healing (0x40–0x4F): per-block crc32c and version of a PG, read and verified on the store (pg-digest.ts). */
+  PG_DIGEST: 0x40,
 } as const;
 
 /**
