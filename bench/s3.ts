@@ -76,7 +76,9 @@ async function phase(clients: S3Client[], run: (client: S3Client, index: number)
   await Promise.all(clients.map(async (client) => {
     while (performance.now() < deadline) {
       const begin = performance.now();
-      bytes += await run(client, latencies.length);
+      // Not `bytes += await …`: that reads `bytes` before the await and loses the other clients' counts.
+      const moved = await run(client, latencies.length);
+      bytes += moved;
       latencies.push(performance.now() - begin);
     }
   }));

@@ -140,18 +140,22 @@ export class ObjectStore {
   async writeData(bucket: BucketRef, chunks: AsyncIterable<Buffer>, owner?: IntentOwner): Promise<{ dataId: number; size: number }> {
     const dataId = await this.#client.newDataId();
     await this.#putIntent(bucket, dataId, owner);
-    let pending = Buffer.allocUnsafe(DATA_CHUNK_BYTES);
-    let filled = 0;
+    // Incoming pieces are kept as they come and joined once per chunk (one copy; a small object
+    // costs its own size, not a 4 MiB buffer).
+    let pieces: Buffer[] = [];
+    let buffered = 0;
     let chunkIndex = 0;
     let size = 0;
     const inFlight = new Set<Promise<void>>();
     let failure: unknown;
-    const flush = async (): Promise<void> => {
-      if (filled === 0) return;
-      const data = pending.subarray(0, filled);
+    const flush = async (bytes: number): Promise<void> => {
+      if (bytes === 0) return;
+      const joined = pieces.length === 1 ? pieces[0]! : Buffer.concat(pieces, buffered);
+      const data = joined.subarray(0, bytes);
+      const rest = joined.subarray(bytes);
+      pieces = rest.length > 0 ? [rest] : [];
+      buffered = rest.length;
       const index = chunkIndex++;
-      pending = Buffer.allocUnsafe(DATA_CHUNK_BYTES);
-      filled = 0;
       const write = this.#client.writeChunk(bucket.poolId, dataId, index, data).catch((error: unknown) => {
         failure ??= error;
       });
@@ -161,17 +165,13 @@ export class ObjectStore {
       if (failure) throw failure;
     };
     for await (const data of chunks) {
-      let at = 0;
-      while (at < data.length) {
-        const take = Math.min(data.length - at, DATA_CHUNK_BYTES - filled);
-        data.copy(pending, filled, at, at + take);
-        filled += take;
-        at += take;
-        size += take;
-        if (filled === DATA_CHUNK_BYTES) await flush();
-      }
+      if (data.length === 0) continue;
+      pieces.push(data);
+      buffered += data.length;
+      size += data.length;
+      while (buffered >= DATA_CHUNK_BYTES) await flush(DATA_CHUNK_BYTES);
     }
-    await flush();
+    await flush(buffered);
     await Promise.all(inFlight);
     if (failure) throw failure;
     return { dataId, size };
