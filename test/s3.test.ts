@@ -7,6 +7,7 @@
 import assert from 'node:assert/strict';
 import { createHash, randomBytes } from 'node:crypto';
 import { readFileSync, writeFileSync } from 'node:fs';
+import { request as httpRequest } from 'node:http';
 import { join } from 'node:path';
 import { after, before, describe, test } from 'node:test';
 import {
@@ -304,6 +305,28 @@ describe('S3 gateway of shale up, with real clients', () => {
     const presignedPut = await getSignedUrl(alice, new PutObjectCommand({ Bucket: 'auth', Key: 'uploaded.txt' }), { expiresIn: 60 });
     assert.equal((await fetch(presignedPut, { method: 'PUT', body: 'via presigned url' })).status, 200);
     assert.equal(await (await alice.send(new GetObjectCommand({ Bucket: 'auth', Key: 'uploaded.txt' }))).Body!.transformToString(), 'via presigned url');
+    // Expect: 100-continue: the interim answer comes only for an authorized request; a refused one gets its 403 at once.
+    const expectContinue = (url: string): Promise<{ status: number; continued: boolean }> => new Promise((resolve, reject) => {
+      const target = new URL(url);
+      const body = Buffer.from('sent after 100 Continue');
+      const outgoing = httpRequest({ method: 'PUT', host: target.hostname, port: target.port, path: target.pathname + target.search, headers: { expect: '100-continue', 'content-length': body.length } });
+      let continued = false;
+      outgoing.on('continue', () => {
+        continued = true;
+        outgoing.end(body);
+      });
+      outgoing.on('response', (response) => {
+        response.resume();
+        response.on('end', () => resolve({ status: response.statusCode ?? 0, continued }));
+        if (!continued) outgoing.destroy();
+      });
+      outgoing.on('error', (error) => (continued ? reject(error) : undefined));
+      outgoing.flushHeaders();
+    });
+    assert.deepEqual(await expectContinue(`${endpoint}/auth/anonymous.txt`), { status: 403, continued: false });
+    const presignedContinue = await getSignedUrl(alice, new PutObjectCommand({ Bucket: 'auth', Key: 'continued.txt' }), { expiresIn: 60 });
+    assert.deepEqual(await expectContinue(presignedContinue), { status: 200, continued: true });
+    assert.equal(await (await alice.send(new GetObjectCommand({ Bucket: 'auth', Key: 'continued.txt' }))).Body!.transformToString(), 'sent after 100 Continue');
     // Anonymous: refused, until a public-read policy allows GET of objects (and nothing else).
     const objectUrl = `${endpoint}/auth/secret.txt`;
     assert.equal((await fetch(objectUrl)).status, 403);

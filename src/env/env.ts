@@ -89,7 +89,12 @@ export interface Net {
   listen(address: string, onConnection: (connection: Connection) => void): Promise<Listener>;
   connect(address: string, timeoutMs?: number): Promise<Connection>;
   /** An HTTP/1.1 server on `address`. */
-  serveHttp(address: string, handler: HttpHandler): Promise<Listener>;
+  /**
+   * With `expectContinue`, a request carrying `Expect: 100-continue` reaches the handler before any
+   * interim answer: the handler calls `writeContinue()` once it accepts the request (or answers an
+   * error without reading the body). Without it, 100 Continue is sent at once.
+   */
+  serveHttp(address: string, handler: HttpHandler, options?: { expectContinue?: boolean }): Promise<Listener>;
   /** One HTTP request; resolves on any status, rejects with UNAVAILABLE when the peer can't be reached or times out. */
   httpRequest(method: string, url: string, options?: { body?: Buffer | string; headers?: Record<string, string>; timeoutMs?: number }): Promise<HttpResult>;
 }

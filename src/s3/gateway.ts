@@ -141,8 +141,20 @@ export async function startS3Gateway(env: Env, options: S3GatewayOptions): Promi
     request.resume();
   };
 
+  /** Requests waiting for `100 Continue`: sent only once the request is authorized and its body wanted. */
+  const continues = new WeakMap<IncomingMessage, ServerResponse>();
+  const readBody = (request: IncomingMessage, auth: AuthResult | undefined, sizeBytesMax: number): ReturnType<typeof bodyStream> => {
+    const body = bodyStream(request, auth, sizeBytesMax);
+    const response = continues.get(request);
+    if (response) {
+      continues.delete(request);
+      response.writeContinue();
+    }
+    return body;
+  };
+
   const readXml = async (request: IncomingMessage, auth: AuthResult | undefined): Promise<Record<string, unknown>> => {
-    const body = bodyStream(request, auth, XML_BODY_BYTES_MAX);
+    const body = readBody(request, auth, XML_BODY_BYTES_MAX);
     const parts: Buffer[] = [];
     for await (const data of body.chunks) parts.push(data);
     const text = Buffer.concat(parts).toString('utf8');
@@ -298,7 +310,8 @@ export async function startS3Gateway(env: Env, options: S3GatewayOptions): Promi
       });
       account = keyAccount;
     }
-    if (header(request, 'expect')?.toLowerCase() === '100-continue') response.writeContinue();
+
+    if (header(request, 'expect')?.toLowerCase() === '100-continue') continues.set(request, response);
 
     const needBucket = async (): Promise<Bucket> => {
       const bucket = await findBucket(bucketName!);
@@ -328,7 +341,7 @@ export async function startS3Gateway(env: Env, options: S3GatewayOptions): Promi
       if (method === 'PUT' && rawQuery === '') {
         if (/[A-Z_]/.test(bucketName) || bucketName.length < 3) throw new ShaleError('INVALID_BUCKET_NAME', `bucket name "${bucketName}" breaks the naming rules`);
         // The body (a location constraint) is read and ignored: there is one region.
-        for await (const _ of bodyStream(request, auth, XML_BODY_BYTES_MAX).chunks);
+        for await (const _ of readBody(request, auth, XML_BODY_BYTES_MAX).chunks);
         const created = await conductor.call<Bucket>('POST', '/s3/buckets', { name: bucketName, account });
         buckets.set(bucketName, { bucket: created, at: env.clock.nowMs() });
         response.writeHead(200, { location: `/${bucketName}`, 'content-length': 0 });
@@ -361,7 +374,7 @@ export async function startS3Gateway(env: Env, options: S3GatewayOptions): Promi
       }
       if (query.has('policy')) {
         if (method === 'PUT') {
-          const body = bodyStream(request, auth, 20_480);
+          const body = readBody(request, auth, 20_480);
           const parts: Buffer[] = [];
           for await (const data of body.chunks) parts.push(data);
           const publicRead = isPublicReadPolicy(Buffer.concat(parts).toString('utf8'), bucketName);
@@ -585,7 +598,7 @@ export async function startS3Gateway(env: Env, options: S3GatewayOptions): Promi
           sendXml(response, 200, 'CopyPartResult', { LastModified: new Date(env.clock.wallMs()).toISOString(), ETag: quoteEtag(etag) });
           return;
         }
-        const body = bodyStream(request, auth, OBJECT_BYTES_MAX);
+        const body = readBody(request, auth, OBJECT_BYTES_MAX);
         written = await store.writeData(bucket, body.chunks, { uploadId: upload.uploadId, partNumber, key });
         const result = body.done();
         etag = result.md5Hex;
@@ -620,7 +633,7 @@ export async function startS3Gateway(env: Env, options: S3GatewayOptions): Promi
         return;
       }
       const { meta, headers, contentType } = metadataOf(request);
-      const body = bodyStream(request, auth, OBJECT_BYTES_MAX);
+      const body = readBody(request, auth, OBJECT_BYTES_MAX);
       const written = await store.writeData(bucket, body.chunks, { key });
       const result = body.done();
       const manifest: Manifest = {
@@ -702,7 +715,7 @@ export async function startS3Gateway(env: Env, options: S3GatewayOptions): Promi
   const listener: Listener = await env.net.serveHttp(options.listen, (request, response) => {
     const resource = request.url ?? '/';
     handle(request, response).catch((error: unknown) => sendError(request, response, error, resource.split('?')[0]!));
-  });
+  }, { expectContinue: true });
 
   let collecting: Promise<number> | undefined;
   const collect = (): Promise<number> => {

@@ -340,8 +340,9 @@ export const nodeNet: Net = {
     });
   },
 
-  async serveHttp(address: string, handler: HttpHandler): Promise<Listener> {
+  async serveHttp(address: string, handler: HttpHandler, options: { expectContinue?: boolean } = {}): Promise<Listener> {
     const server = http.createServer({ keepAliveTimeout: 65_000, requestTimeout: 0 }, handler);
+    if (options.expectContinue) server.on('checkContinue', handler);
     return startListening(server, address);
   },
 
