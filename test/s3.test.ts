@@ -14,7 +14,7 @@ import {
   CopyObjectCommand, CreateBucketCommand, DeleteBucketCommand, DeleteObjectCommand, DeleteObjectsCommand, GetBucketLocationCommand, GetObjectCommand,
   HeadBucketCommand, HeadObjectCommand, ListBucketsCommand, ListObjectsCommand, ListObjectsV2Command, PutObjectCommand, S3Client,
   CreateMultipartUploadCommand, UploadPartCommand, CompleteMultipartUploadCommand, AbortMultipartUploadCommand, ListPartsCommand,
-  ListMultipartUploadsCommand, UploadPartCopyCommand, PutBucketPolicyCommand,
+  ListMultipartUploadsCommand, UploadPartCopyCommand, PutBucketPolicyCommand, GetBucketAclCommand,
 } from '@aws-sdk/client-s3';
 import { Upload } from '@aws-sdk/lib-storage';
 import { getSignedUrl } from '@aws-sdk/s3-request-presigner';
@@ -100,6 +100,12 @@ describe('S3 gateway of shale up, with real clients', () => {
     assert.equal((await errorOf(alice.send(new CreateBucketCommand({ Bucket: 'Bad_Name' })))).status, 400);
     assert.equal((await errorOf(alice.send(new CreateBucketCommand({ Bucket: '192.168.1.1' })))).name, 'InvalidBucketName');
     await alice.send(new HeadBucketCommand({ Bucket: 'alpha' }));
+    // No ACLs beyond "the owner has full control": shown as such; anything else is NotImplemented.
+    const acl = await alice.send(new GetBucketAclCommand({ Bucket: 'alpha' }));
+    assert.deepEqual(acl.Grants?.map((grant) => [grant.Grantee?.ID, grant.Permission]), [['alice', 'FULL_CONTROL']]);
+    assert.deepEqual(await errorOf(alice.send(new PutObjectCommand({ Bucket: 'alpha', Key: 'public', Body: 'x', ACL: 'public-read' }))), { name: 'NotImplemented', status: 501 });
+    await alice.send(new PutObjectCommand({ Bucket: 'alpha', Key: 'private', Body: 'x', ACL: 'private' }));
+    await alice.send(new DeleteObjectCommand({ Bucket: 'alpha', Key: 'private' }));
     assert.equal((await errorOf(alice.send(new HeadBucketCommand({ Bucket: 'nothing-here' })))).status, 404);
     const location = await alice.send(new GetBucketLocationCommand({ Bucket: 'alpha' }));
     assert.ok(!location.LocationConstraint);

@@ -339,6 +339,7 @@ export async function startS3Gateway(env: Env, options: S3GatewayOptions): Promi
     if (key === undefined) {
       if (account === undefined) throw new ShaleError('ACCESS_DENIED', 'anonymous requests are refused');
       if (method === 'PUT' && rawQuery === '') {
+        checkCannedAcl(request);
         if (/[A-Z_]/.test(bucketName) || bucketName.length < 3) throw new ShaleError('INVALID_BUCKET_NAME', `bucket name "${bucketName}" breaks the naming rules`);
         // The body (a location constraint) is read and ignored: there is one region.
         for await (const _ of readBody(request, auth, XML_BODY_BYTES_MAX).chunks);
@@ -366,6 +367,17 @@ export async function startS3Gateway(env: Env, options: S3GatewayOptions): Promi
       }
       if (method === 'GET' && query.has('location')) {
         sendXml(response, 200, 'LocationConstraint', region === 'us-east-1' ? {} : { '#text': region });
+        return;
+      }
+      if (query.has('acl') && (method === 'GET' || method === 'PUT')) {
+        if (method === 'GET') {
+          sendXml(response, 200, 'AccessControlPolicy', aclDocument(bucket.account));
+          return;
+        }
+        checkCannedAcl(request);
+        if (header(request, 'x-amz-acl') === undefined) throw new ShaleError('NOT_SUPPORTED', 'only canned owner-only ACLs (x-amz-acl: private) can be set');
+        response.writeHead(200, { 'content-length': 0 });
+        response.end();
         return;
       }
       if (method === 'GET' && query.has('versioning')) {
@@ -452,6 +464,21 @@ export async function startS3Gateway(env: Env, options: S3GatewayOptions): Promi
     const bucket = await needBucket();
     const resource = `/${bucketName}/${key}`;
     const uploadId = query.get('uploadId');
+    if (query.has('acl') && (method === 'GET' || method === 'PUT')) {
+      if (!(await store.head(bucket, key))) throw new ShaleError('NOT_FOUND', `no key ${key} in bucket ${bucketName}`);
+      if (method === 'GET') {
+        sendXml(response, 200, 'AccessControlPolicy', aclDocument(bucket.account));
+        return;
+      }
+      checkCannedAcl(request);
+      if (header(request, 'x-amz-acl') === undefined) throw new ShaleError('NOT_SUPPORTED', 'only canned owner-only ACLs (x-amz-acl: private) can be set');
+      response.writeHead(200, { 'content-length': 0 });
+      response.end();
+      return;
+    }
+    if (['tagging', 'retention', 'legal-hold', 'torrent', 'attributes', 'restore', 'select'].some((name) => query.has(name))) {
+      throw new ShaleError('NOT_SUPPORTED', `object ${[...query.keys()].join(', ')} is not implemented`);
+    }
     if (method === 'GET' || method === 'HEAD') {
       if (uploadId !== undefined && method === 'GET') {
         const upload = await store.upload(bucket, uploadId, key);
@@ -519,6 +546,7 @@ export async function startS3Gateway(env: Env, options: S3GatewayOptions): Promi
       return;
     }
     if (method === 'POST' && query.has('uploads')) {
+      checkCannedAcl(request);
       const { meta, headers, contentType } = metadataOf(request);
       const algorithmName = header(request, 'x-amz-checksum-algorithm');
       const checksumAlgorithm = algorithmName ? checksumAlgorithmOf(algorithmName) : undefined;
@@ -571,6 +599,7 @@ export async function startS3Gateway(env: Env, options: S3GatewayOptions): Promi
       return;
     }
     if (method === 'PUT') {
+      checkCannedAcl(request);
       const partNumberText = query.get('partNumber');
       if (partNumberText !== undefined || uploadId !== undefined) {
         const partNumber = Number(partNumberText);
@@ -745,6 +774,24 @@ export async function startS3Gateway(env: Env, options: S3GatewayOptions): Promi
       await collecting?.catch(() => {});
       await listener.close();
     },
+  };
+}
+
+/** Canned ACLs that say nothing beyond "the owner has full control" (there are no other grants). */
+const OWNER_ONLY_ACLS = new Set(['private', 'bucket-owner-full-control', 'bucket-owner-read']);
+
+function checkCannedAcl(request: IncomingMessage): void {
+  const acl = header(request, 'x-amz-acl');
+  if (acl !== undefined && !OWNER_ONLY_ACLS.has(acl)) throw new ShaleError('NOT_SUPPORTED', `ACL ${acl} is not supported: objects and buckets are private to their account (see PutBucketPolicy for public read)`);
+  for (const name of ['x-amz-grant-read', 'x-amz-grant-write', 'x-amz-grant-read-acp', 'x-amz-grant-write-acp', 'x-amz-grant-full-control']) {
+    if (header(request, name) !== undefined) throw new ShaleError('NOT_SUPPORTED', `${name}: ACL grants are not supported`);
+  }
+}
+
+function aclDocument(owner: string): Record<string, unknown> {
+  return {
+    Owner: { ID: owner, DisplayName: owner },
+    AccessControlList: { Grant: [{ Grantee: { '@_xmlns:xsi': 'http://www.w3.org/2001/XMLSchema-instance', '@_xsi:type': 'CanonicalUser', ID: owner, DisplayName: owner }, Permission: 'FULL_CONTROL' }] },
   };
 }
 
