@@ -196,6 +196,18 @@ describe('S3 gateway of shale up, with real clients', () => {
     const batch = await alice.send(new DeleteObjectsCommand({ Bucket: 'objects', Delete: { Objects: [{ Key: 'copy-1' }, { Key: 'empty' }, { Key: 'never-existed' }] } }));
     assert.deepEqual(batch.Deleted?.map((entry) => entry.Key).sort(), ['copy-1', 'empty', 'never-existed']);
     assert.equal((await errorOf(alice.send(new HeadObjectCommand({ Bucket: 'objects', Key: 'copy-1' })))).status, 404);
+    // Conditional writes, unicode metadata, request ids on errors.
+    assert.deepEqual(await errorOf(alice.send(new PutObjectCommand({ Bucket: 'objects', Key: 'dir/file.bin', Body: 'x', IfNoneMatch: '*' }))), { name: 'PreconditionFailed', status: 412 });
+    assert.deepEqual(await errorOf(alice.send(new PutObjectCommand({ Bucket: 'objects', Key: 'not-there', Body: 'x', IfMatch: '"abc"' }))), { name: 'NoSuchKey', status: 404 });
+    await alice.send(new PutObjectCommand({ Bucket: 'objects', Key: 'created-once', Body: 'x', IfNoneMatch: '*' }));
+    await alice.send(new PutObjectCommand({ Bucket: 'objects', Key: 'unicode', Body: 'u', Metadata: { greeting: 'héllo wörld' } }));
+    // Non-ASCII metadata is signed as UTF-8 and kept as the bytes sent; they come back the same (the SDK reads them as latin1).
+    const greeting = (await alice.send(new HeadObjectCommand({ Bucket: 'objects', Key: 'unicode' }))).Metadata?.greeting ?? '';
+    assert.equal(Buffer.from(greeting, 'latin1').toString('utf8'), 'héllo wörld');
+    const missing = await fetch(`${endpoint}/objects/none`, { headers: {} });
+    const requestId = missing.headers.get('x-amz-request-id');
+    assert.ok(requestId);
+    assert.match(await missing.text(), new RegExp(`<RequestId>${requestId}</RequestId>`));
     // Regression: DeleteObjects took keys with leading or trailing spaces, or that look like numbers, as trimmed or parsed.
     const spaced = [' ', ' padded ', '007', '1e3'];
     for (const key of spaced) await alice.send(new PutObjectCommand({ Bucket: 'objects', Key: key, Body: key }));
@@ -278,6 +290,12 @@ describe('S3 gateway of shale up, with real clients', () => {
     assert.equal(manual.Metadata?.kind, 'manual');
     assert.ok(Buffer.from(await manual.Body!.transformToByteArray()).equals(data.subarray(0, 5 * MiB)));
     assert.equal((await errorOf(alice.send(new ListPartsCommand({ Bucket: 'multi', Key: 'manual', UploadId: uploadId })))).name, 'NoSuchUpload');
+    // Completing again answers as the first completion did; a part number beyond the parts is InvalidPart.
+    const again = await alice.send(new CompleteMultipartUploadCommand({
+      Bucket: 'multi', Key: 'manual', UploadId: uploadId, MultipartUpload: { Parts: [{ PartNumber: 2, ETag: second.CopyPartResult!.ETag }] },
+    }));
+    assert.equal(again.ETag, completed.ETag);
+    assert.deepEqual(await errorOf(alice.send(new GetObjectCommand({ Bucket: 'multi', Key: 'big', PartNumber: 6 }))), { name: 'InvalidPart', status: 400 });
     // Abort.
     const aborted = await alice.send(new CreateMultipartUploadCommand({ Bucket: 'multi', Key: 'gone' }));
     await alice.send(new UploadPartCommand({ Bucket: 'multi', Key: 'gone', UploadId: aborted.UploadId!, PartNumber: 1, Body: small }));

@@ -9,7 +9,7 @@
  */
 import type { IncomingMessage, ServerResponse } from 'node:http';
 import { XMLBuilder, XMLParser } from 'fast-xml-parser';
-import { createHash } from 'node:crypto';
+import { createHash, randomBytes } from 'node:crypto';
 import type { Env, Listener } from '../env/env.ts';
 import { ErrorCodes, ShaleError, codeOf, toShaleError } from '../lib/errors.ts';
 import type { ClusterClient } from '../client/cluster-client.ts';
@@ -134,7 +134,7 @@ export async function startS3Gateway(env: Env, options: S3GatewayOptions): Promi
       return;
     }
     const code = shaleError.code === 'NOT_FOUND' && shaleError.details?.s3Code === 'NoSuchBucketPolicy' ? 'NoSuchBucketPolicy' : spec.s3Code;
-    const text = request.method === 'HEAD' ? '' : xmlDocument('Error', { Code: code, Message: shaleError.message, Resource: resource, RequestId: '0' }).replace(' xmlns="http://s3.amazonaws.com/doc/2006-03-01/"', '');
+    const text = request.method === 'HEAD' ? '' : xmlDocument('Error', { Code: code, Message: shaleError.message, Resource: resource, RequestId: String(response.getHeader('x-amz-request-id') ?? '') }).replace(' xmlns="http://s3.amazonaws.com/doc/2006-03-01/"', '');
     response.writeHead(spec.httpStatus, { 'content-type': 'application/xml', 'content-length': Buffer.byteLength(text), 'x-amz-error-code': code });
     response.end(text);
     // Whatever the client still sends of a refused upload is read and dropped, so the socket stays usable.
@@ -209,6 +209,24 @@ export async function startS3Gateway(env: Env, options: S3GatewayOptions): Promi
     if (ifNoneMatch !== undefined && matches(ifNoneMatch)) return 304;
     if (ifNoneMatch === undefined && ifModifiedSince !== undefined && !Number.isNaN(Date.parse(ifModifiedSince)) && modified <= Date.parse(ifModifiedSince)) return 304;
     return undefined;
+  };
+
+  /**
+   * Conditional writes (If-Match / If-None-Match on PutObject and CompleteMultipartUpload), checked
+   * against the current object before anything is written. Not atomic against a concurrent writer
+   * of the same key (docs/s3.md).
+   */
+  const putConditions = async (request: IncomingMessage, bucket: BucketRef, key: string): Promise<void> => {
+    const ifMatch = header(request, 'if-match');
+    const ifNoneMatch = header(request, 'if-none-match');
+    if (ifMatch === undefined && ifNoneMatch === undefined) return;
+    const current = await store.head(bucket, key);
+    const matches = (list: string): boolean => current !== undefined && list.split(',').some((tag) => ['*', quoteEtag(current.etag), current.etag].includes(tag.trim()));
+    if (ifMatch !== undefined) {
+      if (!current) throw new ShaleError('NOT_FOUND', `no key ${key}: If-Match cannot hold`);
+      if (!matches(ifMatch)) throw new ShaleError('PRECONDITION_FAILED', 'If-Match does not hold');
+    }
+    if (ifNoneMatch !== undefined && matches(ifNoneMatch)) throw new ShaleError('PRECONDITION_FAILED', 'If-None-Match does not hold');
   };
 
   /** "bytes=a-b", "bytes=a-", "bytes=-n" → [start, end) or 416; undefined for the whole object. */
@@ -515,7 +533,8 @@ export async function startS3Gateway(env: Env, options: S3GatewayOptions): Promi
       if (partNumber !== undefined) {
         const number = Number(partNumber);
         const sizes = manifest.partSizes ?? [manifest.size];
-        if (!Number.isInteger(number) || number < 1 || number > sizes.length) throw new ShaleError('OUT_OF_RANGE', `part ${partNumber} does not exist`);
+        if (!Number.isInteger(number) || number < 1 || number > PART_NUMBER_MAX) throw new ShaleError('INVALID_ARGUMENT', `partNumber must be 1..${PART_NUMBER_MAX}`);
+        if (number > sizes.length) throw new ShaleError('INVALID_PART', `the object has ${sizes.length} part(s), not ${number}`);
         const start = sizes.slice(0, number - 1).reduce((sum, size) => sum + size, 0);
         range = [start, start + sizes[number - 1]!];
       }
@@ -556,7 +575,14 @@ export async function startS3Gateway(env: Env, options: S3GatewayOptions): Promi
       return;
     }
     if (method === 'POST' && uploadId !== undefined) {
+      const completed = await store.completedUpload(bucket, uploadId, key);
+      if (completed) {
+        // A repeated CompleteMultipartUpload of a completed upload answers as the first did.
+        sendXml(response, 200, 'CompleteMultipartUploadResult', { Location: resource, Bucket: bucketName, Key: key, ETag: quoteEtag(completed.etag) });
+        return;
+      }
       const upload = await store.upload(bucket, uploadId, key);
+      await putConditions(request, bucket, key);
       const parsed = await readXml(request, auth);
       const root = parsed.CompleteMultipartUpload as { Part?: { PartNumber?: string; ETag?: string }[] } | undefined;
       if (!root || !Array.isArray(root.Part) || root.Part.length === 0) throw new ShaleError('MALFORMED_XML', 'CompleteMultipartUpload needs at least one <Part>');
@@ -594,7 +620,7 @@ export async function startS3Gateway(env: Env, options: S3GatewayOptions): Promi
       };
       await store.commit(bucket, key, manifest, []);
       const unused = [...stored.values()].filter((part) => !chosen.includes(part));
-      await store.endUpload(bucket, upload, unused);
+      await store.endUpload(bucket, upload, unused, { etag });
       sendXml(response, 200, 'CompleteMultipartUploadResult', { Location: resource, Bucket: bucketName, Key: key, ETag: quoteEtag(etag) });
       return;
     }
@@ -662,6 +688,7 @@ export async function startS3Gateway(env: Env, options: S3GatewayOptions): Promi
         return;
       }
       const { meta, headers, contentType } = metadataOf(request);
+      await putConditions(request, bucket, key);
       const body = readBody(request, auth, OBJECT_BYTES_MAX);
       const written = await store.writeData(bucket, body.chunks, { key });
       const result = body.done();
@@ -692,9 +719,9 @@ export async function startS3Gateway(env: Env, options: S3GatewayOptions): Promi
     let startAfter: string | undefined;
     if (v2) {
       const token = query.get('continuation-token');
-      if (token !== undefined) {
+      if (token !== undefined && token !== '') {
+        if (!/^[A-Za-z0-9_-]+$/.test(token)) throw new ShaleError('INVALID_ARGUMENT', 'The continuation token provided is incorrect');
         startAfter = Buffer.from(token, 'base64url').toString('utf8');
-        if (token === '' ) throw new ShaleError('INVALID_ARGUMENT', 'The continuation token provided is incorrect');
       } else startAfter = query.get('start-after') || undefined;
     } else startAfter = query.get('marker') || undefined;
     const encode = (text: string): string => (encoding === 'url' ? uriEncode(text, true).replace(/%2F/g, '/') : text);
@@ -741,8 +768,11 @@ export async function startS3Gateway(env: Env, options: S3GatewayOptions): Promi
     });
   };
 
+  let requestCounter = 0;
+  const gatewayTag = randomBytes(4).toString('hex').toUpperCase();
   const listener: Listener = await env.net.serveHttp(options.listen, (request, response) => {
     const resource = request.url ?? '/';
+    response.setHeader('x-amz-request-id', `${gatewayTag}${(++requestCounter).toString(16).toUpperCase().padStart(8, '0')}`);
     handle(request, response).catch((error: unknown) => sendError(request, response, error, resource.split('?')[0]!));
   }, { expectContinue: true });
 

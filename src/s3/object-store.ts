@@ -80,6 +80,14 @@ export interface UploadRecord {
   checksumAlgorithm?: ChecksumAlgorithm;
 }
 
+/** What a completed upload leaves behind for a repeated completion. */
+export interface CompletedUpload {
+  completed: true;
+  key: string;
+  etag: string;
+  at: number;
+}
+
 export interface PartRecord {
   partNumber: number;
   dataId: number;
@@ -375,9 +383,18 @@ export class ObjectStore {
     if (!/^[0-9a-f]{32}$/.test(uploadId)) throw new ShaleError('NO_SUCH_UPLOAD', `no upload ${uploadId.slice(0, 64)}`);
     const name = `u${uploadId}`;
     const record = await this.#client.kvGet(bucket.poolId, this.#bookShard(bucket, name), Buffer.from(name));
-    const upload = record ? parse<UploadRecord | Deleted>(record.value) : undefined;
-    if (!upload || 'deleted' in upload || (key !== undefined && upload.key !== key)) throw new ShaleError('NO_SUCH_UPLOAD', `no upload ${uploadId}`);
+    const upload = record ? parse<UploadRecord | Deleted | CompletedUpload>(record.value) : undefined;
+    if (!upload || 'deleted' in upload || 'completed' in upload || (key !== undefined && upload.key !== key)) throw new ShaleError('NO_SUCH_UPLOAD', `no upload ${uploadId}`);
     return upload;
+  }
+
+  /** The record a completed upload left behind, if `uploadId` completed as `key`. */
+  async completedUpload(bucket: BucketRef, uploadId: string, key: string): Promise<CompletedUpload | undefined> {
+    if (!/^[0-9a-f]{32}$/.test(uploadId)) return undefined;
+    const name = `u${uploadId}`;
+    const record = await this.#client.kvGet(bucket.poolId, this.#bookShard(bucket, name), Buffer.from(name));
+    const value = record ? parse<UploadRecord | CompletedUpload>(record.value) : undefined;
+    return value && 'completed' in value && value.key === key ? value : undefined;
   }
 
   async uploads(bucket: BucketRef): Promise<UploadRecord[]> {
@@ -387,7 +404,13 @@ export class ObjectStore {
       for (;;) {
         const records = await this.#client.kvList(bucket.poolId, bucket.id * SHARD_STRIDE + BOOKKEEPING_OFFSET + s, { prefix: Buffer.from('u'), startAfter: after, limit: LIST_PAGE });
         for (const record of records) {
-          const upload = parse<UploadRecord | Deleted>(record.value);
+          const upload = parse<UploadRecord | Deleted | CompletedUpload>(record.value);
+          if ('completed' in upload) {
+            if (Math.floor(this.#env.clock.wallMs()) - upload.at > this.graceMs) {
+              await this.#client.kvDelete(bucket.poolId, bucket.id * SHARD_STRIDE + BOOKKEEPING_OFFSET + s, record.key, this.version());
+            }
+            continue;
+          }
           if (!('deleted' in upload)) out.push(upload);
         }
         if (records.length < LIST_PAGE) break;
@@ -415,11 +438,20 @@ export class ObjectStore {
     return records.map((record) => parse<PartRecord>(record.value));
   }
 
-  /** Ends an upload (completed or aborted): its record and part records go; `discard` parts' data is freed later. */
-  async endUpload(bucket: BucketRef, upload: UploadRecord, discard: readonly PartRecord[]): Promise<void> {
+  /**
+   * Ends an upload (completed or aborted): its part records go; `discard` parts' data is freed
+   * later. A completed upload leaves a small record (key and ETag) so that a repeated completion
+   * answers as the first one did; the collector removes it after the grace period.
+   */
+  async endUpload(bucket: BucketRef, upload: UploadRecord, discard: readonly PartRecord[], completed?: { etag: string }): Promise<void> {
     const shard = this.#bookShard(bucket, `u${upload.uploadId}`);
     await this.#discard(bucket, discard.map((part) => [part.dataId, part.size]));
-    await this.#client.kvDelete(bucket.poolId, shard, Buffer.from(`u${upload.uploadId}`), this.version());
+    if (completed) {
+      const record: CompletedUpload = { completed: true, key: upload.key, etag: completed.etag, at: Math.floor(this.#env.clock.wallMs()) };
+      await this.#client.kvPut(bucket.poolId, shard, Buffer.from(`u${upload.uploadId}`), json(record), this.version());
+    } else {
+      await this.#client.kvDelete(bucket.poolId, shard, Buffer.from(`u${upload.uploadId}`), this.version());
+    }
     for (const part of await this.parts(bucket, upload)) {
       await this.#client.kvDelete(bucket.poolId, shard, Buffer.from(`p${upload.uploadId}-${String(part.partNumber).padStart(5, '0')}`), this.version());
     }

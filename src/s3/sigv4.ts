@@ -93,8 +93,17 @@ function canonicalHeaders(request: SignedRequest, signedHeaders: string[]): stri
   return signedHeaders.map((name) => {
     const value = headerValue(request.headers, name);
     if (value === undefined) throw new ShaleError('SIGNATURE_MISMATCH', `signed header ${name} is missing from the request`);
-    return `${name}:${value.trim().replace(/\s+/g, ' ')}\n`;
+    // Node hands header bytes over as latin1. Clients sign the text they meant: botocore sends it as
+    // UTF-8 bytes, Node clients as latin1 bytes. Bytes that are valid UTF-8 are read as UTF-8.
+    const text = /[\u0080-\u00ff]/.test(value) ? utf8IfValid(value) : value;
+    return `${name}:${text.trim().replace(/\s+/g, ' ')}\n`;
   }).join('');
+}
+
+function utf8IfValid(latin1: string): string {
+  const bytes = Buffer.from(latin1, 'latin1');
+  const decoded = bytes.toString('utf8');
+  return Buffer.from(decoded, 'utf8').equals(bytes) ? decoded : latin1;
 }
 
 export function signingKey(secret: string, date: string, region: string, service: string): Buffer {
