@@ -1470,8 +1470,8 @@ export class StoreEngine {
       this.#writerRunning = false;
     }
     if (this.#broken) this.#rejectQueued(this.#broken);
-    // Work may have arrived while the last (empty) turn was settling.
-    if (!this.#broken && (this.#tasks.length > 0 || !this.#queue_.isEmpty)) {
+    // Work may have arrived while the last (empty) turn was settling (the background compactor's copies too).
+    if (!this.#broken && (this.#tasks.length > 0 || !this.#queue_.isEmpty || !this.#compactionQueue.isEmpty)) {
       this.#pump();
       return;
     }
