@@ -130,6 +130,8 @@ export const compactionIdleDelayMsDefault = 200;
  * lifted (clients would otherwise soon wait for a foreground compaction, which is worse).
  */
 export const compactionBatchBlocksMax = 256;
+/** The background compactor syncs once this many emptied segments wait for a sync (sooner when short of room). */
+export const compactorSyncSegments = 4;
 /** Segments a client that hit the wall waits for compaction to copy before it gets NO_SPACE. */
 export const makeSpaceCompactionsMax = 8;
 /** A checkpoint is written after this much log (or `checkpointImageFactor` × the last image, if more). */
@@ -432,7 +434,7 @@ interface PendingOp {
   flags: number;
   /** DATA: blocks already handed to a batch. */
   placedBlocks: number;
-  /** How much of the reserve the op may use: Tier.CLIENT none, Tier.META half, Tier.COMPACTION all. */
+  /** How much of the reserve the op may use: Tier.CLIENT and BACKGROUND none, Tier.META half, Tier.COMPACTION all. */
   tier: number;
   appliedBlocks: number;
   skippedBlocks: number;
@@ -509,8 +511,14 @@ const Tier = {
   CLIENT: 0,
   /** Tombstones (a TRIM frees space), FENCE, PURGE, SNAPSHOTS: half the reserve. */
   META: 1,
-  /** Compaction copies and DROPs: all of it. */
+  /** Compaction copies and DROPs made for a client that hit the wall: all of it. */
   COMPACTION: 2,
+  /**
+   * The background compactor's copies: none of the reserve, like client data. The reserve is for
+   * the foreground compaction that must succeed when clients are out of room; background copies
+   * that find no room are dropped (their victim stays as it was) and the foreground takes over.
+   */
+  BACKGROUND: 3,
 } as const;
 
 const FORM_IDLE = 0;
@@ -1678,7 +1686,7 @@ export class StoreEngine {
   }
 
   #mayOpenSegment(tier: number): 'ok' | 'no-space' | 'need-root' | 'pinned' {
-    const reserve = tier === Tier.CLIENT ? this.#reserveSegments : tier === Tier.META ? Math.floor(this.#reserveSegments / 2) : 0;
+    const reserve = tier === Tier.CLIENT || tier === Tier.BACKGROUND ? this.#reserveSegments : tier === Tier.META ? Math.floor(this.#reserveSegments / 2) : 0;
     const keep = this.#checkpointReserveSegments() + reserve;
     if (this.#freeCount <= keep) return 'no-space';
     if (this.#pickQueued() >= 0) return 'ok';
@@ -1762,7 +1770,7 @@ export class StoreEngine {
         op.seq, op.snapSeq, op.flags, op.payload, headerLocation, dataLocation + piece.dataIndexBlocks, op.checksums, piece.firstBlock);
       op.appliedBlocks += applied;
       op.skippedBlocks += piece.countBlocks - Math.min(applied, piece.countBlocks);
-      if (op.tier !== Tier.COMPACTION) this.#clientRecordsWritten++;
+      if (op.tier !== Tier.COMPACTION && op.tier !== Tier.BACKGROUND) this.#clientRecordsWritten++;
       if (piece.last) op.resolve?.({ appliedBlocks: op.appliedBlocks, skippedBlocks: op.skippedBlocks });
     }
   }
@@ -2877,7 +2885,8 @@ export class StoreEngine {
 
   async #runCompactor(): Promise<void> {
     let failures = 0;
-    while (this.#freeCount < this.#compactionFreeSegmentsMin && !this.#closing && !this.#broken && failures < 3) {
+    // Emptied victims count as free here: the next sync (ours, or any flush or root) frees them.
+    while (this.#freeCount + this.#pendingFreeCount - this.#pendingSinceCount < this.#compactionFreeSegmentsMin && !this.#closing && !this.#broken && failures < 3) {
       const victim = this.#pickVictim(true);
       if (victim < 0) return;
       if (await this.#compactInBackground(victim)) failures = 0;
@@ -2909,7 +2918,9 @@ export class StoreEngine {
       this.#damaged[victim] = 1;
       return false;
     }
-    const ops = this.#queueCopies(victim, buffer, scan.batches);
+    // A foreground compaction owns the queue while it runs: try again later.
+    if (this.#compacting) return false;
+    const ops = this.#queueCopies(victim, buffer, scan.batches, Tier.BACKGROUND);
     if (ops.length > 0) {
       // Every copy settles: written (resolve), or dropped for lack of room or a broken engine (reject).
       let failed = false;
@@ -2925,8 +2936,14 @@ export class StoreEngine {
       if (failed) return false;
     }
     if (this.#segmentState[victim] === SegmentState.SEALED) return false; // something is still live there (changed under the copy)
-    // The copies must be durable before the victim is reused (a sync next to the writer, not in its way).
-    if (this.#lastWrittenSequence > this.#durableSequence) await this.#syncUpTo(this.#lastWrittenSequence);
+    // The copies must be durable before the victim is reused: it stays PENDING_FREE until a sync.
+    // One sync per few victims (each fdatasync also writes back every dirty page of the disk),
+    // at once when free segments run short.
+    const waitingForSync = this.#pendingFreeCount - this.#pendingSinceCount;
+    const short = this.#freeCount <= this.#checkpointReserveSegments() + this.#reserveSegments + 2;
+    if ((short || waitingForSync >= compactorSyncSegments) && this.#lastWrittenSequence > this.#durableSequence) {
+      await this.#syncUpTo(this.#lastWrittenSequence);
+    }
     this.#compactedSegments++;
     this.#backgroundCompactedSegments++;
     return true;
@@ -2939,6 +2956,8 @@ export class StoreEngine {
    */
   async #compactSegment(victim: number): Promise<boolean> {
     assert(this.#segmentState[victim] === SegmentState.SEALED, 'compaction victim is not sealed');
+    // Background copies still queued may not use the reserve this compaction needs: drop them.
+    this.#dropCompactionQueue();
     this.#compacting = true;
     try {
       for (let round = 0; round < 3; round++) {
@@ -2981,7 +3000,7 @@ export class StoreEngine {
   }
 
   /** Queues copies (and drops) of every live record of the victim's batches; returns them. */
-  #queueCopies(victim: number, buffer: Buffer, batches: readonly DecodedBatch[]): PendingOp[] {
+  #queueCopies(victim: number, buffer: Buffer, batches: readonly DecodedBatch[], tier: number = Tier.COMPACTION): PendingOp[] {
     const base = victim * this.#blocksPerSegment;
     const queued: PendingOp[] = [];
     const push = (op: PendingOp): void => {
@@ -3008,7 +3027,7 @@ export class StoreEngine {
                 const from = dataStartBytes + (record.dataIndexBlocks + runStart) * BLOCK_SIZE_BYTES;
                 push(newOp(RecordKind.DATA, record.volumeId, record.chunkIndex, record.offsetBlocks + runStart, i - runStart,
                   record.epoch, record.seq, record.snapSeq, buffer.subarray(from, from + (i - runStart) * BLOCK_SIZE_BYTES),
-                  batch.checksums.slice(record.dataIndexBlocks + runStart, record.dataIndexBlocks + i), Tier.COMPACTION));
+                  batch.checksums.slice(record.dataIndexBlocks + runStart, record.dataIndexBlocks + i), tier));
                 runStart = -1;
               }
             }
@@ -3035,7 +3054,7 @@ export class StoreEngine {
                 if (runAction !== 0) {
                   const kind = runAction === 2 ? RecordKind.DROP : RecordKind.ZERO;
                   push(newOp(kind, record.volumeId, record.chunkIndex, record.offsetBlocks + runStart, i - runStart,
-                    record.epoch, record.seq, record.snapSeq, undefined, undefined, Tier.COMPACTION));
+                    record.epoch, record.seq, record.snapSeq, undefined, undefined, tier));
                 }
                 runStart = i;
                 runAction = action;
@@ -3045,18 +3064,18 @@ export class StoreEngine {
           }
           case RecordKind.FENCE:
             if (this.#fences.get(record.volumeId)?.location === headerLocation) {
-              push(newOp(RecordKind.FENCE, record.volumeId, 0, 0, 0, record.epoch, 0, 0, undefined, undefined, Tier.COMPACTION));
+              push(newOp(RecordKind.FENCE, record.volumeId, 0, 0, 0, record.epoch, 0, 0, undefined, undefined, tier));
             }
             break;
           case RecordKind.PURGE:
             if (this.#purged.get(record.volumeId) === headerLocation) {
-              push(newOp(RecordKind.PURGE, record.volumeId, 0, 0, 0, 0, 0, 0, undefined, undefined, Tier.COMPACTION));
+              push(newOp(RecordKind.PURGE, record.volumeId, 0, 0, 0, 0, 0, 0, undefined, undefined, tier));
             }
             break;
           case RecordKind.SNAPSHOTS: {
             const set = this.#snapshots.get(record.volumeId);
             if (set && set.location === headerLocation && set.version === record.seq) {
-              const op = newOp(RecordKind.SNAPSHOTS, record.volumeId, 0, 0, 0, 0, record.seq, record.snapSeq, undefined, undefined, Tier.COMPACTION);
+              const op = newOp(RecordKind.SNAPSHOTS, record.volumeId, 0, 0, 0, 0, record.seq, record.snapSeq, undefined, undefined, tier);
               op.payload = record.payload;
               op.flags = record.flags ?? 0;
               push(op);
@@ -3071,7 +3090,7 @@ export class StoreEngine {
             const entry = purged ? undefined : this.#kv.get(record.volumeId)?.entries.get(key);
             if (entry && entry.location === headerLocation && entry.epoch === record.epoch && entry.seq === record.seq &&
               (entry.value === undefined) === (record.kind === RecordKind.KV_DELETE)) {
-              const op = newOp(record.kind, record.volumeId, 0, 0, 0, record.epoch, record.seq, 0, undefined, undefined, Tier.COMPACTION);
+              const op = newOp(record.kind, record.volumeId, 0, 0, 0, record.epoch, record.seq, 0, undefined, undefined, tier);
               op.payload = record.payload;
               push(op);
             }
