@@ -434,7 +434,7 @@ interface PendingOp {
   flags: number;
   /** DATA: blocks already handed to a batch. */
   placedBlocks: number;
-  /** How much of the reserve the op may use: Tier.CLIENT and BACKGROUND none, Tier.META half, Tier.COMPACTION all. */
+  /** How much of the reserve the op may use: Tier.CLIENT none, Tier.META and BACKGROUND half, Tier.COMPACTION all. */
   tier: number;
   appliedBlocks: number;
   skippedBlocks: number;
@@ -514,9 +514,10 @@ const Tier = {
   /** Compaction copies and DROPs made for a client that hit the wall: all of it. */
   COMPACTION: 2,
   /**
-   * The background compactor's copies: none of the reserve, like client data. The reserve is for
-   * the foreground compaction that must succeed when clients are out of room; background copies
-   * that find no room are dropped (their victim stays as it was) and the foreground takes over.
+   * The background compactor's copies: half the reserve, like tombstones (so an idle engine pulls
+   * a full disk back above the clients' limit). The rest is for the foreground compaction that
+   * must succeed when clients are out of room: one segment holds any victim's live records.
+   * Background copies that find no room are dropped (their victim stays as it was).
    */
   BACKGROUND: 3,
 } as const;
@@ -1686,7 +1687,7 @@ export class StoreEngine {
   }
 
   #mayOpenSegment(tier: number): 'ok' | 'no-space' | 'need-root' | 'pinned' {
-    const reserve = tier === Tier.CLIENT || tier === Tier.BACKGROUND ? this.#reserveSegments : tier === Tier.META ? Math.floor(this.#reserveSegments / 2) : 0;
+    const reserve = tier === Tier.CLIENT ? this.#reserveSegments : tier === Tier.META || tier === Tier.BACKGROUND ? Math.floor(this.#reserveSegments / 2) : 0;
     const keep = this.#checkpointReserveSegments() + reserve;
     if (this.#freeCount <= keep) return 'no-space';
     if (this.#pickQueued() >= 0) return 'ok';
@@ -2891,6 +2892,10 @@ export class StoreEngine {
       if (victim < 0) return;
       if (await this.#compactInBackground(victim)) failures = 0;
       else failures++;
+    }
+    // Done for now: one sync frees the victims still waiting for one.
+    if (!this.#broken && this.#pendingFreeCount > this.#pendingSinceCount && this.#lastWrittenSequence > this.#durableSequence) {
+      await this.#syncUpTo(this.#lastWrittenSequence);
     }
   }
 
