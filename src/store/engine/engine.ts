@@ -143,6 +143,8 @@ export const queueSegmentsDefault = 32;
 export const queueBytesDefault = 2 * GiB;
 /** Batch sequences a root leases to this instance. */
 export const sequenceLeaseBatchesDefault = 2 ** 20;
+/** Segment headers read at once when open scans every segment after finding a damaged root. */
+export const fallbackScanParallel = 64;
 /** Bytes in flight while scrubbing. */
 export const scrubReadBytesMax = 4 * 1024 * 1024;
 /** Bad blocks a scrub report lists (it counts them all). */
@@ -320,6 +322,12 @@ export interface ReplayReport {
   imageBytes: number;
   /** Segment headers read to find what was opened after the checkpoint. */
   headersRead: number;
+  /**
+   * The other root slot held a damaged (or torn) root: open used the valid one and read the header
+   * of every segment, to replay those a lost newer root had opened (`segmentsFoundByScan`).
+   */
+  rootFallback: boolean;
+  segmentsFoundByScan: number;
   segmentsScanned: number;
   bytesRead: number;
   batchesApplied: number;
@@ -2456,7 +2464,7 @@ export class StoreEngine {
 
   async #load(): Promise<void> {
     const startMs = this.#env.clock.nowMs();
-    const root = await this.#readRoot();
+    const { root, fallback } = await this.#readRoot();
     this.#replaying = true;
     let imageBytesRead = 0;
     if (root.imageBytes > 0) {
@@ -2479,7 +2487,7 @@ export class StoreEngine {
     this.#checkpoint = { sequence: root.checkpointSequence, imageBytes: root.imageBytes, imageCrc: root.imageCrc, segments: root.checkpointSegments };
     this.#lastImageBytes = root.imageBytes;
     this.#recountLive();
-    const report = await this.#replay(root);
+    const report = await this.#replay(root, fallback);
     report.imageBytes = imageBytesRead;
     this.#replaying = false;
 
@@ -2519,27 +2527,35 @@ export class StoreEngine {
     }
   }
 
-  async #readRoot(): Promise<Root> {
+  /** The newest valid root; `fallback` if the other slot holds something that is not a valid root (damaged or torn) rather than nothing. */
+  async #readRoot(): Promise<{ root: Root; fallback: boolean }> {
     const slotBytes = this.#superblock.rootSlotSizeBytes;
     let best: Root | undefined;
+    let invalid = 0;
     for (let slot = 0; slot < ROOT_SLOTS; slot++) {
       const offset = this.#superblock.rootSlotOffsetBytes + slot * slotBytes;
       const first = Buffer.alloc(BLOCK_SIZE_BYTES);
       await this.#file.read(first, offset);
       const length = rootLength(first);
-      if (length === undefined || length > slotBytes) continue;
+      const root = length === undefined || length > slotBytes ? undefined : await this.#decodeRootSlot(first, slot, length, offset);
+      if (root && (!best || root.rootSequence > best.rootSequence)) best = root;
+      if (!root && first.some((byte) => byte !== 0)) invalid++;
+    }
+    if (!best) {
+      throw new ShaleError('CHECKSUM', `${this.#file.path}: neither checkpoint root slot is valid; the disk's metadata needs repair`, { metadata: true });
+    }
+    return { root: best, fallback: invalid > 0 };
+  }
+
+  async #decodeRootSlot(first: Buffer, slot: number, length: number, offset: number): Promise<Root | undefined> {
+    {
       let buffer = first;
       if (length > BLOCK_SIZE_BYTES) {
         buffer = Buffer.alloc(Math.ceil(length / BLOCK_SIZE_BYTES) * BLOCK_SIZE_BYTES);
         await this.#file.read(buffer, offset);
       }
-      const root = decodeRoot(buffer, slot, this.#formatId, this.#segmentCount, this.#blocksPerSegment);
-      if (root && (!best || root.rootSequence > best.rootSequence)) best = root;
+      return decodeRoot(buffer, slot, this.#formatId, this.#segmentCount, this.#blocksPerSegment);
     }
-    if (!best) {
-      throw new ShaleError('CHECKSUM', `${this.#file.path}: neither checkpoint root slot is valid; the disk's metadata needs repair`, { metadata: true });
-    }
-    return best;
   }
 
   async #readImage(root: Root): Promise<Buffer> {
@@ -2615,9 +2631,10 @@ export class StoreEngine {
    * as used. Batches above the checkpoint's sequence are applied in sequence order; the torn /
    * corrupt decision needs every durability claim first.
    */
-  async #replay(root: Root): Promise<ReplayReport> {
+  async #replay(root: Root, fallback: boolean): Promise<ReplayReport> {
     const report: ReplayReport = {
-      rootSequence: root.rootSequence, checkpointSequence: root.checkpointSequence, imageBytes: root.imageBytes, headersRead: 0, segmentsScanned: 0,
+      rootSequence: root.rootSequence, checkpointSequence: root.checkpointSequence, imageBytes: root.imageBytes, headersRead: 0,
+      rootFallback: fallback, segmentsFoundByScan: 0, segmentsScanned: 0,
       bytesRead: 0, batchesApplied: 0, staleBatches: 0, tornBatches: 0, corruptBatches: 0, corruptBlocks: 0, damagedHeaders: 0, lostBlocks: 0,
       nextSequence: 0, durationMs: 0,
     };
@@ -2643,6 +2660,33 @@ export class StoreEngine {
       }
       if (header && header.generation === entry.generation && header.kind === SegmentKind.LOG) opened.push({ entry, header });
     });
+    if (fallback) {
+      // The newest root may be the damaged one: a segment it planned and opened is listed nowhere
+      // here, but its header shows a generation above any this root and image know of. Replay
+      // those too (in the order they were opened), so nothing written under the lost root is lost.
+      const listed = new Set([...root.logSegments, ...root.checkpointSegments].map((entry) => entry.segment));
+      const found: { entry: RootEntry; header: SegmentHeader }[] = [];
+      const unlisted = Array.from({ length: this.#segmentCount }, (_, s) => s).filter((s) => !listed.has(s));
+      for (let at = 0; at < unlisted.length; at += fallbackScanParallel) {
+        const group = unlisted.slice(at, at + fallbackScanParallel);
+        const groupHeaders = await Promise.all(group.map(async (segment) => {
+          const buffer = Buffer.alloc(headerBytes);
+          await this.#file.read(buffer, this.#segmentOffsetBytes(segment));
+          return decodeSegmentHeaders(buffer, segment, this.#formatId);
+        }));
+        report.headersRead += group.length;
+        report.bytesRead += group.length * headerBytes;
+        group.forEach((segment, i) => {
+          const header = groupHeaders[i];
+          if (!header || header.kind !== SegmentKind.LOG || header.generation <= this.#generationMax[segment]!) return;
+          this.#generationMax[segment] = header.generation;
+          found.push({ entry: { segment, startBlocks: SEGMENT_HEADER_BLOCKS, generation: header.generation }, header });
+        });
+      }
+      found.sort((a, b) => a.header.firstSequence - b.header.firstSequence);
+      opened.push(...found);
+      report.segmentsFoundByScan = found.length;
+    }
     const collected: { batch: DecodedBatch; segment: number; header: SegmentHeader; badBlocks: number[] }[] = [];
     const gaps: { segment: number; sequence: number }[] = [];
     const buffer = Buffer.alloc(this.#segmentSizeBytes);
