@@ -34,6 +34,12 @@ export interface OpenOptions {
   /** Create the file if missing. With sizeBytes, a new or shorter file is extended (sparse) to that size. */
   create?: boolean;
   sizeBytes?: number;
+  /**
+   * With sizeBytes: allocate the blocks of a file that was created or extended (fallocate), so a
+   * full file system shows now and not at the first write. Where the file system (or the system)
+   * cannot, the file stays sparse.
+   */
+  preallocate?: boolean;
   readOnly?: boolean;
 }
 

@@ -2,6 +2,7 @@
  * The real environment: Node.js files, sockets, timers and crypto randomness. The only module tree
  * allowed to import fs, net, http, timers or to call Math.random and Date.now.
  */
+import { execFile } from 'node:child_process';
 import { randomBytes, randomUUID } from 'node:crypto';
 import * as fs from 'node:fs/promises';
 import { constants as fsConstants, readSync } from 'node:fs';
@@ -123,6 +124,18 @@ async function blockDeviceSize(handle: fs.FileHandle): Promise<number> {
   return low;
 }
 
+/**
+ * Allocates a file's blocks with util-linux `fallocate` (posix_fallocate has no binding in
+ * Node.js): mode 0 keeps what is written and turns holes into allocated, unwritten extents,
+ * instantly on ext4 and xfs. Where it fails (a file system without fallocate, no util-linux), the
+ * file stays sparse; nothing else changes.
+ */
+function preallocate(path: string, sizeBytes: number): Promise<boolean> {
+  return new Promise((resolve) => {
+    execFile('fallocate', ['--length', String(sizeBytes), path], (error) => resolve(!error));
+  });
+}
+
 export const nodeDisk: Disk = {
   async open(path: string, options: OpenOptions = {}): Promise<DiskFile> {
     const flags = options.readOnly
@@ -141,6 +154,7 @@ export const nodeDisk: Disk = {
     if (stat.isFile() && options.sizeBytes !== undefined && sizeBytes < options.sizeBytes && !options.readOnly) {
       await handle.truncate(options.sizeBytes);
       sizeBytes = options.sizeBytes;
+      if (options.preallocate) await preallocate(path, options.sizeBytes);
     }
     return new NodeDiskFile(path, handle, sizeBytes);
   },

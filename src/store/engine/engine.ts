@@ -394,6 +394,8 @@ export interface FormatOptions {
   segmentSizeBytes?: number;
   /** Format even if the disk already holds a Shale superblock. */
   overwrite?: boolean;
+  /** A file created or extended to sizeBytes gets its blocks allocated (fallocate) instead of staying sparse. */
+  preallocate?: boolean;
 }
 
 export interface EngineOpenOptions {
@@ -802,7 +804,7 @@ export class StoreEngine {
       await probe.close();
     }
 
-    const file = await env.disk.open(path, { create: true, sizeBytes });
+    const file = await env.disk.open(path, { create: true, sizeBytes, preallocate: options.preallocate });
     try {
       if (file.sizeBytes < sizeBytes) throw invalid(`${path} holds only ${file.sizeBytes} bytes, less than sizeBytes ${sizeBytes}`);
       const superblock: Superblock = {
