@@ -51,6 +51,9 @@
  *                 seq f64. With CLEAR, entries of older owner epochs are dropped after the reply is built.
  *   SCRUB         request: none (count = most MiB per second to read, 0 = unthrottled). reply: a
  *                 JSON ScrubReport (a rare administrative call, not on the data path).
+ *   PG_DIGEST     request: as LIST_PG (count = most MiB per second to read, 0 = unthrottled). reply:
+ *                 per object of the PG its blocks' crc32c, state, version and whether the data read
+ *                 back bad — see pg-digest.ts. Scrub compares replicas with it without moving data.
  */
 import { assert } from '../lib/assert.ts';
 import type { BlockStateValue } from '../lib/block-state.ts';
@@ -77,6 +80,8 @@ export const Op = {
   BLOCK_STATES: 8,
   RECENT_WRITES: 9,
   SCRUB: 10,
+  /** Self-healing (0x40–0x4F): per-block crc32c and version of a PG, read and verified on the store (pg-digest.ts). */
+  PG_DIGEST: 0x40,
 } as const;
 export type OpCode = (typeof Op)[keyof typeof Op];
 export const REPLY_BIT = 0x80;

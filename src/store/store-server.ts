@@ -19,8 +19,11 @@ import {
   BLOCKS_PER_REQUEST_MAX, BlockState, decodeVolumeIds, encodeRecentWrites, encodeHeader, encodeListReply, encodeReadDescriptors,
   Flag, FrameParser, HEADER_BYTES, Op, REPLY_BIT, type Frame, type FrameHeader,
 } from '../proto/store-protocol.ts';
+import type { LocalReadFields, LocalReadResult } from '../proto/store-channel.ts';
 import type { BlockEngine } from './block-engine.ts';
 import { RecentWrites } from './recent-writes.ts';
+import { encodeDigest } from '../proto/pg-digest.ts';
+import { digestPg } from './pg-digest.ts';
 
 /** Requests one connection may have in flight before the server stops reading from it. */
 export const CONNECTION_IN_FLIGHT_MAX = 1024;
@@ -147,6 +150,24 @@ export class StoreServer {
     return this.#handle(frame);
   }
 
+  /**
+   * A READ from a client in this process answered synchronously: the checks of #read, then the
+   * engine's readNow. Undefined — also for any error, which serveLocal then reports — when it
+   * can't be answered now; the caller falls back to serveLocal.
+   */
+  readLocalNow(fields: LocalReadFields): LocalReadResult | undefined {
+    const engine = this.#engine;
+    if (engine.readNow === undefined || this.#stopping || !this.#view.ready) return undefined;
+    try {
+      this.#checkRange(fields);
+      this.#checkEpochs(fields, true);
+      if (!this.#view.canServeReads(fields.poolId, fields.pgId, fields.pgEpoch)) return undefined;
+      return engine.readNow(fields.volumeId, fields.chunkIndex, fields.offsetBlocks, fields.countBlocks);
+    } catch {
+      return undefined;
+    }
+  }
+
   async #handle(frame: Frame): Promise<Reply> {
     const h = frame.header;
     if (this.#stopping) throw new ShaleError('SHUTTING_DOWN', 'store is stopping');
@@ -171,6 +192,8 @@ export class StoreServer {
         return this.#blockStates(h);
       case Op.RECENT_WRITES:
         return this.#recentWrites(h);
+      case Op.PG_DIGEST:
+        return this.#pgDigest(frame);
       case Op.SCRUB: {
         const report = await this.#engine.scrub(h.countBlocks > 0 ? { bytesPerSecondMax: h.countBlocks * 1024 * 1024 } : {});
         const payload = Buffer.from(JSON.stringify(report), 'utf8');
@@ -190,7 +213,7 @@ export class StoreServer {
     return work;
   }
 
-  #checkRange(h: FrameHeader): void {
+  #checkRange(h: Pick<FrameHeader, 'volumeId' | 'chunkIndex' | 'pgId' | 'pgCount' | 'countBlocks'>): void {
     if (h.countBlocks === 0 || h.countBlocks > BLOCKS_PER_REQUEST_MAX) {
       throw new ShaleError('INVALID_ARGUMENT', `block count ${h.countBlocks} outside 1..${BLOCKS_PER_REQUEST_MAX}`);
     }
@@ -199,7 +222,7 @@ export class StoreServer {
     }
   }
 
-  #checkEpochs(h: FrameHeader, isRepair: boolean): void {
+  #checkEpochs(h: Pick<FrameHeader, 'volumeId' | 'ownerEpoch' | 'poolId' | 'pgId' | 'pgEpoch'>, isRepair: boolean): void {
     if (this.#view.isDeleted(h.volumeId)) throw new ShaleError('NOT_FOUND', `volume ${h.volumeId} was deleted`);
     if (!isRepair) {
       const fence = this.#engine.ownerEpoch(h.volumeId);
@@ -296,6 +319,18 @@ export class StoreServer {
     if (h.ownerEpoch < current) throw new ShaleError('FENCED', `volume ${h.volumeId} is fenced at ${current}, above ${h.ownerEpoch}`);
     if (h.ownerEpoch > current) await this.#engine.fence(h.volumeId, h.ownerEpoch);
     return { header: replyHeader(h), parts: [] };
+  }
+
+  /** PG_DIGEST: per-block crc32c, state, version and read-back check of a PG (scrub; no data sent). */
+  async #pgDigest(frame: Frame): Promise<Reply> {
+    const h = frame.header;
+    if (h.pgCount === 0 || h.pgId >= h.pgCount) throw new ShaleError('INVALID_ARGUMENT', `PG ${h.pgId} of ${h.pgCount}`);
+    this.#checkEpochs({ ...h, volumeId: 0 }, true);
+    await Promise.allSettled([...this.#writesInFlight]);
+    const volumeIds = new Set(decodeVolumeIds(frame.payload));
+    const objects = await digestPg(this.#env, this.#engine, volumeIds, (volumeId, chunkIndex) => placementGroupOf(volumeId, chunkIndex, h.pgCount) === h.pgId, h.countBlocks * 1024 * 1024);
+    const payload = encodeDigest(objects);
+    return { header: replyHeader(h, { payloadBytes: payload.length }), parts: [payload] };
   }
 
   async #listPg(frame: Frame): Promise<Reply> {

@@ -56,7 +56,7 @@ describe('schema version and migration', () => {
     db.exec(`INSERT INTO counters (name, value) VALUES ('poolId', 1)`);
     db.close();
     const meta = SqliteMetaStore.open(path);
-    assert.equal(meta.schemaVersion, 2);
+    assert.equal(meta.schemaVersion, SCHEMA_VERSION);
     await meta.read(async (tx) => {
       assert.deepEqual(await tx.pool(1), { id: 1, name: 'default', replicas: 3, minReplicas: 2, pgCount: 8, domainLevel: 'host', createdAt: 'then' });
       assert.equal(await tx.token('admin'), undefined);
