@@ -192,11 +192,12 @@ async function memorySection(): Promise<void> {
   }
   results.memory = rows;
   console.log('\n### Memory per GiB written (after a forced GC)\n');
-  console.log('| writes | GiB | index typed arrays per GiB | index bytes per 4 KiB block | RSS per GiB (second half) | heap per GiB (second half) | RSS at the end | checkpoint image per GiB |');
-  console.log('|---|---:|---:|---:|---:|---:|---:|---:|');
-  for (const row of rows as { mode: string; gib: number; half: Record<string, number>; after: Record<string, number>; indexMemoryBytes: number; imageBytes: number }[]) {
+  console.log('| writes | GiB | index typed arrays per GiB | index bytes per 4 KiB block | checkpoint image per GiB | second half, per GiB: RSS / anonymous RSS / array buffers / V8 heap committed | RSS at the end | array buffers while the last image is built |');
+  console.log('|---|---:|---:|---:|---:|---|---:|---:|');
+  for (const row of rows as { mode: string; gib: number; half: Record<string, number>; during: Record<string, number>; after: Record<string, number>; indexMemoryBytes: number; imageBytes: number }[]) {
     const perGib = (bytes: number, gib = row.gib) => `${fixed(bytes / gib / MiB, 2)} MiB`;
-    console.log(`| ${row.mode === 'seq' ? 'sequential 1 MiB' : 'random 4 KiB'} | ${row.gib} | ${perGib(row.indexMemoryBytes)} | ${fixed(row.indexMemoryBytes / ((row.gib * GiB) / 4096), 2)} | ${perGib(row.after.rss! - row.half.rss!, row.gib / 2)} | ${perGib(row.after.heapUsed! - row.half.heapUsed!, row.gib / 2)} | ${fixed(row.after.rss! / MiB)} MiB | ${perGib(row.imageBytes)} |`);
+    const growth = (key: string) => fixed((row.after[key]! - row.half[key]!) / (row.gib / 2) / MiB, 2);
+    console.log(`| ${row.mode === 'seq' ? 'sequential 1 MiB' : 'random 4 KiB'} | ${row.gib} | ${perGib(row.indexMemoryBytes)} | ${fixed(row.indexMemoryBytes / ((row.gib * GiB) / 4096), 2)} | ${perGib(row.imageBytes)} | ${growth('rss')} / ${growth('rssAnon')} / ${growth('arrayBuffers')} / ${growth('heapTotal')} MiB | ${fixed(row.after.rss! / MiB)} MiB | ${fixed(row.during.arrayBuffers! / MiB)} MiB |`);
   }
 }
 

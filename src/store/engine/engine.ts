@@ -2089,7 +2089,9 @@ export class StoreEngine {
     // At close nothing follows: seal the open segment so the next open replays nothing.
     if (this.#closing) this.#sealOpenSegment();
     const sequence = this.#lastWrittenSequence;
-    const image = encodeImage(this.#checkpointState(sequence));
+    // Sized from the last image and what was added since (an upper bound): the image is built in one
+    // buffer of about its size, not by doubling — a large transient allocation the allocator keeps.
+    const image = encodeImage(this.#checkpointState(sequence), (this.#lastImageBytes + this.#imageGrowthBytes) * 1.05 + 64 * 1024);
     const perSegment = imageBytesPerSegment(this.#segmentSizeBytes);
     const count = Math.max(1, Math.ceil(image.length / perSegment));
     for (let attempt = 0; attempt < 2 && this.#usableQueued() < count; attempt++) await this.#writeRoot();
