@@ -47,8 +47,11 @@ if (mode === 'rand') {
   }
 }
 // Stop on a clean point: no checkpoint in flight (its image is the one large transient buffer).
+// V8 frees dead ArrayBuffers' memory on a sweeper thread after a GC: give it a moment, then GC again.
 const settle = async () => {
   await engine.checkpoint();
+  gc?.();
+  await new Promise((resolve) => setTimeout(resolve, 200));
   return memory();
 };
 const before = memory();
