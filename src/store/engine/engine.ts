@@ -39,8 +39,14 @@
  *   crcs, so damage stays detectable and is never laundered.
  * - Free segments are held back in tiers: clients' data and key-value puts get NO_SPACE while only
  *   `reserveSegments` plus the next checkpoint's share are free; tombstones (TRIM frees space),
- *   FENCE, PURGE and SNAPSHOTS may use half of `reserveSegments`; compaction copies and DROPs all
- *   of it; only a checkpoint takes its own share. So compaction and checkpoints always have room.
+ *   FENCE, PURGE, SNAPSHOTS and the background compactor's copies may use half of
+ *   `reserveSegments`; the foreground compaction's copies and DROPs all of it; only a checkpoint
+ *   takes its own share. A victim's live records fit in one segment, so the foreground compaction
+ *   can always empty one, and the checkpoint that frees it always has room.
+ * - Compaction runs in the background under load too (a compactor reads victims outside the
+ *   writer; the writer interleaves their copies with client batches, a bounded amount per batch),
+ *   and in the foreground when a client finds no room: that client compacts until progress is
+ *   made before it is refused with NO_SPACE.
  * - Tombstones are dropped by compaction (a DROP record, so replay agrees) only when nothing older
  *   of the block is kept, no known live snapshot reads them, and the volume keeps no tombstones (a
  *   clone, told through setSnapshots, reads through its absent blocks to a parent).
@@ -403,11 +409,11 @@ export interface EngineOpenOptions {
   clusterId?: string;
   /** Free segments clients cannot take (≥ 1), besides those kept for the next checkpoint. Default 2. */
   reserveSegments?: number;
-  /** Background compaction runs when fewer segments than this are free. Default max(reserve + 2, 10 %). */
+  /** Background compaction runs (under load too) while fewer segments than this are free or emptied. Default max(reserve + 3, 10 %). */
   compactionFreeSegmentsMin?: number;
   /** Default true. */
   backgroundCompaction?: boolean;
-  /** Idle time before background compaction starts. Default 200 ms. */
+  /** An idle engine still short of free segments restarts the background compactor after this long. Default 200 ms. */
   compactionIdleDelayMs?: number;
   /** Log bytes between checkpoints (restart replays at most about this much). Default 1 GiB. */
   checkpointIntervalBytes?: number;
