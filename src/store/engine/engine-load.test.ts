@@ -71,6 +71,7 @@ interface LoadOptions {
 
 interface LoadOutcome {
   compactedSegments: number;
+  checkpointsStarved: number;
   crashes: number;
   blocksWritten: number;
 }
@@ -101,6 +102,7 @@ async function sustainedOverwrites(options: LoadOptions): Promise<LoadOutcome> {
   while (crashAt.size < options.crashes) crashAt.add(1 + random.below(totalWrites - 1));
   let engine = await open();
   let compactedSegments = 0;
+  let checkpointsStarved = 0;
   let crashes = 0;
   let blocksWritten = 0;
   let seq = 0;
@@ -158,6 +160,7 @@ async function sustainedOverwrites(options: LoadOptions): Promise<LoadOutcome> {
     await Promise.all(inFlight);
     if (noSpace !== undefined) break;
     compactedSegments += current.stats().compactedSegments;
+    checkpointsStarved += current.stats().checkpointsStarved;
     if (!crashing) break;
     // The power was cut: reopen and check what survived.
     crashes++;
@@ -180,7 +183,7 @@ async function sustainedOverwrites(options: LoadOptions): Promise<LoadOutcome> {
   const reopened = await open();
   await model.verify(reopened, { exact: true, settle: false });
   await reopened.close();
-  return { compactedSegments, crashes, blocksWritten };
+  return { compactedSegments, checkpointsStarved, crashes, blocksWritten };
 }
 
 test('sustained overwrites at 30-50% live reclaim space without NO_SPACE, background compaction on or off (many seeds)', async () => {
@@ -204,6 +207,7 @@ test('sustained overwrites at 30-50% live reclaim space without NO_SPACE, backgr
     // Six times the disk was written over a working set under half of it: space was reclaimed.
     assert.ok(outcome.blocksWritten >= options.segments * SEGMENT_BLOCKS * 5, `seed=${seed}: wrote ${outcome.blocksWritten} blocks`);
     assert.ok(outcome.compactedSegments > 0, `seed=${seed}: compaction ran`);
+    assert.equal(outcome.checkpointsStarved, 0, `seed=${seed}: every checkpoint found room for its image`);
   }
 });
 

@@ -306,6 +306,8 @@ export interface EngineStats {
   batchesWritten: number;
   syncs: number;
   checkpointsWritten: number;
+  /** Checkpoints that found no room for their image: the tiers of free segments should keep this 0. */
+  checkpointsStarved: number;
   lastCheckpointImageBytes: number;
   rootsWritten: number;
   logBytesSinceCheckpoint: number;
@@ -684,6 +686,8 @@ export class StoreEngine {
   /** Upper bound of how much the image grew since the last snapshot. */
   #imageGrowthBytes = 0;
   #checkpointsWritten = 0;
+  /** Checkpoints that found no room for their image (the reserve should make this never happen). */
+  #checkpointsStarved = 0;
   #rootsWritten = 0;
 
   readonly #index = new BlockIndex();
@@ -1374,6 +1378,7 @@ export class StoreEngine {
       batchesWritten: this.#batchesWritten,
       syncs: this.#syncs,
       checkpointsWritten: this.#checkpointsWritten,
+      checkpointsStarved: this.#checkpointsStarved,
       lastCheckpointImageBytes: this.#lastImageBytes,
       rootsWritten: this.#rootsWritten,
       logBytesSinceCheckpoint: this.#logBytesSinceCheckpoint,
@@ -1620,7 +1625,10 @@ export class StoreEngine {
 
   #backgroundCheckpoint(): void {
     this.#startCheckpoint().catch((error: unknown) => {
-      if (error instanceof ShaleError && error.code === 'NO_SPACE') this.#checkpointStarved = true;
+      if (error instanceof ShaleError && error.code === 'NO_SPACE') {
+        this.#checkpointStarved = true;
+        this.#checkpointsStarved++;
+      }
       else this.#setBroken(toDiskError(error, 'checkpoint'));
     });
   }
@@ -2919,6 +2927,7 @@ export class StoreEngine {
       } catch (error) {
         if (!(error instanceof ShaleError && error.code === 'NO_SPACE')) throw error;
         this.#checkpointStarved = true;
+        this.#checkpointsStarved++;
       }
     }
     return this.#freeCount > before;
