@@ -720,6 +720,8 @@ export class StoreEngine {
   /** The background compactor's run (at most one), its victim and its read buffer. */
   #compactor: Promise<void> | undefined;
   #compactorVictim = -1;
+  /** Per segment: background compactions in a row whose copies were written yet left it not empty. */
+  readonly #compactorMisses: Uint8Array;
   #compactorBuffer: Buffer | undefined;
   #backgroundCompactedSegments = 0;
   #foregroundCompactions = 0;
@@ -766,6 +768,7 @@ export class StoreEngine {
     this.#damaged = new Uint8Array(count);
     this.#queued = new Uint8Array(count);
     this.#since = new Uint8Array(count);
+    this.#compactorMisses = new Uint8Array(count);
   }
 
   // -------------------------------------------------------------------------------------------
@@ -1797,6 +1800,7 @@ export class StoreEngine {
     this.#generation[segment] = entry.generation;
     this.#firstSequence[segment] = firstSequence;
     this.#damaged[segment] = 0;
+    this.#compactorMisses[segment] = 0;
     // Refill at half, with a useful number of segments at once (each root costs a sync), or when nearly empty.
     if (this.#queue.length < this.#queueSegments / 2) {
       const unplanned = this.#unqueuedFree(Math.ceil(this.#queueSegments / 4));
@@ -3057,7 +3061,15 @@ export class StoreEngine {
       await Promise.all(settled);
       if (failed) return false;
     }
-    if (this.#segmentState[victim] === SegmentState.SEALED) return false; // something is still live there (changed under the copy)
+    if (this.#segmentState[victim] === SegmentState.SEALED) {
+      // Something is still live there: it changed under the copy (a snapshot appeared), or a live
+      // record lies in a batch the scan cannot read. The third time, give the segment up as the
+      // foreground compaction does, rather than reread it after every batch.
+      this.#compactorMisses[victim]!++;
+      if (this.#compactorMisses[victim]! >= 3) this.#damaged[victim] = 1;
+      return false;
+    }
+    this.#compactorMisses[victim] = 0;
     // The copies must be durable before the victim is reused: it stays PENDING_FREE until a sync.
     // One sync per few victims (each fdatasync also writes back every dirty page of the disk),
     // at once when free segments run short.
