@@ -243,6 +243,7 @@ export class Resyncer {
     cleanAddresses: readonly string[], common: { poolId: number; pgId: number; pgCount: number; pgEpoch: number }): Promise<void> {
     const peers = new Map(peerObjects.map((object) => [`${object.volumeId}:${object.chunkIndex}`, object]));
     const { engine } = this.#deps;
+    let rolledBack = 0;
     for (const [objectKey, mine] of local) {
       const ownerEpoch = owners.get(mine.volumeId) ?? 0;
       if (ownerEpoch === 0) continue;
@@ -276,9 +277,10 @@ export class Resyncer {
           await engine.writeZeroes({ volumeId: block.volumeId, chunkIndex: block.chunkIndex, offsetBlocks: block.block, countBlocks: 1, version, snapSeq: 0 });
         }
         this.blocksRolledBack++;
-        this.#deps.log(`resync of PG ${common.poolId}.${common.pgId}: rolled back volume ${block.volumeId} chunk ${block.chunkIndex} block ${block.block} (a write of owner epoch ${block.epoch} no clean replica has)`);
+        rolledBack++;
       }
     }
+    if (rolledBack > 0) this.#deps.log(`resync of PG ${common.poolId}.${common.pgId}: rolled back ${rolledBack} blocks written by an earlier owner that no clean replica has`);
   }
 
   /** Keeps resync at or below the configured rate (a simple budget over a sliding second). */
