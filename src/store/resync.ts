@@ -58,6 +58,8 @@ export interface ResyncDeps {
   rateBytesPerSecond?: number;
   /** Where the resume cursor is kept (a small JSON file beside the disk); none: not persisted. */
   cursorPath?: string;
+  /** Whether this store is serving client I/O now: resync then waits a little before each copy. */
+  clientBusy?: () => boolean;
   engine: BlockEngine;
   view: MapStoreView;
   conductor: ConductorClient;
@@ -333,6 +335,8 @@ export class Resyncer {
     for (const { peerObject, runs } of plans) {
       for (const run of runs) {
         await this.#waitForRoom();
+        // Client I/O first: a copy waits (up to 20 ms) while this store serves clients.
+        for (let waited = 0; waited < 20 && this.#deps.clientBusy?.(); waited += 2) await this.#deps.env.clock.sleep(2);
         const header = { ...common, volumeId: peerObject.volumeId, chunkIndex: peerObject.chunkIndex, offsetBlocks: run.start, countBlocks: run.count };
         const version = { epoch: run.epoch, seq: run.seq };
         if (run.state === BlockState.ZERO) {
