@@ -90,6 +90,8 @@ export class Resyncer {
   objectsResumed = 0;
   /** Divergent blocks rolled back to the clean replicas' content. */
   blocksRolledBack = 0;
+  readonly #volumePools = new Map<number, number>();
+  #volumeFetch: Promise<void> | undefined;
 
   constructor(deps: ResyncDeps) {
     this.#deps = deps;
@@ -135,16 +137,20 @@ export class Resyncer {
     if (!path || !this.#cursorDirty) return;
     const now = this.#deps.env.clock.nowMs();
     if (!force && now - this.#cursorWrittenMs < CURSOR_PERSIST_INTERVAL_MS) return;
-    if (this.#cursorWriting) await this.#cursorWriting;
-    this.#cursorDirty = false;
-    this.#cursorWrittenMs = now;
-    const body = JSON.stringify({ version: 1, pgs: Object.fromEntries(this.#cursor) });
-    this.#cursorWriting = this.#deps.env.disk.writeFileAtomic(path, body).catch((error: unknown) => {
-      this.#deps.log(`writing the resync cursor: ${(error as Error).message}`);
-    }).finally(() => {
-      this.#cursorWriting = undefined;
+    // One write at a time (they share a temporary file), each with the cursor as it is when it starts.
+    const previous = this.#cursorWriting ?? Promise.resolve();
+    const write = previous.then(async () => {
+      if (!this.#cursorDirty) return;
+      this.#cursorDirty = false;
+      this.#cursorWrittenMs = this.#deps.env.clock.nowMs();
+      const body = JSON.stringify({ version: 1, pgs: Object.fromEntries(this.#cursor) });
+      await this.#deps.env.disk.writeFileAtomic(path, body).catch((error: unknown) => {
+        this.#deps.log(`writing the resync cursor: ${(error as Error).message}`);
+      });
     });
-    await this.#cursorWriting;
+    this.#cursorWriting = write;
+    await write;
+    if (this.#cursorWriting === write) this.#cursorWriting = undefined;
   }
 
   /** Waits while the disk is at or above backfillfull: a resync must not fill its target. */
@@ -285,6 +291,26 @@ export class Resyncer {
     if (rolledBack > 0) this.#deps.log(`resync of PG ${common.poolId}.${common.pgId}: rolled back ${rolledBack} blocks written by an earlier owner that no clean replica has`);
   }
 
+  /**
+   * The pool of every volume that can hold data, without asking the conductor for each PG (a
+   * rebuild starts hundreds). A volume's pool never changes and ids are never reused, so what is
+   * known stays true; a volume holds data only once opened, and every opened volume is in the map's
+   * owners — so a fetch is needed only when the map names a volume not known yet.
+   */
+  async #volumes(conductor: ConductorClient): Promise<{ id: number; poolId: number }[]> {
+    const owners = this.#latest?.owners ?? [];
+    if (owners.some(([volumeId]) => !this.#volumePools.has(volumeId)) || this.#volumePools.size === 0) {
+      this.#volumeFetch ??= conductor.volumes().then((answer) => {
+        for (const volume of answer.volumes) this.#volumePools.set(volume.id, volume.poolId);
+      }).finally(() => {
+        this.#volumeFetch = undefined;
+      });
+      await this.#volumeFetch;
+    }
+    const deleted = new Set(this.#latest?.deletedVolumes ?? []);
+    return [...this.#volumePools].filter(([id]) => !deleted.has(id)).map(([id, poolId]) => ({ id, poolId }));
+  }
+
   /** Keeps resync at or below the configured rate (a simple budget over a sliding second). */
   async #throttle(bytes: number): Promise<void> {
     const rate = this.#deps.rateBytesPerSecond ?? 0;
@@ -311,14 +337,17 @@ export class Resyncer {
     const cursorKey = `${pool.id}.${pgId}`;
     const saved = this.#cursor.get(cursorKey);
     const resumeAfter = saved && since > 0 && saved.since === since ? saved : undefined;
-    const volumeIds = (await conductor.volumes()).volumes.filter((volume) => volume.poolId === pool.id).map((volume) => volume.id);
+    const volumeIds = (await this.#volumes(conductor)).filter((volume) => volume.poolId === pool.id).map((volume) => volume.id);
     if (volumeIds.length === 0) return;
     const channel = this.#deps.channel(address);
     const common = { poolId: pool.id, pgId, pgCount: pool.pgCount, pgEpoch };
     const listing = await channel.request({ op: Op.LIST_PG, ...common }, [encodeVolumeIds(volumeIds)]);
     const peerObjects = decodeListReply(listing.payload);
     const local = new Map<string, ListedObject>();
-    for (const object of engine.listObjects(new Set(volumeIds), () => true)) local.set(`${object.volumeId}:${object.chunkIndex}`, object);
+    // Only this PG's objects: listing every object of the pool for each PG would cost O(PGs × data) on the event loop.
+    for (const object of engine.listObjects(new Set(volumeIds), (volumeId, chunkIndex) => placementGroupOf(volumeId, chunkIndex, pool.pgCount) === pgId)) {
+      local.set(`${object.volumeId}:${object.chunkIndex}`, object);
+    }
     peerObjects.sort((a, b) => a.volumeId - b.volumeId || a.chunkIndex - b.chunkIndex);
     const key = pgKey(pool.id, pgId);
     let pendingBytes = 0;
