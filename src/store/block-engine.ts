@@ -47,6 +47,8 @@ export interface BlockEngine {
   write(request: { volumeId: number; chunkIndex: number; offsetBlocks: number; data: Buffer; checksums: Uint32Array; version: BlockVersion; snapSeq: number; ownerEpoch?: number }): Promise<{ appliedBlocks: number }>;
   writeZeroes(request: { volumeId: number; chunkIndex: number; offsetBlocks: number; countBlocks: number; version: BlockVersion; snapSeq: number; ownerEpoch?: number }): Promise<{ appliedBlocks: number }>;
   read(volumeId: number, chunkIndex: number, offsetBlocks: number, countBlocks: number): Promise<BlockReadResult>;
+  /** The same read done synchronously when the disk can (page-cached data), else undefined. */
+  readNow?(volumeId: number, chunkIndex: number, offsetBlocks: number, countBlocks: number): BlockReadResult | undefined;
   flush(): Promise<void>;
   fence(volumeId: number, ownerEpoch: number): Promise<void>;
   ownerEpoch(volumeId: number): number;
