@@ -111,6 +111,8 @@ export interface Conductor {
   close(): Promise<void>;
 }
 
+/** Mark-clean requests committed in one transaction at most. */
+export const markCleanBatchMax = 512;
 /** Most long polls waiting at once. */
 export const mapWaitersMax = 10_000;
 export { pgCountMax };
@@ -158,6 +160,8 @@ class ConductorCore implements ConductorService {
   readonly scrubIntervalMs: number;
   readonly scrubMibPerSecond: number;
   #healing = false;
+  readonly #cleanQueue: { poolId: number; pgIndex: number; storeId: number; pgEpoch: number; resolve: () => void; reject: (error: unknown) => void }[] = [];
+  #cleaning = false;
   #scrubbing: Promise<ScrubResult> | undefined;
   #lastScrub: ScrubResult | null = null;
   #lastScrubAtMs: number | undefined;
@@ -563,9 +567,48 @@ class ConductorCore implements ConductorService {
     return this.#snapshot();
   }
 
+  /**
+   * Mark-clean requests are group-committed: those that arrive while a commit runs share the next
+   * one (one transaction, one map epoch). A rebuild marks hundreds of PGs clean within seconds, and
+   * a commit per PG would mean an fsync and a new map epoch each (every client refreshing its map).
+   */
   async markClean(poolId: number, pgIndex: number, storeId: number, pgEpoch: number): Promise<MapSnapshot> {
-    await this.#commit((ops) => ops.markClean(poolId, pgIndex, storeId, pgEpoch));
+    await new Promise<void>((resolve, reject) => {
+      this.#cleanQueue.push({ poolId, pgIndex, storeId, pgEpoch, resolve, reject });
+      void this.#drainCleanQueue();
+    });
     return this.#snapshot();
+  }
+
+  async #drainCleanQueue(): Promise<void> {
+    if (this.#cleaning) return;
+    this.#cleaning = true;
+    try {
+      while (this.#cleanQueue.length > 0) {
+        const batch = this.#cleanQueue.splice(0, markCleanBatchMax);
+        let outcomes: (unknown | null)[] = [];
+        try {
+          await this.#commit(async (ops) => {
+            outcomes = [];
+            for (const item of batch) {
+              try {
+                // Validation comes before any change in markClean, so a refusal leaves the transaction as it was.
+                await ops.markClean(item.poolId, item.pgIndex, item.storeId, item.pgEpoch);
+                outcomes.push(null);
+              } catch (error) {
+                if (!(error instanceof ShaleError)) throw error;
+                outcomes.push(error);
+              }
+            }
+          });
+          batch.forEach((item, i) => (outcomes[i] ? item.reject(outcomes[i]) : item.resolve()));
+        } catch (error) {
+          for (const item of batch) item.reject(error);
+        }
+      }
+    } finally {
+      this.#cleaning = false;
+    }
   }
 
   async openVolume(name: string, owner: string, takeover: boolean): Promise<OpenVolumeResponse> {

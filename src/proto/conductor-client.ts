@@ -183,6 +183,7 @@ export class MapWatcher {
   #listeners: ((map: ClusterMap) => void)[] = [];
   #running = false;
   #waiters: { minEpoch: number; resolve: (map: ClusterMap) => void }[] = [];
+  #refreshing: Promise<ClusterMap> | undefined;
 
   constructor(env: Env, conductor: ConductorClient) {
     this.#env = env;
@@ -220,10 +221,18 @@ export class MapWatcher {
     for (const waiter of ready) waiter.resolve(map);
   }
 
-  async refresh(): Promise<ClusterMap> {
-    const map = await this.#conductor.map();
-    this.offer(map);
-    return this.#map!;
+  /** Fetches the map now. Single flight: callers while one fetch is under way share it (a burst of STALE_PG_EPOCH replies costs one fetch). */
+  refresh(): Promise<ClusterMap> {
+    this.#refreshing ??= (async () => {
+      try {
+        const map = await this.#conductor.map();
+        this.offer(map);
+        return this.#map!;
+      } finally {
+        this.#refreshing = undefined;
+      }
+    })();
+    return this.#refreshing;
   }
 
   /** Resolves once a map with epoch ≥ minEpoch is known. */

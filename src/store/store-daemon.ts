@@ -78,6 +78,7 @@ export async function startStoreDaemon(env: Env, options: StoreDaemonOptions): P
   const resyncer = new Resyncer({
     env, engine, view, conductor, channel, log, rateBytesPerSecond: options.resyncRateBytesPerSecond ?? 0,
     cursorPath: options.diskPath.startsWith('/dev/') ? undefined : `${options.diskPath}.resync-cursor.json`,
+    clientBusy: () => server.clientBusy(),
   });
 
   let applying = Promise.resolve();

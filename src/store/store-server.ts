@@ -27,6 +27,10 @@ import { digestPg } from './pg-digest.ts';
 
 /** Requests one connection may have in flight before the server stops reading from it. */
 export const CONNECTION_IN_FLIGHT_MAX = 1024;
+/** Client requests ended this recently count as client activity (background copies wait). */
+export const CLIENT_QUIET_MS = 5;
+/** Longest a background copy request waits for client I/O to pause. */
+export const BACKGROUND_WAIT_MS_MAX = 20;
 
 /** What the server knows of the cluster, kept current by the daemon from the conductor's map. */
 export interface StoreView {
@@ -59,6 +63,8 @@ export class StoreServer {
   /** Writes above each volume's watermark, for reconciliation after a writer crash. */
   readonly recentWrites = new RecentWrites();
   #stopping = false;
+  #clientRequests = 0;
+  #clientDoneMs = -Infinity;
 
   constructor(env: Env, options: Omit<StoreServerOptions, 'listen'>) {
     this.#env = env;
@@ -162,13 +168,44 @@ export class StoreServer {
       this.#checkRange(fields);
       this.#checkEpochs(fields, true);
       if (!this.#view.canServeReads(fields.poolId, fields.pgId, fields.pgEpoch)) return undefined;
-      return engine.readNow(fields.volumeId, fields.chunkIndex, fields.offsetBlocks, fields.countBlocks);
+      const result = engine.readNow(fields.volumeId, fields.chunkIndex, fields.offsetBlocks, fields.countBlocks);
+      if (result !== undefined) this.#clientDoneMs = this.#env.clock.nowMs();
+      return result;
     } catch {
       return undefined;
     }
   }
 
+  /**
+   * Client I/O first (healing): whether client requests (not REPAIR copies) are in flight or ended
+   * within the last CLIENT_QUIET_MS. Background copies (a peer's resync reading here, this store's
+   * own resync) wait a little while it is so, up to BACKGROUND_WAIT_MS_MAX per request.
+   */
+  clientBusy(): boolean {
+    return this.#clientRequests > 0 || this.#env.clock.nowMs() - this.#clientDoneMs < CLIENT_QUIET_MS;
+  }
+
+  async #yieldToClients(): Promise<void> {
+    for (let waited = 0; waited < BACKGROUND_WAIT_MS_MAX && this.clientBusy(); waited += 2) await this.#env.clock.sleep(2);
+  }
+
   async #handle(frame: Frame): Promise<Reply> {
+    const h = frame.header;
+    const isClient = (h.flags & Flag.REPAIR) === 0 && (h.op === Op.READ || h.op === Op.WRITE || h.op === Op.WRITE_ZEROES || h.op === Op.FLUSH);
+    if (!isClient) {
+      if (h.op === Op.READ) await this.#yieldToClients();
+      return this.#dispatch(frame);
+    }
+    this.#clientRequests++;
+    try {
+      return await this.#dispatch(frame);
+    } finally {
+      this.#clientRequests--;
+      this.#clientDoneMs = this.#env.clock.nowMs();
+    }
+  }
+
+  async #dispatch(frame: Frame): Promise<Reply> {
     const h = frame.header;
     if (this.#stopping) throw new ShaleError('SHUTTING_DOWN', 'store is stopping');
     if (!this.#view.ready && h.op !== Op.PING) throw new ShaleError('NOT_READY', 'store has not received the cluster map yet');
