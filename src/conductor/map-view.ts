@@ -7,6 +7,7 @@ import type {
 } from './api/types.ts';
 import type { MetaReadTx, PgRecord, PoolRecord, StoreRecord, VolumeRecord } from './meta/meta-store.ts';
 import { defaultPoolName } from './cluster-ops.ts';
+import { snapContexts } from './snapshot-ops.ts';
 import { domainAt } from './placement/rendezvous.ts';
 
 export async function buildMap(tx: MetaReadTx, clusterId: string): Promise<ClusterMap> {
@@ -25,7 +26,8 @@ export async function buildMap(tx: MetaReadTx, clusterId: string): Promise<Clust
   }
   const owners: [number, number][] = [];
   const volumeSizes: [number, number][] = [];
-  for (const volume of await tx.volumes()) {
+  const volumes = await tx.volumes();
+  for (const volume of volumes) {
     if (volume.ownerEpoch > 0) owners.push([volume.id, volume.ownerEpoch]);
     if (volume.ownerEpoch > 0) volumeSizes.push([volume.id, volume.sizeBytes]);
   }
@@ -37,10 +39,23 @@ export async function buildMap(tx: MetaReadTx, clusterId: string): Promise<Clust
     owners,
     deletedVolumes: (await tx.deletedVolumes()).map((d) => d.id),
     volumeSizes,
+    snapContexts: await snapContexts(tx, volumes),
   };
 }
 
-export function volumeInfo(volume: VolumeRecord, pool: PoolRecord): VolumeInfo {
+/** volumeInfo with the snapshot count and the parent's names (one more read). */
+export async function volumeInfoWithSnapshots(tx: MetaReadTx, volume: VolumeRecord, pool: PoolRecord): Promise<VolumeInfo> {
+  const info = volumeInfo(volume, pool);
+  info.snapshots = (await tx.snapshots(volume.id)).length;
+  if (volume.parentVolumeId && volume.parentSnapshotId) {
+    const parent = await tx.volume(volume.parentVolumeId);
+    const snapshot = await tx.snapshot(volume.parentVolumeId, volume.parentSnapshotId);
+    info.parent = { volumeId: volume.parentVolumeId, volume: parent?.name ?? '?', snapshotId: volume.parentSnapshotId, snapshot: snapshot?.name ?? '?' };
+  }
+  return info;
+}
+
+export function volumeInfo(volume: VolumeRecord, pool: PoolRecord, snapshots = 0): VolumeInfo {
   return {
     id: volume.id,
     name: volume.name,
@@ -52,12 +67,21 @@ export function volumeInfo(volume: VolumeRecord, pool: PoolRecord): VolumeInfo {
     owner: volume.owner,
     ownerEpoch: volume.ownerEpoch,
     createdAt: volume.createdAt,
+    snapSeq: volume.snapSeq ?? 0,
+    snapshots,
+    parent: volume.parentVolumeId ? { volumeId: volume.parentVolumeId, volume: '', snapshotId: volume.parentSnapshotId ?? 0, snapshot: '' } : null,
   };
 }
 
 export async function volumeInfos(tx: MetaReadTx): Promise<VolumeInfo[]> {
   const pools = new Map((await tx.pools()).map((p) => [p.id, p]));
-  return (await tx.volumes()).map((v) => volumeInfo(v, pools.get(v.poolId)!));
+  const counts = new Map<number, number>();
+  for (const snapshot of await tx.allSnapshots()) counts.set(snapshot.volumeId, (counts.get(snapshot.volumeId) ?? 0) + 1);
+  const result: VolumeInfo[] = [];
+  for (const volume of await tx.volumes()) {
+    result.push(volume.parentVolumeId ? await volumeInfoWithSnapshots(tx, volume, pools.get(volume.poolId)!) : volumeInfo(volume, pools.get(volume.poolId)!, counts.get(volume.id) ?? 0));
+  }
+  return result;
 }
 
 /**
