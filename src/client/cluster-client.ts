@@ -63,6 +63,7 @@ export class ClusterClient {
           this.log(`volume ${volume.info.name} resized from ${volume.info.sizeBytes} to ${size} bytes`);
           volume.info.sizeBytes = size;
         }
+        void volume.applySnapContext(map);
       }, () => {});
     }
   }

@@ -1,12 +1,13 @@
 /**
  * NBD exports backed by Shale volumes: export name = volume name. Every connection to one export
  * gets the same NbdExport, backed by one VolumeClient, so a FLUSH on any connection covers the
- * writes acknowledged on all of them (CAN_MULTI_CONN). `vol@snap` names are refused with
- * NOT_SUPPORTED until snapshots exist.
+ * writes acknowledged on all of them (CAN_MULTI_CONN). `vol@snap` is a read-only export of a
+ * snapshot (NBD_FLAG_READ_ONLY; writes get EPERM), read through the snapshot's layers.
  */
 import type { ClusterClient } from '../client/cluster-client.ts';
 import type { VolumeClient } from '../client/volume-client.ts';
 import { ShaleError } from '../lib/errors.ts';
+import { SnapshotView } from '../client/snapshot-view.ts';
 import type { ExportProvider, NbdExport } from './server.ts';
 
 export class VolumeExports implements ExportProvider {
@@ -21,9 +22,17 @@ export class VolumeExports implements ExportProvider {
   }
 
   async open(name: string): Promise<NbdExport> {
-    if (name.includes('@')) throw new ShaleError('NOT_SUPPORTED', `snapshot exports ("${name}") are not supported yet`);
     const existing = this.#exports.get(name);
     if (existing) return existing;
+    if (name.includes('@')) {
+      const at = name.indexOf('@');
+      const view = await SnapshotView.open(this.#cluster, name.slice(0, at), name.slice(at + 1));
+      const raced = this.#exports.get(name);
+      if (raced) return raced;
+      const created = snapshotExport(view, () => this.#exports.delete(name));
+      this.#exports.set(name, created);
+      return created;
+    }
     const volume = await this.#cluster.openVolume(name, { takeover: this.#takeover });
     const raced = this.#exports.get(name);
     if (raced) return raced;
@@ -60,5 +69,23 @@ function volumeExport(volume: VolumeClient): NbdExport {
     // Absent and zero blocks read as zeros: holes for NBD block status (clones will consult their parent chain).
     blockStatus: (offsetBytes, lengthBytes) => volume.blockStatus(offsetBytes, lengthBytes),
     release: () => volume.flush(),
+  };
+}
+
+/** A read-only export of a snapshot; forgotten when its last connection closes. */
+function snapshotExport(view: SnapshotView, forget: () => void): NbdExport {
+  const readOnly = (): Promise<never> => Promise.reject(new ShaleError('READ_ONLY', `${view.name} is a snapshot: read-only`));
+  return {
+    name: view.name,
+    description: `Shale snapshot ${view.name} (read-only)`,
+    sizeBytes: view.sizeBytes,
+    readOnly: true,
+    read: (offsetBytes, lengthBytes) => view.read(offsetBytes, lengthBytes),
+    write: readOnly,
+    flush: async () => {},
+    trim: readOnly,
+    writeZeroes: readOnly,
+    blockStatus: (offsetBytes, lengthBytes) => view.blockStatus(offsetBytes, lengthBytes),
+    release: async () => forget(),
   };
 }

@@ -51,6 +51,10 @@
  *                 seq f64. With CLEAR, entries of older owner epochs are dropped after the reply is built.
  *   SCRUB         request: none (count = most MiB per second to read, 0 = unthrottled). reply: a
  *                 JSON ScrubReport (a rare administrative call, not on the data path).
+ *   READ_SNAP     (0x30) a READ as snapshot `snap seq` saw the range: per block the newest version
+ *                 stamped below it. Same reply as READ. NOT_FOUND if the store knows it was deleted.
+ *   BLOCK_VERSIONS (0x31) request: none (snap seq = snapshot id, 0 = the head). reply: per block
+ *                 16 bytes: state u8, 3 pad, epoch u32, seq f64 — for block status and diffs.
  */
 import { assert } from '../lib/assert.ts';
 import type { BlockStateValue } from '../lib/block-state.ts';
@@ -77,6 +81,10 @@ export const Op = {
   BLOCK_STATES: 8,
   RECENT_WRITES: 9,
   SCRUB: 10,
+  /** READ as snapshot `snapSeq` (the header field holds the snapshot id, > 0) saw the blocks. Same reply as READ. */
+  READ_SNAP: 0x30,
+  /** Per block its state and version, at the head (snapSeq 0) or at snapshot `snapSeq`, without reading data. */
+  BLOCK_VERSIONS: 0x31,
 } as const;
 export type OpCode = (typeof Op)[keyof typeof Op];
 export const REPLY_BIT = 0x80;
@@ -395,6 +403,31 @@ export function decodeVolumeIds(payload: Buffer): number[] {
 }
 
 /** Versions compare as (epoch, seq) pairs. */
+export const BLOCK_VERSION_BYTES = 16;
+
+export function encodeBlockVersions(versions: { states: Uint8Array; epochs: ArrayLike<number>; seqs: ArrayLike<number> }, count: number): Buffer {
+  const out = Buffer.alloc(count * BLOCK_VERSION_BYTES);
+  for (let i = 0; i < count; i++) {
+    out.writeUInt8(versions.states[i]!, i * BLOCK_VERSION_BYTES);
+    out.writeUInt32LE(versions.epochs[i]!, i * BLOCK_VERSION_BYTES + 4);
+    out.writeDoubleLE(versions.seqs[i]!, i * BLOCK_VERSION_BYTES + 8);
+  }
+  return out;
+}
+
+export function decodeBlockVersions(payload: Buffer, count: number): { states: Uint8Array; epochs: Uint32Array; seqs: Float64Array } {
+  if (payload.length !== count * BLOCK_VERSION_BYTES) throw new ShaleError('PROTOCOL', `BLOCK_VERSIONS reply of ${payload.length} bytes for ${count} blocks`);
+  const states = new Uint8Array(count);
+  const epochs = new Uint32Array(count);
+  const seqs = new Float64Array(count);
+  for (let i = 0; i < count; i++) {
+    states[i] = payload.readUInt8(i * BLOCK_VERSION_BYTES);
+    epochs[i] = payload.readUInt32LE(i * BLOCK_VERSION_BYTES + 4);
+    seqs[i] = payload.readDoubleLE(i * BLOCK_VERSION_BYTES + 8);
+  }
+  return { states, epochs, seqs };
+}
+
 export function compareVersions(epochA: number, seqA: number, epochB: number, seqB: number): number {
   return epochA !== epochB ? epochA - epochB : seqA - seqB;
 }
