@@ -7,6 +7,7 @@ import assert from 'node:assert/strict';
 import { randomBytes } from 'node:crypto';
 import { after, before, describe, test } from 'node:test';
 import { SnapshotView } from '../src/client/snapshot-view.ts';
+import { diffVolume, flattenVolume, rollbackVolume } from '../src/client/volume-ops.ts';
 import { startLocalCluster, type LocalCluster } from './harness.ts';
 
 const MiB = 1024 * 1024;
@@ -95,5 +96,96 @@ describe('snapshots on a cluster in one process', () => {
       assert.ok(value >= floor[block]!, `block ${block}: ${value} is older than the acknowledged ${floor[block]}`);
       assert.ok(value <= ceiling, `block ${block}: ${value} was written after the snapshot returned (${ceiling})`);
     }
+  });
+
+  test('clones read through to their parent, clones of clones too; zero tombstones stop the read-through; flatten copies the rest in', async () => {
+    assert.equal((await cluster.call('POST', '/volumes', { name: 'gold', size: 8 * MiB, chunkSize: '1M' })).status, 201);
+    const gateway = await cluster.client('gw-gold');
+    const gold = await gateway.openVolume('gold');
+    const golden = randomBytes(8 * MiB);
+    golden.fill(0, 6 * MiB, 7 * MiB); // never written: absent in the parent
+    await gold.write(0, golden.subarray(0, 6 * MiB));
+    await gold.write(7 * MiB, golden.subarray(7 * MiB));
+    await gold.close();
+    // No owner: the conductor takes the snapshot directly.
+    const snap = await cluster.call('POST', '/volumes/gold/snapshots', { name: 'v1' });
+    assert.equal(snap.body.state, 'live');
+    const clone = await cluster.call('POST', '/volumes/gold/snapshots/v1/clone', { name: 'vm1' });
+    assert.equal(clone.status, 201, JSON.stringify(clone.body));
+    assert.equal(clone.body.parent.volume, 'gold');
+    assert.equal(clone.body.parent.snapshot, 'v1');
+
+    const client = await cluster.client('gw-vm1');
+    const vm1 = await client.openVolume('vm1');
+    assert.ok((await vm1.read(0, 8 * MiB)).equals(golden), 'a fresh clone reads its parent');
+    const model = Buffer.from(golden);
+    const own = randomBytes(MiB);
+    await vm1.write(MiB + 4096, own);
+    own.copy(model, MiB + 4096);
+    await vm1.write(100, Buffer.from('unaligned'));
+    Buffer.from('unaligned').copy(model, 100);
+    await vm1.writeZeroes(3 * MiB, MiB);
+    model.fill(0, 3 * MiB, 4 * MiB);
+    assert.ok((await vm1.read(0, 8 * MiB)).equals(model), 'own writes, trims and read-through agree');
+    // Block status: a hole only where the block reads as zeros through the whole chain.
+    assert.deepEqual((await vm1.blockStatus(3 * MiB, MiB)).map((e) => e.hole), [true], 'trimmed in the clone');
+    assert.deepEqual((await vm1.blockStatus(5 * MiB, MiB)).map((e) => e.hole), [false], 'data in the parent only');
+    assert.deepEqual((await vm1.blockStatus(6 * MiB, MiB)).map((e) => e.hole), [true], 'nowhere in the chain');
+    // The parent never changes.
+    const goldReader = await SnapshotView.open(await cluster.client('reader-gold'), 'gold', 'v1');
+    assert.ok((await goldReader.read(0, 8 * MiB)).equals(golden));
+
+    // A clone of the clone.
+    assert.equal((await cluster.call('POST', '/volumes/vm1/snapshots', { name: 'c1' })).body.state, 'live');
+    assert.equal((await cluster.call('POST', '/volumes/vm1/snapshots/c1/clone', { name: 'vm2' })).status, 201);
+    const vm2 = await (await cluster.client('gw-vm2')).openVolume('vm2');
+    assert.ok((await vm2.read(0, 8 * MiB)).equals(model), 'a clone of a clone reads through two levels');
+    await vm1.write(5 * MiB, Buffer.alloc(MiB, 7));
+    assert.ok((await vm2.read(0, 8 * MiB)).equals(model), 'a clone never sees its parent change');
+
+    // Deleting what clones read through is refused.
+    assert.equal((await cluster.call('DELETE', '/volumes/gold/snapshots/v1')).body.code, 'IN_USE');
+    assert.equal((await cluster.call('DELETE', '/volumes/vm1/snapshots/c1')).body.code, 'IN_USE');
+    assert.equal((await cluster.call('DELETE', '/volumes/gold')).body.code, 'IN_USE');
+
+    // Flatten vm2 (refused while open), then the snapshot it read through can go.
+    await assert.rejects(flattenVolume(await cluster.client('cli-busy'), 'vm2'), (error: { code?: string }) => error.code === 'IN_USE');
+    await vm2.close();
+    const cli = await cluster.client('cli-flatten');
+    const progress: number[] = [];
+    const flattened = await flattenVolume(cli, 'vm2', (done) => progress.push(done));
+    assert.ok(flattened.copiedBytes > 0);
+    assert.equal(progress[progress.length - 1], 8 * MiB);
+    assert.equal((await cluster.call('GET', '/volumes/vm2')).body.parent, null);
+    assert.equal((await cluster.call('DELETE', '/volumes/vm1/snapshots/c1')).status, 200);
+    const vm2Again = await (await cluster.client('gw-vm2-again')).openVolume('vm2');
+    assert.ok((await vm2Again.read(0, 8 * MiB)).equals(model), 'a flattened clone keeps its bytes');
+    await vm2Again.close();
+  });
+
+  test('rollback brings back the snapshot, refused while open; diff lists what changed', async () => {
+    assert.equal((await cluster.call('POST', '/volumes', { name: 'rb', size: 8 * MiB, chunkSize: '1M' })).status, 201);
+    const gateway = await cluster.client('gw-rb');
+    const rb = await gateway.openVolume('rb');
+    const original = randomBytes(8 * MiB);
+    original.fill(0, 2 * MiB, 3 * MiB);
+    await rb.write(0, original.subarray(0, 2 * MiB));
+    await rb.write(3 * MiB, original.subarray(3 * MiB));
+    assert.equal((await cluster.call('POST', '/volumes/rb/snapshots', { name: 'good' })).body.state, 'live');
+    await rb.write(MiB, Buffer.alloc(8192, 1));
+    await rb.write(2 * MiB + 4096, Buffer.alloc(4096, 2));
+    await rb.writeZeroes(5 * MiB, MiB);
+    const diff = await diffVolume(await cluster.client('cli-diff'), 'rb', 'good', undefined);
+    assert.deepEqual(diff.ranges, [
+      { offsetBytes: MiB, lengthBytes: 8192 }, { offsetBytes: 2 * MiB + 4096, lengthBytes: 4096 }, { offsetBytes: 5 * MiB, lengthBytes: MiB },
+    ]);
+    await assert.rejects(rollbackVolume(await cluster.client('cli-rb-busy'), 'rb', 'good'), (error: { code?: string }) => error.code === 'IN_USE');
+    await rb.close();
+    const result = await rollbackVolume(await cluster.client('cli-rb'), 'rb', 'good');
+    assert.equal(result.changedBytes, 8192 + 4096 + MiB);
+    const after = await (await cluster.client('gw-rb-2')).openVolume('rb');
+    assert.ok((await after.read(0, 8 * MiB)).equals(original), 'the volume reads as the snapshot did');
+    assert.deepEqual((await after.blockStatus(2 * MiB, MiB)).map((e) => e.hole), [true], 'a block absent at the snapshot is a hole again');
+    await after.close();
   });
 });
