@@ -23,13 +23,14 @@ export interface ChangedRange {
   lengthBytes: number;
 }
 
-/** Opens the volume as its owner for a whole-volume operation; IN_USE if someone else has it open. */
-async function openExclusive(cluster: ClusterClient, volume: VolumeInfo, what: string): Promise<VolumeClient> {
-  if (volume.owner !== null) {
-    throw new ShaleError('IN_USE', `volume ${volume.name} is open for writing by ${volume.owner}: disconnect its clients and close it before ${what}`);
+/** Opens the volume as its owner for a whole-volume operation; IN_USE if someone else has it open (unless `takeover`). */
+export { openExclusive };
+async function openExclusive(cluster: ClusterClient, volume: VolumeInfo, what: string, takeover: boolean): Promise<VolumeClient> {
+  if (volume.owner !== null && !takeover) {
+    throw new ShaleError('IN_USE', `volume ${volume.name} is open for writing by ${volume.owner}: disconnect its clients before ${what}, then pass --force to take it over from that gateway (which is fenced until the operation ends)`);
   }
   try {
-    return await cluster.openVolume(volume.name, { takeover: false });
+    return await cluster.openVolume(volume.name, { takeover });
   } catch (error) {
     if (error instanceof ShaleError && error.code === 'FENCED') throw new ShaleError('IN_USE', `volume ${volume.name} was opened by another gateway: ${error.message}`);
     throw error;
@@ -75,10 +76,10 @@ function* runs(count: number, test: (i: number) => boolean): Generator<[number, 
  * beyond the snapshot's size (a volume grown since) are zeroed. Errors: IN_USE (open for
  * writing), NOT_FOUND, NOT_READY.
  */
-export async function rollbackVolume(cluster: ClusterClient, volumeName: string, snapshotName: string, progress: Progress = () => {}): Promise<{ changedBytes: number }> {
+export async function rollbackVolume(cluster: ClusterClient, volumeName: string, snapshotName: string, progress: Progress = () => {}, options: { takeover?: boolean } = {}): Promise<{ changedBytes: number }> {
   const info = await cluster.conductor.volume(volumeName);
   const snapshot = await liveSnapshot(cluster, volumeName, snapshotName);
-  const volume = await openExclusive(cluster, info, `rolling it back to ${snapshotName}`);
+  const volume = await openExclusive(cluster, info, `rolling it back to ${snapshotName}`, options.takeover ?? false);
   try {
     const chain = new ChainReader(cluster, info.poolId);
     const chunkBlocks = info.chunkSizeBytes >> BLOCK_SHIFT;
@@ -126,10 +127,10 @@ export async function rollbackVolume(cluster: ClusterClient, volumeName: string,
  * then has the conductor forget the parent. Errors: IN_USE, NOT_FOUND; a volume without a parent
  * is left as it is.
  */
-export async function flattenVolume(cluster: ClusterClient, volumeName: string, progress: Progress = () => {}): Promise<{ copiedBytes: number }> {
+export async function flattenVolume(cluster: ClusterClient, volumeName: string, progress: Progress = () => {}, options: { takeover?: boolean } = {}): Promise<{ copiedBytes: number }> {
   const info = await cluster.conductor.volume(volumeName);
   if (!info.parent) return { copiedBytes: 0 };
-  const volume = await openExclusive(cluster, info, 'flattening it');
+  const volume = await openExclusive(cluster, info, 'flattening it', options.takeover ?? false);
   try {
     const chain = new ChainReader(cluster, info.poolId);
     const chunkBlocks = info.chunkSizeBytes >> BLOCK_SHIFT;

@@ -14,6 +14,15 @@ export class VolumeExports implements ExportProvider {
   readonly #cluster: ClusterClient;
   readonly #exports = new Map<string, NbdExport>();
   readonly #takeover: boolean;
+  readonly #volumes = new Map<string, VolumeClient>();
+
+  /** Whether the map names a higher owner epoch for the volume than this gateway holds. */
+  #takenOver(name: string): boolean {
+    const volume = this.#volumes.get(name);
+    if (!volume) return false;
+    const owner = this.#cluster.map.owners.find(([volumeId]) => volumeId === volume.info.id);
+    return owner !== undefined && owner[1] > volume.ownerEpoch;
+  }
 
   /** With `takeover`, opening a volume another gateway owns takes it over (and fences that gateway). */
   constructor(cluster: ClusterClient, options: { takeover?: boolean } = {}) {
@@ -23,7 +32,14 @@ export class VolumeExports implements ExportProvider {
 
   async open(name: string): Promise<NbdExport> {
     const existing = this.#exports.get(name);
-    if (existing) return existing;
+    if (existing && !this.#takenOver(name)) return existing;
+    if (existing) {
+      // Someone (a rollback, flatten or import with --force) took the volume over since: this
+      // gateway's client is fenced. Open it again, as any gateway would (refused while the other owner keeps it).
+      this.#exports.delete(name);
+      this.#volumes.delete(name);
+      this.#cluster.forget(name);
+    }
     if (name.includes('@')) {
       const at = name.indexOf('@');
       const view = await SnapshotView.open(this.#cluster, name.slice(0, at), name.slice(at + 1));
@@ -34,6 +50,7 @@ export class VolumeExports implements ExportProvider {
       return created;
     }
     const volume = await this.#cluster.openVolume(name, { takeover: this.#takeover });
+    this.#volumes.set(name, volume);
     const raced = this.#exports.get(name);
     if (raced) return raced;
     const created = volumeExport(volume);
