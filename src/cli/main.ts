@@ -8,6 +8,7 @@ import { Command, CommanderError } from 'commander';
 import { registerAdminCommands } from './admin.ts';
 import { exitWithError } from './output.ts';
 import { registerRoleCommands } from './roles.ts';
+import { registerSnapshotCommands } from './snapshot-commands.ts';
 import { registerUpCommand } from './up.ts';
 
 const program = new Command('shale')
@@ -19,6 +20,7 @@ const program = new Command('shale')
 registerUpCommand(program);
 registerRoleCommands(program);
 registerAdminCommands(program);
+registerSnapshotCommands(program);
 
 try {
   await program.parseAsync(process.argv);
