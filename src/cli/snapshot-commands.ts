@@ -88,7 +88,12 @@ export function registerSnapshotCommands(program: Command, io: AdminIo = process
         } catch (error) {
           io.fail(error);
         } finally {
-          await client?.close().catch(() => {});
+          if (client) {
+            await client.close().catch(() => {});
+            // The map watcher's long poll (up to 20 s) must not keep the command waiting: the
+            // verb is done, so leave once what is pending has had a moment to finish.
+            if (io === processIo) setTimeout(() => process.exit(), 50).unref();
+          }
         }
       });
 
