@@ -170,6 +170,41 @@ export class VolumeClient {
     return skip === 0 && aligned.length === lengthBytes ? aligned : aligned.subarray(skip, skip + lengthBytes);
   }
 
+  /**
+   * A read answered synchronously by a clean replica in this process (DESIGN §9's hyperconverged
+   * fast path: no Promise, no event-loop turn), or undefined: then `read` gives the answer or the
+   * error. Only reads within one chunk, served from the page cache, qualify.
+   */
+  readNow(offsetBytes: number, lengthBytes: number): Buffer | undefined {
+    if (this.#closed || lengthBytes <= 0 || offsetBytes < 0 || offsetBytes + lengthBytes > this.info.sizeBytes || lengthBytes > REQUEST_BYTES_MAX) return undefined;
+    const startBlock = Math.floor(offsetBytes / BLOCK_SIZE_BYTES);
+    const countBlocks = Math.ceil((offsetBytes + lengthBytes) / BLOCK_SIZE_BYTES) - startBlock;
+    const chunkIndex = Math.floor(startBlock / this.#chunkBlocks);
+    const offsetBlocks = startBlock - chunkIndex * this.#chunkBlocks;
+    if (offsetBlocks + countBlocks > this.#chunkBlocks || countBlocks > BLOCKS_PER_REQUEST_MAX) return undefined;
+    const map = this.#cluster.map;
+    const { pool, pgId, pg } = this.#placement(map, chunkIndex);
+    const turn = this.#readTurn++;
+    const replicas = pg.replicas;
+    for (let i = 0; i < replicas.length; i++) {
+      const replica = replicas[(turn + i) % replicas.length]!;
+      if (replica.state !== 'clean' || !isUp(map, replica.storeId)) continue;
+      const channel = this.#cluster.channel(replica.storeId);
+      if (channel.readNow === undefined) continue;
+      const result = channel.readNow({
+        volumeId: this.info.id, chunkIndex, poolId: pool.id, pgId, pgCount: pool.pgCount, pgEpoch: pg.epoch,
+        ownerEpoch: this.ownerEpoch, offsetBlocks, countBlocks,
+      });
+      if (result === undefined) return undefined;
+      // A clone's absent blocks read through to its parent: the asynchronous path does that.
+      if (result.states.includes(BlockState.ABSENT) && parentLayers(map, this.info.id).length > 0) return undefined;
+      // Absent and zero blocks are zeros in the engine's result, as they read.
+      const skip = offsetBytes - startBlock * BLOCK_SIZE_BYTES;
+      return skip === 0 && result.data.length === lengthBytes ? result.data : result.data.subarray(skip, skip + lengthBytes);
+    }
+    return undefined;
+  }
+
   async #readBlocks(startBlock: number, countBlocks: number): Promise<Buffer> {
     const pieces = this.#pieces(startBlock, countBlocks);
     if (pieces.length === 1) return this.#readPiece(pieces[0]!);

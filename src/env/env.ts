@@ -20,6 +20,11 @@ export interface DiskFile {
    */
   read(target: Buffer, offsetBytes: number): Promise<number>;
   /**
+   * The same read done synchronously when that is cheap (the data is likely in the page cache),
+   * else undefined and nothing read: the caller uses `read`. Optional: a disk may never offer it.
+   */
+  readNow?(target: Buffer, offsetBytes: number): number | undefined;
+  /**
    * Writes the buffers back to back at `offsetBytes`, completely. The data may sit in a volatile
    * cache until `sync` resolves; a crash before that may drop any subset of unsynced writes,
    * at sector granularity.

@@ -53,6 +53,11 @@ export interface NbdExport {
   /** Returns exactly `lengthBytes` bytes; the buffer is sent as is and must not change afterwards. */
   read(offsetBytes: number, lengthBytes: number): Promise<Buffer>;
   /**
+   * Optional: the same read answered synchronously when the export can (data at hand), else
+   * undefined and the server calls read() (or readSparse()). Never throws: errors come from read().
+   */
+  readNow?(offsetBytes: number, lengthBytes: number): Buffer | undefined;
+  /**
    * Optional: the same read, with the zero ranges left out. Returns pieces that cover
    * [offsetBytes, offsetBytes + lengthBytes) in order, back to back, each with lengthBytes > 0:
    * with `data` (exactly lengthBytes bytes, not changed afterwards) for data, without for a range

@@ -755,7 +755,12 @@ export class NbdSession {
     this.#inFlightBytes += costBytes;
     try {
       switch (type) {
-        case NbdCommand.READ:
+        case NbdCommand.READ: {
+          const now = opened.readNow?.(request.offsetBytes, request.lengthBytes);
+          if (now !== undefined) {
+            this.#completeRead(request, costBytes, now);
+            return;
+          }
           if (target.structuredReplies && opened.readSparse !== undefined && (request.flags & NbdCommandFlag.DF) === 0) {
             opened.readSparse(request.offsetBytes, request.lengthBytes).then(
               (pieces) => this.#completeSparseRead(request, costBytes, pieces),
@@ -768,6 +773,7 @@ export class NbdSession {
             );
           }
           return;
+        }
         case NbdCommand.WRITE:
           this.#track(request, costBytes, opened.write(request.offsetBytes, request.payload!, fua));
           return;

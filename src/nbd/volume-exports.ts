@@ -78,6 +78,7 @@ function volumeExport(volume: VolumeClient): NbdExport {
     },
     readOnly: false,
     read: (offsetBytes, lengthBytes) => volume.read(offsetBytes, lengthBytes),
+    readNow: (offsetBytes, lengthBytes) => volume.readNow(offsetBytes, lengthBytes),
     write: (offsetBytes, data, fua) => volume.write(offsetBytes, data, { fua }),
     flush: () => volume.flush(),
     trim: (offsetBytes, lengthBytes, fua) => volume.writeZeroes(offsetBytes, lengthBytes, { fua }),

@@ -7,11 +7,13 @@
  */
 import { errorCodeFromWire, ShaleError } from '../lib/errors.ts';
 import { emptyHeader, type Frame, type FrameHeader } from './store-protocol.ts';
-import type { StoreRequester } from './store-channel.ts';
+import type { LocalReadFields, LocalReadResult, StoreRequester } from './store-channel.ts';
 
 export interface LocalStoreEndpoint {
   /** Resolves with the reply's header and payload parts; rejects with the ShaleError a socket client would get as a status. */
   serveLocal(frame: Frame): Promise<{ header: FrameHeader; parts: Buffer[] }>;
+  /** A READ done synchronously, or undefined (then serveLocal gives the answer or the error). */
+  readLocalNow?(fields: LocalReadFields): LocalReadResult | undefined;
 }
 
 /** Stores served by this process, by the address they registered with. */
@@ -79,6 +81,11 @@ export class LocalChannel implements StoreRequester {
     } finally {
       this.#inFlight--;
     }
+  }
+
+  readNow(fields: LocalReadFields): LocalReadResult | undefined {
+    if (this.#closed) return undefined;
+    return this.#endpoint.readLocalNow?.(fields);
   }
 
   close(): void {

@@ -24,10 +24,24 @@ interface Pending {
 }
 
 /** What the client library needs of a connection to a store: a socket channel or the in-process one. */
+/** The fields of a READ that a store in this process can answer synchronously. */
+export type LocalReadFields = Pick<FrameHeader, 'volumeId' | 'chunkIndex' | 'poolId' | 'pgId' | 'pgCount' | 'pgEpoch' | 'ownerEpoch' | 'offsetBlocks' | 'countBlocks'>;
+
+/** A synchronous READ's answer: each block's state, and the bytes (absent and zero blocks as zeros), verified. */
+export interface LocalReadResult {
+  data: Buffer;
+  states: Uint8Array;
+}
+
 export interface StoreRequester {
   readonly address: string;
   readonly inFlight: number;
   request(fields: Partial<FrameHeader> & { op: number }, payload?: readonly Buffer[], timeoutMs?: number): Promise<Frame>;
+  /**
+   * A READ answered synchronously, or undefined: use `request` (which then gives the answer or the
+   * error). Only a store in this process can offer it (LocalChannel); the blocks are verified.
+   */
+  readNow?(fields: LocalReadFields): LocalReadResult | undefined;
   close(): void;
   reset(): void;
 }

@@ -57,6 +57,8 @@ export interface BlockEngine {
   setSnapshots(volumeId: number, liveSnapIds: readonly number[], options: { snapSeq: number; keepTombstones: boolean }): Promise<void>;
   /** What the engine was last told of the volume's snapshots, or undefined. */
   snapshots(volumeId: number): { ids: number[]; snapSeq: number; keepTombstones: boolean } | undefined;
+  /** The same head read done synchronously when the disk can (page-cached data), else undefined. */
+  readNow?(volumeId: number, chunkIndex: number, offsetBlocks: number, countBlocks: number): BlockReadResult | undefined;
   flush(): Promise<void>;
   fence(volumeId: number, ownerEpoch: number): Promise<void>;
   ownerEpoch(volumeId: number): number;

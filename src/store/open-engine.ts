@@ -83,6 +83,11 @@ class LogEngineAdapter implements BlockEngine {
     return this.#engine.snapshots(volumeId);
   }
 
+  readNow(volumeId: number, chunkIndex: number, offsetBlocks: number, countBlocks: number): BlockReadResult | undefined {
+    const result = this.#engine.readNow(volumeId, chunkIndex, offsetBlocks, countBlocks);
+    return result && { data: result.data, checksums: result.checksums, states: result.states, epochs: result.versions.epochs, seqs: result.versions.seqs };
+  }
+
   flush(): Promise<void> {
     return this.#engine.flush();
   }

@@ -62,17 +62,25 @@ class NodeDiskFile implements DiskFile {
   }
 
   async read(target: Buffer, offsetBytes: number): Promise<number> {
-    if (target.length <= SYNC_READ_BYTES_MAX && this.#syncReads.useSync()) {
-      // Data in the page cache comes back in a few µs: cheaper than a thread-pool round trip.
-      const startedMs = performance.now();
-      const bytesRead = readSync(this.#handle.fd, target, 0, target.length, offsetBytes);
-      this.#syncReads.record(performance.now() - startedMs);
-      if (bytesRead === target.length || bytesRead === 0) return bytesRead;
-      return bytesRead + (await this.read(target.subarray(bytesRead), offsetBytes + bytesRead));
-    }
+    const now = this.readNow(target, offsetBytes);
+    if (now !== undefined) return now;
     let done = 0;
     while (done < target.length) {
       const { bytesRead } = await this.#handle.read(target, done, target.length - done, offsetBytes + done);
+      if (bytesRead === 0) break;
+      done += bytesRead;
+    }
+    return done;
+  }
+
+  readNow(target: Buffer, offsetBytes: number): number | undefined {
+    if (target.length > SYNC_READ_BYTES_MAX || !this.#syncReads.useSync()) return undefined;
+    // Data in the page cache comes back in a few µs: cheaper than a thread-pool round trip.
+    let done = 0;
+    while (done < target.length) {
+      const startedMs = performance.now();
+      const bytesRead = readSync(this.#handle.fd, target, done, target.length - done, offsetBytes + done);
+      this.#syncReads.record(performance.now() - startedMs);
       if (bytesRead === 0) break;
       done += bytesRead;
     }

@@ -1,0 +1,125 @@
+/**
+ * The synchronous read path of a gateway whose store lives in the same process (DESIGN §9, what
+ * `shale up --stores 1` runs): a real conductor, a store daemon with its log engine on a file, and a
+ * client library sharing its LocalStores. readNow must give exactly what read gives, decline what
+ * it can't serve, and never return a block whose checksum fails.
+ */
+import assert from 'node:assert/strict';
+import { randomBytes } from 'node:crypto';
+import { closeSync, openSync, readSync, writeSync } from 'node:fs';
+import { join } from 'node:path';
+import { after, before, describe, test } from 'node:test';
+import { ClusterClient } from '../src/client/cluster-client.ts';
+import type { VolumeClient } from '../src/client/volume-client.ts';
+import { startConductor, type Conductor } from '../src/conductor/conductor.ts';
+import { nodeEnv } from '../src/env/node/node-env.ts';
+import { codeOf } from '../src/lib/errors.ts';
+import { LocalStores } from '../src/proto/local-channel.ts';
+import { openLogEngine } from '../src/store/open-engine.ts';
+import { startStoreDaemon, type StoreDaemon } from '../src/store/store-daemon.ts';
+import { temporaryDirectory, waitFor } from './harness.ts';
+
+const MiB = 1024 * 1024;
+const CHUNK = 4 * MiB;
+const quiet = (): void => {};
+
+describe('reads from a store in the same process', () => {
+  const dir = temporaryDirectory('local-read');
+  const diskPath = join(dir.path, 'disk.img');
+  let conductor: Conductor;
+  let store: StoreDaemon;
+  let gateway: ClusterClient;
+  let volume: VolumeClient;
+  const model = Buffer.alloc(16 * MiB);
+
+  before(async () => {
+    conductor = await startConductor(nodeEnv, { metaPath: join(dir.path, 'meta.db'), listen: '127.0.0.1:0', heartbeatTimeoutMs: 5000, defaultReplicas: 1, pgCount: 8 });
+    const api = `http://${conductor.address}`;
+    const localStores = new LocalStores();
+    store = await startStoreDaemon(nodeEnv, {
+      diskPath, diskSizeBytes: 256 * MiB, format: true, listen: '127.0.0.1:0', conductorUrls: api, domain: 'local', log: quiet, openEngine: openLogEngine, localStores,
+    });
+    await waitFor('the default pool', async () => ((await (await fetch(`${api}/api/v1/pools`)).json()) as { pools: unknown[] }).pools.length > 0);
+    const response = await fetch(`${api}/api/v1/volumes`, { method: 'POST', headers: { 'content-type': 'application/json' }, body: JSON.stringify({ name: 'fast', size: model.length, replicas: 1 }) });
+    assert.equal(response.status, 201, await response.text());
+    gateway = new ClusterClient(nodeEnv, { conductorUrls: api, ownerId: 'gw-local', requestTimeoutMs: 5000, ioTimeoutMs: 1500, log: quiet, localStores });
+    await gateway.start();
+    volume = await gateway.openVolume('fast');
+  });
+
+  after(async () => {
+    await gateway?.close().catch(() => {});
+    await store?.close().catch(() => {});
+    await conductor?.close();
+    dir.remove();
+  });
+
+  test('gives the bytes read gives, for aligned and unaligned ranges, written and never written', async () => {
+    // Chunks 0 and 2 written (partly), chunk 1 and 3 never: absent blocks read as zeros.
+    for (const [offset, length] of [[0, 3 * MiB], [2 * CHUNK + 12_345, 700_000], [CHUNK - 8192, 4096]] as const) {
+      const data = randomBytes(length);
+      data.copy(model, offset);
+      await volume.write(offset, data);
+    }
+    await volume.writeZeroes(100 * 4096, 8 * 4096);
+    model.fill(0, 100 * 4096, 108 * 4096);
+    let served = 0;
+    for (let i = 0; i < 300; i++) {
+      const length = 1 + Math.floor(Math.random() * 64 * 1024);
+      const offset = Math.floor(Math.random() * (model.length - length));
+      const now = volume.readNow(offset, length);
+      const expected = model.subarray(offset, offset + length);
+      if (now !== undefined) {
+        served++;
+        assert.equal(now.length, length);
+        assert.ok(now.equals(expected), `readNow at ${offset}+${length} differs from what was written`);
+      } else {
+        // Declined only when the range crosses a chunk boundary or its blocks span more than the
+        // 64 KiB a synchronous disk read may take.
+        const span = Math.ceil((offset + length) / 4096) * 4096 - Math.floor(offset / 4096) * 4096;
+        const crosses = Math.floor(offset / CHUNK) !== Math.floor((offset + length - 1) / CHUNK);
+        assert.ok(crosses || span > 64 * 1024, `readNow declined ${offset}+${length} within one chunk`);
+      }
+      assert.ok((await volume.read(offset, length)).equals(expected));
+    }
+    assert.ok(served > 250, `readNow served ${served} of 300 reads`);
+  });
+
+  test('declines what it cannot serve, without throwing', () => {
+    assert.equal(volume.readNow(CHUNK - 4096, 8192), undefined, 'across chunks');
+    assert.equal(volume.readNow(model.length - 4096, 8192), undefined, 'beyond the end');
+    assert.equal(volume.readNow(-1, 10), undefined, 'negative offset');
+    assert.equal(volume.readNow(0, 0), undefined, 'empty');
+  });
+
+  test('a block that fails its checksum is never returned: readNow declines and read reports CHECKSUM', async () => {
+    const offset = 3 * CHUNK;
+    const data = randomBytes(64 * 1024);
+    await volume.write(offset, data);
+    await volume.flush();
+    assert.ok(volume.readNow(offset, data.length)?.equals(data));
+    // Find the block's bytes in the disk file and flip one bit.
+    const fd = openSync(diskPath, 'r+');
+    try {
+      const needle = data.subarray(8192, 8192 + 64);
+      const window = Buffer.alloc(16 * MiB);
+      let found = -1;
+      for (let at = 0; found < 0; at += window.length - needle.length) {
+        const got = readSync(fd, window, 0, window.length, at);
+        if (got <= needle.length) break;
+        const hit = window.subarray(0, got).indexOf(needle);
+        if (hit >= 0) found = at + hit;
+      }
+      assert.ok(found >= 0, 'the written block is in the disk file');
+      const byte = Buffer.alloc(1);
+      readSync(fd, byte, 0, 1, found + 10);
+      byte[0] ^= 0x10;
+      writeSync(fd, byte, 0, 1, found + 10);
+    } finally {
+      closeSync(fd);
+    }
+    assert.equal(volume.readNow(offset, data.length), undefined, 'a corrupt block makes readNow decline');
+    assert.ok(volume.readNow(offset + 4 * 4096, 4096)?.equals(data.subarray(4 * 4096, 5 * 4096)), 'other blocks still served');
+    await assert.rejects(volume.read(offset, data.length), (error: unknown) => codeOf(error) === 'NO_QUORUM' || codeOf(error) === 'CHECKSUM');
+  });
+});
