@@ -7,7 +7,7 @@ import assert from 'node:assert/strict';
 import { randomBytes } from 'node:crypto';
 import { after, before, describe, test } from 'node:test';
 import { SnapshotView } from '../src/client/snapshot-view.ts';
-import { diffVolume, flattenVolume, rollbackVolume } from '../src/client/volume-ops.ts';
+import { diffVolume, flattenVolume, rollbackVolume, volumeUsage } from '../src/client/volume-ops.ts';
 import { startLocalCluster, type LocalCluster } from './harness.ts';
 
 const MiB = 1024 * 1024;
@@ -187,5 +187,25 @@ describe('snapshots on a cluster in one process', () => {
     assert.ok((await after.read(0, 8 * MiB)).equals(original), 'the volume reads as the snapshot did');
     assert.deepEqual((await after.blockStatus(2 * MiB, MiB)).map((e) => e.hole), [true], 'a block absent at the snapshot is a hole again');
     await after.close();
+  });
+
+  test('thin provisioning: usage counts written blocks and what each snapshot alone keeps; pools report overcommit', async () => {
+    assert.equal((await cluster.call('POST', '/volumes', { name: 'thin', size: '1T' })).status, 201);
+    const volume = await (await cluster.client('gw-thin')).openVolume('thin');
+    await volume.write(0, randomBytes(MiB));
+    await volume.write(512 * 1024 * MiB, randomBytes(64 * 1024));
+    await cluster.call('POST', '/volumes/thin/snapshots', { name: 'a' });
+    await volume.write(0, randomBytes(256 * 1024)); // the snapshot alone keeps the old 256 KiB
+    await volume.writeZeroes(MiB - 128 * 1024, 128 * 1024);
+    await volume.close();
+    const usage = await volumeUsage(await cluster.client('cli-usage'), 'thin');
+    assert.equal(usage.provisionedBytes, 1024 * 1024 * MiB);
+    assert.equal(usage.writtenBytes, MiB - 128 * 1024 + 64 * 1024);
+    assert.equal(usage.zeroBytes, 128 * 1024);
+    assert.deepEqual(usage.snapshots.map((s) => [s.name, s.exclusiveBytes]), [['a', 256 * 1024 + 128 * 1024]]);
+    assert.equal(usage.rawBytes, (usage.writtenBytes + 384 * 1024) * 3);
+    const pools = (await cluster.call('GET', '/pools')).body.pools as { provisionedBytes: number; usableBytes: number; overcommitRatio: number }[];
+    assert.ok(pools[0]!.provisionedBytes >= 1024 * 1024 * MiB);
+    assert.ok(pools[0]!.overcommitRatio > 1000, `a 1 TiB volume on 3 × 256 MiB disks is overcommitted (${pools[0]!.overcommitRatio})`);
   });
 });

@@ -89,14 +89,19 @@ function volumeFields(volume: VolumeInfo): [string, string | number][] {
     ['pool', `${volume.poolName} (id ${volume.poolId})`],
     ['replicas', volume.replicas],
     ['owner', volume.owner === null ? '-' : `${volume.owner} (epoch ${volume.ownerEpoch})`],
+    ['provisioned', `${formatBytes(volume.sizeBytes)} (thin: space is used only by what is written)`],
+    ['snapshots', volume.snapshots ?? 0],
+    ['parent', volume.parent ? `${volume.parent.volume}@${volume.parent.snapshot} (a clone)` : '-'],
     ['created', formatTime(volume.createdAt)],
   ];
 }
 
 function poolTable(pools: readonly PoolInfo[], isTty: boolean): string {
   return renderTable(
-    ['POOL', 'ID', 'REPLICAS', 'MIN', 'PGS', 'DOMAIN', 'CLEAN', 'DEGRADED'],
-    pools.map((p) => [p.name, p.id, p.replicas, p.minReplicas, p.pgCount, p.domainLevel, p.pgsClean, p.pgsDegraded]),
+    ['POOL', 'ID', 'REPLICAS', 'MIN', 'PGS', 'DOMAIN', 'CLEAN', 'DEGRADED', 'PROVISIONED', 'USABLE', 'OVERCOMMIT'],
+    pools.map((p) => [p.name, p.id, p.replicas, p.minReplicas, p.pgCount, p.domainLevel, p.pgsClean, p.pgsDegraded,
+      p.provisionedBytes === undefined ? '-' : formatBytes(p.provisionedBytes), p.usableBytes === undefined ? '-' : formatBytes(p.usableBytes),
+      p.overcommitRatio === undefined ? '-' : `${p.overcommitRatio.toFixed(2)}x`]),
     isTty,
   );
 }
@@ -242,6 +247,7 @@ export function registerAdminCommands(program: Command, io: AdminIo = processIo)
         ['replicas', `${detail.replicas} (writes complete on at least ${detail.minReplicas})`],
         ['PGs', `${detail.pgCount}: ${detail.pgsClean} clean, ${detail.pgsDegraded} degraded`],
         ['domain level', detail.domainLevel],
+        ['provisioned', detail.provisionedBytes === undefined ? '-' : `${formatBytes(detail.provisionedBytes)} of ${formatBytes(detail.usableBytes ?? 0)} usable (overcommit ${(detail.overcommitRatio ?? 0).toFixed(2)}x)`],
         ['created', formatTime(detail.createdAt)],
       ]);
       text += '\n' + renderTable(['STORE', 'PGS', 'PREFERRED'], detail.stores.map((s) => [s.storeId, s.pgs, s.preferred]), io.stdoutIsTty);

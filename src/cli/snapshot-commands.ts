@@ -8,7 +8,7 @@
 import type { Command } from 'commander';
 import { SingleBar } from 'cli-progress';
 import { ClusterClient } from '../client/cluster-client.ts';
-import { diffVolume, flattenVolume, rollbackVolume, type Progress } from '../client/volume-ops.ts';
+import { diffVolume, flattenVolume, rollbackVolume, volumeUsage, type Progress } from '../client/volume-ops.ts';
 import type { SnapshotInfo, VolumeInfo } from '../conductor/api/types.ts';
 import { nodeEnv } from '../env/node/node-env.ts';
 import { ShaleError } from '../lib/errors.ts';
@@ -176,6 +176,23 @@ export function registerSnapshotCommands(program: Command, io: AdminIo = process
     const created = await api.call<VolumeInfo>('POST', path(volume, `/snapshots/${encodeURIComponent(snap)}/clone`), { name });
     const elapsedMs = performance.now() - started;
     out(options, created, () => `created volume ${created.name} (id ${created.id}, ${formatBytes(created.sizeBytes)}) as a clone of ${volume}@${snap} in ${elapsedMs.toFixed(1)} ms\n`);
+  });
+
+  verb(volumeGroup.command('usage').argument('<name>', 'volume name')
+    .description('thin provisioning: provisioned against written bytes, and what each snapshot alone keeps (walks the block index on the stores)'),
+  async (context, options: CommonOptions, name: string) => {
+    const bar = context.progress(`usage ${name}`);
+    const usage = await volumeUsage(await context.cluster(), name, bar.update);
+    bar.stop();
+    out(options, usage, () => {
+      let text = `volume ${name}: provisioned ${formatBytes(usage.provisionedBytes)}, written ${formatBytes(usage.writtenBytes)}` +
+        ` (${usage.provisionedBytes > 0 ? ((usage.writtenBytes / usage.provisionedBytes) * 100).toFixed(1) : '0'}%), trimmed/zeroed ${formatBytes(usage.zeroBytes)},` +
+        ` raw on disks ${formatBytes(usage.rawBytes)} (${usage.replicas} replicas, snapshots included)\n`;
+      if (usage.snapshots.length > 0) {
+        text += renderTable(['SNAPSHOT', 'ID', 'EXCLUSIVE'], usage.snapshots.map((s) => [s.name, s.id, formatBytes(s.exclusiveBytes)]), io.stdoutIsTty);
+      }
+      return text;
+    });
   });
 
   verb(volumeGroup.command('flatten').argument('<name>', 'a clone').description('copy the parent chain\'s data into a clone so it no longer needs its parent')

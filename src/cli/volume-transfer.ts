@@ -10,7 +10,8 @@
 import { open, readFile, rm, stat, writeFile } from 'node:fs/promises';
 import type { ClusterClient } from '../client/cluster-client.ts';
 import { SnapshotView } from '../client/snapshot-view.ts';
-import { diffVolume, openExclusive, type ChangedRange, type Progress } from '../client/volume-ops.ts';
+import { ChainReader, parentLayers } from '../client/snap-chain.ts';
+import { chunksOf, diffVolume, openExclusive, type ChangedRange, type Progress } from '../client/volume-ops.ts';
 import {
   DATA_RECORD_BYTES_MAX, decodeImageHeader, decodeRecordHeader, encodeImageHeader, encodeRecordHeader, IMAGE_HEADER_BYTES, type ImageHeader,
   RECORD_HEADER_BYTES, RecordKind,
@@ -114,9 +115,25 @@ export async function exportVolume(cluster: ClusterClient, volumeName: string, s
     resumeVolumeBytes = scanned.volumeBytes;
     records = scanned.records;
   }
-  const ranges: ChangedRange[] = from
-    ? (await diffVolume(cluster, volumeName, from.name, snapshotName)).ranges
-    : [{ offsetBytes: 0, lengthBytes: view.sizeBytes }];
+  let ranges: ChangedRange[];
+  if (from) {
+    ranges = (await diffVolume(cluster, volumeName, from.name, snapshotName)).ranges;
+  } else {
+    // A full image covers every byte: the chunks the snapshot's chain holds anything in are read,
+    // the rest are ZERO records (never-written space costs no reads).
+    const chain = new ChainReader(cluster, view.volume.poolId);
+    const chunks = [...await chunksOf(chain, [view.volume.id, ...parentLayers(cluster.map, view.volume.id).map((layer) => layer.volumeId)])].sort((a, b) => a - b);
+    ranges = [];
+    for (const chunk of chunks) {
+      const offsetBytes = chunk * view.volume.chunkSizeBytes;
+      if (offsetBytes >= view.sizeBytes) break;
+      const lengthBytes = Math.min(view.volume.chunkSizeBytes, view.sizeBytes - offsetBytes);
+      const last = ranges[ranges.length - 1];
+      if (last && last.offsetBytes + last.lengthBytes === offsetBytes) last.lengthBytes += lengthBytes;
+      else ranges.push({ offsetBytes, lengthBytes });
+    }
+  }
+  const fillGaps = !from;
   const handle = await open(path, resumeFileBytes > 0 ? 'r+' : 'w');
   let dataBytes = 0;
   let zeroBytes = 0;
@@ -133,7 +150,17 @@ export async function exportVolume(cluster: ClusterClient, volumeName: string, s
       position += bytesWritten;
     };
     const chunkBlocks = view.volume.chunkSizeBytes / BLOCK_SIZE_BYTES;
+    let covered = resumeVolumeBytes;
+    const zeroUpTo = async (offsetBytes: number): Promise<void> => {
+      if (!fillGaps || offsetBytes <= covered) return;
+      await append([encodeRecordHeader({ kind: RecordKind.ZERO, offsetBytes: covered, lengthBytes: offsetBytes - covered, dataCrc: 0 })]);
+      zeroBytes += offsetBytes - covered;
+      records++;
+      covered = offsetBytes;
+    };
     for (const piece of piecesOf(ranges, view.volume.chunkSizeBytes, resumeVolumeBytes)) {
+      await zeroUpTo(piece.offsetBytes);
+      covered = piece.offsetBytes + piece.lengthBytes;
       const startBlock = piece.offsetBytes / BLOCK_SIZE_BYTES;
       const count = piece.lengthBytes / BLOCK_SIZE_BYTES;
       const chunkIndex = Math.floor(startBlock / chunkBlocks);
@@ -159,6 +186,7 @@ export async function exportVolume(cluster: ClusterClient, volumeName: string, s
       }
       progress(piece.offsetBytes + piece.lengthBytes, view.sizeBytes);
     }
+    await zeroUpTo(view.sizeBytes);
     await append([encodeRecordHeader({ kind: RecordKind.END, offsetBytes: 0, lengthBytes: records, dataCrc: 0 })]);
     await handle.sync();
     progress(view.sizeBytes, view.sizeBytes);

@@ -24,7 +24,7 @@ export interface ChangedRange {
 }
 
 /** Opens the volume as its owner for a whole-volume operation; IN_USE if someone else has it open (unless `takeover`). */
-export { openExclusive };
+export { chunksOf, openExclusive };
 async function openExclusive(cluster: ClusterClient, volume: VolumeInfo, what: string, takeover: boolean): Promise<VolumeClient> {
   if (volume.owner !== null && !takeover) {
     throw new ShaleError('IN_USE', `volume ${volume.name} is open for writing by ${volume.owner}: disconnect its clients before ${what}, then pass --force to take it over from that gateway (which is fenced until the operation ends)`);
@@ -43,16 +43,33 @@ async function liveSnapshot(cluster: ClusterClient, volumeName: string, snapshot
   return snapshot;
 }
 
-/** Pieces of [0, sizeBytes) chunk by chunk, each at most one request. */
-function* chunkPieces(sizeBytes: number, chunkBlocks: number): Generator<{ chunkIndex: number; offsetBlocks: number; countBlocks: number; startBlock: number }> {
+/**
+ * Pieces of [0, sizeBytes) chunk by chunk, each at most one request; with `chunks`, only those
+ * chunks (the others hold nothing, so walking them would only cost requests).
+ */
+function* chunkPieces(sizeBytes: number, chunkBlocks: number, chunks?: ReadonlySet<number>): Generator<{ chunkIndex: number; offsetBlocks: number; countBlocks: number; startBlock: number }> {
   const totalBlocks = Math.ceil(sizeBytes / BLOCK_SIZE_BYTES);
-  for (let block = 0; block < totalBlocks;) {
-    const chunkIndex = Math.floor(block / chunkBlocks);
-    const offsetBlocks = block - chunkIndex * chunkBlocks;
-    const countBlocks = Math.min(totalBlocks - block, chunkBlocks - offsetBlocks, BLOCKS_PER_REQUEST_MAX);
-    yield { chunkIndex, offsetBlocks, countBlocks, startBlock: block };
-    block += countBlocks;
+  const indexes = chunks ? [...chunks].sort((a, b) => a - b) : undefined;
+  const chunkCount = Math.ceil(totalBlocks / chunkBlocks);
+  const visit = indexes ?? Array.from({ length: chunkCount }, (_, i) => i);
+  for (const chunkIndex of visit) {
+    if (chunkIndex >= chunkCount) break;
+    const end = Math.min(totalBlocks, (chunkIndex + 1) * chunkBlocks);
+    for (let block = chunkIndex * chunkBlocks; block < end;) {
+      const offsetBlocks = block - chunkIndex * chunkBlocks;
+      const countBlocks = Math.min(end - block, BLOCKS_PER_REQUEST_MAX);
+      yield { chunkIndex, offsetBlocks, countBlocks, startBlock: block };
+      block += countBlocks;
+    }
   }
+}
+
+/** The chunks any of the layers' volumes holds something in. */
+async function chunksOf(chain: ChainReader, volumeIds: readonly number[]): Promise<Set<number>> {
+  const listed = await chain.writtenChunks([...new Set(volumeIds)]);
+  const union = new Set<number>();
+  for (const chunks of listed.values()) for (const chunk of chunks) union.add(chunk);
+  return union;
 }
 
 /** Runs of consecutive indexes in [0, count) for which `test` holds. */
@@ -87,7 +104,8 @@ export async function rollbackVolume(cluster: ClusterClient, volumeName: string,
     const layers: Layer[] = [{ volumeId: info.id, snapshotId: snapshot.id, sizeBytes: snapshot.sizeBytes }, ...parentLayers(cluster.map, info.id)];
     let changedBytes = 0;
     const total = snapshot.sizeBytes;
-    for (const piece of chunkPieces(snapshot.sizeBytes, chunkBlocks)) {
+    const chunks = await chunksOf(chain, [info.id]);
+    for (const piece of chunkPieces(snapshot.sizeBytes, chunkBlocks, chunks)) {
       const now = await chain.versionsOfLayer(head, piece.chunkIndex, piece.offsetBlocks, piece.countBlocks);
       const then = await chain.versionsOfLayer(layers[0]!, piece.chunkIndex, piece.offsetBlocks, piece.countBlocks);
       const changed = (i: number): boolean => now.states[i] !== then.states[i] || now.epochs[i] !== then.epochs[i] || now.seqs[i] !== then.seqs[i];
@@ -138,7 +156,8 @@ export async function flattenVolume(cluster: ClusterClient, volumeName: string, 
     const layers = parentLayers(cluster.map, info.id);
     let copiedBytes = 0;
     const total = volume.sizeBytes;
-    for (const piece of chunkPieces(volume.sizeBytes, chunkBlocks)) {
+    const chunks = await chunksOf(chain, layers.map((layer) => layer.volumeId));
+    for (const piece of chunkPieces(volume.sizeBytes, chunkBlocks, chunks)) {
       const own = await chain.versionsOfLayer(head, piece.chunkIndex, piece.offsetBlocks, piece.countBlocks);
       const states = Uint8Array.from(own.states);
       await chain.statesThrough(layers, piece.chunkIndex, chunkBlocks, piece.offsetBlocks, piece.countBlocks, states);
@@ -185,7 +204,8 @@ export async function diffVolume(cluster: ClusterClient, volumeName: string, fro
     if (last && last.offsetBytes + last.lengthBytes === offsetBytes) last.lengthBytes += lengthBytes;
     else ranges.push({ offsetBytes, lengthBytes });
   };
-  for (const piece of chunkPieces(sizeBytes, chunkBlocks)) {
+  const chunks = await chunksOf(chain, [info.id]);
+  for (const piece of chunkPieces(sizeBytes, chunkBlocks, chunks)) {
     const later = await chain.versionsOfLayer(b, piece.chunkIndex, piece.offsetBlocks, piece.countBlocks);
     const earlier = piece.startBlock < fromBlocks ? await chain.versionsOfLayer(a, piece.chunkIndex, piece.offsetBlocks, piece.countBlocks) : undefined;
     const changed = (i: number): boolean => {
@@ -199,4 +219,61 @@ export async function diffVolume(cluster: ClusterClient, volumeName: string, fro
     progress(Math.min(sizeBytes, (piece.startBlock + piece.countBlocks) * BLOCK_SIZE_BYTES), sizeBytes);
   }
   return { sizeBytes, ranges };
+}
+
+export interface VolumeUsage {
+  volume: string;
+  provisionedBytes: number;
+  /** Blocks holding data at the head, × 4 KiB (a clone's inherited blocks are not counted: its parent holds them). */
+  writtenBytes: number;
+  /** Blocks trimmed or zeroed at the head (tombstones: no data space). */
+  zeroBytes: number;
+  replicas: number;
+  /** writtenBytes × replicas, plus what snapshots keep, × replicas. */
+  rawBytes: number;
+  /** Per snapshot, oldest first: data blocks it reads that the next snapshot (or the head) no longer does — what deleting it frees, × 4 KiB. */
+  snapshots: { name: string; id: number; exclusiveBytes: number }[];
+}
+
+/**
+ * What a volume uses, by a walk of its blocks' states and versions on the stores (no data is
+ * read): data at the head, and per snapshot what only it keeps. O(chunks) requests per point.
+ */
+export async function volumeUsage(cluster: ClusterClient, volumeName: string, progress: Progress = () => {}): Promise<VolumeUsage> {
+  const info = await cluster.conductor.volume(volumeName);
+  const { snapshots } = await cluster.conductor.snapshots(volumeName);
+  const live = snapshots.filter((snapshot) => snapshot.state === 'live');
+  const chain = new ChainReader(cluster, info.poolId);
+  const chunkBlocks = info.chunkSizeBytes >> BLOCK_SHIFT;
+  const points: Layer[] = [...live.map((s) => ({ volumeId: info.id, snapshotId: s.id, sizeBytes: s.sizeBytes })), { volumeId: info.id, snapshotId: 0, sizeBytes: info.sizeBytes }];
+  const exclusive = new Array<number>(live.length).fill(0);
+  let writtenBlocks = 0;
+  let zeroBlocks = 0;
+  const sizeBytes = Math.max(info.sizeBytes, ...live.map((s) => s.sizeBytes));
+  const chunks = await chunksOf(chain, [info.id]);
+  for (const piece of chunkPieces(sizeBytes, chunkBlocks, chunks)) {
+    const versions = [];
+    for (const point of points) versions.push(await chain.versionsOfLayer(point, piece.chunkIndex, piece.offsetBlocks, piece.countBlocks));
+    const head = versions[versions.length - 1]!;
+    for (let i = 0; i < piece.countBlocks; i++) {
+      if (head.states[i] === BlockState.DATA) writtenBlocks++;
+      else if (head.states[i] === BlockState.ZERO) zeroBlocks++;
+      for (let s = 0; s < live.length; s++) {
+        const here = versions[s]!;
+        const next = versions[s + 1]!;
+        if (here.states[i] === BlockState.DATA && (here.epochs[i] !== next.epochs[i] || here.seqs[i] !== next.seqs[i])) exclusive[s]!++;
+      }
+    }
+    progress(Math.min(sizeBytes, (piece.startBlock + piece.countBlocks) * BLOCK_SIZE_BYTES), sizeBytes);
+  }
+  const snapshotBytes = exclusive.reduce((sum, blocks) => sum + blocks * BLOCK_SIZE_BYTES, 0);
+  return {
+    volume: volumeName,
+    provisionedBytes: info.sizeBytes,
+    writtenBytes: writtenBlocks * BLOCK_SIZE_BYTES,
+    zeroBytes: zeroBlocks * BLOCK_SIZE_BYTES,
+    replicas: info.replicas,
+    rawBytes: (writtenBlocks * BLOCK_SIZE_BYTES + snapshotBytes) * info.replicas,
+    snapshots: live.map((s, i) => ({ name: s.name, id: s.id, exclusiveBytes: exclusive[i]! * BLOCK_SIZE_BYTES })),
+  };
 }

@@ -40,7 +40,7 @@ import type {
 } from './api/types.ts';
 import { ClusterOps, type ClusterConfig, type CreateVolumeInput, type PoolSpec, type RegisterInput } from './cluster-ops.ts';
 import { type ConductorIdentity, type Leadership, SoleLeadership } from './leadership.ts';
-import { buildMap, buildStatus, diskInfos, type LiveHeartbeat, poolDetail, poolInfo, poolInfos, storeInfo, volumeInfo, volumeInfos, volumeInfoWithSnapshots } from './map-view.ts';
+import { buildMap, buildStatus, diskInfos, type LiveHeartbeat, poolCapacity, poolDetail, poolInfo, poolInfos, storeInfo, volumeInfo, volumeInfos, volumeInfoWithSnapshots } from './map-view.ts';
 import {
   acknowledgeSnapshots, cloneVolume, createSnapshot, deleteSnapshot, markFlattened, snapshotByName, snapshotInfo,
 } from './snapshot-ops.ts';
@@ -371,7 +371,8 @@ class ConductorCore implements ConductorService {
     return this.#meta.read(async (tx) => {
       const pool = await tx.poolByName(name);
       if (!pool) throw new ShaleError('NOT_FOUND', `no pool named ${name}`);
-      return poolDetail(pool, await tx.pgs(pool.id));
+      const pgs = await tx.pgs(pool.id);
+      return poolDetail(pool, pgs, poolCapacity(pool, pgs, await tx.stores(), await tx.volumes()));
     });
   }
 

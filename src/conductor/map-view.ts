@@ -170,7 +170,7 @@ export function poolInfo(pool: PoolRecord, pgs: readonly PgRecord[]): PoolInfo {
   };
 }
 
-export function poolDetail(pool: PoolRecord, pgs: readonly PgRecord[]): PoolDetail {
+export function poolDetail(pool: PoolRecord, pgs: readonly PgRecord[], capacity?: ReturnType<typeof poolCapacity>): PoolDetail {
   const perStore = new Map<number, { pgs: number; preferred: number }>();
   for (const pg of pgs) {
     pg.replicas.forEach((replica, i) => {
@@ -182,6 +182,7 @@ export function poolDetail(pool: PoolRecord, pgs: readonly PgRecord[]): PoolDeta
   }
   return {
     ...poolInfo(pool, pgs),
+    ...(capacity ?? {}),
     stores: [...perStore].sort(([a], [b]) => a - b).map(([storeId, counts]) => ({ storeId, ...counts })),
     pgs: pgs.map((pg) => ({ index: pg.index, epoch: pg.epoch, replicas: pg.replicas.map((r) => ({ storeId: r.storeId, state: r.state })) })),
   };
@@ -203,8 +204,23 @@ function pgsSharingDomain(pool: PoolRecord, pgs: readonly PgRecord[], stores: Re
 
 export async function poolInfos(tx: MetaReadTx): Promise<PoolInfo[]> {
   const result: PoolInfo[] = [];
-  for (const pool of await tx.pools()) result.push(poolInfo(pool, await tx.pgs(pool.id)));
+  const stores = await tx.stores();
+  const volumes = await tx.volumes();
+  for (const pool of await tx.pools()) {
+    const pgs = await tx.pgs(pool.id);
+    result.push({ ...poolInfo(pool, pgs), ...poolCapacity(pool, pgs, stores, volumes) });
+  }
   return result;
+}
+
+/** Thin provisioning figures of a pool: provisioned bytes against usable capacity. */
+export function poolCapacity(pool: PoolRecord, pgs: readonly PgRecord[], stores: readonly StoreRecord[], volumes: readonly VolumeRecord[]): { provisionedBytes: number; usableBytes: number; overcommitRatio: number } {
+  const storeIds = new Set<number>();
+  for (const pg of pgs) for (const replica of pg.replicas) storeIds.add(replica.storeId);
+  const rawBytes = stores.filter((store) => storeIds.has(store.id)).reduce((sum, store) => sum + store.capacityBytes, 0);
+  const usableBytes = Math.floor(rawBytes / Math.max(1, pool.replicas));
+  const provisionedBytes = volumes.filter((volume) => volume.poolId === pool.id).reduce((sum, volume) => sum + volume.sizeBytes, 0);
+  return { provisionedBytes, usableBytes, overcommitRatio: usableBytes > 0 ? Math.round((provisionedBytes / usableBytes) * 1000) / 1000 : 0 };
 }
 
 function plural(count: number, word: string): string {

@@ -94,7 +94,9 @@ const schemas: Record<string, Schema> = {
   PoolInfo: object({
     id: integer(undefined, 1), name: string(), replicas: integer(undefined, 1), minReplicas: integer(undefined, 1), pgCount: integer(undefined, 1),
     domainLevel: string(), pgsClean: integer(), pgsDegraded: integer(), createdAt: { type: 'string', format: 'date-time' },
-  }),
+    provisionedBytes: integer('Σ sizes of the pool\'s volumes (list and info).'), usableBytes: integer('Capacity of the pool\'s stores / replicas.'),
+    overcommitRatio: { type: 'number', description: 'provisionedBytes / usableBytes.' },
+  }, ['id', 'name', 'replicas', 'minReplicas', 'pgCount', 'domainLevel', 'pgsClean', 'pgsDegraded', 'createdAt']),
   PoolDetail: {
     allOf: [ref('PoolInfo'), {
       type: 'object',

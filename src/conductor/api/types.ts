@@ -277,6 +277,12 @@ export interface PoolInfo {
   /** PGs with a replica recovering or down. */
   pgsDegraded: number;
   createdAt: string;
+  /** Thin provisioning (pool list and info): Σ sizes of the pool's volumes. */
+  provisionedBytes?: number;
+  /** Capacity of the pool's stores divided by its replicas: what its volumes could hold in all. */
+  usableBytes?: number;
+  /** provisionedBytes / usableBytes (above 1: overcommitted). */
+  overcommitRatio?: number;
 }
 
 export interface PgInfo {
