@@ -7,6 +7,8 @@ import assert from 'node:assert/strict';
 import { randomBytes } from 'node:crypto';
 import { after, before, describe, test } from 'node:test';
 import { SnapshotView } from '../src/client/snapshot-view.ts';
+import { placementGroupOf } from '../src/lib/placement-hash.ts';
+import { decodeReadReply, Op } from '../src/proto/store-protocol.ts';
 import { diffVolume, flattenVolume, rollbackVolume, volumeUsage } from '../src/client/volume-ops.ts';
 import { startLocalCluster, type LocalCluster } from './harness.ts';
 
@@ -207,5 +209,28 @@ describe('snapshots on a cluster in one process', () => {
     const pools = (await cluster.call('GET', '/pools')).body.pools as { provisionedBytes: number; usableBytes: number; overcommitRatio: number }[];
     assert.ok(pools[0]!.provisionedBytes >= 1024 * 1024 * MiB);
     assert.ok(pools[0]!.overcommitRatio > 1000, `a 1 TiB volume on 3 × 256 MiB disks is overcommitted (${pools[0]!.overcommitRatio})`);
+  });
+
+  test('every replica stamps a write with the snap seq it carried, and READ replies carry the stamp for copies to keep', async () => {
+    assert.equal((await cluster.call('POST', '/volumes', { name: 'stamps', size: 4 * MiB, chunkSize: '1M' })).status, 201);
+    const gateway = await cluster.client('gw-stamps');
+    const volume = await gateway.openVolume('stamps');
+    await volume.write(0, Buffer.alloc(8192, 1));
+    await cluster.call('POST', '/volumes/stamps/snapshots', { name: 'one' });
+    await cluster.call('POST', '/volumes/stamps/snapshots', { name: 'two' });
+    await volume.write(4096, Buffer.alloc(4096, 2));
+    const map = gateway.map;
+    const pool = map.pools.find((candidate) => candidate.id === volume.info.poolId)!;
+    const pgId = placementGroupOf(volume.info.id, 0, pool.pgCount);
+    const pg = pool.pgs[pgId]!;
+    assert.equal(pg.replicas.length, 3);
+    for (const replica of pg.replicas) {
+      const reply = await gateway.channel(replica.storeId).request({
+        op: Op.READ, volumeId: volume.info.id, chunkIndex: 0, poolId: pool.id, pgId, pgCount: pool.pgCount, pgEpoch: pg.epoch, offsetBlocks: 0, countBlocks: 2,
+      });
+      const read = decodeReadReply(reply.payload, 2);
+      assert.deepEqual([...read.stamps], [0, 2], `store ${replica.storeId}: the first block predates both snapshots, the second was written under seq 2`);
+    }
+    await volume.close();
   });
 });

@@ -332,12 +332,13 @@ export class VolumeClient {
         while (i < piece.countBlocks) {
           const state = read.states[i]!;
           let end = i + 1;
-          while (end < piece.countBlocks && read.states[end] === state && read.epochs[end] === read.epochs[i] && read.seqs[end] === read.seqs[i]) end++;
+          while (end < piece.countBlocks && read.states[end] === state && read.epochs[end] === read.epochs[i] && read.seqs[end] === read.seqs[i] && read.stamps[end] === read.stamps[i]) end++;
           if (state !== BlockState.ABSENT) {
             const header = {
               op: state === BlockState.DATA ? Op.WRITE : Op.WRITE_ZEROES, flags: Flag.REPAIR, volumeId: this.info.id, chunkIndex: piece.chunkIndex,
               poolId: where.pool.id, pgId: where.pgId, pgCount: where.pool.pgCount, pgEpoch: where.pgEpoch,
               ownerEpoch: read.epochs[i]!, versionSeq: read.seqs[i]!, offsetBlocks: piece.offsetBlocks + i, countBlocks: end - i,
+              snapSeq: read.stamps[i]!,
             };
             const payload: Buffer[] = [];
             if (state === BlockState.DATA) {
@@ -613,6 +614,8 @@ export class VolumeClient {
       const repair = {
         op: state === BlockState.DATA ? Op.WRITE : Op.WRITE_ZEROES, flags: Flag.REPAIR, ...header,
         offsetBlocks: range.offsetBlocks + block, countBlocks: 1, ownerEpoch: epoch, versionSeq: seq,
+        // The copy keeps the snap stamp of the version it copies: snapshots see it as they did.
+        snapSeq: newest.read.stamps[block]!,
       };
       const checksum = Buffer.allocUnsafe(4);
       checksum.writeUInt32LE(newest.read.checksums[block]!, 0);

@@ -24,6 +24,8 @@ import type { MetaReadTx, SnapshotRecord, VolumeRecord } from './meta/meta-store
 
 /** Snapshots a volume may hold at once (the store engine keeps at most this many ids per volume). */
 export const snapshotsPerVolumeMax = 1000;
+/** The highest snap sequence a volume may reach (see SNAP_STAMP_MAX in the store protocol). */
+export const snapSeqMax = 0xff_ffff;
 /** Clones of clones: how deep a parent chain may go (every read of an absent block walks it). */
 export const cloneDepthMax = 16;
 
@@ -60,6 +62,8 @@ export async function createSnapshot(ops: ClusterOps, volumeName: string, name: 
     throw new ShaleError('INVALID_ARGUMENT', `volume ${volumeName} already has ${existing.length} snapshots, the most it may keep: delete some first`);
   }
   const id = (volume.snapSeq ?? 0) + 1;
+  // Stamps travel in 24 bits of a READ descriptor (store protocol): the sequence stays below 2^24.
+  if (id > snapSeqMax) throw new ShaleError('INVALID_ARGUMENT', `volume ${volumeName} has used all ${snapSeqMax} snapshot ids: clone it to a new volume to take more`);
   const updated: VolumeRecord = { ...volume, snapSeq: id };
   await ops.tx.putVolume(updated);
   const snapshot: SnapshotRecord = {

@@ -280,14 +280,19 @@ export interface BlockDescriptor {
   seq: number;
 }
 
-export function encodeReadDescriptors(descriptors: { checksums: Uint32Array; states: Uint8Array; epochs: ArrayLike<number>; seqs: ArrayLike<number> }, count: number): Buffer {
+/** Snap stamps travel in READ descriptors as 24 bits; a volume's snap sequence stays below this. */
+export const SNAP_STAMP_MAX = 0xff_ffff;
+
+export function encodeReadDescriptors(descriptors: { checksums: Uint32Array; states: Uint8Array; epochs: ArrayLike<number>; seqs: ArrayLike<number>; stamps?: ArrayLike<number> }, count: number): Buffer {
   const out = Buffer.allocUnsafe(count * READ_DESCRIPTOR_BYTES);
   for (let i = 0; i < count; i++) {
     const at = i * READ_DESCRIPTOR_BYTES;
     out.writeUInt32LE(descriptors.checksums[i]! >>> 0, at);
     out.writeUInt8(descriptors.states[i]!, at + 4);
-    out.writeUInt8(0, at + 5);
-    out.writeUInt16LE(0, at + 6);
+    // Bytes 5..7: the version's snap stamp (24 bits, 0 when unknown), so copies keep it.
+    const stamp = Math.min(descriptors.stamps?.[i] ?? 0, SNAP_STAMP_MAX);
+    out.writeUInt8(stamp & 0xff, at + 5);
+    out.writeUInt16LE(stamp >>> 8, at + 6);
     out.writeUInt32LE(descriptors.epochs[i]! >>> 0, at + 8);
     out.writeDoubleLE(descriptors.seqs[i]!, at + 12);
   }
@@ -299,6 +304,8 @@ export interface DecodedRead {
   states: Uint8Array;
   epochs: Uint32Array;
   seqs: Float64Array;
+  /** Per block, the snap stamp of its version (0 from stores that do not send it). */
+  stamps: Uint32Array;
   /** The data of the DATA blocks, back to back. */
   data: Buffer;
 }
@@ -317,10 +324,12 @@ export function decodeReadParts(descriptors: Buffer, data: Buffer, count: number
   const states = new Uint8Array(count);
   const epochs = new Uint32Array(count);
   const seqs = new Float64Array(count);
+  const stamps = new Uint32Array(count);
   let dataBlocks = 0;
   for (let i = 0; i < count; i++) {
     const at = i * READ_DESCRIPTOR_BYTES;
     checksums[i] = payload.readUInt32LE(at);
+    stamps[i] = payload.readUInt8(at + 5) | (payload.readUInt16LE(at + 6) << 8);
     const state = payload.readUInt8(at + 4);
     if (state > BlockState.ZERO) throw new ShaleError('PROTOCOL', `READ reply has unknown block state ${state}`);
     states[i] = state;
@@ -331,7 +340,7 @@ export function decodeReadParts(descriptors: Buffer, data: Buffer, count: number
   if (data.length !== dataBlocks * BLOCK_SIZE_BYTES) {
     throw new ShaleError('PROTOCOL', `READ reply carries ${data.length} data bytes for ${dataBlocks} data blocks`);
   }
-  return { checksums, states, epochs, seqs, data };
+  return { checksums, states, epochs, seqs, stamps, data };
 }
 
 /** One object of a LIST_PG reply, with the per-block state and version. */

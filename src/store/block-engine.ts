@@ -49,7 +49,7 @@ export interface BlockEngine {
   /** With `snapshotId`, reads as that snapshot saw the blocks (NOT_FOUND if the snapshot was deleted). */
   read(volumeId: number, chunkIndex: number, offsetBlocks: number, countBlocks: number, options?: { snapshotId?: number }): Promise<BlockReadResult>;
   /** State and version of each block at the head or at a snapshot, from the index (no data read). */
-  blockVersions(volumeId: number, chunkIndex: number, offsetBlocks: number, countBlocks: number, snapshotId?: number): { states: Uint8Array; epochs: ArrayLike<number>; seqs: ArrayLike<number> };
+  blockVersions(volumeId: number, chunkIndex: number, offsetBlocks: number, countBlocks: number, snapshotId?: number): { states: Uint8Array; epochs: ArrayLike<number>; seqs: ArrayLike<number>; stamps: ArrayLike<number> };
   /**
    * Tells the engine the volume's snapshots (durably): versions only deleted snapshots needed are
    * trimmed; `snapSeq` is the volume's snap sequence; `keepTombstones` for clones.

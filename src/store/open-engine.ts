@@ -71,7 +71,7 @@ class LogEngineAdapter implements BlockEngine {
     return { data: result.data, checksums: result.checksums, states: result.states, epochs: result.versions.epochs, seqs: result.versions.seqs };
   }
 
-  blockVersions(volumeId: number, chunkIndex: number, offsetBlocks: number, countBlocks: number, snapshotId?: number): { states: Uint8Array; epochs: Uint32Array; seqs: Float64Array } {
+  blockVersions(volumeId: number, chunkIndex: number, offsetBlocks: number, countBlocks: number, snapshotId?: number): { states: Uint8Array; epochs: Uint32Array; seqs: Float64Array; stamps: Float64Array } {
     return this.#engine.blockVersionsAt(volumeId, chunkIndex, offsetBlocks, countBlocks, snapshotId);
   }
 

@@ -281,7 +281,14 @@ export class StoreServer {
       options = { snapshotId: h.snapSeq };
     }
     const result = await this.#engine.read(h.volumeId, h.chunkIndex, h.offsetBlocks, h.countBlocks, options);
-    const descriptors = encodeReadDescriptors(result, h.countBlocks);
+    // The snap stamp of each version read, so copies (repair, reconciliation) keep it; looked up
+    // after the read, so it counts only where the version is still the one read.
+    const now = this.#engine.blockVersions(h.volumeId, h.chunkIndex, h.offsetBlocks, h.countBlocks, options.snapshotId);
+    const stamps = new Float64Array(h.countBlocks);
+    for (let i = 0; i < h.countBlocks; i++) {
+      if (now.epochs[i] === result.epochs[i] && now.seqs[i] === result.seqs[i]) stamps[i] = now.stamps[i]!;
+    }
+    const descriptors = encodeReadDescriptors({ ...result, stamps }, h.countBlocks);
     let dataBlocks = 0;
     for (let i = 0; i < h.countBlocks; i++) if (result.states[i] === BlockState.DATA) dataBlocks++;
     let data: Buffer;

@@ -1274,7 +1274,7 @@ export class StoreEngine {
    * snapshot `snapshotId` (the newest version stamped below it) — from the index alone, no I/O.
    * For block status and diffs of snapshots. Errors: as read (NOT_FOUND for a deleted snapshot).
    */
-  blockVersionsAt(volumeId: number, chunkIndex: number, offsetBlocks: number, countBlocks: number, snapshotId?: number): { states: Uint8Array; epochs: Uint32Array; seqs: Float64Array } {
+  blockVersionsAt(volumeId: number, chunkIndex: number, offsetBlocks: number, countBlocks: number, snapshotId?: number): { states: Uint8Array; epochs: Uint32Array; seqs: Float64Array; stamps: Float64Array } {
     checkVolumeId(volumeId);
     checkU32('chunkIndex', chunkIndex);
     checkBlockRange(offsetBlocks, countBlocks);
@@ -1288,8 +1288,9 @@ export class StoreEngine {
     const states = new Uint8Array(countBlocks);
     const epochs = new Uint32Array(countBlocks);
     const seqs = new Float64Array(countBlocks);
+    const stamps = new Float64Array(countBlocks);
     const table = this.#purged.has(volumeId) ? undefined : this.#index.get(volumeId, chunkIndex);
-    if (!table) return { states, epochs, seqs };
+    if (!table) return { states, epochs, seqs, stamps };
     for (let i = 0; i < countBlocks; i++) {
       const block = offsetBlocks + i;
       if (table.stateAt(block) === BlockState.ABSENT) continue;
@@ -1297,6 +1298,7 @@ export class StoreEngine {
         states[i] = table.stateAt(block);
         epochs[i] = table.epochAt(block);
         seqs[i] = table.seqAt(block);
+        stamps[i] = table.stampAt(block);
         continue;
       }
       for (let entry = table.firstHistory(block); entry >= 0; entry = table.hNext[entry]!) {
@@ -1304,10 +1306,11 @@ export class StoreEngine {
         states[i] = table.entryKind(entry);
         epochs[i] = table.entryEpoch(entry);
         seqs[i] = table.entrySeq(entry);
+        stamps[i] = table.entryStamp(entry);
         break;
       }
     }
-    return { states, epochs, seqs };
+    return { states, epochs, seqs, stamps };
   }
 
   /** Every object holding at least one block (data or tombstone). Safe to interleave with writes. */
