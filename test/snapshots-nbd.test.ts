@@ -72,6 +72,23 @@ describe('snapshots and clones with real NBD clients', () => {
     assert.ok(readFileSync(copy).equals(expected));
     const list = JSON.parse(await cli('snapshot', 'list', 'disk', '--json')) as { snapshots: { name: string; state: string }[] };
     assert.deepEqual(list.snapshots.map((s) => [s.name, s.state]), [['s1', 'live']]);
+ 
+    // Bad input gets a clear message and the code's exit status.
+    const cases: [string[], number, RegExp][] = [
+      [['snapshot', 'create', 'disk'], 2, /expected VOLUME@SNAPSHOT.*\(INVALID_ARGUMENT\)/],
+      [['snapshot', 'create', 'nope@s1'], 3, /no volume named nope \(NOT_FOUND\)/],
+      [['snapshot', 'create', 'disk@s1'], 4, /already has a snapshot named s1 \(ALREADY_EXISTS\)/],
+      [['snapshot', 'create', 'disk@bad/name'], 2, /INVALID_ARGUMENT/],
+      [['snapshot', 'delete', 'disk@missing'], 3, /no snapshot named missing \(NOT_FOUND\)/],
+      [['volume', 'clone', 'disk@missing', 'x'], 3, /NOT_FOUND/],
+    ];
+    for (const [args, status, message] of cases) {
+      const result = await shale(cluster.api, ...args);
+      assert.equal(result.status, status, `shale ${args.join(' ')}: ${result.stderr}`);
+      assert.match(result.stderr, message);
+    }
+    const missing = await run('qemu-io', ['-f', 'raw', '-r', '-c', 'read 0 4k', cluster.uri('disk@missing')]);
+    assert.notEqual(missing.status, 0, 'an unknown snapshot export is refused');
   });
 
   test('clones and clones of clones read through; block status is a hole only where the whole chain reads zeros', async () => {
