@@ -20,6 +20,9 @@ const scrubTimeoutMs = 6 * 3_600_000;
 import { AdminApi, defaultApiUrl, normalizeApiUrl } from './admin-api.ts';
 import { formatJson, formatPercent, formatReplicas, formatTime, renderFields, renderTable } from './format.ts';
 import { findToken, readTextFile } from './token.ts';
+import { formatPlan, formatScrub, recoveryFields, volumeHealthFields } from './heal-format.ts';
+import type { MovePlan } from '../conductor/healing.ts';
+import type { ScrubResult } from '../conductor/api/types.ts';
 
 /** Where the admin verbs read and write; tests pass their own. */
 export interface AdminIo {
@@ -152,6 +155,8 @@ export function registerAdminCommands(program: Command, io: AdminIo = processIo)
           ['conductor', status.conductor.leading
             ? `${status.conductor.url} (leader)`
             : `${status.conductor.url} (standby; leader: ${status.conductor.leaderUrl ?? 'none elected'})`],
+          ...recoveryFields(status.recovery),
+          ...(status.lastScrub ? [['last scrub', `${formatTime(status.lastScrub.finishedAt)}: ${status.lastScrub.blocks} blocks compared, ${status.lastScrub.inconsistentBlocks} inconsistent, ${status.lastScrub.repairedBlocks} repaired`] as [string, string]] : []),
         ]);
         if (status.pools.length > 0) text += '\n' + poolTable(status.pools, io.stdoutIsTty);
         if (status.messages.length > 0) text += '\n' + status.messages.map((m) => `  - ${m}\n`).join('');
@@ -190,6 +195,35 @@ export function registerAdminCommands(program: Command, io: AdminIo = processIo)
       return summary + renderTable(['VOLUME', 'CHUNK', 'BLOCK'], report.bad.map((bad) => [bad.volumeId, bad.chunkIndex, bad.block]), io.stdoutIsTty);
     });
     if (report.badBlocks > 0) process.exitCode = ErrorCodes.CHECKSUM.exitCode;
+  });
+
+  verb(store.command('drain').argument('<id>', 'store id').description('move every PG replica off the store (before removing it); --dry-run prints what would move')
+    .option('--dry-run', 'print the PGs, bytes and time it would move, and change nothing', false)
+    .option('--cancel', 'take the store back into placement', false),
+  async (api, options: CommonOptions & { dryRun: boolean; cancel: boolean }, id: string) => {
+    if (!/^[1-9][0-9]{0,15}$/.test(id)) throw new ShaleError('INVALID_ARGUMENT', `store id: expected a positive whole number, got "${id}"`);
+    const query = [options.dryRun ? 'dryRun=true' : '', options.cancel ? 'cancel=true' : ''].filter((part) => part !== '').join('&');
+    const plan = await api.call<MovePlan>('POST', `/stores/${id}/drain${query ? `?${query}` : ''}`);
+    out(options, plan, () => formatPlan(plan, options.cancel ? `cancelling the drain of store ${id}` : `draining store ${id}`, options.dryRun));
+  });
+
+  verb(program.command('rebalance').description('move PGs to where placement wants them (new stores, out or drained ones); --dry-run prints the plan')
+    .option('--dry-run', 'print the PGs, bytes and time it would move, and change nothing', false),
+  async (api, options: CommonOptions & { dryRun: boolean }) => {
+    const plan = await api.call<MovePlan>('POST', `/rebalance${options.dryRun ? '?dryRun=true' : ''}`);
+    out(options, plan, () => formatPlan(plan, 'rebalance', options.dryRun));
+  });
+
+  verb(program.command('scrub').argument('[volume]', 'one volume (default: every volume)')
+    .description('compare every replica of the volume\'s PGs block by block (crc32c and version, no data moved) and repair copies that differ')
+    .option('--mib-per-second <n>', 'each store reads at most this many MiB per second (default: unthrottled)'),
+  async (api, options: CommonOptions & { mibPerSecond?: string }, volumeName: string | undefined) => {
+    const rate = options.mibPerSecond;
+    if (rate !== undefined && !/^[1-9][0-9]{0,6}$/.test(rate)) throw new ShaleError('INVALID_ARGUMENT', `--mib-per-second: expected a positive whole number, got "${rate}"`);
+    const query = [volumeName === undefined ? '' : `volume=${encodeURIComponent(volumeName)}`, rate === undefined ? '' : `mibPerSecond=${rate}`].filter((part) => part !== '').join('&');
+    const result = await api.call<ScrubResult>('POST', `/scrub${query ? `?${query}` : ''}`, undefined, scrubTimeoutMs);
+    out(options, result, () => formatScrub(result));
+    if (result.unrepairedBlocks > 0) process.exitCode = ErrorCodes.CHECKSUM.exitCode;
   });
 
   // ---- disk -------------------------------------------------------------------------------
@@ -295,7 +329,7 @@ export function registerAdminCommands(program: Command, io: AdminIo = processIo)
   verb(volume.command('info').argument('<name>', 'volume name').description('one volume in detail'),
     async (api, options: CommonOptions, name: string) => {
       const info = await api.call<VolumeInfo>('GET', `/volumes/${encodeURIComponent(name)}`);
-      out(options, info, () => renderFields(volumeFields(info)));
+      out(options, info, () => renderFields([...volumeFields(info), ...volumeHealthFields(info.health)]));
     });
 
   verb(volume.command('resize').argument('<name>', 'volume name').description('grow a volume, also while it is open (shrinking is not supported yet)')

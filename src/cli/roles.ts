@@ -69,9 +69,12 @@ export function registerRoleCommands(program: Command): void {
     .option('--replicas <n>', 'replicas of the default pool', '3')
     .option('--pgs <n>', 'placement groups of pools made without --pgs (the default pool)', '256')
     .option('--lease-ttl <duration>', 'etcd: leadership lease; a dead leader is replaced within about this long', '5s')
+    .option('--down-out-interval <duration>', 'mark a store out this long after it went down, and re-replicate its PGs elsewhere', '10m')
+    .option('--scrub-interval <duration>', 'compare every volume\'s replicas this often (0: only on demand, shale scrub)', '24h')
     .option('--new-admin-token', 'replace the cluster\'s admin token (the old one stops working) and print the new one', false)
     .action(async (options: {
       meta: string; listen: string; advertise?: string; heartbeatTimeout: string; replicas: string; pgs: string; leaseTtl: string; newAdminToken: boolean;
+      downOutInterval: string; scrubInterval: string;
     }) => {
       try {
         const log = makeLog('conductor');
@@ -84,6 +87,8 @@ export function registerRoleCommands(program: Command): void {
           heartbeatTimeoutMs: parseDuration(options.heartbeatTimeout, '--heartbeat-timeout'),
           defaultReplicas: positiveInteger(options.replicas, '--replicas'), pgCount: positiveInteger(options.pgs, '--pgs'),
           leaseTtlSeconds, log, auth: 'token',
+          downOutIntervalMs: parseDuration(options.downOutInterval, '--down-out-interval'),
+          scrubIntervalMs: parseDuration(options.scrubInterval, '--scrub-interval'),
           adminToken: {
             replace: options.newAdminToken,
             // Shown once, on stdout (not in the log), and kept where the CLI looks for it.

@@ -38,6 +38,8 @@ interface UpOptions {
   restartDelay: string;
   ioTimeout: string;
   resyncRate: string;
+  downOutInterval: string;
+  scrubInterval: string;
   nbdSocket?: string;
   tls: string;
   tlsCert?: string;
@@ -59,6 +61,8 @@ export function registerUpCommand(program: Command): void {
     .option('--restart-delay <duration>', 'restart a store process this long after it died', '2s')
     .option('--io-timeout <duration>', 'fail I/O with NO_QUORUM after waiting this long for replicas (0: wait forever)', '0')
     .option('--resync-rate <bytes-per-second>', 'most bytes per second a resync copies into one store (0: unlimited)', '0')
+    .option('--down-out-interval <duration>', 'mark a store out this long after it went down, and re-replicate its PGs elsewhere', '10m')
+    .option('--scrub-interval <duration>', 'compare every volume\'s replicas this often (0: only on demand, shale scrub)', '24h')
     .option('--nbd-socket <path>', 'also serve NBD on this unix socket')
     .option('--tls <mode>', 'NBD TLS: off, on (offer STARTTLS) or require (refuse plaintext)', 'off')
     .option('--tls-cert <file>', 'x509 certificate (PEM) for NBD TLS')
@@ -93,6 +97,8 @@ async function up(options: UpOptions): Promise<void> {
   const conductor = await startConductor(nodeEnv, {
     metaPath: `${dataDir}/meta.db`, listen: `${options.host}:${apiPort}`,
     heartbeatTimeoutMs: parseDuration(options.heartbeatTimeout, '--heartbeat-timeout'),
+    downOutIntervalMs: parseDuration(options.downOutInterval, '--down-out-interval'),
+    scrubIntervalMs: parseDuration(options.scrubInterval, '--scrub-interval'),
     defaultReplicas: Math.min(3, storeCount), log: makeLog('conductor'),
     auth: 'token', adminToken: { known: knownToken, replaceUnlessKnown: true, onCreated: async (token) => writeTokenFile(tokenPath, token) },
   });

@@ -40,16 +40,25 @@ import type {
 } from './api/types.ts';
 import { ClusterOps, type ClusterConfig, type CreateVolumeInput, type PoolSpec, type RegisterInput } from './cluster-ops.ts';
 import { type ConductorIdentity, type Leadership, SoleLeadership } from './leadership.ts';
-import { buildMap, buildStatus, diskInfos, type LiveHeartbeat, poolCapacity, poolDetail, poolInfo, poolInfos, storeInfo, volumeInfo, volumeInfos, volumeInfoWithSnapshots } from './map-view.ts';
 import {
   acknowledgeSnapshots, cloneVolume, createSnapshot, deleteSnapshot, markFlattened, snapshotByName, snapshotInfo,
 } from './snapshot-ops.ts';
+import {
+  buildMap, buildStatus, diskInfos, type LiveHeartbeat, poolCapacity, poolDetail, poolInfo, poolInfos, storeInfo, volumeInfo, volumeInfos,
+  volumeInfoWithSnapshots, withLive,
+} from './map-view.ts';
 import { MapWatch } from './map-watch.ts';
 import { EtcdElection } from './meta/etcd-election.ts';
 import { EtcdMetaStore, parseEtcdUrl } from './meta/etcd-meta-store.ts';
 import type { MetaStore } from './meta/meta-store.ts';
 import { SqliteMetaStore } from './meta/sqlite-meta-store.ts';
 import { pgCountMax, replicasMax } from './validate.ts';
+import {
+  applyMove, bytesPerReplicaEstimate, describePlan, fullnessLevel, fullnessOf, type MovePlan, planAfter, planMoves, volumePgs,
+} from './healing.ts';
+import { scrubReplicas } from './scrub.ts';
+import type { RecoveryReport, RecoveryStatus, ScrubResult, VolumeHealth } from './api/types.ts';
+import type { PgRecord, PoolRecord, StoreRecord } from './meta/meta-store.ts';
 
 export interface AdminTokenOptions {
   /** A token the caller already holds (shale up keeps one in its data directory). */
@@ -77,6 +86,12 @@ export interface ConductorOptions {
   defaultReplicas?: number;
   /** PGs per pool made without an explicit count. Default 256. */
   pgCount?: number;
+  /** A store down this long is marked out and its PGs re-replicated elsewhere. Default 600 000 (10 minutes). */
+  downOutIntervalMs?: number;
+  /** The leader scrubs every volume's replicas this often; 0 = never (on demand only). Default 86 400 000 (a day). */
+  scrubIntervalMs?: number;
+  /** MiB per second each store reads for a periodic scrub (0: no limit). Default 64. */
+  scrubMibPerSecond?: number;
   /**
    * "token": every request but the OpenAPI document needs the admin token (the CLI roles always
    * run so). "none" (the default, for in-process tests and embedders): no token is asked for.
@@ -141,8 +156,22 @@ class ConductorCore implements ConductorService {
   /** The build of the map under way, for the epoch it started at. */
   #building: { epoch: number; promise: Promise<MapSnapshot> } | undefined;
   #checking = false;
+  /** Monotonic time each down store was first seen down by this leader (down-out timer). */
+  readonly #downSinceMs = new Map<number, number>();
+  /** Latest resync figures of each store (leader only). */
+  readonly #recovery = new Map<number, RecoveryReport>();
+  readonly downOutIntervalMs: number;
+  readonly scrubIntervalMs: number;
+  readonly scrubMibPerSecond: number;
+  #healing = false;
+  #scrubbing: Promise<ScrubResult> | undefined;
+  #lastScrub: ScrubResult | null = null;
+  #lastScrubAtMs: number | undefined;
 
-  constructor(env: Env, meta: MetaStore, config: ClusterConfig, log: Log, identity: ConductorIdentity, leadership: Leadership, clusterId: string, epoch: number, timing: { timeoutMs: number; intervalMs: number }) {
+  constructor(env: Env, meta: MetaStore, config: ClusterConfig, log: Log, identity: ConductorIdentity, leadership: Leadership, clusterId: string, epoch: number, timing: { timeoutMs: number; intervalMs: number; downOutIntervalMs: number; scrubIntervalMs: number; scrubMibPerSecond: number }) {
+    this.downOutIntervalMs = timing.downOutIntervalMs;
+    this.scrubIntervalMs = timing.scrubIntervalMs;
+    this.scrubMibPerSecond = timing.scrubMibPerSecond;
     this.#env = env;
     this.#meta = meta;
     this.#config = config;
@@ -212,12 +241,17 @@ class ConductorCore implements ConductorService {
     this.#lastSeenMs.clear();
     this.#live.clear();
     this.#persistedAtMs.clear();
+    this.#downSinceMs.clear();
+    this.#recovery.clear();
     this.#cached = undefined;
     if (!leading) return;
     const now = this.#env.clock.nowMs();
+    this.#lastScrubAtMs = now;
     const { stores, epoch } = await this.#meta.read(async (tx) => ({ stores: await tx.stores(), epoch: await tx.counter('mapEpoch') }));
     for (const store of stores) {
       if (store.state === 'up') this.#lastSeenMs.set(store.id, now);
+      // A down store gets a full down-out interval from this leader's start.
+      if (store.state === 'down') this.#downSinceMs.set(store.id, now);
     }
     this.watch.advance(epoch);
   }
@@ -245,7 +279,10 @@ class ConductorCore implements ConductorService {
         }
         return marked;
       });
-      for (const id of down) this.#forget(id);
+      for (const id of down) {
+        this.#forget(id);
+        if (!this.#downSinceMs.has(id)) this.#downSinceMs.set(id, this.#env.clock.nowMs());
+      }
     } catch (error) {
       if (error instanceof ShaleError && (error.code === 'SHUTTING_DOWN' || error.details?.notLeader)) return;
       this.#log(`heartbeat check failed: ${error instanceof Error ? (error.stack ?? error.message) : String(error)}`);
@@ -258,6 +295,221 @@ class ConductorCore implements ConductorService {
     this.#lastSeenMs.delete(storeId);
     this.#live.delete(storeId);
     this.#persistedAtMs.delete(storeId);
+    this.#recovery.delete(storeId);
+  }
+
+  // ---- healing (healing.ts) -------------------------------------------------------------------
+
+  /**
+   * One healing step on the leader, after each failure check: stores down for longer than the
+   * down-out interval are marked out; then every PG move the placement rule asks for now is
+   * committed (new recovering replicas, old holders dropped once the new ones are clean). Never
+   * overlaps itself; a failure is logged and the next tick tries again.
+   */
+  async heal(): Promise<void> {
+    if (this.#healing || !this.#leadership.isLeader) return;
+    this.#healing = true;
+    try {
+      const now = this.#env.clock.nowMs();
+      const dueOut = [...this.#downSinceMs].filter(([, since]) => now - since >= this.downOutIntervalMs).map(([id]) => id);
+      if (dueOut.length > 0) {
+        await this.#commit(async (ops) => {
+          for (const id of dueOut) {
+            const store = await ops.tx.store(id);
+            if (!store || store.state !== 'down') continue;
+            const epoch = await ops.epoch();
+            await ops.tx.putStore({ ...store, state: 'out', stateEpoch: epoch });
+            ops.events.push(`store ${id} (${store.address}) marked out at epoch ${epoch}: down for ${this.downOutIntervalMs} ms; its PGs get replicas elsewhere`);
+          }
+        });
+        for (const id of dueOut) this.#downSinceMs.delete(id);
+      }
+      // Stores that came back are no longer on the down-out timer.
+      const layout = await this.#meta.read((tx) => this.#layout(tx));
+      for (const store of layout.stores) if (store.state !== 'down') this.#downSinceMs.delete(store.id);
+      for (const store of layout.stores) if (store.state === 'down' && !this.#downSinceMs.has(store.id)) this.#downSinceMs.set(store.id, now);
+      const moves = planMoves(layout.stores, layout.pools).filter((move) => move.add.length > 0 || move.remove.length > 0);
+      if (moves.length === 0) return;
+      await this.#commit(async (ops) => {
+        const current = await this.#layout(ops.tx);
+        const fresh = planMoves(current.stores, current.pools).filter((move) => move.add.length > 0 || move.remove.length > 0);
+        if (fresh.length === 0) return;
+        const epoch = await ops.epoch();
+        let added = 0;
+        let removed = 0;
+        for (const move of fresh) {
+          const pg = current.pools.find((entry) => entry.pool.id === move.poolId)!.pgs.find((candidate) => candidate.index === move.pgIndex)!;
+          await ops.tx.putPg(applyMove(pg, move, epoch));
+          added += move.add.length;
+          removed += move.remove.length;
+        }
+        ops.events.push(`placement at epoch ${epoch}: ${added} new replicas recovering, ${removed} replicas removed (their replacements are clean), over ${fresh.length} PGs`);
+      });
+    } catch (error) {
+      if (error instanceof ShaleError && (error.code === 'SHUTTING_DOWN' || error.details?.notLeader)) return;
+      this.#log(`healing step failed: ${error instanceof Error ? (error.stack ?? error.message) : String(error)}`);
+    } finally {
+      this.#healing = false;
+    }
+    if (this.scrubIntervalMs > 0 && this.#lastScrubAtMs !== undefined && this.#env.clock.nowMs() - this.#lastScrubAtMs >= this.scrubIntervalMs && !this.#scrubbing) {
+      this.#lastScrubAtMs = this.#env.clock.nowMs();
+      this.scrub(null, this.scrubMibPerSecond).then(
+        (result) => this.#log(`periodic scrub: ${result.pgs} PGs, ${result.blocks} blocks compared, ${result.inconsistentBlocks} inconsistent, ${result.repairedBlocks} repaired`),
+        (error: unknown) => this.#log(`periodic scrub failed: ${(error as Error).message}`),
+      );
+    }
+  }
+
+  async #layout(tx: import('./meta/meta-store.ts').MetaReadTx): Promise<{ stores: StoreRecord[]; pools: { pool: PoolRecord; pgs: PgRecord[] }[] }> {
+    const stores = (await tx.stores()).map((store) => withLive(store, this.#live));
+    const pools: { pool: PoolRecord; pgs: PgRecord[] }[] = [];
+    for (const pool of await tx.pools()) pools.push({ pool, pgs: await tx.pgs(pool.id) });
+    return { stores, pools };
+  }
+
+  #measuredRecoveryRate(): number {
+    let rate = 0;
+    for (const report of this.#recovery.values()) rate += report.bytesPerSecond;
+    return rate;
+  }
+
+  /** What `change` would move (dry run), from the current layout. */
+  async #plan(change: (stores: StoreRecord[]) => void): Promise<MovePlan> {
+    const layout = await this.#meta.read((tx) => this.#layout(tx));
+    const { moves, dropsLater } = planAfter(layout.stores, layout.pools, change);
+    return describePlan(moves, bytesPerReplicaEstimate(layout.stores, layout.pools), this.#measuredRecoveryRate(), dropsLater);
+  }
+
+  /** The moves placement wants now (what the next healing steps will do). */
+  rebalance(dryRun: boolean): Promise<MovePlan> {
+    const plan = this.#plan(() => {});
+    if (!dryRun) void this.heal();
+    return plan;
+  }
+
+  /**
+   * Drains a store: placement leaves it out, so every PG it holds gets a replica elsewhere and then
+   * drops it. `cancel` takes it back into placement. Errors: NOT_FOUND; NOT_READY (the other stores
+   * cannot hold the pools' replicas).
+   */
+  async drainStore(storeId: number, options: { dryRun: boolean; cancel: boolean }): Promise<MovePlan> {
+    const layout = await this.#meta.read((tx) => this.#layout(tx));
+    const store = layout.stores.find((candidate) => candidate.id === storeId);
+    if (!store) throw new ShaleError('NOT_FOUND', `no store ${storeId}`);
+    if (!options.cancel) {
+      const others = layout.stores.filter((other) => other.id !== storeId && (other.state === 'up' || other.state === 'down') && !other.draining).length;
+      const widest = Math.max(0, ...layout.pools.map((entry) => entry.pool.replicas));
+      if (others < widest) {
+        throw new ShaleError('NOT_READY', `store ${storeId} cannot be drained: the other ${others} stores cannot hold ${widest} replicas of every PG; add a store first`);
+      }
+    }
+    const plan = await this.#plan((stores) => {
+      const target = stores.find((candidate) => candidate.id === storeId)!;
+      target.draining = !options.cancel;
+    });
+    if (options.dryRun) return plan;
+    await this.#commit(async (ops) => {
+      const record = await ops.tx.store(storeId);
+      if (!record) throw new ShaleError('NOT_FOUND', `no store ${storeId}`);
+      const next: StoreRecord = { ...record };
+      if (options.cancel) delete next.draining;
+      else next.draining = true;
+      await ops.tx.putStore(next);
+      ops.events.push(options.cancel ? `store ${storeId}: drain cancelled` : `store ${storeId} draining: ${plan.replicas} replicas to place elsewhere (~${plan.bytes} bytes)`);
+    });
+    void this.heal();
+    return plan;
+  }
+
+  /** Compares the replicas of a volume's PGs (or every volume's) and repairs what differs. One at a time: BUSY while one runs. */
+  async scrub(volumeName: string | null, mibPerSecond: number): Promise<ScrubResult> {
+    if (this.#scrubbing) throw new ShaleError('BUSY', 'a scrub is already running: wait for it (cluster status shows the last result)');
+    const run = (async () => {
+      const input = await this.#meta.read(async (tx) => {
+        const layout = await this.#layout(tx);
+        let volumes = await tx.volumes();
+        if (volumeName !== null) {
+          const volume = await tx.volumeByName(volumeName);
+          if (!volume) throw new ShaleError('NOT_FOUND', `no volume named ${volumeName}`);
+          volumes = [volume];
+        }
+        return { ...layout, volumes, volumeName, mibPerSecond };
+      });
+      const channels = new Map<string, StoreChannel>();
+      try {
+        return await scrubReplicas(this.#env, input, (address) => {
+          let channel = channels.get(address);
+          if (!channel) channels.set(address, (channel = new StoreChannel(this.#env, address, { timeoutMs: scrubTimeoutMs })));
+          return channel;
+        }, this.#log);
+      } finally {
+        for (const channel of channels.values()) channel.close();
+      }
+    })();
+    this.#scrubbing = run;
+    try {
+      const result = await run;
+      this.#lastScrub = result;
+      return result;
+    } finally {
+      this.#scrubbing = undefined;
+    }
+  }
+
+  #recoveryStatus(stores: readonly StoreRecord[], pools: readonly { pool: PoolRecord; pgs: readonly PgRecord[] }[]): RecoveryStatus {
+    const moves = planMoves(stores, pools);
+    let replicasRecovering = 0;
+    let replicasToRemove = 0;
+    const moving = new Set<string>();
+    const heldByDraining = new Map<number, number>();
+    const draining = new Set(stores.filter((store) => store.draining).map((store) => store.id));
+    for (const { pool, pgs } of pools) {
+      for (const pg of pgs) {
+        for (const replica of pg.replicas) {
+          if (replica.state === 'recovering') {
+            replicasRecovering++;
+            moving.add(`${pool.id}.${pg.index}`);
+          }
+          if (draining.has(replica.storeId)) heldByDraining.set(replica.storeId, (heldByDraining.get(replica.storeId) ?? 0) + 1);
+        }
+      }
+    }
+    const blocked: string[] = [];
+    for (const move of moves) {
+      replicasToRemove += move.remove.length;
+      if (move.add.length > 0) moving.add(`${move.poolId}.${move.pgIndex}`);
+      for (const why of move.blocked) if (blocked.length < 20) blocked.push(`PG ${move.poolId}.${move.pgIndex}: ${why.reason}`);
+    }
+    // Replicas on out or draining stores leave once their replacements are clean.
+    const leaving = new Set(stores.filter((store) => store.state === 'out' || store.draining).map((store) => store.id));
+    for (const { pgs } of pools) for (const pg of pgs) for (const replica of pg.replicas) if (leaving.has(replica.storeId)) replicasToRemove++;
+    let bytesCopied = 0;
+    let bytesPerSecond = 0;
+    let bytesPending = 0;
+    let pgsQueued = 0;
+    for (const report of this.#recovery.values()) {
+      bytesCopied += report.bytesCopied;
+      bytesPerSecond += report.bytesPerSecond;
+      bytesPending += report.bytesPending;
+      pgsQueued += report.pgsQueued;
+    }
+    const perReplica = bytesPerReplicaEstimate(stores, pools);
+    const bytesRemaining = replicasRecovering > 0 ? Math.round(bytesPending + pgsQueued * perReplica) : 0;
+    const fullness: RecoveryStatus['fullness'] = [];
+    for (const store of stores) {
+      if (store.state !== 'up') continue;
+      const ratio = fullnessOf(store);
+      const level = fullnessLevel(ratio);
+      if (level !== 'ok') fullness.push({ storeId: store.id, ratio, level });
+    }
+    return {
+      replicasRecovering, replicasToRemove, pgsMoving: moving.size,
+      storesOut: stores.filter((store) => store.state === 'out').map((store) => store.id),
+      storesDraining: [...draining].map((storeId) => ({ storeId, replicasLeft: heldByDraining.get(storeId) ?? 0 })),
+      bytesCopied, bytesPerSecond, bytesRemaining,
+      etaSeconds: replicasRecovering === 0 ? 0 : bytesPerSecond > 0 ? bytesRemaining / bytesPerSecond : null,
+      fullness, blocked,
+    };
   }
 
   // ---- ConductorService ----------------------------------------------------------------------
@@ -288,8 +540,9 @@ class ConductorCore implements ConductorService {
     return { storeId: store.id, heartbeatIntervalMs: this.heartbeatIntervalMs, heartbeatTimeoutMs: this.heartbeatTimeoutMs };
   }
 
-  async heartbeat(storeId: number, disks: DiskReport[]): Promise<void> {
+  async heartbeat(storeId: number, disks: DiskReport[], recovery?: RecoveryReport): Promise<void> {
     const now = this.#env.clock.nowMs();
+    if (recovery) this.#recovery.set(storeId, recovery);
     const live = this.#live.get(storeId);
     // The common case costs no commit: a store known to be up, the same disks, figures written recently.
     if (this.#lastSeenMs.has(storeId) && live && sameDiskSet(live.disks, disks) && now - (this.#persistedAtMs.get(storeId) ?? -Infinity) < diskPersistIntervalMs) {
@@ -337,12 +590,35 @@ class ConductorCore implements ConductorService {
   }
 
   status(): Promise<ClusterStatus> {
-    return this.#meta.read((tx) => buildStatus(tx, this.clusterId, this.#config.defaultReplicas, this.#live, this.conductorInfo()));
+    return this.#meta.read(async (tx) => {
+      const status = await buildStatus(tx, this.clusterId, this.#config.defaultReplicas, this.#live, this.conductorInfo());
+      const layout = await this.#layout(tx);
+      const recovery = this.#recoveryStatus(layout.stores, layout.pools);
+      if (recovery.replicasRecovering > 0) {
+        const eta = recovery.etaSeconds === null ? 'ETA unknown' : `ETA ${Math.ceil(recovery.etaSeconds)} s`;
+        status.messages.push(`recovery: ${recovery.replicasRecovering} replicas filling over ${recovery.pgsMoving} PGs, ${recovery.bytesRemaining} bytes to go at ${Math.round(recovery.bytesPerSecond)} B/s, ${eta}`);
+      }
+      for (const drain of recovery.storesDraining) status.messages.push(`store ${drain.storeId} draining: ${drain.replicasLeft} replicas left on it`);
+      for (const entry of recovery.fullness) status.messages.push(`store ${entry.storeId} is ${entry.level} (${Math.round(entry.ratio * 100)}% used)`);
+      for (const why of recovery.blocked.slice(0, 5)) status.messages.push(`cannot place: ${why}`);
+      if (recovery.fullness.some((entry) => entry.level !== 'nearfull') || recovery.storesDraining.length > 0 || recovery.replicasToRemove > 0) {
+        if (status.health === 'ok') status.health = 'degraded';
+      }
+      if (this.#lastScrub && this.#lastScrub.unrepairedBlocks > 0) {
+        status.messages.push(`last scrub (${this.#lastScrub.finishedAt}) left ${this.#lastScrub.unrepairedBlocks} blocks unrepaired`);
+        if (status.health === 'ok') status.health = 'degraded';
+      }
+      return { ...status, recovery, lastScrub: this.#lastScrub };
+    });
   }
 
   async stores(): Promise<StoreInfo[]> {
     const records = await this.#meta.read((tx) => tx.stores());
-    return records.map((s) => storeInfo(s, this.#live));
+    return records.map((s) => {
+      const info = storeInfo(s, this.#live);
+      const recovery = this.#recovery.get(s.id);
+      return { ...info, ...(s.draining ? { draining: true } : {}), ...(recovery && s.state === 'up' ? { recovery } : {}) };
+    });
   }
 
   async scrubStore(storeId: number, mibPerSecondMax: number): Promise<unknown> {
@@ -403,7 +679,17 @@ class ConductorCore implements ConductorService {
       if (!volume) throw new ShaleError('NOT_FOUND', `no volume named ${name}`);
       const pool = await tx.pool(volume.poolId);
       assert(pool, 'a volume lives in an existing pool');
-      return volumeInfoWithSnapshots(tx, volume, pool);
+      const pgs = await tx.pgs(pool.id);
+      const mine = volumePgs(volume.id, volume.sizeBytes, volume.chunkSizeBytes, pool.pgCount);
+      const health: VolumeHealth = { pgs: mine.size, pgsClean: 0, pgsRecovering: 0, pgsDegraded: 0 };
+      for (const pg of pgs) {
+        if (!mine.has(pg.index)) continue;
+        const clean = pg.replicas.filter((replica) => replica.state === 'clean').length;
+        if (pg.replicas.some((replica) => replica.state === 'recovering')) health.pgsRecovering++;
+        if (clean === pg.replicas.length && clean === pool.replicas) health.pgsClean++;
+        else health.pgsDegraded++;
+      }
+      return { ...(await volumeInfoWithSnapshots(tx, volume, pool)), health };
     });
   }
 
@@ -530,6 +816,11 @@ export async function startConductor(env: Env, options: ConductorOptions): Promi
     defaultReplicas: positiveInteger(options.defaultReplicas ?? 3, 'defaultReplicas', replicasMax),
     pgCount: positiveInteger(options.pgCount ?? 256, 'pgCount', pgCountMax),
   };
+  const downOutIntervalMs = positiveInteger(options.downOutIntervalMs ?? 600_000, 'downOutIntervalMs', 365 * 86_400_000);
+  const scrubIntervalMs = options.scrubIntervalMs ?? 86_400_000;
+  if (!Number.isSafeInteger(scrubIntervalMs) || scrubIntervalMs < 0) throw new ShaleError('INVALID_ARGUMENT', `scrubIntervalMs must be a whole number ≥ 0 (got ${scrubIntervalMs})`);
+  const scrubMibPerSecond = options.scrubMibPerSecond ?? 64;
+  if (!Number.isSafeInteger(scrubMibPerSecond) || scrubMibPerSecond < 0) throw new ShaleError('INVALID_ARGUMENT', `scrubMibPerSecond must be a whole number ≥ 0 (got ${scrubMibPerSecond})`);
   const leaseTtlSeconds = positiveInteger(options.leaseTtlSeconds ?? 5, 'leaseTtlSeconds', 3600);
   const electionPollMs = positiveInteger(options.electionPollMs ?? 250, 'electionPollMs', 60_000);
   try {
@@ -606,7 +897,7 @@ export async function startConductor(env: Env, options: ConductorOptions): Promi
     } else {
       leadership = new SoleLeadership(identity.url);
     }
-    const ready = new ConductorCore(env, meta, config, log, identity, leadership, clusterId, epoch, { timeoutMs: heartbeatTimeoutMs, intervalMs: heartbeatIntervalMs });
+    const ready = new ConductorCore(env, meta, config, log, identity, leadership, clusterId, epoch, { timeoutMs: heartbeatTimeoutMs, intervalMs: heartbeatIntervalMs, downOutIntervalMs, scrubIntervalMs, scrubMibPerSecond });
     // Leadership changes are applied one after the other, in the order they happen.
     let leadingChanges = Promise.resolve();
     leadership.onChange((leading) => {
@@ -617,7 +908,7 @@ export async function startConductor(env: Env, options: ConductorOptions): Promi
     else await ready.onLeading(true);
     await leadingChanges;
     core = ready;
-    timer = env.clock.every(Math.max(1, Math.floor(heartbeatTimeoutMs / 4)), () => void ready.checkHeartbeats());
+    timer = env.clock.every(Math.max(1, Math.floor(heartbeatTimeoutMs / 4)), () => void ready.checkHeartbeats().then(() => ready.heal()));
     log(`cluster ${clusterId}: conductor ${identity.id} at ${identity.url}, metadata ${meta.description} (schema ${meta.schemaVersion}), map epoch ${epoch}${leadership.isLeader ? ', leading' : ', standby'}`);
     const bound = listener;
     const ticking = timer;

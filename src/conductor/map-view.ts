@@ -21,7 +21,7 @@ export async function buildMap(tx: MetaReadTx, clusterId: string): Promise<Clust
       replicas: pool.replicas,
       minReplicas: pool.minReplicas,
       pgCount: pool.pgCount,
-      pgs: pgs.map((pg) => ({ epoch: pg.epoch, replicas: pg.replicas.map((r) => ({ storeId: r.storeId, state: r.state })) })),
+      pgs: pgs.map((pg) => ({ epoch: pg.epoch, replicas: pg.replicas.map((r) => ({ storeId: r.storeId, state: r.state, sinceEpoch: r.sinceEpoch })) })),
     });
   }
   const owners: [number, number][] = [];

@@ -55,6 +55,9 @@
  *                 stamped below it. Same reply as READ. NOT_FOUND if the store knows it was deleted.
  *   BLOCK_VERSIONS (0x31) request: none (snap seq = snapshot id, 0 = the head). reply: per block
  *                 16 bytes: state u8, 3 pad, epoch u32, seq f64 — for block status and diffs.
+ *   PG_DIGEST     request: as LIST_PG (count = most MiB per second to read, 0 = unthrottled). reply:
+ *                 per object of the PG its blocks' crc32c, state, version and whether the data read
+ *                 back bad — see pg-digest.ts. Scrub compares replicas with it without moving data.
  */
 import { assert } from '../lib/assert.ts';
 import type { BlockStateValue } from '../lib/block-state.ts';
@@ -85,6 +88,8 @@ export const Op = {
   READ_SNAP: 0x30,
   /** Per block its state and version, at the head (snapSeq 0) or at snapshot `snapSeq`, without reading data. */
   BLOCK_VERSIONS: 0x31,
+  /** Self-healing (0x40–0x4F): per-block crc32c and version of a PG, read and verified on the store (pg-digest.ts). */
+  PG_DIGEST: 0x40,
 } as const;
 export type OpCode = (typeof Op)[keyof typeof Op];
 export const REPLY_BIT = 0x80;

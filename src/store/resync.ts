@@ -9,8 +9,18 @@
  *      write has already landed here.
  *   3. Ask the conductor to mark the replica clean at that same PG epoch; if the PG changed in the
  *      meantime the conductor refuses (STALE_PG_EPOCH) and the next map starts the PG over.
- * Until then the PG serves no reads here. Left for later (issue 8): copying in both directions to
- * roll back divergent writes, a persisted cursor, throttling, and choosing between full and delta copy.
+ * Until then the PG serves no reads here.
+ *
+ * Healing (issue 8): the same path fills a brand-new replica placed by the conductor (re-replication
+ * after a store is out, scale-out, drain) — a new replica simply lacks everything. Many-to-many:
+ * each PG picks its source among the PG's clean replicas by PG number, so the PGs a store fills
+ * are read from every healthy holder, and every new holder fills its own PGs in parallel. Throttled
+ * by --resync-rate; paused while the disk is at or above backfillfull (0.90 of capacity). A
+ * persisted cursor (per PG: the replica's recovering-since epoch and the last object done) lets a
+ * restarted store skip the objects it finished, as long as it has not been down meanwhile (then
+ * its replica recovers from a new epoch and the cursor no longer applies).
+ * Both directions: a block this replica holds at a version no clean replica has, written by an
+ * owner that is gone, is rolled back to the clean content (#rollBack).
  */
 import type { Env } from '../env/env.ts';
 import { ShaleError } from '../lib/errors.ts';
@@ -23,16 +33,31 @@ import {
 import type { ClusterMap, PoolMapEntry } from '../conductor/api/types.ts';
 import type { BlockEngine } from './block-engine.ts';
 import { pgKey, type MapStoreView } from './store-view.ts';
+import { placementGroupOf } from '../lib/placement-hash.ts';
 
 /** Blocks copied per READ from the peer. */
 export const RESYNC_RUN_BLOCKS_MAX = 256;
 /** PGs resynced at once. */
-export const RESYNC_PARALLEL_MAX = 4;
+export const RESYNC_PARALLEL_MAX = 8;
+/** Fraction of the disk above which resync waits instead of copying (DESIGN §3 backfillfull). */
+export const BACKFILL_FULL_RATIO = 0.9;
+/** How often at most the resume cursor is written. */
+export const CURSOR_PERSIST_INTERVAL_MS = 1000;
+
+interface CursorEntry {
+  /** The replica's recovering-since epoch the cursor belongs to. */
+  since: number;
+  /** Objects up to and including this (volume id, chunk index), in listing order, are copied. */
+  volumeId: number;
+  chunkIndex: number;
+}
 
 export interface ResyncDeps {
   env: Env;
   /** Bytes per second resync may copy on this store; 0 = unlimited. */
   rateBytesPerSecond?: number;
+  /** Where the resume cursor is kept (a small JSON file beside the disk); none: not persisted. */
+  cursorPath?: string;
   engine: BlockEngine;
   view: MapStoreView;
   conductor: ConductorClient;
@@ -49,9 +74,90 @@ export class Resyncer {
   #startedMs = 0;
   #budgetBytes = 0;
   bytesCopied = 0;
+  /** Bytes the PGs under way still need, per PG. */
+  readonly #pending = new Map<number, number>();
+  /** Copy-rate window: bytes and start of the current and previous windows. */
+  #rateWindow = { startMs: 0, bytes: 0, lastRate: 0 };
+  #paused: string | undefined;
+  #cursor = new Map<string, CursorEntry>();
+  #cursorLoaded = false;
+  #cursorDirty = false;
+  #cursorWrittenMs = 0;
+  #cursorWriting: Promise<void> | undefined;
+  /** Objects skipped thanks to the cursor (for tests and logs). */
+  objectsResumed = 0;
+  /** Divergent blocks rolled back to the clean replicas' content. */
+  blocksRolledBack = 0;
 
   constructor(deps: ResyncDeps) {
     this.#deps = deps;
+  }
+
+  /** Figures for the heartbeat (progress and ETA in cluster status). */
+  report(): { pgsQueued: number; pgsActive: number; bytesCopied: number; bytesPerSecond: number; bytesPending: number; paused?: string } {
+    const now = this.#deps.env.clock.nowMs();
+    const window = this.#rateWindow;
+    const elapsed = now - window.startMs;
+    const rate = elapsed >= 1000 ? (window.bytes * 1000) / elapsed : window.lastRate;
+    if (elapsed >= 2000) {
+      window.lastRate = rate;
+      window.startMs = now;
+      window.bytes = 0;
+    }
+    let pending = 0;
+    for (const bytes of this.#pending.values()) pending += bytes;
+    return {
+      pgsQueued: this.#queue.length, pgsActive: this.#active, bytesCopied: this.bytesCopied,
+      bytesPerSecond: this.#active > 0 || this.#queue.length > 0 ? rate : 0, bytesPending: pending, ...(this.#paused ? { paused: this.#paused } : {}),
+    };
+  }
+
+  async #loadCursor(): Promise<void> {
+    if (this.#cursorLoaded) return;
+    this.#cursorLoaded = true;
+    const path = this.#deps.cursorPath;
+    if (!path) return;
+    try {
+      const text = await this.#deps.env.disk.readFile(path);
+      if (!text) return;
+      const parsed = JSON.parse(text.toString('utf8')) as { version?: number; pgs?: Record<string, CursorEntry> };
+      if (parsed.version !== 1 || !parsed.pgs) return;
+      for (const [key, entry] of Object.entries(parsed.pgs)) this.#cursor.set(key, entry);
+    } catch (error) {
+      this.#deps.log(`resync cursor ${path} unreadable, starting over: ${(error as Error).message}`);
+    }
+  }
+
+  async #persistCursor(force: boolean): Promise<void> {
+    const path = this.#deps.cursorPath;
+    if (!path || !this.#cursorDirty) return;
+    const now = this.#deps.env.clock.nowMs();
+    if (!force && now - this.#cursorWrittenMs < CURSOR_PERSIST_INTERVAL_MS) return;
+    if (this.#cursorWriting) await this.#cursorWriting;
+    this.#cursorDirty = false;
+    this.#cursorWrittenMs = now;
+    const body = JSON.stringify({ version: 1, pgs: Object.fromEntries(this.#cursor) });
+    this.#cursorWriting = this.#deps.env.disk.writeFileAtomic(path, body).catch((error: unknown) => {
+      this.#deps.log(`writing the resync cursor: ${(error as Error).message}`);
+    }).finally(() => {
+      this.#cursorWriting = undefined;
+    });
+    await this.#cursorWriting;
+  }
+
+  /** Waits while the disk is at or above backfillfull: a resync must not fill its target. */
+  async #waitForRoom(): Promise<void> {
+    for (let attempt = 0; ; attempt++) {
+      const stats = this.#deps.engine.stats();
+      const ratio = stats.capacityBytes > 0 ? stats.usedBytes / stats.capacityBytes : 0;
+      if (ratio < BACKFILL_FULL_RATIO) {
+        this.#paused = undefined;
+        return;
+      }
+      this.#paused = `disk ${Math.round(ratio * 100)}% full, at or above backfillfull (${BACKFILL_FULL_RATIO * 100}%)`;
+      if (attempt % 60 === 0) this.#deps.log(`resync paused: ${this.#paused}`);
+      await this.#deps.env.clock.sleep(1000);
+    }
   }
 
   /** Looks at a new map and starts a resync for every PG where this store is recovering. */
@@ -93,18 +199,27 @@ export class Resyncer {
       const pg = pool?.pgs[pgId];
       const own = pg?.replicas.find((replica) => replica.storeId === this.#deps.view.storeId);
       if (!pool || !pg || own?.state !== 'recovering') return;
-      const peer = pg.replicas
+      // Many-to-many: PGs spread their reads over every clean holder (by PG number, moving on at each retry).
+      const holders = pg.replicas
         .filter((replica) => replica.state === 'clean')
         .map((replica) => map.stores.find((store) => store.id === replica.storeId))
-        .find((store) => store !== undefined && store.state === 'up');
+        .filter((store) => store !== undefined && store.state === 'up');
+      const peer = holders.length > 0 ? holders[(pgId + attempt) % holders.length] : undefined;
+      const since = own.sinceEpoch ?? 0;
       try {
         if (peer) {
-          await this.#copyFrom(peer.address, pool, pgId, pg.epoch);
+          const owners = new Map(map.owners);
+          await this.#copyFrom(peer.address, pool, pgId, pg.epoch, since, holders.map((holder) => holder!.address), owners);
         } else if (pg.replicas.some((replica) => replica.state === 'clean')) {
           throw new ShaleError('UNAVAILABLE', 'no clean replica is up');
         }
         // No clean replica at all (every copy was down together): this one is as good as any.
         await conductor.markClean(poolId, pgId, { storeId: this.#deps.view.storeId, pgEpoch: pg.epoch });
+        this.#pending.delete(pgKey(poolId, pgId));
+        if (this.#cursor.delete(`${poolId}.${pgId}`)) {
+          this.#cursorDirty = true;
+          await this.#persistCursor(false);
+        }
         return;
       } catch (error) {
         if (attempt % 10 === 0) log(`resync of PG ${poolId}.${pgId} from ${peer?.address ?? 'nobody'}: ${(error as Error).message}; retrying`);
@@ -117,10 +232,62 @@ export class Resyncer {
     }
   }
 
+  /**
+   * Copying in the other direction: a divergent block (divergentBlocks) is rolled back to what the
+   * clean replicas hold. The engine keeps the highest version, so the clean content is written
+   * under a version just above the divergent one — (its epoch, its seq + 1), still below every
+   * version of the current owner — here and on every clean replica, which then all agree. A
+   * current-owner write racing it is higher and wins everywhere.
+   */
+  async #rollBack(peerObjects: readonly ListedObject[], local: ReadonlyMap<string, ListedObject>, owners: ReadonlyMap<number, number>, peer: StoreChannel,
+    cleanAddresses: readonly string[], common: { poolId: number; pgId: number; pgCount: number; pgEpoch: number }): Promise<void> {
+    const peers = new Map(peerObjects.map((object) => [`${object.volumeId}:${object.chunkIndex}`, object]));
+    const { engine } = this.#deps;
+    for (const [objectKey, mine] of local) {
+      const ownerEpoch = owners.get(mine.volumeId) ?? 0;
+      if (ownerEpoch === 0) continue;
+      if (placementGroupOf(mine.volumeId, mine.chunkIndex, common.pgCount) !== common.pgId) continue;
+      for (const block of divergentBlocks(peers.get(objectKey), mine, ownerEpoch)) {
+        const version = { epoch: block.epoch, seq: block.seq + 1 };
+        const header = { ...common, volumeId: block.volumeId, chunkIndex: block.chunkIndex, offsetBlocks: block.block, countBlocks: 1, ownerEpoch: version.epoch, versionSeq: version.seq };
+        let data: Buffer | undefined;
+        let checksum = 0;
+        if (block.peerState === BlockState.DATA) {
+          const reply = await peer.request({ op: Op.READ, flags: Flag.REPAIR, ...header });
+          const read = decodeReadReply(reply.payload, 1);
+          if (read.states[0] === BlockState.DATA) {
+            data = Buffer.from(read.data.subarray(0, BLOCK_SIZE_BYTES));
+            checksum = read.checksums[0]!;
+          }
+        }
+        for (const address of cleanAddresses) {
+          const channel = this.#deps.channel(address);
+          if (data) {
+            const sums = Buffer.allocUnsafe(4);
+            sums.writeUInt32LE(checksum, 0);
+            await channel.request({ op: Op.WRITE, flags: Flag.REPAIR, ...header }, [sums, data]);
+          } else {
+            await channel.request({ op: Op.WRITE_ZEROES, flags: Flag.REPAIR, ...header });
+          }
+        }
+        if (data) {
+          await engine.write({ volumeId: block.volumeId, chunkIndex: block.chunkIndex, offsetBlocks: block.block, data, checksums: Uint32Array.of(checksum), version, snapSeq: 0 });
+        } else {
+          await engine.writeZeroes({ volumeId: block.volumeId, chunkIndex: block.chunkIndex, offsetBlocks: block.block, countBlocks: 1, version, snapSeq: 0 });
+        }
+        this.blocksRolledBack++;
+        this.#deps.log(`resync of PG ${common.poolId}.${common.pgId}: rolled back volume ${block.volumeId} chunk ${block.chunkIndex} block ${block.block} (a write of owner epoch ${block.epoch} no clean replica has)`);
+      }
+    }
+  }
+
   /** Keeps resync at or below the configured rate (a simple budget over a sliding second). */
   async #throttle(bytes: number): Promise<void> {
     const rate = this.#deps.rateBytesPerSecond ?? 0;
-    if (rate <= 0) return;
+    if (rate <= 0) {
+      this.#rateWindow.bytes += bytes;
+      return;
+    }
     const clock = this.#deps.env.clock;
     const now = clock.nowMs();
     if (now - this.#startedMs > 1000) {
@@ -128,12 +295,18 @@ export class Resyncer {
       this.#budgetBytes = 0;
     }
     this.#budgetBytes += bytes;
+    this.#rateWindow.bytes += bytes;
     const dueMs = this.#startedMs + (this.#budgetBytes / rate) * 1000;
     if (dueMs > now) await clock.sleep(dueMs - now);
   }
 
-  async #copyFrom(address: string, pool: PoolMapEntry, pgId: number, pgEpoch: number): Promise<void> {
+  async #copyFrom(address: string, pool: PoolMapEntry, pgId: number, pgEpoch: number, since: number, cleanAddresses: readonly string[] = [address], owners: ReadonlyMap<number, number> = new Map()): Promise<void> {
     const { engine, conductor } = this.#deps;
+    await this.#loadCursor();
+    await this.#waitForRoom();
+    const cursorKey = `${pool.id}.${pgId}`;
+    const saved = this.#cursor.get(cursorKey);
+    const resumeAfter = saved && since > 0 && saved.since === since ? saved : undefined;
     const volumeIds = (await conductor.volumes()).volumes.filter((volume) => volume.poolId === pool.id).map((volume) => volume.id);
     if (volumeIds.length === 0) return;
     const channel = this.#deps.channel(address);
@@ -142,9 +315,22 @@ export class Resyncer {
     const peerObjects = decodeListReply(listing.payload);
     const local = new Map<string, ListedObject>();
     for (const object of engine.listObjects(new Set(volumeIds), () => true)) local.set(`${object.volumeId}:${object.chunkIndex}`, object);
-    for (const peerObject of peerObjects) {
-      const mine = local.get(`${peerObject.volumeId}:${peerObject.chunkIndex}`);
-      for (const run of newerRuns(peerObject, mine)) {
+    peerObjects.sort((a, b) => a.volumeId - b.volumeId || a.chunkIndex - b.chunkIndex);
+    const key = pgKey(pool.id, pgId);
+    let pendingBytes = 0;
+    const plans = peerObjects.map((peerObject) => {
+      const skip = resumeAfter !== undefined && (peerObject.volumeId < resumeAfter.volumeId ||
+        (peerObject.volumeId === resumeAfter.volumeId && peerObject.chunkIndex <= resumeAfter.chunkIndex));
+      const runs = skip ? [] : newerRuns(peerObject, local.get(`${peerObject.volumeId}:${peerObject.chunkIndex}`));
+      if (skip) this.objectsResumed++;
+      for (const run of runs) if (run.state === BlockState.DATA) pendingBytes += run.count * BLOCK_SIZE_BYTES;
+      return { peerObject, runs };
+    });
+    this.#pending.set(key, pendingBytes);
+    await this.#rollBack(peerObjects, local, owners, channel, cleanAddresses, common);
+    for (const { peerObject, runs } of plans) {
+      for (const run of runs) {
+        await this.#waitForRoom();
         const header = { ...common, volumeId: peerObject.volumeId, chunkIndex: peerObject.chunkIndex, offsetBlocks: run.start, countBlocks: run.count };
         const version = { epoch: run.epoch, seq: run.seq };
         if (run.state === BlockState.ZERO) {
@@ -153,23 +339,71 @@ export class Resyncer {
         }
         const reply = await channel.request({ op: Op.READ, flags: Flag.REPAIR, ...header });
         const read = decodeReadReply(reply.payload, run.count);
-        // The peer may have moved on since the listing; copy only blocks still at the listed version.
+        // Blocks as the peer holds them now (it may have moved on since the listing; the version rule
+        // keeps whatever is newer here). Consecutive data blocks of one version go in one write.
         let at = 0;
-        for (let i = 0; i < run.count; i++) {
-          if (read.states[i] !== BlockState.DATA) continue;
-          const data = read.data.subarray(at * BLOCK_SIZE_BYTES, (at + 1) * BLOCK_SIZE_BYTES);
-          at++;
+        let i = 0;
+        while (i < run.count) {
+          if (read.states[i] !== BlockState.DATA) {
+            i++;
+            continue;
+          }
+          let end = i + 1;
+          while (end < run.count && read.states[end] === BlockState.DATA && read.epochs[end] === read.epochs[i] && read.seqs[end] === read.seqs[i] && read.stamps[end] === read.stamps[i]) end++;
+          const count = end - i;
           await engine.write({
-            volumeId: header.volumeId, chunkIndex: header.chunkIndex, offsetBlocks: run.start + i, data,
-            checksums: Uint32Array.of(read.checksums[i]!), version: { epoch: read.epochs[i]!, seq: read.seqs[i]! }, snapSeq: 0,
+            volumeId: header.volumeId, chunkIndex: header.chunkIndex, offsetBlocks: run.start + i, data: read.data.subarray(at * BLOCK_SIZE_BYTES, (at + count) * BLOCK_SIZE_BYTES),
+            // The copy keeps the version's snap stamp (READ descriptors carry it), so snapshots see it as on the peer.
+            checksums: read.checksums.slice(i, end), version: { epoch: read.epochs[i]!, seq: read.seqs[i]! }, snapSeq: read.stamps[i]!,
           });
-          this.bytesCopied += BLOCK_SIZE_BYTES;
+          this.bytesCopied += count * BLOCK_SIZE_BYTES;
+          at += count;
+          i = end;
         }
+        if (run.state === BlockState.DATA) this.#pending.set(key, Math.max(0, (this.#pending.get(key) ?? 0) - run.count * BLOCK_SIZE_BYTES));
         await this.#throttle(run.count * BLOCK_SIZE_BYTES);
+      }
+      if (runs.length > 0 && since > 0 && this.#deps.env.clock.nowMs() - this.#cursorWrittenMs >= CURSOR_PERSIST_INTERVAL_MS) {
+        // Durable first: the cursor must never claim an object whose copy a crash could lose.
+        await engine.flush();
+        this.#cursor.set(cursorKey, { since, volumeId: peerObject.volumeId, chunkIndex: peerObject.chunkIndex });
+        this.#cursorDirty = true;
+        await this.#persistCursor(true);
       }
     }
     await engine.flush();
+    await this.#persistCursor(true);
   }
+}
+
+/** A block this replica holds at a version the clean replicas never got. */
+interface Divergent {
+  volumeId: number;
+  chunkIndex: number;
+  block: number;
+  epoch: number;
+  seq: number;
+  /** What the clean replica holds there (DATA: copy its data; else zeros). */
+  peerState: number;
+}
+
+/**
+ * Blocks where `mine` is newer than the peer's (or the peer has nothing) and written under an owner
+ * epoch older than the volume's current one: writes of a writer that is gone, which reached this
+ * replica and none of the clean ones (the next owner's reconciliation did not see them: this store
+ * was down). A write of the current owner is never one: it is in flight to every replica.
+ */
+export function divergentBlocks(peer: ListedObject | undefined, mine: ListedObject, currentOwnerEpoch: number): Divergent[] {
+  const result: Divergent[] = [];
+  for (let i = 0; i < mine.states.length; i++) {
+    if (mine.states[i] === BlockState.ABSENT) continue;
+    const epoch = mine.epochs[i]!;
+    if (epoch >= currentOwnerEpoch) continue;
+    const peerState = peer && i < peer.states.length ? peer.states[i]! : BlockState.ABSENT;
+    const newer = peerState === BlockState.ABSENT || compareVersions(epoch, mine.seqs[i]!, peer!.epochs[i]!, peer!.seqs[i]!) > 0;
+    if (newer) result.push({ volumeId: mine.volumeId, chunkIndex: mine.chunkIndex, block: i, epoch, seq: mine.seqs[i]!, peerState });
+  }
+  return result;
 }
 
 interface Run {

@@ -75,7 +75,10 @@ export async function startStoreDaemon(env: Env, options: StoreDaemonOptions): P
     }
     return existing;
   };
-  const resyncer = new Resyncer({ env, engine, view, conductor, channel, log, rateBytesPerSecond: options.resyncRateBytesPerSecond ?? 0 });
+  const resyncer = new Resyncer({
+    env, engine, view, conductor, channel, log, rateBytesPerSecond: options.resyncRateBytesPerSecond ?? 0,
+    cursorPath: options.diskPath.startsWith('/dev/') ? undefined : `${options.diskPath}.resync-cursor.json`,
+  });
 
   let applying = Promise.resolve();
   const applyMap = async (map: ClusterMap): Promise<void> => {
@@ -99,7 +102,7 @@ export async function startStoreDaemon(env: Env, options: StoreDaemonOptions): P
 
   let heartbeatFailures = 0;
   const heartbeat: Timer = env.clock.every(registration.heartbeatIntervalMs, () => {
-    conductor.heartbeat(registration.storeId, { disks: diskReport() }).then(
+    conductor.heartbeat(registration.storeId, { disks: diskReport(), recovery: resyncer.report() }).then(
       () => {
         heartbeatFailures = 0;
       },

@@ -22,6 +22,8 @@ import {
 import type { LocalReadFields, LocalReadResult } from '../proto/store-channel.ts';
 import type { BlockEngine } from './block-engine.ts';
 import { RecentWrites } from './recent-writes.ts';
+import { encodeDigest } from '../proto/pg-digest.ts';
+import { digestPg } from './pg-digest.ts';
 
 /** Requests one connection may have in flight before the server stops reading from it. */
 export const CONNECTION_IN_FLIGHT_MAX = 1024;
@@ -193,6 +195,8 @@ export class StoreServer {
         return this.#blockStates(h);
       case Op.RECENT_WRITES:
         return this.#recentWrites(h);
+      case Op.PG_DIGEST:
+        return this.#pgDigest(frame);
       case Op.SCRUB: {
         const report = await this.#engine.scrub(h.countBlocks > 0 ? { bytesPerSecondMax: h.countBlocks * 1024 * 1024 } : {});
         const payload = Buffer.from(JSON.stringify(report), 'utf8');
@@ -341,6 +345,18 @@ export class StoreServer {
     if (h.ownerEpoch < current) throw new ShaleError('FENCED', `volume ${h.volumeId} is fenced at ${current}, above ${h.ownerEpoch}`);
     if (h.ownerEpoch > current) await this.#engine.fence(h.volumeId, h.ownerEpoch);
     return { header: replyHeader(h), parts: [] };
+  }
+
+  /** PG_DIGEST: per-block crc32c, state, version and read-back check of a PG (scrub; no data sent). */
+  async #pgDigest(frame: Frame): Promise<Reply> {
+    const h = frame.header;
+    if (h.pgCount === 0 || h.pgId >= h.pgCount) throw new ShaleError('INVALID_ARGUMENT', `PG ${h.pgId} of ${h.pgCount}`);
+    this.#checkEpochs({ ...h, volumeId: 0 }, true);
+    await Promise.allSettled([...this.#writesInFlight]);
+    const volumeIds = new Set(decodeVolumeIds(frame.payload));
+    const objects = await digestPg(this.#env, this.#engine, volumeIds, (volumeId, chunkIndex) => placementGroupOf(volumeId, chunkIndex, h.pgCount) === h.pgId, h.countBlocks * 1024 * 1024);
+    const payload = encodeDigest(objects);
+    return { header: replyHeader(h, { payloadBytes: payload.length }), parts: [payload] };
   }
 
   async #listPg(frame: Frame): Promise<Reply> {

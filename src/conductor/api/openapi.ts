@@ -37,13 +37,37 @@ const schemas: Record<string, Schema> = {
     disks: array(ref('DiskReport')),
   }),
   RegisterStoreResponse: object({ storeId: integer(undefined, 1), heartbeatIntervalMs: integer(), heartbeatTimeoutMs: integer() }),
-  HeartbeatRequest: object({ disks: array(ref('DiskReport')) }),
+  HeartbeatRequest: object({ disks: array(ref('DiskReport')), recovery: ref('RecoveryReport') }, ['disks']),
+  RecoveryReport: object({
+    pgsQueued: integer(), pgsActive: integer(), bytesCopied: integer(), bytesPerSecond: { type: 'number', minimum: 0 }, bytesPending: integer(),
+    paused: string('Why copying waits (e.g. the disk is past backfillfull).'),
+  }, ['pgsQueued', 'pgsActive', 'bytesCopied', 'bytesPerSecond', 'bytesPending']),
+  RecoveryStatus: object({
+    replicasRecovering: integer(), replicasToRemove: integer(), pgsMoving: integer(), storesOut: array(integer(undefined, 1)),
+    storesDraining: array(object({ storeId: integer(undefined, 1), replicasLeft: integer() })),
+    bytesCopied: integer(), bytesPerSecond: { type: 'number', minimum: 0 }, bytesRemaining: integer(), etaSeconds: { type: ['number', 'null'] },
+    fullness: array(object({ storeId: integer(undefined, 1), ratio: { type: 'number' }, level: { enum: ['nearfull', 'backfillfull', 'full'] } })),
+    blocked: array(string()),
+  }),
+  ScrubResult: object({
+    volume: { type: ['string', 'null'] }, startedAt: { type: 'string', format: 'date-time' }, finishedAt: { type: 'string', format: 'date-time' },
+    pgs: integer(), pgsSkipped: integer(), objects: integer(), blocks: integer(), inconsistentBlocks: integer(), repairedBlocks: integer(),
+    unrepairedBlocks: integer(), repairedByStore: array(object({ storeId: integer(undefined, 1), blocks: integer() })), errors: array(string()),
+  }),
+  MovePlan: object({
+    pgs: integer(), replicas: integer('New replicas to fill.'), replicasRemoved: integer('Replicas dropped once their replacements are clean.'),
+    bytes: integer('Estimated bytes to copy.'), seconds: { type: 'number', description: 'Estimated time.' }, bytesPerSecond: { type: 'number' },
+    rateMeasured: { type: 'boolean' }, stores: array(object({ storeId: integer(undefined, 1), receives: integer(), givesUp: integer() })), blocked: array(string()),
+    moves: array(object({ poolId: integer(undefined, 1), pgIndex: integer(), add: array(integer(undefined, 1)), remove: array(integer(undefined, 1)) })),
+  }),
+  VolumeHealth: object({ pgs: integer(), pgsClean: integer(), pgsRecovering: integer(), pgsDegraded: integer() }),
   StoreMapEntry: object({ id: integer(undefined, 1), address: string(), domain: string(), state: { enum: ['up', 'down', 'out'] } }),
   StoreInfo: object({
     id: integer(undefined, 1), address: string(), domain: string(), state: { enum: ['up', 'down', 'out'] }, capacityBytes: integer(), usedBytes: integer(),
     lastHeartbeatAt: { type: ['string', 'null'], format: 'date-time' }, disks: array(ref('DiskReport')),
-  }),
-  ReplicaEntry: object({ storeId: integer(undefined, 1), state: { enum: ['clean', 'recovering', 'down'] } }),
+    draining: { type: 'boolean' }, recovery: ref('RecoveryReport'),
+  }, ['id', 'address', 'domain', 'state', 'capacityBytes', 'usedBytes', 'lastHeartbeatAt', 'disks']),
+  ReplicaEntry: object({ storeId: integer(undefined, 1), state: { enum: ['clean', 'recovering', 'down'] }, sinceEpoch: integer('Map epoch the replica entered its state.') }, ['storeId', 'state']),
   PgEntry: object({ epoch: integer(), replicas: array(ref('ReplicaEntry')) }),
   PoolMapEntry: object({
     id: integer(undefined, 1), name: string(), replicas: integer(undefined, 1), minReplicas: integer(undefined, 1), pgCount: integer(undefined, 1),
@@ -80,6 +104,7 @@ const schemas: Record<string, Schema> = {
     poolName: string(), replicas: integer(undefined, 1), owner: { type: ['string', 'null'] }, ownerEpoch: integer(), createdAt: { type: 'string', format: 'date-time' },
     snapSeq: integer('The volume\'s snap sequence (0: never snapshotted).'), snapshots: integer('Number of snapshots (single-volume answers).'),
     parent: { oneOf: [{ type: 'null' }, object({ volumeId: integer(undefined, 1), volume: string(), snapshotId: integer(undefined, 1), snapshot: string() })] },
+    health: ref('VolumeHealth'),
   }, ['id', 'name', 'sizeBytes', 'chunkSizeBytes', 'poolId', 'poolName', 'replicas', 'owner', 'ownerEpoch', 'createdAt']),
   OpenVolumeResponse: object({ volume: ref('VolumeInfo'), ownerEpoch: integer(undefined, 1), map: ref('ClusterMap') }),
   CreateVolumeRequest: object({
@@ -111,7 +136,8 @@ const schemas: Record<string, Schema> = {
     clusterId: string(), epoch: integer(), health: { enum: ['ok', 'degraded', 'error'] },
     stores: object({ total: integer(), up: integer(), down: integer() }), pools: array(ref('PoolInfo')), volumes: integer(),
     capacityBytes: integer(), usedBytes: integer(), provisionedBytes: integer(), messages: array(string()), conductor: ref('ConductorInfo'),
-  }),
+    recovery: ref('RecoveryStatus'), lastScrub: { oneOf: [ref('ScrubResult'), { type: 'null' }] },
+  }, ['clusterId', 'epoch', 'health', 'stores', 'pools', 'volumes', 'capacityBytes', 'usedBytes', 'provisionedBytes', 'messages', 'conductor']),
 };
 
 interface Operation {
@@ -153,6 +179,23 @@ export const operations: Record<string, Record<string, Operation>> = {
     post: {
       summary: 'The store reads every live block of its disk and checks its crc32c; answers with what it found (query mibPerSecond throttles it).',
       response: { type: 'object' }, parameters: [pathParameter('id', 'Store id.', integer(undefined, 1))],
+    },
+  },
+  '/stores/{id}/drain': {
+    post: {
+      summary: 'Drain a store: placement leaves it out, so its PGs get replicas elsewhere and then drop it. dryRun=true only answers the plan; cancel=true takes it back.',
+      response: 'MovePlan',
+      parameters: [pathParameter('id', 'Store id.', integer(undefined, 1)), queryParameter('dryRun', 'Plan only.', { type: 'boolean' }), queryParameter('cancel', 'Undo a drain.', { type: 'boolean' })],
+    },
+  },
+  '/rebalance': {
+    post: { summary: 'The PG moves placement wants now (new stores, out or drained ones); dryRun=true changes nothing.', response: 'MovePlan', parameters: [queryParameter('dryRun', 'Plan only.', { type: 'boolean' })] },
+  },
+  '/scrub': {
+    post: {
+      summary: 'Compare the replicas of one volume\'s PGs (or every volume\'s) block by block by crc32c and version, without moving data, and rewrite copies that differ from a good one.',
+      response: 'ScrubResult',
+      parameters: [queryParameter('volume', 'One volume (default: all).', { type: 'string' }), queryParameter('mibPerSecond', 'Per-store read limit.', integer())],
     },
   },
   '/stores/{id}/report-down': {

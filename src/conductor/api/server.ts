@@ -20,8 +20,9 @@ import {
 } from '../validate.ts';
 import type {
   ApiErrorBody, ClusterInfo, ClusterMap, ClusterStatus, ConductorInfo, DiskInfo, DiskReport, OpenVolumeResponse, PoolDetail, PoolInfo,
-  RegisterStoreResponse, SnapshotInfo, StoreInfo, VolumeInfo,
+  RecoveryReport, RegisterStoreResponse, ScrubResult, SnapshotInfo, StoreInfo, VolumeInfo,
 } from './types.ts';
+import type { MovePlan } from '../healing.ts';
 
 export const apiPrefix = '/api/v1';
 /** Largest request body accepted. */
@@ -44,7 +45,7 @@ export interface MapSnapshot {
 export interface ConductorService {
   clusterInfo(): ClusterInfo;
   registerStore(input: RegisterInput): Promise<RegisterStoreResponse>;
-  heartbeat(storeId: number, disks: DiskReport[]): Promise<void>;
+  heartbeat(storeId: number, disks: DiskReport[], recovery?: RecoveryReport): Promise<void>;
   reportDown(storeId: number, reporter: string, reason: string): Promise<MapSnapshot>;
   /** Waits as GET /map describes; `onAbort` registers the client-went-away hook. */
   map(since: number | undefined, waitMs: number, onAbort: (cancel: () => void) => void): Promise<MapSnapshot>;
@@ -72,6 +73,11 @@ export interface ConductorService {
   acknowledgeSnapshots(volumeName: string, owner: string, ownerEpoch: number, snapSeq: number): Promise<void>;
   cloneVolume(volumeName: string, snapshotName: string, newName: string): Promise<VolumeInfo>;
   markFlattened(volumeName: string, owner: string, ownerEpoch: number): Promise<VolumeInfo>;
+  /** Healing (healing.ts): the moves placement wants now; without dryRun, starts them at once. */
+  rebalance(dryRun: boolean): Promise<MovePlan>;
+  drainStore(storeId: number, options: { dryRun: boolean; cancel: boolean }): Promise<MovePlan>;
+  /** Replica scrub (scrub.ts) of one volume's PGs or every volume's. */
+  scrub(volumeName: string | null, mibPerSecond: number): Promise<ScrubResult>;
 }
 
 /** Checks the bearer token of a request. */
@@ -138,6 +144,24 @@ function decodeSegment(text: string): string {
 
 const ok = { ok: true } as const;
 
+/** A store's optional resync figures in a heartbeat: numbers ≥ 0; anything else is INVALID_ARGUMENT. */
+function recoveryReport(value: unknown): RecoveryReport | undefined {
+  if (value === undefined || value === null) return undefined;
+  if (typeof value !== 'object' || Array.isArray(value)) throw new ShaleError('INVALID_ARGUMENT', 'recovery must be an object');
+  const record = value as Record<string, unknown>;
+  const number = (name: string): number => {
+    const field = record[name];
+    if (typeof field !== 'number' || !Number.isFinite(field) || field < 0) throw new ShaleError('INVALID_ARGUMENT', `recovery.${name} must be a number ≥ 0`);
+    return field;
+  };
+  const paused = record.paused;
+  if (paused !== undefined && (typeof paused !== 'string' || paused.length > 1024)) throw new ShaleError('INVALID_ARGUMENT', 'recovery.paused must be a short string');
+  return {
+    pgsQueued: number('pgsQueued'), pgsActive: number('pgsActive'), bytesCopied: number('bytesCopied'),
+    bytesPerSecond: number('bytesPerSecond'), bytesPending: number('bytesPending'), ...(paused ? { paused } : {}),
+  };
+}
+
 export function conductorRoutes(service: ConductorService, openApiJson: () => string = () => '{}'): Route[] {
   const route = (method: string, path: string, handle: Route['handle'], flags: { write?: boolean; public?: boolean } = {}): Route => ({
     method,
@@ -164,7 +188,7 @@ export function conductorRoutes(service: ConductorService, openApiJson: () => st
     }),
 
     route('POST', '/stores/{id}/heartbeat', async ({ params, body }) => {
-      await service.heartbeat(pathId(params[0]!, 'store id'), diskReports(body.disks));
+      await service.heartbeat(pathId(params[0]!, 'store id'), diskReports(body.disks), recoveryReport(body.recovery));
       return { body: ok };
     }),
 
@@ -181,6 +205,14 @@ export function conductorRoutes(service: ConductorService, openApiJson: () => st
       body: await service.scrubStore(pathId(params[0]!, 'store id'), queryInteger(query, 'mibPerSecond', 0, 1_000_000) ?? 0),
     }), { write: false }),
     route('GET', '/disks', async () => ({ body: { disks: await service.disks() } })),
+    route('POST', '/stores/{id}/drain', async ({ params, query }) => ({
+      body: await service.drainStore(pathId(params[0]!, 'store id'), { dryRun: queryBoolean(query, 'dryRun'), cancel: queryBoolean(query, 'cancel') }),
+    })),
+    route('POST', '/rebalance', async ({ query }) => ({ body: await service.rebalance(queryBoolean(query, 'dryRun')) })),
+    route('POST', '/scrub', async ({ query }) => {
+      const volume = query.get('volume');
+      return { body: await service.scrub(volume === null ? null : volumeName(volume), queryInteger(query, 'mibPerSecond', 0, 1_000_000) ?? 0) };
+    }),
 
     route('GET', '/map', async ({ query, onAbort }) => {
       const since = queryInteger(query, 'since', 0, Number.MAX_SAFE_INTEGER);

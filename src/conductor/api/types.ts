@@ -79,6 +79,72 @@ export interface RegisterStoreResponse {
 
 export interface HeartbeatRequest {
   disks: DiskReport[];
+  /** The store's resync figures, for progress and ETA in status (healing). */
+  recovery?: RecoveryReport;
+}
+
+/** What a store reports of the PG replicas it is filling (src/store/resync.ts). */
+export interface RecoveryReport {
+  /** PGs waiting for their turn and being copied now. */
+  pgsQueued: number;
+  pgsActive: number;
+  /** Bytes copied into this store by resync since it started. */
+  bytesCopied: number;
+  /** Recent copy rate. */
+  bytesPerSecond: number;
+  /** Bytes the PGs being copied still need (known once a PG's listing is compared). */
+  bytesPending: number;
+  /** Why copying waits, if it does (e.g. the disk is past backfillfull). */
+  paused?: string;
+}
+
+/** Recovery and rebalancing in `cluster status` (healing.ts). */
+export interface RecoveryStatus {
+  /** Replicas being filled (recovering) and replicas waiting to be removed once their replacements are clean. */
+  replicasRecovering: number;
+  replicasToRemove: number;
+  /** PGs with a replica recovering or to be added. */
+  pgsMoving: number;
+  storesOut: number[];
+  storesDraining: { storeId: number; replicasLeft: number }[];
+  bytesCopied: number;
+  bytesPerSecond: number;
+  /** Estimated bytes still to copy, and seconds at the current rate (null: no rate yet). */
+  bytesRemaining: number;
+  etaSeconds: number | null;
+  /** Stores at or above nearfull (0.85), backfillfull (0.90) or full (0.95). */
+  fullness: { storeId: number; ratio: number; level: 'nearfull' | 'backfillfull' | 'full' }[];
+  /** PGs that cannot get a replica now, with why. */
+  blocked: string[];
+}
+
+/** One scrub's result (conductor scrub.ts): replicas compared block by block by crc32c and version. */
+export interface ScrubResult {
+  /** The volume scrubbed, or null for every volume. */
+  volume: string | null;
+  startedAt: string;
+  finishedAt: string;
+  pgs: number;
+  /** PGs skipped (fewer than two clean replicas up, or a replica did not answer). */
+  pgsSkipped: number;
+  objects: number;
+  blocks: number;
+  /** Blocks whose replicas differed (or read back bad) and were rewritten from a good copy. */
+  inconsistentBlocks: number;
+  repairedBlocks: number;
+  /** Blocks found bad or divergent that could not be repaired (see errors). */
+  unrepairedBlocks: number;
+  /** Per store, how many of its blocks were rewritten. */
+  repairedByStore: { storeId: number; blocks: number }[];
+  errors: string[];
+}
+
+/** Per volume in `volume info`: how many of its PGs are degraded or moving. */
+export interface VolumeHealth {
+  pgs: number;
+  pgsClean: number;
+  pgsRecovering: number;
+  pgsDegraded: number;
 }
 
 export interface StoreMapEntry {
@@ -91,6 +157,8 @@ export interface StoreMapEntry {
 export interface ReplicaEntry {
   storeId: number;
   state: ReplicaState;
+  /** The map epoch at which the replica entered its state (a resync's resume cursor belongs to one). */
+  sinceEpoch?: number;
 }
 
 export interface PgEntry {
@@ -181,6 +249,8 @@ export interface VolumeInfo {
   snapshots?: number;
   /** A clone's parent: the volume and snapshot it reads through to (null once flattened). */
   parent?: { volumeId: number; volume: string; snapshotId: number; snapshot: string } | null;
+  /** Only in GET /volumes/{name}: its PGs' health and any recovery under way. */
+  health?: VolumeHealth;
 }
 
 export interface SnapshotInfo {
@@ -263,6 +333,10 @@ export interface StoreInfo extends StoreMapEntry {
   usedBytes: number;
   lastHeartbeatAt: string | null;
   disks: DiskReport[];
+  /** Drained by an operator: its PGs move elsewhere. */
+  draining?: boolean;
+  /** Resync figures from its last heartbeat (leader only). */
+  recovery?: RecoveryReport;
 }
 
 export interface PoolInfo {
@@ -328,6 +402,9 @@ export interface ClusterStatus {
   messages: string[];
   /** The conductor that answered, and the leader. */
   conductor: ConductorInfo;
+  recovery?: RecoveryStatus;
+  /** The last scrub this conductor ran, if any. */
+  lastScrub?: ScrubResult | null;
 }
 
 export interface ApiErrorBody {

@@ -160,6 +160,7 @@ interface StoreJson {
   usedBytes: number;
   lastHeartbeatAt: string | null;
   disks: DiskReport[];
+  draining?: boolean;
 }
 
 function checkId(id: number, what: string): void {
@@ -400,6 +401,7 @@ class EtcdTx implements MetaTx, RawTx {
       id: record.id, diskUuid: record.diskUuid, address: record.address, domain: record.domain, state: record.state,
       stateEpoch: record.stateEpoch, capacityBytes: record.capacityBytes, usedBytes: record.usedBytes,
       lastHeartbeatAt: record.lastHeartbeatAt, disks: record.disks.map((d) => ({ uuid: d.uuid, path: d.path, capacityBytes: d.capacityBytes, usedBytes: d.usedBytes })),
+      ...(record.draining ? { draining: true } : {}),
     };
     this.#write(this.#key(`stores/${pad(record.id)}`), JSON.stringify(json));
     this.#write(this.#key(`stores-by-disk/${record.diskUuid}`), String(record.id));

@@ -49,6 +49,11 @@ export interface StoreRecord {
   disks: DiskReport[];
   /** Map epoch at which `state` last changed. */
   stateEpoch: number;
+  /**
+   * Drained by an operator (`shale store drain`): placement leaves it out, so its PGs move to other
+   * stores; it stays up and serving until they have. Absent in records written before healing.
+   */
+  draining?: boolean;
 }
 
 export interface PoolRecord {

@@ -109,6 +109,13 @@ export const migrations: readonly Migration[] = [
   },
   {
     version: 3,
+    description: 'stores.draining (an operator drains a store: placement leaves it out)',
+    up(db) {
+      db.exec(`ALTER TABLE stores ADD COLUMN draining INTEGER NOT NULL DEFAULT 0;`);
+    },
+  },
+  {
+    version: 4,
     description: 'snapshots and clones: volumes.snap_seq, volumes.parent_volume_id, volumes.parent_snapshot_id; snapshots',
     up(db) {
       db.exec(`
@@ -222,6 +229,7 @@ function storeFromRow(row: Row): StoreRecord {
     usedBytes: num(row, 'used_bytes'),
     lastHeartbeatAt: strOrNull(row, 'last_heartbeat_at'),
     disks: json<DiskReport[]>(row, 'disks'),
+    ...(num(row, 'draining') !== 0 ? { draining: true } : {}),
   };
 }
 
@@ -410,13 +418,13 @@ class SqliteTx implements MetaTx {
     const holder = await this.storeByDisk(record.diskUuid);
     assert(!holder || holder.id === record.id, 'a disk uuid belongs to one store id');
     this.#run(
-      `INSERT INTO stores (id, disk_uuid, address, domain, state, state_epoch, capacity_bytes, used_bytes, last_heartbeat_at, disks)
-       VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
+      `INSERT INTO stores (id, disk_uuid, address, domain, state, state_epoch, capacity_bytes, used_bytes, last_heartbeat_at, disks, draining)
+       VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
        ON CONFLICT (id) DO UPDATE SET disk_uuid = excluded.disk_uuid, address = excluded.address, domain = excluded.domain,
          state = excluded.state, state_epoch = excluded.state_epoch, capacity_bytes = excluded.capacity_bytes,
-         used_bytes = excluded.used_bytes, last_heartbeat_at = excluded.last_heartbeat_at, disks = excluded.disks`,
+         used_bytes = excluded.used_bytes, last_heartbeat_at = excluded.last_heartbeat_at, disks = excluded.disks, draining = excluded.draining`,
       record.id, record.diskUuid, record.address, record.domain, record.state, record.stateEpoch, record.capacityBytes,
-      record.usedBytes, record.lastHeartbeatAt, JSON.stringify(record.disks),
+      record.usedBytes, record.lastHeartbeatAt, JSON.stringify(record.disks), record.draining ? 1 : 0,
     );
   }
 

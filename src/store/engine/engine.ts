@@ -123,6 +123,15 @@ export const reserveSegmentsDefault = 2;
 /** Background compaction picks only segments at most this full (so each one frees real space). */
 export const compactionLiveFractionMax = 0.75;
 export const compactionIdleDelayMsDefault = 200;
+/**
+ * Background compaction under load: while client writes are queued, each batch carries at most
+ * this many blocks of compaction copies (1 MiB), so a client write waits for at most that much
+ * extra I/O. When the free segments fall to within two of what clients may not take, the limit is
+ * lifted (clients would otherwise soon wait for a foreground compaction, which is worse).
+ */
+export const compactionBatchBlocksMax = 256;
+/** Segments a client that hit the wall waits for compaction to copy before it gets NO_SPACE. */
+export const makeSpaceCompactionsMax = 8;
 /** A checkpoint is written after this much log (or `checkpointImageFactor` × the last image, if more). */
 export const checkpointIntervalBytesDefault = 1 * GiB;
 export const checkpointImageFactor = 4;
@@ -279,6 +288,10 @@ export interface EngineStats {
   indexMemoryBytes: number;
   kvEntries: number;
   compactedSegments: number;
+  /** Of those, compacted by the background compactor (idle or under load). */
+  backgroundCompactedSegments: number;
+  /** Client requests that waited for a foreground compaction (the disk was full for clients). */
+  foregroundCompactions: number;
   droppedTombstoneBlocks: number;
   batchesWritten: number;
   syncs: number;
@@ -675,7 +688,15 @@ export class StoreEngine {
   readonly #idleWaiters: (() => void)[] = [];
   #compactionTimer: Timer | undefined;
   #compactionBuffer: Buffer | undefined;
+  /** The background compactor's run (at most one), its victim and its read buffer. */
+  #compactor: Promise<void> | undefined;
+  #compactorVictim = -1;
+  #compactorBuffer: Buffer | undefined;
+  #backgroundCompactedSegments = 0;
+  #foregroundCompactions = 0;
   #compactedSegments = 0;
+  /** Client (not compaction) records written: makeSpace's measure of progress. */
+  #clientRecordsWritten = 0;
   #droppedTombstoneBlocks = 0;
   #batchesWritten = 0;
   #syncs = 0;
@@ -1366,6 +1387,8 @@ export class StoreEngine {
       indexMemoryBytes: this.#index.memoryBytes,
       kvEntries,
       compactedSegments: this.#compactedSegments,
+      backgroundCompactedSegments: this.#backgroundCompactedSegments,
+      foregroundCompactions: this.#foregroundCompactions,
       droppedTombstoneBlocks: this.#droppedTombstoneBlocks,
       batchesWritten: this.#batchesWritten,
       syncs: this.#syncs,
@@ -1497,6 +1520,9 @@ export class StoreEngine {
     this.#compactionTimer = undefined;
     this.#closePromise = (async () => {
       await this.#whenIdle();
+      // The background compactor queues nothing more once closing; its last copies are written by now or soon.
+      await this.#compactor;
+      await this.#whenIdle();
       try {
         if (!this.#broken) {
           await this.#checkpointing?.promise.catch(() => {});
@@ -1603,6 +1629,7 @@ export class StoreEngine {
   /** Starts what a batch may have made due: a root (lease, queue) or a checkpoint. */
   #afterBatch(): void {
     if (this.#nextSequence > this.#leaseEnd - this.#sequenceLeaseBatches / 2) this.#requestRoot();
+    this.#maybeStartCompactor();
     if (this.#checkpointing || this.#closing) return;
     const due = this.#logBytesSinceCheckpoint >= Math.max(this.#checkpointIntervalBytes, checkpointImageFactor * this.#lastImageBytes);
     // Segments emptied since the checkpoint come back only with the next one: do not let them pile up.
@@ -1629,17 +1656,26 @@ export class StoreEngine {
     let dataBlocks = 0;
     let payloadBytes = 0;
     let segmentHeader: Buffer | undefined;
+    const compactionLimit = this.#compactionBatchLimit();
+    let compactionBlocks = 0;
     while (records < batchRecordsMax) {
-      const fromCompaction = !this.#compactionQueue.isEmpty;
+      const fromCompaction = !this.#compactionQueue.isEmpty && (compactionBlocks < compactionLimit || this.#queue_.isEmpty);
       const queue = fromCompaction ? this.#compactionQueue : this.#queue_;
       const op = queue.peek();
       if (op === undefined) break;
-      const take = this.#openSegment < 0 ? 0 : this.#fit(op, records, dataBlocks, payloadBytes);
+      let take = this.#openSegment < 0 ? 0 : this.#fit(op, records, dataBlocks, payloadBytes);
+      if (fromCompaction && op.kind === RecordKind.DATA && !this.#queue_.isEmpty) take = Math.min(take, Math.max(1, compactionLimit - compactionBlocks));
       if (take === 0) {
         if (pieces.length > 0) break;
         const may = this.#mayOpenSegment(op.tier);
         if (may === 'need-root') return FORM_NEED_ROOT;
         if (may === 'pinned') return FORM_PINNED;
+        if (may === 'no-space' && fromCompaction && !this.#compacting) {
+          // The background compactor's copies found no room: it gives up this victim; clients
+          // go on (and compact in the foreground if they need to).
+          this.#dropCompactionQueue();
+          continue;
+        }
         if (may === 'no-space') return fromCompaction || this.#compacting ? FORM_BLOCKED : FORM_NEED_SPACE;
         segmentHeader = this.#openNewSegment();
         assert(this.#fit(op, 0, 0, 0) > 0, 'a request does not fit in an empty segment');
@@ -1650,11 +1686,13 @@ export class StoreEngine {
         pieces.push({ op, firstBlock: op.placedBlocks, countBlocks: take, dataIndexBlocks: dataBlocks, last: false });
         op.placedBlocks += take;
         dataBlocks += take;
+        if (fromCompaction) compactionBlocks += take;
         last = op.placedBlocks === op.countBlocks;
         pieces[pieces.length - 1]!.last = last;
       } else {
         pieces.push({ op, firstBlock: 0, countBlocks: op.countBlocks, dataIndexBlocks: 0, last: true });
         payloadBytes += op.payload?.length ?? 0;
+        if (fromCompaction) compactionBlocks++;
       }
       records++;
       if (last) queue.shift();
@@ -1822,6 +1860,7 @@ export class StoreEngine {
         op.seq, op.snapSeq, op.flags, op.payload, headerLocation, dataLocation + piece.dataIndexBlocks, op.checksums, piece.firstBlock);
       op.appliedBlocks += applied;
       op.skippedBlocks += piece.countBlocks - Math.min(applied, piece.countBlocks);
+      if (op.tier !== Tier.COMPACTION) this.#clientRecordsWritten++;
       if (piece.last) op.resolve?.({ appliedBlocks: op.appliedBlocks, skippedBlocks: op.skippedBlocks });
     }
   }
@@ -1835,7 +1874,7 @@ export class StoreEngine {
 
   #rejectQueued(error: Error): void {
     for (const op of this.#queue_.drain()) op.reject?.(error);
-    this.#compactionQueue.drain();
+    for (const op of this.#compactionQueue.drain()) op.reject?.(error);
     for (const task of this.#tasks.splice(0)) void task();
   }
 
@@ -2828,15 +2867,26 @@ export class StoreEngine {
     return clientSegments * (this.#blocksPerSegment - SEGMENT_HEADER_BLOCKS) + open;
   }
 
-  /** Called (as the writer) when a client request needs a new segment and none may be taken. True if progress was made. */
+  /**
+   * Called (as the writer) when a client request needs a new segment and none may be taken.
+   * True if progress was made: segments came free, room for clients appeared, or client records
+   * went out meanwhile (compaction batches carry queued client writes along, so the room a copy
+   * frees is often used at once — that counts as progress, not as failure). Compacts up to
+   * `makeSpaceCompactionsMax` segments before giving up.
+   */
   async #makeSpace(): Promise<boolean> {
     if (await this.#freePending()) return true;
-    const before = this.#writableBlocks();
-    const victim = this.#pickVictim(false);
-    if (victim < 0) return false;
-    await this.#compactSegment(victim);
-    if (await this.#freePending()) return true;
-    return this.#writableBlocks() > before;
+    for (let attempt = 0; attempt < makeSpaceCompactionsMax; attempt++) {
+      const writableBefore = this.#writableBlocks();
+      const clientBefore = this.#clientRecordsWritten;
+      const victim = this.#pickVictim(false);
+      if (victim < 0) return false;
+      this.#foregroundCompactions++;
+      await this.#compactSegment(victim);
+      if (await this.#freePending()) return true;
+      if (this.#writableBlocks() > writableBefore || this.#clientRecordsWritten > clientBefore) return true;
+    }
+    return false;
   }
 
   /** Frees emptied segments: a sync, or (for segments replay still needs) a checkpoint. True if any was freed. */
@@ -2868,7 +2918,7 @@ export class StoreEngine {
     let best = -1;
     let bestRank = Infinity;
     for (let s = 0; s < this.#segmentCount; s++) {
-      if (this.#segmentState[s] !== SegmentState.SEALED || this.#damaged[s]) continue;
+      if (this.#segmentState[s] !== SegmentState.SEALED || this.#damaged[s] || s === this.#compactorVictim) continue;
       const cost = this.#copyCostBlocks(s);
       if (cost > costMax) continue;
       // A segment replay still needs is freed only by a checkpoint: prefer the others a little.
@@ -2882,21 +2932,102 @@ export class StoreEngine {
   }
 
   #maybeScheduleCompaction(): void {
-    if (!this.#backgroundCompaction || this.#compactionTimer || this.#closing || this.#broken) return;
+    if (!this.#backgroundCompaction || this.#compactionTimer || this.#compactor || this.#closing || this.#broken) return;
     if (this.#freeCount >= this.#compactionFreeSegmentsMin || this.#pickVictim(true) < 0) return;
+    // The compactor also starts after every batch; this catches an engine that went idle after it gave up.
     this.#compactionTimer = this.#env.clock.after(this.#compactionIdleDelayMs, () => {
       this.#compactionTimer = undefined;
-      if (this.#closing || this.#broken || this.#writerRunning) return;
-      this.#runTask(async () => {
-        while (this.#freeCount < this.#compactionFreeSegmentsMin && this.#queue_.isEmpty && !this.#closing) {
-          const victim = this.#pickVictim(true);
-          if (victim < 0 || !(await this.#compactSegment(victim))) break;
-        }
-      }).catch(() => {
-        // A failed compaction marks its victim damaged or breaks the engine; both are reported elsewhere.
-      });
+      this.#maybeStartCompactor();
     });
     this.#compactionTimer.unref();
+  }
+
+  /** Compaction blocks a batch may carry while clients wait (see compactionBatchBlocksMax). */
+  #compactionBatchLimit(): number {
+    if (this.#compacting || this.#queue_.isEmpty) return Infinity;
+    const clientKeep = this.#checkpointReserveSegments() + this.#reserveSegments;
+    return this.#freeCount <= clientKeep + 2 ? Infinity : compactionBatchBlocksMax;
+  }
+
+  /** Drops queued compaction copies (their victim stays as it is); the background compactor learns it. */
+  #dropCompactionQueue(): void {
+    const dropped = new ShaleError('NO_SPACE', 'compaction copy dropped: no room');
+    for (const op of this.#compactionQueue.drain()) op.reject?.(dropped);
+  }
+
+  /**
+   * Background compaction, under load as well as idle: when fewer than compactionFreeSegmentsMin
+   * segments are free, a compactor (outside the writer) reads a victim at most 75 % live, queues
+   * copies of its live records, and lets the writer interleave them with client batches
+   * (compactionBatchBlocksMax per batch while clients wait). The victim is reused only after a
+   * sync covers the copies, exactly as in the foreground.
+   */
+  #maybeStartCompactor(): void {
+    if (!this.#backgroundCompaction || this.#compactor || this.#closing || this.#broken || this.#replaying) return;
+    if (this.#freeCount >= this.#compactionFreeSegmentsMin || this.#pickVictim(true) < 0) return;
+    this.#compactor = this.#runCompactor().catch((error: unknown) => {
+      if (!(error instanceof ShaleError)) this.#setBroken(toDiskError(error, 'background compaction'));
+    }).finally(() => {
+      this.#compactor = undefined;
+      this.#compactorVictim = -1;
+    });
+  }
+
+  async #runCompactor(): Promise<void> {
+    let failures = 0;
+    while (this.#freeCount < this.#compactionFreeSegmentsMin && !this.#closing && !this.#broken && failures < 3) {
+      const victim = this.#pickVictim(true);
+      if (victim < 0) return;
+      if (await this.#compactInBackground(victim)) failures = 0;
+      else failures++;
+    }
+  }
+
+  /** One victim: read it (pinned, off the writer), queue its copies, wait until they are written, sync. True if it was emptied. */
+  async #compactInBackground(victim: number): Promise<boolean> {
+    this.#compactorVictim = victim;
+    const generation = this.#generation[victim]!;
+    const buffer = (this.#compactorBuffer ??= Buffer.allocUnsafe(this.#segmentSizeBytes));
+    let length: number;
+    this.#readPins[victim]!++;
+    try {
+      length = await this.#file.read(buffer, this.#segmentOffsetBytes(victim));
+    } catch {
+      this.#damaged[victim] = 1;
+      return false;
+    } finally {
+      this.#readPins[victim]!--;
+      if (this.#pinWaiters.length > 0) for (const waiter of this.#pinWaiters.splice(0)) waiter();
+    }
+    // Emptied by overwrites meanwhile (and maybe reused): nothing to do.
+    if (this.#segmentState[victim] !== SegmentState.SEALED || this.#generation[victim] !== generation) return true;
+    if (this.#closing || this.#broken) return false;
+    const scan = length === buffer.length ? scanSegment(buffer, victim, this.#formatId) : undefined;
+    if (!scan?.header || scan.header.generation !== generation || scan.header.kind !== SegmentKind.LOG) {
+      this.#damaged[victim] = 1;
+      return false;
+    }
+    const ops = this.#queueCopies(victim, buffer, scan.batches);
+    if (ops.length > 0) {
+      // Every copy settles: written (resolve), or dropped for lack of room or a broken engine (reject).
+      let failed = false;
+      const settled = ops.map((op) => new Promise<void>((resolve) => {
+        op.resolve = () => resolve();
+        op.reject = () => {
+          failed = true;
+          resolve();
+        };
+      }));
+      this.#pump();
+      await Promise.all(settled);
+      if (failed) return false;
+    }
+    if (this.#segmentState[victim] === SegmentState.SEALED) return false; // something is still live there (changed under the copy)
+    // The copies must be durable before the victim is reused (a sync next to the writer, not in its way).
+    if (this.#lastWrittenSequence > this.#durableSequence) await this.#syncUpTo(this.#lastWrittenSequence);
+    this.#compactedSegments++;
+    this.#backgroundCompactedSegments++;
+    return true;
   }
 
   /**
@@ -2927,7 +3058,7 @@ export class StoreEngine {
           if (await this.#writeNext()) continue;
           if (await this.#freePending()) continue;
           // Not even the reserve is left: give up; what was copied so far is simply garbage there.
-          this.#compactionQueue.drain();
+          this.#dropCompactionQueue();
           return false;
         }
         if (this.#liveDataBlocks[victim] === 0 && this.#liveMetaUnits[victim] === 0) {
@@ -2947,9 +3078,14 @@ export class StoreEngine {
     }
   }
 
-  /** Queues copies (and drops) of every live record of the victim's batches. */
-  #queueCopies(victim: number, buffer: Buffer, batches: readonly DecodedBatch[]): void {
+  /** Queues copies (and drops) of every live record of the victim's batches; returns them. */
+  #queueCopies(victim: number, buffer: Buffer, batches: readonly DecodedBatch[]): PendingOp[] {
     const base = victim * this.#blocksPerSegment;
+    const queued: PendingOp[] = [];
+    const push = (op: PendingOp): void => {
+      queued.push(op);
+      this.#compactionQueue.push(op);
+    };
     for (const batch of batches) {
       const headerLocation = base + batch.positionBlocks;
       const dataLocation = headerLocation + batch.headerBlocks;
@@ -2968,7 +3104,7 @@ export class StoreEngine {
               if (live && runStart < 0) runStart = i;
               if (!live && runStart >= 0) {
                 const from = dataStartBytes + (record.dataIndexBlocks + runStart) * BLOCK_SIZE_BYTES;
-                this.#compactionQueue.push(newOp(RecordKind.DATA, record.volumeId, record.chunkIndex, record.offsetBlocks + runStart, i - runStart,
+                push(newOp(RecordKind.DATA, record.volumeId, record.chunkIndex, record.offsetBlocks + runStart, i - runStart,
                   record.epoch, record.seq, record.snapSeq, buffer.subarray(from, from + (i - runStart) * BLOCK_SIZE_BYTES),
                   batch.checksums.slice(record.dataIndexBlocks + runStart, record.dataIndexBlocks + i), Tier.COMPACTION));
                 runStart = -1;
@@ -2996,7 +3132,7 @@ export class StoreEngine {
               if (action !== runAction) {
                 if (runAction !== 0) {
                   const kind = runAction === 2 ? RecordKind.DROP : RecordKind.ZERO;
-                  this.#compactionQueue.push(newOp(kind, record.volumeId, record.chunkIndex, record.offsetBlocks + runStart, i - runStart,
+                  push(newOp(kind, record.volumeId, record.chunkIndex, record.offsetBlocks + runStart, i - runStart,
                     record.epoch, record.seq, record.snapSeq, undefined, undefined, Tier.COMPACTION));
                 }
                 runStart = i;
@@ -3007,12 +3143,12 @@ export class StoreEngine {
           }
           case RecordKind.FENCE:
             if (this.#fences.get(record.volumeId)?.location === headerLocation) {
-              this.#compactionQueue.push(newOp(RecordKind.FENCE, record.volumeId, 0, 0, 0, record.epoch, 0, 0, undefined, undefined, Tier.COMPACTION));
+              push(newOp(RecordKind.FENCE, record.volumeId, 0, 0, 0, record.epoch, 0, 0, undefined, undefined, Tier.COMPACTION));
             }
             break;
           case RecordKind.PURGE:
             if (this.#purged.get(record.volumeId) === headerLocation) {
-              this.#compactionQueue.push(newOp(RecordKind.PURGE, record.volumeId, 0, 0, 0, 0, 0, 0, undefined, undefined, Tier.COMPACTION));
+              push(newOp(RecordKind.PURGE, record.volumeId, 0, 0, 0, 0, 0, 0, undefined, undefined, Tier.COMPACTION));
             }
             break;
           case RecordKind.SNAPSHOTS: {
@@ -3021,7 +3157,7 @@ export class StoreEngine {
               const op = newOp(RecordKind.SNAPSHOTS, record.volumeId, 0, 0, 0, 0, record.seq, record.snapSeq, undefined, undefined, Tier.COMPACTION);
               op.payload = record.payload;
               op.flags = record.flags ?? 0;
-              this.#compactionQueue.push(op);
+              push(op);
             }
             break;
           }
@@ -3035,13 +3171,14 @@ export class StoreEngine {
               (entry.value === undefined) === (record.kind === RecordKind.KV_DELETE)) {
               const op = newOp(record.kind, record.volumeId, 0, 0, 0, record.epoch, record.seq, 0, undefined, undefined, Tier.COMPACTION);
               op.payload = record.payload;
-              this.#compactionQueue.push(op);
+              push(op);
             }
             break;
           }
         }
       }
     }
+    return queued;
   }
 
   /** The block has a version (head or kept) of this kind, version and location. */
