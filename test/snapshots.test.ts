@@ -233,4 +233,28 @@ describe('snapshots on a cluster in one process', () => {
     }
     await volume.close();
   });
+
+  test('an owner that never acknowledges: the snapshot waits; a gateway taking the volume over acknowledges it', async () => {
+    assert.equal((await cluster.call('POST', '/volumes', { name: 'hung', size: 4 * MiB, chunkSize: '1M' })).status, 201);
+    const writer = await (await cluster.client('gw-writer')).openVolume('hung');
+    await writer.write(0, Buffer.alloc(MiB, 0x11));
+    await writer.close();
+    // A gateway opens the volume and dies: it owns the volume and will never acknowledge anything.
+    assert.equal((await cluster.call('POST', '/volumes/hung/open', { owner: 'ghost' })).status, 200);
+    const pending = cluster.call('POST', '/volumes/hung/snapshots', { name: 'pending' });
+    await new Promise((resolve) => setTimeout(resolve, 300));
+    const listed = await cluster.call('GET', '/volumes/hung/snapshots/pending');
+    assert.equal(listed.body.state, 'creating', 'not readable before the owner switched');
+    await assert.rejects(SnapshotView.open(await cluster.client('reader-hung'), 'hung', 'pending'), (error: { code?: string }) => error.code === 'NOT_READY');
+    // Another gateway takes the volume over: it fences the old owner, reconciles, then acknowledges.
+    const taken = await (await cluster.client('gw-rescuer')).openVolume('hung', { takeover: true });
+    const created = await pending;
+    assert.equal(created.status, 201, JSON.stringify(created.body));
+    assert.equal(created.body.state, 'live');
+    await taken.write(0, Buffer.alloc(MiB, 0x33));
+    const view = await SnapshotView.open(await cluster.client('reader-hung-2'), 'hung', 'pending');
+    assert.ok((await view.read(0, MiB)).equals(Buffer.alloc(MiB, 0x11)));
+    assert.ok((await taken.read(0, MiB)).equals(Buffer.alloc(MiB, 0x33)));
+    await taken.close();
+  });
 });
