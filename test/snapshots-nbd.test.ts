@@ -70,8 +70,10 @@ describe('snapshots and clones with real NBD clients', () => {
     expected.fill(0x61, 0, 4 * MiB);
     expected.fill(0x62, 8 * MiB, 9 * MiB);
     assert.ok(readFileSync(copy).equals(expected));
-    const list = JSON.parse(await cli('snapshot', 'list', 'disk', '--json')) as { snapshots: { name: string; state: string }[] };
-    assert.deepEqual(list.snapshots.map((s) => [s.name, s.state]), [['s1', 'live']]);
+    const list = JSON.parse(await cli('snapshot', 'list', 'disk', '--space', '--json')) as { snapshots: { name: string; state: string; exclusiveBytes: number; sharedBytes: number }[] };
+    // s1 alone keeps the 2 MiB the volume overwrote and the 1 MiB it discarded; it shares the other 2 MiB.
+    assert.deepEqual(list.snapshots.map((s) => [s.name, s.state, s.exclusiveBytes, s.sharedBytes]), [['s1', 'live', 3 * MiB, 2 * MiB]]);
+    assert.match(await cli('snapshot', 'list', 'disk', '--space'), /^s1 +1 +live +64\.0 MiB .* 3\.0 MiB +2\.0 MiB$/m);
  
     // Bad input gets a clear message and the code's exit status.
     const cases: [string[], number, RegExp][] = [

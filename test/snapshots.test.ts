@@ -204,7 +204,7 @@ describe('snapshots on a cluster in one process', () => {
     assert.equal(usage.provisionedBytes, 1024 * 1024 * MiB);
     assert.equal(usage.writtenBytes, MiB - 128 * 1024 + 64 * 1024);
     assert.equal(usage.zeroBytes, 128 * 1024);
-    assert.deepEqual(usage.snapshots.map((s) => [s.name, s.exclusiveBytes]), [['a', 256 * 1024 + 128 * 1024]]);
+    assert.deepEqual(usage.snapshots.map((s) => [s.name, s.exclusiveBytes, s.sharedBytes]), [['a', 256 * 1024 + 128 * 1024, MiB - 384 * 1024 + 64 * 1024]]);
     assert.equal(usage.rawBytes, (usage.writtenBytes + 384 * 1024) * 3);
     const pools = (await cluster.call('GET', '/pools')).body.pools as { provisionedBytes: number; usableBytes: number; overcommitRatio: number }[];
     assert.ok(pools[0]!.provisionedBytes >= 1024 * 1024 * MiB);

@@ -114,15 +114,25 @@ export function registerSnapshotCommands(program: Command, io: AdminIo = process
       out(options, created, () => `created snapshot ${volume}@${created.name} (id ${created.id}, ${formatBytes(created.sizeBytes)}) in ${elapsedMs.toFixed(1)} ms\n`);
     });
 
-  verb(snapshot.command('list').argument('<volume>', 'volume name').description('the volume\'s snapshots'),
-    async ({ api }, options: CommonOptions, volume: string) => {
-      const { snapshots } = await api.call<{ snapshots: SnapshotInfo[] }>('GET', path(volume, '/snapshots'));
-      out(options, { snapshots }, () => snapshots.length === 0
-        ? `volume ${volume} has no snapshots\n`
-        : renderTable(['NAME', 'ID', 'STATE', 'SIZE', 'CREATED', 'CLONES'],
-          snapshots.map((s) => [s.name, s.id, s.state, formatBytes(s.sizeBytes), formatTime(s.createdAt), s.clones.length === 0 ? '-' : s.clones.join(',')]),
-          io.stdoutIsTty));
-    });
+  verb(snapshot.command('list').argument('<volume>', 'volume name').description('the volume\'s snapshots')
+    .option('--space', 'also each snapshot\'s exclusive bytes (what deleting it frees) and shared bytes, by a walk of the block index on the stores', false),
+  async (context, options: CommonOptions & { space: boolean }, volume: string) => {
+    const { snapshots } = await context.api.call<{ snapshots: SnapshotInfo[] }>('GET', path(volume, '/snapshots'));
+    let space = new Map<number, { exclusiveBytes: number; sharedBytes: number }>();
+    if (options.space && snapshots.length > 0) {
+      const bar = context.progress(`space of ${volume}`);
+      const usage = await volumeUsage(await context.cluster(), volume, bar.update);
+      bar.stop();
+      space = new Map(usage.snapshots.map((s) => [s.id, s]));
+    }
+    const rows = snapshots.map((s) => ({ ...s, ...(space.get(s.id) ?? {}) }));
+    out(options, { snapshots: rows }, () => snapshots.length === 0
+      ? `volume ${volume} has no snapshots\n`
+      : renderTable(['NAME', 'ID', 'STATE', 'SIZE', 'CREATED', 'CLONES', ...(options.space ? ['EXCLUSIVE', 'SHARED'] : [])],
+        rows.map((s) => [s.name, s.id, s.state, formatBytes(s.sizeBytes), formatTime(s.createdAt), s.clones.length === 0 ? '-' : s.clones.join(','),
+          ...(options.space ? [s.exclusiveBytes === undefined ? '-' : formatBytes(s.exclusiveBytes), s.sharedBytes === undefined ? '-' : formatBytes(s.sharedBytes)] : [])]),
+        io.stdoutIsTty));
+  });
 
   verb(snapshot.command('delete').argument('<volume@snapshot>', 'the snapshot').description('delete a snapshot (refused while clones read through to it); its space comes back through compaction'),
     async ({ api }, options: CommonOptions, name: string) => {
@@ -189,7 +199,7 @@ export function registerSnapshotCommands(program: Command, io: AdminIo = process
         ` (${usage.provisionedBytes > 0 ? ((usage.writtenBytes / usage.provisionedBytes) * 100).toFixed(1) : '0'}%), trimmed/zeroed ${formatBytes(usage.zeroBytes)},` +
         ` raw on disks ${formatBytes(usage.rawBytes)} (${usage.replicas} replicas, snapshots included)\n`;
       if (usage.snapshots.length > 0) {
-        text += renderTable(['SNAPSHOT', 'ID', 'EXCLUSIVE'], usage.snapshots.map((s) => [s.name, s.id, formatBytes(s.exclusiveBytes)]), io.stdoutIsTty);
+        text += renderTable(['SNAPSHOT', 'ID', 'EXCLUSIVE', 'SHARED'], usage.snapshots.map((s) => [s.name, s.id, formatBytes(s.exclusiveBytes), formatBytes(s.sharedBytes)]), io.stdoutIsTty);
       }
       return text;
     });

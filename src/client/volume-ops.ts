@@ -231,8 +231,12 @@ export interface VolumeUsage {
   replicas: number;
   /** writtenBytes × replicas, plus what snapshots keep, × replicas. */
   rawBytes: number;
-  /** Per snapshot, oldest first: data blocks it reads that the next snapshot (or the head) no longer does — what deleting it frees, × 4 KiB. */
-  snapshots: { name: string; id: number; exclusiveBytes: number }[];
+  /**
+   * Per snapshot, oldest first: `exclusiveBytes`, data it reads that the next snapshot (or the
+   * head) no longer does — what deleting it frees; `sharedBytes`, data it reads that the next
+   * point reads too (kept anyway).
+   */
+  snapshots: { name: string; id: number; exclusiveBytes: number; sharedBytes: number }[];
 }
 
 /**
@@ -247,6 +251,7 @@ export async function volumeUsage(cluster: ClusterClient, volumeName: string, pr
   const chunkBlocks = info.chunkSizeBytes >> BLOCK_SHIFT;
   const points: Layer[] = [...live.map((s) => ({ volumeId: info.id, snapshotId: s.id, sizeBytes: s.sizeBytes })), { volumeId: info.id, snapshotId: 0, sizeBytes: info.sizeBytes }];
   const exclusive = new Array<number>(live.length).fill(0);
+  const shared = new Array<number>(live.length).fill(0);
   let writtenBlocks = 0;
   let zeroBlocks = 0;
   const sizeBytes = Math.max(info.sizeBytes, ...live.map((s) => s.sizeBytes));
@@ -261,7 +266,9 @@ export async function volumeUsage(cluster: ClusterClient, volumeName: string, pr
       for (let s = 0; s < live.length; s++) {
         const here = versions[s]!;
         const next = versions[s + 1]!;
-        if (here.states[i] === BlockState.DATA && (here.epochs[i] !== next.epochs[i] || here.seqs[i] !== next.seqs[i])) exclusive[s]!++;
+        if (here.states[i] !== BlockState.DATA) continue;
+        if (here.epochs[i] !== next.epochs[i] || here.seqs[i] !== next.seqs[i]) exclusive[s]!++;
+        else shared[s]!++;
       }
     }
     progress(Math.min(sizeBytes, (piece.startBlock + piece.countBlocks) * BLOCK_SIZE_BYTES), sizeBytes);
@@ -274,6 +281,6 @@ export async function volumeUsage(cluster: ClusterClient, volumeName: string, pr
     zeroBytes: zeroBlocks * BLOCK_SIZE_BYTES,
     replicas: info.replicas,
     rawBytes: (writtenBlocks * BLOCK_SIZE_BYTES + snapshotBytes) * info.replicas,
-    snapshots: live.map((s, i) => ({ name: s.name, id: s.id, exclusiveBytes: exclusive[i]! * BLOCK_SIZE_BYTES })),
+    snapshots: live.map((s, i) => ({ name: s.name, id: s.id, exclusiveBytes: exclusive[i]! * BLOCK_SIZE_BYTES, sharedBytes: shared[i]! * BLOCK_SIZE_BYTES })),
   };
 }
