@@ -155,6 +155,8 @@ export async function waitFor<T>(what: string, probe: () => Promise<T | undefine
 export interface LocalCluster {
   api: string;
   dir: string;
+  /** The store daemons (their engines, for tests that look inside). */
+  stores: import('../src/store/store-daemon.ts').StoreDaemon[];
   client(ownerId: string): Promise<import('../src/client/cluster-client.ts').ClusterClient>;
   call<T = any>(method: string, path: string, body?: unknown): Promise<{ status: number; body: T }>;
   close(): Promise<void>;
@@ -173,7 +175,7 @@ export async function startLocalCluster(options: { stores?: number; diskSizeByte
   });
   const api = `http://${conductor.address}`;
   const quiet = (): void => {};
-  const stores: { close(): Promise<void> }[] = [];
+  const stores: import('../src/store/store-daemon.ts').StoreDaemon[] = [];
   for (let index = 0; index < storeCount; index++) {
     stores.push(await startStoreDaemon(nodeEnv, {
       diskPath: join(dir.path, `disk-${index}.img`), diskSizeBytes: options.diskSizeBytes ?? 256 * 1024 * 1024, format: true, listen: '127.0.0.1:0',
@@ -189,6 +191,7 @@ export async function startLocalCluster(options: { stores?: number; diskSizeByte
   return {
     api,
     dir: dir.path,
+    stores,
     call,
     async client(ownerId: string) {
       const created = new ClusterClient(nodeEnv, { conductorUrls: api, ownerId, requestTimeoutMs: 10_000, log: quiet });

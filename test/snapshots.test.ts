@@ -10,7 +10,7 @@ import { SnapshotView } from '../src/client/snapshot-view.ts';
 import { placementGroupOf } from '../src/lib/placement-hash.ts';
 import { decodeReadReply, Op } from '../src/proto/store-protocol.ts';
 import { diffVolume, flattenVolume, rollbackVolume, volumeUsage } from '../src/client/volume-ops.ts';
-import { startLocalCluster, type LocalCluster } from './harness.ts';
+import { startLocalCluster, waitFor, type LocalCluster } from './harness.ts';
 
 const MiB = 1024 * 1024;
 
@@ -256,5 +256,21 @@ describe('snapshots on a cluster in one process', () => {
     assert.ok((await view.read(0, MiB)).equals(Buffer.alloc(MiB, 0x11)));
     assert.ok((await taken.read(0, MiB)).equals(Buffer.alloc(MiB, 0x33)));
     await taken.close();
+  });
+
+  test('deleting a snapshot has every store trim the versions only it kept', async () => {
+    assert.equal((await cluster.call('POST', '/volumes', { name: 'trim', size: 4 * MiB, chunkSize: '1M' })).status, 201);
+    const volume = await (await cluster.client('gw-trim')).openVolume('trim');
+    const kept = (): number[] => cluster.stores.map((store) => (store.engine.stats() as unknown as { snapshotVersions: number }).snapshotVersions);
+    const before = kept();
+    await volume.write(0, Buffer.alloc(MiB, 1));
+    await cluster.call('POST', '/volumes/trim/snapshots', { name: 'old' });
+    await volume.write(0, Buffer.alloc(MiB, 2));
+    const during = kept();
+    for (let i = 0; i < during.length; i++) assert.equal(during[i]! - before[i]!, 256, `store ${i} keeps the 256 overwritten blocks for the snapshot`);
+    assert.equal((await cluster.call('DELETE', '/volumes/trim/snapshots/old')).status, 200);
+    await waitFor('every store to trim', async () => kept().every((count, i) => count === before[i]), 10_000, 50);
+    assert.ok((await volume.read(0, MiB)).equals(Buffer.alloc(MiB, 2)));
+    await volume.close();
   });
 });

@@ -32,7 +32,7 @@ import { BLOCKS_PER_REQUEST_MAX, BlockState, compareVersions, decodeReadParts, d
 import type { ClusterMap, PgEntry, PoolMapEntry, VolumeInfo } from '../conductor/api/types.ts';
 import type { ClusterClient } from './cluster-client.ts';
 import { RangeLock } from './range-lock.ts';
-import { ChainReader, parentLayers, snapContextOf } from './snap-chain.ts';
+import { ChainReader, type Layer, parentLayers, snapContextOf } from './snap-chain.ts';
 
 /** The largest single request a volume accepts (NBD's maximum block size is advertised at or below it). */
 export const REQUEST_BYTES_MAX = 32 * 1024 * 1024;
@@ -76,6 +76,8 @@ export class VolumeClient {
   #acknowledgedSnapSeq = 0;
   #switching: Promise<void> = Promise.resolve();
   readonly #chain: ChainReader;
+  /** A clone's parent layers, as of the last map applied (empty for a volume without a parent). */
+  #parentLayers: Layer[] = [];
 
   private constructor(cluster: ClusterClient, info: VolumeInfo, ownerEpoch: number) {
     this.#cluster = cluster;
@@ -197,7 +199,7 @@ export class VolumeClient {
       });
       if (result === undefined) return undefined;
       // A clone's absent blocks read through to its parent: the asynchronous path does that.
-      if (result.states.includes(BlockState.ABSENT) && parentLayers(map, this.info.id).length > 0) return undefined;
+      if (this.#parentLayers.length > 0 && result.states.includes(BlockState.ABSENT)) return undefined;
       // Absent and zero blocks are zeros in the engine's result, as they read.
       const skip = offsetBytes - startBlock * BLOCK_SIZE_BYTES;
       return skip === 0 && result.data.length === lengthBytes ? result.data : result.data.subarray(skip, skip + lengthBytes);
@@ -225,7 +227,7 @@ export class VolumeClient {
       return assembleRead(read, piece.countBlocks, from, frame.verified === true);
     }, bad);
     if (bad.length > 0) void this.#repair(piece, reply.payload, bad, { pool, pgId, pgEpoch }, storeId);
-    const layers = parentLayers(this.#cluster.map, this.info.id);
+    const layers = this.#parentLayers;
     if (layers.length === 0 || !states) return value;
     // A clone: blocks it never wrote read through to its parent chain.
     const pending = new Uint8Array(piece.countBlocks);
@@ -248,6 +250,7 @@ export class VolumeClient {
    * Acknowledgements run one at a time, in order.
    */
   applySnapContext(map: ClusterMap): Promise<void> {
+    this.#parentLayers = parentLayers(map, this.info.id);
     const entry = snapContextOf(map, this.info.id);
     if (!entry) return this.#switching;
     if (entry.seq > this.#snapSeq) this.#snapSeq = entry.seq;
@@ -374,7 +377,7 @@ export class VolumeClient {
       return reply.payload;
     }, []);
     let states: Uint8Array = headStates;
-    const layers = parentLayers(this.#cluster.map, this.info.id);
+    const layers = this.#parentLayers;
     if (layers.length > 0) {
       // A clone: a block is a hole only if it reads as zeros through the whole parent chain.
       states = Uint8Array.from(headStates);

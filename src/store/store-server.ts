@@ -287,12 +287,17 @@ export class StoreServer {
     const result = await this.#engine.read(h.volumeId, h.chunkIndex, h.offsetBlocks, h.countBlocks, options);
     // The snap stamp of each version read, so copies (repair, reconciliation) keep it; looked up
     // after the read, so it counts only where the version is still the one read.
-    const now = this.#engine.blockVersions(h.volumeId, h.chunkIndex, h.offsetBlocks, h.countBlocks, options.snapshotId);
-    const stamps = new Float64Array(h.countBlocks);
-    for (let i = 0; i < h.countBlocks; i++) {
-      if (now.epochs[i] === result.epochs[i] && now.seqs[i] === result.seqs[i]) stamps[i] = now.stamps[i]!;
+    // (An index lookup per block; a write stamped above 0 may reach this store before the map
+    // that names its snapshot, so the engine's snapshot list cannot tell when to skip it.)
+    let stamps: Float64Array | undefined;
+    {
+      const now = this.#engine.blockVersions(h.volumeId, h.chunkIndex, h.offsetBlocks, h.countBlocks, options.snapshotId);
+      stamps = new Float64Array(h.countBlocks);
+      for (let i = 0; i < h.countBlocks; i++) {
+        if (now.epochs[i] === result.epochs[i] && now.seqs[i] === result.seqs[i]) stamps[i] = now.stamps[i]!;
+      }
     }
-    const descriptors = encodeReadDescriptors({ ...result, stamps }, h.countBlocks);
+    const descriptors = encodeReadDescriptors(stamps ? { ...result, stamps } : result, h.countBlocks);
     let dataBlocks = 0;
     for (let i = 0; i < h.countBlocks; i++) if (result.states[i] === BlockState.DATA) dataBlocks++;
     let data: Buffer;
