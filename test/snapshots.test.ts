@@ -274,3 +274,44 @@ describe('snapshots on a cluster in one process', () => {
     await volume.close();
   });
 });
+
+describe('thin provisioning on small disks', () => {
+  let cluster: LocalCluster;
+  before(async () => {
+    cluster = await startLocalCluster({ diskSizeBytes: 96 * MiB, pgCount: 8 });
+  });
+  after(async () => {
+    await cluster?.close();
+  });
+
+  test('an overcommitted volume fills the disks: writes fail with NO_SPACE, acknowledged data and snapshots read back intact', async () => {
+    assert.equal((await cluster.call('POST', '/volumes', { name: 'big', size: '1G' })).status, 201);
+    const pools = (await cluster.call('GET', '/pools')).body.pools as { overcommitRatio: number }[];
+    assert.ok(pools[0]!.overcommitRatio > 3, `1 GiB on 96 MiB disks is overcommitted (${pools[0]!.overcommitRatio})`);
+    const volume = await (await cluster.client('gw-big')).openVolume('big');
+    const first = randomBytes(8 * MiB);
+    await volume.write(0, first);
+    assert.equal((await cluster.call('POST', '/volumes/big/snapshots', { name: 'early' })).status, 201);
+    const written: Buffer[] = [];
+    let failure: { code?: string } | undefined;
+    for (let i = 0; i < 200 && !failure; i++) {
+      const data = randomBytes(MiB);
+      try {
+        await volume.write((16 + i) * MiB, data);
+        written.push(data);
+      } catch (error) {
+        failure = error as { code?: string };
+      }
+    }
+    assert.equal(failure?.code, 'NO_SPACE', `the disks fill up: ${JSON.stringify(failure)}`);
+    assert.ok(written.length > 3, `${written.length} MiB were written before the disks filled`);
+    for (let i = 0; i < written.length; i++) assert.ok((await volume.read((16 + i) * MiB, MiB)).equals(written[i]!), `acknowledged MiB ${i} reads back`);
+    assert.ok((await volume.read(0, 8 * MiB)).equals(first));
+    const view = await SnapshotView.open(await cluster.client('reader-big'), 'big', 'early');
+    assert.ok((await view.read(0, 8 * MiB)).equals(first), 'the snapshot reads back');
+    // TRIM still works on a full disk (tombstones use the reserve) and reads as zeros.
+    await volume.writeZeroes(16 * MiB, 4 * MiB);
+    assert.ok((await volume.read(16 * MiB, 4 * MiB)).equals(Buffer.alloc(4 * MiB)));
+    await volume.close();
+  });
+});
