@@ -74,6 +74,9 @@ describe('snapshots and clones with real NBD clients', () => {
     // s1 alone keeps the 2 MiB the volume overwrote and the 1 MiB it discarded; it shares the other 2 MiB.
     assert.deepEqual(list.snapshots.map((s) => [s.name, s.state, s.exclusiveBytes, s.sharedBytes]), [['s1', 'live', 3 * MiB, 2 * MiB]]);
     assert.match(await cli('snapshot', 'list', 'disk', '--space'), /^s1 +1 +live +64\.0 MiB .* 3\.0 MiB +2\.0 MiB$/m);
+    const usageInfo = JSON.parse(await cli('volume', 'info', 'disk', '--usage', '--json')) as { sizeBytes: number; usage: { writtenBytes: number; zeroBytes: number; rawBytes: number } };
+    assert.deepEqual([usageInfo.sizeBytes, usageInfo.usage.writtenBytes, usageInfo.usage.zeroBytes, usageInfo.usage.rawBytes], [64 * MiB, 4 * MiB, MiB, (4 + 3) * MiB * 3]);
+    assert.match(await cli('volume', 'info', 'disk', '--usage'), /^used: +4\.0 MiB written \(6\.3% of provisioned\), 1\.0 MiB trimmed$/m);
  
     // Bad input gets a clear message and the code's exit status.
     const cases: [string[], number, RegExp][] = [

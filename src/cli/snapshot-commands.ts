@@ -7,15 +7,15 @@
  */
 import type { Command } from 'commander';
 import { SingleBar } from 'cli-progress';
-import { ClusterClient } from '../client/cluster-client.ts';
+import type { ClusterClient } from '../client/cluster-client.ts';
 import { diffVolume, flattenVolume, rollbackVolume, volumeUsage, type Progress } from '../client/volume-ops.ts';
 import type { SnapshotInfo, VolumeInfo } from '../conductor/api/types.ts';
-import { nodeEnv } from '../env/node/node-env.ts';
 import { ShaleError } from '../lib/errors.ts';
 import { formatBytes } from '../lib/units.ts';
 import { AdminApi, defaultApiUrl, normalizeApiUrl } from './admin-api.ts';
 import { type AdminIo, processIo } from './admin.ts';
 import { formatJson, formatTime, renderTable } from './format.ts';
+import { closeDataPath, openDataPath } from './data-path.ts';
 import { findToken } from './token.ts';
 import { exportVolume, importVolume } from './volume-transfer.ts';
 
@@ -60,12 +60,7 @@ export function registerSnapshotCommands(program: Command, io: AdminIo = process
           const context: Context = {
             api: new AdminApi(options.api, io.fetch, token, source),
             async cluster() {
-              if (!client) {
-                client = new ClusterClient(nodeEnv, {
-                  conductorUrls: options.api.split(',').map((url) => normalizeApiUrl(url.trim())), ownerId: `shale-cli-${process.pid}`, token, ioTimeoutMs: 60_000,
-                });
-                await client.start();
-              }
+              client ??= await openDataPath(options.api, token);
               return client;
             },
             progress(label) {
@@ -88,12 +83,7 @@ export function registerSnapshotCommands(program: Command, io: AdminIo = process
         } catch (error) {
           io.fail(error);
         } finally {
-          if (client) {
-            await client.close().catch(() => {});
-            // The map watcher's long poll (up to 20 s) must not keep the command waiting: the
-            // verb is done, so leave once what is pending has had a moment to finish.
-            if (io === processIo) setTimeout(() => process.exit(), 50).unref();
-          }
+          if (client) await closeDataPath(client, io === processIo);
         }
       });
 
