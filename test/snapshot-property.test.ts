@@ -141,6 +141,11 @@ describe('snapshots and clones against a model', () => {
               const volume = volumes[step.volume % volumes.length]!;
               if (!volume.parent) continue;
               await closeVolume(volume);
+              if (snapshots.some((snapshot) => snapshot.volume === volume)) {
+                // Its snapshots read through to the parent as well: refused until they are gone.
+                await assert.rejects(flattenVolume(cli, volume.name), (error: { code?: string }) => error.code === 'IN_USE');
+                break;
+              }
               await flattenVolume(cli, volume.name);
               volume.parent.clones--;
               volume.parent = undefined;

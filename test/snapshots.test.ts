@@ -150,6 +150,10 @@ describe('snapshots on a cluster in one process', () => {
     assert.equal((await cluster.call('DELETE', '/volumes/vm1/snapshots/c1')).body.code, 'IN_USE');
     assert.equal((await cluster.call('DELETE', '/volumes/gold')).body.code, 'IN_USE');
 
+    // A clone with snapshots of its own is not flattened: they read through to the parent too.
+    assert.equal((await cluster.call('POST', '/volumes/vm1/snapshots', { name: 'mine' })).status, 201);
+    await vm1.close();
+    await assert.rejects(flattenVolume(await cluster.client('cli-vm1'), 'vm1'), (error: { code?: string }) => error.code === 'IN_USE');
     // Flatten vm2 (refused while open), then the snapshot it read through can go.
     await assert.rejects(flattenVolume(await cluster.client('cli-busy'), 'vm2'), (error: { code?: string }) => error.code === 'IN_USE');
     await vm2.close();

@@ -38,6 +38,8 @@ import { ChainReader, type Layer, parentLayers, snapContextOf } from './snap-cha
 export const REQUEST_BYTES_MAX = 32 * 1024 * 1024;
 
 const RETRY_DELAY_MS = 50;
+/** Tries of a snapshot acknowledgement before giving up (the next map tries again). */
+const snapshotAckAttemptsMax = 25;
 
 interface Piece {
   chunkIndex: number;
@@ -259,7 +261,16 @@ export class VolumeClient {
     this.#switching = this.#switching.then(async () => {
       if (target <= this.#acknowledgedSnapSeq || this.#closed) return;
       await this.#drainBelow(target);
-      await this.#cluster.conductor.acknowledgeSnapshots(this.info.name, { owner: this.#cluster.ownerId, ownerEpoch: this.ownerEpoch, snapSeq: target });
+      // The conductor may be failing over: retry a while (the acknowledgement is idempotent).
+      for (let attempt = 0; ; attempt++) {
+        try {
+          await this.#cluster.conductor.acknowledgeSnapshots(this.info.name, { owner: this.#cluster.ownerId, ownerEpoch: this.ownerEpoch, snapSeq: target });
+          break;
+        } catch (error) {
+          if (attempt >= snapshotAckAttemptsMax || (error instanceof ShaleError && (error.code === 'FENCED' || error.code === 'NOT_FOUND'))) throw error;
+          await this.#cluster.env.clock.sleep(200);
+        }
+      }
       this.#acknowledgedSnapSeq = Math.max(this.#acknowledgedSnapSeq, target);
     }).catch((error: unknown) => this.#cluster.log(`volume ${this.info.name}: acknowledging snap context ${target}: ${(error as Error).message}`));
     return this.#switching;

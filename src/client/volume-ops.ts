@@ -148,6 +148,10 @@ export async function rollbackVolume(cluster: ClusterClient, volumeName: string,
 export async function flattenVolume(cluster: ClusterClient, volumeName: string, progress: Progress = () => {}, options: { takeover?: boolean } = {}): Promise<{ copiedBytes: number }> {
   const info = await cluster.conductor.volume(volumeName);
   if (!info.parent) return { copiedBytes: 0 };
+  const { snapshots } = await cluster.conductor.snapshots(volumeName);
+  if (snapshots.length > 0) {
+    throw new ShaleError('IN_USE', `clone ${volumeName} has snapshots (${snapshots.map((s) => s.name).join(', ')}) that read through to its parent: delete them before flattening`);
+  }
   const volume = await openExclusive(cluster, info, 'flattening it', options.takeover ?? false);
   try {
     const chain = new ChainReader(cluster, info.poolId);

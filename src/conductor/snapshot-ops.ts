@@ -150,6 +150,11 @@ export async function markFlattened(ops: ClusterOps, volumeName: string, owner: 
     throw new ShaleError('FENCED', `volume ${volumeName} is owned by ${volume.owner ?? 'nobody'} at owner epoch ${volume.ownerEpoch}, not ${owner} at ${ownerEpoch}`);
   }
   if (!volume.parentVolumeId) return volume;
+  const own = await ops.tx.snapshots(volume.id);
+  if (own.length > 0) {
+    // Their absent blocks read through to the parent too; flatten copies into the head only.
+    throw new ShaleError('IN_USE', `clone ${volumeName} has snapshots (${own.map((s) => s.name).join(', ')}) that read through to its parent: delete them before flattening`);
+  }
   const updated: VolumeRecord = { ...volume, parentVolumeId: null, parentSnapshotId: null };
   await ops.tx.putVolume(updated);
   const epoch = await ops.epoch();
