@@ -24,6 +24,7 @@
  * down before the FLUSH is acknowledged.
  */
 import { assert } from '../lib/assert.ts';
+import { readBuffers } from '../lib/buffer-pool.ts';
 import { blockChecksums, crc32c } from '../lib/crc32c.ts';
 import { ShaleError } from '../lib/errors.ts';
 import { placementGroupOf } from '../lib/placement-hash.ts';
@@ -212,10 +213,11 @@ export class VolumeClient {
   async #readBlocks(startBlock: number, countBlocks: number): Promise<Buffer> {
     const pieces = this.#pieces(startBlock, countBlocks);
     if (pieces.length === 1) return this.#readPiece(pieces[0]!);
-    const out = Buffer.allocUnsafe(countBlocks * BLOCK_SIZE_BYTES);
+    const out = readBuffers.take(countBlocks * BLOCK_SIZE_BYTES);
     await Promise.all(pieces.map(async (piece) => {
       const data = await this.#readPiece(piece);
       data.copy(out, piece.bufferBlock * BLOCK_SIZE_BYTES);
+      readBuffers.give(data);
     }));
     return out;
   }

@@ -127,26 +127,25 @@ describe('conductor: stores, pools and placement', () => {
 
 describe('conductor: failure detection and recovery', () => {
   it('marks a silent store down after the heartbeat timeout, then recovering, then clean', async () => {
-    const cluster = await startCluster({ heartbeatTimeoutMs: 300, pgCount: 32 });
+    // Stores 1 and 2 beat all along (and 3 once it is back), so that only store 3's silence
+    // changes the map, however slowly a loaded machine runs the rest of the test.
+    const cluster = await startCluster({ heartbeatTimeoutMs: 600, pgCount: 32 });
     const beat = (id: number) => cluster.call('POST', `/stores/${id}/heartbeat`, { disks: [] });
+    let store3Beats = false;
+    const alive = clock.every(50, () => {
+      void beat(1).catch(() => {});
+      void beat(2).catch(() => {});
+      if (store3Beats) void beat(3).catch(() => {});
+    });
     try {
       for (const n of [1, 2, 3]) await cluster.register(n);
       const registered = await cluster.map();
       assert.equal((await beat(1)).status, 200);
-      const alive = clock.every(50, () => {
-        void beat(1).catch(() => {});
-        void beat(2).catch(() => {});
+      // Long poll until store 3 is down.
+      const down = await eventually('store 3 down', async () => {
+        const reply = await cluster.call<ClusterMap>('GET', `/map?since=${registered.epoch}&waitMs=2000`);
+        return reply.body.stores.find((s) => s.id === 3)?.state === 'down' ? reply.body : undefined;
       });
-      let down: ClusterMap;
-      try {
-        // Long poll until store 3 is down.
-        down = await eventually('store 3 down', async () => {
-          const reply = await cluster.call<ClusterMap>('GET', `/map?since=${registered.epoch}&waitMs=2000`);
-          return reply.body.stores.find((s) => s.id === 3)?.state === 'down' ? reply.body : undefined;
-        });
-      } finally {
-        alive.cancel();
-      }
       assert.equal(down.epoch, registered.epoch + 1);
       assert.deepEqual(down.stores.filter((s) => s.state === 'down').map((s) => s.id), [3]);
       for (const pg of down.pools[0]!.pgs) {
@@ -163,6 +162,7 @@ describe('conductor: failure detection and recovery', () => {
       expectError(await beat(3), 'NOT_FOUND', /register again/);
       // Re-registration: its replicas become recovering in a new epoch.
       assert.equal(await cluster.register(3), 3);
+      store3Beats = true;
       const back = await cluster.map();
       assert.ok(back.epoch > down.epoch);
       const pg0 = back.pools[0]!.pgs[0]!;
@@ -190,6 +190,7 @@ describe('conductor: failure detection and recovery', () => {
       assert.equal(other.status, 200, JSON.stringify(other.body));
       assert.equal(other.body.pools[0]!.pgs[1]!.replicas.find((r) => r.storeId === 3)!.state, 'clean');
     } finally {
+      alive.cancel();
       await cluster.close();
     }
   });

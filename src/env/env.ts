@@ -56,8 +56,12 @@ export interface Disk {
 /** A byte stream: a TCP or unix-socket connection. */
 export interface Connection {
   readonly remoteAddress: string;
-  /** Queues the buffers in order as one write. Returns false when the caller should wait for onDrain. */
-  write(data: Buffer | readonly Buffer[]): boolean;
+  /**
+   * Queues the buffers in order as one write. Returns false when the caller should wait for onDrain.
+   * `onWritten`, if given, is called once the buffers are no longer needed: written to the OS, or
+   * dropped because the connection closed.
+   */
+  write(data: Buffer | readonly Buffer[], onWritten?: () => void): boolean;
   onData(listener: (chunk: Buffer) => void): void;
   onDrain(listener: () => void): void;
   /** Called once when the stream is closed, with the error that closed it if any. */

@@ -9,6 +9,7 @@ import * as http from 'node:http';
 import * as net from 'node:net';
 import { dirname } from 'node:path';
 import { performance } from 'node:perf_hooks';
+import type { Writable } from 'node:stream';
 import { ShaleError } from '../../lib/errors.ts';
 import type { Clock, Connection, Disk, DiskFile, Env, HttpHandler, HttpResult, Listener, Net, OpenOptions, Random, Timer } from '../env.ts';
 import { formatAddress, parseAddress } from '../env.ts';
@@ -199,6 +200,30 @@ export const nodeDisk: Disk = {
   },
 };
 
+/**
+ * Writes the buffers to a stream as one vectored write (corked); `onWritten` rides on the last
+ * buffer, whose callback comes after every earlier one's (or on an error or destroy). No stream
+ * (closed): nothing is written and `onWritten` runs at once, as nothing holds the buffers.
+ */
+export function writeToStream(stream: Writable | undefined, data: Buffer | readonly Buffer[], onWritten?: () => void): boolean {
+  const done = onWritten === undefined ? undefined : (): void => onWritten();
+  if (stream === undefined) {
+    done?.();
+    return false;
+  }
+  if (Buffer.isBuffer(data)) return stream.write(data, done);
+  if (data.length === 0) {
+    done?.();
+    return true;
+  }
+  if (data.length === 1) return stream.write(data[0]!, done);
+  stream.cork();
+  let ok = true;
+  for (let i = 0; i < data.length; i++) ok = stream.write(data[i]!, i === data.length - 1 ? done : undefined);
+  stream.uncork();
+  return ok;
+}
+
 class NodeConnection implements Connection {
   readonly remoteAddress: string;
   readonly #socket: net.Socket;
@@ -219,15 +244,8 @@ class NodeConnection implements Connection {
     return this.#closed || this.#socket.destroyed;
   }
 
-  write(data: Buffer | readonly Buffer[]): boolean {
-    if (this.closed) return false;
-    if (Buffer.isBuffer(data)) return this.#socket.write(data);
-    if (data.length === 1) return this.#socket.write(data[0]!);
-    this.#socket.cork();
-    let ok = true;
-    for (const buffer of data) ok = this.#socket.write(buffer);
-    this.#socket.uncork();
-    return ok;
+  write(data: Buffer | readonly Buffer[], onWritten?: () => void): boolean {
+    return writeToStream(this.closed ? undefined : this.#socket, data, onWritten);
   }
 
   onData(listener: (chunk: Buffer) => void): void {

@@ -90,6 +90,7 @@
  * rule, not by arrival; a write and a read in flight together may see either.
  */
 import { assert } from '../../lib/assert.ts';
+import { readBuffers } from '../../lib/buffer-pool.ts';
 import { crc32c, ZERO_BLOCK_CRC } from '../../lib/crc32c.ts';
 import { ShaleError } from '../../lib/errors.ts';
 import { BLOCK_SIZE_BYTES, GiB } from '../../lib/units.ts';
@@ -1229,7 +1230,8 @@ export class StoreEngine {
         throw new ShaleError('NOT_FOUND', `snapshot ${snapshotId} of volume ${volumeId} was deleted`, { volumeId, snapshotId });
       }
     }
-    const data = Buffer.allocUnsafe(countBlocks * BLOCK_SIZE_BYTES);
+    // From the read pool: the NBD gateway gives it back once the reply carrying it is written.
+    const data = readBuffers.take(countBlocks * BLOCK_SIZE_BYTES);
     const checksums = new Uint32Array(countBlocks);
     const states = new Uint8Array(countBlocks);
     const epochs = new Uint32Array(countBlocks);
