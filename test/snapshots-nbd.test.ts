@@ -59,6 +59,8 @@ describe('snapshots and clones with real NBD clients', () => {
     // Read-only: writes are refused.
     const write = await run('qemu-io', ['-f', 'raw', '-c', 'write -P 1 0 4k', cluster.uri('disk@s1')]);
     assert.notEqual(write.status, 0, 'a snapshot export refuses writes');
+    const listed = JSON.parse(await ok('nbdinfo', ['--list', '--json', cluster.uri('')])) as { exports: { 'export-name': string; description?: string }[] };
+    assert.ok(listed.exports.some((entry) => entry['export-name'] === 'disk@s1' && /read-only/.test(entry.description ?? '')), 'nbdinfo --list shows the snapshot');
     const info = await ok('nbdinfo', ['--json', cluster.uri('disk@s1')]);
     assert.equal((JSON.parse(info) as { exports: { is_read_only: boolean }[] }).exports[0]!.is_read_only, true);
     // Block status of the snapshot: data where it was written, holes elsewhere.

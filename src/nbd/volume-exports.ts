@@ -61,7 +61,17 @@ export class VolumeExports implements ExportProvider {
 
   async list(): Promise<{ name: string; description: string }[]> {
     const { volumes } = await this.#cluster.conductor.volumes();
-    return volumes.map((volume) => ({ name: volume.name, description: `${volume.sizeBytes} bytes, ${volume.replicas} replicas` }));
+    const entries: { name: string; description: string }[] = [];
+    for (const volume of volumes) {
+      entries.push({ name: volume.name, description: `${volume.sizeBytes} bytes, ${volume.replicas} replicas` });
+      // Live snapshots are exports too (read-only); `snapshots` counts them without another call for the rest.
+      if ((volume.snapshots ?? 0) === 0) continue;
+      const { snapshots } = await this.#cluster.conductor.snapshots(volume.name);
+      for (const snapshot of snapshots) {
+        if (snapshot.state === 'live') entries.push({ name: `${volume.name}@${snapshot.name}`, description: `snapshot of ${volume.name}, ${snapshot.sizeBytes} bytes, read-only` });
+      }
+    }
+    return entries;
   }
 }
 
