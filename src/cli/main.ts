@@ -9,6 +9,7 @@ import { Command, CommanderError } from 'commander';
 import { registerAdminCommands } from './admin.ts';
 import { exitWithError } from './output.ts';
 import { registerRoleCommands } from './roles.ts';
+import { registerSnapshotCommands } from './snapshot-commands.ts';
 import { registerUpCommand } from './up.ts';
 
 // Every I/O buffer is memory outside V8's heap. By default V8 starts a full mark-compact each time
@@ -27,6 +28,7 @@ const program = new Command('shale')
 registerUpCommand(program);
 registerRoleCommands(program);
 registerAdminCommands(program);
+registerSnapshotCommands(program);
 
 try {
   await program.parseAsync(process.argv);

@@ -292,7 +292,7 @@ describe('conductor: volumes', () => {
       assert.equal(created.status, 201);
       assert.deepEqual({ ...created.body, createdAt: undefined }, {
         id: 1, name: 'vm-disk.1', sizeBytes: 10 * 2 ** 30, chunkSizeBytes: 4 * 2 ** 20, poolId: 1, poolName: 'default', replicas: 3,
-        owner: null, ownerEpoch: 0, createdAt: undefined,
+        owner: null, ownerEpoch: 0, createdAt: undefined, snapSeq: 0, snapshots: 0, parent: null,
       });
       assert.ok(!Number.isNaN(Date.parse(created.body.createdAt)));
       const small = await cluster.call<VolumeInfo>('POST', '/volumes', { name: 'small', size: 1 << 20, chunkSize: '64K', replicas: 3 });

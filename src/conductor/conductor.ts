@@ -35,12 +35,18 @@ import { adminTokenName, newToken, TokenAuthenticator, tokenSha256 } from './api
 import { openApiDocument } from './api/openapi.ts';
 import { type ConductorService, conductorRoutes, createHttpHandler, type Log, type MapSnapshot } from './api/server.ts';
 import type {
-  ClusterInfo, ClusterStatus, ConductorInfo, DiskInfo, DiskReport, OpenVolumeResponse, PoolDetail, PoolInfo, RegisterStoreResponse, StoreInfo,
-  VolumeInfo,
+  ClusterInfo, ClusterStatus, ConductorInfo, DiskInfo, DiskReport, OpenVolumeResponse, PoolDetail, PoolInfo, RegisterStoreResponse, SnapshotInfo,
+  StoreInfo, VolumeInfo,
 } from './api/types.ts';
 import { ClusterOps, type ClusterConfig, type CreateVolumeInput, type PoolSpec, type RegisterInput } from './cluster-ops.ts';
 import { type ConductorIdentity, type Leadership, SoleLeadership } from './leadership.ts';
-import { buildMap, buildStatus, diskInfos, type LiveHeartbeat, poolDetail, poolInfo, poolInfos, storeInfo, volumeInfo, volumeInfos, withLive } from './map-view.ts';
+import {
+  acknowledgeSnapshots, cloneVolume, createSnapshot, deleteSnapshot, markFlattened, snapshotByName, snapshotInfo,
+} from './snapshot-ops.ts';
+import {
+  buildMap, buildStatus, diskInfos, type LiveHeartbeat, poolCapacity, poolDetail, poolInfo, poolInfos, storeInfo, volumeInfo, volumeInfos,
+  volumeInfoWithSnapshots, withLive,
+} from './map-view.ts';
 import { MapWatch } from './map-watch.ts';
 import { EtcdElection } from './meta/etcd-election.ts';
 import { EtcdMetaStore, parseEtcdUrl } from './meta/etcd-meta-store.ts';
@@ -684,7 +690,8 @@ class ConductorCore implements ConductorService {
     return this.#meta.read(async (tx) => {
       const pool = await tx.poolByName(name);
       if (!pool) throw new ShaleError('NOT_FOUND', `no pool named ${name}`);
-      return poolDetail(pool, await tx.pgs(pool.id));
+      const pgs = await tx.pgs(pool.id);
+      return poolDetail(pool, pgs, poolCapacity(pool, pgs, await tx.stores(), await tx.volumes()));
     });
   }
 
@@ -725,7 +732,7 @@ class ConductorCore implements ConductorService {
         if (clean === pg.replicas.length && clean === pool.replicas) health.pgsClean++;
         else health.pgsDegraded++;
       }
-      return { ...volumeInfo(volume, pool), health };
+      return { ...(await volumeInfoWithSnapshots(tx, volume, pool)), health };
     });
   }
 
@@ -741,7 +748,80 @@ class ConductorCore implements ConductorService {
   async deleteVolume(name: string, force: boolean): Promise<void> {
     await this.#commit((ops) => ops.deleteVolume(name, force));
   }
+
+  // ---- snapshots and clones (snapshot-ops.ts, docs/snapshots.md) -------------------------------
+
+  /**
+   * Takes a snapshot. With an owner, waits (up to snapshotAckTimeoutMs) until the owner has
+   * switched its writes to the new snap context and drained the older one; then it is live.
+   * Errors: NOT_FOUND, ALREADY_EXISTS, UNAVAILABLE (the owner did not acknowledge in time: the
+   * snapshot stays `creating` and becomes live when the owner acknowledges or closes the volume).
+   */
+  async createSnapshot(volumeName: string, name: string): Promise<SnapshotInfo> {
+    const { volume, snapshot } = await this.#commit((ops) => createSnapshot(ops, volumeName, name));
+    const deadline = this.#env.clock.nowMs() + snapshotAckTimeoutMs;
+    for (;;) {
+      const current = await this.#meta.read(async (tx) => {
+        const record = await tx.snapshot(volume.id, snapshot.id);
+        return record ? snapshotInfo(tx, volume, record) : undefined;
+      });
+      if (!current) throw new ShaleError('NOT_FOUND', `snapshot ${volumeName}@${name} was deleted while being created`);
+      if (current.state === 'live') return current;
+      if (this.#env.clock.nowMs() >= deadline) {
+        throw new ShaleError('UNAVAILABLE', `the owner of volume ${volumeName} (${volume.owner}) did not acknowledge snapshot ${name} within ${snapshotAckTimeoutMs} ms: it stays "creating" until the owner acknowledges, closes the volume, or another gateway takes the volume over`);
+      }
+      await this.#env.clock.sleep(snapshotAckPollMs);
+    }
+  }
+
+  snapshots(volumeName: string): Promise<SnapshotInfo[]> {
+    return this.#meta.read(async (tx) => {
+      const volume = await tx.volumeByName(volumeName);
+      if (!volume) throw new ShaleError('NOT_FOUND', `no volume named ${volumeName}`);
+      const result: SnapshotInfo[] = [];
+      for (const snapshot of await tx.snapshots(volume.id)) result.push(await snapshotInfo(tx, volume, snapshot));
+      return result;
+    });
+  }
+
+  snapshot(volumeName: string, name: string): Promise<SnapshotInfo> {
+    return this.#meta.read(async (tx) => {
+      const volume = await tx.volumeByName(volumeName);
+      if (!volume) throw new ShaleError('NOT_FOUND', `no volume named ${volumeName}`);
+      return snapshotInfo(tx, volume, await snapshotByName(tx, volume, name));
+    });
+  }
+
+  async deleteSnapshot(volumeName: string, name: string): Promise<void> {
+    await this.#commit((ops) => deleteSnapshot(ops, volumeName, name));
+  }
+
+  async acknowledgeSnapshots(volumeName: string, owner: string, ownerEpoch: number, snapSeq: number): Promise<void> {
+    await this.#commit((ops) => acknowledgeSnapshots(ops, volumeName, owner, ownerEpoch, snapSeq));
+  }
+
+  cloneVolume(volumeName: string, snapshotName: string, newName: string): Promise<VolumeInfo> {
+    return this.#commit(async (ops) => {
+      const volume = await cloneVolume(ops, volumeName, snapshotName, newName);
+      const pool = await ops.tx.pool(volume.poolId);
+      assert(pool, 'a volume lives in an existing pool');
+      return volumeInfoWithSnapshots(ops.tx, volume, pool);
+    });
+  }
+
+  markFlattened(volumeName: string, owner: string, ownerEpoch: number): Promise<VolumeInfo> {
+    return this.#commit(async (ops) => {
+      const volume = await markFlattened(ops, volumeName, owner, ownerEpoch);
+      const pool = await ops.tx.pool(volume.poolId);
+      assert(pool, 'a volume lives in an existing pool');
+      return volumeInfoWithSnapshots(ops.tx, volume, pool);
+    });
+  }
 }
+
+/** How long snapshot create waits for the volume's owner to switch its snap context. */
+export const snapshotAckTimeoutMs = 30_000;
+const snapshotAckPollMs = 10;
 
 const silent: Log = () => {};
 

@@ -116,6 +116,10 @@ export const ErrorCodes = {
     wire: 20, nbdErrno: NbdErrno.EIO, s3Code: 'InternalError', httpStatus: 500, exitCode: 1, retryable: false,
     doc: 'An unexpected failure: a bug. It is logged with its stack.',
   },
+  IN_USE: {
+    wire: 21, nbdErrno: NbdErrno.EPERM, s3Code: 'OperationAborted', httpStatus: 409, exitCode: 18, retryable: false,
+    doc: 'The volume or snapshot is in use in a way that forbids the request: a rollback, flatten or import of a volume a gateway has open for writing, or deleting a snapshot (or volume) that clones still read through. Close the volume or flatten the clones first.',
+  },
 } as const satisfies Record<string, ErrorCodeSpec>;
 
 export type ErrorCode = keyof typeof ErrorCodes;

@@ -18,7 +18,7 @@
 import type { Env } from '../env/env.ts';
 import { isErrorCode, ShaleError } from '../lib/errors.ts';
 import type {
-  ClusterInfo, ClusterMap, HeartbeatRequest, MarkCleanRequest, OpenVolumeRequest, OpenVolumeResponse,
+  ClusterInfo, ClusterMap, FlattenedRequest, HeartbeatRequest, MarkCleanRequest, OpenVolumeRequest, OpenVolumeResponse, SnapshotAckRequest, SnapshotInfo,
   RegisterStoreRequest, RegisterStoreResponse, ReportDownRequest, VolumeInfo,
 } from '../conductor/api/types.ts';
 
@@ -169,6 +169,23 @@ export class ConductorClient {
   /** One volume, with its current size (a gateway may check it after a map names a new size). */
   volume(name: string): Promise<VolumeInfo> {
     return this.call('GET', `/volumes/${encodeURIComponent(name)}`);
+  }
+
+  snapshot(volume: string, name: string): Promise<SnapshotInfo> {
+    return this.call('GET', `/volumes/${encodeURIComponent(volume)}/snapshots/${encodeURIComponent(name)}`);
+  }
+
+  snapshots(volume: string): Promise<{ snapshots: SnapshotInfo[] }> {
+    return this.call('GET', `/volumes/${encodeURIComponent(volume)}/snapshots`);
+  }
+
+  /** The owner switched its writes to `snapSeq` and the older ones drained. */
+  acknowledgeSnapshots(volume: string, request: SnapshotAckRequest): Promise<unknown> {
+    return this.call('POST', `/volumes/${encodeURIComponent(volume)}/snapshot-ack`, request);
+  }
+
+  markFlattened(volume: string, request: FlattenedRequest): Promise<VolumeInfo> {
+    return this.call('POST', `/volumes/${encodeURIComponent(volume)}/flattened`, request);
   }
 }
 

@@ -72,9 +72,21 @@ class LogEngineAdapter implements BlockEngine {
     return this.#engine.writeZeroes(request);
   }
 
-  async read(volumeId: number, chunkIndex: number, offsetBlocks: number, countBlocks: number): Promise<BlockReadResult> {
-    const result = await this.#engine.read(volumeId, chunkIndex, offsetBlocks, countBlocks);
+  async read(volumeId: number, chunkIndex: number, offsetBlocks: number, countBlocks: number, options: { snapshotId?: number } = {}): Promise<BlockReadResult> {
+    const result = await this.#engine.read(volumeId, chunkIndex, offsetBlocks, countBlocks, options);
     return { data: result.data, checksums: result.checksums, states: result.states, epochs: result.versions.epochs, seqs: result.versions.seqs };
+  }
+
+  blockVersions(volumeId: number, chunkIndex: number, offsetBlocks: number, countBlocks: number, snapshotId?: number): { states: Uint8Array; epochs: Uint32Array; seqs: Float64Array; stamps: Float64Array } {
+    return this.#engine.blockVersionsAt(volumeId, chunkIndex, offsetBlocks, countBlocks, snapshotId);
+  }
+
+  setSnapshots(volumeId: number, liveSnapIds: readonly number[], options: { snapSeq: number; keepTombstones: boolean }): Promise<void> {
+    return this.#engine.setSnapshots(volumeId, liveSnapIds, options);
+  }
+
+  snapshots(volumeId: number): { ids: number[]; snapSeq: number; keepTombstones: boolean } | undefined {
+    return this.#engine.snapshots(volumeId);
   }
 
   readNow(volumeId: number, chunkIndex: number, offsetBlocks: number, countBlocks: number): BlockReadResult | undefined {

@@ -384,11 +384,12 @@ export class Resyncer {
             continue;
           }
           let end = i + 1;
-          while (end < run.count && read.states[end] === BlockState.DATA && read.epochs[end] === read.epochs[i] && read.seqs[end] === read.seqs[i]) end++;
+          while (end < run.count && read.states[end] === BlockState.DATA && read.epochs[end] === read.epochs[i] && read.seqs[end] === read.seqs[i] && read.stamps[end] === read.stamps[i]) end++;
           const count = end - i;
           await engine.write({
             volumeId: header.volumeId, chunkIndex: header.chunkIndex, offsetBlocks: run.start + i, data: read.data.subarray(at * BLOCK_SIZE_BYTES, (at + count) * BLOCK_SIZE_BYTES),
-            checksums: read.checksums.slice(i, end), version: { epoch: read.epochs[i]!, seq: read.seqs[i]! }, snapSeq: 0,
+            // The copy keeps the version's snap stamp (READ descriptors carry it), so snapshots see it as on the peer.
+            checksums: read.checksums.slice(i, end), version: { epoch: read.epochs[i]!, seq: read.seqs[i]! }, snapSeq: read.stamps[i]!,
           });
           this.bytesCopied += count * BLOCK_SIZE_BYTES;
           at += count;

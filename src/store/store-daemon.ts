@@ -90,6 +90,7 @@ export async function startStoreDaemon(env: Env, options: StoreDaemonOptions): P
     for (const volumeId of map.deletedVolumes) {
       if (!engine.isPurged(volumeId)) await engine.purgeVolume(volumeId);
     }
+    await applySnapContexts(engine, map);
     view.apply(map);
     resyncer.onMap(map);
   };
@@ -130,6 +131,27 @@ export async function startStoreDaemon(env: Env, options: StoreDaemonOptions): P
       await engine.close();
     },
   };
+}
+
+/**
+ * Tells the engine each volume's live snapshots and snap sequence (it trims what only deleted
+ * snapshots needed) and which volumes are clones (their tombstones must stay: an absent block
+ * would read through to the parent). Only changes are written; the map never goes back.
+ */
+export async function applySnapContexts(engine: BlockEngine, map: ClusterMap): Promise<void> {
+  const deleted = new Set(map.deletedVolumes);
+  for (const context of map.snapContexts ?? []) {
+    if (deleted.has(context.volumeId) || engine.isPurged(context.volumeId)) continue;
+    const known = engine.snapshots(context.volumeId);
+    const keepTombstones = context.parent !== null;
+    if (known && known.snapSeq > context.seq) continue; // an older map than the engine has seen
+    if (known && known.snapSeq === context.seq && known.keepTombstones === keepTombstones && sameIds(known.ids, context.snapshots)) continue;
+    await engine.setSnapshots(context.volumeId, context.snapshots, { snapSeq: context.seq, keepTombstones });
+  }
+}
+
+function sameIds(a: readonly number[], b: readonly number[]): boolean {
+  return a.length === b.length && a.every((id, i) => id === b[i]);
 }
 
 async function retryUntilReachable<T>(env: Env, call: () => Promise<T>, log: (message: string) => void): Promise<T> {

@@ -16,7 +16,7 @@ import { placementGroupOf } from '../lib/placement-hash.ts';
 import { BLOCK_SIZE_BYTES } from '../lib/units.ts';
 import type { Connection, Env, Listener } from '../env/env.ts';
 import {
-  BLOCKS_PER_REQUEST_MAX, BlockState, decodeVolumeIds, encodeRecentWrites, encodeHeader, encodeListReply, encodeReadDescriptors,
+  BLOCKS_PER_REQUEST_MAX, BlockState, decodeVolumeIds, encodeBlockVersions, encodeRecentWrites, encodeHeader, encodeListReply, encodeReadDescriptors,
   Flag, FrameParser, HEADER_BYTES, Op, REPLY_BIT, type Frame, type FrameHeader,
 } from '../proto/store-protocol.ts';
 import type { LocalReadFields, LocalReadResult } from '../proto/store-channel.ts';
@@ -216,7 +216,10 @@ export class StoreServer {
       case Op.WRITE_ZEROES:
         return this.#track(this.#write(frame));
       case Op.READ:
+      case Op.READ_SNAP:
         return this.#read(h);
+      case Op.BLOCK_VERSIONS:
+        return this.#blockVersions(h);
       case Op.FLUSH:
         if (h.volumeId !== 0) this.recentWrites.advance(h.volumeId, h.ownerEpoch, h.watermark);
         await this.#engine.flush();
@@ -313,8 +316,25 @@ export class StoreServer {
     if ((h.flags & Flag.REPAIR) === 0 && !this.#view.canServeReads(h.poolId, h.pgId, h.pgEpoch)) {
       throw new ShaleError('NOT_READY', `PG ${h.poolId}.${h.pgId} is recovering on this store`);
     }
-    const result = await this.#engine.read(h.volumeId, h.chunkIndex, h.offsetBlocks, h.countBlocks);
-    const descriptors = encodeReadDescriptors(result, h.countBlocks);
+    let options: { snapshotId?: number } = {};
+    if (h.op === Op.READ_SNAP) {
+      if (h.snapSeq === 0) throw new ShaleError('INVALID_ARGUMENT', 'READ_SNAP needs a snapshot id in the snap seq field');
+      options = { snapshotId: h.snapSeq };
+    }
+    const result = await this.#engine.read(h.volumeId, h.chunkIndex, h.offsetBlocks, h.countBlocks, options);
+    // The snap stamp of each version read, so copies (repair, reconciliation) keep it; looked up
+    // after the read, so it counts only where the version is still the one read.
+    // (An index lookup per block; a write stamped above 0 may reach this store before the map
+    // that names its snapshot, so the engine's snapshot list cannot tell when to skip it.)
+    let stamps: Float64Array | undefined;
+    {
+      const now = this.#engine.blockVersions(h.volumeId, h.chunkIndex, h.offsetBlocks, h.countBlocks, options.snapshotId);
+      stamps = new Float64Array(h.countBlocks);
+      for (let i = 0; i < h.countBlocks; i++) {
+        if (now.epochs[i] === result.epochs[i] && now.seqs[i] === result.seqs[i]) stamps[i] = now.stamps[i]!;
+      }
+    }
+    const descriptors = encodeReadDescriptors(stamps ? { ...result, stamps } : result, h.countBlocks);
     let dataBlocks = 0;
     for (let i = 0; i < h.countBlocks; i++) if (result.states[i] === BlockState.DATA) dataBlocks++;
     let data: Buffer;
@@ -340,6 +360,17 @@ export class StoreServer {
     }
     const states = Buffer.from(this.#engine.blockStates(h.volumeId, h.chunkIndex, h.offsetBlocks, h.countBlocks));
     return { header: replyHeader(h, { payloadBytes: states.length }), parts: [states] };
+  }
+
+  #blockVersions(h: FrameHeader): Reply {
+    this.#checkRange(h);
+    this.#checkEpochs(h, true);
+    if ((h.flags & Flag.REPAIR) === 0 && !this.#view.canServeReads(h.poolId, h.pgId, h.pgEpoch)) {
+      throw new ShaleError('NOT_READY', `PG ${h.poolId}.${h.pgId} is recovering on this store`);
+    }
+    const versions = this.#engine.blockVersions(h.volumeId, h.chunkIndex, h.offsetBlocks, h.countBlocks, h.snapSeq === 0 ? undefined : h.snapSeq);
+    const payload = encodeBlockVersions(versions, h.countBlocks);
+    return { header: replyHeader(h, { payloadBytes: payload.length }), parts: [payload] };
   }
 
   #recentWrites(h: FrameHeader): Reply {

@@ -1324,6 +1324,50 @@ export class StoreEngine {
     return states;
   }
 
+  /**
+   * State and version of each block of the range as a read would see them — at the head, or at
+   * snapshot `snapshotId` (the newest version stamped below it) — from the index alone, no I/O.
+   * For block status and diffs of snapshots. Errors: as read (NOT_FOUND for a deleted snapshot).
+   */
+  blockVersionsAt(volumeId: number, chunkIndex: number, offsetBlocks: number, countBlocks: number, snapshotId?: number): { states: Uint8Array; epochs: Uint32Array; seqs: Float64Array; stamps: Float64Array } {
+    checkVolumeId(volumeId);
+    checkU32('chunkIndex', chunkIndex);
+    checkBlockRange(offsetBlocks, countBlocks);
+    if (snapshotId !== undefined) {
+      checkSafe('snapshotId', snapshotId);
+      const set = this.#snapshots.get(volumeId);
+      if (set && snapshotId <= set.knownSeq && upperBound(set.ids, snapshotId - 1) === upperBound(set.ids, snapshotId)) {
+        throw new ShaleError('NOT_FOUND', `snapshot ${snapshotId} of volume ${volumeId} was deleted`, { volumeId, snapshotId });
+      }
+    }
+    const states = new Uint8Array(countBlocks);
+    const epochs = new Uint32Array(countBlocks);
+    const seqs = new Float64Array(countBlocks);
+    const stamps = new Float64Array(countBlocks);
+    const table = this.#purged.has(volumeId) ? undefined : this.#index.get(volumeId, chunkIndex);
+    if (!table) return { states, epochs, seqs, stamps };
+    for (let i = 0; i < countBlocks; i++) {
+      const block = offsetBlocks + i;
+      if (table.stateAt(block) === BlockState.ABSENT) continue;
+      if (snapshotId === undefined || table.stampAt(block) < snapshotId) {
+        states[i] = table.stateAt(block);
+        epochs[i] = table.epochAt(block);
+        seqs[i] = table.seqAt(block);
+        stamps[i] = table.stampAt(block);
+        continue;
+      }
+      for (let entry = table.firstHistory(block); entry >= 0; entry = table.hNext[entry]!) {
+        if (table.entryStamp(entry) >= snapshotId) continue;
+        states[i] = table.entryKind(entry);
+        epochs[i] = table.entryEpoch(entry);
+        seqs[i] = table.entrySeq(entry);
+        stamps[i] = table.entryStamp(entry);
+        break;
+      }
+    }
+    return { states, epochs, seqs, stamps };
+  }
+
   /** Every object holding at least one block (data or tombstone). Safe to interleave with writes. */
   *listObjects(): IterableIterator<ObjectKey> {
     for (const table of this.#index.objects()) {
