@@ -236,10 +236,10 @@ export function registerAdminCommands(program: Command, io: AdminIo = processIo)
       out(options, { disks }, () => disks.length === 0
         ? 'no disks: no store has registered\n'
         : renderTable(
-          ['STORE', 'ADDRESS', 'STATE', 'DOMAIN', 'DISK', 'PATH', 'CAPACITY', 'USED', 'USE%'],
+          ['STORE', 'ADDRESS', 'STATE', 'DOMAIN', 'DISK', 'PATH', 'CAPACITY', 'USED', 'USE%', 'LIVE'],
           disks.map((d) => [
             d.storeId, d.storeAddress, d.storeState, d.domain || '-', d.uuid, d.path, formatBytes(d.capacityBytes), formatBytes(d.usedBytes),
-            formatPercent(d.usedBytes, d.capacityBytes),
+            formatPercent(d.usedBytes, d.capacityBytes), d.liveBytes === undefined ? '-' : formatBytes(d.liveBytes),
           ]),
           io.stdoutIsTty,
         ));

@@ -626,12 +626,15 @@ describe('conductor: membership', () => {
       assert.equal(disks[0].capacityBytes, 100 * 2 ** 30);
       const epoch = (await cluster.map()).epoch;
       for (let used = 1; used <= 5; used++) {
-        const beat = await cluster.call('POST', '/stores/2/heartbeat', { disks: [{ uuid: 'disk-2', path: '/disks/2', capacityBytes: 100 * 2 ** 30, usedBytes: used * 2 ** 30 }] });
+        const beat = await cluster.call('POST', '/stores/2/heartbeat', { disks: [{ uuid: 'disk-2', path: '/disks/2', capacityBytes: 100 * 2 ** 30, usedBytes: used * 2 ** 30, liveBytes: used * 2 ** 29 }] });
         assert.equal(beat.status, 200);
       }
       const store = (await cluster.call<{ stores: StoreInfo[] }>('GET', '/stores')).body.stores.find((s) => s.id === 2)!;
       assert.equal(store.usedBytes, 5 * 2 ** 30, 'the latest figure shows at once');
       assert.equal((await cluster.call('GET', '/disks')).body.disks[1].usedBytes, 5 * 2 ** 30);
+      assert.equal((await cluster.call('GET', '/disks')).body.disks[1].liveBytes, 5 * 2 ** 29, 'live bytes as the store reported them');
+      assert.equal((await cluster.call('GET', '/disks')).body.disks[0].liveBytes, undefined, 'absent when a store does not report them');
+      expectError(await cluster.call('POST', '/stores/2/heartbeat', { disks: [{ uuid: 'disk-2', path: '/disks/2', capacityBytes: 100 * 2 ** 30, usedBytes: 0, liveBytes: -5 }] }), 'INVALID_ARGUMENT');
       assert.equal((await cluster.call<ClusterStatus>('GET', '/status')).body.usedBytes, (1 + 5 * 1024 + 3) * 2 ** 20);
       assert.equal((await cluster.map()).epoch, epoch, 'heartbeats do not change the map');
       // A new disk set is written at once.

@@ -126,6 +126,7 @@ export function diskInfos(stores: readonly StoreRecord[], live: LiveHeartbeats):
     for (const disk of store.disks) {
       result.push({
         uuid: disk.uuid, path: disk.path, capacityBytes: disk.capacityBytes, usedBytes: disk.usedBytes,
+        ...(disk.liveBytes === undefined ? {} : { liveBytes: disk.liveBytes }),
         storeId: store.id, storeAddress: store.address, storeState: store.state, domain: store.domain,
       });
     }

@@ -57,7 +57,7 @@ export async function startStoreDaemon(env: Env, options: StoreDaemonOptions): P
   options.localStores?.add(address, server);
   const diskReport = (): DiskReport[] => {
     const stats = engine.stats();
-    return [{ uuid: engine.diskUuid, path: engine.path, capacityBytes: stats.capacityBytes, usedBytes: stats.usedBytes }];
+    return [{ uuid: engine.diskUuid, path: engine.path, capacityBytes: stats.capacityBytes, usedBytes: stats.usedBytes, liveBytes: stats.liveBytes }];
   };
   await options.beforeRegister?.();
   const registration = await retryUntilReachable(env, () => conductor.register({

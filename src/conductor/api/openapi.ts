@@ -27,11 +27,11 @@ const schemas: Record<string, Schema> = {
   ConductorInfo: object({
     id: string(), url: string(), leading: { type: 'boolean' }, leaderUrl: { type: ['string', 'null'] }, meta: string('sqlite:PATH or etcd://…'),
   }),
-  DiskReport: object({ uuid: string(), path: string(), capacityBytes: integer(), usedBytes: integer() }),
+  DiskReport: object({ uuid: string(), path: string(), capacityBytes: integer(), usedBytes: integer(), liveBytes: integer() }, ['uuid', 'path', 'capacityBytes', 'usedBytes']),
   DiskInfo: object({
-    uuid: string(), path: string(), capacityBytes: integer(), usedBytes: integer(), storeId: integer(undefined, 1), storeAddress: string(),
+    uuid: string(), path: string(), capacityBytes: integer(), usedBytes: integer(), liveBytes: integer(), storeId: integer(undefined, 1), storeAddress: string(),
     storeState: { enum: ['up', 'down', 'out'] }, domain: string(),
-  }),
+  }, ['uuid', 'path', 'capacityBytes', 'usedBytes', 'storeId', 'storeAddress', 'storeState', 'domain']),
   RegisterStoreRequest: object({
     diskUuid: string(), clusterId: string(), address: string('HOST:PORT or unix:/path'), domain: string('Failure domain: "h1" or "rack=r1,host=h1".'),
     disks: array(ref('DiskReport')),

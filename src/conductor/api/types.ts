@@ -58,6 +58,11 @@ export interface DiskReport {
   path: string;
   capacityBytes: number;
   usedBytes: number;
+  /**
+   * Bytes of data still live in the used segments (the rest of `usedBytes` is garbage that
+   * compaction will reclaim). Optional: older stores do not send it.
+   */
+  liveBytes?: number;
 }
 
 export interface RegisterStoreRequest {
