@@ -2,11 +2,13 @@
  * NBD block benchmark: Shale beside nbdkit (file plugin) and qemu-nbd on a file of the same size on
  * the same disk, in one run, with fio's nbd engine. Rounds are interleaved (every target once per
  * round) so that load from elsewhere on a shared machine hits all targets alike; the table shows
- * the median of the rounds and the ratio to nbdkit over the same transport.
+ * the median of the rounds and the ratio to nbdkit over the same transport. It also gives the
+ * server's CPU time per operation (user + system of every server process and thread, from
+ * /proc/PID/stat, over the fio run): a figure that load from elsewhere disturbs far less than IOPS.
  *
  *   npm run bench:nbd                      # all targets, all workloads, RUNS=3 rounds of RUNTIME=10 s
  *   RUNS=5 RUNTIME=20 npm run bench:nbd
- *   TARGETS=nbdkit-tcp,shale1-tcp WORKLOADS=randread_4k_qd32 npm run bench:nbd
+ *   TARGETS=nbdkit-file-tcp,shale-1-replica-tcp WORKLOADS=randread_4k_qd32 npm run bench:nbd
  *
  * Targets: nbdkit file plugin (tcp, unix), qemu-nbd (--cache=none --aio=threads, unix), Shale with
  * 1 replica on `shale up --stores 1` (the store engine in the gateway's process) and with 3
@@ -24,6 +26,7 @@ const MAIN = fileURLToPath(new URL('../src/cli/main.ts', import.meta.url));
 const RUNS = Number(process.env.RUNS ?? 3);
 const RUNTIME = Number(process.env.RUNTIME ?? 10);
 const SIZE = '1G';
+const CLOCK_TICKS_PER_SECOND = Number(spawnSync('getconf', ['CLK_TCK'], { encoding: 'utf8' }).stdout.trim()) || 100;
 
 const WORKLOADS: Record<string, string[]> = {
   randread_4k_qd1: ['--rw=randread', '--bs=4k', '--iodepth=1'],
@@ -80,7 +83,30 @@ function has(tool: string): boolean {
   return spawnSync('sh', ['-c', `command -v ${tool}`]).status === 0;
 }
 
-function fio(uri: string, args: string[], runtime: number, extra: string[] = []): { iops: number; mibps: number; p50us: number; p99us: number } {
+interface FioResult {
+  iops: number;
+  mibps: number;
+  p50us: number;
+  p99us: number;
+  ios: number;
+}
+
+/** CPU seconds (user + system, every thread) used so far by the processes, from /proc. */
+function cpuSeconds(pids: readonly number[]): number {
+  let ticks = 0;
+  for (const pid of pids) {
+    try {
+      // Fields after the command name (which may hold spaces): utime and stime are the 12th and 13th.
+      const fields = readFileSync(`/proc/${pid}/stat`, 'utf8').split(') ')[1]!.split(' ');
+      ticks += Number(fields[11]) + Number(fields[12]);
+    } catch {
+      // The process is gone: it uses no more CPU.
+    }
+  }
+  return ticks / CLOCK_TICKS_PER_SECOND;
+}
+
+function fio(uri: string, args: string[], runtime: number, extra: string[] = []): FioResult {
   const output = join(dir, 'fio.json');
   const result = spawnSync('fio', [
     '--name=bench', '--ioengine=nbd', `--uri=${uri}`, `--size=${SIZE}`, '--time_based', `--runtime=${runtime}`,
@@ -90,7 +116,7 @@ function fio(uri: string, args: string[], runtime: number, extra: string[] = [])
   const job = JSON.parse(readFileSync(output, 'utf8')).jobs[0];
   const side = job.read.iops > job.write.iops ? job.read : job.write;
   const percentile = side.clat_ns.percentile ?? {};
-  return { iops: side.iops, mibps: side.bw / 1024, p50us: (percentile['50.000000'] ?? 0) / 1000, p99us: (percentile['99.000000'] ?? 0) / 1000 };
+  return { iops: side.iops, mibps: side.bw / 1024, p50us: (percentile['50.000000'] ?? 0) / 1000, p99us: (percentile['99.000000'] ?? 0) / 1000, ios: side.total_ios };
 }
 
 async function shaleUp(name: string, stores: number): Promise<Target[]> {
@@ -150,13 +176,16 @@ async function main(): Promise<void> {
     fio(target.uri, ['--rw=write', '--bs=1M', '--iodepth=8'], 0, ['--time_based=0']);
   }
 
-  const results = new Map<string, { iops: number; mibps: number; p50us: number; p99us: number }[]>();
+  const results = new Map<string, (FioResult & { cpuUsPerOp: number })[]>();
   for (let round = 1; round <= RUNS; round++) {
     for (const [workload, args] of workloads) {
       for (const target of chosen) {
         const key = `${workload}|${target.name}|${target.transport}`;
-        const result = fio(target.uri, args, RUNTIME);
-        log(`round ${round} ${workload} ${target.name}/${target.transport}: ${Math.round(result.iops)} IOPS, ${result.mibps.toFixed(0)} MiB/s, p50 ${result.p50us.toFixed(0)} µs`);
+        const pids = target.pids();
+        const cpuBefore = cpuSeconds(pids);
+        const measured = fio(target.uri, args, RUNTIME);
+        const result = { ...measured, cpuUsPerOp: ((cpuSeconds(pids) - cpuBefore) * 1e6) / Math.max(1, measured.ios) };
+        log(`round ${round} ${workload} ${target.name}/${target.transport}: ${Math.round(result.iops)} IOPS, ${result.mibps.toFixed(0)} MiB/s, p50 ${result.p50us.toFixed(0)} µs, ${result.cpuUsPerOp.toFixed(1)} CPU µs/op`);
         results.set(key, [...(results.get(key) ?? []), result]);
       }
     }
@@ -167,15 +196,15 @@ async function main(): Promise<void> {
     return sorted[Math.floor(sorted.length / 2)]!;
   };
   const lines: string[] = [];
-  lines.push(`| workload | target | transport | IOPS (median) | MiB/s | p50 µs | p99 µs | vs nbdkit-file (same transport) |`);
-  lines.push('|---|---|---|---:|---:|---:|---:|---:|');
+  lines.push(`| workload | target | transport | IOPS (median) | MiB/s | p50 µs | p99 µs | server CPU µs/op | vs nbdkit-file (same transport) |`);
+  lines.push('|---|---|---|---:|---:|---:|---:|---:|---:|');
   for (const [workload] of workloads) {
     for (const target of chosen) {
       const runs = results.get(`${workload}|${target.name}|${target.transport}`)!;
       const iops = median(runs.map((run) => run.iops));
       const reference = results.get(`${workload}|nbdkit-file|${target.transport}`);
       const ratio = reference ? iops / median(reference.map((run) => run.iops)) : undefined;
-      lines.push(`| ${workload} | ${target.name} | ${target.transport} | ${Math.round(iops)} | ${median(runs.map((run) => run.mibps)).toFixed(0)} | ${median(runs.map((run) => run.p50us)).toFixed(0)} | ${median(runs.map((run) => run.p99us)).toFixed(0)} | ${ratio === undefined ? '–' : `${ratio.toFixed(2)}×`} |`);
+      lines.push(`| ${workload} | ${target.name} | ${target.transport} | ${Math.round(iops)} | ${median(runs.map((run) => run.mibps)).toFixed(0)} | ${median(runs.map((run) => run.p50us)).toFixed(0)} | ${median(runs.map((run) => run.p99us)).toFixed(0)} | ${median(runs.map((run) => run.cpuUsPerOp)).toFixed(1)} | ${ratio === undefined ? '–' : `${ratio.toFixed(2)}×`} |`);
     }
   }
   const loadavg = readFileSync('/proc/loadavg', 'utf8').split(' ').slice(0, 3).join(' ');

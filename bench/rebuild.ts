@@ -19,7 +19,7 @@
  *   RESYNC_RATE=200M npm run bench:rebuild # throttled rebuild (--resync-rate)
  */
 import { spawn, spawnSync, type ChildProcess } from 'node:child_process';
-import { mkdtempSync, readFileSync, rmSync } from 'node:fs';
+import { mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
 import { createServer } from 'node:net';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
@@ -66,6 +66,15 @@ function fioAsync(args: string[]): Promise<{ [key: string]: any }> {
   });
 }
 
+let apiToken = '';
+
+/** The API straight from this process: polling through the CLI would spawn a Node process per poll and steal the CPU being measured. */
+async function apiGet(api: string, path: string): Promise<any> {
+  const response = await fetch(`${api}/api/v1${path}`, { headers: { authorization: `Bearer ${apiToken}` } });
+  if (!response.ok) throw new Error(`GET ${path}: ${response.status} ${await response.text()}`);
+  return response.json();
+}
+
 function shale(api: string, ...args: string[]): any {
   const result = spawnSync(process.execPath, [MAIN, ...args, '--json'], { encoding: 'utf8', env: { ...process.env, SHALE_API: api } });
   if (result.status !== 0) throw new Error(`shale ${args.join(' ')}: ${result.stderr}`);
@@ -76,11 +85,11 @@ async function sleep(ms: number): Promise<void> {
   await new Promise((resolve) => setTimeout(resolve, ms));
 }
 
-async function waitFor<T>(what: string, probe: () => T | false, timeoutMs: number): Promise<T> {
+async function waitFor<T>(what: string, probe: () => T | false | Promise<T | false>, timeoutMs: number): Promise<T> {
   const deadline = Date.now() + timeoutMs;
   for (;;) {
     try {
-      const value = probe();
+      const value = await probe();
       if (value !== false) return value;
     } catch {
       // not yet
@@ -90,8 +99,8 @@ async function waitFor<T>(what: string, probe: () => T | false, timeoutMs: numbe
   }
 }
 
-function settled(api: string): boolean {
-  const status = shale(api, 'cluster', 'status');
+async function settled(api: string): Promise<boolean> {
+  const status = await apiGet(api, '/status');
   const recovery = status.recovery;
   return recovery.replicasRecovering === 0 && recovery.replicasToRemove === 0 && recovery.pgsMoving === 0 && status.pools.every((pool: any) => pool.pgsDegraded === 0);
 }
@@ -100,8 +109,8 @@ function storePid(dataDir: string, index: number): number {
   return Number(readFileSync(join(dataDir, `store-${index}`, 'store.pid'), 'utf8').trim());
 }
 
-function copiedBy(api: string): Map<number, number> {
-  const { stores } = shale(api, 'store', 'list');
+async function copiedBy(api: string): Promise<Map<number, number>> {
+  const { stores } = await apiGet(api, '/stores');
   return new Map((stores as any[]).map((store) => [store.id, store.recovery?.bytesCopied ?? 0]));
 }
 
@@ -124,7 +133,8 @@ async function main(): Promise<void> {
   up.stdout!.on('data', (chunk: Buffer) => (output += chunk.toString()));
   up.stderr!.on('data', (chunk: Buffer) => (output += chunk.toString()));
   await waitFor('shale up', () => output.includes('Shale is up') || false, 120_000);
-  await waitFor('placement to settle', () => settled(api) || false, 300_000);
+  apiToken = readFileSync(join(dataDir, 'token'), 'utf8').trim();
+  await waitFor('placement to settle', async () => (await settled(api)) || false, 300_000);
   shale(api, 'volume', 'create', 'bench', '--size', SIZE, '--replicas', '3');
   const uri = `nbd://127.0.0.1:${nbdPort}/bench`;
   const fillStart = Date.now();
@@ -138,23 +148,23 @@ async function main(): Promise<void> {
   log(`client 4 KiB random reads, QD16, no rebuild: ${idleIops.toFixed(0)} IOPS`);
 
   // 4. Kill a store; time the rebuild.
-  const before = copiedBy(api);
+  const before = await copiedBy(api);
   const victim = 2;
   process.kill(storePid(dataDir, victim), 'SIGKILL');
-  const outAt = await waitFor('the store to be marked out', () => {
-    const status = shale(api, 'cluster', 'status');
+  const outAt = await waitFor('the store to be marked out', async () => {
+    const status = await apiGet(api, '/status');
     return status.recovery.storesOut.includes(victim) ? Date.now() : false;
   }, 60_000);
   const during = fioAsync(randread);
   let peakRate = 0;
-  const rebuiltAt = await waitFor('the rebuild', () => {
-    const status = shale(api, 'cluster', 'status');
+  const rebuiltAt = await waitFor('the rebuild', async () => {
+    const status = await apiGet(api, '/status');
     peakRate = Math.max(peakRate, status.recovery.bytesPerSecond);
-    return settled(api) ? Date.now() : false;
+    return (await settled(api)) ? Date.now() : false;
   }, 3_600_000);
   const duringIops = (await during).jobs[0].read.iops as number;
   await sleep(1500);
-  const after = copiedBy(api);
+  const after = await copiedBy(api);
   let rebuiltBytes = 0;
   for (const [id, bytes] of after) if (id !== victim) rebuiltBytes += bytes - (before.get(id) ?? 0);
   const rebuildSeconds = (rebuiltAt - outAt) / 1000;
@@ -168,12 +178,12 @@ async function main(): Promise<void> {
   const token = readFileSync(join(dataDir, 'token'), 'utf8').trim();
   restarted = spawn(process.execPath, [MAIN, 'store', '--disk', join(dataDir, 'store-3', 'disk.img'), '--listen', '127.0.0.1:0', '--conductor', api, '--domain', 'local-3'],
     { stdio: 'ignore', env: { ...process.env, SHALE_TOKEN: token } });
-  await waitFor('store 3 back and clean', () => {
-    const status = shale(api, 'cluster', 'status');
-    return status.stores.up === 3 && settled(api) || false;
+  await waitFor('store 3 back and clean', async () => {
+    const status = await apiGet(api, '/status');
+    return (status.stores.up === 3 && (await settled(api))) || false;
   }, 600_000);
   await sleep(1500);
-  const resyncBytes = copiedBy(api).get(3) ?? 0; // a restarted store counts from zero
+  const resyncBytes = (await copiedBy(api)).get(3) ?? 0; // a restarted store counts from zero
   log(`resync after a short outage with 64 MiB written: ${(resyncBytes / MiB).toFixed(1)} MiB copied (volume ${SIZE})`);
 
   const table = [
@@ -187,6 +197,7 @@ async function main(): Promise<void> {
     `| resync after a ~3 s outage, 64 MiB written meanwhile | ${(resyncBytes / MiB).toFixed(1)} MiB copied |`,
   ].join('\n');
   process.stdout.write(`${table}\n`);
+  if (process.env.BENCH_LOG) writeFileSync(process.env.BENCH_LOG, output);
 }
 
 function parseSizeGiB(text: string): number {

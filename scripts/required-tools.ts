@@ -21,6 +21,7 @@ export const requiredTools: Readonly<Record<string, string>> = {
   openssl: 'openssl',
   etcd: 'etcd-server',
   etcdctl: 'etcd-client',
+  ip: 'iproute2',
   '/usr/bin/aws': 'awscli',
   s3cmd: 's3cmd',
 };

@@ -155,3 +155,63 @@ export async function waitFor<T>(what: string, probe: () => Promise<T | undefine
     await new Promise((resolve) => setTimeout(resolve, intervalMs));
   }
 }
+
+/**
+ * A whole cluster in this process: a conductor on SQLite and `stores` store daemons with log
+ * engines on files, real sockets. For tests that drive the client library directly.
+ */
+export interface LocalCluster {
+  api: string;
+  dir: string;
+  /** The store daemons (their engines, for tests that look inside). */
+  stores: import('../src/store/store-daemon.ts').StoreDaemon[];
+  client(ownerId: string): Promise<import('../src/client/cluster-client.ts').ClusterClient>;
+  call<T = any>(method: string, path: string, body?: unknown): Promise<{ status: number; body: T }>;
+  close(): Promise<void>;
+}
+
+export async function startLocalCluster(options: { stores?: number; diskSizeBytes?: number; pgCount?: number } = {}): Promise<LocalCluster> {
+  const { ClusterClient } = await import('../src/client/cluster-client.ts');
+  const { startConductor } = await import('../src/conductor/conductor.ts');
+  const { nodeEnv } = await import('../src/env/node/node-env.ts');
+  const { openLogEngine } = await import('../src/store/open-engine.ts');
+  const { startStoreDaemon } = await import('../src/store/store-daemon.ts');
+  const dir = temporaryDirectory('local-cluster');
+  const storeCount = options.stores ?? 3;
+  const conductor = await startConductor(nodeEnv, {
+    metaPath: join(dir.path, 'meta.db'), listen: '127.0.0.1:0', heartbeatTimeoutMs: 3000, defaultReplicas: Math.min(3, storeCount), pgCount: options.pgCount ?? 32,
+  });
+  const api = `http://${conductor.address}`;
+  const quiet = (): void => {};
+  const stores: import('../src/store/store-daemon.ts').StoreDaemon[] = [];
+  for (let index = 0; index < storeCount; index++) {
+    stores.push(await startStoreDaemon(nodeEnv, {
+      diskPath: join(dir.path, `disk-${index}.img`), diskSizeBytes: options.diskSizeBytes ?? 256 * 1024 * 1024, format: true, listen: '127.0.0.1:0',
+      conductorUrls: api, domain: `d${index}`, log: quiet, openEngine: openLogEngine,
+    }));
+  }
+  const call = async (method: string, path: string, body?: unknown): Promise<{ status: number; body: any }> => {
+    const response = await fetch(`${api}/api/v1${path}`, body === undefined ? { method } : { method, headers: { 'content-type': 'application/json' }, body: JSON.stringify(body) });
+    return { status: response.status, body: await response.json() };
+  };
+  await waitFor('the default pool', async () => (await call('GET', '/pools')).body.pools.length > 0);
+  const clients: { close(): Promise<void> }[] = [];
+  return {
+    api,
+    dir: dir.path,
+    stores,
+    call,
+    async client(ownerId: string) {
+      const created = new ClusterClient(nodeEnv, { conductorUrls: api, ownerId, requestTimeoutMs: 10_000, log: quiet });
+      await created.start();
+      clients.push(created);
+      return created;
+    },
+    async close() {
+      for (const created of clients) await created.close().catch(() => {});
+      for (const daemon of stores) await daemon.close().catch(() => {});
+      await conductor.close();
+      dir.remove();
+    },
+  };
+}

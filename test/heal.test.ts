@@ -54,7 +54,8 @@ describe('self-healing: re-replication, scrub repair, scale-out and drain', () =
     for (const tool of ['qemu-img', 'qemu-io', 'fio']) requireTool(tool);
     writeFileSync(image, randomBytes(16 * MiB));
     cluster = new ShaleUp(join(dir.path, 'data'), await freePort(), await freePort(), [
-      '--stores', '4', '--disk-size', '1G', '--heartbeat-timeout', '2s', '--down-out-interval', '5s',
+      // A throttled resync keeps the recovery visible long enough to watch its progress.
+      '--stores', '4', '--disk-size', '1G', '--heartbeat-timeout', '2s', '--down-out-interval', '5s', '--resync-rate', '4M',
       // A killed store stays dead: the cluster must heal without it.
       '--restart-delay', '1h', '--scrub-interval', '0',
     ]);
@@ -79,7 +80,7 @@ describe('self-healing: re-replication, scrub repair, scale-out and drain', () =
     const victimPgs = before.pgs.filter((pg) => pg.replicas.some((replica) => replica.storeId === victim)).map((pg) => pg.index);
     assert.ok(victimPgs.length > 0, 'the victim holds PGs');
 
-    const fio = fioVerify(cluster.uri('vol-heal'), 32);
+    const fio = fioVerify(cluster.uri('vol-heal'), 24);
     await new Promise((resolve) => setTimeout(resolve, 1500));
     process.kill(cluster.storePid(victim), 'SIGKILL');
     const result = await fio;
@@ -88,9 +89,14 @@ describe('self-healing: re-replication, scrub repair, scale-out and drain', () =
 
     // Down, then out after --down-out-interval, then every PG it held gets a replica elsewhere.
     const seen: string[] = [];
+    let recoveringPgsSeen = 0;
     const done = await waitFor('the PGs of the dead store to be re-replicated', async () => {
       const status = await json<ClusterStatus>(cluster.api, 'cluster', 'status');
-      if (status.recovery!.replicasRecovering > 0) seen.push(status.messages.find((message) => message.startsWith('recovery:')) ?? '');
+      if (status.recovery!.replicasRecovering > 0) {
+        seen.push(status.messages.find((message) => message.startsWith('recovery:')) ?? '');
+        const volume = await json<VolumeInfo>(cluster.api, 'volume', 'info', 'vol-heal');
+        recoveringPgsSeen = Math.max(recoveringPgsSeen, volume.health!.pgsRecovering);
+      }
       if (!status.recovery!.storesOut.includes(victim)) return false;
       return settled(cluster.api, 3);
     }, 180_000, 500);
@@ -114,7 +120,9 @@ describe('self-healing: re-replication, scrub repair, scale-out and drain', () =
     assert.equal(scrub.inconsistentBlocks, 0, `every replica identical after re-replication: ${JSON.stringify(scrub)}`);
     const compare = await run('qemu-img', ['compare', '-f', 'raw', '-F', 'raw', image, cluster.uri('vol-image')]);
     assert.equal(compare.status, 0, compare.stdout + compare.stderr);
-    process.stdout.write(`# re-replication: status during recovery: ${seen.slice(0, 3).join(' | ') || '(finished between polls)'}\n`);
+    process.stdout.write(`# re-replication: status during recovery: ${seen.slice(0, 3).join(' | ')}\n`);
+    assert.ok(seen.some((line) => /replicas filling over \d+ PGs, \d+ bytes to go at \d+ B\/s, ETA/.test(line)), `cluster status showed progress and an ETA: ${seen.join(' | ')}`);
+    assert.ok(recoveringPgsSeen > 0, 'volume info showed the volume\'s PGs recovering');
   });
 
   test('bits flipped in one replica\'s disk file: scrub finds the block and repairs it from a good copy', async () => {
@@ -160,7 +168,7 @@ describe('self-healing: re-replication, scrub repair, scale-out and drain', () =
   test('a new store takes PGs while fio writes and verifies; drain (after a dry run) empties it', async () => {
     const idle = await json<MovePlan>(cluster.api, 'rebalance', '--dry-run');
     assert.equal(idle.replicas, 0, `nothing to move before the new store: ${JSON.stringify(idle)}`);
-    const fio = fioVerify(cluster.uri('vol-heal'), 24);
+    const fio = fioVerify(cluster.uri('vol-heal'), 16);
     const storeDir = join(dir.path, 'store-5');
     mkdirSync(storeDir);
     const token = readFileSync(join(cluster.dataDir, 'token'), 'utf8').trim();

@@ -9,10 +9,14 @@
  *   Restart:  write 1, 4 and 16 GiB (SHALE_BENCH_RESTART_GIB), then a clean close or kill -9,
  *             and time StoreEngine.open in a fresh process (median of 3 opens).
  *   Memory:   RSS and index bytes per GiB written, sequential and random (SHALE_BENCH_MEMORY_GIB).
+ *   Compaction: 4 KiB random overwrites at QD32 of a region half the disk's size, timed per write,
+ *             with the background compactor, with foreground compaction only, and on a disk that
+ *             never needs compacting (SHALE_BENCH_COMPACTION_MIB=disk,region,overwrite; default
+ *             1024,512,1536), $SHALE_BENCH_RUNS runs, medians.
  *
  * Environment: SHALE_BENCH_DIR (default a directory under the OS temp dir, removed afterwards
  * unless SHALE_BENCH_KEEP=1), SHALE_BENCH_SECONDS (per random pattern, default 5),
- * SHALE_BENCH_REGION_MIB (default 1024), SHALE_BENCH_ONLY=io,restart,memory.
+ * SHALE_BENCH_REGION_MIB (default 1024), SHALE_BENCH_ONLY=io,restart,memory,compaction.
  */
 import { spawn, spawnSync, type ChildProcess } from 'node:child_process';
 import { mkdirSync, rmSync, writeFileSync, existsSync } from 'node:fs';
@@ -32,7 +36,8 @@ const seconds = Number(process.env.SHALE_BENCH_SECONDS ?? 5);
 const regionBytes = Number(process.env.SHALE_BENCH_REGION_MIB ?? 1024) * MiB;
 const restartGib = (process.env.SHALE_BENCH_RESTART_GIB ?? '1,4,16').split(',').map(Number);
 const memoryGib = Number(process.env.SHALE_BENCH_MEMORY_GIB ?? 2);
-const only = new Set((process.env.SHALE_BENCH_ONLY ?? 'io,restart,memory').split(','));
+const only = new Set((process.env.SHALE_BENCH_ONLY ?? 'io,restart,memory,compaction').split(','));
+const [compactionDiskMib, compactionRegionMib, compactionOverwriteMib] = (process.env.SHALE_BENCH_COMPACTION_MIB ?? '1024,512,1536').split(',').map(Number) as [number, number, number];
 const diskBytes = Math.max(2 * GiB, regionBytes * 2);
 
 mkdirSync(dir, { recursive: true });
@@ -187,11 +192,38 @@ async function memorySection(): Promise<void> {
   }
   results.memory = rows;
   console.log('\n### Memory per GiB written (after a forced GC)\n');
-  console.log('| writes | GiB | index typed arrays per GiB | index bytes per 4 KiB block | RSS per GiB (second half) | heap per GiB (second half) | RSS at the end | checkpoint image per GiB |');
-  console.log('|---|---:|---:|---:|---:|---:|---:|---:|');
-  for (const row of rows as { mode: string; gib: number; half: Record<string, number>; after: Record<string, number>; indexMemoryBytes: number; imageBytes: number }[]) {
+  console.log('| writes | GiB | index typed arrays per GiB | index bytes per 4 KiB block | checkpoint image per GiB | second half, per GiB: RSS / anonymous RSS / array buffers / V8 heap committed | RSS at the end | array buffers while the last image is built |');
+  console.log('|---|---:|---:|---:|---:|---|---:|---:|');
+  for (const row of rows as { mode: string; gib: number; half: Record<string, number>; during: Record<string, number>; after: Record<string, number>; indexMemoryBytes: number; imageBytes: number }[]) {
     const perGib = (bytes: number, gib = row.gib) => `${fixed(bytes / gib / MiB, 2)} MiB`;
-    console.log(`| ${row.mode === 'seq' ? 'sequential 1 MiB' : 'random 4 KiB'} | ${row.gib} | ${perGib(row.indexMemoryBytes)} | ${fixed(row.indexMemoryBytes / ((row.gib * GiB) / 4096), 2)} | ${perGib(row.after.rss! - row.half.rss!, row.gib / 2)} | ${perGib(row.after.heapUsed! - row.half.heapUsed!, row.gib / 2)} | ${fixed(row.after.rss! / MiB)} MiB | ${perGib(row.imageBytes)} |`);
+    const growth = (key: string) => fixed((row.after[key]! - row.half[key]!) / (row.gib / 2) / MiB, 2);
+    console.log(`| ${row.mode === 'seq' ? 'sequential 1 MiB' : 'random 4 KiB'} | ${row.gib} | ${perGib(row.indexMemoryBytes)} | ${fixed(row.indexMemoryBytes / ((row.gib * GiB) / 4096), 2)} | ${perGib(row.imageBytes)} | ${growth('rss')} / ${growth('rssAnon')} / ${growth('arrayBuffers')} / ${growth('heapTotal')} MiB | ${fixed(row.after.rss! / MiB)} MiB | ${fixed(row.during.arrayBuffers! / MiB)} MiB |`);
+  }
+}
+
+async function compactionSection(): Promise<void> {
+  const rows: Record<string, number | string>[] = [];
+  for (let r = 1; r <= runs; r++) {
+    for (const mode of ['roomy', 'background', 'foreground']) {
+      const disk = join(dir, 'compaction.disk');
+      rmSync(disk, { force: true });
+      const child = node([join(here, 'compaction-process.ts'), disk, String(compactionDiskMib * MiB), String(compactionRegionMib * MiB), String(compactionOverwriteMib * MiB), mode]);
+      const row = JSON.parse(await lineFrom(child)) as Record<string, number | string>;
+      await new Promise((resolve) => child.on('exit', resolve));
+      rmSync(disk, { force: true });
+      console.error(`  compaction ${mode.padEnd(10)} run ${r}: ${fixed(row.iops as number)} IOPS, p50 ${fixed(row.p50Us as number)} µs, p99 ${fixed(row.p99Us as number)} µs, p99.9 ${fixed(row.p999Us as number)} µs, max ${fixed(row.maxUs as number)} µs, ${row.compactedSegments} compacted (${row.foregroundCompactions} in the foreground)${row.error ? `, ${row.error}` : ''}`);
+      rows.push(row);
+    }
+  }
+  results.compaction = rows;
+  console.log(`\n### Write latency while compacting (4 KiB random overwrites, QD32; ${compactionRegionMib} MiB live on a ${compactionDiskMib} MiB disk, ${compactionOverwriteMib} MiB overwritten; ${runs} runs, medians)\n`);
+  console.log('| compaction | IOPS | p50 µs | p99 µs | p99.9 µs | max µs | segments compacted | of them in the foreground | checkpoints |');
+  console.log('|---|---:|---:|---:|---:|---:|---:|---:|---:|');
+  const names: Record<string, string> = { roomy: 'none needed (disk of region + 2.5 GiB)', background: 'background, under load (default)', foreground: 'foreground only (background off)' };
+  for (const mode of ['roomy', 'background', 'foreground']) {
+    const of = rows.filter((row) => row.mode === mode);
+    const m = (key: string) => median(of.map((row) => row[key] as number));
+    console.log(`| ${names[mode]} | ${fixed(m('iops'))} | ${fixed(m('p50Us'))} | ${fixed(m('p99Us'))} | ${fixed(m('p999Us'))} | ${fixed(m('maxUs'))} | ${fixed(m('compactedSegments'))} | ${fixed(m('foregroundCompactions'))} | ${fixed(m('checkpoints'))} |`);
   }
 }
 
@@ -200,6 +232,7 @@ try {
   if (only.has('io')) await ioSection();
   if (only.has('restart')) await restartSection();
   if (only.has('memory')) await memorySection();
+  if (only.has('compaction')) await compactionSection();
 } finally {
   writeFileSync(join(dir, 'results.json'), JSON.stringify(results, null, 2));
   console.error(`raw results: ${join(dir, 'results.json')}`);

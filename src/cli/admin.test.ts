@@ -218,8 +218,9 @@ describe('shale admin verbs', () => {
 
     const table = await shale(['pool', 'list']);
     assert.equal(table.exitCode, 0, table.stderr);
-    assert.match(table.stdout, /^POOL +ID +REPLICAS +MIN +PGS +DOMAIN +CLEAN +DEGRADED$/m);
-    assert.match(table.stdout, /^fast +2 +2 +2 +32 +host +32 +0$/m);
+    assert.match(table.stdout, /^POOL +ID +REPLICAS +MIN +PGS +DOMAIN +CLEAN +DEGRADED +PROVISIONED +USABLE +OVERCOMMIT$/m);
+    assert.match(table.stdout, /^fast +2 +2 +2 +32 +host +32 +0 +0 B +\S+ \S+ +0\.00x$/m);
+    assert.match(table.stdout, /^default +1 +3 +2 +16 +host +16 +0 +10\.0 GiB +\S+ \S+ +\d+\.\d\dx$/m);
     assert.deepEqual((JSON.parse((await shale(['pool', 'list', '--json'])).stdout) as { pools: PoolInfo[] }).pools.map((p) => p.name), ['default', 'fast', 'wide']);
 
     const info = await shale(['pool', 'info', 'fast', '--pgs']);

@@ -20,6 +20,8 @@ const scrubTimeoutMs = 6 * 3_600_000;
 import { AdminApi, defaultApiUrl, normalizeApiUrl } from './admin-api.ts';
 import { formatJson, formatPercent, formatReplicas, formatTime, renderFields, renderTable } from './format.ts';
 import { findToken, readTextFile } from './token.ts';
+import { closeDataPath, openDataPath } from './data-path.ts';
+import { volumeUsage, type VolumeUsage } from '../client/volume-ops.ts';
 import { formatPlan, formatScrub, recoveryFields, volumeHealthFields } from './heal-format.ts';
 import type { MovePlan } from '../conductor/healing.ts';
 import type { ScrubResult } from '../conductor/api/types.ts';
@@ -92,14 +94,19 @@ function volumeFields(volume: VolumeInfo): [string, string | number][] {
     ['pool', `${volume.poolName} (id ${volume.poolId})`],
     ['replicas', volume.replicas],
     ['owner', volume.owner === null ? '-' : `${volume.owner} (epoch ${volume.ownerEpoch})`],
+    ['provisioned', `${formatBytes(volume.sizeBytes)} (thin: space is used only by what is written)`],
+    ['snapshots', volume.snapshots ?? 0],
+    ['parent', volume.parent ? `${volume.parent.volume}@${volume.parent.snapshot} (a clone)` : '-'],
     ['created', formatTime(volume.createdAt)],
   ];
 }
 
 function poolTable(pools: readonly PoolInfo[], isTty: boolean): string {
   return renderTable(
-    ['POOL', 'ID', 'REPLICAS', 'MIN', 'PGS', 'DOMAIN', 'CLEAN', 'DEGRADED'],
-    pools.map((p) => [p.name, p.id, p.replicas, p.minReplicas, p.pgCount, p.domainLevel, p.pgsClean, p.pgsDegraded]),
+    ['POOL', 'ID', 'REPLICAS', 'MIN', 'PGS', 'DOMAIN', 'CLEAN', 'DEGRADED', 'PROVISIONED', 'USABLE', 'OVERCOMMIT'],
+    pools.map((p) => [p.name, p.id, p.replicas, p.minReplicas, p.pgCount, p.domainLevel, p.pgsClean, p.pgsDegraded,
+      p.provisionedBytes === undefined ? '-' : formatBytes(p.provisionedBytes), p.usableBytes === undefined ? '-' : formatBytes(p.usableBytes),
+      p.overcommitRatio === undefined ? '-' : `${p.overcommitRatio.toFixed(2)}x`]),
     isTty,
   );
 }
@@ -229,10 +236,10 @@ export function registerAdminCommands(program: Command, io: AdminIo = processIo)
       out(options, { disks }, () => disks.length === 0
         ? 'no disks: no store has registered\n'
         : renderTable(
-          ['STORE', 'ADDRESS', 'STATE', 'DOMAIN', 'DISK', 'PATH', 'CAPACITY', 'USED', 'USE%'],
+          ['STORE', 'ADDRESS', 'STATE', 'DOMAIN', 'DISK', 'PATH', 'CAPACITY', 'USED', 'USE%', 'LIVE'],
           disks.map((d) => [
             d.storeId, d.storeAddress, d.storeState, d.domain || '-', d.uuid, d.path, formatBytes(d.capacityBytes), formatBytes(d.usedBytes),
-            formatPercent(d.usedBytes, d.capacityBytes),
+            formatPercent(d.usedBytes, d.capacityBytes), d.liveBytes === undefined ? '-' : formatBytes(d.liveBytes),
           ]),
           io.stdoutIsTty,
         ));
@@ -276,6 +283,7 @@ export function registerAdminCommands(program: Command, io: AdminIo = processIo)
         ['replicas', `${detail.replicas} (writes complete on at least ${detail.minReplicas})`],
         ['PGs', `${detail.pgCount}: ${detail.pgsClean} clean, ${detail.pgsDegraded} degraded`],
         ['domain level', detail.domainLevel],
+        ['provisioned', detail.provisionedBytes === undefined ? '-' : `${formatBytes(detail.provisionedBytes)} of ${formatBytes(detail.usableBytes ?? 0)} usable (overcommit ${(detail.overcommitRatio ?? 0).toFixed(2)}x)`],
         ['created', formatTime(detail.createdAt)],
       ]);
       text += '\n' + renderTable(['STORE', 'PGS', 'PREFERRED'], detail.stores.map((s) => [s.storeId, s.pgs, s.preferred]), io.stdoutIsTty);
@@ -320,11 +328,26 @@ export function registerAdminCommands(program: Command, io: AdminIo = processIo)
         ));
     });
 
-  verb(volume.command('info').argument('<name>', 'volume name').description('one volume in detail'),
-    async (api, options: CommonOptions, name: string) => {
-      const info = await api.call<VolumeInfo>('GET', `/volumes/${encodeURIComponent(name)}`);
-      out(options, info, () => renderFields([...volumeFields(info), ...volumeHealthFields(info.health)]));
-    });
+  verb(volume.command('info').argument('<name>', 'volume name').description('one volume in detail')
+    .option('--usage', 'also the bytes written (used) and on disk, from a walk of the block index on the stores (docs/snapshots.md)', false),
+  async (api, options: CommonOptions & { usage: boolean }, name: string) => {
+    const info = await api.call<VolumeInfo>('GET', `/volumes/${encodeURIComponent(name)}`);
+    let usage: VolumeUsage | undefined;
+    if (options.usage) {
+      const { token } = findToken(io.env, normalizeApiUrl(options.api.split(',')[0]!.trim()), (path) => io.readTextFile(path));
+      const client = await openDataPath(options.api, token);
+      try {
+        usage = await volumeUsage(client, name);
+      } finally {
+        await closeDataPath(client, io === processIo);
+      }
+    }
+    const usageFields = (used: VolumeUsage): [string, string | number][] => [
+      ['used', `${formatBytes(used.writtenBytes)} written (${used.provisionedBytes > 0 ? ((used.writtenBytes / used.provisionedBytes) * 100).toFixed(1) : '0'}% of provisioned), ${formatBytes(used.zeroBytes)} trimmed`],
+      ['on disk', `${formatBytes(used.rawBytes)} (× ${used.replicas} replicas, snapshots included)`],
+    ];
+    out(options, usage ? { ...info, usage } : info, () => renderFields([...volumeFields(info), ...(usage ? usageFields(usage) : []), ...volumeHealthFields(info.health)]));
+  });
 
   verb(volume.command('resize').argument('<name>', 'volume name').description('grow a volume, also while it is open (shrinking is not supported yet)')
     .option('--size <size>', 'the new size, e.g. 20G (a multiple of 4 KiB)')

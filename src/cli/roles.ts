@@ -136,18 +136,20 @@ export function registerRoleCommands(program: Command): void {
     .description('run a store daemon on one disk')
     .option('--disk <path[:size]>', 'disk file or block device; SIZE makes a new file that large (required)')
     .option('--format', 'format the disk if it has no Shale superblock (an existing Shale disk is never reformatted)', false)
+    .option('--sparse', 'with --format: leave a new disk file sparse instead of allocating its blocks (fallocate)', false)
     .option('--listen <host:port>', 'store protocol address (port 0: any free port)', `127.0.0.1:${DEFAULT_STORE_PORT}`)
     .option('--conductor <urls>', 'conductor URLs, comma separated', `http://127.0.0.1:${DEFAULT_API_PORT}`)
     .option('--domain <label>', 'failure domain of this store: a host name, or rack=R,host=H', hostname())
     .option('--resync-rate <bytes-per-second>', 'most bytes per second a resync copies into this store (0: unlimited)', '0')
-    .action(async (options: { disk?: string; format: boolean; listen: string; conductor: string; domain: string; resyncRate: string }) => {
+    .action(async (options: { disk?: string; format: boolean; sparse: boolean; listen: string; conductor: string; domain: string; resyncRate: string }) => {
       try {
         if (!options.disk) throw new ShaleError('INVALID_ARGUMENT', 'shale store: --disk PATH[:SIZE] is required to run a store (or use `shale store list`)');
         const disk = parseDiskArgument(options.disk);
         const log = makeLog(`store ${disk.path}`);
         const daemon = await startStoreDaemon(nodeEnv, {
           diskPath: disk.path, diskSizeBytes: disk.sizeBytes, format: options.format, listen: options.listen,
-          conductorUrls: options.conductor, domain: options.domain, log, openEngine: openLogEngine,
+          conductorUrls: options.conductor, domain: options.domain, log,
+          openEngine: (env, engineOptions) => openLogEngine(env, { ...engineOptions, preallocate: !options.sparse }),
           resyncRateBytesPerSecond: parseSize(options.resyncRate, '--resync-rate'),
           beforeRegister: process.send ? () => registrationTurn() : undefined,
         });

@@ -133,7 +133,7 @@ async function up(options: UpOptions): Promise<void> {
     const dir = `${dataDir}/store-${index}`;
     mkdirSync(dir, { recursive: true });
     const child = spawn(process.execPath, [
-      MAIN, 'store', '--disk', `${dir}/disk.img:${diskSizeBytes}`, '--format', '--listen', `${options.host}:0`,
+      MAIN, 'store', '--disk', `${dir}/disk.img:${diskSizeBytes}`, '--format', '--sparse', '--listen', `${options.host}:0`,
       '--conductor', apiUrl, '--domain', `local-${index}`, '--resync-rate', String(resyncRateBytesPerSecond),
     ], { stdio: ['ignore', 'inherit', 'inherit', 'ipc'], env: process.env });
     children.set(index, child);

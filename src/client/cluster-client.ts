@@ -22,6 +22,8 @@ export interface ClusterClientOptions {
   log?: (message: string) => void;
   /** Stores served by this same process: reached by direct calls instead of sockets. */
   localStores?: LocalStores;
+  /** The admin token for the conductor (default: SHALE_TOKEN). */
+  token?: string;
 }
 
 export class ClusterClient {
@@ -39,7 +41,7 @@ export class ClusterClient {
 
   constructor(env: Env, options: ClusterClientOptions) {
     this.env = env;
-    this.conductor = new ConductorClient(env, options.conductorUrls);
+    this.conductor = new ConductorClient(env, options.conductorUrls, options.token === undefined ? {} : { token: options.token });
     this.watcher = new MapWatcher(env, this.conductor);
     this.ownerId = options.ownerId;
     this.ioTimeoutMs = options.ioTimeoutMs ?? 0;
@@ -63,6 +65,7 @@ export class ClusterClient {
           this.log(`volume ${volume.info.name} resized from ${volume.info.sizeBytes} to ${size} bytes`);
           volume.info.sizeBytes = size;
         }
+        void volume.applySnapContext(map);
       }, () => {});
     }
   }

@@ -24,6 +24,7 @@
  * down before the FLUSH is acknowledged.
  */
 import { assert } from '../lib/assert.ts';
+import { readBuffers } from '../lib/buffer-pool.ts';
 import { blockChecksums, crc32c } from '../lib/crc32c.ts';
 import { ShaleError } from '../lib/errors.ts';
 import { placementGroupOf } from '../lib/placement-hash.ts';
@@ -32,11 +33,14 @@ import { BLOCKS_PER_REQUEST_MAX, BlockState, compareVersions, decodeReadParts, d
 import type { ClusterMap, PgEntry, PoolMapEntry, VolumeInfo } from '../conductor/api/types.ts';
 import type { ClusterClient } from './cluster-client.ts';
 import { RangeLock } from './range-lock.ts';
+import { ChainReader, type Layer, parentLayers, snapContextOf } from './snap-chain.ts';
 
 /** The largest single request a volume accepts (NBD's maximum block size is advertised at or below it). */
 export const REQUEST_BYTES_MAX = 32 * 1024 * 1024;
 
 const RETRY_DELAY_MS = 50;
+/** Tries of a snapshot acknowledgement before giving up (the next map tries again). */
+const snapshotAckAttemptsMax = 25;
 
 interface Piece {
   chunkIndex: number;
@@ -66,12 +70,24 @@ export class VolumeClient {
   repairs = 0;
   /** Blocks an earlier owner left on only some replicas that opening this volume rolled forward. */
   reconciledBlocks = 0;
+  /** The snap context's seq every new write carries (DESIGN §3: stores stamp versions with it). */
+  #snapSeq = 0;
+  /** Writes in flight per snap seq they carry, so a switch can wait for the older ones to drain. */
+  #inFlightBySnapSeq = new Map<number, number>();
+  #drainWaiters: (() => void)[] = [];
+  /** The highest snap seq acknowledged to the conductor. */
+  #acknowledgedSnapSeq = 0;
+  #switching: Promise<void> = Promise.resolve();
+  readonly #chain: ChainReader;
+  /** A clone's parent layers, as of the last map applied (empty for a volume without a parent). */
+  #parentLayers: Layer[] = [];
 
   private constructor(cluster: ClusterClient, info: VolumeInfo, ownerEpoch: number) {
     this.#cluster = cluster;
     this.info = info;
     this.ownerEpoch = ownerEpoch;
     this.#chunkBlocks = info.chunkSizeBytes >> BLOCK_SHIFT;
+    this.#chain = new ChainReader(cluster, info.poolId);
   }
 
   /** Opens `name` as its owner: a new owner epoch, then FENCE on every up store of its pool. */
@@ -81,6 +97,10 @@ export class VolumeClient {
     const volume = new VolumeClient(cluster, opened.volume, opened.ownerEpoch);
     await volume.#fenceAll();
     await volume.#reconcile();
+    // Every earlier owner is fenced and its writes rolled forward: snapshots it had not
+    // acknowledged are complete, and this owner's writes carry the current snap seq.
+    volume.#snapSeq = snapContextOf(cluster.map, volume.info.id)?.seq ?? 0;
+    await volume.applySnapContext(cluster.map);
     cluster.log(`volume ${name} (id ${opened.volume.id}) open with owner epoch ${opened.ownerEpoch}`);
     return volume;
   }
@@ -181,6 +201,8 @@ export class VolumeClient {
         ownerEpoch: this.ownerEpoch, offsetBlocks, countBlocks,
       });
       if (result === undefined) return undefined;
+      // A clone's absent blocks read through to its parent: the asynchronous path does that.
+      if (this.#parentLayers.length > 0 && result.states.includes(BlockState.ABSENT)) return undefined;
       // Absent and zero blocks are zeros in the engine's result, as they read.
       const skip = offsetBytes - startBlock * BLOCK_SIZE_BYTES;
       return skip === 0 && result.data.length === lengthBytes ? result.data : result.data.subarray(skip, skip + lengthBytes);
@@ -191,19 +213,87 @@ export class VolumeClient {
   async #readBlocks(startBlock: number, countBlocks: number): Promise<Buffer> {
     const pieces = this.#pieces(startBlock, countBlocks);
     if (pieces.length === 1) return this.#readPiece(pieces[0]!);
-    const out = Buffer.allocUnsafe(countBlocks * BLOCK_SIZE_BYTES);
+    const out = readBuffers.take(countBlocks * BLOCK_SIZE_BYTES);
     await Promise.all(pieces.map(async (piece) => {
       const data = await this.#readPiece(piece);
       data.copy(out, piece.bufferBlock * BLOCK_SIZE_BYTES);
+      readBuffers.give(data);
     }));
     return out;
   }
 
   async #readPiece(piece: Piece): Promise<Buffer> {
     const bad: number[] = [];
-    const { value, storeId, pool, pgId, pgEpoch, reply } = await this.#fromCleanReplica(piece, Op.READ, (frame, from) => assembleRead(decodeRead(frame, piece.countBlocks), piece.countBlocks, from, frame.verified === true), bad);
+    let states: Uint8Array | undefined;
+    const { value, storeId, pool, pgId, pgEpoch, reply } = await this.#fromCleanReplica(piece, Op.READ, (frame, from) => {
+      const read = decodeRead(frame, piece.countBlocks);
+      states = read.states;
+      return assembleRead(read, piece.countBlocks, from, frame.verified === true);
+    }, bad);
     if (bad.length > 0) void this.#repair(piece, reply.payload, bad, { pool, pgId, pgEpoch }, storeId);
-    return value;
+    const layers = this.#parentLayers;
+    if (layers.length === 0 || !states) return value;
+    // A clone: blocks it never wrote read through to its parent chain.
+    const pending = new Uint8Array(piece.countBlocks);
+    let any = false;
+    for (let i = 0; i < piece.countBlocks; i++) {
+      if (states[i] !== BlockState.ABSENT) continue;
+      pending[i] = 1;
+      any = true;
+    }
+    if (!any) return value;
+    const out = Buffer.from(value);
+    await this.#chain.readThrough(layers, piece.chunkIndex, this.#chunkBlocks, piece.offsetBlocks, piece.countBlocks, out, pending);
+    return out;
+  }
+
+  /**
+   * Applies the volume's snap context from a newer map (DESIGN §3, snapshot creation without an
+   * I/O pause): new writes carry the new seq at once; once every write submitted under an older
+   * seq has completed, the owner acknowledges to the conductor, which makes the snapshot live.
+   * Acknowledgements run one at a time, in order.
+   */
+  applySnapContext(map: ClusterMap): Promise<void> {
+    this.#parentLayers = parentLayers(map, this.info.id);
+    const entry = snapContextOf(map, this.info.id);
+    if (!entry) return this.#switching;
+    if (entry.seq > this.#snapSeq) this.#snapSeq = entry.seq;
+    const target = this.#snapSeq;
+    if (entry.creating.length === 0 || target <= this.#acknowledgedSnapSeq) return this.#switching;
+    this.#switching = this.#switching.then(async () => {
+      if (target <= this.#acknowledgedSnapSeq || this.#closed) return;
+      await this.#drainBelow(target);
+      // The conductor may be failing over: retry a while (the acknowledgement is idempotent).
+      for (let attempt = 0; ; attempt++) {
+        try {
+          await this.#cluster.conductor.acknowledgeSnapshots(this.info.name, { owner: this.#cluster.ownerId, ownerEpoch: this.ownerEpoch, snapSeq: target });
+          break;
+        } catch (error) {
+          if (attempt >= snapshotAckAttemptsMax || (error instanceof ShaleError && (error.code === 'FENCED' || error.code === 'NOT_FOUND'))) throw error;
+          await this.#cluster.env.clock.sleep(200);
+        }
+      }
+      this.#acknowledgedSnapSeq = Math.max(this.#acknowledgedSnapSeq, target);
+    }).catch((error: unknown) => this.#cluster.log(`volume ${this.info.name}: acknowledging snap context ${target}: ${(error as Error).message}`));
+    return this.#switching;
+  }
+
+  /** The snap seq new writes carry. */
+  get snapSeq(): number {
+    return this.#snapSeq;
+  }
+
+  /** Resolves once no write carrying a snap seq below `seq` is in flight. */
+  #drainBelow(seq: number): Promise<void> {
+    const busy = (): boolean => [...this.#inFlightBySnapSeq].some(([stamp, count]) => stamp < seq && count > 0);
+    if (!busy()) return Promise.resolve();
+    return new Promise((resolve) => {
+      const check = (): void => {
+        if (busy()) this.#drainWaiters.push(check);
+        else resolve();
+      };
+      this.#drainWaiters.push(check);
+    });
   }
 
   /**
@@ -258,12 +348,13 @@ export class VolumeClient {
         while (i < piece.countBlocks) {
           const state = read.states[i]!;
           let end = i + 1;
-          while (end < piece.countBlocks && read.states[end] === state && read.epochs[end] === read.epochs[i] && read.seqs[end] === read.seqs[i]) end++;
+          while (end < piece.countBlocks && read.states[end] === state && read.epochs[end] === read.epochs[i] && read.seqs[end] === read.seqs[i] && read.stamps[end] === read.stamps[i]) end++;
           if (state !== BlockState.ABSENT) {
             const header = {
               op: state === BlockState.DATA ? Op.WRITE : Op.WRITE_ZEROES, flags: Flag.REPAIR, volumeId: this.info.id, chunkIndex: piece.chunkIndex,
               poolId: where.pool.id, pgId: where.pgId, pgCount: where.pool.pgCount, pgEpoch: where.pgEpoch,
               ownerEpoch: read.epochs[i]!, versionSeq: read.seqs[i]!, offsetBlocks: piece.offsetBlocks + i, countBlocks: end - i,
+              snapSeq: read.stamps[i]!,
             };
             const payload: Buffer[] = [];
             if (state === BlockState.DATA) {
@@ -294,10 +385,17 @@ export class VolumeClient {
     const startBlock = Math.floor(offsetBytes / BLOCK_SIZE_BYTES);
     const endBlock = Math.ceil(Math.min(offsetBytes + lengthBytes, this.info.sizeBytes) / BLOCK_SIZE_BYTES);
     const piece = this.#pieces(startBlock, endBlock - startBlock)[0]!;
-    const { value: states } = await this.#fromCleanReplica(piece, Op.BLOCK_STATES, (reply) => {
+    const { value: headStates } = await this.#fromCleanReplica(piece, Op.BLOCK_STATES, (reply) => {
       if (reply.payload.length !== piece.countBlocks) throw new ShaleError('PROTOCOL', 'BLOCK_STATES reply of the wrong length');
       return reply.payload;
     }, []);
+    let states: Uint8Array = headStates;
+    const layers = this.#parentLayers;
+    if (layers.length > 0) {
+      // A clone: a block is a hole only if it reads as zeros through the whole parent chain.
+      states = Uint8Array.from(headStates);
+      await this.#chain.statesThrough(layers, piece.chunkIndex, this.#chunkBlocks, piece.offsetBlocks, piece.countBlocks, states);
+    }
     const extents: { lengthBytes: number; hole: boolean; zero: boolean }[] = [];
     let cursor = offsetBytes;
     for (let i = 0; i < piece.countBlocks;) {
@@ -370,14 +468,21 @@ export class VolumeClient {
   /** One write under one new version: every chunk piece in parallel; the seq counts as done either way. */
   async #writeVersioned(op: number, startBlock: number, endBlock: number, fua: boolean, data: Buffer | undefined, checksums: Uint32Array | undefined): Promise<void> {
     const seq = ++this.#seq;
+    // The snap seq is fixed once per write: every replica, and every retry, stamps it alike.
+    const snapSeq = this.#snapSeq;
+    this.#inFlightBySnapSeq.set(snapSeq, (this.#inFlightBySnapSeq.get(snapSeq) ?? 0) + 1);
     try {
-      await Promise.all(this.#pieces(startBlock, endBlock - startBlock).map((piece) => this.#writePiece(piece, op, seq, fua, data, checksums)));
+      await Promise.all(this.#pieces(startBlock, endBlock - startBlock).map((piece) => this.#writePiece(piece, op, seq, snapSeq, fua, data, checksums)));
     } finally {
       this.#completed(seq);
+      const left = this.#inFlightBySnapSeq.get(snapSeq)! - 1;
+      if (left === 0) this.#inFlightBySnapSeq.delete(snapSeq);
+      else this.#inFlightBySnapSeq.set(snapSeq, left);
+      if (this.#drainWaiters.length > 0) for (const waiter of this.#drainWaiters.splice(0)) waiter();
     }
   }
 
-  async #writePiece(piece: Piece, op: number, seq: number, fua: boolean, data: Buffer | undefined, checksums: Uint32Array | undefined): Promise<void> {
+  async #writePiece(piece: Piece, op: number, seq: number, snapSeq: number, fua: boolean, data: Buffer | undefined, checksums: Uint32Array | undefined): Promise<void> {
     const deadline = this.#deadline();
     let payload: Buffer[] = [];
     if (data && checksums) {
@@ -398,7 +503,7 @@ export class VolumeClient {
       const header = {
         op, flags: fua ? Flag.FUA : 0, volumeId: this.info.id, chunkIndex: piece.chunkIndex, poolId: pool.id, pgId,
         pgCount: pool.pgCount, pgEpoch: pg.epoch, ownerEpoch: this.ownerEpoch, versionSeq: seq,
-        offsetBlocks: piece.offsetBlocks, countBlocks: piece.countBlocks, snapSeq: 0, watermark: this.#watermark,
+        offsetBlocks: piece.offsetBlocks, countBlocks: piece.countBlocks, snapSeq, watermark: this.#watermark,
       };
       const results = await Promise.all(acting.map(async (replica): Promise<Failure | undefined> => {
         this.#writtenSinceFlush.add(replica.storeId);
@@ -525,6 +630,8 @@ export class VolumeClient {
       const repair = {
         op: state === BlockState.DATA ? Op.WRITE : Op.WRITE_ZEROES, flags: Flag.REPAIR, ...header,
         offsetBlocks: range.offsetBlocks + block, countBlocks: 1, ownerEpoch: epoch, versionSeq: seq,
+        // The copy keeps the snap stamp of the version it copies: snapshots see it as they did.
+        snapSeq: newest.read.stamps[block]!,
       };
       const checksum = Buffer.allocUnsafe(4);
       checksum.writeUInt32LE(newest.read.checksums[block]!, 0);

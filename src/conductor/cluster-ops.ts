@@ -31,6 +31,7 @@ import { ShaleError } from '../lib/errors.ts';
 import type { DiskReport } from './api/types.ts';
 import type { MetaTx, PgRecord, PoolRecord, StoreRecord, VolumeRecord } from './meta/meta-store.ts';
 import { defaultMinReplicas, distinctDomains, type PlacementCandidate, placePool } from './placement/rendezvous.ts';
+import { markLive } from './snapshot-ops.ts';
 import { pgReplicasTotalMax, poolsMax, sameDisks } from './validate.ts';
 
 export const defaultPoolName = 'default';
@@ -400,6 +401,10 @@ export class ClusterOps {
     if (volume.owner !== null && !force) {
       throw new ShaleError('FENCED', `volume ${name} is open by ${volume.owner} (owner epoch ${volume.ownerEpoch}): close it first or delete with force`);
     }
+    const clones = (await this.tx.volumes()).filter((other) => other.parentVolumeId === volume.id);
+    if (clones.length > 0) {
+      throw new ShaleError('IN_USE', `volume ${name} has clones that read through to its snapshots (${clones.map((c) => c.name).join(', ')}): flatten or delete them first`);
+    }
     const epoch = await this.epoch();
     await this.tx.deleteVolume(volume.id, { id: volume.id, name: volume.name, deletedAt: this.nowIso, epoch });
     this.events.push(`volume ${volume.id} "${name}" deleted at epoch ${epoch}`);
@@ -452,6 +457,8 @@ export class ClusterOps {
     const volume = await this.volumeByName(name);
     if (volume.owner !== owner || volume.ownerEpoch !== ownerEpoch) return false;
     await this.tx.putVolume({ ...volume, owner: null });
+    // The owner drained its writes before closing: snapshots it had not acknowledged are complete.
+    await markLive(this, volume, volume.snapSeq ?? 0);
     this.events.push(`volume ${volume.id} "${name}" closed by ${owner} (owner epoch ${ownerEpoch})`);
     return true;
   }

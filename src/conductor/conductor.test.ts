@@ -127,26 +127,25 @@ describe('conductor: stores, pools and placement', () => {
 
 describe('conductor: failure detection and recovery', () => {
   it('marks a silent store down after the heartbeat timeout, then recovering, then clean', async () => {
-    const cluster = await startCluster({ heartbeatTimeoutMs: 300, pgCount: 32 });
+    // Stores 1 and 2 beat all along (and 3 once it is back), so that only store 3's silence
+    // changes the map, however slowly a loaded machine runs the rest of the test.
+    const cluster = await startCluster({ heartbeatTimeoutMs: 600, pgCount: 32 });
     const beat = (id: number) => cluster.call('POST', `/stores/${id}/heartbeat`, { disks: [] });
+    let store3Beats = false;
+    const alive = clock.every(50, () => {
+      void beat(1).catch(() => {});
+      void beat(2).catch(() => {});
+      if (store3Beats) void beat(3).catch(() => {});
+    });
     try {
       for (const n of [1, 2, 3]) await cluster.register(n);
       const registered = await cluster.map();
       assert.equal((await beat(1)).status, 200);
-      const alive = clock.every(50, () => {
-        void beat(1).catch(() => {});
-        void beat(2).catch(() => {});
+      // Long poll until store 3 is down.
+      const down = await eventually('store 3 down', async () => {
+        const reply = await cluster.call<ClusterMap>('GET', `/map?since=${registered.epoch}&waitMs=2000`);
+        return reply.body.stores.find((s) => s.id === 3)?.state === 'down' ? reply.body : undefined;
       });
-      let down: ClusterMap;
-      try {
-        // Long poll until store 3 is down.
-        down = await eventually('store 3 down', async () => {
-          const reply = await cluster.call<ClusterMap>('GET', `/map?since=${registered.epoch}&waitMs=2000`);
-          return reply.body.stores.find((s) => s.id === 3)?.state === 'down' ? reply.body : undefined;
-        });
-      } finally {
-        alive.cancel();
-      }
       assert.equal(down.epoch, registered.epoch + 1);
       assert.deepEqual(down.stores.filter((s) => s.state === 'down').map((s) => s.id), [3]);
       for (const pg of down.pools[0]!.pgs) {
@@ -163,6 +162,7 @@ describe('conductor: failure detection and recovery', () => {
       expectError(await beat(3), 'NOT_FOUND', /register again/);
       // Re-registration: its replicas become recovering in a new epoch.
       assert.equal(await cluster.register(3), 3);
+      store3Beats = true;
       const back = await cluster.map();
       assert.ok(back.epoch > down.epoch);
       const pg0 = back.pools[0]!.pgs[0]!;
@@ -190,6 +190,7 @@ describe('conductor: failure detection and recovery', () => {
       assert.equal(other.status, 200, JSON.stringify(other.body));
       assert.equal(other.body.pools[0]!.pgs[1]!.replicas.find((r) => r.storeId === 3)!.state, 'clean');
     } finally {
+      alive.cancel();
       await cluster.close();
     }
   });
@@ -291,7 +292,7 @@ describe('conductor: volumes', () => {
       assert.equal(created.status, 201);
       assert.deepEqual({ ...created.body, createdAt: undefined }, {
         id: 1, name: 'vm-disk.1', sizeBytes: 10 * 2 ** 30, chunkSizeBytes: 4 * 2 ** 20, poolId: 1, poolName: 'default', replicas: 3,
-        owner: null, ownerEpoch: 0, createdAt: undefined,
+        owner: null, ownerEpoch: 0, createdAt: undefined, snapSeq: 0, snapshots: 0, parent: null,
       });
       assert.ok(!Number.isNaN(Date.parse(created.body.createdAt)));
       const small = await cluster.call<VolumeInfo>('POST', '/volumes', { name: 'small', size: 1 << 20, chunkSize: '64K', replicas: 3 });
@@ -625,12 +626,15 @@ describe('conductor: membership', () => {
       assert.equal(disks[0].capacityBytes, 100 * 2 ** 30);
       const epoch = (await cluster.map()).epoch;
       for (let used = 1; used <= 5; used++) {
-        const beat = await cluster.call('POST', '/stores/2/heartbeat', { disks: [{ uuid: 'disk-2', path: '/disks/2', capacityBytes: 100 * 2 ** 30, usedBytes: used * 2 ** 30 }] });
+        const beat = await cluster.call('POST', '/stores/2/heartbeat', { disks: [{ uuid: 'disk-2', path: '/disks/2', capacityBytes: 100 * 2 ** 30, usedBytes: used * 2 ** 30, liveBytes: used * 2 ** 29 }] });
         assert.equal(beat.status, 200);
       }
       const store = (await cluster.call<{ stores: StoreInfo[] }>('GET', '/stores')).body.stores.find((s) => s.id === 2)!;
       assert.equal(store.usedBytes, 5 * 2 ** 30, 'the latest figure shows at once');
       assert.equal((await cluster.call('GET', '/disks')).body.disks[1].usedBytes, 5 * 2 ** 30);
+      assert.equal((await cluster.call('GET', '/disks')).body.disks[1].liveBytes, 5 * 2 ** 29, 'live bytes as the store reported them');
+      assert.equal((await cluster.call('GET', '/disks')).body.disks[0].liveBytes, undefined, 'absent when a store does not report them');
+      expectError(await cluster.call('POST', '/stores/2/heartbeat', { disks: [{ uuid: 'disk-2', path: '/disks/2', capacityBytes: 100 * 2 ** 30, usedBytes: 0, liveBytes: -5 }] }), 'INVALID_ARGUMENT');
       assert.equal((await cluster.call<ClusterStatus>('GET', '/status')).body.usedBytes, (1 + 5 * 1024 + 3) * 2 ** 20);
       assert.equal((await cluster.map()).epoch, epoch, 'heartbeats do not change the map');
       // A new disk set is written at once.

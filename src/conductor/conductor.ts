@@ -36,12 +36,18 @@ import { openApiDocument } from './api/openapi.ts';
 import { S3Registry } from './s3-registry.ts';
 import { type ConductorService, conductorRoutes, createHttpHandler, type Log, type MapSnapshot } from './api/server.ts';
 import type {
-  ClusterInfo, ClusterStatus, ConductorInfo, DiskInfo, DiskReport, OpenVolumeResponse, PoolDetail, PoolInfo, RegisterStoreResponse, StoreInfo,
-  VolumeInfo,
+  ClusterInfo, ClusterStatus, ConductorInfo, DiskInfo, DiskReport, OpenVolumeResponse, PoolDetail, PoolInfo, RegisterStoreResponse, SnapshotInfo,
+  StoreInfo, VolumeInfo,
 } from './api/types.ts';
 import { ClusterOps, type ClusterConfig, type CreateVolumeInput, type PoolSpec, type RegisterInput } from './cluster-ops.ts';
 import { type ConductorIdentity, type Leadership, SoleLeadership } from './leadership.ts';
-import { buildMap, buildStatus, diskInfos, type LiveHeartbeat, poolDetail, poolInfo, poolInfos, storeInfo, volumeInfo, volumeInfos, withLive } from './map-view.ts';
+import {
+  acknowledgeSnapshots, cloneVolume, createSnapshot, deleteSnapshot, markFlattened, snapshotByName, snapshotInfo,
+} from './snapshot-ops.ts';
+import {
+  buildMap, buildStatus, diskInfos, type LiveHeartbeat, poolCapacity, poolDetail, poolInfo, poolInfos, storeInfo, volumeInfo, volumeInfos,
+  volumeInfoWithSnapshots, withLive,
+} from './map-view.ts';
 import { MapWatch } from './map-watch.ts';
 import { EtcdElection } from './meta/etcd-election.ts';
 import { EtcdMetaStore, parseEtcdUrl } from './meta/etcd-meta-store.ts';
@@ -112,6 +118,8 @@ export interface Conductor {
   close(): Promise<void>;
 }
 
+/** Mark-clean requests committed in one transaction at most. */
+export const markCleanBatchMax = 512;
 /** Most long polls waiting at once. */
 export const mapWaitersMax = 10_000;
 export { pgCountMax };
@@ -160,6 +168,8 @@ class ConductorCore implements ConductorService {
   readonly scrubIntervalMs: number;
   readonly scrubMibPerSecond: number;
   #healing = false;
+  readonly #cleanQueue: { poolId: number; pgIndex: number; storeId: number; pgEpoch: number; resolve: () => void; reject: (error: unknown) => void }[] = [];
+  #cleaning = false;
   #scrubbing: Promise<ScrubResult> | undefined;
   #lastScrub: ScrubResult | null = null;
   #lastScrubAtMs: number | undefined;
@@ -566,9 +576,48 @@ class ConductorCore implements ConductorService {
     return this.#snapshot();
   }
 
+  /**
+   * Mark-clean requests are group-committed: those that arrive while a commit runs share the next
+   * one (one transaction, one map epoch). A rebuild marks hundreds of PGs clean within seconds, and
+   * a commit per PG would mean an fsync and a new map epoch each (every client refreshing its map).
+   */
   async markClean(poolId: number, pgIndex: number, storeId: number, pgEpoch: number): Promise<MapSnapshot> {
-    await this.#commit((ops) => ops.markClean(poolId, pgIndex, storeId, pgEpoch));
+    await new Promise<void>((resolve, reject) => {
+      this.#cleanQueue.push({ poolId, pgIndex, storeId, pgEpoch, resolve, reject });
+      void this.#drainCleanQueue();
+    });
     return this.#snapshot();
+  }
+
+  async #drainCleanQueue(): Promise<void> {
+    if (this.#cleaning) return;
+    this.#cleaning = true;
+    try {
+      while (this.#cleanQueue.length > 0) {
+        const batch = this.#cleanQueue.splice(0, markCleanBatchMax);
+        let outcomes: (unknown | null)[] = [];
+        try {
+          await this.#commit(async (ops) => {
+            outcomes = [];
+            for (const item of batch) {
+              try {
+                // Validation comes before any change in markClean, so a refusal leaves the transaction as it was.
+                await ops.markClean(item.poolId, item.pgIndex, item.storeId, item.pgEpoch);
+                outcomes.push(null);
+              } catch (error) {
+                if (!(error instanceof ShaleError)) throw error;
+                outcomes.push(error);
+              }
+            }
+          });
+          batch.forEach((item, i) => (outcomes[i] ? item.reject(outcomes[i]) : item.resolve()));
+        } catch (error) {
+          for (const item of batch) item.reject(error);
+        }
+      }
+    } finally {
+      this.#cleaning = false;
+    }
   }
 
   async openVolume(name: string, owner: string, takeover: boolean): Promise<OpenVolumeResponse> {
@@ -644,7 +693,8 @@ class ConductorCore implements ConductorService {
     return this.#meta.read(async (tx) => {
       const pool = await tx.poolByName(name);
       if (!pool) throw new ShaleError('NOT_FOUND', `no pool named ${name}`);
-      return poolDetail(pool, await tx.pgs(pool.id));
+      const pgs = await tx.pgs(pool.id);
+      return poolDetail(pool, pgs, poolCapacity(pool, pgs, await tx.stores(), await tx.volumes()));
     });
   }
 
@@ -685,7 +735,7 @@ class ConductorCore implements ConductorService {
         if (clean === pg.replicas.length && clean === pool.replicas) health.pgsClean++;
         else health.pgsDegraded++;
       }
-      return { ...volumeInfo(volume, pool), health };
+      return { ...(await volumeInfoWithSnapshots(tx, volume, pool)), health };
     });
   }
 
@@ -701,7 +751,80 @@ class ConductorCore implements ConductorService {
   async deleteVolume(name: string, force: boolean): Promise<void> {
     await this.#commit((ops) => ops.deleteVolume(name, force));
   }
+
+  // ---- snapshots and clones (snapshot-ops.ts, docs/snapshots.md) -------------------------------
+
+  /**
+   * Takes a snapshot. With an owner, waits (up to snapshotAckTimeoutMs) until the owner has
+   * switched its writes to the new snap context and drained the older one; then it is live.
+   * Errors: NOT_FOUND, ALREADY_EXISTS, UNAVAILABLE (the owner did not acknowledge in time: the
+   * snapshot stays `creating` and becomes live when the owner acknowledges or closes the volume).
+   */
+  async createSnapshot(volumeName: string, name: string): Promise<SnapshotInfo> {
+    const { volume, snapshot } = await this.#commit((ops) => createSnapshot(ops, volumeName, name));
+    const deadline = this.#env.clock.nowMs() + snapshotAckTimeoutMs;
+    for (;;) {
+      const current = await this.#meta.read(async (tx) => {
+        const record = await tx.snapshot(volume.id, snapshot.id);
+        return record ? snapshotInfo(tx, volume, record) : undefined;
+      });
+      if (!current) throw new ShaleError('NOT_FOUND', `snapshot ${volumeName}@${name} was deleted while being created`);
+      if (current.state === 'live') return current;
+      if (this.#env.clock.nowMs() >= deadline) {
+        throw new ShaleError('UNAVAILABLE', `the owner of volume ${volumeName} (${volume.owner}) did not acknowledge snapshot ${name} within ${snapshotAckTimeoutMs} ms: it stays "creating" until the owner acknowledges, closes the volume, or another gateway takes the volume over`);
+      }
+      await this.#env.clock.sleep(snapshotAckPollMs);
+    }
+  }
+
+  snapshots(volumeName: string): Promise<SnapshotInfo[]> {
+    return this.#meta.read(async (tx) => {
+      const volume = await tx.volumeByName(volumeName);
+      if (!volume) throw new ShaleError('NOT_FOUND', `no volume named ${volumeName}`);
+      const result: SnapshotInfo[] = [];
+      for (const snapshot of await tx.snapshots(volume.id)) result.push(await snapshotInfo(tx, volume, snapshot));
+      return result;
+    });
+  }
+
+  snapshot(volumeName: string, name: string): Promise<SnapshotInfo> {
+    return this.#meta.read(async (tx) => {
+      const volume = await tx.volumeByName(volumeName);
+      if (!volume) throw new ShaleError('NOT_FOUND', `no volume named ${volumeName}`);
+      return snapshotInfo(tx, volume, await snapshotByName(tx, volume, name));
+    });
+  }
+
+  async deleteSnapshot(volumeName: string, name: string): Promise<void> {
+    await this.#commit((ops) => deleteSnapshot(ops, volumeName, name));
+  }
+
+  async acknowledgeSnapshots(volumeName: string, owner: string, ownerEpoch: number, snapSeq: number): Promise<void> {
+    await this.#commit((ops) => acknowledgeSnapshots(ops, volumeName, owner, ownerEpoch, snapSeq));
+  }
+
+  cloneVolume(volumeName: string, snapshotName: string, newName: string): Promise<VolumeInfo> {
+    return this.#commit(async (ops) => {
+      const volume = await cloneVolume(ops, volumeName, snapshotName, newName);
+      const pool = await ops.tx.pool(volume.poolId);
+      assert(pool, 'a volume lives in an existing pool');
+      return volumeInfoWithSnapshots(ops.tx, volume, pool);
+    });
+  }
+
+  markFlattened(volumeName: string, owner: string, ownerEpoch: number): Promise<VolumeInfo> {
+    return this.#commit(async (ops) => {
+      const volume = await markFlattened(ops, volumeName, owner, ownerEpoch);
+      const pool = await ops.tx.pool(volume.poolId);
+      assert(pool, 'a volume lives in an existing pool');
+      return volumeInfoWithSnapshots(ops.tx, volume, pool);
+    });
+  }
 }
+
+/** How long snapshot create waits for the volume's owner to switch its snap context. */
+export const snapshotAckTimeoutMs = 30_000;
+const snapshotAckPollMs = 10;
 
 const silent: Log = () => {};
 

@@ -7,6 +7,7 @@ import type {
 } from './api/types.ts';
 import type { MetaReadTx, PgRecord, PoolRecord, StoreRecord, VolumeRecord } from './meta/meta-store.ts';
 import { defaultPoolName } from './cluster-ops.ts';
+import { snapContexts } from './snapshot-ops.ts';
 import { domainAt } from './placement/rendezvous.ts';
 
 export async function buildMap(tx: MetaReadTx, clusterId: string): Promise<ClusterMap> {
@@ -25,7 +26,8 @@ export async function buildMap(tx: MetaReadTx, clusterId: string): Promise<Clust
   }
   const owners: [number, number][] = [];
   const volumeSizes: [number, number][] = [];
-  for (const volume of await tx.volumes()) {
+  const volumes = await tx.volumes();
+  for (const volume of volumes) {
     if (volume.ownerEpoch > 0) owners.push([volume.id, volume.ownerEpoch]);
     if (volume.ownerEpoch > 0) volumeSizes.push([volume.id, volume.sizeBytes]);
   }
@@ -37,10 +39,23 @@ export async function buildMap(tx: MetaReadTx, clusterId: string): Promise<Clust
     owners,
     deletedVolumes: (await tx.deletedVolumes()).map((d) => d.id),
     volumeSizes,
+    snapContexts: await snapContexts(tx, volumes),
   };
 }
 
-export function volumeInfo(volume: VolumeRecord, pool: PoolRecord): VolumeInfo {
+/** volumeInfo with the snapshot count and the parent's names (one more read). */
+export async function volumeInfoWithSnapshots(tx: MetaReadTx, volume: VolumeRecord, pool: PoolRecord): Promise<VolumeInfo> {
+  const info = volumeInfo(volume, pool);
+  info.snapshots = (await tx.snapshots(volume.id)).length;
+  if (volume.parentVolumeId && volume.parentSnapshotId) {
+    const parent = await tx.volume(volume.parentVolumeId);
+    const snapshot = await tx.snapshot(volume.parentVolumeId, volume.parentSnapshotId);
+    info.parent = { volumeId: volume.parentVolumeId, volume: parent?.name ?? '?', snapshotId: volume.parentSnapshotId, snapshot: snapshot?.name ?? '?' };
+  }
+  return info;
+}
+
+export function volumeInfo(volume: VolumeRecord, pool: PoolRecord, snapshots = 0): VolumeInfo {
   return {
     id: volume.id,
     name: volume.name,
@@ -52,12 +67,21 @@ export function volumeInfo(volume: VolumeRecord, pool: PoolRecord): VolumeInfo {
     owner: volume.owner,
     ownerEpoch: volume.ownerEpoch,
     createdAt: volume.createdAt,
+    snapSeq: volume.snapSeq ?? 0,
+    snapshots,
+    parent: volume.parentVolumeId ? { volumeId: volume.parentVolumeId, volume: '', snapshotId: volume.parentSnapshotId ?? 0, snapshot: '' } : null,
   };
 }
 
 export async function volumeInfos(tx: MetaReadTx): Promise<VolumeInfo[]> {
   const pools = new Map((await tx.pools()).map((p) => [p.id, p]));
-  return (await tx.volumes()).map((v) => volumeInfo(v, pools.get(v.poolId)!));
+  const counts = new Map<number, number>();
+  for (const snapshot of await tx.allSnapshots()) counts.set(snapshot.volumeId, (counts.get(snapshot.volumeId) ?? 0) + 1);
+  const result: VolumeInfo[] = [];
+  for (const volume of await tx.volumes()) {
+    result.push(volume.parentVolumeId ? await volumeInfoWithSnapshots(tx, volume, pools.get(volume.poolId)!) : volumeInfo(volume, pools.get(volume.poolId)!, counts.get(volume.id) ?? 0));
+  }
+  return result;
 }
 
 /**
@@ -102,6 +126,7 @@ export function diskInfos(stores: readonly StoreRecord[], live: LiveHeartbeats):
     for (const disk of store.disks) {
       result.push({
         uuid: disk.uuid, path: disk.path, capacityBytes: disk.capacityBytes, usedBytes: disk.usedBytes,
+        ...(disk.liveBytes === undefined ? {} : { liveBytes: disk.liveBytes }),
         storeId: store.id, storeAddress: store.address, storeState: store.state, domain: store.domain,
       });
     }
@@ -146,7 +171,7 @@ export function poolInfo(pool: PoolRecord, pgs: readonly PgRecord[]): PoolInfo {
   };
 }
 
-export function poolDetail(pool: PoolRecord, pgs: readonly PgRecord[]): PoolDetail {
+export function poolDetail(pool: PoolRecord, pgs: readonly PgRecord[], capacity?: ReturnType<typeof poolCapacity>): PoolDetail {
   const perStore = new Map<number, { pgs: number; preferred: number }>();
   for (const pg of pgs) {
     pg.replicas.forEach((replica, i) => {
@@ -158,6 +183,7 @@ export function poolDetail(pool: PoolRecord, pgs: readonly PgRecord[]): PoolDeta
   }
   return {
     ...poolInfo(pool, pgs),
+    ...(capacity ?? {}),
     stores: [...perStore].sort(([a], [b]) => a - b).map(([storeId, counts]) => ({ storeId, ...counts })),
     pgs: pgs.map((pg) => ({ index: pg.index, epoch: pg.epoch, replicas: pg.replicas.map((r) => ({ storeId: r.storeId, state: r.state })) })),
   };
@@ -179,8 +205,23 @@ function pgsSharingDomain(pool: PoolRecord, pgs: readonly PgRecord[], stores: Re
 
 export async function poolInfos(tx: MetaReadTx): Promise<PoolInfo[]> {
   const result: PoolInfo[] = [];
-  for (const pool of await tx.pools()) result.push(poolInfo(pool, await tx.pgs(pool.id)));
+  const stores = await tx.stores();
+  const volumes = await tx.volumes();
+  for (const pool of await tx.pools()) {
+    const pgs = await tx.pgs(pool.id);
+    result.push({ ...poolInfo(pool, pgs), ...poolCapacity(pool, pgs, stores, volumes) });
+  }
   return result;
+}
+
+/** Thin provisioning figures of a pool: provisioned bytes against usable capacity. */
+export function poolCapacity(pool: PoolRecord, pgs: readonly PgRecord[], stores: readonly StoreRecord[], volumes: readonly VolumeRecord[]): { provisionedBytes: number; usableBytes: number; overcommitRatio: number } {
+  const storeIds = new Set<number>();
+  for (const pg of pgs) for (const replica of pg.replicas) storeIds.add(replica.storeId);
+  const rawBytes = stores.filter((store) => storeIds.has(store.id)).reduce((sum, store) => sum + store.capacityBytes, 0);
+  const usableBytes = Math.floor(rawBytes / Math.max(1, pool.replicas));
+  const provisionedBytes = volumes.filter((volume) => volume.poolId === pool.id).reduce((sum, volume) => sum + volume.sizeBytes, 0);
+  return { provisionedBytes, usableBytes, overcommitRatio: usableBytes > 0 ? Math.round((provisionedBytes / usableBytes) * 1000) / 1000 : 0 };
 }
 
 function plural(count: number, word: string): string {

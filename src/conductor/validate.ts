@@ -148,6 +148,7 @@ export function diskReports(value: unknown): DiskReport[] {
       path: stringField(disk, 'path', { lengthMax: 4096 }),
       capacityBytes: integerField(disk, 'capacityBytes', 0, Number.MAX_SAFE_INTEGER),
       usedBytes: integerField(disk, 'usedBytes', 0, Number.MAX_SAFE_INTEGER),
+      ...(disk.liveBytes === undefined ? {} : { liveBytes: integerField(disk, 'liveBytes', 0, Number.MAX_SAFE_INTEGER) }),
     };
   });
 }
@@ -155,6 +156,6 @@ export function diskReports(value: unknown): DiskReport[] {
 export function sameDisks(a: readonly DiskReport[], b: readonly DiskReport[]): boolean {
   return a.length === b.length && a.every((disk, i) => {
     const other = b[i]!;
-    return disk.uuid === other.uuid && disk.path === other.path && disk.capacityBytes === other.capacityBytes && disk.usedBytes === other.usedBytes;
+    return disk.uuid === other.uuid && disk.path === other.path && disk.capacityBytes === other.capacityBytes && disk.usedBytes === other.usedBytes && disk.liveBytes === other.liveBytes;
   });
 }

@@ -39,6 +39,12 @@ export interface OpenOptions {
   /** Create the file if missing. With sizeBytes, a new or shorter file is extended (sparse) to that size. */
   create?: boolean;
   sizeBytes?: number;
+  /**
+   * With sizeBytes: allocate the blocks of a file that was created or extended (fallocate), so a
+   * full file system shows now and not at the first write. Where the file system (or the system)
+   * cannot, the file stays sparse.
+   */
+  preallocate?: boolean;
   readOnly?: boolean;
 }
 
@@ -56,8 +62,12 @@ export interface Disk {
 /** A byte stream: a TCP or unix-socket connection. */
 export interface Connection {
   readonly remoteAddress: string;
-  /** Queues the buffers in order as one write. Returns false when the caller should wait for onDrain. */
-  write(data: Buffer | readonly Buffer[]): boolean;
+  /**
+   * Queues the buffers in order as one write. Returns false when the caller should wait for onDrain.
+   * `onWritten`, if given, is called once the buffers are no longer needed: written to the OS, or
+   * dropped because the connection closed.
+   */
+  write(data: Buffer | readonly Buffer[], onWritten?: () => void): boolean;
   onData(listener: (chunk: Buffer) => void): void;
   onDrain(listener: () => void): void;
   /** Called once when the stream is closed, with the error that closed it if any. */

@@ -116,84 +116,88 @@ export const ErrorCodes = {
     wire: 20, nbdErrno: NbdErrno.EIO, s3Code: 'InternalError', httpStatus: 500, exitCode: 1, retryable: false,
     doc: 'An unexpected failure: a bug. It is logged with its stack.',
   },
+  IN_USE: {
+    wire: 21, nbdErrno: NbdErrno.EPERM, s3Code: 'OperationAborted', httpStatus: 409, exitCode: 18, retryable: false,
+    doc: 'The volume or snapshot is in use in a way that forbids the request: a rollback, flatten or import of a volume a gateway has open for writing, or deleting a snapshot (or volume) that clones still read through. Close the volume or flatten the clones first.',
+  },
   NO_SUCH_BUCKET: {
-    wire: 21, nbdErrno: NbdErrno.EINVAL, s3Code: 'NoSuchBucket', httpStatus: 404, exitCode: 3, retryable: false,
+    wire: 22, nbdErrno: NbdErrno.EINVAL, s3Code: 'NoSuchBucket', httpStatus: 404, exitCode: 3, retryable: false,
     doc: 'The named S3 bucket does not exist.',
   },
   NO_SUCH_UPLOAD: {
-    wire: 22, nbdErrno: NbdErrno.EINVAL, s3Code: 'NoSuchUpload', httpStatus: 404, exitCode: 3, retryable: false,
+    wire: 23, nbdErrno: NbdErrno.EINVAL, s3Code: 'NoSuchUpload', httpStatus: 404, exitCode: 3, retryable: false,
     doc: 'The S3 multipart upload does not exist: it was never created, or was completed or aborted.',
   },
   BUCKET_NOT_EMPTY: {
-    wire: 23, nbdErrno: NbdErrno.EINVAL, s3Code: 'BucketNotEmpty', httpStatus: 409, exitCode: 4, retryable: false,
+    wire: 24, nbdErrno: NbdErrno.EINVAL, s3Code: 'BucketNotEmpty', httpStatus: 409, exitCode: 4, retryable: false,
     doc: 'An S3 bucket that still holds objects (or unfinished multipart uploads) cannot be deleted.',
   },
   BUCKET_EXISTS: {
-    wire: 24, nbdErrno: NbdErrno.EINVAL, s3Code: 'BucketAlreadyExists', httpStatus: 409, exitCode: 4, retryable: false,
+    wire: 25, nbdErrno: NbdErrno.EINVAL, s3Code: 'BucketAlreadyExists', httpStatus: 409, exitCode: 4, retryable: false,
     doc: 'The S3 bucket name is taken by another account (bucket names are unique in the cluster).',
   },
   INVALID_BUCKET_NAME: {
-    wire: 25, nbdErrno: NbdErrno.EINVAL, s3Code: 'InvalidBucketName', httpStatus: 400, exitCode: 2, retryable: false,
+    wire: 26, nbdErrno: NbdErrno.EINVAL, s3Code: 'InvalidBucketName', httpStatus: 400, exitCode: 2, retryable: false,
     doc: 'An S3 bucket name breaks the naming rules (3 to 63 lower-case letters, digits, dots and hyphens; no IP address form).',
   },
   SIGNATURE_MISMATCH: {
-    wire: 26, nbdErrno: NbdErrno.EPERM, s3Code: 'SignatureDoesNotMatch', httpStatus: 403, exitCode: 16, retryable: false,
+    wire: 27, nbdErrno: NbdErrno.EPERM, s3Code: 'SignatureDoesNotMatch', httpStatus: 403, exitCode: 16, retryable: false,
     doc: 'The AWS Signature V4 of an S3 request (header, presigned URL or chunk signature) does not match the one computed with the secret key.',
   },
   INVALID_ACCESS_KEY: {
-    wire: 27, nbdErrno: NbdErrno.EPERM, s3Code: 'InvalidAccessKeyId', httpStatus: 403, exitCode: 16, retryable: false,
+    wire: 28, nbdErrno: NbdErrno.EPERM, s3Code: 'InvalidAccessKeyId', httpStatus: 403, exitCode: 16, retryable: false,
     doc: 'The S3 request names an access key that does not exist.',
   },
   ACCESS_DENIED: {
-    wire: 28, nbdErrno: NbdErrno.EPERM, s3Code: 'AccessDenied', httpStatus: 403, exitCode: 16, retryable: false,
+    wire: 29, nbdErrno: NbdErrno.EPERM, s3Code: 'AccessDenied', httpStatus: 403, exitCode: 16, retryable: false,
     doc: 'The S3 request is authenticated but not allowed: another account\'s bucket, an anonymous request, or an expired presigned URL.',
   },
   ENTITY_TOO_SMALL: {
-    wire: 29, nbdErrno: NbdErrno.EINVAL, s3Code: 'EntityTooSmall', httpStatus: 400, exitCode: 2, retryable: false,
+    wire: 30, nbdErrno: NbdErrno.EINVAL, s3Code: 'EntityTooSmall', httpStatus: 400, exitCode: 2, retryable: false,
     doc: 'A part of a multipart upload other than the last is smaller than the 5 MiB minimum.',
   },
   ENTITY_TOO_LARGE: {
-    wire: 30, nbdErrno: NbdErrno.EINVAL, s3Code: 'EntityTooLarge', httpStatus: 400, exitCode: 2, retryable: false,
+    wire: 31, nbdErrno: NbdErrno.EINVAL, s3Code: 'EntityTooLarge', httpStatus: 400, exitCode: 2, retryable: false,
     doc: 'An S3 object or part is larger than the gateway accepts (5 GiB per PUT or part).',
   },
   INVALID_PART: {
-    wire: 31, nbdErrno: NbdErrno.EINVAL, s3Code: 'InvalidPart', httpStatus: 400, exitCode: 2, retryable: false,
+    wire: 32, nbdErrno: NbdErrno.EINVAL, s3Code: 'InvalidPart', httpStatus: 400, exitCode: 2, retryable: false,
     doc: 'A multipart completion names a part that was not uploaded, or with another ETag.',
   },
   INVALID_PART_ORDER: {
-    wire: 32, nbdErrno: NbdErrno.EINVAL, s3Code: 'InvalidPartOrder', httpStatus: 400, exitCode: 2, retryable: false,
+    wire: 33, nbdErrno: NbdErrno.EINVAL, s3Code: 'InvalidPartOrder', httpStatus: 400, exitCode: 2, retryable: false,
     doc: 'A multipart completion lists its parts out of ascending order.',
   },
   PRECONDITION_FAILED: {
-    wire: 33, nbdErrno: NbdErrno.EINVAL, s3Code: 'PreconditionFailed', httpStatus: 412, exitCode: 2, retryable: false,
+    wire: 34, nbdErrno: NbdErrno.EINVAL, s3Code: 'PreconditionFailed', httpStatus: 412, exitCode: 2, retryable: false,
     doc: 'A condition of an S3 request (If-Match, If-Unmodified-Since, copy-source conditions) does not hold.',
   },
   MALFORMED_XML: {
-    wire: 34, nbdErrno: NbdErrno.EINVAL, s3Code: 'MalformedXML', httpStatus: 400, exitCode: 2, retryable: false,
+    wire: 35, nbdErrno: NbdErrno.EINVAL, s3Code: 'MalformedXML', httpStatus: 400, exitCode: 2, retryable: false,
     doc: 'The XML body of an S3 request is not well formed or not of the expected shape.',
   },
   BAD_DIGEST: {
-    wire: 35, nbdErrno: NbdErrno.EINVAL, s3Code: 'BadDigest', httpStatus: 400, exitCode: 2, retryable: false,
+    wire: 36, nbdErrno: NbdErrno.EINVAL, s3Code: 'BadDigest', httpStatus: 400, exitCode: 2, retryable: false,
     doc: 'The body of an S3 request does not match its Content-MD5 or x-amz-checksum-* header. Nothing was stored.',
   },
   CONTENT_SHA256_MISMATCH: {
-    wire: 36, nbdErrno: NbdErrno.EINVAL, s3Code: 'XAmzContentSHA256Mismatch', httpStatus: 400, exitCode: 2, retryable: false,
+    wire: 37, nbdErrno: NbdErrno.EINVAL, s3Code: 'XAmzContentSHA256Mismatch', httpStatus: 400, exitCode: 2, retryable: false,
     doc: 'The body of an S3 request does not match its x-amz-content-sha256 header. Nothing was stored.',
   },
   REQUEST_TIME_SKEWED: {
-    wire: 37, nbdErrno: NbdErrno.EPERM, s3Code: 'RequestTimeTooSkewed', httpStatus: 403, exitCode: 16, retryable: false,
+    wire: 38, nbdErrno: NbdErrno.EPERM, s3Code: 'RequestTimeTooSkewed', httpStatus: 403, exitCode: 16, retryable: false,
     doc: 'The S3 request is dated more than 15 minutes away from the gateway\'s clock.',
   },
   MISSING_CONTENT_LENGTH: {
-    wire: 38, nbdErrno: NbdErrno.EINVAL, s3Code: 'MissingContentLength', httpStatus: 411, exitCode: 2, retryable: false,
+    wire: 39, nbdErrno: NbdErrno.EINVAL, s3Code: 'MissingContentLength', httpStatus: 411, exitCode: 2, retryable: false,
     doc: 'An S3 upload came without a Content-Length (or x-amz-decoded-content-length for aws-chunked bodies).',
   },
   INVALID_REQUEST: {
-    wire: 39, nbdErrno: NbdErrno.EINVAL, s3Code: 'InvalidRequest', httpStatus: 400, exitCode: 2, retryable: false,
+    wire: 40, nbdErrno: NbdErrno.EINVAL, s3Code: 'InvalidRequest', httpStatus: 400, exitCode: 2, retryable: false,
     doc: 'An S3 request is well formed but asks for something that is not allowed, such as copying an object onto itself without changing anything.',
   },
   METHOD_NOT_ALLOWED: {
-    wire: 40, nbdErrno: NbdErrno.EINVAL, s3Code: 'MethodNotAllowed', httpStatus: 405, exitCode: 2, retryable: false,
+    wire: 41, nbdErrno: NbdErrno.EINVAL, s3Code: 'MethodNotAllowed', httpStatus: 405, exitCode: 2, retryable: false,
     doc: 'The HTTP method is not allowed on this S3 resource.',
   },
 } as const satisfies Record<string, ErrorCodeSpec>;

@@ -919,3 +919,46 @@ describe('robustness', () => {
     assert.ok(scratch.counters.reads + scratch.counters.writes + scratch.counters.blockStatuses > 0, 'some requests got through to the export');
   });
 });
+
+describe('read buffers', () => {
+  test('readNow answers without read(); recycle gets every buffer a read returned, once its reply is out, and no other', async (t) => {
+    const disk = new MemoryExport({ name: 'disk', sizeBytes: MiB });
+    disk.data.set(patterned(MiB, 3));
+    const handedOut: Buffer[] = [];
+    const recycled: Buffer[] = [];
+    const counts = { readNow: 0, read: 0 };
+    const hand = (offset: number, length: number): Buffer => {
+      const copy = Buffer.from(disk.data.subarray(offset, offset + length));
+      handedOut.push(copy);
+      return copy;
+    };
+    const recycling: NbdExport = {
+      name: 'recycling', sizeBytes: MiB, readOnly: false,
+      // Even offsets are served at once, odd ones through read().
+      readNow: (offset, length) => (offset % 2 === 0 ? (counts.readNow++, hand(offset, length)) : undefined),
+      read: async (offset, length) => {
+        counts.read++;
+        if (offset === 99) throw new ShaleError('CHECKSUM', 'a failed read returns no buffer');
+        return hand(offset, length);
+      },
+      recycle: (data) => recycled.push(data),
+      write: (offset, data, fua) => disk.write(offset, data, fua),
+      flush: () => disk.flush(),
+      trim: (offset, length, fua) => disk.trim(offset, length, fua),
+      writeZeroes: (offset, length, options) => disk.writeZeroes(offset, length, options),
+      release: async () => {},
+    };
+    const served = await serve(t, [disk], { provider: { open: async () => recycling, list: async () => [] } });
+    const client = await served.open('recycling');
+    const reads = await Promise.all([0, 4096, 1, 5000, 77_777, 123_456].map((offset) => client.read(offset, 3000)));
+    for (const [index, offset] of [0, 4096, 1, 5000, 77_777, 123_456].entries()) {
+      assert.equal(reads[index]!.error, 0);
+      assert.ok(reads[index]!.data!.equals(disk.data.subarray(offset, offset + 3000)), `read at ${offset}`);
+    }
+    assert.equal((await client.read(99, 10)).error, NbdErrno.EIO);
+    assert.deepEqual(counts, { readNow: 4, read: 3 });
+    await waitFor('every sent buffer recycled', () => recycled.length === handedOut.length);
+    assert.equal(handedOut.length, 6);
+    assert.deepEqual(new Set(recycled), new Set(handedOut), 'exactly the buffers the reads returned');
+  });
+});

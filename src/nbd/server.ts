@@ -58,6 +58,12 @@ export interface NbdExport {
    */
   readNow?(offsetBytes: number, lengthBytes: number): Buffer | undefined;
   /**
+   * Optional: called with each buffer that read() or readNow() returned once its reply has been
+   * written to the socket and the server holds it no more (never for a reply that was not sent).
+   * Lets an export reuse its read buffers.
+   */
+  recycle?(data: Buffer): void;
+  /**
    * Optional: the same read, with the zero ranges left out. Returns pieces that cover
    * [offsetBytes, offsetBytes + lengthBytes) in order, back to back, each with lengthBytes > 0:
    * with `data` (exactly lengthBytes bytes, not changed afterwards) for data, without for a range

@@ -263,6 +263,8 @@ interface PendingReply {
   readonly encoded: Buffer | readonly Buffer[] | undefined;
   /** Bytes of data this reply holds until it is sent (counted against inFlightBytesMax). */
   readonly costBytes: number;
+  /** `data` came from the export's read() or readNow(): given to its recycle() once written. */
+  readonly recycle: boolean;
 }
 
 /** failed: destroyed after a protocol violation, waiting for the close event. */
@@ -839,9 +841,9 @@ export class NbdSession {
     if (!Buffer.isBuffer(data) || data.length !== request.lengthBytes) {
       this.#exportBug(request, `returned ${Buffer.isBuffer(data) ? `${data.length} bytes` : typeof data} for a read of ${request.lengthBytes}`);
     } else if (this.#target!.structuredReplies) {
-      this.#queueReply(ReplyShape.DATA_CHUNK, request, 0, data, data.length);
+      this.#queueReply(ReplyShape.DATA_CHUNK, request, 0, data, data.length, true);
     } else {
-      this.#queueReply(ReplyShape.SIMPLE, request, 0, data, data.length);
+      this.#queueReply(ReplyShape.SIMPLE, request, 0, data, data.length, true);
     }
     this.#resumeIfRoom();
   }
@@ -951,12 +953,12 @@ export class NbdSession {
   }
 
   #queueEncoded(request: NbdRequest, encoded: Buffer | readonly Buffer[], costBytes: number): void {
-    this.#replies.push({ shape: ReplyShape.ENCODED, cookieHigh: request.cookieHigh, cookieLow: request.cookieLow, error: 0, offsetBytes: 0, data: undefined, encoded, costBytes });
+    this.#replies.push({ shape: ReplyShape.ENCODED, cookieHigh: request.cookieHigh, cookieLow: request.cookieLow, error: 0, offsetBytes: 0, data: undefined, encoded, costBytes, recycle: false });
     this.#afterQueue(costBytes);
   }
 
-  #queueReply(shape: ReplyShapeValue, request: NbdRequest, error: number, data: Buffer | undefined, costBytes: number): void {
-    this.#replies.push({ shape, cookieHigh: request.cookieHigh, cookieLow: request.cookieLow, error, offsetBytes: request.offsetBytes, data, encoded: undefined, costBytes });
+  #queueReply(shape: ReplyShapeValue, request: NbdRequest, error: number, data: Buffer | undefined, costBytes: number, recycle = false): void {
+    this.#replies.push({ shape, cookieHigh: request.cookieHigh, cookieLow: request.cookieLow, error, offsetBytes: request.offsetBytes, data, encoded: undefined, costBytes, recycle });
     this.#afterQueue(costBytes);
   }
 
@@ -988,6 +990,8 @@ export class NbdSession {
     }
     const headers = Buffer.allocUnsafe(headerBytes);
     const buffers: Buffer[] = [];
+    // Read data sent in this write, for the export to reuse once it is written.
+    let sent: Buffer[] | undefined;
     let at = 0;
     let runStart = 0;
     for (const reply of replies) {
@@ -1010,9 +1014,13 @@ export class NbdSession {
       }
       buffers.push(headers.subarray(runStart, at), reply.data!);
       runStart = at;
+      if (reply.recycle) (sent ??= []).push(reply.data!);
     }
     if (runStart < at) buffers.push(headers.subarray(runStart, at));
-    this.#send(buffers);
+    const recycle = this.#export?.recycle;
+    this.#send(buffers, sent === undefined || recycle === undefined ? undefined : () => {
+      for (const data of sent!) recycle(data);
+    });
     this.#maybeFinish();
     this.#resumeIfRoom();
   }
@@ -1022,9 +1030,9 @@ export class NbdSession {
     if (this.#state === 'transmission' && this.#inputPaused) this.#pump();
   }
 
-  #send(data: Buffer | readonly Buffer[]): void {
+  #send(data: Buffer | readonly Buffer[], onWritten?: () => void): void {
     if (this.#state === 'closed' || this.#state === 'failed') return;
-    if (!this.#connection.write(data)) {
+    if (!this.#connection.write(data, onWritten)) {
       this.#outputCongested = true;
       this.#updateInput();
     }

@@ -23,7 +23,7 @@
 import { Duplex } from 'node:stream';
 import * as tls from 'node:tls';
 import type { Connection, Env } from '../env/env.ts';
-import { assert } from '../lib/assert.ts';
+import { writeToStream } from '../env/node/node-env.ts';
 import { ShaleError } from '../lib/errors.ts';
 
 export type NbdTlsMode = 'off' | 'on' | 'require';
@@ -208,17 +208,8 @@ class TlsConnection implements Connection {
     return this.#socket;
   }
 
-  write(data: Buffer | readonly Buffer[]): boolean {
-    const socket = this.#socket;
-    if (socket === undefined || this.closed) return false;
-    if (Buffer.isBuffer(data)) return socket.write(data);
-    assert(data.length > 0, 'a write carries at least one buffer');
-    if (data.length === 1) return socket.write(data[0]!);
-    socket.cork();
-    let ok = true;
-    for (const buffer of data) ok = socket.write(buffer);
-    socket.uncork();
-    return ok;
+  write(data: Buffer | readonly Buffer[], onWritten?: () => void): boolean {
+    return writeToStream(this.closed ? undefined : this.#socket, data, onWritten);
   }
 
   onData(listener: (chunk: Buffer) => void): void {

@@ -1,18 +1,29 @@
 /**
  * NBD exports backed by Shale volumes: export name = volume name. Every connection to one export
  * gets the same NbdExport, backed by one VolumeClient, so a FLUSH on any connection covers the
- * writes acknowledged on all of them (CAN_MULTI_CONN). `vol@snap` names are refused with
- * NOT_SUPPORTED until snapshots exist.
+ * writes acknowledged on all of them (CAN_MULTI_CONN). `vol@snap` is a read-only export of a
+ * snapshot (NBD_FLAG_READ_ONLY; writes get EPERM), read through the snapshot's layers.
  */
 import type { ClusterClient } from '../client/cluster-client.ts';
 import type { VolumeClient } from '../client/volume-client.ts';
+import { readBuffers } from '../lib/buffer-pool.ts';
 import { ShaleError } from '../lib/errors.ts';
+import { SnapshotView } from '../client/snapshot-view.ts';
 import type { ExportProvider, NbdExport } from './server.ts';
 
 export class VolumeExports implements ExportProvider {
   readonly #cluster: ClusterClient;
   readonly #exports = new Map<string, NbdExport>();
   readonly #takeover: boolean;
+  readonly #volumes = new Map<string, VolumeClient>();
+
+  /** Whether the map names a higher owner epoch for the volume than this gateway holds. */
+  #takenOver(name: string): boolean {
+    const volume = this.#volumes.get(name);
+    if (!volume) return false;
+    const owner = this.#cluster.map.owners.find(([volumeId]) => volumeId === volume.info.id);
+    return owner !== undefined && owner[1] > volume.ownerEpoch;
+  }
 
   /** With `takeover`, opening a volume another gateway owns takes it over (and fences that gateway). */
   constructor(cluster: ClusterClient, options: { takeover?: boolean } = {}) {
@@ -21,10 +32,26 @@ export class VolumeExports implements ExportProvider {
   }
 
   async open(name: string): Promise<NbdExport> {
-    if (name.includes('@')) throw new ShaleError('NOT_SUPPORTED', `snapshot exports ("${name}") are not supported yet`);
     const existing = this.#exports.get(name);
-    if (existing) return existing;
+    if (existing && !this.#takenOver(name)) return existing;
+    if (existing) {
+      // Someone (a rollback, flatten or import with --force) took the volume over since: this
+      // gateway's client is fenced. Open it again, as any gateway would (refused while the other owner keeps it).
+      this.#exports.delete(name);
+      this.#volumes.delete(name);
+      this.#cluster.forget(name);
+    }
+    if (name.includes('@')) {
+      const at = name.indexOf('@');
+      const view = await SnapshotView.open(this.#cluster, name.slice(0, at), name.slice(at + 1));
+      const raced = this.#exports.get(name);
+      if (raced) return raced;
+      const created = snapshotExport(view, () => this.#exports.delete(name));
+      this.#exports.set(name, created);
+      return created;
+    }
     const volume = await this.#cluster.openVolume(name, { takeover: this.#takeover });
+    this.#volumes.set(name, volume);
     const raced = this.#exports.get(name);
     if (raced) return raced;
     const created = volumeExport(volume);
@@ -34,7 +61,17 @@ export class VolumeExports implements ExportProvider {
 
   async list(): Promise<{ name: string; description: string }[]> {
     const { volumes } = await this.#cluster.conductor.volumes();
-    return volumes.map((volume) => ({ name: volume.name, description: `${volume.sizeBytes} bytes, ${volume.replicas} replicas` }));
+    const entries: { name: string; description: string }[] = [];
+    for (const volume of volumes) {
+      entries.push({ name: volume.name, description: `${volume.sizeBytes} bytes, ${volume.replicas} replicas` });
+      // Live snapshots are exports too (read-only); `snapshots` counts them without another call for the rest.
+      if ((volume.snapshots ?? 0) === 0) continue;
+      const { snapshots } = await this.#cluster.conductor.snapshots(volume.name);
+      for (const snapshot of snapshots) {
+        if (snapshot.state === 'live') entries.push({ name: `${volume.name}@${snapshot.name}`, description: `snapshot of ${volume.name}, ${snapshot.sizeBytes} bytes, read-only` });
+      }
+    }
+    return entries;
   }
 }
 
@@ -53,6 +90,9 @@ function volumeExport(volume: VolumeClient): NbdExport {
     readOnly: false,
     read: (offsetBytes, lengthBytes) => volume.read(offsetBytes, lengthBytes),
     readNow: (offsetBytes, lengthBytes) => volume.readNow(offsetBytes, lengthBytes),
+    // Read data comes from the process's read buffer pool (the store engine's reads); once the
+    // reply is written, the buffer goes back to it. Buffers from elsewhere are ignored by the pool.
+    recycle: (data) => readBuffers.give(data),
     write: (offsetBytes, data, fua) => volume.write(offsetBytes, data, { fua }),
     flush: () => volume.flush(),
     trim: (offsetBytes, lengthBytes, fua) => volume.writeZeroes(offsetBytes, lengthBytes, { fua }),
@@ -61,5 +101,23 @@ function volumeExport(volume: VolumeClient): NbdExport {
     // Absent and zero blocks read as zeros: holes for NBD block status (clones will consult their parent chain).
     blockStatus: (offsetBytes, lengthBytes) => volume.blockStatus(offsetBytes, lengthBytes),
     release: () => volume.flush(),
+  };
+}
+
+/** A read-only export of a snapshot; forgotten when its last connection closes. */
+function snapshotExport(view: SnapshotView, forget: () => void): NbdExport {
+  const readOnly = (): Promise<never> => Promise.reject(new ShaleError('READ_ONLY', `${view.name} is a snapshot: read-only`));
+  return {
+    name: view.name,
+    description: `Shale snapshot ${view.name} (read-only)`,
+    sizeBytes: view.sizeBytes,
+    readOnly: true,
+    read: (offsetBytes, lengthBytes) => view.read(offsetBytes, lengthBytes),
+    write: readOnly,
+    flush: async () => {},
+    trim: readOnly,
+    writeZeroes: readOnly,
+    blockStatus: (offsetBytes, lengthBytes) => view.blockStatus(offsetBytes, lengthBytes),
+    release: async () => forget(),
   };
 }

@@ -18,7 +18,7 @@
 import type { Env } from '../env/env.ts';
 import { isErrorCode, ShaleError } from '../lib/errors.ts';
 import type {
-  ClusterInfo, ClusterMap, HeartbeatRequest, MarkCleanRequest, OpenVolumeRequest, OpenVolumeResponse,
+  ClusterInfo, ClusterMap, FlattenedRequest, HeartbeatRequest, MarkCleanRequest, OpenVolumeRequest, OpenVolumeResponse, SnapshotAckRequest, SnapshotInfo,
   RegisterStoreRequest, RegisterStoreResponse, ReportDownRequest, VolumeInfo,
 } from '../conductor/api/types.ts';
 
@@ -170,6 +170,23 @@ export class ConductorClient {
   volume(name: string): Promise<VolumeInfo> {
     return this.call('GET', `/volumes/${encodeURIComponent(name)}`);
   }
+
+  snapshot(volume: string, name: string): Promise<SnapshotInfo> {
+    return this.call('GET', `/volumes/${encodeURIComponent(volume)}/snapshots/${encodeURIComponent(name)}`);
+  }
+
+  snapshots(volume: string): Promise<{ snapshots: SnapshotInfo[] }> {
+    return this.call('GET', `/volumes/${encodeURIComponent(volume)}/snapshots`);
+  }
+
+  /** The owner switched its writes to `snapSeq` and the older ones drained. */
+  acknowledgeSnapshots(volume: string, request: SnapshotAckRequest): Promise<unknown> {
+    return this.call('POST', `/volumes/${encodeURIComponent(volume)}/snapshot-ack`, request);
+  }
+
+  markFlattened(volume: string, request: FlattenedRequest): Promise<VolumeInfo> {
+    return this.call('POST', `/volumes/${encodeURIComponent(volume)}/flattened`, request);
+  }
 }
 
 /**
@@ -183,6 +200,7 @@ export class MapWatcher {
   #listeners: ((map: ClusterMap) => void)[] = [];
   #running = false;
   #waiters: { minEpoch: number; resolve: (map: ClusterMap) => void }[] = [];
+  #refreshing: Promise<ClusterMap> | undefined;
 
   constructor(env: Env, conductor: ConductorClient) {
     this.#env = env;
@@ -220,10 +238,18 @@ export class MapWatcher {
     for (const waiter of ready) waiter.resolve(map);
   }
 
-  async refresh(): Promise<ClusterMap> {
-    const map = await this.#conductor.map();
-    this.offer(map);
-    return this.#map!;
+  /** Fetches the map now. Single flight: callers while one fetch is under way share it (a burst of STALE_PG_EPOCH replies costs one fetch). */
+  refresh(): Promise<ClusterMap> {
+    this.#refreshing ??= (async () => {
+      try {
+        const map = await this.#conductor.map();
+        this.offer(map);
+        return this.#map!;
+      } finally {
+        this.#refreshing = undefined;
+      }
+    })();
+    return this.#refreshing;
   }
 
   /** Resolves once a map with epoch ≥ minEpoch is known. */

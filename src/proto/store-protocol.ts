@@ -51,6 +51,10 @@
  *                 seq f64. With CLEAR, entries of older owner epochs are dropped after the reply is built.
  *   SCRUB         request: none (count = most MiB per second to read, 0 = unthrottled). reply: a
  *                 JSON ScrubReport (a rare administrative call, not on the data path).
+ *   READ_SNAP     (0x30) a READ as snapshot `snap seq` saw the range: per block the newest version
+ *                 stamped below it. Same reply as READ. NOT_FOUND if the store knows it was deleted.
+ *   BLOCK_VERSIONS (0x31) request: none (snap seq = snapshot id, 0 = the head). reply: per block
+ *                 16 bytes: state u8, 3 pad, epoch u32, seq f64 — for block status and diffs.
  *   PG_DIGEST     request: as LIST_PG (count = most MiB per second to read, 0 = unthrottled). reply:
  *                 per object of the PG its blocks' crc32c, state, version and whether the data read
  *                 back bad — see pg-digest.ts. Scrub compares replicas with it without moving data.
@@ -96,6 +100,10 @@ export const Op = {
   KV_DELETE: 0x21,
   KV_GET: 0x22,
   KV_LIST: 0x23,
+  /** READ as snapshot `snapSeq` (the header field holds the snapshot id, > 0) saw the blocks. Same reply as READ. */
+  READ_SNAP: 0x30,
+  /** Per block its state and version, at the head (snapSeq 0) or at snapshot `snapSeq`, without reading data. */
+  BLOCK_VERSIONS: 0x31,
   /** Self-healing (0x40–0x4F): per-block crc32c and version of a PG, read and verified on the store (pg-digest.ts). */
   PG_DIGEST: 0x40,
 } as const;
@@ -315,14 +323,19 @@ export interface BlockDescriptor {
   seq: number;
 }
 
-export function encodeReadDescriptors(descriptors: { checksums: Uint32Array; states: Uint8Array; epochs: ArrayLike<number>; seqs: ArrayLike<number> }, count: number): Buffer {
+/** Snap stamps travel in READ descriptors as 24 bits; a volume's snap sequence stays below this. */
+export const SNAP_STAMP_MAX = 0xff_ffff;
+
+export function encodeReadDescriptors(descriptors: { checksums: Uint32Array; states: Uint8Array; epochs: ArrayLike<number>; seqs: ArrayLike<number>; stamps?: ArrayLike<number> }, count: number): Buffer {
   const out = Buffer.allocUnsafe(count * READ_DESCRIPTOR_BYTES);
   for (let i = 0; i < count; i++) {
     const at = i * READ_DESCRIPTOR_BYTES;
     out.writeUInt32LE(descriptors.checksums[i]! >>> 0, at);
     out.writeUInt8(descriptors.states[i]!, at + 4);
-    out.writeUInt8(0, at + 5);
-    out.writeUInt16LE(0, at + 6);
+    // Bytes 5..7: the version's snap stamp (24 bits, 0 when unknown), so copies keep it.
+    const stamp = Math.min(descriptors.stamps?.[i] ?? 0, SNAP_STAMP_MAX);
+    out.writeUInt8(stamp & 0xff, at + 5);
+    out.writeUInt16LE(stamp >>> 8, at + 6);
     out.writeUInt32LE(descriptors.epochs[i]! >>> 0, at + 8);
     out.writeDoubleLE(descriptors.seqs[i]!, at + 12);
   }
@@ -334,6 +347,8 @@ export interface DecodedRead {
   states: Uint8Array;
   epochs: Uint32Array;
   seqs: Float64Array;
+  /** Per block, the snap stamp of its version (0 from stores that do not send it). */
+  stamps: Uint32Array;
   /** The data of the DATA blocks, back to back. */
   data: Buffer;
 }
@@ -352,10 +367,12 @@ export function decodeReadParts(descriptors: Buffer, data: Buffer, count: number
   const states = new Uint8Array(count);
   const epochs = new Uint32Array(count);
   const seqs = new Float64Array(count);
+  const stamps = new Uint32Array(count);
   let dataBlocks = 0;
   for (let i = 0; i < count; i++) {
     const at = i * READ_DESCRIPTOR_BYTES;
     checksums[i] = payload.readUInt32LE(at);
+    stamps[i] = payload.readUInt8(at + 5) | (payload.readUInt16LE(at + 6) << 8);
     const state = payload.readUInt8(at + 4);
     if (state > BlockState.ZERO) throw new ShaleError('PROTOCOL', `READ reply has unknown block state ${state}`);
     states[i] = state;
@@ -366,7 +383,7 @@ export function decodeReadParts(descriptors: Buffer, data: Buffer, count: number
   if (data.length !== dataBlocks * BLOCK_SIZE_BYTES) {
     throw new ShaleError('PROTOCOL', `READ reply carries ${data.length} data bytes for ${dataBlocks} data blocks`);
   }
-  return { checksums, states, epochs, seqs, data };
+  return { checksums, states, epochs, seqs, stamps, data };
 }
 
 /** One object of a LIST_PG reply, with the per-block state and version. */
@@ -438,6 +455,31 @@ export function decodeVolumeIds(payload: Buffer): number[] {
 }
 
 /** Versions compare as (epoch, seq) pairs. */
+export const BLOCK_VERSION_BYTES = 16;
+
+export function encodeBlockVersions(versions: { states: Uint8Array; epochs: ArrayLike<number>; seqs: ArrayLike<number> }, count: number): Buffer {
+  const out = Buffer.alloc(count * BLOCK_VERSION_BYTES);
+  for (let i = 0; i < count; i++) {
+    out.writeUInt8(versions.states[i]!, i * BLOCK_VERSION_BYTES);
+    out.writeUInt32LE(versions.epochs[i]!, i * BLOCK_VERSION_BYTES + 4);
+    out.writeDoubleLE(versions.seqs[i]!, i * BLOCK_VERSION_BYTES + 8);
+  }
+  return out;
+}
+
+export function decodeBlockVersions(payload: Buffer, count: number): { states: Uint8Array; epochs: Uint32Array; seqs: Float64Array } {
+  if (payload.length !== count * BLOCK_VERSION_BYTES) throw new ShaleError('PROTOCOL', `BLOCK_VERSIONS reply of ${payload.length} bytes for ${count} blocks`);
+  const states = new Uint8Array(count);
+  const epochs = new Uint32Array(count);
+  const seqs = new Float64Array(count);
+  for (let i = 0; i < count; i++) {
+    states[i] = payload.readUInt8(i * BLOCK_VERSION_BYTES);
+    epochs[i] = payload.readUInt32LE(i * BLOCK_VERSION_BYTES + 4);
+    seqs[i] = payload.readDoubleLE(i * BLOCK_VERSION_BYTES + 8);
+  }
+  return { states, epochs, seqs };
+}
+
 export function compareVersions(epochA: number, seqA: number, epochB: number, seqB: number): number {
   return epochA !== epochB ? epochA - epochB : seqA - seqB;
 }

@@ -46,8 +46,18 @@ export interface BlockEngine {
   /** With `ownerEpoch`, refused with FENCED if the volume is fenced above it (checked when queued, so a fence can't race it). */
   write(request: { volumeId: number; chunkIndex: number; offsetBlocks: number; data: Buffer; checksums: Uint32Array; version: BlockVersion; snapSeq: number; ownerEpoch?: number }): Promise<{ appliedBlocks: number }>;
   writeZeroes(request: { volumeId: number; chunkIndex: number; offsetBlocks: number; countBlocks: number; version: BlockVersion; snapSeq: number; ownerEpoch?: number }): Promise<{ appliedBlocks: number }>;
-  read(volumeId: number, chunkIndex: number, offsetBlocks: number, countBlocks: number): Promise<BlockReadResult>;
-  /** The same read done synchronously when the disk can (page-cached data), else undefined. */
+  /** With `snapshotId`, reads as that snapshot saw the blocks (NOT_FOUND if the snapshot was deleted). */
+  read(volumeId: number, chunkIndex: number, offsetBlocks: number, countBlocks: number, options?: { snapshotId?: number }): Promise<BlockReadResult>;
+  /** State and version of each block at the head or at a snapshot, from the index (no data read). */
+  blockVersions(volumeId: number, chunkIndex: number, offsetBlocks: number, countBlocks: number, snapshotId?: number): { states: Uint8Array; epochs: ArrayLike<number>; seqs: ArrayLike<number>; stamps: ArrayLike<number> };
+  /**
+   * Tells the engine the volume's snapshots (durably): versions only deleted snapshots needed are
+   * trimmed; `snapSeq` is the volume's snap sequence; `keepTombstones` for clones.
+   */
+  setSnapshots(volumeId: number, liveSnapIds: readonly number[], options: { snapSeq: number; keepTombstones: boolean }): Promise<void>;
+  /** What the engine was last told of the volume's snapshots, or undefined. */
+  snapshots(volumeId: number): { ids: number[]; snapSeq: number; keepTombstones: boolean } | undefined;
+  /** The same head read done synchronously when the disk can (page-cached data), else undefined. */
   readNow?(volumeId: number, chunkIndex: number, offsetBlocks: number, countBlocks: number): BlockReadResult | undefined;
   flush(): Promise<void>;
   fence(volumeId: number, ownerEpoch: number): Promise<void>;

@@ -11,11 +11,17 @@ import type { ScrubReport } from '../proto/store-protocol.ts';
 import type { BlockEngine, BlockReadResult, ObjectVersions } from './block-engine.ts';
 import { StoreEngine } from './engine/engine.ts';
 
-export async function openLogEngine(env: Env, options: { path: string; clusterId: string; format: boolean; sizeBytes?: number }): Promise<BlockEngine> {
+/**
+ * `preallocate`: a disk file that format creates or extends gets its blocks allocated
+ * (fallocate), so a store never finds its file system full in the middle of a write. `shale
+ * store --format` asks for it unless `--sparse`; `shale up` keeps its own disk files sparse (a
+ * laptop need not give up 3 × 4 GiB), and so does the default here.
+ */
+export async function openLogEngine(env: Env, options: { path: string; clusterId: string; format: boolean; sizeBytes?: number; preallocate?: boolean }): Promise<BlockEngine> {
   if (options.format && (await isBlank(env, options.path))) {
     const sizeBytes = options.sizeBytes ?? (await sizeOf(env, options.path));
     if (!sizeBytes) throw new ShaleError('INVALID_ARGUMENT', `${options.path}: a new disk file needs a size (--disk PATH:SIZE)`);
-    await StoreEngine.format(env, options.path, { sizeBytes, clusterId: options.clusterId });
+    await StoreEngine.format(env, options.path, { sizeBytes, clusterId: options.clusterId, preallocate: options.preallocate ?? false });
   }
   const engine = await StoreEngine.open(env, options.path, { clusterId: options.clusterId });
   return new LogEngineAdapter(engine, options.path);
@@ -66,9 +72,21 @@ class LogEngineAdapter implements BlockEngine {
     return this.#engine.writeZeroes(request);
   }
 
-  async read(volumeId: number, chunkIndex: number, offsetBlocks: number, countBlocks: number): Promise<BlockReadResult> {
-    const result = await this.#engine.read(volumeId, chunkIndex, offsetBlocks, countBlocks);
+  async read(volumeId: number, chunkIndex: number, offsetBlocks: number, countBlocks: number, options: { snapshotId?: number } = {}): Promise<BlockReadResult> {
+    const result = await this.#engine.read(volumeId, chunkIndex, offsetBlocks, countBlocks, options);
     return { data: result.data, checksums: result.checksums, states: result.states, epochs: result.versions.epochs, seqs: result.versions.seqs };
+  }
+
+  blockVersions(volumeId: number, chunkIndex: number, offsetBlocks: number, countBlocks: number, snapshotId?: number): { states: Uint8Array; epochs: Uint32Array; seqs: Float64Array; stamps: Float64Array } {
+    return this.#engine.blockVersionsAt(volumeId, chunkIndex, offsetBlocks, countBlocks, snapshotId);
+  }
+
+  setSnapshots(volumeId: number, liveSnapIds: readonly number[], options: { snapSeq: number; keepTombstones: boolean }): Promise<void> {
+    return this.#engine.setSnapshots(volumeId, liveSnapIds, options);
+  }
+
+  snapshots(volumeId: number): { ids: number[]; snapSeq: number; keepTombstones: boolean } | undefined {
+    return this.#engine.snapshots(volumeId);
   }
 
   readNow(volumeId: number, chunkIndex: number, offsetBlocks: number, countBlocks: number): BlockReadResult | undefined {

@@ -58,6 +58,8 @@ export interface ResyncDeps {
   rateBytesPerSecond?: number;
   /** Where the resume cursor is kept (a small JSON file beside the disk); none: not persisted. */
   cursorPath?: string;
+  /** Whether this store is serving client I/O now: resync then waits a little before each copy. */
+  clientBusy?: () => boolean;
   engine: BlockEngine;
   view: MapStoreView;
   conductor: ConductorClient;
@@ -88,6 +90,8 @@ export class Resyncer {
   objectsResumed = 0;
   /** Divergent blocks rolled back to the clean replicas' content. */
   blocksRolledBack = 0;
+  readonly #volumePools = new Map<number, number>();
+  #volumeFetch: Promise<void> | undefined;
 
   constructor(deps: ResyncDeps) {
     this.#deps = deps;
@@ -133,16 +137,20 @@ export class Resyncer {
     if (!path || !this.#cursorDirty) return;
     const now = this.#deps.env.clock.nowMs();
     if (!force && now - this.#cursorWrittenMs < CURSOR_PERSIST_INTERVAL_MS) return;
-    if (this.#cursorWriting) await this.#cursorWriting;
-    this.#cursorDirty = false;
-    this.#cursorWrittenMs = now;
-    const body = JSON.stringify({ version: 1, pgs: Object.fromEntries(this.#cursor) });
-    this.#cursorWriting = this.#deps.env.disk.writeFileAtomic(path, body).catch((error: unknown) => {
-      this.#deps.log(`writing the resync cursor: ${(error as Error).message}`);
-    }).finally(() => {
-      this.#cursorWriting = undefined;
+    // One write at a time (they share a temporary file), each with the cursor as it is when it starts.
+    const previous = this.#cursorWriting ?? Promise.resolve();
+    const write = previous.then(async () => {
+      if (!this.#cursorDirty) return;
+      this.#cursorDirty = false;
+      this.#cursorWrittenMs = this.#deps.env.clock.nowMs();
+      const body = JSON.stringify({ version: 1, pgs: Object.fromEntries(this.#cursor) });
+      await this.#deps.env.disk.writeFileAtomic(path, body).catch((error: unknown) => {
+        this.#deps.log(`writing the resync cursor: ${(error as Error).message}`);
+      });
     });
-    await this.#cursorWriting;
+    this.#cursorWriting = write;
+    await write;
+    if (this.#cursorWriting === write) this.#cursorWriting = undefined;
   }
 
   /** Waits while the disk is at or above backfillfull: a resync must not fill its target. */
@@ -243,6 +251,7 @@ export class Resyncer {
     cleanAddresses: readonly string[], common: { poolId: number; pgId: number; pgCount: number; pgEpoch: number }): Promise<void> {
     const peers = new Map(peerObjects.map((object) => [`${object.volumeId}:${object.chunkIndex}`, object]));
     const { engine } = this.#deps;
+    let rolledBack = 0;
     for (const [objectKey, mine] of local) {
       const ownerEpoch = owners.get(mine.volumeId) ?? 0;
       if (ownerEpoch === 0) continue;
@@ -276,9 +285,30 @@ export class Resyncer {
           await engine.writeZeroes({ volumeId: block.volumeId, chunkIndex: block.chunkIndex, offsetBlocks: block.block, countBlocks: 1, version, snapSeq: 0 });
         }
         this.blocksRolledBack++;
-        this.#deps.log(`resync of PG ${common.poolId}.${common.pgId}: rolled back volume ${block.volumeId} chunk ${block.chunkIndex} block ${block.block} (a write of owner epoch ${block.epoch} no clean replica has)`);
+        rolledBack++;
       }
     }
+    if (rolledBack > 0) this.#deps.log(`resync of PG ${common.poolId}.${common.pgId}: rolled back ${rolledBack} blocks written by an earlier owner that no clean replica has`);
+  }
+
+  /**
+   * The pool of every volume that can hold data, without asking the conductor for each PG (a
+   * rebuild starts hundreds). A volume's pool never changes and ids are never reused, so what is
+   * known stays true; a volume holds data only once opened, and every opened volume is in the map's
+   * owners — so a fetch is needed only when the map names a volume not known yet.
+   */
+  async #volumes(conductor: ConductorClient): Promise<{ id: number; poolId: number }[]> {
+    const owners = this.#latest?.owners ?? [];
+    if (owners.some(([volumeId]) => !this.#volumePools.has(volumeId)) || this.#volumePools.size === 0) {
+      this.#volumeFetch ??= conductor.volumes().then((answer) => {
+        for (const volume of answer.volumes) this.#volumePools.set(volume.id, volume.poolId);
+      }).finally(() => {
+        this.#volumeFetch = undefined;
+      });
+      await this.#volumeFetch;
+    }
+    const deleted = new Set(this.#latest?.deletedVolumes ?? []);
+    return [...this.#volumePools].filter(([id]) => !deleted.has(id)).map(([id, poolId]) => ({ id, poolId }));
   }
 
   /** Keeps resync at or below the configured rate (a simple budget over a sliding second). */
@@ -307,14 +337,17 @@ export class Resyncer {
     const cursorKey = `${pool.id}.${pgId}`;
     const saved = this.#cursor.get(cursorKey);
     const resumeAfter = saved && since > 0 && saved.since === since ? saved : undefined;
-    const volumeIds = (await conductor.volumes()).volumes.filter((volume) => volume.poolId === pool.id).map((volume) => volume.id);
+    const volumeIds = (await this.#volumes(conductor)).filter((volume) => volume.poolId === pool.id).map((volume) => volume.id);
     if (volumeIds.length === 0) return;
     const channel = this.#deps.channel(address);
     const common = { poolId: pool.id, pgId, pgCount: pool.pgCount, pgEpoch };
     const listing = await channel.request({ op: Op.LIST_PG, ...common }, [encodeVolumeIds(volumeIds)]);
     const peerObjects = decodeListReply(listing.payload);
     const local = new Map<string, ListedObject>();
-    for (const object of engine.listObjects(new Set(volumeIds), () => true)) local.set(`${object.volumeId}:${object.chunkIndex}`, object);
+    // Only this PG's objects: listing every object of the pool for each PG would cost O(PGs × data) on the event loop.
+    for (const object of engine.listObjects(new Set(volumeIds), (volumeId, chunkIndex) => placementGroupOf(volumeId, chunkIndex, pool.pgCount) === pgId)) {
+      local.set(`${object.volumeId}:${object.chunkIndex}`, object);
+    }
     peerObjects.sort((a, b) => a.volumeId - b.volumeId || a.chunkIndex - b.chunkIndex);
     const key = pgKey(pool.id, pgId);
     let pendingBytes = 0;
@@ -331,6 +364,8 @@ export class Resyncer {
     for (const { peerObject, runs } of plans) {
       for (const run of runs) {
         await this.#waitForRoom();
+        // Client I/O first: a copy waits (up to 20 ms) while this store serves clients.
+        for (let waited = 0; waited < 20 && this.#deps.clientBusy?.(); waited += 2) await this.#deps.env.clock.sleep(2);
         const header = { ...common, volumeId: peerObject.volumeId, chunkIndex: peerObject.chunkIndex, offsetBlocks: run.start, countBlocks: run.count };
         const version = { epoch: run.epoch, seq: run.seq };
         if (run.state === BlockState.ZERO) {
@@ -349,11 +384,12 @@ export class Resyncer {
             continue;
           }
           let end = i + 1;
-          while (end < run.count && read.states[end] === BlockState.DATA && read.epochs[end] === read.epochs[i] && read.seqs[end] === read.seqs[i]) end++;
+          while (end < run.count && read.states[end] === BlockState.DATA && read.epochs[end] === read.epochs[i] && read.seqs[end] === read.seqs[i] && read.stamps[end] === read.stamps[i]) end++;
           const count = end - i;
           await engine.write({
             volumeId: header.volumeId, chunkIndex: header.chunkIndex, offsetBlocks: run.start + i, data: read.data.subarray(at * BLOCK_SIZE_BYTES, (at + count) * BLOCK_SIZE_BYTES),
-            checksums: read.checksums.slice(i, end), version: { epoch: read.epochs[i]!, seq: read.seqs[i]! }, snapSeq: 0,
+            // The copy keeps the version's snap stamp (READ descriptors carry it), so snapshots see it as on the peer.
+            checksums: read.checksums.slice(i, end), version: { epoch: read.epochs[i]!, seq: read.seqs[i]! }, snapSeq: read.stamps[i]!,
           });
           this.bytesCopied += count * BLOCK_SIZE_BYTES;
           at += count;

@@ -57,7 +57,7 @@ export async function startStoreDaemon(env: Env, options: StoreDaemonOptions): P
   options.localStores?.add(address, server);
   const diskReport = (): DiskReport[] => {
     const stats = engine.stats();
-    return [{ uuid: engine.diskUuid, path: engine.path, capacityBytes: stats.capacityBytes, usedBytes: stats.usedBytes }];
+    return [{ uuid: engine.diskUuid, path: engine.path, capacityBytes: stats.capacityBytes, usedBytes: stats.usedBytes, liveBytes: stats.liveBytes }];
   };
   await options.beforeRegister?.();
   const registration = await retryUntilReachable(env, () => conductor.register({
@@ -78,6 +78,7 @@ export async function startStoreDaemon(env: Env, options: StoreDaemonOptions): P
   const resyncer = new Resyncer({
     env, engine, view, conductor, channel, log, rateBytesPerSecond: options.resyncRateBytesPerSecond ?? 0,
     cursorPath: options.diskPath.startsWith('/dev/') ? undefined : `${options.diskPath}.resync-cursor.json`,
+    clientBusy: () => server.clientBusy(),
   });
 
   let applying = Promise.resolve();
@@ -89,6 +90,7 @@ export async function startStoreDaemon(env: Env, options: StoreDaemonOptions): P
     for (const volumeId of map.deletedVolumes) {
       if (!engine.isPurged(volumeId)) await engine.purgeVolume(volumeId);
     }
+    await applySnapContexts(engine, map);
     view.apply(map);
     resyncer.onMap(map);
   };
@@ -129,6 +131,27 @@ export async function startStoreDaemon(env: Env, options: StoreDaemonOptions): P
       await engine.close();
     },
   };
+}
+
+/**
+ * Tells the engine each volume's live snapshots and snap sequence (it trims what only deleted
+ * snapshots needed) and which volumes are clones (their tombstones must stay: an absent block
+ * would read through to the parent). Only changes are written; the map never goes back.
+ */
+export async function applySnapContexts(engine: BlockEngine, map: ClusterMap): Promise<void> {
+  const deleted = new Set(map.deletedVolumes);
+  for (const context of map.snapContexts ?? []) {
+    if (deleted.has(context.volumeId) || engine.isPurged(context.volumeId)) continue;
+    const known = engine.snapshots(context.volumeId);
+    const keepTombstones = context.parent !== null;
+    if (known && known.snapSeq > context.seq) continue; // an older map than the engine has seen
+    if (known && known.snapSeq === context.seq && known.keepTombstones === keepTombstones && sameIds(known.ids, context.snapshots)) continue;
+    await engine.setSnapshots(context.volumeId, context.snapshots, { snapSeq: context.seq, keepTombstones });
+  }
+}
+
+function sameIds(a: readonly number[], b: readonly number[]): boolean {
+  return a.length === b.length && a.every((id, i) => id === b[i]);
 }
 
 async function retryUntilReachable<T>(env: Env, call: () => Promise<T>, log: (message: string) => void): Promise<T> {

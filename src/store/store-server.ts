@@ -16,7 +16,7 @@ import { placementGroupOf } from '../lib/placement-hash.ts';
 import { BLOCK_SIZE_BYTES } from '../lib/units.ts';
 import type { Connection, Env, Listener } from '../env/env.ts';
 import {
-  BLOCKS_PER_REQUEST_MAX, BlockState, decodeKvKey, decodeKvListRequest, decodeVolumeIds, encodeKvRecords, engineObjectId, KV_LIST_LIMIT_MAX, Namespace, encodeRecentWrites, encodeHeader, encodeListReply, encodeReadDescriptors,
+  BLOCKS_PER_REQUEST_MAX, BlockState, decodeKvKey, decodeKvListRequest, decodeVolumeIds, encodeBlockVersions, encodeKvRecords, engineObjectId, KV_LIST_LIMIT_MAX, Namespace, encodeRecentWrites, encodeHeader, encodeListReply, encodeReadDescriptors,
   Flag, FrameParser, HEADER_BYTES, Op, REPLY_BIT, type Frame, type FrameHeader,
 } from '../proto/store-protocol.ts';
 import type { LocalReadFields, LocalReadResult } from '../proto/store-channel.ts';
@@ -27,6 +27,10 @@ import { digestPg } from './pg-digest.ts';
 
 /** Requests one connection may have in flight before the server stops reading from it. */
 export const CONNECTION_IN_FLIGHT_MAX = 1024;
+/** Client requests ended this recently count as client activity (background copies wait). */
+export const CLIENT_QUIET_MS = 5;
+/** Longest a background copy request waits for client I/O to pause. */
+export const BACKGROUND_WAIT_MS_MAX = 20;
 
 /** What the server knows of the cluster, kept current by the daemon from the conductor's map. */
 export interface StoreView {
@@ -59,6 +63,8 @@ export class StoreServer {
   /** Writes above each volume's watermark, for reconciliation after a writer crash. */
   readonly recentWrites = new RecentWrites();
   #stopping = false;
+  #clientRequests = 0;
+  #clientDoneMs = -Infinity;
 
   constructor(env: Env, options: Omit<StoreServerOptions, 'listen'>) {
     this.#env = env;
@@ -162,13 +168,44 @@ export class StoreServer {
       this.#checkRange(fields);
       this.#checkEpochs(fields, true);
       if (!this.#view.canServeReads(fields.poolId, fields.pgId, fields.pgEpoch)) return undefined;
-      return engine.readNow(fields.volumeId, fields.chunkIndex, fields.offsetBlocks, fields.countBlocks);
+      const result = engine.readNow(fields.volumeId, fields.chunkIndex, fields.offsetBlocks, fields.countBlocks);
+      if (result !== undefined) this.#clientDoneMs = this.#env.clock.nowMs();
+      return result;
     } catch {
       return undefined;
     }
   }
 
+  /**
+   * Client I/O first (healing): whether client requests (not REPAIR copies) are in flight or ended
+   * within the last CLIENT_QUIET_MS. Background copies (a peer's resync reading here, this store's
+   * own resync) wait a little while it is so, up to BACKGROUND_WAIT_MS_MAX per request.
+   */
+  clientBusy(): boolean {
+    return this.#clientRequests > 0 || this.#env.clock.nowMs() - this.#clientDoneMs < CLIENT_QUIET_MS;
+  }
+
+  async #yieldToClients(): Promise<void> {
+    for (let waited = 0; waited < BACKGROUND_WAIT_MS_MAX && this.clientBusy(); waited += 2) await this.#env.clock.sleep(2);
+  }
+
   async #handle(frame: Frame): Promise<Reply> {
+    const h = frame.header;
+    const isClient = (h.flags & Flag.REPAIR) === 0 && (h.op === Op.READ || h.op === Op.WRITE || h.op === Op.WRITE_ZEROES || h.op === Op.FLUSH);
+    if (!isClient) {
+      if (h.op === Op.READ) await this.#yieldToClients();
+      return this.#dispatch(frame);
+    }
+    this.#clientRequests++;
+    try {
+      return await this.#dispatch(frame);
+    } finally {
+      this.#clientRequests--;
+      this.#clientDoneMs = this.#env.clock.nowMs();
+    }
+  }
+
+  async #dispatch(frame: Frame): Promise<Reply> {
     const h = frame.header;
     if (this.#stopping) throw new ShaleError('SHUTTING_DOWN', 'store is stopping');
     if (!this.#view.ready && h.op !== Op.PING) throw new ShaleError('NOT_READY', 'store has not received the cluster map yet');
@@ -179,7 +216,10 @@ export class StoreServer {
       case Op.WRITE_ZEROES:
         return this.#track(this.#write(frame));
       case Op.READ:
+      case Op.READ_SNAP:
         return this.#read(h);
+      case Op.BLOCK_VERSIONS:
+        return this.#blockVersions(h);
       case Op.FLUSH:
         if (h.volumeId !== 0) this.recentWrites.advance(h.volumeId, h.ownerEpoch, h.watermark);
         await this.#engine.flush();
@@ -286,8 +326,26 @@ export class StoreServer {
     if ((h.flags & Flag.REPAIR) === 0 && !this.#view.canServeReads(h.poolId, h.pgId, h.pgEpoch)) {
       throw new ShaleError('NOT_READY', `PG ${h.poolId}.${h.pgId} is recovering on this store`);
     }
-    const result = await this.#engine.read(engineObjectId(h.namespace, h.volumeId), h.chunkIndex, h.offsetBlocks, h.countBlocks);
-    const descriptors = encodeReadDescriptors(result, h.countBlocks);
+    let options: { snapshotId?: number } = {};
+    if (h.op === Op.READ_SNAP) {
+      if (h.snapSeq === 0) throw new ShaleError('INVALID_ARGUMENT', 'READ_SNAP needs a snapshot id in the snap seq field');
+      options = { snapshotId: h.snapSeq };
+    }
+    const objectId = engineObjectId(h.namespace, h.volumeId);
+    const result = await this.#engine.read(objectId, h.chunkIndex, h.offsetBlocks, h.countBlocks, options);
+    // The snap stamp of each version read, so copies (repair, reconciliation) keep it; looked up
+    // after the read, so it counts only where the version is still the one read.
+    // (An index lookup per block; a write stamped above 0 may reach this store before the map
+    // that names its snapshot, so the engine's snapshot list cannot tell when to skip it.)
+    let stamps: Float64Array | undefined;
+    {
+      const now = this.#engine.blockVersions(objectId, h.chunkIndex, h.offsetBlocks, h.countBlocks, options.snapshotId);
+      stamps = new Float64Array(h.countBlocks);
+      for (let i = 0; i < h.countBlocks; i++) {
+        if (now.epochs[i] === result.epochs[i] && now.seqs[i] === result.seqs[i]) stamps[i] = now.stamps[i]!;
+      }
+    }
+    const descriptors = encodeReadDescriptors(stamps ? { ...result, stamps } : result, h.countBlocks);
     let dataBlocks = 0;
     for (let i = 0; i < h.countBlocks; i++) if (result.states[i] === BlockState.DATA) dataBlocks++;
     let data: Buffer;
@@ -313,6 +371,17 @@ export class StoreServer {
     }
     const states = Buffer.from(this.#engine.blockStates(engineObjectId(h.namespace, h.volumeId), h.chunkIndex, h.offsetBlocks, h.countBlocks));
     return { header: replyHeader(h, { payloadBytes: states.length }), parts: [states] };
+  }
+
+  #blockVersions(h: FrameHeader): Reply {
+    this.#checkRange(h);
+    this.#checkEpochs(h, true);
+    if ((h.flags & Flag.REPAIR) === 0 && !this.#view.canServeReads(h.poolId, h.pgId, h.pgEpoch)) {
+      throw new ShaleError('NOT_READY', `PG ${h.poolId}.${h.pgId} is recovering on this store`);
+    }
+    const versions = this.#engine.blockVersions(h.volumeId, h.chunkIndex, h.offsetBlocks, h.countBlocks, h.snapSeq === 0 ? undefined : h.snapSeq);
+    const payload = encodeBlockVersions(versions, h.countBlocks);
+    return { header: replyHeader(h, { payloadBytes: payload.length }), parts: [payload] };
   }
 
   #recentWrites(h: FrameHeader): Reply {

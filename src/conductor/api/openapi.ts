@@ -27,11 +27,11 @@ const schemas: Record<string, Schema> = {
   ConductorInfo: object({
     id: string(), url: string(), leading: { type: 'boolean' }, leaderUrl: { type: ['string', 'null'] }, meta: string('sqlite:PATH or etcd://…'),
   }),
-  DiskReport: object({ uuid: string(), path: string(), capacityBytes: integer(), usedBytes: integer() }),
+  DiskReport: object({ uuid: string(), path: string(), capacityBytes: integer(), usedBytes: integer(), liveBytes: integer() }, ['uuid', 'path', 'capacityBytes', 'usedBytes']),
   DiskInfo: object({
-    uuid: string(), path: string(), capacityBytes: integer(), usedBytes: integer(), storeId: integer(undefined, 1), storeAddress: string(),
+    uuid: string(), path: string(), capacityBytes: integer(), usedBytes: integer(), liveBytes: integer(), storeId: integer(undefined, 1), storeAddress: string(),
     storeState: { enum: ['up', 'down', 'out'] }, domain: string(),
-  }),
+  }, ['uuid', 'path', 'capacityBytes', 'usedBytes', 'storeId', 'storeAddress', 'storeState', 'domain']),
   RegisterStoreRequest: object({
     diskUuid: string(), clusterId: string(), address: string('HOST:PORT or unix:/path'), domain: string('Failure domain: "h1" or "rack=r1,host=h1".'),
     disks: array(ref('DiskReport')),
@@ -79,7 +79,22 @@ const schemas: Record<string, Schema> = {
     owners: { ...array({ type: 'array', prefixItems: [integer('volume id'), integer('owner epoch')] }), description: '[volumeId, ownerEpoch] of every volume ever opened.' },
     deletedVolumes: { ...array(integer()), description: 'Ids of deleted volumes; never shrinks.' },
     volumeSizes: { ...array({ type: 'array', prefixItems: [integer('volume id'), integer('size in bytes')] }), description: '[volumeId, sizeBytes] of every volume ever opened.' },
+    snapContexts: { ...array(ref('SnapContextEntry')), description: 'The snap context of every volume with a snapshot or a parent.' },
+  }, ['clusterId', 'epoch', 'stores', 'pools', 'owners', 'deletedVolumes', 'volumeSizes']),
+  SnapContextEntry: object({
+    volumeId: integer(undefined, 1), seq: integer('The volume\'s snap sequence: writes carry it, stores stamp versions with it.'),
+    snapshots: { ...array(integer(undefined, 1)), description: 'Snapshot ids that exist, ascending.' },
+    creating: { ...array(integer(undefined, 1)), description: 'Snapshot ids whose owner has not acknowledged the switch yet.' },
+    parent: { oneOf: [{ type: 'null' }, object({ volumeId: integer(undefined, 1), snapshotId: integer(undefined, 1), sizeBytes: integer() })] },
   }),
+  SnapshotInfo: object({
+    volumeId: integer(undefined, 1), volume: string(), id: integer(undefined, 1), name: string(), state: { enum: ['creating', 'live'] },
+    sizeBytes: integer(), createdAt: { type: 'string', format: 'date-time' }, clones: array(string()),
+  }),
+  CreateSnapshotRequest: object({ name: { type: 'string', pattern: '^[A-Za-z0-9_][A-Za-z0-9._-]{0,63}$' } }),
+  CloneVolumeRequest: object({ name: { type: 'string', pattern: '^[A-Za-z0-9_][A-Za-z0-9._-]{0,63}$', description: 'The new volume.' } }),
+  SnapshotAckRequest: object({ owner: string(), ownerEpoch: integer(undefined, 1), snapSeq: integer() }),
+  FlattenedRequest: object({ owner: string(), ownerEpoch: integer(undefined, 1) }),
   ReportDownRequest: object({ reporter: string(), reason: string() }, []),
   MarkCleanRequest: object({ storeId: integer(undefined, 1), pgEpoch: integer() }),
   OpenVolumeRequest: object({ owner: string(), takeover: { type: 'boolean' } }, ['owner']),
@@ -87,6 +102,8 @@ const schemas: Record<string, Schema> = {
   VolumeInfo: object({
     id: integer(undefined, 1), name: string(), sizeBytes: integer(undefined, 1), chunkSizeBytes: integer(undefined, 65536), poolId: integer(undefined, 1),
     poolName: string(), replicas: integer(undefined, 1), owner: { type: ['string', 'null'] }, ownerEpoch: integer(), createdAt: { type: 'string', format: 'date-time' },
+    snapSeq: integer('The volume\'s snap sequence (0: never snapshotted).'), snapshots: integer('Number of snapshots (single-volume answers).'),
+    parent: { oneOf: [{ type: 'null' }, object({ volumeId: integer(undefined, 1), volume: string(), snapshotId: integer(undefined, 1), snapshot: string() })] },
     health: ref('VolumeHealth'),
   }, ['id', 'name', 'sizeBytes', 'chunkSizeBytes', 'poolId', 'poolName', 'replicas', 'owner', 'ownerEpoch', 'createdAt']),
   OpenVolumeResponse: object({ volume: ref('VolumeInfo'), ownerEpoch: integer(undefined, 1), map: ref('ClusterMap') }),
@@ -102,7 +119,9 @@ const schemas: Record<string, Schema> = {
   PoolInfo: object({
     id: integer(undefined, 1), name: string(), replicas: integer(undefined, 1), minReplicas: integer(undefined, 1), pgCount: integer(undefined, 1),
     domainLevel: string(), pgsClean: integer(), pgsDegraded: integer(), createdAt: { type: 'string', format: 'date-time' },
-  }),
+    provisionedBytes: integer('Σ sizes of the pool\'s volumes (list and info).'), usableBytes: integer('Capacity of the pool\'s stores / replicas.'),
+    overcommitRatio: { type: 'number', description: 'provisionedBytes / usableBytes.' },
+  }, ['id', 'name', 'replicas', 'minReplicas', 'pgCount', 'domainLevel', 'pgsClean', 'pgsDegraded', 'createdAt']),
   PoolDetail: {
     allOf: [ref('PoolInfo'), {
       type: 'object',
@@ -243,6 +262,32 @@ export const operations: Record<string, Record<string, Operation>> = {
     delete: { summary: 'Forget a bucket (the gateway checks it is empty first).', response: okBody, parameters: [pathParameter('name', 'Bucket name.')] },
   },
   '/s3/ids': { post: { summary: 'Hand out a range of fresh S3 data ids (never reused).', request: 'AllocateDataIdsRequest', response: 'DataIdRange' } },
+  '/volumes/{name}/snapshots': {
+    get: { summary: 'The volume\'s snapshots.', response: object({ snapshots: array(ref('SnapshotInfo')) }), parameters: [volumeNameParameter] },
+    post: {
+      summary: 'Take a snapshot (O(1)); with an owner, answers once the owner switched its snap context and drained the older one.',
+      request: 'CreateSnapshotRequest', response: 'SnapshotInfo', status: 201, parameters: [volumeNameParameter],
+    },
+  },
+  '/volumes/{name}/snapshots/{snap}': {
+    get: { summary: 'One snapshot.', response: 'SnapshotInfo', parameters: [volumeNameParameter, pathParameter('snap', 'Snapshot name.')] },
+    delete: {
+      summary: 'Delete a snapshot (IN_USE while clones read through to it); the stores trim what only it needed.', response: okBody,
+      parameters: [volumeNameParameter, pathParameter('snap', 'Snapshot name.')],
+    },
+  },
+  '/volumes/{name}/snapshots/{snap}/clone': {
+    post: {
+      summary: 'A new volume that reads through to this snapshot (O(1)).', request: 'CloneVolumeRequest', response: 'VolumeInfo', status: 201,
+      parameters: [volumeNameParameter, pathParameter('snap', 'Snapshot name.')],
+    },
+  },
+  '/volumes/{name}/snapshot-ack': {
+    post: { summary: 'The owner switched to snap context snapSeq and drained the older ones: its creating snapshots are live.', request: 'SnapshotAckRequest', response: okBody, parameters: [volumeNameParameter] },
+  },
+  '/volumes/{name}/flattened': {
+    post: { summary: 'The owner copied its parent chain\'s data in: the clone forgets its parent.', request: 'FlattenedRequest', response: 'VolumeInfo', parameters: [volumeNameParameter] },
+  },
   '/volumes/{name}/close': {
     post: { summary: 'Stop owning the volume.', request: 'CloseVolumeRequest', response: object({ ok: { const: true }, cleared: { type: 'boolean' } }), parameters: [volumeNameParameter] },
   },

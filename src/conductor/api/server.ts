@@ -22,7 +22,7 @@ import {
 } from '../validate.ts';
 import type {
   ApiErrorBody, ClusterInfo, ClusterMap, ClusterStatus, ConductorInfo, DiskInfo, DiskReport, OpenVolumeResponse, PoolDetail, PoolInfo,
-  RecoveryReport, RegisterStoreResponse, ScrubResult, StoreInfo, VolumeInfo,
+  RecoveryReport, RegisterStoreResponse, ScrubResult, SnapshotInfo, StoreInfo, VolumeInfo,
 } from './types.ts';
 import type { MovePlan } from '../healing.ts';
 
@@ -70,6 +70,13 @@ export interface ConductorService {
   deleteVolume(name: string, force: boolean): Promise<void>;
   /** S3 accounts, keys, buckets and data ids (s3-routes.ts). */
   readonly s3: S3Registry;
+  createSnapshot(volumeName: string, name: string): Promise<SnapshotInfo>;
+  snapshots(volumeName: string): Promise<SnapshotInfo[]>;
+  snapshot(volumeName: string, name: string): Promise<SnapshotInfo>;
+  deleteSnapshot(volumeName: string, name: string): Promise<void>;
+  acknowledgeSnapshots(volumeName: string, owner: string, ownerEpoch: number, snapSeq: number): Promise<void>;
+  cloneVolume(volumeName: string, snapshotName: string, newName: string): Promise<VolumeInfo>;
+  markFlattened(volumeName: string, owner: string, ownerEpoch: number): Promise<VolumeInfo>;
   /** Healing (healing.ts): the moves placement wants now; without dryRun, starts them at once. */
   rebalance(dryRun: boolean): Promise<MovePlan>;
   drainStore(storeId: number, options: { dryRun: boolean; cancel: boolean }): Promise<MovePlan>;
@@ -279,6 +286,35 @@ export function conductorRoutes(service: ConductorService, openApiJson: () => st
       return { body: ok };
     }),
     ...s3Routes(() => service.s3, (method, path, handle) => route(method, path, handle)),
+
+    route('POST', '/volumes/{name}/snapshots', async ({ params, body }) => ({
+      status: 201,
+      body: await service.createSnapshot(volumeName(decodeSegment(params[0]!)), volumeName(body.name, 'snapshot name')),
+    })),
+    route('GET', '/volumes/{name}/snapshots', async ({ params }) => ({
+      body: { snapshots: await service.snapshots(volumeName(decodeSegment(params[0]!))) },
+    })),
+    route('GET', '/volumes/{name}/snapshots/{snap}', async ({ params }) => ({
+      body: await service.snapshot(volumeName(decodeSegment(params[0]!)), volumeName(decodeSegment(params[1]!), 'snapshot name')),
+    })),
+    route('DELETE', '/volumes/{name}/snapshots/{snap}', async ({ params }) => {
+      await service.deleteSnapshot(volumeName(decodeSegment(params[0]!)), volumeName(decodeSegment(params[1]!), 'snapshot name'));
+      return { body: ok };
+    }),
+    route('POST', '/volumes/{name}/snapshots/{snap}/clone', async ({ params, body }) => ({
+      status: 201,
+      body: await service.cloneVolume(volumeName(decodeSegment(params[0]!)), volumeName(decodeSegment(params[1]!), 'snapshot name'), volumeName(body.name, 'clone name')),
+    })),
+    route('POST', '/volumes/{name}/snapshot-ack', async ({ params, body }) => {
+      const name = volumeName(decodeSegment(params[0]!));
+      await service.acknowledgeSnapshots(name, stringField(body, 'owner', { lengthMax: ownerLengthMax }),
+        integerField(body, 'ownerEpoch', 1, Number.MAX_SAFE_INTEGER), integerField(body, 'snapSeq', 0, Number.MAX_SAFE_INTEGER));
+      return { body: ok };
+    }),
+    route('POST', '/volumes/{name}/flattened', async ({ params, body }) => ({
+      body: await service.markFlattened(volumeName(decodeSegment(params[0]!)), stringField(body, 'owner', { lengthMax: ownerLengthMax }),
+        integerField(body, 'ownerEpoch', 1, Number.MAX_SAFE_INTEGER)),
+    })),
   ];
 }
 

@@ -34,6 +34,13 @@
  *   GET    /api/v1/volumes/{name}             -> VolumeInfo
  *   PATCH  /api/v1/volumes/{name}             ResizeVolumeRequest -> VolumeInfo
  *   DELETE /api/v1/volumes/{name}?force=true  -> { ok: true }
+ *   POST   /api/v1/volumes/{name}/snapshots   CreateSnapshotRequest -> SnapshotInfo (201; waits for the owner)
+ *   GET    /api/v1/volumes/{name}/snapshots   -> { snapshots: SnapshotInfo[] }
+ *   GET    /api/v1/volumes/{name}/snapshots/{snap}   -> SnapshotInfo
+ *   DELETE /api/v1/volumes/{name}/snapshots/{snap}   -> { ok: true }
+ *   POST   /api/v1/volumes/{name}/snapshots/{snap}/clone   CloneVolumeRequest -> VolumeInfo (201)
+ *   POST   /api/v1/volumes/{name}/snapshot-ack   SnapshotAckRequest -> { ok: true }   (data path: the owner)
+ *   POST   /api/v1/volumes/{name}/flattened      FlattenedRequest -> VolumeInfo        (the owner, after copying)
  *   GET    /api/v1/openapi.json               -> the OpenAPI document (no token needed)
  */
 
@@ -51,6 +58,11 @@ export interface DiskReport {
   path: string;
   capacityBytes: number;
   usedBytes: number;
+  /**
+   * Bytes of data still live in the used segments (the rest of `usedBytes` is garbage that
+   * compaction will reclaim). Optional: older stores do not send it.
+   */
+  liveBytes?: number;
 }
 
 export interface RegisterStoreRequest {
@@ -185,6 +197,25 @@ export interface ClusterMap {
    * resize of such a volume is a new epoch, so its owner learns the new size with the map.
    */
   volumeSizes: [number, number][];
+  /**
+   * The snap context of every volume that has a snapshot or a parent (docs/snapshots.md). Writers
+   * stamp their writes with `seq`; stores keep the old versions the listed snapshots need and,
+   * for clones, every tombstone. Optional so older conductors' maps still parse.
+   */
+  snapContexts?: SnapContextEntry[];
+}
+
+/** A volume's snap context, as the data path sees it. */
+export interface SnapContextEntry {
+  volumeId: number;
+  /** The volume's snap sequence (the newest snapshot's id): every write carries it. */
+  seq: number;
+  /** Ids of the snapshots that exist (live or being created), ascending. */
+  snapshots: number[];
+  /** Ids of the snapshots still being created: their owner has not acknowledged the switch yet. */
+  creating: number[];
+  /** A clone reads the blocks it never wrote from this volume at this snapshot (of this size). */
+  parent: { volumeId: number; snapshotId: number; sizeBytes: number } | null;
 }
 
 export interface ReportDownRequest {
@@ -217,8 +248,49 @@ export interface VolumeInfo {
   owner: string | null;
   ownerEpoch: number;
   createdAt: string;
+  /** The volume's snap sequence (0: never snapshotted). */
+  snapSeq?: number;
+  /** Number of snapshots. */
+  snapshots?: number;
+  /** A clone's parent: the volume and snapshot it reads through to (null once flattened). */
+  parent?: { volumeId: number; volume: string; snapshotId: number; snapshot: string } | null;
   /** Only in GET /volumes/{name}: its PGs' health and any recovery under way. */
   health?: VolumeHealth;
+}
+
+export interface SnapshotInfo {
+  volumeId: number;
+  volume: string;
+  id: number;
+  name: string;
+  /** creating: waiting for the owner to acknowledge the switch of snap context; live: readable. */
+  state: 'creating' | 'live';
+  sizeBytes: number;
+  createdAt: string;
+  /** Volumes cloned from this snapshot that still read through to it. */
+  clones: string[];
+}
+
+export interface CreateSnapshotRequest {
+  name: string;
+}
+
+export interface CloneVolumeRequest {
+  /** The new volume's name. */
+  name: string;
+}
+
+/** The owner has switched to the snap context `snapSeq` and every write under an older one completed. */
+export interface SnapshotAckRequest {
+  owner: string;
+  ownerEpoch: number;
+  snapSeq: number;
+}
+
+/** The owner copied every block of the parent chain in: the clone forgets its parent. */
+export interface FlattenedRequest {
+  owner: string;
+  ownerEpoch: number;
 }
 
 export interface OpenVolumeResponse {
@@ -284,6 +356,12 @@ export interface PoolInfo {
   /** PGs with a replica recovering or down. */
   pgsDegraded: number;
   createdAt: string;
+  /** Thin provisioning (pool list and info): Σ sizes of the pool's volumes. */
+  provisionedBytes?: number;
+  /** Capacity of the pool's stores divided by its replicas: what its volumes could hold in all. */
+  usableBytes?: number;
+  /** provisionedBytes / usableBytes (above 1: overcommitted). */
+  overcommitRatio?: number;
 }
 
 export interface PgInfo {

@@ -36,7 +36,7 @@ import { assert } from '../../lib/assert.ts';
 import { ShaleError } from '../../lib/errors.ts';
 import type { DiskReport, ReplicaState, StoreState } from '../api/types.ts';
 import type {
-  AccessKeyRecord, AccountRecord, BucketRecord, ClusterRecord, CounterName, DeletedVolumeRecord, MetaReadTx, MetaStore, MetaTx, PgRecord, PoolRecord, StoreRecord, TokenRecord,
+  AccessKeyRecord, AccountRecord, BucketRecord, ClusterRecord, CounterName, DeletedVolumeRecord, MetaReadTx, MetaStore, MetaTx, PgRecord, PoolRecord, SnapshotRecord, StoreRecord, TokenRecord,
   VolumeRecord, WriteOptions,
 } from './meta-store.ts';
 
@@ -360,6 +360,18 @@ class EtcdTx implements MetaTx, RawTx {
     return this.#jsonList<DeletedVolumeRecord>('deleted-volumes/');
   }
 
+  snapshot(volumeId: number, id: number): Promise<SnapshotRecord | undefined> {
+    return this.#json<SnapshotRecord>(`snapshots/${pad(volumeId)}/${pad(id)}`);
+  }
+
+  snapshots(volumeId: number): Promise<SnapshotRecord[]> {
+    return this.#jsonList<SnapshotRecord>(`snapshots/${pad(volumeId)}/`);
+  }
+
+  allSnapshots(): Promise<SnapshotRecord[]> {
+    return this.#jsonList<SnapshotRecord>('snapshots/');
+  }
+
   token(name: string): Promise<TokenRecord | undefined> {
     return this.#json<TokenRecord>(`tokens/${encodeURIComponent(name)}`);
   }
@@ -493,6 +505,7 @@ class EtcdTx implements MetaTx, RawTx {
     const json: VolumeRecord = {
       id: record.id, name: record.name, sizeBytes: record.sizeBytes, chunkSizeBytes: record.chunkSizeBytes, poolId: record.poolId,
       owner: record.owner, ownerEpoch: record.ownerEpoch, createdAt: record.createdAt,
+      snapSeq: record.snapSeq ?? 0, parentVolumeId: record.parentVolumeId ?? null, parentSnapshotId: record.parentSnapshotId ?? null,
     };
     this.#write(this.#key(`volumes/${pad(record.id)}`), JSON.stringify(json));
     this.#write(this.#key(`volumes-by-name/${record.name}`), String(record.id));
@@ -504,8 +517,25 @@ class EtcdTx implements MetaTx, RawTx {
     if (!existing) throw new ShaleError('NOT_FOUND', `no volume with id ${id}`);
     this.#write(this.#key(`volumes/${pad(id)}`), null);
     this.#write(this.#key(`volumes-by-name/${existing.name}`), null);
+    for (const snapshot of await this.snapshots(id)) this.#write(this.#key(`snapshots/${pad(id)}/${pad(snapshot.id)}`), null);
     const record: DeletedVolumeRecord = { id, name: deleted.name, deletedAt: deleted.deletedAt, epoch: deleted.epoch };
     this.#write(this.#key(`deleted-volumes/${pad(id)}`), JSON.stringify(record));
+  }
+
+  async putSnapshot(record: SnapshotRecord): Promise<void> {
+    checkId(record.volumeId, 'volume id');
+    checkId(record.id, 'snapshot id');
+    const holder = (await this.snapshots(record.volumeId)).find((other) => other.name === record.name);
+    if (holder && holder.id !== record.id) throw new ShaleError('ALREADY_EXISTS', `volume ${record.volumeId} already has a snapshot named ${record.name}`);
+    const json: SnapshotRecord = {
+      volumeId: record.volumeId, id: record.id, name: record.name, state: record.state, sizeBytes: record.sizeBytes, createdAt: record.createdAt,
+    };
+    this.#write(this.#key(`snapshots/${pad(record.volumeId)}/${pad(record.id)}`), JSON.stringify(json));
+  }
+
+  async deleteSnapshot(volumeId: number, id: number): Promise<void> {
+    if (!(await this.snapshot(volumeId, id))) throw new ShaleError('NOT_FOUND', `volume ${volumeId} has no snapshot ${id}`);
+    this.#write(this.#key(`snapshots/${pad(volumeId)}/${pad(id)}`), null);
   }
 
   async putToken(record: TokenRecord): Promise<void> {

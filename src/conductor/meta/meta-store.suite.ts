@@ -26,7 +26,10 @@ export function storeRecord(id: number, diskUuid = `disk-${id}`): StoreRecord {
 }
 
 export function volumeRecord(id: number, name: string, poolId = 1): VolumeRecord {
-  return { id, name, sizeBytes: 4096, chunkSizeBytes: 4 << 20, poolId, owner: null, ownerEpoch: 0, createdAt: '2024-01-01T00:00:00.000Z' };
+  return {
+    id, name, sizeBytes: 4096, chunkSizeBytes: 4 << 20, poolId, owner: null, ownerEpoch: 0, createdAt: '2024-01-01T00:00:00.000Z',
+    snapSeq: 0, parentVolumeId: null, parentSnapshotId: null,
+  };
 }
 
 export function poolRecord(id: number, name = 'default'): PoolRecord {
@@ -227,6 +230,44 @@ export function metaStoreSuite(engine: string, fixture: MetaStoreFixture): void 
         await writeDone;
         assert.deepEqual(seen, { before: 1, after: 1, stores: 0 });
         assert.equal(await meta.read((tx) => tx.counter('storeId')), 2);
+      } finally {
+        await meta.close();
+      }
+    });
+
+    it('keeps snapshots per volume: round trip, unique names, delete, gone with their volume', async () => {
+      const meta = await fixture.open();
+      try {
+        await withPool(meta);
+        const snapshot = (volumeId: number, id: number, name: string) => ({
+          volumeId, id, name, state: 'live' as const, sizeBytes: 4096, createdAt: '2024-01-02T00:00:00.000Z',
+        });
+        await meta.write(async (tx) => {
+          await tx.putVolume({ ...volumeRecord(1, 'a'), snapSeq: 2 });
+          await tx.putVolume({ ...volumeRecord(2, 'clone'), parentVolumeId: 1, parentSnapshotId: 2 });
+          await tx.putSnapshot({ ...snapshot(1, 1, 's1'), state: 'creating' });
+          await tx.putSnapshot(snapshot(1, 2, 's2'));
+          await tx.putSnapshot(snapshot(2, 1, 's1'));
+          assert.deepEqual((await tx.snapshots(1)).map((s) => s.name), ['s1', 's2']);
+        });
+        await meta.read(async (tx) => {
+          assert.deepEqual(await tx.snapshot(1, 1), { ...snapshot(1, 1, 's1'), state: 'creating' });
+          assert.deepEqual((await tx.allSnapshots()).map((s) => [s.volumeId, s.id]), [[1, 1], [1, 2], [2, 1]]);
+          assert.deepEqual(await tx.volume(2), { ...volumeRecord(2, 'clone'), parentVolumeId: 1, parentSnapshotId: 2 });
+          assert.equal((await tx.volume(1))!.snapSeq, 2);
+        });
+        await assert.rejects(meta.write((tx) => tx.putSnapshot(snapshot(1, 3, 's2'))), isCode('ALREADY_EXISTS'));
+        await assert.rejects(meta.write((tx) => tx.deleteSnapshot(1, 9)), isCode('NOT_FOUND'));
+        await meta.write(async (tx) => {
+          await tx.putSnapshot(snapshot(1, 1, 's1'));
+          await tx.deleteSnapshot(1, 2);
+          await tx.deleteVolume(2, { id: 2, name: 'clone', deletedAt: 'now', epoch: 1 });
+        });
+        await meta.read(async (tx) => {
+          assert.deepEqual((await tx.snapshots(1)).map((s) => [s.id, s.state]), [[1, 'live']]);
+          assert.deepEqual(await tx.snapshots(2), []);
+          assert.equal(await tx.snapshot(1, 2), undefined);
+        });
       } finally {
         await meta.close();
       }

@@ -109,6 +109,31 @@ export interface VolumeRecord {
   /** The highest owner epoch ever handed out for this volume (0: never opened). Never decreases. */
   ownerEpoch: number;
   createdAt: string;
+  /**
+   * The volume's snap sequence: the id of its newest snapshot (0: none yet). Snapshot ids are
+   * allocated from it and never reused. Optional in storage (older records): read as 0.
+   */
+  snapSeq?: number;
+  /** A clone reads the blocks it never wrote from this volume at `parentSnapshotId` (null: no parent). */
+  parentVolumeId?: number | null;
+  parentSnapshotId?: number | null;
+}
+
+/** A snapshot of a volume (DESIGN §2): id from the volume's snap sequence, never reused. */
+export interface SnapshotRecord {
+  volumeId: number;
+  id: number;
+  /** Unique among the volume's snapshots. */
+  name: string;
+  /**
+   * creating: the volume's snap context already carries it (stores keep what it needs) but the
+   * owner has not yet acknowledged that the writes of the older context drained; not readable.
+   * live: readable.
+   */
+  state: 'creating' | 'live';
+  /** The volume's size when the snapshot was taken. */
+  sizeBytes: number;
+  createdAt: string;
 }
 
 export interface DeletedVolumeRecord {
@@ -174,6 +199,12 @@ export interface MetaReadTx {
   /** Ordered by id. */
   deletedVolumes(): Promise<DeletedVolumeRecord[]>;
 
+  snapshot(volumeId: number, id: number): Promise<SnapshotRecord | undefined>;
+  /** The volume's snapshots ordered by id. */
+  snapshots(volumeId: number): Promise<SnapshotRecord[]>;
+  /** Every snapshot of every volume, ordered by (volumeId, id). */
+  allSnapshots(): Promise<SnapshotRecord[]>;
+
   token(name: string): Promise<TokenRecord | undefined>;
 
   account(name: string): Promise<AccountRecord | undefined>;
@@ -203,6 +234,10 @@ export interface MetaTx extends MetaReadTx {
   putVolume(record: VolumeRecord): Promise<void>;
   /** Removes a live volume and records its id on the deleted list, in one step. */
   deleteVolume(id: number, deleted: DeletedVolumeRecord): Promise<void>;
+  /** Inserts or replaces by (volumeId, id). A name held by another snapshot of the volume is ALREADY_EXISTS. */
+  putSnapshot(record: SnapshotRecord): Promise<void>;
+  /** Removes a snapshot (its id is never used again: the volume's snapSeq only grows). */
+  deleteSnapshot(volumeId: number, id: number): Promise<void>;
   /** Inserts or replaces by name. */
   putToken(record: TokenRecord): Promise<void>;
   /** Adds `count` to a counter and returns the first of the `count` values it handed out. */

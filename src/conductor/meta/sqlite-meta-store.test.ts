@@ -48,12 +48,13 @@ describe('schema version and migration', () => {
     db.close();
   });
 
-  it('migrates a version 1 file to version 2: pools keep their placement at the host level, tokens appear', async () => {
+  it('migrates a version 1 file to the latest: pools keep their placement at the host level, tokens appear, volumes have no snapshots', async () => {
     const path = freshPath();
     const db = new DatabaseSync(path);
     assert.equal(migrate(db, migrations.slice(0, 1)), 1);
     db.exec(`INSERT INTO pools (id, name, replicas, min_replicas, pg_count, created_at) VALUES (1, 'default', 3, 2, 8, 'then')`);
     db.exec(`INSERT INTO counters (name, value) VALUES ('poolId', 1)`);
+    db.exec(`INSERT INTO volumes (id, name, size_bytes, chunk_size_bytes, pool_id, owner, owner_epoch, created_at) VALUES (1, 'v', 4096, 65536, 1, NULL, 0, 'then')`);
     db.close();
     const meta = SqliteMetaStore.open(path);
     assert.equal(meta.schemaVersion, SCHEMA_VERSION);
@@ -61,6 +62,10 @@ describe('schema version and migration', () => {
       assert.deepEqual(await tx.pool(1), { id: 1, name: 'default', replicas: 3, minReplicas: 2, pgCount: 8, domainLevel: 'host', createdAt: 'then' });
       assert.equal(await tx.token('admin'), undefined);
       assert.equal(await tx.counter('poolId'), 1);
+      const volume = await tx.volume(1);
+      assert.equal(volume?.snapSeq, 0);
+      assert.equal(volume?.parentVolumeId, null);
+      assert.deepEqual(await tx.snapshots(1), []);
     });
     await meta.close();
   });

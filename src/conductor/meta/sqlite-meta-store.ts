@@ -19,7 +19,7 @@ import { ShaleError } from '../../lib/errors.ts';
 import type { DiskReport, ReplicaState, StoreState } from '../api/types.ts';
 import type {
   ClusterRecord, CounterName, DeletedVolumeRecord, MetaReadTx, MetaStore, MetaTx, PgRecord, PoolRecord, ReplicaRecord,
-  StoreRecord, TokenRecord, VolumeRecord, WriteOptions, AccountRecord, AccessKeyRecord, BucketRecord,
+  SnapshotRecord, StoreRecord, TokenRecord, VolumeRecord, WriteOptions, AccountRecord, AccessKeyRecord, BucketRecord,
 } from './meta-store.ts';
 
 /** One schema step: brings a file from `version - 1` to `version`. Runs inside the migration transaction. */
@@ -116,6 +116,27 @@ export const migrations: readonly Migration[] = [
   },
   {
     version: 4,
+    description: 'snapshots and clones: volumes.snap_seq, volumes.parent_volume_id, volumes.parent_snapshot_id; snapshots',
+    up(db) {
+      db.exec(`
+        ALTER TABLE volumes ADD COLUMN snap_seq INTEGER NOT NULL DEFAULT 0;
+        ALTER TABLE volumes ADD COLUMN parent_volume_id INTEGER;
+        ALTER TABLE volumes ADD COLUMN parent_snapshot_id INTEGER;
+        CREATE TABLE snapshots (
+          volume_id INTEGER NOT NULL,
+          id INTEGER NOT NULL,
+          name TEXT NOT NULL,
+          state TEXT NOT NULL CHECK (state IN ('creating', 'live')),
+          size_bytes INTEGER NOT NULL,
+          created_at TEXT NOT NULL,
+          PRIMARY KEY (volume_id, id),
+          UNIQUE (volume_id, name)
+        ) WITHOUT ROWID;
+      `);
+    },
+  },
+  {
+    version: 5,
     description: 'S3: accounts, access keys, buckets',
     up(db) {
       db.exec(`
@@ -271,6 +292,20 @@ function volumeFromRow(row: Row): VolumeRecord {
     poolId: num(row, 'pool_id'),
     owner: strOrNull(row, 'owner'),
     ownerEpoch: num(row, 'owner_epoch'),
+    createdAt: str(row, 'created_at'),
+    snapSeq: num(row, 'snap_seq'),
+    parentVolumeId: row.parent_volume_id === null ? null : num(row, 'parent_volume_id'),
+    parentSnapshotId: row.parent_snapshot_id === null ? null : num(row, 'parent_snapshot_id'),
+  };
+}
+
+function snapshotFromRow(row: Row): SnapshotRecord {
+  return {
+    volumeId: num(row, 'volume_id'),
+    id: num(row, 'id'),
+    name: str(row, 'name'),
+    state: str(row, 'state') as SnapshotRecord['state'],
+    sizeBytes: num(row, 'size_bytes'),
     createdAt: str(row, 'created_at'),
   };
 }
@@ -519,11 +554,44 @@ class SqliteTx implements MetaTx {
     const deleted = this.#get(`SELECT 1 AS found FROM deleted_volumes WHERE id = ?`, record.id);
     assert(!deleted, 'a deleted volume id is never used again');
     this.#run(
-      `INSERT INTO volumes (id, name, size_bytes, chunk_size_bytes, pool_id, owner, owner_epoch, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)
+      `INSERT INTO volumes (id, name, size_bytes, chunk_size_bytes, pool_id, owner, owner_epoch, created_at, snap_seq, parent_volume_id, parent_snapshot_id)
+       VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
        ON CONFLICT (id) DO UPDATE SET name = excluded.name, size_bytes = excluded.size_bytes, chunk_size_bytes = excluded.chunk_size_bytes,
-         pool_id = excluded.pool_id, owner = excluded.owner, owner_epoch = excluded.owner_epoch, created_at = excluded.created_at`,
+         pool_id = excluded.pool_id, owner = excluded.owner, owner_epoch = excluded.owner_epoch, created_at = excluded.created_at,
+         snap_seq = excluded.snap_seq, parent_volume_id = excluded.parent_volume_id, parent_snapshot_id = excluded.parent_snapshot_id`,
       record.id, record.name, record.sizeBytes, record.chunkSizeBytes, record.poolId, record.owner, record.ownerEpoch, record.createdAt,
+      record.snapSeq ?? 0, record.parentVolumeId ?? null, record.parentSnapshotId ?? null,
     );
+  }
+
+  async snapshot(volumeId: number, id: number): Promise<SnapshotRecord | undefined> {
+    const row = this.#get(`SELECT * FROM snapshots WHERE volume_id = ? AND id = ?`, volumeId, id);
+    return row ? snapshotFromRow(row) : undefined;
+  }
+
+  async snapshots(volumeId: number): Promise<SnapshotRecord[]> {
+    return this.#all(`SELECT * FROM snapshots WHERE volume_id = ? ORDER BY id`, volumeId).map(snapshotFromRow);
+  }
+
+  async allSnapshots(): Promise<SnapshotRecord[]> {
+    return this.#all(`SELECT * FROM snapshots ORDER BY volume_id, id`).map(snapshotFromRow);
+  }
+
+  async putSnapshot(record: SnapshotRecord): Promise<void> {
+    checkId(record.volumeId, 'volume id');
+    checkId(record.id, 'snapshot id');
+    const holder = this.#get(`SELECT id FROM snapshots WHERE volume_id = ? AND name = ?`, record.volumeId, record.name);
+    if (holder && num(holder, 'id') !== record.id) throw new ShaleError('ALREADY_EXISTS', `volume ${record.volumeId} already has a snapshot named ${record.name}`);
+    this.#run(
+      `INSERT INTO snapshots (volume_id, id, name, state, size_bytes, created_at) VALUES (?, ?, ?, ?, ?, ?)
+       ON CONFLICT (volume_id, id) DO UPDATE SET name = excluded.name, state = excluded.state, size_bytes = excluded.size_bytes, created_at = excluded.created_at`,
+      record.volumeId, record.id, record.name, record.state, record.sizeBytes, record.createdAt,
+    );
+  }
+
+  async deleteSnapshot(volumeId: number, id: number): Promise<void> {
+    if (!(await this.snapshot(volumeId, id))) throw new ShaleError('NOT_FOUND', `volume ${volumeId} has no snapshot ${id}`);
+    this.#run(`DELETE FROM snapshots WHERE volume_id = ? AND id = ?`, volumeId, id);
   }
 
   async deleteVolume(id: number, deleted: DeletedVolumeRecord): Promise<void> {
@@ -531,6 +599,7 @@ class SqliteTx implements MetaTx {
     const existing = await this.volume(id);
     if (!existing) throw new ShaleError('NOT_FOUND', `no volume with id ${id}`);
     this.#run(`DELETE FROM volumes WHERE id = ?`, id);
+    this.#run(`DELETE FROM snapshots WHERE volume_id = ?`, id);
     this.#run(`INSERT INTO deleted_volumes (id, name, deleted_at, epoch) VALUES (?, ?, ?, ?)`, id, deleted.name, deleted.deletedAt, deleted.epoch);
   }
 }

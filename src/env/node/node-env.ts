@@ -2,6 +2,7 @@
  * The real environment: Node.js files, sockets, timers and crypto randomness. The only module tree
  * allowed to import fs, net, http, timers or to call Math.random and Date.now.
  */
+import { execFile } from 'node:child_process';
 import { randomBytes, randomUUID } from 'node:crypto';
 import * as fs from 'node:fs/promises';
 import { constants as fsConstants, readSync } from 'node:fs';
@@ -9,6 +10,7 @@ import * as http from 'node:http';
 import * as net from 'node:net';
 import { dirname } from 'node:path';
 import { performance } from 'node:perf_hooks';
+import type { Writable } from 'node:stream';
 import { ShaleError } from '../../lib/errors.ts';
 import type { Clock, Connection, Disk, DiskFile, Env, HttpHandler, HttpResult, Listener, Net, OpenOptions, Random, Timer } from '../env.ts';
 import { formatAddress, parseAddress } from '../env.ts';
@@ -131,6 +133,18 @@ async function blockDeviceSize(handle: fs.FileHandle): Promise<number> {
   return low;
 }
 
+/**
+ * Allocates a file's blocks with util-linux `fallocate` (posix_fallocate has no binding in
+ * Node.js): mode 0 keeps what is written and turns holes into allocated, unwritten extents,
+ * instantly on ext4 and xfs. Where it fails (a file system without fallocate, no util-linux), the
+ * file stays sparse; nothing else changes.
+ */
+function preallocate(path: string, sizeBytes: number): Promise<boolean> {
+  return new Promise((resolve) => {
+    execFile('fallocate', ['--length', String(sizeBytes), path], (error) => resolve(!error));
+  });
+}
+
 export const nodeDisk: Disk = {
   async open(path: string, options: OpenOptions = {}): Promise<DiskFile> {
     const flags = options.readOnly
@@ -149,6 +163,7 @@ export const nodeDisk: Disk = {
     if (stat.isFile() && options.sizeBytes !== undefined && sizeBytes < options.sizeBytes && !options.readOnly) {
       await handle.truncate(options.sizeBytes);
       sizeBytes = options.sizeBytes;
+      if (options.preallocate) await preallocate(path, options.sizeBytes);
     }
     return new NodeDiskFile(path, handle, sizeBytes);
   },
@@ -199,6 +214,30 @@ export const nodeDisk: Disk = {
   },
 };
 
+/**
+ * Writes the buffers to a stream as one vectored write (corked); `onWritten` rides on the last
+ * buffer, whose callback comes after every earlier one's (or on an error or destroy). No stream
+ * (closed): nothing is written and `onWritten` runs at once, as nothing holds the buffers.
+ */
+export function writeToStream(stream: Writable | undefined, data: Buffer | readonly Buffer[], onWritten?: () => void): boolean {
+  const done = onWritten === undefined ? undefined : (): void => onWritten();
+  if (stream === undefined) {
+    done?.();
+    return false;
+  }
+  if (Buffer.isBuffer(data)) return stream.write(data, done);
+  if (data.length === 0) {
+    done?.();
+    return true;
+  }
+  if (data.length === 1) return stream.write(data[0]!, done);
+  stream.cork();
+  let ok = true;
+  for (let i = 0; i < data.length; i++) ok = stream.write(data[i]!, i === data.length - 1 ? done : undefined);
+  stream.uncork();
+  return ok;
+}
+
 class NodeConnection implements Connection {
   readonly remoteAddress: string;
   readonly #socket: net.Socket;
@@ -219,15 +258,8 @@ class NodeConnection implements Connection {
     return this.#closed || this.#socket.destroyed;
   }
 
-  write(data: Buffer | readonly Buffer[]): boolean {
-    if (this.closed) return false;
-    if (Buffer.isBuffer(data)) return this.#socket.write(data);
-    if (data.length === 1) return this.#socket.write(data[0]!);
-    this.#socket.cork();
-    let ok = true;
-    for (const buffer of data) ok = this.#socket.write(buffer);
-    this.#socket.uncork();
-    return ok;
+  write(data: Buffer | readonly Buffer[], onWritten?: () => void): boolean {
+    return writeToStream(this.closed ? undefined : this.#socket, data, onWritten);
   }
 
   onData(listener: (chunk: Buffer) => void): void {

@@ -53,8 +53,13 @@ export interface CheckpointState {
 }
 
 class ImageWriter {
-  buffer = Buffer.allocUnsafe(64 * 1024);
+  buffer: Buffer;
   at = 0;
+
+  /** `sizeHint`: the expected image size; a good hint means one allocation, no doubling and copying. */
+  constructor(sizeHint = 64 * 1024) {
+    this.buffer = Buffer.allocUnsafe(Math.max(64 * 1024, Math.ceil(sizeHint)));
+  }
 
   ensure(bytes: number): void {
     if (this.at + bytes <= this.buffer.length) return;
@@ -184,9 +189,9 @@ const VOLUME_PURGE = 2;
 const VOLUME_SNAPSHOTS = 4;
 
 /** Serialises the state (synchronously: the caller holds the writer, so nothing changes meanwhile). */
-export function encodeImage(state: CheckpointState): Buffer {
+export function encodeImage(state: CheckpointState, sizeHint?: number): Buffer {
   if (!little) throw new Error('checkpoint images are written from little-endian typed arrays');
-  const writer = new ImageWriter();
+  const writer = new ImageWriter(sizeHint);
   const segmentCount = state.segments.generation.length;
   writer.bytes(IMAGE_MAGIC);
   writer.u32(IMAGE_VERSION);

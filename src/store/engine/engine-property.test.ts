@@ -45,3 +45,17 @@ test('property: interleaved writes, zeroes, flushes, compactions, checkpoints, s
     },
   );
 });
+
+// The same workloads with the background compactor on: it picks victims, reads them outside the
+// writer and interleaves copies with the commands' writes, snapshots, checkpoints and crashes.
+test('property: the same with background compaction running under the workload', async () => {
+  await fc.assert(
+    fc.asyncProperty(fc.integer({ min: 1, max: 2 ** 31 - 1 }), fc.array(command, { minLength: 1, maxLength: 150, size: 'max' }), async (seed, commands) => {
+      await runEngineCommands(seed, commands, 8, true);
+    }),
+    {
+      numRuns: Number(process.env.SHALE_PROPERTY_RUNS ?? 200),
+      endOnFailure: process.env.SHALE_PROPERTY_SHRINK === undefined,
+    },
+  );
+});

@@ -39,8 +39,14 @@
  *   crcs, so damage stays detectable and is never laundered.
  * - Free segments are held back in tiers: clients' data and key-value puts get NO_SPACE while only
  *   `reserveSegments` plus the next checkpoint's share are free; tombstones (TRIM frees space),
- *   FENCE, PURGE and SNAPSHOTS may use half of `reserveSegments`; compaction copies and DROPs all
- *   of it; only a checkpoint takes its own share. So compaction and checkpoints always have room.
+ *   FENCE, PURGE, SNAPSHOTS and the background compactor's copies may use half of
+ *   `reserveSegments`; the foreground compaction's copies and DROPs all of it; only a checkpoint
+ *   takes its own share. A victim's live records fit in one segment, so the foreground compaction
+ *   can always empty one, and the checkpoint that frees it always has room.
+ * - Compaction runs in the background under load too (a compactor reads victims outside the
+ *   writer; the writer interleaves their copies with client batches, a bounded amount per batch),
+ *   and in the foreground when a client finds no room: that client compacts until progress is
+ *   made before it is refused with NO_SPACE.
  * - Tombstones are dropped by compaction (a DROP record, so replay agrees) only when nothing older
  *   of the block is kept, no known live snapshot reads them, and the volume keeps no tombstones (a
  *   clone, told through setSnapshots, reads through its absent blocks to a parent).
@@ -90,6 +96,7 @@
  * rule, not by arrival; a write and a read in flight together may see either.
  */
 import { assert } from '../../lib/assert.ts';
+import { readBuffers } from '../../lib/buffer-pool.ts';
 import { crc32c, ZERO_BLOCK_CRC } from '../../lib/crc32c.ts';
 import { ShaleError } from '../../lib/errors.ts';
 import { BLOCK_SIZE_BYTES, GiB } from '../../lib/units.ts';
@@ -130,6 +137,8 @@ export const compactionIdleDelayMsDefault = 200;
  * lifted (clients would otherwise soon wait for a foreground compaction, which is worse).
  */
 export const compactionBatchBlocksMax = 256;
+/** The background compactor syncs once this many emptied segments wait for a sync (sooner when short of room). */
+export const compactorSyncSegments = 4;
 /** Segments a client that hit the wall waits for compaction to copy before it gets NO_SPACE. */
 export const makeSpaceCompactionsMax = 8;
 /** A checkpoint is written after this much log (or `checkpointImageFactor` × the last image, if more). */
@@ -141,6 +150,8 @@ export const queueSegmentsDefault = 32;
 export const queueBytesDefault = 2 * GiB;
 /** Batch sequences a root leases to this instance. */
 export const sequenceLeaseBatchesDefault = 2 ** 20;
+/** Segment headers read at once when open scans every segment after finding a damaged root. */
+export const fallbackScanParallel = 64;
 /** Bytes in flight while scrubbing. */
 export const scrubReadBytesMax = 4 * 1024 * 1024;
 /** Bad blocks a scrub report lists (it counts them all). */
@@ -296,6 +307,8 @@ export interface EngineStats {
   batchesWritten: number;
   syncs: number;
   checkpointsWritten: number;
+  /** Checkpoints that found no room for their image: the tiers of free segments should keep this 0. */
+  checkpointsStarved: number;
   lastCheckpointImageBytes: number;
   rootsWritten: number;
   logBytesSinceCheckpoint: number;
@@ -318,6 +331,12 @@ export interface ReplayReport {
   imageBytes: number;
   /** Segment headers read to find what was opened after the checkpoint. */
   headersRead: number;
+  /**
+   * The other root slot held a damaged (or torn) root: open used the valid one and read the header
+   * of every segment, to replay those a lost newer root had opened (`segmentsFoundByScan`).
+   */
+  rootFallback: boolean;
+  segmentsFoundByScan: number;
   segmentsScanned: number;
   bytesRead: number;
   batchesApplied: number;
@@ -384,6 +403,8 @@ export interface FormatOptions {
   segmentSizeBytes?: number;
   /** Format even if the disk already holds a Shale superblock. */
   overwrite?: boolean;
+  /** A file created or extended to sizeBytes gets its blocks allocated (fallocate) instead of staying sparse. */
+  preallocate?: boolean;
 }
 
 export interface EngineOpenOptions {
@@ -391,11 +412,11 @@ export interface EngineOpenOptions {
   clusterId?: string;
   /** Free segments clients cannot take (≥ 1), besides those kept for the next checkpoint. Default 2. */
   reserveSegments?: number;
-  /** Background compaction runs when fewer segments than this are free. Default max(reserve + 2, 10 %). */
+  /** Background compaction runs (under load too) while fewer segments than this are free or emptied. Default max(reserve + 3, 10 %). */
   compactionFreeSegmentsMin?: number;
   /** Default true. */
   backgroundCompaction?: boolean;
-  /** Idle time before background compaction starts. Default 200 ms. */
+  /** An idle engine still short of free segments restarts the background compactor after this long. Default 200 ms. */
   compactionIdleDelayMs?: number;
   /** Log bytes between checkpoints (restart replays at most about this much). Default 1 GiB. */
   checkpointIntervalBytes?: number;
@@ -432,7 +453,7 @@ interface PendingOp {
   flags: number;
   /** DATA: blocks already handed to a batch. */
   placedBlocks: number;
-  /** How much of the reserve the op may use: Tier.CLIENT none, Tier.META half, Tier.COMPACTION all. */
+  /** How much of the reserve the op may use: Tier.CLIENT none, Tier.META and BACKGROUND half, Tier.COMPACTION all. */
   tier: number;
   appliedBlocks: number;
   skippedBlocks: number;
@@ -509,8 +530,15 @@ const Tier = {
   CLIENT: 0,
   /** Tombstones (a TRIM frees space), FENCE, PURGE, SNAPSHOTS: half the reserve. */
   META: 1,
-  /** Compaction copies and DROPs: all of it. */
+  /** Compaction copies and DROPs made for a client that hit the wall: all of it. */
   COMPACTION: 2,
+  /**
+   * The background compactor's copies: half the reserve, like tombstones (so an idle engine pulls
+   * a full disk back above the clients' limit). The rest is for the foreground compaction that
+   * must succeed when clients are out of room: one segment holds any victim's live records.
+   * Background copies that find no room are dropped (their victim stays as it was).
+   */
+  BACKGROUND: 3,
 } as const;
 
 const FORM_IDLE = 0;
@@ -659,6 +687,8 @@ export class StoreEngine {
   /** Upper bound of how much the image grew since the last snapshot. */
   #imageGrowthBytes = 0;
   #checkpointsWritten = 0;
+  /** Checkpoints that found no room for their image (the reserve should make this never happen). */
+  #checkpointsStarved = 0;
   #rootsWritten = 0;
 
   readonly #index = new BlockIndex();
@@ -691,6 +721,8 @@ export class StoreEngine {
   /** The background compactor's run (at most one), its victim and its read buffer. */
   #compactor: Promise<void> | undefined;
   #compactorVictim = -1;
+  /** Per segment: background compactions in a row whose copies were written yet left it not empty. */
+  readonly #compactorMisses: Uint8Array;
   #compactorBuffer: Buffer | undefined;
   #backgroundCompactedSegments = 0;
   #foregroundCompactions = 0;
@@ -737,6 +769,7 @@ export class StoreEngine {
     this.#damaged = new Uint8Array(count);
     this.#queued = new Uint8Array(count);
     this.#since = new Uint8Array(count);
+    this.#compactorMisses = new Uint8Array(count);
   }
 
   // -------------------------------------------------------------------------------------------
@@ -785,7 +818,7 @@ export class StoreEngine {
       await probe.close();
     }
 
-    const file = await env.disk.open(path, { create: true, sizeBytes });
+    const file = await env.disk.open(path, { create: true, sizeBytes, preallocate: options.preallocate });
     try {
       if (file.sizeBytes < sizeBytes) throw invalid(`${path} holds only ${file.sizeBytes} bytes, less than sizeBytes ${sizeBytes}`);
       const superblock: Superblock = {
@@ -1229,7 +1262,8 @@ export class StoreEngine {
         throw new ShaleError('NOT_FOUND', `snapshot ${snapshotId} of volume ${volumeId} was deleted`, { volumeId, snapshotId });
       }
     }
-    const data = Buffer.allocUnsafe(countBlocks * BLOCK_SIZE_BYTES);
+    // From the read pool: the NBD gateway gives it back once the reply carrying it is written.
+    const data = readBuffers.take(countBlocks * BLOCK_SIZE_BYTES);
     const checksums = new Uint32Array(countBlocks);
     const states = new Uint8Array(countBlocks);
     const epochs = new Uint32Array(countBlocks);
@@ -1288,6 +1322,50 @@ export class StoreEngine {
     const table = this.#purged.has(volumeId) ? undefined : this.#index.get(volumeId, chunkIndex);
     if (table) for (let i = 0; i < countBlocks; i++) states[i] = table.stateAt(offsetBlocks + i);
     return states;
+  }
+
+  /**
+   * State and version of each block of the range as a read would see them — at the head, or at
+   * snapshot `snapshotId` (the newest version stamped below it) — from the index alone, no I/O.
+   * For block status and diffs of snapshots. Errors: as read (NOT_FOUND for a deleted snapshot).
+   */
+  blockVersionsAt(volumeId: number, chunkIndex: number, offsetBlocks: number, countBlocks: number, snapshotId?: number): { states: Uint8Array; epochs: Uint32Array; seqs: Float64Array; stamps: Float64Array } {
+    checkVolumeId(volumeId);
+    checkU32('chunkIndex', chunkIndex);
+    checkBlockRange(offsetBlocks, countBlocks);
+    if (snapshotId !== undefined) {
+      checkSafe('snapshotId', snapshotId);
+      const set = this.#snapshots.get(volumeId);
+      if (set && snapshotId <= set.knownSeq && upperBound(set.ids, snapshotId - 1) === upperBound(set.ids, snapshotId)) {
+        throw new ShaleError('NOT_FOUND', `snapshot ${snapshotId} of volume ${volumeId} was deleted`, { volumeId, snapshotId });
+      }
+    }
+    const states = new Uint8Array(countBlocks);
+    const epochs = new Uint32Array(countBlocks);
+    const seqs = new Float64Array(countBlocks);
+    const stamps = new Float64Array(countBlocks);
+    const table = this.#purged.has(volumeId) ? undefined : this.#index.get(volumeId, chunkIndex);
+    if (!table) return { states, epochs, seqs, stamps };
+    for (let i = 0; i < countBlocks; i++) {
+      const block = offsetBlocks + i;
+      if (table.stateAt(block) === BlockState.ABSENT) continue;
+      if (snapshotId === undefined || table.stampAt(block) < snapshotId) {
+        states[i] = table.stateAt(block);
+        epochs[i] = table.epochAt(block);
+        seqs[i] = table.seqAt(block);
+        stamps[i] = table.stampAt(block);
+        continue;
+      }
+      for (let entry = table.firstHistory(block); entry >= 0; entry = table.hNext[entry]!) {
+        if (table.entryStamp(entry) >= snapshotId) continue;
+        states[i] = table.entryKind(entry);
+        epochs[i] = table.entryEpoch(entry);
+        seqs[i] = table.entrySeq(entry);
+        stamps[i] = table.entryStamp(entry);
+        break;
+      }
+    }
+    return { states, epochs, seqs, stamps };
   }
 
   /** Every object holding at least one block (data or tombstone). Safe to interleave with writes. */
@@ -1349,6 +1427,7 @@ export class StoreEngine {
       batchesWritten: this.#batchesWritten,
       syncs: this.#syncs,
       checkpointsWritten: this.#checkpointsWritten,
+      checkpointsStarved: this.#checkpointsStarved,
       lastCheckpointImageBytes: this.#lastImageBytes,
       rootsWritten: this.#rootsWritten,
       logBytesSinceCheckpoint: this.#logBytesSinceCheckpoint,
@@ -1524,8 +1603,8 @@ export class StoreEngine {
       this.#writerRunning = false;
     }
     if (this.#broken) this.#rejectQueued(this.#broken);
-    // Work may have arrived while the last (empty) turn was settling.
-    if (!this.#broken && (this.#tasks.length > 0 || !this.#queue_.isEmpty)) {
+    // Work may have arrived while the last (empty) turn was settling (the background compactor's copies too).
+    if (!this.#broken && (this.#tasks.length > 0 || !this.#queue_.isEmpty || !this.#compactionQueue.isEmpty)) {
       this.#pump();
       return;
     }
@@ -1595,7 +1674,10 @@ export class StoreEngine {
 
   #backgroundCheckpoint(): void {
     this.#startCheckpoint().catch((error: unknown) => {
-      if (error instanceof ShaleError && error.code === 'NO_SPACE') this.#checkpointStarved = true;
+      if (error instanceof ShaleError && error.code === 'NO_SPACE') {
+        this.#checkpointStarved = true;
+        this.#checkpointsStarved++;
+      }
       else this.#setBroken(toDiskError(error, 'checkpoint'));
     });
   }
@@ -1732,7 +1814,7 @@ export class StoreEngine {
   }
 
   #mayOpenSegment(tier: number): 'ok' | 'no-space' | 'need-root' | 'pinned' {
-    const reserve = tier === Tier.CLIENT ? this.#reserveSegments : tier === Tier.META ? Math.floor(this.#reserveSegments / 2) : 0;
+    const reserve = tier === Tier.CLIENT ? this.#reserveSegments : tier === Tier.META || tier === Tier.BACKGROUND ? Math.floor(this.#reserveSegments / 2) : 0;
     const keep = this.#checkpointReserveSegments() + reserve;
     if (this.#freeCount <= keep) return 'no-space';
     if (this.#pickQueued() >= 0) return 'ok';
@@ -1764,6 +1846,7 @@ export class StoreEngine {
     this.#generation[segment] = entry.generation;
     this.#firstSequence[segment] = firstSequence;
     this.#damaged[segment] = 0;
+    this.#compactorMisses[segment] = 0;
     // Refill at half, with a useful number of segments at once (each root costs a sync), or when nearly empty.
     if (this.#queue.length < this.#queueSegments / 2) {
       const unplanned = this.#unqueuedFree(Math.ceil(this.#queueSegments / 4));
@@ -1816,7 +1899,7 @@ export class StoreEngine {
         op.seq, op.snapSeq, op.flags, op.payload, headerLocation, dataLocation + piece.dataIndexBlocks, op.checksums, piece.firstBlock);
       op.appliedBlocks += applied;
       op.skippedBlocks += piece.countBlocks - Math.min(applied, piece.countBlocks);
-      if (op.tier !== Tier.COMPACTION) this.#clientRecordsWritten++;
+      if (op.tier !== Tier.COMPACTION && op.tier !== Tier.BACKGROUND) this.#clientRecordsWritten++;
       if (piece.last) op.resolve?.({ appliedBlocks: op.appliedBlocks, skippedBlocks: op.skippedBlocks });
     }
   }
@@ -2070,7 +2153,9 @@ export class StoreEngine {
     // At close nothing follows: seal the open segment so the next open replays nothing.
     if (this.#closing) this.#sealOpenSegment();
     const sequence = this.#lastWrittenSequence;
-    const image = encodeImage(this.#checkpointState(sequence));
+    // Sized from the last image and what was added since (an upper bound): the image is built in one
+    // buffer of about its size, not by doubling — a large transient allocation the allocator keeps.
+    const image = encodeImage(this.#checkpointState(sequence), (this.#lastImageBytes + this.#imageGrowthBytes) * 1.05 + 64 * 1024);
     const perSegment = imageBytesPerSegment(this.#segmentSizeBytes);
     const count = Math.max(1, Math.ceil(image.length / perSegment));
     for (let attempt = 0; attempt < 2 && this.#usableQueued() < count; attempt++) await this.#writeRoot();
@@ -2501,7 +2586,7 @@ export class StoreEngine {
 
   async #load(): Promise<void> {
     const startMs = this.#env.clock.nowMs();
-    const root = await this.#readRoot();
+    const { root, fallback } = await this.#readRoot();
     this.#replaying = true;
     let imageBytesRead = 0;
     if (root.imageBytes > 0) {
@@ -2524,7 +2609,7 @@ export class StoreEngine {
     this.#checkpoint = { sequence: root.checkpointSequence, imageBytes: root.imageBytes, imageCrc: root.imageCrc, segments: root.checkpointSegments };
     this.#lastImageBytes = root.imageBytes;
     this.#recountLive();
-    const report = await this.#replay(root);
+    const report = await this.#replay(root, fallback);
     report.imageBytes = imageBytesRead;
     this.#replaying = false;
 
@@ -2564,27 +2649,35 @@ export class StoreEngine {
     }
   }
 
-  async #readRoot(): Promise<Root> {
+  /** The newest valid root; `fallback` if the other slot holds something that is not a valid root (damaged or torn) rather than nothing. */
+  async #readRoot(): Promise<{ root: Root; fallback: boolean }> {
     const slotBytes = this.#superblock.rootSlotSizeBytes;
     let best: Root | undefined;
+    let invalid = 0;
     for (let slot = 0; slot < ROOT_SLOTS; slot++) {
       const offset = this.#superblock.rootSlotOffsetBytes + slot * slotBytes;
       const first = Buffer.alloc(BLOCK_SIZE_BYTES);
       await this.#file.read(first, offset);
       const length = rootLength(first);
-      if (length === undefined || length > slotBytes) continue;
+      const root = length === undefined || length > slotBytes ? undefined : await this.#decodeRootSlot(first, slot, length, offset);
+      if (root && (!best || root.rootSequence > best.rootSequence)) best = root;
+      if (!root && first.some((byte) => byte !== 0)) invalid++;
+    }
+    if (!best) {
+      throw new ShaleError('CHECKSUM', `${this.#file.path}: neither checkpoint root slot is valid; the disk's metadata needs repair`, { metadata: true });
+    }
+    return { root: best, fallback: invalid > 0 };
+  }
+
+  async #decodeRootSlot(first: Buffer, slot: number, length: number, offset: number): Promise<Root | undefined> {
+    {
       let buffer = first;
       if (length > BLOCK_SIZE_BYTES) {
         buffer = Buffer.alloc(Math.ceil(length / BLOCK_SIZE_BYTES) * BLOCK_SIZE_BYTES);
         await this.#file.read(buffer, offset);
       }
-      const root = decodeRoot(buffer, slot, this.#formatId, this.#segmentCount, this.#blocksPerSegment);
-      if (root && (!best || root.rootSequence > best.rootSequence)) best = root;
+      return decodeRoot(buffer, slot, this.#formatId, this.#segmentCount, this.#blocksPerSegment);
     }
-    if (!best) {
-      throw new ShaleError('CHECKSUM', `${this.#file.path}: neither checkpoint root slot is valid; the disk's metadata needs repair`, { metadata: true });
-    }
-    return best;
   }
 
   async #readImage(root: Root): Promise<Buffer> {
@@ -2660,9 +2753,10 @@ export class StoreEngine {
    * as used. Batches above the checkpoint's sequence are applied in sequence order; the torn /
    * corrupt decision needs every durability claim first.
    */
-  async #replay(root: Root): Promise<ReplayReport> {
+  async #replay(root: Root, fallback: boolean): Promise<ReplayReport> {
     const report: ReplayReport = {
-      rootSequence: root.rootSequence, checkpointSequence: root.checkpointSequence, imageBytes: root.imageBytes, headersRead: 0, segmentsScanned: 0,
+      rootSequence: root.rootSequence, checkpointSequence: root.checkpointSequence, imageBytes: root.imageBytes, headersRead: 0,
+      rootFallback: fallback, segmentsFoundByScan: 0, segmentsScanned: 0,
       bytesRead: 0, batchesApplied: 0, staleBatches: 0, tornBatches: 0, corruptBatches: 0, corruptBlocks: 0, damagedHeaders: 0, lostBlocks: 0,
       nextSequence: 0, durationMs: 0,
     };
@@ -2688,6 +2782,33 @@ export class StoreEngine {
       }
       if (header && header.generation === entry.generation && header.kind === SegmentKind.LOG) opened.push({ entry, header });
     });
+    if (fallback) {
+      // The newest root may be the damaged one: a segment it planned and opened is listed nowhere
+      // here, but its header shows a generation above any this root and image know of. Replay
+      // those too (in the order they were opened), so nothing written under the lost root is lost.
+      const listed = new Set([...root.logSegments, ...root.checkpointSegments].map((entry) => entry.segment));
+      const found: { entry: RootEntry; header: SegmentHeader }[] = [];
+      const unlisted = Array.from({ length: this.#segmentCount }, (_, s) => s).filter((s) => !listed.has(s));
+      for (let at = 0; at < unlisted.length; at += fallbackScanParallel) {
+        const group = unlisted.slice(at, at + fallbackScanParallel);
+        const groupHeaders = await Promise.all(group.map(async (segment) => {
+          const buffer = Buffer.alloc(headerBytes);
+          await this.#file.read(buffer, this.#segmentOffsetBytes(segment));
+          return decodeSegmentHeaders(buffer, segment, this.#formatId);
+        }));
+        report.headersRead += group.length;
+        report.bytesRead += group.length * headerBytes;
+        group.forEach((segment, i) => {
+          const header = groupHeaders[i];
+          if (!header || header.kind !== SegmentKind.LOG || header.generation <= this.#generationMax[segment]!) return;
+          this.#generationMax[segment] = header.generation;
+          found.push({ entry: { segment, startBlocks: SEGMENT_HEADER_BLOCKS, generation: header.generation }, header });
+        });
+      }
+      found.sort((a, b) => a.header.firstSequence - b.header.firstSequence);
+      opened.push(...found);
+      report.segmentsFoundByScan = found.length;
+    }
     const collected: { batch: DecodedBatch; segment: number; header: SegmentHeader; badBlocks: number[] }[] = [];
     const gaps: { segment: number; sequence: number }[] = [];
     const buffer = Buffer.alloc(this.#segmentSizeBytes);
@@ -2856,6 +2977,7 @@ export class StoreEngine {
       } catch (error) {
         if (!(error instanceof ShaleError && error.code === 'NO_SPACE')) throw error;
         this.#checkpointStarved = true;
+        this.#checkpointsStarved++;
       }
     }
     return this.#freeCount > before;
@@ -2931,11 +3053,16 @@ export class StoreEngine {
 
   async #runCompactor(): Promise<void> {
     let failures = 0;
-    while (this.#freeCount < this.#compactionFreeSegmentsMin && !this.#closing && !this.#broken && failures < 3) {
+    // Emptied victims count as free here: the next sync (ours, or any flush or root) frees them.
+    while (this.#freeCount + this.#pendingFreeCount - this.#pendingSinceCount < this.#compactionFreeSegmentsMin && !this.#closing && !this.#broken && failures < 3) {
       const victim = this.#pickVictim(true);
       if (victim < 0) return;
       if (await this.#compactInBackground(victim)) failures = 0;
       else failures++;
+    }
+    // Done for now: one sync frees the victims still waiting for one.
+    if (!this.#broken && this.#pendingFreeCount > this.#pendingSinceCount && this.#lastWrittenSequence > this.#durableSequence) {
+      await this.#syncUpTo(this.#lastWrittenSequence);
     }
   }
 
@@ -2963,7 +3090,9 @@ export class StoreEngine {
       this.#damaged[victim] = 1;
       return false;
     }
-    const ops = this.#queueCopies(victim, buffer, scan.batches);
+    // A foreground compaction owns the queue while it runs: try again later.
+    if (this.#compacting) return false;
+    const ops = this.#queueCopies(victim, buffer, scan.batches, Tier.BACKGROUND);
     if (ops.length > 0) {
       // Every copy settles: written (resolve), or dropped for lack of room or a broken engine (reject).
       let failed = false;
@@ -2978,9 +3107,23 @@ export class StoreEngine {
       await Promise.all(settled);
       if (failed) return false;
     }
-    if (this.#segmentState[victim] === SegmentState.SEALED) return false; // something is still live there (changed under the copy)
-    // The copies must be durable before the victim is reused (a sync next to the writer, not in its way).
-    if (this.#lastWrittenSequence > this.#durableSequence) await this.#syncUpTo(this.#lastWrittenSequence);
+    if (this.#segmentState[victim] === SegmentState.SEALED) {
+      // Something is still live there: it changed under the copy (a snapshot appeared), or a live
+      // record lies in a batch the scan cannot read. The third time, give the segment up as the
+      // foreground compaction does, rather than reread it after every batch.
+      this.#compactorMisses[victim]!++;
+      if (this.#compactorMisses[victim]! >= 3) this.#damaged[victim] = 1;
+      return false;
+    }
+    this.#compactorMisses[victim] = 0;
+    // The copies must be durable before the victim is reused: it stays PENDING_FREE until a sync.
+    // One sync per few victims (each fdatasync also writes back every dirty page of the disk),
+    // at once when free segments run short.
+    const waitingForSync = this.#pendingFreeCount - this.#pendingSinceCount;
+    const short = this.#freeCount <= this.#checkpointReserveSegments() + this.#reserveSegments + 2;
+    if ((short || waitingForSync >= compactorSyncSegments) && this.#lastWrittenSequence > this.#durableSequence) {
+      await this.#syncUpTo(this.#lastWrittenSequence);
+    }
     this.#compactedSegments++;
     this.#backgroundCompactedSegments++;
     return true;
@@ -2993,6 +3136,8 @@ export class StoreEngine {
    */
   async #compactSegment(victim: number): Promise<boolean> {
     assert(this.#segmentState[victim] === SegmentState.SEALED, 'compaction victim is not sealed');
+    // Background copies still queued may not use the reserve this compaction needs: drop them.
+    this.#dropCompactionQueue();
     this.#compacting = true;
     try {
       for (let round = 0; round < 3; round++) {
@@ -3035,7 +3180,7 @@ export class StoreEngine {
   }
 
   /** Queues copies (and drops) of every live record of the victim's batches; returns them. */
-  #queueCopies(victim: number, buffer: Buffer, batches: readonly DecodedBatch[]): PendingOp[] {
+  #queueCopies(victim: number, buffer: Buffer, batches: readonly DecodedBatch[], tier: number = Tier.COMPACTION): PendingOp[] {
     const base = victim * this.#blocksPerSegment;
     const queued: PendingOp[] = [];
     const push = (op: PendingOp): void => {
@@ -3062,7 +3207,7 @@ export class StoreEngine {
                 const from = dataStartBytes + (record.dataIndexBlocks + runStart) * BLOCK_SIZE_BYTES;
                 push(newOp(RecordKind.DATA, record.volumeId, record.chunkIndex, record.offsetBlocks + runStart, i - runStart,
                   record.epoch, record.seq, record.snapSeq, buffer.subarray(from, from + (i - runStart) * BLOCK_SIZE_BYTES),
-                  batch.checksums.slice(record.dataIndexBlocks + runStart, record.dataIndexBlocks + i), Tier.COMPACTION));
+                  batch.checksums.slice(record.dataIndexBlocks + runStart, record.dataIndexBlocks + i), tier));
                 runStart = -1;
               }
             }
@@ -3089,7 +3234,7 @@ export class StoreEngine {
                 if (runAction !== 0) {
                   const kind = runAction === 2 ? RecordKind.DROP : RecordKind.ZERO;
                   push(newOp(kind, record.volumeId, record.chunkIndex, record.offsetBlocks + runStart, i - runStart,
-                    record.epoch, record.seq, record.snapSeq, undefined, undefined, Tier.COMPACTION));
+                    record.epoch, record.seq, record.snapSeq, undefined, undefined, tier));
                 }
                 runStart = i;
                 runAction = action;
@@ -3099,18 +3244,18 @@ export class StoreEngine {
           }
           case RecordKind.FENCE:
             if (this.#fences.get(record.volumeId)?.location === headerLocation) {
-              push(newOp(RecordKind.FENCE, record.volumeId, 0, 0, 0, record.epoch, 0, 0, undefined, undefined, Tier.COMPACTION));
+              push(newOp(RecordKind.FENCE, record.volumeId, 0, 0, 0, record.epoch, 0, 0, undefined, undefined, tier));
             }
             break;
           case RecordKind.PURGE:
             if (this.#purged.get(record.volumeId) === headerLocation) {
-              push(newOp(RecordKind.PURGE, record.volumeId, 0, 0, 0, 0, 0, 0, undefined, undefined, Tier.COMPACTION));
+              push(newOp(RecordKind.PURGE, record.volumeId, 0, 0, 0, 0, 0, 0, undefined, undefined, tier));
             }
             break;
           case RecordKind.SNAPSHOTS: {
             const set = this.#snapshots.get(record.volumeId);
             if (set && set.location === headerLocation && set.version === record.seq) {
-              const op = newOp(RecordKind.SNAPSHOTS, record.volumeId, 0, 0, 0, 0, record.seq, record.snapSeq, undefined, undefined, Tier.COMPACTION);
+              const op = newOp(RecordKind.SNAPSHOTS, record.volumeId, 0, 0, 0, 0, record.seq, record.snapSeq, undefined, undefined, tier);
               op.payload = record.payload;
               op.flags = record.flags ?? 0;
               push(op);
@@ -3125,7 +3270,7 @@ export class StoreEngine {
             const entry = purged ? undefined : this.#kv.get(record.volumeId)?.entries.get(key);
             if (entry && entry.location === headerLocation && entry.epoch === record.epoch && entry.seq === record.seq &&
               (entry.value === undefined) === (record.kind === RecordKind.KV_DELETE)) {
-              const op = newOp(record.kind, record.volumeId, 0, 0, 0, record.epoch, record.seq, 0, undefined, undefined, Tier.COMPACTION);
+              const op = newOp(record.kind, record.volumeId, 0, 0, 0, record.epoch, record.seq, 0, undefined, undefined, tier);
               op.payload = record.payload;
               push(op);
             }

@@ -300,13 +300,14 @@ export type EngineCommand =
  * Runs a command sequence against an engine on a fresh simulated disk (seeded) and checks it
  * against a VersionModel — heads and every live snapshot — after every crash and settle; throws
  * on the first difference. Snapshots are created and deleted through setSnapshots (durable), and
- * every later write to the volume carries the new snap sequence as its stamp.
+ * every later write to the volume carries the new snap sequence as its stamp. With
+ * `backgroundCompaction`, the compactor also runs on its own between (and under) the commands.
  */
-export async function runEngineCommands(seed: number, commands: readonly EngineCommand[], segments = 8): Promise<void> {
+export async function runEngineCommands(seed: number, commands: readonly EngineCommand[], segments = 8, backgroundCompaction = false): Promise<void> {
   const env = simEnv(seed);
   await StoreEngine.format(env, COMMANDS_PATH, { sizeBytes: METADATA_AREA_BYTES + segments * 64 * KiB, clusterId: 'p', segmentSizeBytes: 64 * KiB });
   const open = async () => {
-    const engine = await StoreEngine.open(env, COMMANDS_PATH, { backgroundCompaction: false, checkpointIntervalBytes: 256 * KiB });
+    const engine = await StoreEngine.open(env, COMMANDS_PATH, { backgroundCompaction, checkpointIntervalBytes: 256 * KiB });
     const report = engine.replayReport;
     if (report.corruptBatches > 0 || report.damagedHeaders > 0 || report.lostBlocks > 0) {
       throw new Error(`seed ${seed}: a crash looks like corruption: ${JSON.stringify(report)}`);
