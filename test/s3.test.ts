@@ -95,7 +95,11 @@ describe('S3 gateway of shale up, with real clients', () => {
 
   test('buckets: create with name rules, head, list, location, not-empty delete, other accounts refused', async () => {
     await alice.send(new CreateBucketCommand({ Bucket: 'alpha' }));
-    assert.equal((await errorOf(alice.send(new CreateBucketCommand({ Bucket: 'alpha' })))).name, 'BucketAlreadyOwnedByYou');
+    await alice.send(new PutObjectCommand({ Bucket: 'alpha', Key: 'survives', Body: 'kept' }));
+    // Creating one's own bucket again succeeds and changes nothing (S3 in us-east-1).
+    await alice.send(new CreateBucketCommand({ Bucket: 'alpha' }));
+    assert.equal(await (await alice.send(new GetObjectCommand({ Bucket: 'alpha', Key: 'survives' }))).Body!.transformToString(), 'kept');
+    await alice.send(new DeleteObjectCommand({ Bucket: 'alpha', Key: 'survives' }));
     assert.deepEqual(await errorOf(bob.send(new CreateBucketCommand({ Bucket: 'alpha' }))), { name: 'BucketAlreadyExists', status: 409 });
     assert.equal((await errorOf(alice.send(new CreateBucketCommand({ Bucket: 'Bad_Name' })))).status, 400);
     assert.equal((await errorOf(alice.send(new CreateBucketCommand({ Bucket: '192.168.1.1' })))).name, 'InvalidBucketName');

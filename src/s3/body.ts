@@ -71,7 +71,9 @@ function header(request: IncomingMessage, name: string): string | undefined {
  * Reads the request body as decoded Buffers. `done()` (after the iteration ends) gives the
  * size, MD5 and verified checksum. `sizeBytesMax` bounds the decoded size (ENTITY_TOO_LARGE).
  */
-export function bodyStream(request: IncomingMessage, auth: AuthResult | undefined, sizeBytesMax: number): { chunks: AsyncGenerator<Buffer>; done(): BodyResult } {
+export function bodyStream(request: IncomingMessage, auth: AuthResult | undefined, sizeBytesMax: number, options: { objectChecksums?: boolean } = {}): { chunks: AsyncGenerator<Buffer>; done(): BodyResult } {
+  // On CompleteMultipartUpload the x-amz-checksum-* headers are the object's checksum, not the body's.
+  const objectChecksums = options.objectChecksums ?? true;
   const payloadHash = auth?.payloadHash ?? header(request, 'x-amz-content-sha256') ?? 'UNSIGNED-PAYLOAD';
   const chunked = payloadHash.startsWith('STREAMING-');
   const signedChunks = payloadHash.startsWith('STREAMING-AWS4-HMAC-SHA256-PAYLOAD');
@@ -98,7 +100,7 @@ export function bodyStream(request: IncomingMessage, auth: AuthResult | undefine
   // A checksum announced as a header, or named by x-amz-trailer / x-amz-sdk-checksum-algorithm.
   let checksum: Checksum | undefined;
   let expectedChecksum: string | undefined;
-  for (const algorithm of CHECKSUM_ALGORITHMS) {
+  for (const algorithm of objectChecksums ? CHECKSUM_ALGORITHMS : []) {
     const value = header(request, `x-amz-checksum-${algorithm}`);
     if (value !== undefined) {
       checksum = new Checksum(algorithm);

@@ -143,8 +143,8 @@ export async function startS3Gateway(env: Env, options: S3GatewayOptions): Promi
 
   /** Requests waiting for `100 Continue`: sent only once the request is authorized and its body wanted. */
   const continues = new WeakMap<IncomingMessage, ServerResponse>();
-  const readBody = (request: IncomingMessage, auth: AuthResult | undefined, sizeBytesMax: number): ReturnType<typeof bodyStream> => {
-    const body = bodyStream(request, auth, sizeBytesMax);
+  const readBody = (request: IncomingMessage, auth: AuthResult | undefined, sizeBytesMax: number, options: { objectChecksums?: boolean } = {}): ReturnType<typeof bodyStream> => {
+    const body = bodyStream(request, auth, sizeBytesMax, options);
     const response = continues.get(request);
     if (response) {
       continues.delete(request);
@@ -154,7 +154,7 @@ export async function startS3Gateway(env: Env, options: S3GatewayOptions): Promi
   };
 
   const readXml = async (request: IncomingMessage, auth: AuthResult | undefined): Promise<Record<string, unknown>> => {
-    const body = readBody(request, auth, XML_BODY_BYTES_MAX);
+    const body = readBody(request, auth, XML_BODY_BYTES_MAX, { objectChecksums: false });
     const parts: Buffer[] = [];
     for await (const data of body.chunks) parts.push(data);
     const text = Buffer.concat(parts).toString('utf8');
@@ -361,8 +361,13 @@ export async function startS3Gateway(env: Env, options: S3GatewayOptions): Promi
         if (/[A-Z_]/.test(bucketName) || bucketName.length < 3) throw new ShaleError('INVALID_BUCKET_NAME', `bucket name "${bucketName}" breaks the naming rules`);
         // The body (a location constraint) is read and ignored: there is one region.
         for await (const _ of readBody(request, auth, XML_BODY_BYTES_MAX).chunks);
-        const created = await conductor.call<Bucket>('POST', '/s3/buckets', { name: bucketName, account });
-        buckets.set(bucketName, { bucket: created, at: env.clock.nowMs() });
+        try {
+          const created = await conductor.call<Bucket>('POST', '/s3/buckets', { name: bucketName, account });
+          buckets.set(bucketName, { bucket: created, at: env.clock.nowMs() });
+        } catch (error) {
+          // Creating one's own bucket again succeeds and changes nothing, as S3 in us-east-1 answers.
+          if (!(error instanceof ShaleError && error.code === 'ALREADY_EXISTS' && region === 'us-east-1')) throw error;
+        }
         response.writeHead(200, { location: `/${bucketName}`, 'content-length': 0 });
         response.end();
         return;
@@ -642,7 +647,7 @@ export async function startS3Gateway(env: Env, options: S3GatewayOptions): Promi
           const rangeText = header(request, 'x-amz-copy-source-range');
           if (rangeText !== undefined) {
             const match = /^bytes=(\d+)-(\d+)$/.exec(rangeText);
-            if (!match || Number(match[2]) < Number(match[1]) || Number(match[2]) >= source.manifest.size) throw new ShaleError('OUT_OF_RANGE', `bad x-amz-copy-source-range ${rangeText}`);
+            if (!match || Number(match[2]) < Number(match[1]) || Number(match[2]) >= source.manifest.size) throw new ShaleError('INVALID_ARGUMENT', `bad x-amz-copy-source-range ${rangeText}`);
             start = Number(match[1]);
             end = Number(match[2]) + 1;
           }
