@@ -9,7 +9,7 @@
  */
 import type { IncomingMessage, ServerResponse } from 'node:http';
 import { XMLBuilder, XMLParser } from 'fast-xml-parser';
-import { createHash, randomBytes } from 'node:crypto';
+import { createHash } from 'node:crypto';
 import type { Env, Listener } from '../env/env.ts';
 import { ErrorCodes, ShaleError, codeOf, toShaleError } from '../lib/errors.ts';
 import type { ClusterClient } from '../client/cluster-client.ts';
@@ -774,7 +774,7 @@ export async function startS3Gateway(env: Env, options: S3GatewayOptions): Promi
   };
 
   let requestCounter = 0;
-  const gatewayTag = randomBytes(4).toString('hex').toUpperCase();
+  const gatewayTag = env.random.bytes(4).toString('hex').toUpperCase();
   const listener: Listener = await env.net.serveHttp(options.listen, (request, response) => {
     const resource = request.url ?? '/';
     response.setHeader('x-amz-request-id', `${gatewayTag}${(++requestCounter).toString(16).toUpperCase().padStart(8, '0')}`);

@@ -18,7 +18,7 @@
  *      grace period, so a GET already streaming it is not cut off; the intent is removed.
  * A crashed upload leaves an intent older than the grace period: the collector frees its data.
  */
-import { createHash, randomBytes } from 'node:crypto';
+import { createHash } from 'node:crypto';
 import { crc32c } from '../lib/crc32c.ts';
 import { ShaleError } from '../lib/errors.ts';
 import { BLOCK_SIZE_BYTES } from '../lib/units.ts';
@@ -372,7 +372,7 @@ export class ObjectStore {
   // ---- multipart -----------------------------------------------------------------------------
 
   async createUpload(bucket: BucketRef, record: Omit<UploadRecord, 'uploadId' | 'initiated'>): Promise<UploadRecord> {
-    const uploadId = `${randomBytes(16).toString('hex')}`;
+    const uploadId = this.#env.random.bytes(16).toString('hex');
     const full: UploadRecord = { ...record, uploadId, initiated: new Date(this.#env.clock.wallMs()).toISOString() };
     const name = `u${uploadId}`;
     await this.#client.kvPut(bucket.poolId, this.#bookShard(bucket, name), Buffer.from(name), json(full), this.version());
