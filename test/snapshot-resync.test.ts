@@ -158,4 +158,24 @@ describe('snapshots and resync', () => {
     assert.equal(returned.resyncer.snapshotVersionsCopied, 0, 'it had every version the snapshot needs');
     await volume.close();
   });
+
+  test('a store resyncing from holders whose copy of a snapshot is incomplete records its own copy incomplete', async () => {
+    assert.equal((await call('POST', '/volumes', { name: 'chain', size: MiB, chunkSize: '1M' })).status, 201);
+    const gateway = await client('gw-chain');
+    await waitFor('every replica clean', allClean(gateway), 60_000);
+    const volume = await gateway.openVolume('chain');
+    await volume.write(0, randomBytes(MiB));
+    const snap = await call('POST', '/volumes/chain/snapshots', { name: 'x' });
+    assert.equal(snap.body.state, 'live', JSON.stringify(snap.body));
+    await stores[0]!.snapshotGaps.mark(volume.info.id, snap.body.id, 'test');
+    await stores[1]!.snapshotGaps.mark(volume.info.id, snap.body.id, 'test');
+    await stores[2]!.close();
+    stores[2] = undefined;
+    await volume.write(0, randomBytes(MiB));
+    const returned = await startStore(2);
+    await waitFor('every replica clean again', allClean(gateway), 60_000);
+    assert.deepEqual(returned.snapshotGaps.list(), [[volume.info.id, snap.body.id]], 'it could not check its copy: recorded incomplete');
+    await assert.rejects(readSnapFrom(gateway, volume, returned.storeId, snap.body.id, 1), (error: unknown) => error instanceof ShaleError && error.code === 'NOT_READY');
+    await volume.close();
+  });
 });
