@@ -250,8 +250,8 @@ describe('shale admin verbs', () => {
 
     const disks = await shale(['disk', 'list']);
     assert.equal(disks.exitCode, 0, disks.stderr);
-    assert.match(disks.stdout, /^STORE +ADDRESS +STATE +DOMAIN +DISK +PATH +CAPACITY +USED +USE%$/m);
-    assert.match(disks.stdout, /^2 +127\.0\.0\.1:30002 +up +host-2 +disk-2 +\/d2 +64\.0 GiB +1\.0 GiB +1\.6%$/m);
+    assert.match(disks.stdout, /^STORE +ADDRESS +STATE +DOMAIN +DISK +PATH +CAPACITY +USED +USE% +LIVE$/m);
+    assert.match(disks.stdout, /^2 +127\.0\.0\.1:30002 +up +host-2 +disk-2 +\/d2 +64\.0 GiB +1\.0 GiB +1\.6% +-$/m);
     const disksJson = JSON.parse((await shale(['disk', 'list', '--json'])).stdout) as { disks: DiskInfo[] };
     assert.deepEqual(disksJson.disks.map((d) => d.uuid), ['disk-1', 'disk-2', 'disk-3']);
   });

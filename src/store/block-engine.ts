@@ -69,6 +69,11 @@ export interface BlockEngine {
   /** Per-block versions of every object whose volume is in `volumeIds` and which `filter` accepts. */
   listObjects(volumeIds: ReadonlySet<number>, filter: (volumeId: number, chunkIndex: number) => boolean): ObjectVersions[];
   stats(): EngineStats;
+  /** Small ordered key-value records per shard (engine.ts); the store keeps its own in STORE_INTERNAL_SHARD (snap-gaps.ts). */
+  kvPut(shardId: number, key: string, value: Buffer, version: BlockVersion, options?: { fua?: boolean }): Promise<{ applied: boolean }>;
+  kvDelete(shardId: number, key: string, version: BlockVersion, options?: { fua?: boolean }): Promise<{ applied: boolean }>;
+  kvGet(shardId: number, key: string): { key: Buffer; value: Buffer; version: BlockVersion } | undefined;
+  kvList(shardId: number, options?: { prefix?: string; startAfter?: string; limit?: number }): { key: Buffer; value: Buffer; version: BlockVersion }[];
   /** Reads every live block and checks its crc32c; reports bad ones (repair is the client's). */
   scrub(options?: { bytesPerSecondMax?: number }): Promise<ScrubReport>;
   close(): Promise<void>;

@@ -131,6 +131,22 @@ class LogEngineAdapter implements BlockEngine {
     return out;
   }
 
+  kvPut(shardId: number, key: string, value: Buffer, version: { epoch: number; seq: number }, options: { fua?: boolean } = {}): Promise<{ applied: boolean }> {
+    return this.#engine.kvPut(shardId, key, value, version, options);
+  }
+
+  kvDelete(shardId: number, key: string, version: { epoch: number; seq: number }, options: { fua?: boolean } = {}): Promise<{ applied: boolean }> {
+    return this.#engine.kvDelete(shardId, key, version, options);
+  }
+
+  kvGet(shardId: number, key: string): { key: Buffer; value: Buffer; version: { epoch: number; seq: number } } | undefined {
+    return this.#engine.kvGet(shardId, key);
+  }
+
+  kvList(shardId: number, options: { prefix?: string; startAfter?: string; limit?: number } = {}): { key: Buffer; value: Buffer; version: { epoch: number; seq: number } }[] {
+    return this.#engine.kvList(shardId, options);
+  }
+
   stats(): { capacityBytes: number; usedBytes: number; freeBytes: number; liveBytes: number } {
     return this.#engine.stats();
   }

@@ -28,12 +28,13 @@ import { BLOCK_SIZE_BYTES } from '../lib/units.ts';
 import type { ConductorClient } from '../proto/conductor-client.ts';
 import type { StoreChannel } from '../proto/store-channel.ts';
 import {
-  BlockState, compareVersions, decodeListReply, decodeReadReply, encodeVolumeIds, Flag, Op, type ListedObject,
+  BLOCKS_PER_REQUEST_MAX, BlockState, compareVersions, decodeBlockVersions, decodeListReply, decodeReadReply, encodeVolumeIds, Flag, Op, type ListedObject,
 } from '../proto/store-protocol.ts';
 import type { ClusterMap, PoolMapEntry } from '../conductor/api/types.ts';
 import type { BlockEngine } from './block-engine.ts';
 import { pgKey, type MapStoreView } from './store-view.ts';
 import { placementGroupOf } from '../lib/placement-hash.ts';
+import { isSnapshotGapError, type SnapshotGaps } from './snap-gaps.ts';
 
 /** Blocks copied per READ from the peer. */
 export const RESYNC_RUN_BLOCKS_MAX = 256;
@@ -65,6 +66,8 @@ export interface ResyncDeps {
   conductor: ConductorClient;
   channel: (address: string) => StoreChannel;
   log: (message: string) => void;
+  /** Where snapshots this store cannot serve correctly are recorded (none: snapshots are not checked). */
+  snapshotGaps?: SnapshotGaps;
 }
 
 export class Resyncer {
@@ -90,6 +93,10 @@ export class Resyncer {
   objectsResumed = 0;
   /** Divergent blocks rolled back to the clean replicas' content. */
   blocksRolledBack = 0;
+  /** Older versions copied in for live snapshots (a snapshot taken while this replica was away). */
+  snapshotVersionsCopied = 0;
+  /** (volume, snapshot) pairs found incomplete here and recorded (snap-gaps.ts). */
+  snapshotGapsFound = 0;
   readonly #volumePools = new Map<number, number>();
   #volumeFetch: Promise<void> | undefined;
 
@@ -357,11 +364,11 @@ export class Resyncer {
       const runs = skip ? [] : newerRuns(peerObject, local.get(`${peerObject.volumeId}:${peerObject.chunkIndex}`));
       if (skip) this.objectsResumed++;
       for (const run of runs) if (run.state === BlockState.DATA) pendingBytes += run.count * BLOCK_SIZE_BYTES;
-      return { peerObject, runs };
+      return { peerObject, runs, skip };
     });
     this.#pending.set(key, pendingBytes);
     await this.#rollBack(peerObjects, local, owners, channel, cleanAddresses, common);
-    for (const { peerObject, runs } of plans) {
+    for (const { peerObject, runs, skip } of plans) {
       for (const run of runs) {
         await this.#waitForRoom();
         // Client I/O first: a copy waits (up to 20 ms) while this store serves clients.
@@ -398,6 +405,10 @@ export class Resyncer {
         if (run.state === BlockState.DATA) this.#pending.set(key, Math.max(0, (this.#pending.get(key) ?? 0) - run.count * BLOCK_SIZE_BYTES));
         await this.#throttle(run.count * BLOCK_SIZE_BYTES);
       }
+      if (!skip) {
+        const mine = local.get(`${peerObject.volumeId}:${peerObject.chunkIndex}`);
+        await this.#checkSnapshots(channel, common, peerObject.volumeId, peerObject.chunkIndex, Math.max(peerObject.states.length, mine?.states.length ?? 0));
+      }
       if (runs.length > 0 && since > 0 && this.#deps.env.clock.nowMs() - this.#cursorWrittenMs >= CURSOR_PERSIST_INTERVAL_MS) {
         // Durable first: the cursor must never claim an object whose copy a crash could lose.
         await engine.flush();
@@ -406,9 +417,98 @@ export class Resyncer {
         await this.#persistCursor(true);
       }
     }
+    // Objects only this replica holds: a live snapshot must not read anything there the clean holder lacks.
+    const listed = new Set(peerObjects.map((object) => `${object.volumeId}:${object.chunkIndex}`));
+    for (const [objectKey, mine] of local) {
+      if (!listed.has(objectKey)) await this.#checkSnapshots(channel, common, mine.volumeId, mine.chunkIndex, mine.states.length);
+    }
     await engine.flush();
     await this.#persistCursor(true);
   }
+
+  /**
+   * Snapshots versus resync (docs/healing.md): for each live snapshot k of the volume, this
+   * replica's version of each block at k must be the clean holder's. Where it differs (a snapshot
+   * taken while this replica was away needs a version it never had), the holder's version at k is
+   * copied in with its snap stamp — the engine keeps an older version as history when a snapshot
+   * needs it. A snapshot still differing afterwards is recorded incomplete on this store
+   * (snap-gaps.ts): it serves no reads of it from then on.
+   */
+  async #checkSnapshots(channel: StoreChannel, common: { poolId: number; pgId: number; pgCount: number; pgEpoch: number }, volumeId: number, chunkIndex: number, blocks: number): Promise<void> {
+    const gaps = this.#deps.snapshotGaps;
+    const { engine } = this.#deps;
+    if (!gaps || blocks === 0) return;
+    const ids = (engine.snapshots(volumeId)?.ids ?? []).filter((id) => !gaps.has(volumeId, id));
+    if (ids.length === 0) return;
+    // Pass 0 copies in what differs; pass 1 compares again and records what still differs.
+    for (let pass = 0; pass < 2; pass++) {
+      for (const snapshotId of ids) {
+        if (gaps.has(volumeId, snapshotId)) continue;
+        for (let offset = 0; offset < blocks; offset += BLOCKS_PER_REQUEST_MAX) {
+          const count = Math.min(BLOCKS_PER_REQUEST_MAX, blocks - offset);
+          const header = { ...common, volumeId, chunkIndex, offsetBlocks: offset, countBlocks: count, snapSeq: snapshotId };
+          let theirs: { states: Uint8Array; epochs: Uint32Array; seqs: Float64Array };
+          let mine: { states: Uint8Array; epochs: ArrayLike<number>; seqs: ArrayLike<number> };
+          try {
+            const reply = await channel.request({ op: Op.BLOCK_VERSIONS, flags: Flag.REPAIR, ...header });
+            theirs = decodeBlockVersions(reply.payload, count);
+            mine = engine.blockVersions(volumeId, chunkIndex, offset, count, snapshotId);
+          } catch (error) {
+            if (error instanceof ShaleError && error.code === 'NOT_FOUND') break; // the snapshot (or volume) was deleted meanwhile
+            if (isSnapshotGapError(error)) {
+              // The holder's own copy of the snapshot is incomplete: nothing here can be checked against it.
+              await this.#recordGap(volumeId, snapshotId, `the clean holder's copy is incomplete too`);
+              break;
+            }
+            throw error;
+          }
+          const differing: number[] = [];
+          for (let i = 0; i < count; i++) if (!sameVersion(theirs, mine, i)) differing.push(i);
+          if (differing.length === 0) continue;
+          if (pass === 1) {
+            await this.#recordGap(volumeId, snapshotId, `chunk ${chunkIndex} block ${offset + differing[0]!}: ${differing.length} block(s) differ from the clean holder`);
+            break;
+          }
+          for (const i of differing) await this.#copyVersionAt(channel, { ...header, offsetBlocks: offset + i, countBlocks: 1 });
+        }
+      }
+    }
+  }
+
+  /** Copies the holder's version of one block at a snapshot (with its snap stamp) into this replica's history. */
+  async #copyVersionAt(channel: StoreChannel, header: { poolId: number; pgId: number; pgCount: number; pgEpoch: number; volumeId: number; chunkIndex: number; offsetBlocks: number; countBlocks: 1; snapSeq: number }): Promise<void> {
+    const { engine } = this.#deps;
+    let read: ReturnType<typeof decodeReadReply>;
+    try {
+      const reply = await channel.request({ op: Op.READ_SNAP, flags: Flag.REPAIR, ...header });
+      read = decodeReadReply(reply.payload, 1);
+    } catch (error) {
+      if ((error instanceof ShaleError && error.code === 'NOT_FOUND') || isSnapshotGapError(error)) return; // the second pass decides
+      throw error;
+    }
+    const version = { epoch: read.epochs[0]!, seq: read.seqs[0]! };
+    const where = { volumeId: header.volumeId, chunkIndex: header.chunkIndex, offsetBlocks: header.offsetBlocks };
+    if (read.states[0] === BlockState.DATA) {
+      await engine.write({ ...where, data: Buffer.from(read.data.subarray(0, BLOCK_SIZE_BYTES)), checksums: Uint32Array.of(read.checksums[0]!), version, snapSeq: read.stamps[0]! });
+    } else if (read.states[0] === BlockState.ZERO) {
+      await engine.writeZeroes({ ...where, countBlocks: 1, version, snapSeq: read.stamps[0]! });
+    } else {
+      return; // absent at the snapshot on the holder: nothing to copy in (the second pass records it if this replica has something there)
+    }
+    this.snapshotVersionsCopied++;
+  }
+
+  async #recordGap(volumeId: number, snapshotId: number, reason: string): Promise<void> {
+    await this.#deps.snapshotGaps!.mark(volumeId, snapshotId, reason);
+    this.snapshotGapsFound++;
+    this.#deps.log(`snapshot ${snapshotId} of volume ${volumeId} is incomplete on this store (${reason}); other replicas serve it`);
+  }
+}
+
+/** Same state and, unless absent, the same version. */
+function sameVersion(a: { states: Uint8Array; epochs: ArrayLike<number>; seqs: ArrayLike<number> }, b: { states: Uint8Array; epochs: ArrayLike<number>; seqs: ArrayLike<number> }, i: number): boolean {
+  if (a.states[i] !== b.states[i]) return false;
+  return a.states[i] === BlockState.ABSENT || (a.epochs[i] === b.epochs[i] && a.seqs[i] === b.seqs[i]);
 }
 
 /** A block this replica holds at a version the clean replicas never got. */

@@ -14,6 +14,7 @@ import { StoreChannel } from '../proto/store-channel.ts';
 import type { ClusterMap, DiskReport } from '../conductor/api/types.ts';
 import type { BlockEngine } from './block-engine.ts';
 import { Resyncer } from './resync.ts';
+import { SnapshotGaps } from './snap-gaps.ts';
 import { StoreServer } from './store-server.ts';
 import { MapStoreView } from './store-view.ts';
 
@@ -41,6 +42,7 @@ export interface StoreDaemon {
   readonly address: string;
   readonly engine: BlockEngine;
   readonly resyncer: Resyncer;
+  readonly snapshotGaps: SnapshotGaps;
   close(): Promise<void>;
 }
 
@@ -52,7 +54,8 @@ export async function startStoreDaemon(env: Env, options: StoreDaemonOptions): P
     path: options.diskPath, clusterId: cluster.clusterId, format: options.format, sizeBytes: options.diskSizeBytes,
   });
   const view = new MapStoreView();
-  const server = new StoreServer(env, { engine, view, log });
+  const snapshotGaps = new SnapshotGaps(env, engine);
+  const server = new StoreServer(env, { engine, view, log, snapshotGaps });
   const address = await server.listen(options.listen);
   options.localStores?.add(address, server);
   const diskReport = (): DiskReport[] => {
@@ -79,6 +82,7 @@ export async function startStoreDaemon(env: Env, options: StoreDaemonOptions): P
     env, engine, view, conductor, channel, log, rateBytesPerSecond: options.resyncRateBytesPerSecond ?? 0,
     cursorPath: options.diskPath.startsWith('/dev/') ? undefined : `${options.diskPath}.resync-cursor.json`,
     clientBusy: () => server.clientBusy(),
+    snapshotGaps,
   });
 
   let applying = Promise.resolve();
@@ -91,6 +95,7 @@ export async function startStoreDaemon(env: Env, options: StoreDaemonOptions): P
       if (!engine.isPurged(volumeId)) await engine.purgeVolume(volumeId);
     }
     await applySnapContexts(engine, map);
+    await snapshotGaps.prune(map);
     view.apply(map);
     resyncer.onMap(map);
   };
@@ -122,6 +127,7 @@ export async function startStoreDaemon(env: Env, options: StoreDaemonOptions): P
     address,
     engine,
     resyncer,
+    snapshotGaps,
     async close(): Promise<void> {
       heartbeat.cancel();
       watcher.stop();

@@ -7,7 +7,8 @@
  *   3. owner epoch older than the volume's fence (writes and flushes that aren't repairs) → FENCED
  *   4. PG epoch older than the store knows   → STALE_PG_EPOCH (the client refreshes its map);
  *      a newer one is remembered, so writers still on the old map are refused from then on;
- *   5. READ of a PG this store is not clean in → NOT_READY (recovering replicas take writes, serve no reads).
+ *   5. READ of a PG this store is not clean in → NOT_READY (recovering replicas take writes, serve no reads);
+ *      READ_SNAP / BLOCK_VERSIONS at a snapshot this store's copy of is incomplete → NOT_READY (snap-gaps.ts).
  * Replies go out in batches: everything completed in one event-loop turn leaves in one write.
  */
 import { assert } from '../lib/assert.ts';
@@ -49,6 +50,8 @@ export interface StoreServerOptions {
   engine: BlockEngine;
   view: StoreView;
   log: (message: string) => void;
+  /** Snapshots this store's copy of is known to be incomplete (snap-gaps.ts): served by no request here. */
+  snapshotGaps?: { has(volumeId: number, snapshotId: number): boolean };
 }
 
 export class StoreServer {
@@ -56,6 +59,7 @@ export class StoreServer {
   readonly #engine: BlockEngine;
   readonly #view: StoreView;
   readonly #log: (message: string) => void;
+  readonly #snapshotGaps: StoreServerOptions['snapshotGaps'];
   #listener: Listener | undefined;
   #connections = new Set<Connection>();
   /** Writes accepted and not yet answered, so a PG listing can wait until they are in the index. */
@@ -71,6 +75,14 @@ export class StoreServer {
     this.#engine = options.engine;
     this.#view = options.view;
     this.#log = options.log;
+    this.#snapshotGaps = options.snapshotGaps;
+  }
+
+  /** A snapshot this store missed versions of (resync found it): NOT_READY, so the client reads another replica. */
+  #checkSnapshotComplete(volumeId: number, snapshotId: number): void {
+    if (snapshotId !== 0 && this.#snapshotGaps?.has(volumeId, snapshotId)) {
+      throw new ShaleError('NOT_READY', `snapshot ${snapshotId} of volume ${volumeId} is incomplete on this store (it missed versions while away); read another replica`);
+    }
   }
 
   get address(): string {
@@ -330,6 +342,7 @@ export class StoreServer {
     if (h.op === Op.READ_SNAP) {
       if (h.snapSeq === 0) throw new ShaleError('INVALID_ARGUMENT', 'READ_SNAP needs a snapshot id in the snap seq field');
       options = { snapshotId: h.snapSeq };
+      this.#checkSnapshotComplete(h.volumeId, h.snapSeq);
     }
     const objectId = engineObjectId(h.namespace, h.volumeId);
     const result = await this.#engine.read(objectId, h.chunkIndex, h.offsetBlocks, h.countBlocks, options);
@@ -379,6 +392,7 @@ export class StoreServer {
     if ((h.flags & Flag.REPAIR) === 0 && !this.#view.canServeReads(h.poolId, h.pgId, h.pgEpoch)) {
       throw new ShaleError('NOT_READY', `PG ${h.poolId}.${h.pgId} is recovering on this store`);
     }
+    this.#checkSnapshotComplete(h.volumeId, h.snapSeq);
     const versions = this.#engine.blockVersions(h.volumeId, h.chunkIndex, h.offsetBlocks, h.countBlocks, h.snapSeq === 0 ? undefined : h.snapSeq);
     const payload = encodeBlockVersions(versions, h.countBlocks);
     return { header: replyHeader(h, { payloadBytes: payload.length }), parts: [payload] };
