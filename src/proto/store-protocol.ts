@@ -119,7 +119,8 @@ export const Namespace = {
   S3_DATA: 1,
   S3_INDEX: 2,
 } as const;
-export const NAMESPACE_ID_MAX = 2 ** 51 - 1;
+/** Ids of namespaces 1 and 2 stay below this, so namespace 2's top id never meets the store's own shard 2^53 − 1. */
+export const NAMESPACE_ID_MAX = 2 ** 51 - 2;
 
 /** The engine id of (namespace, id). Throws INVALID_ARGUMENT for an unknown namespace or an id too large. */
 export function engineObjectId(namespace: number, id: number): number {
