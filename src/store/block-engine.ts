@@ -69,18 +69,16 @@ export interface BlockEngine {
   /** Per-block versions of every object whose volume is in `volumeIds` and which `filter` accepts. */
   listObjects(volumeIds: ReadonlySet<number>, filter: (volumeId: number, chunkIndex: number) => boolean): ObjectVersions[];
   stats(): EngineStats;
-  /** Small ordered key-value records per shard (engine.ts); the store keeps its own in STORE_INTERNAL_SHARD (snap-gaps.ts). */
-  kvPut(shardId: number, key: string, value: Buffer, version: BlockVersion, options?: { fua?: boolean }): Promise<{ applied: boolean }>;
-  kvDelete(shardId: number, key: string, version: BlockVersion, options?: { fua?: boolean }): Promise<{ applied: boolean }>;
-  kvGet(shardId: number, key: string): { key: Buffer; value: Buffer; version: BlockVersion } | undefined;
-  kvList(shardId: number, options?: { prefix?: string; startAfter?: string; limit?: number }): { key: Buffer; value: Buffer; version: BlockVersion }[];
+  /**
+   * Small ordered key-value records per shard (engine.ts), by the version rule per key; `fua` makes
+   * the change durable. The store keeps its own in STORE_INTERNAL_SHARD (snap-gaps.ts); the S3
+   * bucket index lives in shards of namespace 2 (store-server.ts). Live records list in key order.
+   */
+  kvPut(shardId: number, key: Buffer | string, value: Buffer, version: BlockVersion, options?: { fua?: boolean }): Promise<{ applied: boolean }>;
+  kvDelete(shardId: number, key: Buffer | string, version: BlockVersion, options?: { fua?: boolean }): Promise<{ applied: boolean }>;
+  kvGet(shardId: number, key: Buffer | string): { key: Buffer; value: Buffer; version: BlockVersion } | undefined;
+  kvList(shardId: number, options?: { prefix?: Buffer | string; startAfter?: Buffer | string; limit?: number }): { key: Buffer; value: Buffer; version: BlockVersion }[];
   /** Reads every live block and checks its crc32c; reports bad ones (repair is the client's). */
   scrub(options?: { bytesPerSecondMax?: number }): Promise<ScrubReport>;
   close(): Promise<void>;
-  /** Key-value records (the S3 bucket index): the version rule per key; `fua` makes the change durable. */
-  kvPut(shardId: number, key: Buffer, value: Buffer, version: BlockVersion, options?: { fua?: boolean }): Promise<{ applied: boolean }>;
-  kvDelete(shardId: number, key: Buffer, version: BlockVersion, options?: { fua?: boolean }): Promise<{ applied: boolean }>;
-  kvGet(shardId: number, key: Buffer): { key: Buffer; value: Buffer; version: BlockVersion } | undefined;
-  /** Live records in key order. */
-  kvList(shardId: number, options: { prefix?: Buffer; startAfter?: Buffer; limit?: number }): { key: Buffer; value: Buffer; version: BlockVersion }[];
 }

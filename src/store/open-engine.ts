@@ -131,19 +131,19 @@ class LogEngineAdapter implements BlockEngine {
     return out;
   }
 
-  kvPut(shardId: number, key: string, value: Buffer, version: { epoch: number; seq: number }, options: { fua?: boolean } = {}): Promise<{ applied: boolean }> {
+  kvPut(shardId: number, key: Buffer | string, value: Buffer, version: { epoch: number; seq: number }, options: { fua?: boolean } = {}): Promise<{ applied: boolean }> {
     return this.#engine.kvPut(shardId, key, value, version, options);
   }
 
-  kvDelete(shardId: number, key: string, version: { epoch: number; seq: number }, options: { fua?: boolean } = {}): Promise<{ applied: boolean }> {
+  kvDelete(shardId: number, key: Buffer | string, version: { epoch: number; seq: number }, options: { fua?: boolean } = {}): Promise<{ applied: boolean }> {
     return this.#engine.kvDelete(shardId, key, version, options);
   }
 
-  kvGet(shardId: number, key: string): { key: Buffer; value: Buffer; version: { epoch: number; seq: number } } | undefined {
+  kvGet(shardId: number, key: Buffer | string): { key: Buffer; value: Buffer; version: { epoch: number; seq: number } } | undefined {
     return this.#engine.kvGet(shardId, key);
   }
 
-  kvList(shardId: number, options: { prefix?: string; startAfter?: string; limit?: number } = {}): { key: Buffer; value: Buffer; version: { epoch: number; seq: number } }[] {
+  kvList(shardId: number, options: { prefix?: Buffer | string; startAfter?: Buffer | string; limit?: number } = {}): { key: Buffer; value: Buffer; version: { epoch: number; seq: number } }[] {
     return this.#engine.kvList(shardId, options);
   }
 
@@ -158,21 +158,5 @@ class LogEngineAdapter implements BlockEngine {
 
   close(): Promise<void> {
     return this.#engine.close();
-  }
-
-  kvPut(shardId: number, key: Buffer, value: Buffer, version: { epoch: number; seq: number }, options: { fua?: boolean } = {}): Promise<{ applied: boolean }> {
-    return this.#engine.kvPut(shardId, key, value, version, options);
-  }
-
-  kvDelete(shardId: number, key: Buffer, version: { epoch: number; seq: number }, options: { fua?: boolean } = {}): Promise<{ applied: boolean }> {
-    return this.#engine.kvDelete(shardId, key, version, options);
-  }
-
-  kvGet(shardId: number, key: Buffer): { key: Buffer; value: Buffer; version: { epoch: number; seq: number } } | undefined {
-    return this.#engine.kvGet(shardId, key);
-  }
-
-  kvList(shardId: number, options: { prefix?: Buffer; startAfter?: Buffer; limit?: number }): { key: Buffer; value: Buffer; version: { epoch: number; seq: number } }[] {
-    return this.#engine.kvList(shardId, options);
   }
 }
