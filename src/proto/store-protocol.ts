@@ -69,6 +69,13 @@
  *   KV_LIST       request: u16 prefix length, prefix, u16 start-after length, start-after; count =
  *                 most entries (1..10000). reply: entries in key order, each u16 key length, u32
  *                 value length, u32 version epoch, f64 version seq, key, value.
+ *   KV_LIST_PG    (0x24) request: pool/pg/pg count/PG epoch (volume id 0), count = most entries
+ *                 (1..10000), payload empty (from the start) or u64 shard id, u16 key length, key (after
+ *                 it). reply: every record of the PG's shards, tombstones too, in (shard, key) order:
+ *                 u64 shard id, u8 live (1) or tombstone (0), u16 key length, u32 value length,
+ *                 u32 epoch, f64 seq, key, value. Fewer than count entries: the listing is complete.
+ * LIST_PG with namespace 1 lists every S3 data object of the PG (the payload's volume ids are
+ * ignored), by its namespace-local id: resync of S3 data.
  */
 import { assert } from '../lib/assert.ts';
 import type { BlockStateValue } from '../lib/block-state.ts';
@@ -100,6 +107,8 @@ export const Op = {
   KV_DELETE: 0x21,
   KV_GET: 0x22,
   KV_LIST: 0x23,
+  /** Every key-value record (tombstones too) of every namespace-2 shard of a PG, with versions, in pages: resync of the S3 index. */
+  KV_LIST_PG: 0x24,
   /** READ as snapshot `snapSeq` (the header field holds the snapshot id, > 0) saw the blocks. Same reply as READ. */
   READ_SNAP: 0x30,
   /** Per block its state and version, at the head (snapSeq 0) or at snapshot `snapSeq`, without reading data. */
@@ -130,6 +139,15 @@ export function engineObjectId(namespace: number, id: number): number {
   if (namespace === Namespace.S3_INDEX) return 2 ** 52 + 2 ** 51 + id;
   throw new ShaleError('INVALID_ARGUMENT', `unknown namespace ${namespace}`);
 }
+/** The (namespace, id) of an engine id of namespace 1 or 2 (the inverse of engineObjectId), or undefined for a volume or the store's own ids. */
+export function namespacedId(engineId: number): { namespace: number; id: number } | undefined {
+  if (engineId < 2 ** 52) return undefined;
+  const offset = engineId - 2 ** 52;
+  if (offset <= NAMESPACE_ID_MAX) return { namespace: Namespace.S3_DATA, id: offset };
+  if (offset - 2 ** 51 <= NAMESPACE_ID_MAX) return { namespace: Namespace.S3_INDEX, id: offset - 2 ** 51 };
+  return undefined;
+}
+
 export type OpCode = (typeof Op)[keyof typeof Op];
 export const REPLY_BIT = 0x80;
 
@@ -612,6 +630,76 @@ export function decodeKvRecords(payload: Buffer): KvRecord[] {
     at += KV_ENTRY_HEADER_BYTES;
     if (at + keyBytes + valueBytes > payload.length) throw new ShaleError('PROTOCOL', 'KV_LIST reply truncated');
     records.push({ key: payload.subarray(at, at + keyBytes), value: payload.subarray(at + keyBytes, at + keyBytes + valueBytes), epoch, seq });
+    at += keyBytes + valueBytes;
+  }
+  return records;
+}
+
+/** One record of a KV_LIST_PG reply: value undefined for a delete tombstone. */
+export interface KvPgRecord {
+  shardId: number;
+  key: Buffer;
+  value: Buffer | undefined;
+  epoch: number;
+  seq: number;
+}
+
+const KV_PG_ENTRY_HEADER_BYTES = 27;
+
+export function encodeKvPgCursor(after: { shardId: number; key: Buffer } | undefined): Buffer {
+  if (!after) return Buffer.alloc(0);
+  const out = Buffer.allocUnsafe(10 + after.key.length);
+  writeU64(out, 0, after.shardId);
+  out.writeUInt16LE(after.key.length, 8);
+  after.key.copy(out, 10);
+  return out;
+}
+
+export function decodeKvPgCursor(payload: Buffer): { shardId: number; key: Buffer } | undefined {
+  if (payload.length === 0) return undefined;
+  if (payload.length < 10 || payload.length !== 10 + payload.readUInt16LE(8)) throw new ShaleError('PROTOCOL', 'KV_LIST_PG request of the wrong length');
+  return { shardId: readU64(payload, 0), key: payload.subarray(10) };
+}
+
+export function encodeKvPgRecords(records: readonly KvPgRecord[]): Buffer {
+  let size = 0;
+  for (const record of records) size += KV_PG_ENTRY_HEADER_BYTES + record.key.length + (record.value?.length ?? 0);
+  const out = Buffer.allocUnsafe(size);
+  let at = 0;
+  for (const record of records) {
+    writeU64(out, at, record.shardId);
+    out.writeUInt8(record.value ? 1 : 0, at + 8);
+    out.writeUInt16LE(record.key.length, at + 9);
+    out.writeUInt32LE(record.value?.length ?? 0, at + 11);
+    out.writeUInt32LE(record.epoch >>> 0, at + 15);
+    out.writeDoubleLE(record.seq, at + 19);
+    at += KV_PG_ENTRY_HEADER_BYTES;
+    record.key.copy(out, at);
+    at += record.key.length;
+    if (record.value) {
+      record.value.copy(out, at);
+      at += record.value.length;
+    }
+  }
+  return out;
+}
+
+export function decodeKvPgRecords(payload: Buffer): KvPgRecord[] {
+  const records: KvPgRecord[] = [];
+  let at = 0;
+  while (at < payload.length) {
+    if (at + KV_PG_ENTRY_HEADER_BYTES > payload.length) throw new ShaleError('PROTOCOL', 'KV_LIST_PG reply truncated');
+    const shardId = readU64(payload, at);
+    const live = payload.readUInt8(at + 8) === 1;
+    const keyBytes = payload.readUInt16LE(at + 9);
+    const valueBytes = payload.readUInt32LE(at + 11);
+    const epoch = payload.readUInt32LE(at + 15);
+    const seq = payload.readDoubleLE(at + 19);
+    at += KV_PG_ENTRY_HEADER_BYTES;
+    if (at + keyBytes + valueBytes > payload.length) throw new ShaleError('PROTOCOL', 'KV_LIST_PG reply truncated');
+    const key = payload.subarray(at, at + keyBytes);
+    const value = live ? payload.subarray(at + keyBytes, at + keyBytes + valueBytes) : undefined;
+    records.push({ shardId, key, value, epoch, seq });
     at += keyBytes + valueBytes;
   }
   return records;

@@ -66,8 +66,8 @@ export interface BlockEngine {
   isPurged(volumeId: number): boolean;
   /** The state of each block of the range (absent, data, zero) without reading data. */
   blockStates(volumeId: number, chunkIndex: number, offsetBlocks: number, countBlocks: number): Uint8Array;
-  /** Per-block versions of every object whose volume is in `volumeIds` and which `filter` accepts. */
-  listObjects(volumeIds: ReadonlySet<number>, filter: (volumeId: number, chunkIndex: number) => boolean): ObjectVersions[];
+  /** Per-block versions of every object whose volume is in `volumeIds` (undefined: any id) and which `filter` accepts. */
+  listObjects(volumeIds: ReadonlySet<number> | undefined, filter: (volumeId: number, chunkIndex: number) => boolean): ObjectVersions[];
   stats(): EngineStats;
   /**
    * Small ordered key-value records per shard (engine.ts), by the version rule per key; `fua` makes
@@ -78,6 +78,10 @@ export interface BlockEngine {
   kvDelete(shardId: number, key: Buffer | string, version: BlockVersion, options?: { fua?: boolean }): Promise<{ applied: boolean }>;
   kvGet(shardId: number, key: Buffer | string): { key: Buffer; value: Buffer; version: BlockVersion } | undefined;
   kvList(shardId: number, options?: { prefix?: Buffer | string; startAfter?: Buffer | string; limit?: number }): { key: Buffer; value: Buffer; version: BlockVersion }[];
+  /** Ids of the shards holding any record, tombstones too (resync of the S3 index). */
+  kvShardIds(): number[];
+  /** Every record of the shard in key order, delete tombstones too (value undefined), with versions. */
+  kvRecords(shardId: number): { key: Buffer; value: Buffer | undefined; version: BlockVersion }[];
   /** Reads every live block and checks its crc32c; reports bad ones (repair is the client's). */
   scrub(options?: { bytesPerSecondMax?: number }): Promise<ScrubReport>;
   close(): Promise<void>;

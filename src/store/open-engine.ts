@@ -121,10 +121,10 @@ class LogEngineAdapter implements BlockEngine {
     return states;
   }
 
-  listObjects(volumeIds: ReadonlySet<number>, filter: (volumeId: number, chunkIndex: number) => boolean): ObjectVersions[] {
+  listObjects(volumeIds: ReadonlySet<number> | undefined, filter: (volumeId: number, chunkIndex: number) => boolean): ObjectVersions[] {
     const out: ObjectVersions[] = [];
     for (const key of this.#engine.listObjects()) {
-      if (!volumeIds.has(key.volumeId) || !filter(key.volumeId, key.chunkIndex)) continue;
+      if ((volumeIds && !volumeIds.has(key.volumeId)) || !filter(key.volumeId, key.chunkIndex)) continue;
       const versions = this.#engine.objectVersions(key.volumeId, key.chunkIndex);
       if (versions) out.push(versions);
     }
@@ -141,6 +141,14 @@ class LogEngineAdapter implements BlockEngine {
 
   kvGet(shardId: number, key: Buffer | string): { key: Buffer; value: Buffer; version: { epoch: number; seq: number } } | undefined {
     return this.#engine.kvGet(shardId, key);
+  }
+
+  kvShardIds(): number[] {
+    return this.#engine.kvShardIds();
+  }
+
+  kvRecords(shardId: number): { key: Buffer; value: Buffer | undefined; version: { epoch: number; seq: number } }[] {
+    return this.#engine.kvRecords(shardId);
   }
 
   kvList(shardId: number, options: { prefix?: Buffer | string; startAfter?: Buffer | string; limit?: number } = {}): { key: Buffer; value: Buffer; version: { epoch: number; seq: number } }[] {

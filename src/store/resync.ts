@@ -29,7 +29,9 @@ import type { ConductorClient } from '../proto/conductor-client.ts';
 import type { StoreChannel } from '../proto/store-channel.ts';
 import {
   BLOCKS_PER_REQUEST_MAX, BlockState, compareVersions, decodeBlockVersions, decodeListReply, decodeReadReply, encodeVolumeIds, Flag, Op, type ListedObject,
+  decodeKvPgRecords, encodeKvPgCursor, engineObjectId, Namespace, namespacedId,
 } from '../proto/store-protocol.ts';
+import { crc32c } from '../lib/crc32c.ts';
 import type { ClusterMap, PoolMapEntry } from '../conductor/api/types.ts';
 import type { BlockEngine } from './block-engine.ts';
 import { pgKey, type MapStoreView } from './store-view.ts';
@@ -38,6 +40,8 @@ import { isSnapshotGapError, type SnapshotGaps } from './snap-gaps.ts';
 
 /** Blocks copied per READ from the peer. */
 export const RESYNC_RUN_BLOCKS_MAX = 256;
+/** Key-value records asked per KV_LIST_PG page. */
+export const RESYNC_KV_PAGE = 1000;
 /** PGs resynced at once. */
 export const RESYNC_PARALLEL_MAX = 8;
 /** Fraction of the disk above which resync waits instead of copying (DESIGN §3 backfillfull). */
@@ -93,6 +97,8 @@ export class Resyncer {
   objectsResumed = 0;
   /** Divergent blocks rolled back to the clean replicas' content. */
   blocksRolledBack = 0;
+  /** S3 index records (puts and delete tombstones) copied in. */
+  kvRecordsCopied = 0;
   /** Older versions copied in for live snapshots (a snapshot taken while this replica was away). */
   snapshotVersionsCopied = 0;
   /** (volume, snapshot) pairs found incomplete here and recorded (snap-gaps.ts). */
@@ -345,9 +351,14 @@ export class Resyncer {
     const saved = this.#cursor.get(cursorKey);
     const resumeAfter = saved && since > 0 && saved.since === since ? saved : undefined;
     const volumeIds = (await this.#volumes(conductor)).filter((volume) => volume.poolId === pool.id).map((volume) => volume.id);
-    if (volumeIds.length === 0) return;
     const channel = this.#deps.channel(address);
     const common = { poolId: pool.id, pgId, pgCount: pool.pgCount, pgEpoch };
+    await this.#copyS3Data(channel, common);
+    await this.#copyS3Index(channel, common);
+    if (volumeIds.length === 0) {
+      await engine.flush();
+      return;
+    }
     const listing = await channel.request({ op: Op.LIST_PG, ...common }, [encodeVolumeIds(volumeIds)]);
     const peerObjects = decodeListReply(listing.payload);
     const local = new Map<string, ListedObject>();
@@ -424,6 +435,86 @@ export class Resyncer {
     }
     await engine.flush();
     await this.#persistCursor(true);
+  }
+
+  /**
+   * S3 data (namespace 1) of the PG: LIST_PG with namespace 1 lists every data chunk the peer holds
+   * in the PG; blocks where the peer's version is newer (written (1, 1), freed (1, 2)) are copied
+   * with their version. Chunks are immutable, so the newest version is the right one everywhere.
+   */
+  async #copyS3Data(channel: StoreChannel, common: { poolId: number; pgId: number; pgCount: number; pgEpoch: number }): Promise<void> {
+    const { engine } = this.#deps;
+    const listing = await channel.request({ op: Op.LIST_PG, namespace: Namespace.S3_DATA, ...common });
+    const peerObjects = decodeListReply(listing.payload);
+    if (peerObjects.length === 0) return;
+    const local = new Map<string, ListedObject>();
+    const inPg = (engineId: number, chunkIndex: number): boolean => {
+      const local = namespacedId(engineId);
+      return local?.namespace === Namespace.S3_DATA && placementGroupOf(local.id, chunkIndex, common.pgCount) === common.pgId;
+    };
+    for (const object of engine.listObjects(undefined, inPg)) local.set(`${namespacedId(object.volumeId)!.id}:${object.chunkIndex}`, object);
+    for (const peerObject of peerObjects) {
+      const engineId = engineObjectId(Namespace.S3_DATA, peerObject.volumeId);
+      for (const run of newerRuns(peerObject, local.get(`${peerObject.volumeId}:${peerObject.chunkIndex}`))) {
+        await this.#waitForRoom();
+        for (let waited = 0; waited < 20 && this.#deps.clientBusy?.(); waited += 2) await this.#deps.env.clock.sleep(2);
+        const where = { volumeId: engineId, chunkIndex: peerObject.chunkIndex };
+        if (run.state === BlockState.ZERO) {
+          await engine.writeZeroes({ ...where, offsetBlocks: run.start, countBlocks: run.count, version: { epoch: run.epoch, seq: run.seq }, snapSeq: 0 });
+          continue;
+        }
+        const reply = await channel.request({
+          op: Op.READ, flags: Flag.REPAIR, namespace: Namespace.S3_DATA, ...common, volumeId: peerObject.volumeId, chunkIndex: peerObject.chunkIndex, offsetBlocks: run.start, countBlocks: run.count,
+        });
+        const read = decodeReadReply(reply.payload, run.count);
+        let at = 0;
+        for (let i = 0; i < run.count; i++) {
+          if (read.states[i] !== BlockState.DATA) continue;
+          // Checked here too: a copy never spreads a block that went bad on the peer.
+          const data = read.data.subarray(at * BLOCK_SIZE_BYTES, (at + 1) * BLOCK_SIZE_BYTES);
+          at++;
+          if (crc32c(data) !== read.checksums[i]) throw new ShaleError('CHECKSUM', `S3 data ${peerObject.volumeId} chunk ${peerObject.chunkIndex} block ${run.start + i} failed its crc32c on the peer`);
+          await engine.write({ ...where, offsetBlocks: run.start + i, data, checksums: Uint32Array.of(read.checksums[i]!), version: { epoch: read.epochs[i]!, seq: read.seqs[i]! }, snapSeq: 0 });
+          this.bytesCopied += BLOCK_SIZE_BYTES;
+        }
+        await this.#throttle(run.count * BLOCK_SIZE_BYTES);
+      }
+    }
+  }
+
+  /**
+   * S3 index (namespace 2) of the PG: KV_LIST_PG pages through every record of the PG's shards on
+   * the peer, delete tombstones too; each one newer than this replica's is applied with its version.
+   */
+  async #copyS3Index(channel: StoreChannel, common: { poolId: number; pgId: number; pgCount: number; pgEpoch: number }): Promise<void> {
+    const { engine } = this.#deps;
+    let after: { shardId: number; key: Buffer } | undefined;
+    const mine = new Map<number, Map<string, { epoch: number; seq: number }>>();
+    const versionsOf = (shardId: number): Map<string, { epoch: number; seq: number }> => {
+      let versions = mine.get(shardId);
+      if (!versions) {
+        versions = new Map(engine.kvRecords(engineObjectId(Namespace.S3_INDEX, shardId)).map((record) => [record.key.toString('latin1'), record.version]));
+        mine.set(shardId, versions);
+      }
+      return versions;
+    };
+    for (;;) {
+      const reply = await channel.request({ op: Op.KV_LIST_PG, namespace: Namespace.S3_INDEX, ...common, countBlocks: RESYNC_KV_PAGE }, [encodeKvPgCursor(after)]);
+      const records = decodeKvPgRecords(reply.payload);
+      for (const record of records) {
+        const known = versionsOf(record.shardId).get(record.key.toString('latin1'));
+        if (known && compareVersions(record.epoch, record.seq, known.epoch, known.seq) <= 0) continue;
+        const shard = engineObjectId(Namespace.S3_INDEX, record.shardId);
+        const version = { epoch: record.epoch, seq: record.seq };
+        if (record.value) await engine.kvPut(shard, Buffer.from(record.key), Buffer.from(record.value), version);
+        else await engine.kvDelete(shard, Buffer.from(record.key), version);
+        this.kvRecordsCopied++;
+        await this.#throttle(record.key.length + (record.value?.length ?? 0));
+      }
+      if (records.length < RESYNC_KV_PAGE) return;
+      const last = records[records.length - 1]!;
+      after = { shardId: last.shardId, key: Buffer.from(last.key) };
+    }
   }
 
   /**

@@ -19,6 +19,7 @@ import type { Connection, Env, Listener } from '../env/env.ts';
 import {
   BLOCKS_PER_REQUEST_MAX, BlockState, decodeKvKey, decodeKvListRequest, decodeVolumeIds, encodeBlockVersions, encodeKvRecords, engineObjectId, KV_LIST_LIMIT_MAX, Namespace, encodeRecentWrites, encodeHeader, encodeListReply, encodeReadDescriptors,
   Flag, FrameParser, HEADER_BYTES, Op, REPLY_BIT, type Frame, type FrameHeader,
+  decodeKvPgCursor, encodeKvPgRecords, namespacedId, type KvPgRecord,
 } from '../proto/store-protocol.ts';
 import type { LocalReadFields, LocalReadResult } from '../proto/store-channel.ts';
 import type { BlockEngine } from './block-engine.ts';
@@ -250,6 +251,8 @@ export class StoreServer {
       case Op.KV_GET:
       case Op.KV_LIST:
         return this.#kvRead(frame);
+      case Op.KV_LIST_PG:
+        return this.#kvListPg(frame);
       case Op.PG_DIGEST:
         return this.#pgDigest(frame);
       case Op.SCRUB: {
@@ -452,6 +455,40 @@ export class StoreServer {
     return { header: replyHeader(h, { countBlocks: entries.length, payloadBytes: out.length }), parts: [out] };
   }
 
+  /**
+   * KV_LIST_PG: a page of every record (tombstones too, with versions) of the namespace-2 shards in
+   * the PG, in (shard, key) order, after the cursor in the payload. Like LIST_PG, it notes the PG
+   * epoch and answers after the writes accepted before it are applied.
+   */
+  async #kvListPg(frame: Frame): Promise<Reply> {
+    const h = frame.header;
+    if (h.namespace !== Namespace.S3_INDEX) throw new ShaleError('INVALID_ARGUMENT', `KV_LIST_PG is for namespace ${Namespace.S3_INDEX}, not ${h.namespace}`);
+    if (h.pgCount === 0 || h.pgId >= h.pgCount) throw new ShaleError('INVALID_ARGUMENT', `PG ${h.pgId} of ${h.pgCount}`);
+    if (h.countBlocks < 1 || h.countBlocks > KV_LIST_LIMIT_MAX) throw new ShaleError('INVALID_ARGUMENT', `KV_LIST_PG limit ${h.countBlocks} outside 1..${KV_LIST_LIMIT_MAX}`);
+    this.#checkEpochs({ ...h, volumeId: 0 }, true);
+    await Promise.allSettled([...this.#writesInFlight]);
+    const after = decodeKvPgCursor(frame.parts ? Buffer.concat(frame.parts) : frame.payload);
+    const shards: number[] = [];
+    for (const engineId of this.#engine.kvShardIds()) {
+      const local = namespacedId(engineId);
+      if (local?.namespace !== Namespace.S3_INDEX || placementGroupOf(local.id, 0, h.pgCount) !== h.pgId) continue;
+      if (after && local.id < after.shardId) continue;
+      shards.push(local.id);
+    }
+    shards.sort((a, b) => a - b);
+    const out: KvPgRecord[] = [];
+    for (const shardId of shards) {
+      for (const record of this.#engine.kvRecords(engineObjectId(Namespace.S3_INDEX, shardId))) {
+        if (after && shardId === after.shardId && Buffer.compare(record.key, after.key) <= 0) continue;
+        out.push({ shardId, key: record.key, value: record.value, epoch: record.version.epoch, seq: record.version.seq });
+        if (out.length >= h.countBlocks) break;
+      }
+      if (out.length >= h.countBlocks) break;
+    }
+    const payload = encodeKvPgRecords(out);
+    return { header: replyHeader(h, { countBlocks: out.length, payloadBytes: payload.length }), parts: [payload] };
+  }
+
   #checkKv(h: FrameHeader): void {
     if (h.namespace !== Namespace.S3_INDEX) throw new ShaleError('INVALID_ARGUMENT', `key-value ops are for namespace ${Namespace.S3_INDEX}, not ${h.namespace}`);
     if (h.pgCount === 0 || placementGroupOf(h.volumeId, 0, h.pgCount) !== h.pgId) {
@@ -478,6 +515,17 @@ export class StoreServer {
     this.#checkEpochs({ ...h, volumeId: 0 }, true);
     // Writes accepted before this listing must be in it: wait until they are in the index.
     await Promise.allSettled([...this.#writesInFlight]);
+    if (h.namespace === Namespace.S3_DATA) {
+      // Every S3 data object of the PG, by its namespace-local id (the PG hash the object client writes with).
+      const inPg = (engineId: number, chunkIndex: number): boolean => {
+        const local = namespacedId(engineId);
+        return local?.namespace === Namespace.S3_DATA && placementGroupOf(local.id, chunkIndex, h.pgCount) === h.pgId;
+      };
+      const objects = this.#engine.listObjects(undefined, inPg).map((object) => ({ ...object, volumeId: namespacedId(object.volumeId)!.id }));
+      const payload = encodeListReply(objects);
+      return { header: replyHeader(h, { payloadBytes: payload.length }), parts: [payload] };
+    }
+    if (h.namespace !== Namespace.VOLUME) throw new ShaleError('INVALID_ARGUMENT', `LIST_PG of namespace ${h.namespace}: key-value shards are listed with KV_LIST_PG`);
     const volumeIds = new Set(decodeVolumeIds(frame.payload));
     const objects = this.#engine.listObjects(volumeIds, (volumeId, chunkIndex) => placementGroupOf(volumeId, chunkIndex, h.pgCount) === h.pgId);
     const payload = encodeListReply(objects);

@@ -1110,6 +1110,22 @@ export class StoreEngine {
     return { key: Buffer.from(entry.key, 'latin1'), value: Buffer.from(entry.value), version: { epoch: entry.epoch, seq: entry.seq } };
   }
 
+  /** Ids of the shards holding any record (tombstones too), for resync of the S3 index. */
+  kvShardIds(): number[] {
+    return [...this.#kv.keys()];
+  }
+
+  /** Every record of the shard in key order, delete tombstones too (value undefined), with versions: what resync copies. */
+  kvRecords(shardId: number): { key: Buffer; value: Buffer | undefined; version: Version }[] {
+    checkVolumeId(shardId);
+    const shard = this.#kv.get(shardId);
+    if (!shard) return [];
+    return shard.sorted.map((key) => {
+      const entry = shard.entries.get(key)!;
+      return { key: Buffer.from(key, 'latin1'), value: entry.value ? Buffer.from(entry.value) : undefined, version: { epoch: entry.epoch, seq: entry.seq } };
+    });
+  }
+
   /** Live records of the shard in key order. */
   kvList(shardId: number, options: KvListOptions = {}): KvEntry[] {
     checkVolumeId(shardId);
