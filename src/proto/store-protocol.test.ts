@@ -5,6 +5,7 @@ import { ShaleError } from '../lib/errors.ts';
 import {
   BlockState, decodeHeader, decodeListReply, decodeReadReply, decodeVolumeIds, emptyHeader, encodeHeader, encodeListReply,
   encodeReadDescriptors, encodeVolumeIds, FrameParser, HEADER_BYTES, Op, type FrameHeader,
+  decodeKvPgCursor, decodeKvPgRecords, encodeKvPgCursor, encodeKvPgRecords, engineObjectId, Namespace, NAMESPACE_ID_MAX, namespacedId,
 } from './store-protocol.ts';
 
 const u32 = fc.nat({ max: 0xffffffff });
@@ -78,4 +79,23 @@ test('LIST_PG replies and volume id lists round-trip', () => {
   assert.deepEqual(decodeListReply(encodeListReply(objects)), objects);
   assert.deepEqual(decodeVolumeIds(encodeVolumeIds([1, 2 ** 52, 0])), [1, 2 ** 52, 0]);
   assert.throws(() => decodeListReply(encodeListReply(objects).subarray(0, 20)), /truncated/);
+});
+
+test('KV_LIST_PG pages and cursors round-trip; engine ids map back to their namespace', () => {
+  const records = [
+    { shardId: 513, key: Buffer.from('a'), value: Buffer.from('manifest'), epoch: 1, seq: 2 ** 45 },
+    { shardId: 513, key: Buffer.from([0xff, 0]), value: undefined, epoch: 1, seq: 7 },
+    { shardId: NAMESPACE_ID_MAX, key: Buffer.from('k'), value: Buffer.alloc(0), epoch: 2, seq: 0 },
+  ];
+  assert.deepEqual(decodeKvPgRecords(encodeKvPgRecords(records)), records);
+  assert.throws(() => decodeKvPgRecords(encodeKvPgRecords(records).subarray(0, 30)), /truncated/);
+  assert.equal(decodeKvPgCursor(encodeKvPgCursor(undefined)), undefined);
+  assert.deepEqual(decodeKvPgCursor(encodeKvPgCursor({ shardId: 9, key: Buffer.from('x/y') })), { shardId: 9, key: Buffer.from('x/y') });
+  assert.throws(() => decodeKvPgCursor(Buffer.alloc(11)), /wrong length/);
+  for (const namespace of [Namespace.S3_DATA, Namespace.S3_INDEX]) {
+    for (const id of [0, 12_345, NAMESPACE_ID_MAX]) assert.deepEqual(namespacedId(engineObjectId(namespace, id)), { namespace, id });
+  }
+  assert.equal(namespacedId(42), undefined, 'a volume id');
+  assert.equal(namespacedId(2 ** 53 - 1), undefined, "the store's own shard");
+  assert.equal(Op.KV_LIST_PG, 0x24);
 });
