@@ -1184,7 +1184,6 @@ export class StoreEngine {
   async read(volumeId: number, chunkIndex: number, offsetBlocks: number, countBlocks: number, options: ReadOptions = {}): Promise<ReadResult> {
     const located = this.#locate(volumeId, chunkIndex, offsetBlocks, countBlocks, options);
     const { data, states, locations } = located;
-    const bps = this.#blocksPerSegment;
     const reads: Promise<number>[] = [];
     const readLengths: number[] = [];
     const pinned: number[] = [];
@@ -1194,13 +1193,10 @@ export class StoreEngine {
         i++;
         continue;
       }
-      // A run of data blocks that lie next to each other in one segment: one read.
       const start = i;
       const startLocation = locations[i]!;
-      const segment = Math.floor(startLocation / bps);
-      do i++;
-      while (i < countBlocks && states[i] === BlockState.DATA && locations[i] === startLocation + (i - start) &&
-        Math.floor((startLocation + (i - start)) / bps) === segment);
+      const segment = Math.floor(startLocation / this.#blocksPerSegment);
+      i = this.#runEnd(states, locations, start, countBlocks);
       this.#readPins[segment]!++;
       pinned.push(segment);
       readLengths.push((i - start) * BLOCK_SIZE_BYTES);
@@ -1245,10 +1241,7 @@ export class StoreEngine {
       // Nothing can move a segment between here and the end of the read: no pin is needed.
       const start = i;
       const startLocation = locations[i]!;
-      const segment = Math.floor(startLocation / this.#blocksPerSegment);
-      do i++;
-      while (i < countBlocks && states[i] === BlockState.DATA && locations[i] === startLocation + (i - start) &&
-        Math.floor((startLocation + (i - start)) / this.#blocksPerSegment) === segment);
+      i = this.#runEnd(states, locations, start, countBlocks);
       let length: number | undefined;
       try {
         length = readNow.call(this.#file, data.subarray(start * BLOCK_SIZE_BYTES, i * BLOCK_SIZE_BYTES), this.#locationOffsetBytes(startLocation));
@@ -1262,6 +1255,16 @@ export class StoreEngine {
     }
     this.#verify(located, volumeId, chunkIndex, offsetBlocks, countBlocks);
     return { data, checksums: located.checksums, states, versions: located.versions };
+  }
+
+  /** The end of the run of data blocks from `start` that lie next to each other in one segment: one disk read. */
+  #runEnd(states: Uint8Array, locations: Uint32Array, start: number, countBlocks: number): number {
+    const startLocation = locations[start]!;
+    const segment = Math.floor(startLocation / this.#blocksPerSegment);
+    let end = start + 1;
+    while (end < countBlocks && states[end] === BlockState.DATA && locations[end] === startLocation + (end - start) &&
+      Math.floor((startLocation + (end - start)) / this.#blocksPerSegment) === segment) end++;
+    return end;
   }
 
   /** Where each block's wanted version lies (at a snapshot with `snapshotId`); absent and zero blocks' data zero-filled. */
