@@ -125,7 +125,7 @@ async function shaleUp(name: string, stores: number): Promise<Target[]> {
   const socket = join(dir, `${name}.sock`);
   const child = start(process.execPath, [
     MAIN, 'up', '--data', join(dir, name), '--stores', String(stores), '--disk-size', '4G',
-    '--nbd-port', String(nbdPort), '--api-port', String(apiPort), '--nbd-socket', socket,
+    '--nbd-port', String(nbdPort), '--api-port', String(apiPort), '--nbd-socket', socket, '--s3-listen', '127.0.0.1:0',
   ], { SHALE_CONFIG_DIR: join(dir, `${name}-config`) });
   const output = (child as ChildProcess & { output: () => string }).output;
   await waitFor(`shale up (${name})`, () => output().includes('Shale is up'));

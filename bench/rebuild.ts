@@ -127,7 +127,7 @@ async function main(): Promise<void> {
   const apiPort = await freePort();
   const api = `http://127.0.0.1:${apiPort}`;
   const diskSize = `${Math.max(8, Math.ceil((parseSizeGiB(SIZE) * 3) / 3) + 4)}G`;
-  up = spawn(process.execPath, [MAIN, 'up', '--data', dataDir, '--stores', '4', '--disk-size', diskSize, '--nbd-port', String(nbdPort), '--api-port', String(apiPort),
+  up = spawn(process.execPath, [MAIN, 'up', '--data', dataDir, '--stores', '4', '--disk-size', diskSize, '--nbd-port', String(nbdPort), '--api-port', String(apiPort), '--s3-listen', '127.0.0.1:0',
     '--heartbeat-timeout', '2s', '--down-out-interval', '2s', '--restart-delay', '1h', '--scrub-interval', '0', '--resync-rate', RESYNC_RATE], { stdio: ['ignore', 'pipe', 'pipe'] });
   let output = '';
   up.stdout!.on('data', (chunk: Buffer) => (output += chunk.toString()));

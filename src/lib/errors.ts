@@ -118,7 +118,7 @@ export const ErrorCodes = {
   },
   IN_USE: {
     wire: 21, nbdErrno: NbdErrno.EPERM, s3Code: 'OperationAborted', httpStatus: 409, exitCode: 18, retryable: false,
-    doc: 'The volume or snapshot is in use in a way that forbids the request: a rollback, flatten or import of a volume a gateway has open for writing, or deleting a snapshot (or volume) that clones still read through. Close the volume or flatten the clones first.',
+    doc: 'The volume or snapshot is in use in a way that forbids the request: a rollback, flatten or import of a volume a gateway has open for writing, or deleting a snapshot (or volume) that clones still read through. Close the volume or flatten the clones first. Also: a server cannot listen on an address another process already holds (choose another port, or 0 for a free one).',
   },
   NO_SUCH_BUCKET: {
     wire: 22, nbdErrno: NbdErrno.EINVAL, s3Code: 'NoSuchBucket', httpStatus: 404, exitCode: 3, retryable: false,

@@ -321,9 +321,14 @@ async function startListening(server: net.Server, address: string): Promise<List
   const parsed = parseAddress(address);
   if (parsed.kind === 'unix') await fs.rm(parsed.path, { force: true });
   await new Promise<void>((resolve, reject) => {
-    server.once('error', reject);
+    const refused = (error: NodeJS.ErrnoException): void => {
+      reject(error.code === 'EADDRINUSE'
+        ? new ShaleError('IN_USE', `cannot listen on ${address}: the address is already in use`)
+        : new ShaleError('UNAVAILABLE', `cannot listen on ${address}: ${error.message}`));
+    };
+    server.once('error', refused);
     server.listen(listenOptions(address), () => {
-      server.off('error', reject);
+      server.off('error', refused);
       resolve();
     });
   });
