@@ -1017,9 +1017,9 @@ export class NbdSession {
       if (reply.recycle) (sent ??= []).push(reply.data!);
     }
     if (runStart < at) buffers.push(headers.subarray(runStart, at));
-    const recycle = this.#export?.recycle;
-    this.#send(buffers, sent === undefined || recycle === undefined ? undefined : () => {
-      for (const data of sent!) recycle(data);
+    const opened = this.#export;
+    this.#send(buffers, sent === undefined || opened?.recycle === undefined ? undefined : () => {
+      for (const data of sent!) opened.recycle!(data);
     });
     this.#maybeFinish();
     this.#resumeIfRoom();
