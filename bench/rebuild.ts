@@ -20,12 +20,10 @@
  */
 import { spawn, spawnSync, type ChildProcess } from 'node:child_process';
 import { mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
-import { createServer } from 'node:net';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
-import { fileURLToPath } from 'node:url';
+import { freePort, log, MAIN } from './support.ts';
 
-const MAIN = fileURLToPath(new URL('../src/cli/main.ts', import.meta.url));
 const SIZE = process.env.SIZE ?? '4G';
 const RUNTIME = Number(process.env.RUNTIME ?? 10);
 const RESYNC_RATE = process.env.RESYNC_RATE ?? '0';
@@ -34,20 +32,6 @@ const MiB = 1024 * 1024;
 const dir = mkdtempSync(join(process.env.BENCH_DIR ?? tmpdir(), 'shale-bench-rebuild-'));
 let up: ChildProcess | undefined;
 let restarted: ChildProcess | undefined;
-
-function log(message: string): void {
-  process.stderr.write(`[bench] ${message}\n`);
-}
-
-async function freePort(): Promise<number> {
-  return new Promise((resolve) => {
-    const server = createServer();
-    server.listen(0, '127.0.0.1', () => {
-      const address = server.address();
-      server.close(() => resolve(typeof address === 'object' && address ? address.port : 0));
-    });
-  });
-}
 
 function fio(args: string[]): { [key: string]: any } {
   const result = spawnSync('fio', ['--output-format=json', ...args], { encoding: 'utf8', maxBuffer: 64 * MiB });

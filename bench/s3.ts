@@ -13,32 +13,16 @@ import { spawn, type ChildProcess } from 'node:child_process';
 import { randomBytes } from 'node:crypto';
 import { Agent } from 'node:http';
 import { mkdtempSync, readFileSync, rmSync } from 'node:fs';
-import { createServer } from 'node:net';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
-import { fileURLToPath } from 'node:url';
 import { CreateBucketCommand, GetObjectCommand, PutObjectCommand, S3Client } from '@aws-sdk/client-s3';
+import { freePort, log, MAIN } from './support.ts';
 
-const MAIN = fileURLToPath(new URL('../src/cli/main.ts', import.meta.url));
 const DURATION_S = Number(process.env.DURATION ?? 10);
 const TOPOLOGIES = (process.env.TOPOLOGIES ?? '3,1').split(',').map(Number);
 const CLIENTS = Number(process.env.CLIENTS ?? 16);
 const SIZES = [4 * 1024, 1024 * 1024];
 const KEY = { accessKeyId: 'AKBENCH', secretAccessKey: 'bench-secret-key' };
-
-function log(message: string): void {
-  process.stderr.write(`[bench] ${message}\n`);
-}
-
-async function freePort(): Promise<number> {
-  return new Promise((resolve, reject) => {
-    const server = createServer();
-    server.listen(0, '127.0.0.1', () => {
-      const address = server.address();
-      server.close(() => (typeof address === 'object' && address ? resolve(address.port) : reject(new Error('no port'))));
-    });
-  });
-}
 
 async function startUp(dir: string, stores: number): Promise<{ child: ChildProcess; api: string; s3: string; token: string }> {
   const apiPort = await freePort();

@@ -34,20 +34,19 @@ import {
 } from '../proto/store-protocol.ts';
 import type { ClusterMap, PgEntry, PoolMapEntry } from '../conductor/api/types.ts';
 import type { ClusterClient } from './cluster-client.ts';
+import { handleReplicaFailures, isUp, noQuorum, waitForMapChange, type ReplicaFailure } from './replica-retry.ts';
 
 /** Bytes of one data chunk (one store object). */
 export const DATA_CHUNK_BYTES = 4 * MiB;
 export const DATA_CHUNK_BLOCKS = DATA_CHUNK_BYTES / BLOCK_SIZE_BYTES;
 /** Data ids asked of the conductor at once. */
 export const DATA_ID_RANGE = 256;
-const RETRY_DELAY_MS = 50;
 /** How long an S3 request waits for enough replicas before NO_QUORUM. */
 export const OBJECT_IO_TIMEOUT_MS_DEFAULT = 30_000;
 
 const DATA_VERSION = { epoch: 1, seq: 1 };
 const FREED_VERSION = { epoch: 1, seq: 2 };
 
-type Failure = { storeId: number; error: ShaleError };
 
 export interface KvVersion {
   epoch: number;
@@ -151,7 +150,7 @@ export class ObjectClient {
         }
       }
       if (stale) await this.#cluster.watcher.refresh().catch(() => {});
-      else await this.#waitForChange(map, deadline, lastError);
+      else await waitForMapChange(this.#cluster, map, deadline, lastError, 'S3 I/O');
     }
   }
 
@@ -221,7 +220,7 @@ export class ObjectClient {
       }
       if (answers.length > 0 && !stale) return answers;
       if (stale) await this.#cluster.watcher.refresh().catch(() => {});
-      else await this.#waitForChange(map, deadline, lastError);
+      else await waitForMapChange(this.#cluster, map, deadline, lastError, 'S3 I/O');
     }
   }
 
@@ -235,11 +234,11 @@ export class ObjectClient {
       const acting = pg.replicas.filter((replica) => replica.state !== 'down' && isUp(map, replica.storeId));
       if (acting.length < pool.minReplicas) {
         lastError = new ShaleError('NO_QUORUM', `PG ${pool.id}.${pgId} has ${acting.length} of ${pool.minReplicas} replicas needed`);
-        await this.#waitForChange(map, deadline, lastError);
+        await waitForMapChange(this.#cluster, map, deadline, lastError, 'S3 I/O');
         continue;
       }
       const header = { ...fields, volumeId: id, chunkIndex, poolId: pool.id, pgId, pgCount: pool.pgCount, pgEpoch: pg.epoch };
-      const results = await Promise.all(acting.map(async (replica): Promise<Failure | undefined> => {
+      const results = await Promise.all(acting.map(async (replica): Promise<ReplicaFailure | undefined> => {
         try {
           await this.#cluster.channel(replica.storeId).request(header, payload);
           return undefined;
@@ -247,53 +246,15 @@ export class ObjectClient {
           return { storeId: replica.storeId, error: toError(error) };
         }
       }));
-      const failures = results.filter((failure): failure is Failure => failure !== undefined);
+      const failures = results.filter((failure): failure is ReplicaFailure => failure !== undefined);
       if (failures.length === 0) return;
-      lastError = await this.#handleFailures(failures);
-      if (this.#cluster.env.clock.nowMs() >= deadline) throw noQuorum(lastError);
+      lastError = await handleReplicaFailures(this.#cluster, failures);
+      if (this.#cluster.env.clock.nowMs() >= deadline) throw noQuorum(lastError, 'S3 I/O');
     }
-  }
-
-  async #handleFailures(failures: Failure[]): Promise<ShaleError> {
-    let delay = false;
-    let refresh = false;
-    for (const { storeId, error } of failures) {
-      switch (error.code) {
-        case 'STALE_PG_EPOCH':
-          refresh = true;
-          break;
-        case 'NOT_READY':
-        case 'BUSY':
-        case 'CHECKSUM':
-          delay = true;
-          break;
-        case 'UNAVAILABLE':
-        case 'MAYBE_COMMITTED':
-        case 'SHUTTING_DOWN':
-          try {
-            await this.#cluster.reportDown(storeId, error.message);
-          } catch {
-            delay = true;
-          }
-          break;
-        default:
-          throw error;
-      }
-    }
-    if (refresh) await this.#cluster.watcher.refresh().catch(() => {});
-    if (delay) await this.#cluster.env.clock.sleep(RETRY_DELAY_MS);
-    return failures[0]!.error;
   }
 
   #deadline(): number {
     return this.#ioTimeoutMs > 0 ? this.#cluster.env.clock.nowMs() + this.#ioTimeoutMs : Number.POSITIVE_INFINITY;
-  }
-
-  async #waitForChange(map: ClusterMap, deadline: number, lastError: ShaleError | undefined): Promise<void> {
-    const clock = this.#cluster.env.clock;
-    if (clock.nowMs() >= deadline) throw noQuorum(lastError);
-    const waitMs = Math.min(500, deadline - clock.nowMs());
-    await Promise.race([this.#cluster.watcher.waitForEpoch(map.epoch + 1), clock.sleep(waitMs)]);
   }
 }
 
@@ -307,14 +268,6 @@ function payloadOf(frame: Frame): Buffer {
 
 function toError(error: unknown): ShaleError {
   return error instanceof ShaleError ? error : new ShaleError('INTERNAL', String(error));
-}
-
-function isUp(map: ClusterMap, storeId: number): boolean {
-  return map.stores.some((store) => store.id === storeId && store.state === 'up');
-}
-
-function noQuorum(lastError: ShaleError | undefined): ShaleError {
-  return new ShaleError('NO_QUORUM', `S3 I/O timed out waiting for replicas${lastError ? `: ${lastError.message}` : ''}`);
 }
 
 /** The data of a READ reply whose every block is DATA with a good crc32c; else CHECKSUM (try another replica). */

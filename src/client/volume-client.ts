@@ -33,12 +33,12 @@ import { BLOCKS_PER_REQUEST_MAX, BlockState, compareVersions, decodeReadParts, d
 import type { ClusterMap, PgEntry, PoolMapEntry, VolumeInfo } from '../conductor/api/types.ts';
 import type { ClusterClient } from './cluster-client.ts';
 import { RangeLock } from './range-lock.ts';
+import { handleReplicaFailures, isUp, noQuorum, waitForMapChange, type ReplicaFailure } from './replica-retry.ts';
 import { ChainReader, type Layer, parentLayers, snapContextOf } from './snap-chain.ts';
 
 /** The largest single request a volume accepts (NBD's maximum block size is advertised at or below it). */
 export const REQUEST_BYTES_MAX = 32 * 1024 * 1024;
 
-const RETRY_DELAY_MS = 50;
 /** Tries of a snapshot acknowledgement before giving up (the next map tries again). */
 const snapshotAckAttemptsMax = 25;
 
@@ -50,7 +50,6 @@ interface Piece {
   bufferBlock: number;
 }
 
-type Failure = { storeId: number; error: ShaleError };
 
 export class VolumeClient {
   readonly info: VolumeInfo;
@@ -329,7 +328,7 @@ export class VolumeClient {
         }
       }
       if (staleMap) await this.#cluster.watcher.refresh().catch(() => {});
-      else await this.#waitForChange(map, deadline, lastError);
+      else await waitForMapChange(this.#cluster, map, deadline, lastError);
     }
   }
 
@@ -497,7 +496,7 @@ export class VolumeClient {
       const acting = pg.replicas.filter((replica) => replica.state !== 'down' && isUp(map, replica.storeId));
       if (acting.length < pool.minReplicas) {
         lastError = new ShaleError('NO_QUORUM', `PG ${pool.id}.${pgId} has ${acting.length} of ${pool.minReplicas} replicas needed`);
-        await this.#waitForChange(map, deadline, lastError);
+        await waitForMapChange(this.#cluster, map, deadline, lastError);
         continue;
       }
       const header = {
@@ -505,7 +504,7 @@ export class VolumeClient {
         pgCount: pool.pgCount, pgEpoch: pg.epoch, ownerEpoch: this.ownerEpoch, versionSeq: seq,
         offsetBlocks: piece.offsetBlocks, countBlocks: piece.countBlocks, snapSeq, watermark: this.#watermark,
       };
-      const results = await Promise.all(acting.map(async (replica): Promise<Failure | undefined> => {
+      const results = await Promise.all(acting.map(async (replica): Promise<ReplicaFailure | undefined> => {
         this.#writtenSinceFlush.add(replica.storeId);
         try {
           await this.#cluster.channel(replica.storeId).request(header, payload);
@@ -514,43 +513,11 @@ export class VolumeClient {
           return { storeId: replica.storeId, error: error instanceof ShaleError ? error : new ShaleError('INTERNAL', String(error)) };
         }
       }));
-      const failures = results.filter((failure): failure is Failure => failure !== undefined);
+      const failures = results.filter((failure): failure is ReplicaFailure => failure !== undefined);
       if (failures.length === 0) return;
-      lastError = await this.#handleFailures(failures);
+      lastError = await handleReplicaFailures(this.#cluster, failures);
       if (this.#expired(deadline)) throw noQuorum(lastError);
     }
-  }
-
-  /** Acts on the failures of one round (see the decision table above); throws what can't be retried. */
-  async #handleFailures(failures: Failure[]): Promise<ShaleError> {
-    let delay = false;
-    let refresh = false;
-    for (const { storeId, error } of failures) {
-      switch (error.code) {
-        case 'STALE_PG_EPOCH':
-          refresh = true;
-          break;
-        case 'NOT_READY':
-        case 'BUSY':
-        case 'CHECKSUM':
-          delay = true;
-          break;
-        case 'UNAVAILABLE':
-        case 'MAYBE_COMMITTED':
-        case 'SHUTTING_DOWN':
-          try {
-            await this.#cluster.reportDown(storeId, error.message);
-          } catch {
-            delay = true; // the conductor is unreachable: retry until the deadline
-          }
-          break;
-        default:
-          throw error;
-      }
-    }
-    if (refresh) await this.#cluster.watcher.refresh().catch(() => {});
-    if (delay) await this.#cluster.env.clock.sleep(RETRY_DELAY_MS);
-    return failures[0]!.error;
   }
 
   /**
@@ -651,7 +618,7 @@ export class VolumeClient {
     let pending = stores;
     while (pending.length > 0) {
       const map = this.#cluster.map;
-      const results = await Promise.all(pending.map(async (storeId): Promise<Failure | undefined> => {
+      const results = await Promise.all(pending.map(async (storeId): Promise<ReplicaFailure | undefined> => {
         if (!isUp(map, storeId)) return undefined; // already down in a committed epoch
         try {
           await this.#cluster.channel(storeId).request({ op: Op.FLUSH, volumeId: this.info.id, ownerEpoch: this.ownerEpoch, watermark: this.#watermark });
@@ -660,9 +627,9 @@ export class VolumeClient {
           return { storeId, error: error instanceof ShaleError ? error : new ShaleError('INTERNAL', String(error)) };
         }
       }));
-      const failures = results.filter((failure): failure is Failure => failure !== undefined);
+      const failures = results.filter((failure): failure is ReplicaFailure => failure !== undefined);
       if (failures.length === 0) return;
-      const lastError = await this.#handleFailures(failures);
+      const lastError = await handleReplicaFailures(this.#cluster, failures);
       if (this.#expired(deadline)) throw noQuorum(lastError);
       pending = failures.map((failure) => failure.storeId);
     }
@@ -683,22 +650,6 @@ export class VolumeClient {
   #expired(deadline: number): boolean {
     return this.#cluster.env.clock.nowMs() >= deadline;
   }
-
-  /** Waits for a map newer than `map`, or a short while; throws NO_QUORUM past the deadline. */
-  async #waitForChange(map: ClusterMap, deadline: number, lastError: ShaleError | undefined): Promise<void> {
-    if (this.#expired(deadline)) throw noQuorum(lastError);
-    const clock = this.#cluster.env.clock;
-    const waitMs = Math.min(500, deadline - clock.nowMs());
-    await Promise.race([this.#cluster.watcher.waitForEpoch(map.epoch + 1), clock.sleep(waitMs)]);
-  }
-}
-
-function isUp(map: ClusterMap, storeId: number): boolean {
-  return map.stores.some((store) => store.id === storeId && store.state === 'up');
-}
-
-function noQuorum(lastError: ShaleError | undefined): ShaleError {
-  return new ShaleError('NO_QUORUM', `I/O timed out waiting for replicas${lastError ? `: ${lastError.message}` : ''}`);
 }
 
 /** Decodes a READ reply, from its parts when it came from the in-process store (no joined copy). */
