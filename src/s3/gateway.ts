@@ -125,6 +125,17 @@ export async function startS3Gateway(env: Env, options: S3GatewayOptions): Promi
     response.end(text);
   };
 
+  /** GET ?acl shows the owner-only ACL; PUT ?acl accepts only a canned owner-only one (nothing else is stored). */
+  const answerAcl = (request: IncomingMessage, response: ServerResponse, method: string, account: string): void => {
+    if (method === 'GET') {
+      sendXml(response, 200, 'AccessControlPolicy', aclDocument(account));
+      return;
+    }
+    checkCannedAcl(request);
+    if (header(request, 'x-amz-acl') === undefined) throw new ShaleError('NOT_SUPPORTED', 'only canned owner-only ACLs (x-amz-acl: private) can be set');
+    response.writeHead(200, { 'content-length': 0 });
+    response.end();
+  };
   const sendError = (request: IncomingMessage, response: ServerResponse, error: unknown, resource: string): void => {
     const shaleError = toShaleError(error);
     const spec = ErrorCodes[codeOf(shaleError)];
@@ -393,14 +404,7 @@ export async function startS3Gateway(env: Env, options: S3GatewayOptions): Promi
         return;
       }
       if (query.has('acl') && (method === 'GET' || method === 'PUT')) {
-        if (method === 'GET') {
-          sendXml(response, 200, 'AccessControlPolicy', aclDocument(bucket.account));
-          return;
-        }
-        checkCannedAcl(request);
-        if (header(request, 'x-amz-acl') === undefined) throw new ShaleError('NOT_SUPPORTED', 'only canned owner-only ACLs (x-amz-acl: private) can be set');
-        response.writeHead(200, { 'content-length': 0 });
-        response.end();
+        answerAcl(request, response, method, bucket.account);
         return;
       }
       if (method === 'GET' && query.has('versioning')) {
@@ -489,14 +493,7 @@ export async function startS3Gateway(env: Env, options: S3GatewayOptions): Promi
     const uploadId = query.get('uploadId');
     if (query.has('acl') && (method === 'GET' || method === 'PUT')) {
       if (!(await store.head(bucket, key))) throw new ShaleError('NOT_FOUND', `no key ${key} in bucket ${bucketName}`);
-      if (method === 'GET') {
-        sendXml(response, 200, 'AccessControlPolicy', aclDocument(bucket.account));
-        return;
-      }
-      checkCannedAcl(request);
-      if (header(request, 'x-amz-acl') === undefined) throw new ShaleError('NOT_SUPPORTED', 'only canned owner-only ACLs (x-amz-acl: private) can be set');
-      response.writeHead(200, { 'content-length': 0 });
-      response.end();
+      answerAcl(request, response, method, bucket.account);
       return;
     }
     if (['tagging', 'retention', 'legal-hold', 'torrent', 'attributes', 'restore', 'select'].some((name) => query.has(name))) {
