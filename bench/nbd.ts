@@ -4,11 +4,15 @@
  * round) so that load from elsewhere on a shared machine hits all targets alike; the table shows
  * the median of the rounds and the ratio to nbdkit over the same transport. It also gives the
  * server's CPU time per operation (user + system of every server process and thread, from
- * /proc/PID/stat, over the fio run): a figure that load from elsewhere disturbs far less than IOPS.
+ * /proc/PID/stat, over the fio run): a figure that load from elsewhere disturbs far less than IOPS;
+ * and fio's own CPU per operation, since client and server share the machine's cores. Read
+ * workloads read page-cached data (every target is read once right before its run); with
+ * DROP_CACHES=1 the page cache is emptied before every run instead (cold reads, root only).
  *
  *   npm run bench:nbd                      # all targets, all workloads, RUNS=3 rounds of RUNTIME=10 s
  *   RUNS=5 RUNTIME=20 npm run bench:nbd
  *   TARGETS=nbdkit-file-tcp,shale-1-replica-tcp WORKLOADS=randread_4k_qd32 npm run bench:nbd
+ *   DROP_CACHES=1 WORKLOADS=randread_4k_qd32 npm run bench:nbd
  *
  * Targets: nbdkit file plugin (tcp, unix), qemu-nbd (--cache=none --aio=threads, unix), Shale with
  * 1 replica on `shale up --stores 1` (the store engine in the gateway's process) and with 3
@@ -24,6 +28,13 @@ import { freePort, log, MAIN } from './support.ts';
 const RUNS = Number(process.env.RUNS ?? 3);
 const RUNTIME = Number(process.env.RUNTIME ?? 10);
 const SIZE = '1G';
+/**
+ * Read workloads measure data in the page cache by default: each target is read once, sequentially,
+ * right before its measured run (this VM's kernel pages out file pages left untouched for ~30 s,
+ * so without it a target measured after the others' turns starts cold). DROP_CACHES=1 (root)
+ * measures the other case: the page cache is emptied before every measured run.
+ */
+const DROP_CACHES = process.env.DROP_CACHES === '1';
 const CLOCK_TICKS_PER_SECOND = Number(spawnSync('getconf', ['CLK_TCK'], { encoding: 'utf8' }).stdout.trim()) || 100;
 
 const WORKLOADS: Record<string, string[]> = {
@@ -73,6 +84,8 @@ interface FioResult {
   p50us: number;
   p99us: number;
   ios: number;
+  /** fio's own CPU time per I/O (the client's share of the 2 cores). */
+  clientCpuUsPerOp: number;
 }
 
 /** CPU seconds (user + system, every thread) used so far by the processes, from /proc. */
@@ -100,7 +113,8 @@ function fio(uri: string, args: string[], runtime: number, extra: string[] = [])
   const job = JSON.parse(readFileSync(output, 'utf8')).jobs[0];
   const side = job.read.iops > job.write.iops ? job.read : job.write;
   const percentile = side.clat_ns.percentile ?? {};
-  return { iops: side.iops, mibps: side.bw / 1024, p50us: (percentile['50.000000'] ?? 0) / 1000, p99us: (percentile['99.000000'] ?? 0) / 1000, ios: side.total_ios };
+  const clientCpuUsPerOp = ((job.usr_cpu + job.sys_cpu) / 100) * job.job_runtime * 1000 / Math.max(1, side.total_ios);
+  return { iops: side.iops, mibps: side.bw / 1024, p50us: (percentile['50.000000'] ?? 0) / 1000, p99us: (percentile['99.000000'] ?? 0) / 1000, ios: side.total_ios, clientCpuUsPerOp };
 }
 
 async function shaleUp(name: string, stores: number): Promise<Target[]> {
@@ -150,8 +164,10 @@ async function main(): Promise<void> {
   const qemu = start('qemu-nbd', ['--persistent', '--shared=8', '--cache=none', '--aio=threads', '--format=raw', `--socket=${qemuSocket}`, qemuFile]);
   targets.push({ name: 'qemu-nbd', transport: 'unix', uri: `nbd+unix:///?socket=${qemuSocket}`, pids: () => [qemu.pid!] });
 
-  targets.push(...(await shaleUp('shale-1-replica', 1)));
-  targets.push(...(await shaleUp('shale-3-replicas', 3)));
+  // Shale clusters are started only when one of their targets is measured.
+  const wanted = (name: string): boolean => !only || only.some((entry) => entry.startsWith(`${name}-`));
+  if (wanted('shale-1-replica')) targets.push(...(await shaleUp('shale-1-replica', 1)));
+  if (wanted('shale-3-replicas')) targets.push(...(await shaleUp('shale-3-replicas', 3)));
   const chosen = targets.filter((target) => !only || only.includes(`${target.name}-${target.transport}`));
   await new Promise((resolve) => setTimeout(resolve, 1000));
 
@@ -166,10 +182,12 @@ async function main(): Promise<void> {
       for (const target of chosen) {
         const key = `${workload}|${target.name}|${target.transport}`;
         const pids = target.pids();
+        if (DROP_CACHES) dropPageCache();
+        else if (args.some((arg) => arg.includes('read'))) fio(target.uri, ['--rw=read', '--bs=1M', '--iodepth=8'], 0, ['--time_based=0']);
         const cpuBefore = cpuSeconds(pids);
         const measured = fio(target.uri, args, RUNTIME);
         const result = { ...measured, cpuUsPerOp: ((cpuSeconds(pids) - cpuBefore) * 1e6) / Math.max(1, measured.ios) };
-        log(`round ${round} ${workload} ${target.name}/${target.transport}: ${Math.round(result.iops)} IOPS, ${result.mibps.toFixed(0)} MiB/s, p50 ${result.p50us.toFixed(0)} µs, ${result.cpuUsPerOp.toFixed(1)} CPU µs/op`);
+        log(`round ${round} ${workload} ${target.name}/${target.transport}: ${Math.round(result.iops)} IOPS, ${result.mibps.toFixed(0)} MiB/s, p50 ${result.p50us.toFixed(0)} µs, ${result.cpuUsPerOp.toFixed(1)} CPU µs/op (fio ${result.clientCpuUsPerOp.toFixed(1)})`);
         results.set(key, [...(results.get(key) ?? []), result]);
       }
     }
@@ -180,19 +198,25 @@ async function main(): Promise<void> {
     return sorted[Math.floor(sorted.length / 2)]!;
   };
   const lines: string[] = [];
-  lines.push(`| workload | target | transport | IOPS (median) | MiB/s | p50 µs | p99 µs | server CPU µs/op | vs nbdkit-file (same transport) |`);
-  lines.push('|---|---|---|---:|---:|---:|---:|---:|---:|');
+  lines.push(`| workload | target | transport | IOPS (median) | MiB/s | p50 µs | p99 µs | server CPU µs/op | fio CPU µs/op | vs nbdkit-file (same transport) |`);
+  lines.push('|---|---|---|---:|---:|---:|---:|---:|---:|---:|');
   for (const [workload] of workloads) {
     for (const target of chosen) {
       const runs = results.get(`${workload}|${target.name}|${target.transport}`)!;
       const iops = median(runs.map((run) => run.iops));
       const reference = results.get(`${workload}|nbdkit-file|${target.transport}`);
       const ratio = reference ? iops / median(reference.map((run) => run.iops)) : undefined;
-      lines.push(`| ${workload} | ${target.name} | ${target.transport} | ${Math.round(iops)} | ${median(runs.map((run) => run.mibps)).toFixed(0)} | ${median(runs.map((run) => run.p50us)).toFixed(0)} | ${median(runs.map((run) => run.p99us)).toFixed(0)} | ${median(runs.map((run) => run.cpuUsPerOp)).toFixed(1)} | ${ratio === undefined ? '–' : `${ratio.toFixed(2)}×`} |`);
+      lines.push(`| ${workload} | ${target.name} | ${target.transport} | ${Math.round(iops)} | ${median(runs.map((run) => run.mibps)).toFixed(0)} | ${median(runs.map((run) => run.p50us)).toFixed(0)} | ${median(runs.map((run) => run.p99us)).toFixed(0)} | ${median(runs.map((run) => run.cpuUsPerOp)).toFixed(1)} | ${median(runs.map((run) => run.clientCpuUsPerOp)).toFixed(1)} | ${ratio === undefined ? '–' : `${ratio.toFixed(2)}×`} |`);
     }
   }
   const loadavg = readFileSync('/proc/loadavg', 'utf8').split(' ').slice(0, 3).join(' ');
-  process.stdout.write(`\nNBD benchmark: ${RUNS} rounds × ${RUNTIME} s per workload and target, medians; load average at the end ${loadavg}\n\n${lines.join('\n')}\n`);
+  const cache = DROP_CACHES ? 'page cache emptied before each run' : 'reads of page-cached data (each target read once before its run)';
+  process.stdout.write(`\nNBD benchmark: ${RUNS} rounds × ${RUNTIME} s per workload and target, medians; ${cache}; load average at the end ${loadavg}\n\n${lines.join('\n')}\n`);
+}
+
+function dropPageCache(): void {
+  spawnSync('sync');
+  writeFileSync('/proc/sys/vm/drop_caches', '1');
 }
 
 function writeFileAndReturn(path: string): string {

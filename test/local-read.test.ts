@@ -93,6 +93,28 @@ describe('reads from a store in the same process', () => {
     assert.equal(volume.readNow(0, 0), undefined, 'empty');
   });
 
+  test('a clone reads the blocks it never wrote through to its parent, from either local path', async () => {
+    const post = async (path: string, body: unknown): Promise<void> => {
+      const response = await fetch(`${api}/api/v1${path}`, { method: 'POST', headers: { 'content-type': 'application/json' }, body: JSON.stringify(body) });
+      assert.equal(response.status, 201, await response.text());
+    };
+    await post('/volumes/fast/snapshots', { name: 'base' });
+    await post('/volumes/fast/snapshots/base/clone', { name: 'fast-clone' });
+    const clone = await gateway.openVolume('fast-clone');
+    const expected = Buffer.from(model);
+    const own = randomBytes(3 * 4096);
+    own.copy(expected, 5 * 4096);
+    await clone.write(5 * 4096, own);
+    for (const [offset, length] of [[0, 4096], [4 * 4096, 4 * 4096], [5 * 4096, 4096], [0, 256 * 1024], [2 * CHUNK + 12_345, 700_000], [CHUNK + 4096, 4096]] as const) {
+      const want = expected.subarray(offset, offset + length);
+      const now = clone.readNow(offset, length);
+      if (now !== undefined) assert.ok(now.equals(want), `clone readNow at ${offset}+${length}`);
+      assert.ok((await clone.read(offset, length)).equals(want), `clone read at ${offset}+${length}`);
+    }
+    // The parent is unchanged by the clone's write.
+    assert.ok((await volume.read(5 * 4096, own.length)).equals(model.subarray(5 * 4096, 8 * 4096)));
+  });
+
   test('a block that fails its checksum is never returned: readNow declines and read reports CHECKSUM', async () => {
     const offset = 3 * CHUNK;
     const data = randomBytes(64 * 1024);

@@ -201,10 +201,32 @@ export class VolumeClient {
       });
       if (result === undefined) return undefined;
       // A clone's absent blocks read through to its parent: the asynchronous path does that.
-      if (this.#parentLayers.length > 0 && result.states.includes(BlockState.ABSENT)) return undefined;
+      if (result.absent && this.#parentLayers.length > 0) return undefined;
       // Absent and zero blocks are zeros in the engine's result, as they read.
       const skip = offsetBytes - startBlock * BLOCK_SIZE_BYTES;
       return skip === 0 && result.data.length === lengthBytes ? result.data : result.data.subarray(skip, skip + lengthBytes);
+    }
+    return undefined;
+  }
+
+  /**
+   * A piece read from a clean replica in this process without the wire format (DESIGN §9): the
+   * verified bytes, or undefined (no such replica, or a clone's block that reads through to its
+   * parent) — then the piece is read as any other. A rejection also means: read it as any other.
+   */
+  #readPieceLocal(piece: Piece): Promise<Buffer | undefined> | undefined {
+    const map = this.#cluster.map;
+    const { pool, pgId, pg } = this.#placement(map, piece.chunkIndex);
+    for (const replica of pg.replicas) {
+      if (replica.state !== 'clean' || !isUp(map, replica.storeId)) continue;
+      const channel = this.#cluster.channel(replica.storeId);
+      if (channel.readLocal === undefined) continue;
+      const pending = channel.readLocal({
+        volumeId: this.info.id, chunkIndex: piece.chunkIndex, poolId: pool.id, pgId, pgCount: pool.pgCount, pgEpoch: pg.epoch,
+        ownerEpoch: this.ownerEpoch, offsetBlocks: piece.offsetBlocks, countBlocks: piece.countBlocks,
+      });
+      if (pending === undefined) return undefined;
+      return pending.then((result) => (result.absent && this.#parentLayers.length > 0 ? undefined : result.data));
     }
     return undefined;
   }
@@ -222,6 +244,15 @@ export class VolumeClient {
   }
 
   async #readPiece(piece: Piece): Promise<Buffer> {
+    const local = this.#readPieceLocal(piece);
+    if (local !== undefined) {
+      try {
+        const data = await local;
+        if (data !== undefined) return data;
+      } catch {
+        // Read again below, as any read: another replica, or the error as the store reports it.
+      }
+    }
     const bad: number[] = [];
     let states: Uint8Array | undefined;
     const { value, storeId, pool, pgId, pgEpoch, reply } = await this.#fromCleanReplica(piece, Op.READ, (frame, from) => {

@@ -17,10 +17,17 @@
 const CLASS_MIN_SHIFT = 12;
 const CLASS_MAX_SHIFT = 22;
 
+/**
+ * Marks an ArrayBuffer handed out and not yet given back. A property on the ArrayBuffer itself
+ * (not a WeakSet): the hot read path takes and gives a buffer per request, and a WeakSet's
+ * ephemeron table cost more than the read's own bookkeeping.
+ */
+const OUT = Symbol('shale.buffer-pool.out');
+type Marked = ArrayBufferLike & { [OUT]?: boolean };
+
 export class BufferPool {
-  readonly #free: ArrayBuffer[][] = [];
-  /** ArrayBuffers handed out and not yet given back. */
-  readonly #out = new WeakSet<ArrayBuffer>();
+  /** Per size class, whole free buffers (each owns its ArrayBuffer of exactly the class size). */
+  readonly #free: Buffer[][] = [];
   readonly #freeMax: number[] = [];
   #reused = 0;
   #allocated = 0;
@@ -36,27 +43,28 @@ export class BufferPool {
   take(bytes: number): Buffer {
     const index = classIndex(bytes);
     if (index < 0) return Buffer.allocUnsafe(bytes);
-    const free = this.#free[index]!;
-    let arrayBuffer = free.pop();
-    if (arrayBuffer === undefined) {
-      arrayBuffer = new ArrayBuffer(2 ** (index + CLASS_MIN_SHIFT));
+    let buffer = this.#free[index]!.pop();
+    if (buffer === undefined) {
+      buffer = Buffer.allocUnsafeSlow(2 ** (index + CLASS_MIN_SHIFT));
       this.#allocated++;
     } else {
       this.#reused++;
     }
-    this.#out.add(arrayBuffer);
-    return Buffer.from(arrayBuffer, 0, bytes);
+    (buffer.buffer as Marked)[OUT] = true;
+    return buffer.length === bytes ? buffer : buffer.subarray(0, bytes);
   }
 
   /** Gives back a buffer from `take` (or a view of one) whose last user is done with it. */
   give(buffer: Buffer): void {
-    const arrayBuffer = buffer.buffer;
-    if (!(arrayBuffer instanceof ArrayBuffer) || !this.#out.has(arrayBuffer)) return;
-    this.#out.delete(arrayBuffer);
-    const index = classIndex(arrayBuffer.byteLength);
-    if (index < 0 || 2 ** (index + CLASS_MIN_SHIFT) !== arrayBuffer.byteLength) return;
+    const arrayBuffer = buffer.buffer as Marked;
+    if (arrayBuffer[OUT] !== true) return;
+    arrayBuffer[OUT] = false;
+    const bytes = arrayBuffer.byteLength;
+    const index = classIndex(bytes);
+    if (index < 0 || 2 ** (index + CLASS_MIN_SHIFT) !== bytes) return;
     const free = this.#free[index]!;
-    if (free.length < this.#freeMax[index]!) free.push(arrayBuffer);
+    if (free.length >= this.#freeMax[index]!) return;
+    free.push(buffer.byteOffset === 0 && buffer.length === bytes ? buffer : Buffer.from(arrayBuffer, 0, bytes));
   }
 
   /** For tests and metrics: buffers made new and buffers handed out again. */
@@ -65,9 +73,10 @@ export class BufferPool {
   }
 }
 
+/** The size class of `bytes` (the next power of two, 4 KiB..4 MiB, as an index), or -1 outside the classes. */
 function classIndex(bytes: number): number {
   if (bytes < 2 ** CLASS_MIN_SHIFT || bytes > 2 ** CLASS_MAX_SHIFT) return -1;
-  return Math.ceil(Math.log2(bytes)) - CLASS_MIN_SHIFT;
+  return 32 - Math.clz32(bytes - 1) - CLASS_MIN_SHIFT;
 }
 
 /** The process's pool for read data (the store engine takes, the NBD gateway gives back). */

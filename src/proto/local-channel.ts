@@ -14,6 +14,8 @@ export interface LocalStoreEndpoint {
   serveLocal(frame: Frame): Promise<{ header: FrameHeader; parts: Buffer[] }>;
   /** A READ done synchronously, or undefined (then serveLocal gives the answer or the error). */
   readLocalNow?(fields: LocalReadFields): LocalReadResult | undefined;
+  /** A READ without the wire format, or undefined; a rejection means: ask serveLocal. */
+  readLocal?(fields: LocalReadFields): Promise<LocalReadResult> | undefined;
 }
 
 /** Stores served by this process, by the address they registered with. */
@@ -86,6 +88,11 @@ export class LocalChannel implements StoreRequester {
   readNow(fields: LocalReadFields): LocalReadResult | undefined {
     if (this.#closed) return undefined;
     return this.#endpoint.readLocalNow?.(fields);
+  }
+
+  readLocal(fields: LocalReadFields): Promise<LocalReadResult> | undefined {
+    if (this.#closed) return undefined;
+    return this.#endpoint.readLocal?.(fields);
   }
 
   close(): void {

@@ -27,10 +27,10 @@ interface Pending {
 /** The fields of a READ that a store in this process can answer synchronously. */
 export type LocalReadFields = Pick<FrameHeader, 'volumeId' | 'chunkIndex' | 'poolId' | 'pgId' | 'pgCount' | 'pgEpoch' | 'ownerEpoch' | 'offsetBlocks' | 'countBlocks'>;
 
-/** A synchronous READ's answer: each block's state, and the bytes (absent and zero blocks as zeros), verified. */
+/** A synchronous READ's answer: the bytes (absent and zero blocks as zeros, data blocks verified), and whether any block was never written. */
 export interface LocalReadResult {
   data: Buffer;
-  states: Uint8Array;
+  absent: boolean;
 }
 
 export interface StoreRequester {
@@ -42,6 +42,12 @@ export interface StoreRequester {
    * error). Only a store in this process can offer it (LocalChannel); the blocks are verified.
    */
   readNow?(fields: LocalReadFields): LocalReadResult | undefined;
+  /**
+   * The same READ answered without the wire format, through the disk's asynchronous path when it
+   * must be read (a store in this process only). Undefined: use `request`. A rejection, for any
+   * error, also means: use `request`, which then gives the answer or the error as a store reports it.
+   */
+  readLocal?(fields: LocalReadFields): Promise<LocalReadResult> | undefined;
   close(): void;
   reset(): void;
 }

@@ -7,6 +7,7 @@
  * version rule holds per block: a write applies only where its (epoch, seq) is higher than the
  * block's; the result says how many blocks it applied.
  */
+import type { LocalReadResult } from '../proto/store-channel.ts';
 import type { ScrubReport } from '../proto/store-protocol.ts';
 
 export interface BlockVersion {
@@ -57,8 +58,8 @@ export interface BlockEngine {
   setSnapshots(volumeId: number, liveSnapIds: readonly number[], options: { snapSeq: number; keepTombstones: boolean }): Promise<void>;
   /** What the engine was last told of the volume's snapshots, or undefined. */
   snapshots(volumeId: number): { ids: number[]; snapSeq: number; keepTombstones: boolean } | undefined;
-  /** The same head read done synchronously when the disk can (page-cached data), else undefined. */
-  readNow?(volumeId: number, chunkIndex: number, offsetBlocks: number, countBlocks: number): BlockReadResult | undefined;
+  /** The same head read done synchronously when the disk can (page-cached data), else undefined; the bytes verified. */
+  readNow?(volumeId: number, chunkIndex: number, offsetBlocks: number, countBlocks: number): LocalReadResult | undefined;
   flush(): Promise<void>;
   fence(volumeId: number, ownerEpoch: number): Promise<void>;
   ownerEpoch(volumeId: number): number;

@@ -7,6 +7,7 @@
 import type { Env } from '../env/env.ts';
 import { ShaleError } from '../lib/errors.ts';
 import { MiB } from '../lib/units.ts';
+import type { LocalReadResult } from '../proto/store-channel.ts';
 import type { ScrubReport } from '../proto/store-protocol.ts';
 import type { BlockEngine, BlockReadResult, ObjectVersions } from './block-engine.ts';
 import { StoreEngine } from './engine/engine.ts';
@@ -89,9 +90,8 @@ class LogEngineAdapter implements BlockEngine {
     return this.#engine.snapshots(volumeId);
   }
 
-  readNow(volumeId: number, chunkIndex: number, offsetBlocks: number, countBlocks: number): BlockReadResult | undefined {
-    const result = this.#engine.readNow(volumeId, chunkIndex, offsetBlocks, countBlocks);
-    return result && { data: result.data, checksums: result.checksums, states: result.states, epochs: result.versions.epochs, seqs: result.versions.seqs };
+  readNow(volumeId: number, chunkIndex: number, offsetBlocks: number, countBlocks: number): LocalReadResult | undefined {
+    return this.#engine.readNow(volumeId, chunkIndex, offsetBlocks, countBlocks);
   }
 
   flush(): Promise<void> {

@@ -176,16 +176,47 @@ export class StoreServer {
    */
   readLocalNow(fields: LocalReadFields): LocalReadResult | undefined {
     const engine = this.#engine;
-    if (engine.readNow === undefined || this.#stopping || !this.#view.ready) return undefined;
+    if (engine.readNow === undefined || !this.#mayReadLocal(fields)) return undefined;
     try {
-      this.#checkRange(fields);
-      this.#checkEpochs(fields, true);
-      if (!this.#view.canServeReads(fields.poolId, fields.pgId, fields.pgEpoch)) return undefined;
       const result = engine.readNow(fields.volumeId, fields.chunkIndex, fields.offsetBlocks, fields.countBlocks);
       if (result !== undefined) this.#clientDoneMs = this.#env.clock.nowMs();
       return result;
     } catch {
       return undefined;
+    }
+  }
+
+  /**
+   * A READ from a client in this process that readLocalNow declined (the disk must be read, or the
+   * range is large): the same checks, then the engine's read, answered without descriptors or
+   * block versions — the volume client needs only the verified bytes. Undefined when the store
+   * can't serve it; a rejection (any error) sends the caller to serveLocal, which reports it.
+   */
+  readLocal(fields: LocalReadFields): Promise<LocalReadResult> | undefined {
+    if (!this.#mayReadLocal(fields)) return undefined;
+    this.#clientRequests++;
+    const done = (): void => {
+      this.#clientRequests--;
+      this.#clientDoneMs = this.#env.clock.nowMs();
+    };
+    return this.#engine.read(fields.volumeId, fields.chunkIndex, fields.offsetBlocks, fields.countBlocks).then((result) => {
+      done();
+      return { data: result.data, absent: result.states.includes(BlockState.ABSENT) };
+    }, (error: unknown) => {
+      done();
+      throw error;
+    });
+  }
+
+  /** The checks of #read for a client READ of a volume from this process; false for anything it would refuse. */
+  #mayReadLocal(fields: LocalReadFields): boolean {
+    if (this.#stopping || !this.#view.ready) return false;
+    try {
+      this.#checkRange(fields);
+      this.#checkEpochs(fields, true);
+      return this.#view.canServeReads(fields.poolId, fields.pgId, fields.pgEpoch);
+    } catch {
+      return false;
     }
   }
 

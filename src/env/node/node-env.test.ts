@@ -1,7 +1,7 @@
 import assert from 'node:assert/strict';
 import { test } from 'node:test';
 import { codeOf } from '../../lib/errors.ts';
-import { nodeEnv } from './node-env.ts';
+import { nodeEnv, SyncReadPolicy } from './node-env.ts';
 
 test('listening on an address another server holds is IN_USE, naming the address; the holder is unharmed', async (t) => {
   const holder = await nodeEnv.net.listen('127.0.0.1:0', (connection) => connection.end());
@@ -29,4 +29,44 @@ test('write calls onWritten once the buffers are written, and at once on a close
   assert.equal(called, true, 'nothing holds the buffer of a write to a closed connection');
   while (Buffer.concat(received).length < 6) await new Promise((resolve) => setTimeout(resolve, 5));
   assert.equal(Buffer.concat(received).toString(), 'abcdef');
+});
+
+test('reads stay synchronous while the page cache serves them, and back off, longer each time, while they miss', () => {
+  let now = 1000;
+  const policy = new SyncReadPolicy(() => now);
+  const fast = 0.01;
+  const slow = 1;
+  for (let i = 0; i < 31; i++) policy.record(fast);
+  policy.record(slow);
+  assert.ok(policy.useSync(), 'one slow read in a window is a stray, not misses');
+  for (let i = 0; i < 40; i++) policy.record(fast);
+  policy.record(slow);
+  policy.record(slow);
+  assert.ok(!policy.useSync(), 'two slow reads in a window: the thread pool');
+  now += 249;
+  assert.ok(!policy.useSync());
+  now += 2;
+  assert.ok(policy.useSync(), 'tried again after 250 ms');
+  policy.record(slow);
+  policy.record(slow);
+  now += 499;
+  assert.ok(!policy.useSync(), 'misses again: the back-off doubled');
+  now += 2;
+  assert.ok(policy.useSync());
+  for (let i = 0; i < 32; i++) policy.record(fast);
+  policy.record(slow);
+  policy.record(slow);
+  now += 251;
+  assert.ok(policy.useSync(), 'after a fast window the back-off starts over at 250 ms');
+  for (let round = 0; round < 10; round++) {
+    policy.record(slow);
+    policy.record(slow);
+    now += 8001;
+  }
+  policy.record(slow);
+  policy.record(slow);
+  now += 7999;
+  assert.ok(!policy.useSync(), 'backing off 8 s at most');
+  now += 2;
+  assert.ok(policy.useSync());
 });

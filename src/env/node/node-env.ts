@@ -20,32 +20,49 @@ const SYNC_READ_BYTES_MAX = 64 * 1024;
 
 /**
  * When to read synchronously. A small read served from the page cache takes 2–5 µs; through
- * libuv's thread pool it costs a round trip of several times that, and the pool has few threads.
- * But a read that goes to the device (a cache miss) stalls the event loop for its whole latency.
- * So reads are synchronous while they are fast: when at least SYNC_READ_SLOW_MAX of the last
- * SYNC_READ_WINDOW reads took longer than SYNC_READ_SLOW_MS (misses, not a stray preemption),
- * reads go to the thread pool for SYNC_READ_BACKOFF_MS, then synchronous reads are tried again.
- * A disk that mostly misses thus stalls the event loop for a few device reads per back-off period.
+ * libuv's thread pool it costs a round trip of several times that. But a read that goes to the
+ * device (a cache miss) stalls the event loop for its whole latency (100 µs or more), and at
+ * queue depth 32 every other request waits behind it: a miss rate of a few per cent already
+ * costs more than the thread pool. So reads are synchronous while nearly all are fast: when
+ * SYNC_READ_SLOW_MAX of the last SYNC_READ_WINDOW reads took longer than SYNC_READ_SLOW_MS,
+ * reads go to the thread pool for a back-off period, then synchronous reads are tried again.
+ * The back-off doubles (up to SYNC_READ_BACKOFF_MAX_MS) each time the retry finds misses again,
+ * and starts over once a window is fast. A disk that mostly misses thus stalls the event loop
+ * for a few device reads every several seconds.
  */
 const SYNC_READ_SLOW_MS = 0.2;
 const SYNC_READ_WINDOW = 32;
-const SYNC_READ_SLOW_MAX = 8;
-const SYNC_READ_BACKOFF_MS = 1000;
+const SYNC_READ_SLOW_MAX = 2;
+const SYNC_READ_BACKOFF_MIN_MS = 250;
+const SYNC_READ_BACKOFF_MAX_MS = 8000;
 
-class SyncReadPolicy {
+export class SyncReadPolicy {
+  readonly #nowMs: () => number;
   #asyncUntilMs = 0;
+  #backoffMs = SYNC_READ_BACKOFF_MIN_MS;
   #reads = 0;
   #slow = 0;
 
+  constructor(nowMs: () => number = () => performance.now()) {
+    this.#nowMs = nowMs;
+  }
+
   useSync(): boolean {
-    return this.#asyncUntilMs === 0 || performance.now() >= this.#asyncUntilMs;
+    return this.#asyncUntilMs === 0 || this.#nowMs() >= this.#asyncUntilMs;
   }
 
   record(elapsedMs: number): void {
-    this.#asyncUntilMs = 0;
-    if (elapsedMs > SYNC_READ_SLOW_MS) this.#slow++;
+    if (elapsedMs > SYNC_READ_SLOW_MS && ++this.#slow >= SYNC_READ_SLOW_MAX) {
+      // Misses: back off at once, longer each time the previous back-off ended in misses.
+      this.#backoffMs = this.#asyncUntilMs === 0 ? SYNC_READ_BACKOFF_MIN_MS : Math.min(SYNC_READ_BACKOFF_MAX_MS, this.#backoffMs * 2);
+      this.#asyncUntilMs = this.#nowMs() + this.#backoffMs;
+      this.#reads = 0;
+      this.#slow = 0;
+      return;
+    }
     if (++this.#reads < SYNC_READ_WINDOW) return;
-    if (this.#slow >= SYNC_READ_SLOW_MAX) this.#asyncUntilMs = performance.now() + SYNC_READ_BACKOFF_MS;
+    // A window with at most one slow read: the cache serves; synchronous reads stay.
+    this.#asyncUntilMs = 0;
     this.#reads = 0;
     this.#slow = 0;
   }

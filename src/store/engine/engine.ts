@@ -101,6 +101,7 @@ import { crc32c, ZERO_BLOCK_CRC } from '../../lib/crc32c.ts';
 import { ShaleError } from '../../lib/errors.ts';
 import { BLOCK_SIZE_BYTES, GiB } from '../../lib/units.ts';
 import type { DiskFile, Env, Timer } from '../../env/env.ts';
+import type { LocalReadResult } from '../../proto/store-channel.ts';
 import { BlockIndex, BlockState, compareVersions, type ObjectTable } from './block-index.ts';
 import { decodeImage, encodeImage, ImageError, imageBytesPerSegment } from './checkpoint.ts';
 import type { CheckpointState, ImageKvEntry, ImageVolume } from './checkpoint.ts';
@@ -1223,38 +1224,65 @@ export class StoreEngine {
   }
 
   /**
-   * The same read done synchronously, or undefined when the disk would rather be read through the
+   * A head read done synchronously, or undefined when the disk would rather be read through the
    * thread pool (DiskFile.readNow declines: not likely in the page cache, or too large). The hot
-   * path of a gateway with its store in the same process: no Promise, no event-loop turn.
+   * path of a gateway with its store in the same process: no Promise, no event-loop turn, and no
+   * per-block arrays — only the bytes (absent and zero blocks as zeros, every data block checked
+   * against its crc32c) and whether any block was never written (a clone reads those through).
    */
-  readNow(volumeId: number, chunkIndex: number, offsetBlocks: number, countBlocks: number, options: ReadOptions = {}): ReadResult | undefined {
-    const readNow = this.#file.readNow;
-    if (readNow === undefined) return undefined;
-    const located = this.#locate(volumeId, chunkIndex, offsetBlocks, countBlocks, options);
-    const { data, states, locations } = located;
-    let i = 0;
-    while (i < countBlocks) {
-      if (states[i] !== BlockState.DATA) {
-        i++;
+  readNow(volumeId: number, chunkIndex: number, offsetBlocks: number, countBlocks: number): LocalReadResult | undefined {
+    const file = this.#file;
+    if (file.readNow === undefined) return undefined;
+    if (this.#closed) throw new ShaleError('SHUTTING_DOWN', 'store engine is closed');
+    checkVolumeId(volumeId);
+    checkU32('chunkIndex', chunkIndex);
+    checkBlockRange(offsetBlocks, countBlocks);
+    const table = this.#purged.has(volumeId) ? undefined : this.#index.get(volumeId, chunkIndex);
+    // From the read pool: the NBD gateway gives it back once the reply carrying it is written.
+    const data = readBuffers.take(countBlocks * BLOCK_SIZE_BYTES);
+    let absent = false;
+    let b = 0;
+    while (b < countBlocks) {
+      const state = table === undefined ? BlockState.ABSENT : table.stateAt(offsetBlocks + b);
+      if (state !== BlockState.DATA) {
+        if (state === BlockState.ABSENT) absent = true;
+        data.fill(0, b * BLOCK_SIZE_BYTES, (b + 1) * BLOCK_SIZE_BYTES);
+        b++;
         continue;
       }
-      // Nothing can move a segment between here and the end of the read: no pin is needed.
-      const start = i;
-      const startLocation = locations[i]!;
-      i = this.#runEnd(states, locations, start, countBlocks);
+      // A run of blocks next to each other in one segment: one disk read. Nothing can move a
+      // segment between here and the end of this synchronous read: no pin is needed.
+      const start = b;
+      const startLocation = table!.location[offsetBlocks + b]!;
+      const segment = Math.floor(startLocation / this.#blocksPerSegment);
+      b++;
+      while (b < countBlocks && table!.stateAt(offsetBlocks + b) === BlockState.DATA && table!.location[offsetBlocks + b] === startLocation + (b - start) &&
+        Math.floor((startLocation + (b - start)) / this.#blocksPerSegment) === segment) b++;
+      const target = start === 0 && b === countBlocks ? data : data.subarray(start * BLOCK_SIZE_BYTES, b * BLOCK_SIZE_BYTES);
       let length: number | undefined;
       try {
-        length = readNow.call(this.#file, data.subarray(start * BLOCK_SIZE_BYTES, i * BLOCK_SIZE_BYTES), this.#locationOffsetBytes(startLocation));
+        length = file.readNow(target, this.#locationOffsetBytes(startLocation));
       } catch (error) {
         throw toDiskError(error, `read of volume ${volumeId} chunk ${chunkIndex}`);
       }
-      if (length === undefined) return undefined;
-      if (length !== (i - start) * BLOCK_SIZE_BYTES) {
+      if (length === undefined) {
+        readBuffers.give(data);
+        return undefined;
+      }
+      if (length !== target.length) {
         throw new ShaleError('CHECKSUM', `volume ${volumeId} chunk ${chunkIndex}: short read from the disk`, { volumeId, chunkIndex });
       }
+      // Every data block read must match its crc32c: a mismatch is CHECKSUM, never wrong bytes.
+      for (let k = start; k < b; k++) {
+        const bytes = b - start === 1 ? target : data.subarray(k * BLOCK_SIZE_BYTES, (k + 1) * BLOCK_SIZE_BYTES);
+        if (crc32c(bytes) !== table!.crc[offsetBlocks + k]) {
+          const block = offsetBlocks + k;
+          throw new ShaleError('CHECKSUM', `volume ${volumeId} chunk ${chunkIndex} block ${block}: data does not match its crc32c`,
+            { volumeId, chunkIndex, block });
+        }
+      }
     }
-    this.#verify(located, volumeId, chunkIndex, offsetBlocks, countBlocks);
-    return { data, checksums: located.checksums, states, versions: located.versions };
+    return { data, absent };
   }
 
   /** The end of the run of data blocks from `start` that lie next to each other in one segment: one disk read. */
