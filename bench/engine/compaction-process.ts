@@ -15,7 +15,7 @@ import { blockChecksums } from '../../src/lib/crc32c.ts';
 import { BLOCK_SIZE_BYTES, MiB } from '../../src/lib/units.ts';
 import { nodeClock, nodeEnv } from '../../src/env/node/node-env.ts';
 import { StoreEngine } from '../../src/store/engine/engine.ts';
-import { place } from './workload.ts';
+import { place, xorshift } from './workload.ts';
 
 process.env.UV_THREADPOOL_SIZE ??= '16';
 const [disk, diskBytesArg, regionBytesArg, overwriteBytesArg, mode] = process.argv.slice(2) as [string, string, string, string, string];
@@ -49,15 +49,7 @@ const payloads = Array.from({ length: 32 }, (_, i) => {
   const data = Buffer.alloc(BLOCK_SIZE_BYTES, i + 1);
   return { data, checksums: blockChecksums(data) };
 });
-let state = 0x9e3779b9;
-const random = () => {
-  state ^= state << 13;
-  state >>>= 0;
-  state ^= state >>> 17;
-  state ^= state << 5;
-  state >>>= 0;
-  return state / 2 ** 32;
-};
+const random = xorshift(0x9e3779b9);
 const slots = regionBytes / BLOCK_SIZE_BYTES;
 let next = 0;
 let failed: unknown;

@@ -46,7 +46,7 @@ export interface Result {
 }
 
 /** A cheap, seeded generator: benchmark offsets need not be cryptographic. */
-function xorshift(seed: number): () => number {
+export function xorshift(seed: number): () => number {
   let state = seed >>> 0 || 1;
   return () => {
     state ^= state << 13;
