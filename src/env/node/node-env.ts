@@ -36,7 +36,13 @@ const SYNC_READ_SLOW_MAX = 2;
 const SYNC_READ_BACKOFF_MIN_MS = 250;
 const SYNC_READ_BACKOFF_MAX_MS = 8000;
 
-export class SyncReadPolicy {
+/** What NodeDiskFile asks before and tells after each synchronous read. */
+export interface SyncReads {
+  useSync(): boolean;
+  record(elapsedMs: number): void;
+}
+
+export class SyncReadPolicy implements SyncReads {
   readonly #nowMs: () => number;
   #asyncUntilMs = 0;
   #backoffMs = SYNC_READ_BACKOFF_MIN_MS;
@@ -72,12 +78,13 @@ class NodeDiskFile implements DiskFile {
   readonly path: string;
   readonly sizeBytes: number;
   readonly #handle: fs.FileHandle;
-  readonly #syncReads = new SyncReadPolicy();
+  readonly #syncReads: SyncReads;
 
-  constructor(path: string, handle: fs.FileHandle, sizeBytes: number) {
+  constructor(path: string, handle: fs.FileHandle, sizeBytes: number, syncReads: SyncReads) {
     this.path = path;
     this.#handle = handle;
     this.sizeBytes = sizeBytes;
+    this.#syncReads = syncReads;
   }
 
   async read(target: Buffer, offsetBytes: number): Promise<number> {
@@ -162,27 +169,40 @@ function preallocate(path: string, sizeBytes: number): Promise<boolean> {
   });
 }
 
+/**
+ * The real disk. Each file opened gets its own sync-read policy from syncReads (by default the
+ * adaptive SyncReadPolicy); a test that must see the synchronous path serve, whatever the
+ * machine's load, passes one that always reads synchronously.
+ */
+export function nodeDiskWith(syncReads: () => SyncReads): Disk {
+  return { ...nodeDisk, open: (path, options) => openDiskFile(path, options, syncReads()) };
+}
+
+async function openDiskFile(path: string, options: OpenOptions = {}, syncReads: SyncReads): Promise<DiskFile> {
+  const flags = options.readOnly
+    ? fsConstants.O_RDONLY
+    : fsConstants.O_RDWR | (options.create ? fsConstants.O_CREAT : 0);
+  let handle: fs.FileHandle;
+  try {
+    handle = await fs.open(path, flags, 0o600);
+  } catch (error) {
+    const code = (error as NodeJS.ErrnoException).code;
+    if (code === 'ENOENT') throw new ShaleError('NOT_FOUND', `${path}: no such file`);
+    throw error;
+  }
+  const stat = await handle.stat();
+  let sizeBytes = stat.isBlockDevice() ? await blockDeviceSize(handle) : stat.size;
+  if (stat.isFile() && options.sizeBytes !== undefined && sizeBytes < options.sizeBytes && !options.readOnly) {
+    await handle.truncate(options.sizeBytes);
+    sizeBytes = options.sizeBytes;
+    if (options.preallocate) await preallocate(path, options.sizeBytes);
+  }
+  return new NodeDiskFile(path, handle, sizeBytes, syncReads);
+}
+
 export const nodeDisk: Disk = {
-  async open(path: string, options: OpenOptions = {}): Promise<DiskFile> {
-    const flags = options.readOnly
-      ? fsConstants.O_RDONLY
-      : fsConstants.O_RDWR | (options.create ? fsConstants.O_CREAT : 0);
-    let handle: fs.FileHandle;
-    try {
-      handle = await fs.open(path, flags, 0o600);
-    } catch (error) {
-      const code = (error as NodeJS.ErrnoException).code;
-      if (code === 'ENOENT') throw new ShaleError('NOT_FOUND', `${path}: no such file`);
-      throw error;
-    }
-    const stat = await handle.stat();
-    let sizeBytes = stat.isBlockDevice() ? await blockDeviceSize(handle) : stat.size;
-    if (stat.isFile() && options.sizeBytes !== undefined && sizeBytes < options.sizeBytes && !options.readOnly) {
-      await handle.truncate(options.sizeBytes);
-      sizeBytes = options.sizeBytes;
-      if (options.preallocate) await preallocate(path, options.sizeBytes);
-    }
-    return new NodeDiskFile(path, handle, sizeBytes);
+  open(path: string, options: OpenOptions = {}): Promise<DiskFile> {
+    return openDiskFile(path, options, new SyncReadPolicy());
   },
 
   async readFile(path: string): Promise<Buffer | undefined> {
