@@ -35,6 +35,8 @@ const SIZE = '1G';
  * measures the other case: the page cache is emptied before every measured run.
  */
 const DROP_CACHES = process.env.DROP_CACHES === '1';
+/** `--busy-poll` for the Shale gateways (µs); unset: shale up's default. */
+const BUSY_POLL = process.env.BUSY_POLL;
 const CLOCK_TICKS_PER_SECOND = Number(spawnSync('getconf', ['CLK_TCK'], { encoding: 'utf8' }).stdout.trim()) || 100;
 
 const WORKLOADS: Record<string, string[]> = {
@@ -124,6 +126,7 @@ async function shaleUp(name: string, stores: number): Promise<Target[]> {
   const child = start(process.execPath, [
     MAIN, 'up', '--data', join(dir, name), '--stores', String(stores), '--disk-size', '4G',
     '--nbd-port', String(nbdPort), '--api-port', String(apiPort), '--nbd-socket', socket, '--s3-listen', '127.0.0.1:0',
+    ...(BUSY_POLL === undefined ? [] : ['--busy-poll', BUSY_POLL]),
   ], { SHALE_CONFIG_DIR: join(dir, `${name}-config`) });
   const output = (child as ChildProcess & { output: () => string }).output;
   await waitFor(`shale up (${name})`, () => output().includes('Shale is up'));

@@ -5,7 +5,7 @@
  */
 import assert from 'node:assert/strict';
 import { randomBytes } from 'node:crypto';
-import { mkdirSync, readFileSync, writeFileSync } from 'node:fs';
+import { existsSync, mkdirSync, readFileSync, writeFileSync } from 'node:fs';
 import { spawn, type ChildProcess } from 'node:child_process';
 import { join } from 'node:path';
 import { after, before, describe, test } from 'node:test';
@@ -78,6 +78,12 @@ describe('shale up, end to end', () => {
     assert.equal(badSize.status, 2, 'INVALID_ARGUMENT exits 2');
     const unreachable = await shale('http://127.0.0.1:1', 'volume', 'list');
     assert.equal(unreachable.status, 13, 'UNAVAILABLE exits 13');
+    for (const role of [['up', '--data', join(cluster.dataDir, 'never')], ['nbd']]) {
+      const badPoll = await shale(cluster.api, ...role, '--busy-poll', 'fast');
+      assert.equal(badPoll.status, 2, `${role[0]} --busy-poll fast: ${badPoll.stderr}`);
+      assert.match(badPoll.stderr, /--busy-poll: expected whole microseconds/);
+    }
+    assert.ok(!existsSync(join(cluster.dataDir, 'never')), 'a refused shale up starts nothing');
   });
 
   test('nbdinfo sees the volume; qemu-img writes an image and reads it back equal', async () => {

@@ -176,11 +176,12 @@ export function registerRoleCommands(program: Command): void {
     .option('--owner <id>', 'owner id of the volumes this gateway opens', `nbd-${process.pid}`)
     .option('--io-timeout <duration>', 'fail I/O with NO_QUORUM after waiting this long for replicas (0: wait forever)', '0')
     .option('--takeover', 'take over volumes that another gateway owns (it is fenced and can never write again)', false)
+    .option('--busy-poll <µs>', BUSY_POLL_HELP, DEFAULT_BUSY_POLL_MICROS)
     .option('--tls <mode>', 'off, on (offer STARTTLS) or require (refuse plaintext)', 'off')
     .option('--tls-cert <file>', 'x509 certificate (PEM) for TLS')
     .option('--tls-key <file>', 'private key (PEM) of the certificate')
     .option('--tls-ca <file>', 'CA (PEM) that client certificates must be signed by; without it clients need none')
-    .action(async (options: { listen: string; conductor: string; owner: string; ioTimeout: string; takeover: boolean } & TlsCliOptions) => {
+    .action(async (options: { listen: string; conductor: string; owner: string; ioTimeout: string; takeover: boolean; busyPoll: string } & TlsCliOptions) => {
       try {
         const log = makeLog('nbd');
         const gateway = await startNbdGateway({ ...options, tls: tlsOptions(options), log });
@@ -219,7 +220,10 @@ export async function startNbdGateway(options: {
   localStores?: LocalStores;
   tls?: NbdTlsOptions;
   takeover?: boolean;
+  /** --busy-poll: microseconds, as typed. */
+  busyPoll?: string;
 }): Promise<{ address: string; addresses: string[]; close(): Promise<void> }> {
+  const pollMicros = parseBusyPoll(options.busyPoll ?? DEFAULT_BUSY_POLL_MICROS);
   const cluster = new ClusterClient(nodeEnv, {
     conductorUrls: options.conductor, ownerId: options.owner, ioTimeoutMs: parseDuration(options.ioTimeout, '--io-timeout'), log: options.log,
     localStores: options.localStores,
@@ -229,7 +233,7 @@ export async function startNbdGateway(options: {
   const provider = new VolumeExports(cluster, { takeover: options.takeover });
   const servers: Awaited<ReturnType<typeof startNbdServer>>[] = [];
   for (const address of [options.listen, ...(options.alsoListen ?? [])]) {
-    servers.push(await startNbdServer(nodeEnv, { listen: address, provider, log: options.log, tls: options.tls }));
+    servers.push(await startNbdServer(nodeEnv, { listen: address, provider, log: options.log, tls: options.tls, pollMicros }));
   }
   return {
     address: servers[0]!.address,
@@ -239,6 +243,18 @@ export async function startNbdGateway(options: {
       await cluster.close();
     },
   };
+}
+
+export const DEFAULT_BUSY_POLL_MICROS = '0';
+export const BUSY_POLL_HELP = 'after each reply, keep polling for the next request this many µs instead of sleeping: '
+  + 'shorter round trips at low queue depth for CPU while I/O runs (0: off)';
+
+export function parseBusyPoll(text: string): number {
+  const micros = Number(text);
+  if (!/^\d+$/.test(text.trim()) || !Number.isSafeInteger(micros) || micros > 1_000_000) {
+    throw new ShaleError('INVALID_ARGUMENT', `--busy-poll: expected whole microseconds from 0 to 1000000, got "${text}"`);
+  }
+  return micros;
 }
 
 export interface TlsCliOptions {

@@ -125,6 +125,12 @@ export interface Clock {
   sleep(delayMs: number): Promise<void>;
   /** Runs `callback` after the current event-loop turn's I/O (setImmediate), for batching. */
   soon(callback: () => void): void;
+  /**
+   * Busy polling: keeps the event loop checking for I/O without sleeping until about durationMs
+   * from now (an earlier, later deadline stands). Spends CPU to spare the next event the cost of
+   * waking a sleeping thread, which on a virtual machine is tens of µs.
+   */
+  pollFor(durationMs: number): void;
 }
 
 export interface Random {

@@ -580,6 +580,26 @@ describe('shutdown', () => {
     const provider = new MemoryExportProvider([]);
     await assert.rejects(startNbdServer(nodeEnv, { listen: '127.0.0.1:0', provider, payloadBytesMax: 64 * MiB }), { code: 'INVALID_ARGUMENT' });
     await assert.rejects(startNbdServer(nodeEnv, { listen: '127.0.0.1:0', provider, inFlightRequestsMax: 0 }), { code: 'INVALID_ARGUMENT' });
+    await assert.rejects(startNbdServer(nodeEnv, { listen: '127.0.0.1:0', provider, pollMicros: -1 }), { code: 'INVALID_ARGUMENT' });
+    await assert.rejects(startNbdServer(nodeEnv, { listen: '127.0.0.1:0', provider, pollMicros: 1.5 }), { code: 'INVALID_ARGUMENT' });
+  });
+
+  test('with pollMicros, the session busy-polls after every reply and while operations run; without, never', async (t) => {
+    for (const pollMicros of [150, 0]) {
+      const polls: number[] = [];
+      const clock = { ...nodeEnv.clock, pollFor: (durationMs: number) => polls.push(durationMs) };
+      const disk = new MemoryExport({ name: 'disk', sizeBytes: MiB });
+      const server = await startNbdServer({ ...nodeEnv, clock }, { listen: '127.0.0.1:0', provider: new MemoryExportProvider([disk]), pollMicros });
+      t.after(() => server.close());
+      const client = await NbdSimpleClient.connect(nodeEnv, server.address);
+      t.after(() => client.destroy());
+      await client.go('disk');
+      assert.equal((await client.write(0, Buffer.alloc(4096, 7))).error, 0);
+      assert.equal((await client.read(0, 4096)).error, 0);
+      await client.disconnect();
+      if (pollMicros === 0) assert.ok(polls.every((ms) => ms === 0), `polls ${polls.join(',')}`);
+      else assert.ok(polls.filter((ms) => ms === 0.15).length >= 2, `polls ${polls.join(',')}`);
+    }
   });
 });
 

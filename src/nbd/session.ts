@@ -93,6 +93,8 @@ export interface SessionLimits {
   readonly lingerMs: number;
   /** Most extents in one block status reply. */
   readonly blockStatusExtentsMax: number;
+  /** Busy-poll this long after replies go out or an operation goes asynchronous (0: never). */
+  readonly pollMs: number;
 }
 
 export interface SessionContext {
@@ -387,6 +389,8 @@ export class NbdSession {
       this.#pumping = false;
     }
     this.#updateInput();
+    // Operations went asynchronous (disk, other stores): poll for their completions.
+    if (this.#inFlightRequests > 0) this.#context.env.clock.pollFor(this.#context.limits.pollMs);
   }
 
   #canTakeMessage(): boolean {
@@ -1023,6 +1027,7 @@ export class NbdSession {
     });
     this.#maybeFinish();
     this.#resumeIfRoom();
+    this.#context.env.clock.pollFor(this.#context.limits.pollMs);
   }
 
   /** After an operation completed or replies went out: read on if the socket was paused for lack of room. */

@@ -70,3 +70,23 @@ test('reads stay synchronous while the page cache serves them, and back off, lon
   now += 2;
   assert.ok(policy.useSync());
 });
+
+test('pollFor keeps the event loop polling without sleeping until its deadline, then lets it sleep', async () => {
+  const utilization = async (ms: number): Promise<number> => {
+    const start = performance.eventLoopUtilization();
+    await new Promise((resolve) => setTimeout(resolve, ms));
+    return performance.eventLoopUtilization(start).utilization;
+  };
+  // Idle: the loop sleeps in epoll_wait nearly the whole time.
+  assert.ok(await utilization(150) < 0.5, 'an idle loop sleeps');
+  // Polling: every turn polls with a zero timeout, so the loop never counts as idle.
+  nodeEnv.clock.pollFor(100);
+  nodeEnv.clock.pollFor(20); // an earlier deadline does not shorten the later one
+  assert.ok(await utilization(80) > 0.8, 'a polling loop does not sleep');
+  assert.ok(process.getActiveResourcesInfo().includes('Immediate'), 'still polling before the deadline');
+  await new Promise((resolve) => setTimeout(resolve, 150));
+  assert.ok(!process.getActiveResourcesInfo().includes('Immediate'), 'polling ends at the deadline');
+  assert.ok(await utilization(150) < 0.5, 'the loop sleeps again');
+  nodeEnv.clock.pollFor(0);
+  assert.ok(!process.getActiveResourcesInfo().includes('Immediate'), 'pollFor(0) polls not at all');
+});

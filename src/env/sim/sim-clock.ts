@@ -47,6 +47,9 @@ export class SimClock implements Clock {
     });
   }
 
+  /** Simulated time passes only when the test says so: nothing to poll for. */
+  pollFor(_durationMs: number): void {}
+
   soon(callback: () => void): void {
     this.#soon.push(callback);
   }
