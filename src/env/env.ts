@@ -127,7 +127,7 @@ export interface Clock {
   soon(callback: () => void): void;
   /**
    * Busy polling: keeps the event loop checking for I/O without sleeping until about durationMs
-   * from now (an earlier, later deadline stands). Spends CPU to spare the next event the cost of
+   * from now (a later deadline set before stands). Spends CPU to spare the next event the cost of
    * waking a sleeping thread, which on a virtual machine is tens of µs.
    */
   pollFor(durationMs: number): void;

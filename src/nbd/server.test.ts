@@ -582,6 +582,7 @@ describe('shutdown', () => {
     await assert.rejects(startNbdServer(nodeEnv, { listen: '127.0.0.1:0', provider, inFlightRequestsMax: 0 }), { code: 'INVALID_ARGUMENT' });
     await assert.rejects(startNbdServer(nodeEnv, { listen: '127.0.0.1:0', provider, pollMicros: -1 }), { code: 'INVALID_ARGUMENT' });
     await assert.rejects(startNbdServer(nodeEnv, { listen: '127.0.0.1:0', provider, pollMicros: 1.5 }), { code: 'INVALID_ARGUMENT' });
+    await assert.rejects(startNbdServer(nodeEnv, { listen: '127.0.0.1:0', provider, pollMicros: 2_000_000 }), { code: 'INVALID_ARGUMENT' });
   });
 
   test('with pollMicros, the session busy-polls after every reply and while operations run; without, never', async (t) => {

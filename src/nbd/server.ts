@@ -162,7 +162,7 @@ export interface NbdServerOptions {
   /**
    * Busy polling: after replies go out or an operation starts, the event loop keeps polling for
    * the next request or completion this many µs instead of sleeping (Clock.pollFor). Shortens
-   * each round trip at low queue depth at the price of CPU while I/O runs. Default 0 (off).
+   * each round trip at low queue depth at the price of CPU while I/O runs. Default 0 (off), at most 1 s.
    */
   readonly pollMicros?: number;
   /** NBD_OPT_STARTTLS with x509 certificates; needs the Node environment (see tls.ts). Default: off. */
@@ -176,6 +176,9 @@ export interface NbdServer {
   connectionCount(): number;
   close(): Promise<void>;
 }
+
+/** Busy polling longer than this after the last reply is a busy loop, not a latency saving. */
+const POLL_MS_MAX = 1000;
 
 function limitOf(value: number | undefined, fallback: number, name: string, minimum = 1): number {
   const chosen = value ?? fallback;
@@ -203,6 +206,9 @@ export async function startNbdServer(env: Env, options: NbdServerOptions): Promi
     blockStatusExtentsMax: limitOf(options.blockStatusExtentsMax, 65_536, 'blockStatusExtentsMax'),
     pollMs: limitOf(options.pollMicros, 0, 'pollMicros', 0) / 1000,
   };
+  if (limits.pollMs > POLL_MS_MAX) {
+    throw new ShaleError('INVALID_ARGUMENT', `nbd server option pollMicros: ${options.pollMicros} is above ${POLL_MS_MAX * 1000} (1 s)`);
+  }
   if (limits.blockStatusExtentsMax > NBD_BLOCK_STATUS_EXTENTS_MAX) {
     throw new ShaleError('INVALID_ARGUMENT', `nbd server option blockStatusExtentsMax: ${limits.blockStatusExtentsMax} is above ${NBD_BLOCK_STATUS_EXTENTS_MAX}`);
   }
