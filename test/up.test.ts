@@ -34,6 +34,8 @@ describe('shale up, end to end', () => {
       '--disk-size', '1G', '--heartbeat-timeout', '2s', '--restart-delay', '2s', '--resync-rate', '4M',
       // TLS offered (plaintext still allowed); clients that use it must show a certificate of this CA.
       '--tls', 'on', '--tls-cert', certificates.serverCertFile, '--tls-key', certificates.serverKeyFile, '--tls-ca', certificates.caFile,
+      // Busy polling on (the default only with --stores 1): every real client below runs against it.
+      '--busy-poll', '200',
     ]);
     await cluster.start();
   });
