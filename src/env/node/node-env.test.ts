@@ -1,7 +1,7 @@
 import assert from 'node:assert/strict';
 import { test } from 'node:test';
 import { codeOf } from '../../lib/errors.ts';
-import { nodeEnv, SyncReadPolicy } from './node-env.ts';
+import { nodeEnv, SyncReadPolicy, threadRunQueueWaitMs } from './node-env.ts';
 
 test('listening on an address another server holds is IN_USE, naming the address; the holder is unharmed', async (t) => {
   const holder = await nodeEnv.net.listen('127.0.0.1:0', (connection) => connection.end());
@@ -33,42 +33,91 @@ test('write calls onWritten once the buffers are written, and at once on a close
 
 test('reads stay synchronous while the page cache serves them, and back off, longer each time, while they miss', () => {
   let now = 1000;
-  const policy = new SyncReadPolicy(() => now);
+  const policy = new SyncReadPolicy(() => now, () => undefined);
   const fast = 0.01;
-  const slow = 1;
-  for (let i = 0; i < 31; i++) policy.record(fast);
-  policy.record(slow);
-  assert.ok(policy.useSync(), 'one slow read in a window is a stray, not misses');
-  for (let i = 0; i < 40; i++) policy.record(fast);
-  policy.record(slow);
-  policy.record(slow);
-  assert.ok(!policy.useSync(), 'two slow reads in a window: the thread pool');
+  const miss = 1.5;
+  const read = (elapsedMs: number): void => {
+    assert.ok(policy.useSync());
+    policy.record(elapsedMs);
+  };
+  for (let i = 0; i < 255; i++) read(fast);
+  read(miss);
+  assert.ok(policy.useSync(), 'one 1.5 ms miss in 256 reads costs less than the thread pool would');
+  for (let i = 0; i < 40; i++) read(fast);
+  read(miss);
+  read(miss);
+  assert.ok(!policy.useSync(), 'two in a window: the thread pool');
   now += 249;
   assert.ok(!policy.useSync());
   now += 2;
-  assert.ok(policy.useSync(), 'tried again after 250 ms');
-  policy.record(slow);
-  policy.record(slow);
+  read(miss);
+  read(miss);
   now += 499;
-  assert.ok(!policy.useSync(), 'misses again: the back-off doubled');
+  assert.ok(!policy.useSync(), 'misses again on the retry: the back-off doubled');
   now += 2;
-  assert.ok(policy.useSync());
-  for (let i = 0; i < 32; i++) policy.record(fast);
-  policy.record(slow);
-  policy.record(slow);
+  for (let i = 0; i < 256; i++) read(fast);
+  read(miss);
+  read(miss);
   now += 251;
-  assert.ok(policy.useSync(), 'after a fast window the back-off starts over at 250 ms');
+  assert.ok(policy.useSync(), 'after a window within its budget the back-off starts over at 250 ms');
   for (let round = 0; round < 10; round++) {
-    policy.record(slow);
-    policy.record(slow);
+    read(miss);
+    read(miss);
     now += 8001;
   }
-  policy.record(slow);
-  policy.record(slow);
+  read(miss);
+  read(miss);
   now += 7999;
   assert.ok(!policy.useSync(), 'backing off 8 s at most');
   now += 2;
+
+  // Short misses: the budget is time, so they may be more frequent.
+  for (let i = 0; i < 256; i++) read(fast);
+  for (let i = 0; i < 25; i++) read(0.1);
+  assert.ok(policy.useSync(), '25 misses of 0.1 ms in a window: still synchronous');
+  read(0.1);
+  assert.ok(!policy.useSync(), 'the 26th is over the budget');
+  now += 300;
+  for (let i = 0; i < 1000; i++) read(0.05);
+  assert.ok(policy.useSync(), 'reads of 50 µs are not misses');
+});
+
+test('the time a slow read spent waiting for a CPU is not a miss; the time left over is', () => {
+  let waitedMs = 0;
+  const policy = new SyncReadPolicy(() => 1000, () => waitedMs);
+  /** One read as NodeDiskFile does it: ask, read (the thread waits `preemptedMs` for a CPU), tell. */
+  const read = (elapsedMs: number, preemptedMs = 0): void => {
+    assert.ok(policy.useSync());
+    waitedMs += preemptedMs;
+    policy.record(elapsedMs);
+  };
+  for (let i = 0; i < 10; i++) read(0.01);
+  for (let i = 0; i < 100; i++) read(4, 3.96);
+  read(1.5);
+  assert.ok(policy.useSync(), 'reads slowed by preemption are not misses; one 1.5 ms miss is within the budget');
+  waitedMs += 1.5; // preempted between reads: excuses the next slow read, once
+  read(1.5);
   assert.ok(policy.useSync());
+  read(1.5, 0.3); // 1.2 ms of it was the disk's: 2.7 ms of misses in all
+  assert.ok(!policy.useSync(), 'over the budget: the thread pool');
+
+  // Where the kernel does not say, slow reads count whole.
+  const blind = new SyncReadPolicy(() => 1000, () => undefined);
+  for (const elapsed of [1.5, 1.5]) {
+    assert.ok(blind.useSync());
+    blind.record(elapsed);
+  }
+  assert.ok(!blind.useSync());
+});
+
+test('the run-queue wait of this thread is read from the kernel and never goes back', () => {
+  const first = threadRunQueueWaitMs();
+  assert.equal(typeof first, 'number', 'Linux keeps /proc/thread-self/schedstat');
+  assert.ok(first! >= 0 && Number.isFinite(first));
+  let spin = 0;
+  for (let i = 0; i < 1e6; i++) spin += i;
+  assert.ok(spin > 0);
+  assert.ok(threadRunQueueWaitMs()! >= first!);
 });
 
 test('pollFor keeps the event loop polling without sleeping until its deadline, then lets it sleep', async () => {

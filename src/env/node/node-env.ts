@@ -5,7 +5,7 @@
 import { execFile } from 'node:child_process';
 import { randomBytes, randomUUID } from 'node:crypto';
 import * as fs from 'node:fs/promises';
-import { constants as fsConstants, readSync } from 'node:fs';
+import { constants as fsConstants, openSync, readSync } from 'node:fs';
 import * as http from 'node:http';
 import * as net from 'node:net';
 import { dirname } from 'node:path';
@@ -20,19 +20,29 @@ const SYNC_READ_BYTES_MAX = 64 * 1024;
 
 /**
  * When to read synchronously. A small read served from the page cache takes 2–5 µs; through
- * libuv's thread pool it costs a round trip of several times that. But a read that goes to the
- * device (a cache miss) stalls the event loop for its whole latency (100 µs or more), and at
- * queue depth 32 every other request waits behind it: a miss rate of a few per cent already
- * costs more than the thread pool. So reads are synchronous while nearly all are fast: when
- * SYNC_READ_SLOW_MAX of the last SYNC_READ_WINDOW reads took longer than SYNC_READ_SLOW_MS,
- * reads go to the thread pool for a back-off period, then synchronous reads are tried again.
- * The back-off doubles (up to SYNC_READ_BACKOFF_MAX_MS) each time the retry finds misses again,
- * and starts over once a window is fast. A disk that mostly misses thus stalls the event loop
- * for a few device reads every several seconds.
+ * libuv's thread pool it costs a round trip of several times that (on a VM every hand-off between
+ * threads is a cross-CPU wake-up). But a read that goes to the
+ * device (a cache miss) stalls the event loop for its whole latency, and at queue depth 32 every
+ * other request waits behind it. So reads are synchronous while the time they stall the loop
+ * stays below what the thread pool would cost: SYNC_READ_STALL_PER_READ_MS per read, counted over
+ * windows of SYNC_READ_WINDOW reads. A read slower than SYNC_READ_SLOW_MS is a stall; once a
+ * window's stalls add up to more than its budget, reads go to the thread pool for a back-off
+ * period, then synchronous reads are tried again. The back-off doubles (up to
+ * SYNC_READ_BACKOFF_MAX_MS) each time the retry stalls again, and starts over once a window stays
+ * within its budget. A disk that mostly misses thus stalls the event loop for a few device reads
+ * every several seconds. A disk of 100 µs misses stays synchronous up to a miss rate of about
+ * 10 %, one of 300 µs up to about 3 %; one 5 ms miss is enough.
+ *
+ * A read is also slow when the thread was preempted during it, which on a machine whose cores
+ * are shared (store processes, the gateway, the client) happens to a few reads in a thousand.
+ * Counted as stalls, those sent half of all reads to the thread pool with every byte in the page
+ * cache. So the time the thread spent waiting for a CPU (`runQueueWaitMs`, read from the kernel
+ * at the start of each window and after each slow read: about 1 µs) is taken off the slow reads.
  */
-const SYNC_READ_SLOW_MS = 0.2;
-const SYNC_READ_WINDOW = 32;
-const SYNC_READ_SLOW_MAX = 2;
+const SYNC_READ_SLOW_MS = 0.05;
+const SYNC_READ_WINDOW = 256;
+const SYNC_READ_STALL_PER_READ_MS = 0.01;
+const SYNC_READ_STALL_BUDGET_MS = SYNC_READ_WINDOW * SYNC_READ_STALL_PER_READ_MS;
 const SYNC_READ_BACKOFF_MIN_MS = 250;
 const SYNC_READ_BACKOFF_MAX_MS = 8000;
 
@@ -44,34 +54,84 @@ export interface SyncReads {
 
 export class SyncReadPolicy implements SyncReads {
   readonly #nowMs: () => number;
+  readonly #runQueueWaitMs: () => number | undefined;
   #asyncUntilMs = 0;
   #backoffMs = SYNC_READ_BACKOFF_MIN_MS;
   #reads = 0;
-  #slow = 0;
+  #stallMs = 0;
+  /** The run-queue wait when this window started or its last slow read ended; undefined: not read yet. */
+  #waitMs: number | undefined;
 
-  constructor(nowMs: () => number = () => performance.now()) {
+  /**
+   * `runQueueWaitMs`: how long this thread has waited, runnable, for a CPU in all (undefined when
+   * unknown: then slow reads count whole).
+   */
+  constructor(nowMs: () => number = () => performance.now(), runQueueWaitMs: () => number | undefined = threadRunQueueWaitMs) {
     this.#nowMs = nowMs;
+    this.#runQueueWaitMs = runQueueWaitMs;
   }
 
   useSync(): boolean {
-    return this.#asyncUntilMs === 0 || this.#nowMs() >= this.#asyncUntilMs;
+    if (this.#asyncUntilMs !== 0 && this.#nowMs() < this.#asyncUntilMs) return false;
+    if (this.#reads === 0 && this.#waitMs === undefined) this.#waitMs = this.#runQueueWaitMs();
+    return true;
   }
 
   record(elapsedMs: number): void {
-    if (elapsedMs > SYNC_READ_SLOW_MS && ++this.#slow >= SYNC_READ_SLOW_MAX) {
-      // Misses: back off at once, longer each time the previous back-off ended in misses.
-      this.#backoffMs = this.#asyncUntilMs === 0 ? SYNC_READ_BACKOFF_MIN_MS : Math.min(SYNC_READ_BACKOFF_MAX_MS, this.#backoffMs * 2);
-      this.#asyncUntilMs = this.#nowMs() + this.#backoffMs;
-      this.#reads = 0;
-      this.#slow = 0;
-      return;
+    if (elapsedMs > SYNC_READ_SLOW_MS) {
+      // Time spent preempted since the last look is not the disk's; each wait excuses one read only.
+      const waitMs = this.#runQueueWaitMs();
+      const stallMs = waitMs !== undefined && this.#waitMs !== undefined ? elapsedMs - Math.max(0, waitMs - this.#waitMs) : elapsedMs;
+      this.#waitMs = waitMs;
+      if (stallMs > SYNC_READ_SLOW_MS) this.#stallMs += stallMs;
+      if (this.#stallMs > SYNC_READ_STALL_BUDGET_MS) {
+        // Misses: back off at once, longer each time the previous back-off ended in misses.
+        this.#backoffMs = this.#asyncUntilMs === 0 ? SYNC_READ_BACKOFF_MIN_MS : Math.min(SYNC_READ_BACKOFF_MAX_MS, this.#backoffMs * 2);
+        this.#asyncUntilMs = this.#nowMs() + this.#backoffMs;
+        this.#startWindow();
+        return;
+      }
     }
     if (++this.#reads < SYNC_READ_WINDOW) return;
-    // A window with at most one slow read: the cache serves; synchronous reads stay.
+    // A window within its budget: the cache serves; synchronous reads stay.
     this.#asyncUntilMs = 0;
-    this.#reads = 0;
-    this.#slow = 0;
+    this.#startWindow();
   }
+
+  #startWindow(): void {
+    this.#reads = 0;
+    this.#stallMs = 0;
+    this.#waitMs = undefined;
+  }
+}
+
+/** The open /proc/thread-self/schedstat of this thread (module state is per thread), null when the kernel has none. */
+let schedstatFd: number | null | undefined;
+const schedstatBuffer = Buffer.alloc(96);
+
+/**
+ * How long this thread has waited for a CPU while runnable, in ms: the second field of
+ * /proc/thread-self/schedstat (the scheduler's run_delay), or undefined where it cannot be read.
+ */
+export function threadRunQueueWaitMs(): number | undefined {
+  if (schedstatFd === undefined) {
+    try {
+      schedstatFd = openSync('/proc/thread-self/schedstat', 'r');
+    } catch {
+      schedstatFd = null;
+    }
+  }
+  if (schedstatFd === null) return undefined;
+  let text: string;
+  try {
+    text = schedstatBuffer.toString('latin1', 0, readSync(schedstatFd, schedstatBuffer, 0, schedstatBuffer.length, 0));
+  } catch {
+    return undefined;
+  }
+  const first = text.indexOf(' ');
+  const second = text.indexOf(' ', first + 1);
+  const runDelayNs = Number(text.slice(first + 1, second));
+  return first > 0 && second > first && Number.isFinite(runDelayNs) ? runDelayNs / 1e6 : undefined;
 }
 
 class NodeDiskFile implements DiskFile {
