@@ -119,6 +119,71 @@ describe('reads from a store in the same process', () => {
     assert.ok((await volume.read(5 * 4096, own.length)).equals(model.subarray(5 * 4096, 8 * 4096)));
   });
 
+  test('a store answers socket READs it can read from the page cache synchronously, as its asynchronous read would', async (t) => {
+    // A second gateway without the in-process channel: its reads reach the store over a socket.
+    const remote = new ClusterClient(nodeEnv, { conductorUrls: api, ownerId: 'gw-remote', requestTimeoutMs: 5000, ioTimeoutMs: 1500, log: quiet });
+    await remote.start();
+    t.after(() => remote.close());
+    const engine = store.engine;
+    const readNow = engine.readNow!.bind(engine);
+    let servedNow = 0;
+    engine.readNow = (volumeId, chunkIndex, offsetBlocks, countBlocks, versions) => {
+      const result = readNow(volumeId, chunkIndex, offsetBlocks, countBlocks, versions);
+      if (result !== undefined && versions !== undefined) servedNow++;
+      return result;
+    };
+    t.after(() => {
+      engine.readNow = readNow;
+    });
+    const response = await fetch(`${api}/api/v1/volumes`, { method: 'POST', headers: { 'content-type': 'application/json' }, body: JSON.stringify({ name: 'remote', size: 8 * MiB, replicas: 1 }) });
+    assert.equal(response.status, 201, await response.text());
+    const remoteVolume = await remote.openVolume('remote');
+    // Data, zeroed blocks, blocks never written, and versions from before and after a snapshot.
+    const expected = Buffer.alloc(8 * MiB);
+    const first = randomBytes(MiB);
+    first.copy(expected, 0);
+    await remoteVolume.write(0, first);
+    await remoteVolume.writeZeroes(64 * 4096, 16 * 4096);
+    expected.fill(0, 64 * 4096, 80 * 4096);
+    const snapshot = await fetch(`${api}/api/v1/volumes/remote/snapshots`, { method: 'POST', headers: { 'content-type': 'application/json' }, body: JSON.stringify({ name: 'then' }) });
+    assert.equal(snapshot.status, 201, await snapshot.text());
+    const later = randomBytes(40 * 4096);
+    later.copy(expected, 20 * 4096);
+    await remoteVolume.write(20 * 4096, later);
+    const far = randomBytes(3 * 4096);
+    far.copy(expected, CHUNK + 5 * 4096);
+    await remoteVolume.write(CHUNK + 5 * 4096, far);
+    for (let i = 0; i < 200; i++) {
+      const length = 1 + Math.floor(Math.random() * 48 * 1024);
+      const offset = Math.floor(Math.random() * (2 * MiB - length)) + (i % 2) * (CHUNK - MiB);
+      assert.ok((await remoteVolume.read(offset, length)).equals(expected.subarray(offset, offset + length)), `remote read at ${offset}+${length}`);
+    }
+    assert.ok(servedNow > 150, `the store answered ${servedNow} of 200 socket reads synchronously`);
+
+    // Block for block, the synchronous read describes what the asynchronous one does (ranges of
+    // up to 64 KiB: larger ones are read through the thread pool).
+    const volumeId = remoteVolume.info.id;
+    const stamps = new Set<number>();
+    const ranges: [number, number, number][] = [[1, 0, 12], [1, 300, 4], [0, 60, 16], [0, 75, 10]];
+    for (let offsetBlocks = 0; offsetBlocks < 256; offsetBlocks += 16) ranges.push([0, offsetBlocks, 16]);
+    for (const [chunkIndex, offsetBlocks, countBlocks] of ranges) {
+      const versions = { states: new Uint8Array(countBlocks), checksums: new Uint32Array(countBlocks), epochs: new Uint32Array(countBlocks), seqs: new Float64Array(countBlocks), stamps: new Float64Array(countBlocks) };
+      const now = readNow(volumeId, chunkIndex, offsetBlocks, countBlocks, versions);
+      assert.ok(now !== undefined);
+      const read = await engine.read(volumeId, chunkIndex, offsetBlocks, countBlocks);
+      const described = engine.blockVersions(volumeId, chunkIndex, offsetBlocks, countBlocks);
+      const where = `chunk ${chunkIndex} blocks ${offsetBlocks}+${countBlocks}`;
+      assert.ok(now.data.equals(read.data), `${where}: data`);
+      assert.deepEqual(versions.states, read.states, `${where}: states`);
+      assert.deepEqual(Array.from(versions.checksums), Array.from(read.checksums), `${where}: checksums`);
+      assert.deepEqual(Array.from(versions.epochs), Array.from(read.epochs), `${where}: epochs`);
+      assert.deepEqual(Array.from(versions.seqs), Array.from(read.seqs), `${where}: seqs`);
+      assert.deepEqual(Array.from(versions.stamps), Array.from(described.stamps), `${where}: stamps`);
+      for (const stamp of versions.stamps) stamps.add(stamp);
+    }
+    assert.ok(stamps.size >= 2, 'versions from before and after the snapshot carry different stamps');
+  });
+
   test('a block that fails its checksum is never returned: readNow declines and read reports CHECKSUM', async () => {
     const offset = 3 * CHUNK;
     const data = randomBytes(64 * 1024);

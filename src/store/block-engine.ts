@@ -25,6 +25,19 @@ export interface BlockReadResult {
   seqs: ArrayLike<number>;
 }
 
+/**
+ * Per block of a range, the head version a synchronous read saw, as a READ reply describes it:
+ * absent blocks have state 0, version 0 and stamp 0; absent and zero blocks the zero block's crc32c.
+ * Arrays of at least the range's length, filled by readNow.
+ */
+export interface HeadVersions {
+  states: Uint8Array;
+  checksums: Uint32Array;
+  epochs: Uint32Array;
+  seqs: Float64Array;
+  stamps: Float64Array;
+}
+
 export interface ObjectVersions {
   volumeId: number;
   chunkIndex: number;
@@ -58,8 +71,11 @@ export interface BlockEngine {
   setSnapshots(volumeId: number, liveSnapIds: readonly number[], options: { snapSeq: number; keepTombstones: boolean }): Promise<void>;
   /** What the engine was last told of the volume's snapshots, or undefined. */
   snapshots(volumeId: number): { ids: number[]; snapSeq: number; keepTombstones: boolean } | undefined;
-  /** The same head read done synchronously when the disk can (page-cached data), else undefined; the bytes verified. */
-  readNow?(volumeId: number, chunkIndex: number, offsetBlocks: number, countBlocks: number): LocalReadResult | undefined;
+  /**
+   * The same head read done synchronously when the disk can (page-cached data), else undefined;
+   * the bytes verified. With `versions`, also the state and version of each block read.
+   */
+  readNow?(volumeId: number, chunkIndex: number, offsetBlocks: number, countBlocks: number, versions?: HeadVersions): LocalReadResult | undefined;
   flush(): Promise<void>;
   fence(volumeId: number, ownerEpoch: number): Promise<void>;
   ownerEpoch(volumeId: number): number;

@@ -9,7 +9,7 @@ import { ShaleError } from '../lib/errors.ts';
 import { MiB } from '../lib/units.ts';
 import type { LocalReadResult } from '../proto/store-channel.ts';
 import type { ScrubReport } from '../proto/store-protocol.ts';
-import type { BlockEngine, BlockReadResult, ObjectVersions } from './block-engine.ts';
+import type { BlockEngine, BlockReadResult, HeadVersions, ObjectVersions } from './block-engine.ts';
 import { StoreEngine } from './engine/engine.ts';
 
 /**
@@ -90,8 +90,8 @@ class LogEngineAdapter implements BlockEngine {
     return this.#engine.snapshots(volumeId);
   }
 
-  readNow(volumeId: number, chunkIndex: number, offsetBlocks: number, countBlocks: number): LocalReadResult | undefined {
-    return this.#engine.readNow(volumeId, chunkIndex, offsetBlocks, countBlocks);
+  readNow(volumeId: number, chunkIndex: number, offsetBlocks: number, countBlocks: number, versions?: HeadVersions): LocalReadResult | undefined {
+    return this.#engine.readNow(volumeId, chunkIndex, offsetBlocks, countBlocks, versions);
   }
 
   flush(): Promise<void> {

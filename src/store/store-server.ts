@@ -12,6 +12,7 @@
  * Replies go out in batches: everything completed in one event-loop turn leaves in one write.
  */
 import { assert } from '../lib/assert.ts';
+import { readBuffers } from '../lib/buffer-pool.ts';
 import { codeOf, ErrorCodes, ShaleError, toShaleError } from '../lib/errors.ts';
 import { placementGroupOf } from '../lib/placement-hash.ts';
 import { BLOCK_SIZE_BYTES } from '../lib/units.ts';
@@ -22,7 +23,7 @@ import {
   decodeKvPgCursor, encodeKvPgRecords, namespacedId, type KvPgRecord,
 } from '../proto/store-protocol.ts';
 import type { LocalReadFields, LocalReadResult } from '../proto/store-channel.ts';
-import type { BlockEngine } from './block-engine.ts';
+import type { BlockEngine, HeadVersions } from './block-engine.ts';
 import { RecentWrites } from './recent-writes.ts';
 import { encodeDigest } from '../proto/pg-digest.ts';
 import { digestPg } from './pg-digest.ts';
@@ -110,16 +111,24 @@ export class StoreServer {
     let inFlight = 0;
     let paused = false;
     let outbox: Buffer[] = [];
+    // Read buffers of the replies in the outbox, for the pool once the write is done.
+    let recycle: Buffer[] = [];
     let flushScheduled = false;
-    const send = (buffers: Buffer[]): void => {
-      outbox.push(...buffers);
+    const send = (reply: Reply): void => {
+      outbox.push(encodeHeader(reply.header, Buffer.allocUnsafe(HEADER_BYTES)), ...reply.parts);
+      if (reply.recycle !== undefined) recycle.push(reply.recycle);
       if (flushScheduled) return;
       flushScheduled = true;
       queueMicrotask(() => {
         flushScheduled = false;
         const out = outbox;
+        const written = recycle;
         outbox = [];
-        if (!connection.closed) connection.write(out);
+        recycle = [];
+        if (connection.closed) return;
+        connection.write(out, written.length === 0 ? undefined : () => {
+          for (const buffer of written) readBuffers.give(buffer);
+        });
       });
     };
     const done = (): void => {
@@ -139,14 +148,19 @@ export class StoreServer {
         return;
       }
       for (const frame of frames) {
+        const now = this.#readNow(frame.header);
+        if (now !== undefined) {
+          send(now);
+          continue;
+        }
         inFlight++;
         this.#handle(frame).then(
           (reply) => {
-            send(encodeReply(reply));
+            send(reply);
             done();
           },
           (error: unknown) => {
-            send(encodeReply(errorReply(frame.header, error)));
+            send(errorReply(frame.header, error));
             done();
           },
         );
@@ -206,6 +220,29 @@ export class StoreServer {
       done();
       throw error;
     });
+  }
+
+  /**
+   * A client's head READ answered synchronously when the engine can (page-cached data): the checks
+   * and reply of #read without its promises and per-block lookups. Undefined for anything else —
+   * other ops, repair and snapshot reads, data to be read from the device, and any error, which
+   * #read then reports.
+   */
+  #readNow(h: FrameHeader): Reply | undefined {
+    const engine = this.#engine;
+    if (h.op !== Op.READ || (h.flags & Flag.REPAIR) !== 0 || engine.readNow === undefined || this.#stopping || !this.#view.ready) return undefined;
+    try {
+      this.#checkRange(h);
+      this.#checkEpochs(h, true);
+      if (!this.#view.canServeReads(h.poolId, h.pgId, h.pgEpoch)) return undefined;
+      const versions = headVersionsScratch(h.countBlocks);
+      const result = engine.readNow(engineObjectId(h.namespace, h.volumeId), h.chunkIndex, h.offsetBlocks, h.countBlocks, versions);
+      if (result === undefined) return undefined;
+      this.#clientDoneMs = this.#env.clock.nowMs();
+      return readReply(h, result.data, versions);
+    } catch {
+      return undefined;
+    }
   }
 
   /** The checks of #read for a client READ of a volume from this process; false for anything it would refuse. */
@@ -392,22 +429,7 @@ export class StoreServer {
         if (now.epochs[i] === result.epochs[i] && now.seqs[i] === result.seqs[i]) stamps[i] = now.stamps[i]!;
       }
     }
-    const descriptors = encodeReadDescriptors(stamps ? { ...result, stamps } : result, h.countBlocks);
-    let dataBlocks = 0;
-    for (let i = 0; i < h.countBlocks; i++) if (result.states[i] === BlockState.DATA) dataBlocks++;
-    let data: Buffer;
-    if (dataBlocks === h.countBlocks) {
-      data = result.data;
-    } else {
-      data = Buffer.allocUnsafe(dataBlocks * BLOCK_SIZE_BYTES);
-      let at = 0;
-      for (let i = 0; i < h.countBlocks; i++) {
-        if (result.states[i] !== BlockState.DATA) continue;
-        result.data.copy(data, at, i * BLOCK_SIZE_BYTES, (i + 1) * BLOCK_SIZE_BYTES);
-        at += BLOCK_SIZE_BYTES;
-      }
-    }
-    return { header: replyHeader(h, { payloadBytes: descriptors.length + data.length }), parts: [descriptors, data] };
+    return readReply(h, result.data, { ...result, stamps });
   }
 
   #blockStates(h: FrameHeader): Reply {
@@ -568,14 +590,47 @@ export class StoreServer {
 export interface Reply {
   header: FrameHeader;
   parts: Buffer[];
+  /** A buffer of the read pool among the parts: a socket gives it back once the reply is written (local callers own it). */
+  recycle?: Buffer;
 }
 
 function replyHeader(request: FrameHeader, fields: Partial<FrameHeader> = {}): FrameHeader {
   return { ...request, op: request.op | REPLY_BIT, status: 0, payloadBytes: 0, ...fields };
 }
 
-function encodeReply(reply: Reply): Buffer[] {
-  return [encodeHeader(reply.header, Buffer.allocUnsafe(HEADER_BYTES)), ...reply.parts];
+/** A READ reply: a descriptor per block, then the data of the DATA blocks back to back. */
+function readReply(h: FrameHeader, rangeData: Buffer, versions: { checksums: Uint32Array; states: Uint8Array; epochs: ArrayLike<number>; seqs: ArrayLike<number>; stamps: ArrayLike<number> }): Reply {
+  const descriptors = encodeReadDescriptors(versions, h.countBlocks);
+  let dataBlocks = 0;
+  for (let i = 0; i < h.countBlocks; i++) if (versions.states[i] === BlockState.DATA) dataBlocks++;
+  if (dataBlocks === h.countBlocks) {
+    // The engine's read buffer goes out as is; the socket path gives it back to the pool once written.
+    return { header: replyHeader(h, { payloadBytes: descriptors.length + rangeData.length }), parts: [descriptors, rangeData], recycle: rangeData };
+  }
+  let data: Buffer;
+  {
+    data = Buffer.allocUnsafe(dataBlocks * BLOCK_SIZE_BYTES);
+    let at = 0;
+    for (let i = 0; i < h.countBlocks; i++) {
+      if (versions.states[i] !== BlockState.DATA) continue;
+      rangeData.copy(data, at, i * BLOCK_SIZE_BYTES, (i + 1) * BLOCK_SIZE_BYTES);
+      at += BLOCK_SIZE_BYTES;
+    }
+    readBuffers.give(rangeData);
+  }
+  return { header: replyHeader(h, { payloadBytes: descriptors.length + data.length }), parts: [descriptors, data] };
+}
+
+/** Per-block arrays for #readNow, reused: each is encoded into the reply before the next read. */
+let headVersions: HeadVersions = newHeadVersions(256);
+
+function newHeadVersions(blocks: number): HeadVersions {
+  return { states: new Uint8Array(blocks), checksums: new Uint32Array(blocks), epochs: new Uint32Array(blocks), seqs: new Float64Array(blocks), stamps: new Float64Array(blocks) };
+}
+
+function headVersionsScratch(blocks: number): HeadVersions {
+  if (headVersions.states.length < blocks) headVersions = newHeadVersions(blocks);
+  return headVersions;
 }
 
 function errorReply(request: FrameHeader, error: unknown): Reply {

@@ -102,6 +102,7 @@ import { ShaleError } from '../../lib/errors.ts';
 import { BLOCK_SIZE_BYTES, GiB } from '../../lib/units.ts';
 import type { DiskFile, Env, Timer } from '../../env/env.ts';
 import type { LocalReadResult } from '../../proto/store-channel.ts';
+import type { HeadVersions } from '../block-engine.ts';
 import { BlockIndex, BlockState, compareVersions, type ObjectTable } from './block-index.ts';
 import { decodeImage, encodeImage, ImageError, imageBytesPerSegment } from './checkpoint.ts';
 import type { CheckpointState, ImageKvEntry, ImageVolume } from './checkpoint.ts';
@@ -1230,7 +1231,7 @@ export class StoreEngine {
    * per-block arrays — only the bytes (absent and zero blocks as zeros, every data block checked
    * against its crc32c) and whether any block was never written (a clone reads those through).
    */
-  readNow(volumeId: number, chunkIndex: number, offsetBlocks: number, countBlocks: number): LocalReadResult | undefined {
+  readNow(volumeId: number, chunkIndex: number, offsetBlocks: number, countBlocks: number, versions?: HeadVersions): LocalReadResult | undefined {
     const file = this.#file;
     if (file.readNow === undefined) return undefined;
     if (this.#closed) throw new ShaleError('SHUTTING_DOWN', 'store engine is closed');
@@ -1238,6 +1239,7 @@ export class StoreEngine {
     checkU32('chunkIndex', chunkIndex);
     checkBlockRange(offsetBlocks, countBlocks);
     const table = this.#purged.has(volumeId) ? undefined : this.#index.get(volumeId, chunkIndex);
+    if (versions !== undefined) describeHead(table, offsetBlocks, countBlocks, versions);
     // From the read pool: the NBD gateway gives it back once the reply carrying it is written.
     const data = readBuffers.take(countBlocks * BLOCK_SIZE_BYTES);
     let absent = false;
@@ -3378,4 +3380,23 @@ function diskInfo(path: string, superblock: Superblock): DiskInfo {
     capacityBytes: superblock.segmentCount * superblock.segmentSizeBytes,
     formattedWallMs: superblock.formattedWallMs,
   };
+}
+
+/** The head version of each block of a range, as #locate and blockVersionsAt give them for a head read. */
+function describeHead(table: ObjectTable | undefined, offsetBlocks: number, countBlocks: number, versions: HeadVersions): void {
+  for (let i = 0; i < countBlocks; i++) {
+    const block = offsetBlocks + i;
+    const state = table === undefined ? BlockState.ABSENT : table.stateAt(block);
+    versions.states[i] = state;
+    if (state === BlockState.ABSENT) {
+      versions.epochs[i] = 0;
+      versions.seqs[i] = 0;
+      versions.stamps[i] = 0;
+    } else {
+      versions.epochs[i] = table!.epochAt(block);
+      versions.seqs[i] = table!.seqAt(block);
+      versions.stamps[i] = table!.stampAt(block);
+    }
+    versions.checksums[i] = state === BlockState.DATA ? table!.crc[block]! : ZERO_BLOCK_CRC;
+  }
 }
