@@ -31,8 +31,11 @@ const SIZE = '1G';
 /**
  * Read workloads measure data in the page cache by default: each target is read once, sequentially,
  * right before its measured run (this VM's kernel pages out file pages left untouched for ~30 s,
- * so without it a target measured after the others' turns starts cold). DROP_CACHES=1 (root)
- * measures the other case: the page cache is emptied before every measured run.
+ * so without it a target measured after the others' turns starts cold). A Shale volume with R
+ * replicas is read R times: the gateway sends each read to one replica, in turn, so R passes read
+ * every replica's copy once (a single pass left two thirds of each store's copy cold, and the
+ * 3-replica random reads measured the disk). DROP_CACHES=1 (root) measures the other case: the
+ * page cache is emptied before every measured run.
  */
 const DROP_CACHES = process.env.DROP_CACHES === '1';
 /** `--busy-poll` for the Shale gateways (µs); unset: shale up's default. */
@@ -53,6 +56,8 @@ interface Target {
   transport: 'tcp' | 'unix';
   uri: string;
   pids: () => number[];
+  /** Copies of the data behind the target, each read once before a read run. */
+  replicas?: number;
 }
 
 const dir = mkdtempSync(join(tmpdir(), 'shale-bench-nbd-'));
@@ -139,8 +144,8 @@ async function shaleUp(name: string, stores: number): Promise<Target[]> {
     return list;
   };
   return [
-    { name, transport: 'tcp', uri: `nbd://127.0.0.1:${nbdPort}/bench`, pids },
-    { name, transport: 'unix', uri: `nbd+unix:///bench?socket=${socket}`, pids },
+    { name, transport: 'tcp', uri: `nbd://127.0.0.1:${nbdPort}/bench`, pids, replicas: Math.min(3, stores) },
+    { name, transport: 'unix', uri: `nbd+unix:///bench?socket=${socket}`, pids, replicas: Math.min(3, stores) },
   ];
 }
 
@@ -186,7 +191,9 @@ async function main(): Promise<void> {
         const key = `${workload}|${target.name}|${target.transport}`;
         const pids = target.pids();
         if (DROP_CACHES) dropPageCache();
-        else if (args.some((arg) => arg.includes('read'))) fio(target.uri, ['--rw=read', '--bs=1M', '--iodepth=8'], 0, ['--time_based=0']);
+        else if (args.some((arg) => arg.includes('read'))) {
+          for (let pass = 0; pass < (target.replicas ?? 1); pass++) fio(target.uri, ['--rw=read', '--bs=1M', '--iodepth=8'], 0, ['--time_based=0']);
+        }
         const cpuBefore = cpuSeconds(pids);
         const measured = fio(target.uri, args, RUNTIME);
         const result = { ...measured, cpuUsPerOp: ((cpuSeconds(pids) - cpuBefore) * 1e6) / Math.max(1, measured.ios) };

@@ -24,7 +24,7 @@ const MiB = 1024 * 1024;
 const CHUNK = 4 * MiB;
 const quiet = (): void => {};
 // The store reads synchronously whenever asked, so that what readNow serves does not depend on how
-// loaded the machine is (the adaptive policy backs off after two reads slower than 0.2 ms).
+// loaded the machine is (the adaptive policy backs off when slow reads exceed its time budget).
 const env: Env = { ...nodeEnv, disk: nodeDiskWith(() => ({ useSync: () => true, record: () => {} })) };
 
 describe('reads from a store in the same process', () => {
