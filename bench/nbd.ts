@@ -220,7 +220,7 @@ async function main(): Promise<void> {
     }
   }
   const loadavg = readFileSync('/proc/loadavg', 'utf8').split(' ').slice(0, 3).join(' ');
-  const cache = DROP_CACHES ? 'page cache emptied before each run' : 'reads of page-cached data (each target read once before its run)';
+  const cache = DROP_CACHES ? 'page cache emptied before each run' : 'reads of page-cached data (every copy of the data read once before its run)';
   process.stdout.write(`\nNBD benchmark: ${RUNS} rounds × ${RUNTIME} s per workload and target, medians; ${cache}; load average at the end ${loadavg}\n\n${lines.join('\n')}\n`);
 }
 
