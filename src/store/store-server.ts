@@ -607,17 +607,14 @@ function readReply(h: FrameHeader, rangeData: Buffer, versions: { checksums: Uin
     // The engine's read buffer goes out as is; the socket path gives it back to the pool once written.
     return { header: replyHeader(h, { payloadBytes: descriptors.length + rangeData.length }), parts: [descriptors, rangeData], recycle: rangeData };
   }
-  let data: Buffer;
-  {
-    data = Buffer.allocUnsafe(dataBlocks * BLOCK_SIZE_BYTES);
-    let at = 0;
-    for (let i = 0; i < h.countBlocks; i++) {
-      if (versions.states[i] !== BlockState.DATA) continue;
-      rangeData.copy(data, at, i * BLOCK_SIZE_BYTES, (i + 1) * BLOCK_SIZE_BYTES);
-      at += BLOCK_SIZE_BYTES;
-    }
-    readBuffers.give(rangeData);
+  const data = Buffer.allocUnsafe(dataBlocks * BLOCK_SIZE_BYTES);
+  let at = 0;
+  for (let i = 0; i < h.countBlocks; i++) {
+    if (versions.states[i] !== BlockState.DATA) continue;
+    rangeData.copy(data, at, i * BLOCK_SIZE_BYTES, (i + 1) * BLOCK_SIZE_BYTES);
+    at += BLOCK_SIZE_BYTES;
   }
+  readBuffers.give(rangeData);
   return { header: replyHeader(h, { payloadBytes: descriptors.length + data.length }), parts: [descriptors, data] };
 }
 

@@ -21,11 +21,10 @@ const SYNC_READ_BYTES_MAX = 64 * 1024;
 /**
  * When to read synchronously. A small read served from the page cache takes 2–5 µs; through
  * libuv's thread pool it costs a round trip of several times that (on a VM every hand-off between
- * threads is a cross-CPU wake-up). But a read that goes to the
- * device (a cache miss) stalls the event loop for its whole latency, and at queue depth 32 every
- * other request waits behind it. So reads are synchronous while the time they stall the loop
- * stays below what the thread pool would cost: SYNC_READ_STALL_PER_READ_MS per read, counted over
- * windows of SYNC_READ_WINDOW reads. A read slower than SYNC_READ_SLOW_MS is a stall; once a
+ * threads is a cross-CPU wake-up). But a read that goes to the device (a cache miss) stalls the
+ * event loop for its whole latency, and at queue depth 32 every other request waits behind it.
+ * So reads are synchronous while the time they stall the loop stays below what the thread pool
+ * would cost: SYNC_READ_STALL_PER_READ_MS per read, counted over windows of SYNC_READ_WINDOW reads. A read slower than SYNC_READ_SLOW_MS is a stall; once a
  * window's stalls add up to more than its budget, reads go to the thread pool for a back-off
  * period, then synchronous reads are tried again. The back-off doubles (up to
  * SYNC_READ_BACKOFF_MAX_MS) each time the retry stalls again, and starts over once a window stays
