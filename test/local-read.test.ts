@@ -14,6 +14,7 @@ import type { VolumeClient } from '../src/client/volume-client.ts';
 import { startConductor, type Conductor } from '../src/conductor/conductor.ts';
 import type { Env } from '../src/env/env.ts';
 import { nodeDiskWith, nodeEnv } from '../src/env/node/node-env.ts';
+import { readBuffers } from '../src/lib/buffer-pool.ts';
 import { codeOf } from '../src/lib/errors.ts';
 import { LocalStores } from '../src/proto/local-channel.ts';
 import { openLogEngine } from '../src/store/open-engine.ts';
@@ -153,12 +154,17 @@ describe('reads from a store in the same process', () => {
     const far = randomBytes(3 * 4096);
     far.copy(expected, CHUNK + 5 * 4096);
     await remoteVolume.write(CHUNK + 5 * 4096, far);
+    const pool = readBuffers.counters;
     for (let i = 0; i < 200; i++) {
       const length = 1 + Math.floor(Math.random() * 48 * 1024);
       const offset = Math.floor(Math.random() * (2 * MiB - length)) + (i % 2) * (CHUNK - MiB);
       assert.ok((await remoteVolume.read(offset, length)).equals(expected.subarray(offset, offset + length)), `remote read at ${offset}+${length}`);
     }
     assert.ok(servedNow > 150, `the store answered ${servedNow} of 200 socket reads synchronously`);
+    // The store gives each read buffer back once its reply is written: one read at a time needs
+    // a buffer or two per size class, not one per read.
+    const allocated = readBuffers.counters.allocated - pool.allocated;
+    assert.ok(allocated < 20, `${allocated} read buffers allocated for 200 reads`);
 
     // Block for block, the synchronous read describes what the asynchronous one does (ranges of
     // up to 64 KiB: larger ones are read through the thread pool).
