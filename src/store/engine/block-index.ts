@@ -58,7 +58,14 @@ export class ObjectTable {
   readonly ctxStamp: number[] = [0];
   readonly ctxRefs: number[] = [0];
   readonly #ctxFree: number[] = [];
-  readonly #ctxLookup = new Map<string, number>();
+  /**
+   * Lookup of held contexts: the first context of each sequence field, the others of the same
+   * field chained through #ctxNext (0 ends a chain). Numbers, not a string key per lookup: a
+   * random write acquires one context and releases another, and building and hashing those
+   * strings showed in the store's profile.
+   */
+  readonly #ctxBySeq = new Map<number, number>();
+  readonly #ctxNext: number[] = [0];
   #lastCtx = 0;
 
   // History pool.
@@ -130,6 +137,7 @@ export class ObjectTable {
       this.ctxSeq.push(context.seq);
       this.ctxStamp.push(context.stamp);
       this.ctxRefs.push(0);
+      this.#ctxNext.push(0);
     }
     if (this.ctxKind.length - 1 > CONTEXTS_NARROW_MAX) this.ctx = new Uint16Array(0);
     if (seqLow) this.seqLow = new Uint32Array(0);
@@ -172,7 +180,7 @@ export class ObjectTable {
   finishRestore(): void {
     for (let index = 1; index < this.ctxKind.length; index++) {
       if (this.ctxRefs[index] === 0) this.#ctxFree.push(index);
-      else this.#ctxLookup.set(`${this.ctxKind[index]},${this.ctxEpoch[index]},${this.ctxSeq[index]},${this.ctxStamp[index]}`, index);
+      else this.#link(index);
     }
   }
 
@@ -187,9 +195,8 @@ export class ObjectTable {
       this.ctxRefs[last]!++;
       return last;
     }
-    const key = `${kind},${epoch},${field},${stamp}`;
-    let index = this.#ctxLookup.get(key);
-    if (index === undefined) {
+    let index = this.#find(kind, epoch, field, stamp);
+    if (index === 0) {
       index = this.#ctxFree.pop() ?? this.ctxKind.length;
       if (index > CONTEXTS_NARROW_MAX && !this.seqLow) {
         // Too many distinct versions for whole-version contexts: split sequences out, then retry.
@@ -207,7 +214,7 @@ export class ObjectTable {
       this.ctxSeq[index] = field;
       this.ctxStamp[index] = stamp;
       this.ctxRefs[index] = 0;
-      this.#ctxLookup.set(key, index);
+      this.#link(index);
     }
     this.ctxRefs[index]!++;
     this.#lastCtx = index;
@@ -217,9 +224,38 @@ export class ObjectTable {
   #release(index: number): void {
     assert(index > 0 && this.ctxRefs[index]! > 0, 'released a context that is not held');
     if (--this.ctxRefs[index]! > 0) return;
-    this.#ctxLookup.delete(`${this.ctxKind[index]},${this.ctxEpoch[index]},${this.ctxSeq[index]},${this.ctxStamp[index]}`);
+    this.#unlink(index);
     this.#ctxFree.push(index);
     if (this.#lastCtx === index) this.#lastCtx = 0;
+  }
+
+  /** The held context (kind, epoch, sequence field, stamp), or 0. */
+  #find(kind: number, epoch: number, field: number, stamp: number): number {
+    for (let index = this.#ctxBySeq.get(field) ?? 0; index !== 0; index = this.#ctxNext[index]!) {
+      if (this.ctxKind[index] === kind && this.ctxEpoch[index] === epoch && this.ctxStamp[index] === stamp) return index;
+    }
+    return 0;
+  }
+
+  #link(index: number): void {
+    const field = this.ctxSeq[index]!;
+    this.#ctxNext[index] = this.#ctxBySeq.get(field) ?? 0;
+    this.#ctxBySeq.set(field, index);
+  }
+
+  #unlink(index: number): void {
+    const field = this.ctxSeq[index]!;
+    const next = this.#ctxNext[index]!;
+    let at = this.#ctxBySeq.get(field) ?? 0;
+    if (at === index) {
+      if (next === 0) this.#ctxBySeq.delete(field);
+      else this.#ctxBySeq.set(field, next);
+    } else {
+      while (at !== 0 && this.#ctxNext[at] !== index) at = this.#ctxNext[at]!;
+      assert(at !== 0, 'a held context is in the lookup');
+      this.#ctxNext[at] = next;
+    }
+    this.#ctxNext[index] = 0;
   }
 
   /** Compact → wide: every head and history entry gets its low sequence bits and a high-bits context. */
@@ -230,8 +266,9 @@ export class ObjectTable {
     const seqs = this.ctxSeq.splice(1);
     const stamps = this.ctxStamp.splice(1);
     this.ctxRefs.splice(1);
+    this.#ctxNext.splice(1);
     this.#ctxFree.length = 0;
-    this.#ctxLookup.clear();
+    this.#ctxBySeq.clear();
     this.#lastCtx = 0;
     this.seqLow = new Uint32Array(this.capacity);
     const remap = (old: number): { ctx: number; low: number } => {
