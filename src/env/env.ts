@@ -30,6 +30,11 @@ export interface DiskFile {
    * at sector granularity.
    */
   writev(buffers: readonly Buffer[], offsetBytes: number): Promise<void>;
+  /**
+   * The same write done synchronously when that is cheap (into the page cache, not held up by
+   * writeback), returning true; false and nothing written: the caller uses `writev`. Optional.
+   */
+  writevNow?(buffers: readonly Buffer[], offsetBytes: number): boolean;
   /** Makes every write that completed before this call durable (fdatasync). */
   sync(): Promise<void>;
   close(): Promise<void>;

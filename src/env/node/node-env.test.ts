@@ -1,4 +1,7 @@
 import assert from 'node:assert/strict';
+import { mkdtempSync, rmSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
 import { test } from 'node:test';
 import { codeOf } from '../../lib/errors.ts';
 import { nodeEnv, SyncReadPolicy, threadRunQueueWaitMs } from './node-env.ts';
@@ -118,6 +121,24 @@ test('the run-queue wait of this thread is read from the kernel and never goes b
   for (let i = 0; i < 1e6; i++) spin += i;
   assert.ok(spin > 0);
   assert.ok(threadRunQueueWaitMs()! >= first!);
+});
+
+test('writevNow writes small batches synchronously and declines large ones, writing nothing', async (t) => {
+  const directory = mkdtempSync(join(tmpdir(), 'shale-writev-now-'));
+  t.after(() => rmSync(directory, { recursive: true, force: true }));
+  const file = await nodeEnv.disk.open(join(directory, 'disk.img'), { create: true, sizeBytes: 4 * 1024 * 1024 });
+  t.after(() => file.close());
+  const a = Buffer.alloc(4096, 0xa1);
+  const b = Buffer.alloc(8192, 0xb2);
+  assert.equal(file.writevNow!([a, b], 4096), true);
+  const back = Buffer.alloc(3 * 4096);
+  assert.equal(await file.read(back, 4096), back.length);
+  assert.ok(back.equals(Buffer.concat([a, b])), 'the bytes are in the file when writevNow returns');
+  const large = Buffer.alloc(300 * 1024, 0xcc);
+  assert.equal(file.writevNow!([large], 1024 * 1024), false, 'over 256 KiB: the caller uses writev');
+  const untouched = Buffer.alloc(large.length);
+  await file.read(untouched, 1024 * 1024);
+  assert.ok(untouched.every((byte) => byte === 0), 'a declined write writes nothing');
 });
 
 test('pollFor keeps the event loop polling without sleeping until its deadline, then lets it sleep', async () => {
