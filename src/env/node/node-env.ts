@@ -206,6 +206,7 @@ class NodeDiskFile implements DiskFile {
       const startedMs = performance.now();
       const written = writevSync(this.#handle.fd, pending as Buffer[], position);
       this.#syncWrites.record(Math.max(0, performance.now() - startedMs - written / SYNC_WRITE_BYTES_PER_MS));
+      if (written <= 0) throw new Error(`${this.path}: a write of ${total} bytes at ${position} wrote nothing`);
       position += written;
       total -= written;
       if (total > 0) pending = skipBytes(pending, written);
