@@ -190,7 +190,7 @@ export class StoreServer {
    */
   readLocalNow(fields: LocalReadFields): LocalReadResult | undefined {
     const engine = this.#engine;
-    if (engine.readNow === undefined || !this.#mayReadLocal(fields)) return undefined;
+    if (engine.readNow === undefined || !this.#mayServeRead(fields)) return undefined;
     try {
       const result = engine.readNow(fields.volumeId, fields.chunkIndex, fields.offsetBlocks, fields.countBlocks);
       if (result !== undefined) this.#clientDoneMs = this.#env.clock.nowMs();
@@ -207,7 +207,7 @@ export class StoreServer {
    * can't serve it; a rejection (any error) sends the caller to serveLocal, which reports it.
    */
   readLocal(fields: LocalReadFields): Promise<LocalReadResult> | undefined {
-    if (!this.#mayReadLocal(fields)) return undefined;
+    if (!this.#mayServeRead(fields)) return undefined;
     this.#clientRequests++;
     const done = (): void => {
       this.#clientRequests--;
@@ -230,11 +230,8 @@ export class StoreServer {
    */
   #readNow(h: FrameHeader): Reply | undefined {
     const engine = this.#engine;
-    if (h.op !== Op.READ || (h.flags & Flag.REPAIR) !== 0 || engine.readNow === undefined || this.#stopping || !this.#view.ready) return undefined;
+    if (h.op !== Op.READ || (h.flags & Flag.REPAIR) !== 0 || engine.readNow === undefined || !this.#mayServeRead(h)) return undefined;
     try {
-      this.#checkRange(h);
-      this.#checkEpochs(h, true);
-      if (!this.#view.canServeReads(h.poolId, h.pgId, h.pgEpoch)) return undefined;
       const versions = headVersionsScratch(h.countBlocks);
       const result = engine.readNow(engineObjectId(h.namespace, h.volumeId), h.chunkIndex, h.offsetBlocks, h.countBlocks, versions);
       if (result === undefined) return undefined;
@@ -245,8 +242,8 @@ export class StoreServer {
     }
   }
 
-  /** The checks of #read for a client READ of a volume from this process; false for anything it would refuse. */
-  #mayReadLocal(fields: LocalReadFields): boolean {
+  /** The checks of #read for a client's head READ; false for anything it would refuse. */
+  #mayServeRead(fields: LocalReadFields): boolean {
     if (this.#stopping || !this.#view.ready) return false;
     try {
       this.#checkRange(fields);

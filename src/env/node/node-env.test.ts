@@ -4,7 +4,7 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { test } from 'node:test';
 import { codeOf } from '../../lib/errors.ts';
-import { nodeEnv, SyncReadPolicy, threadRunQueueWaitMs } from './node-env.ts';
+import { nodeEnv, SyncIoPolicy, threadRunQueueWaitMs } from './node-env.ts';
 
 test('listening on an address another server holds is IN_USE, naming the address; the holder is unharmed', async (t) => {
   const holder = await nodeEnv.net.listen('127.0.0.1:0', (connection) => connection.end());
@@ -36,7 +36,7 @@ test('write calls onWritten once the buffers are written, and at once on a close
 
 test('reads stay synchronous while the page cache serves them, and back off, longer each time, while they miss', () => {
   let now = 1000;
-  const policy = new SyncReadPolicy(() => now, () => undefined);
+  const policy = new SyncIoPolicy(() => now, () => undefined);
   const fast = 0.01;
   const miss = 1.5;
   const read = (elapsedMs: number): void => {
@@ -87,7 +87,7 @@ test('reads stay synchronous while the page cache serves them, and back off, lon
 
 test('the time a slow read spent waiting for a CPU is not a miss; the time left over is', () => {
   let waitedMs = 0;
-  const policy = new SyncReadPolicy(() => 1000, () => waitedMs);
+  const policy = new SyncIoPolicy(() => 1000, () => waitedMs);
   /** One read as NodeDiskFile does it: ask, read (the thread waits `preemptedMs` for a CPU), tell. */
   const read = (elapsedMs: number, preemptedMs = 0): void => {
     assert.ok(policy.useSync());
@@ -105,7 +105,7 @@ test('the time a slow read spent waiting for a CPU is not a miss; the time left 
   assert.ok(!policy.useSync(), 'over the budget: the thread pool');
 
   // Where the kernel does not say, slow reads count whole.
-  const blind = new SyncReadPolicy(() => 1000, () => undefined);
+  const blind = new SyncIoPolicy(() => 1000, () => undefined);
   for (const elapsed of [1.5, 1.5]) {
     assert.ok(blind.useSync());
     blind.record(elapsed);

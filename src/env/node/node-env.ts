@@ -15,7 +15,7 @@ import { ShaleError } from '../../lib/errors.ts';
 import type { Clock, Connection, Disk, DiskFile, Env, HttpHandler, HttpResult, Listener, Net, OpenOptions, Random, Timer } from '../env.ts';
 import { formatAddress, parseAddress } from '../env.ts';
 
-/** Reads up to this size may be served synchronously (see SyncReadPolicy). */
+/** Reads up to this size may be served synchronously (see SyncIoPolicy). */
 const SYNC_READ_BYTES_MAX = 64 * 1024;
 /** Writes up to this size may be done synchronously (a policy of their own, as for reads). */
 const SYNC_WRITE_BYTES_MAX = 256 * 1024;
@@ -31,9 +31,10 @@ const SYNC_WRITE_BYTES_PER_MS = 512 * 1024;
  * threads is a cross-CPU wake-up). But a read that goes to the device (a cache miss) stalls the
  * event loop for its whole latency, and at queue depth 32 every other request waits behind it.
  * So reads are synchronous while the time they stall the loop stays below what the thread pool
- * would cost: SYNC_READ_STALL_PER_READ_MS per read, counted over windows of SYNC_READ_WINDOW reads. A read slower than SYNC_READ_SLOW_MS is a stall; once a
- * window's stalls add up to more than its budget, reads go to the thread pool for a back-off
- * period, then synchronous reads are tried again. The back-off doubles (up to
+ * would cost: SYNC_READ_STALL_PER_READ_MS per read, counted over windows of SYNC_READ_WINDOW
+ * reads. A read slower than SYNC_READ_SLOW_MS is a stall; once a window's stalls add up to more
+ * than its budget, reads go to the thread pool for a back-off period, then synchronous reads are
+ * tried again. The back-off doubles (up to
  * SYNC_READ_BACKOFF_MAX_MS) each time the retry stalls again, and starts over once a window stays
  * within its budget. A disk that mostly misses thus stalls the event loop for a few device reads
  * every several seconds. A disk of 100 µs misses stays synchronous up to a miss rate of about
@@ -44,6 +45,8 @@ const SYNC_WRITE_BYTES_PER_MS = 512 * 1024;
  * Counted as stalls, those sent half of all reads to the thread pool with every byte in the page
  * cache. So the time the thread spent waiting for a CPU (`runQueueWaitMs`, read from the kernel
  * at the start of each window and after each slow read: about 1 µs) is taken off the slow reads.
+ *
+ * Synchronous log writes follow the same policy, on a record of their own (NodeDiskFile.writevNow).
  */
 const SYNC_READ_SLOW_MS = 0.05;
 const SYNC_READ_WINDOW = 256;
@@ -52,13 +55,13 @@ const SYNC_READ_STALL_BUDGET_MS = SYNC_READ_WINDOW * SYNC_READ_STALL_PER_READ_MS
 const SYNC_READ_BACKOFF_MIN_MS = 250;
 const SYNC_READ_BACKOFF_MAX_MS = 8000;
 
-/** What NodeDiskFile asks before and tells after each synchronous read. */
-export interface SyncReads {
+/** What NodeDiskFile asks before and tells after each synchronous read (or write). */
+export interface SyncIo {
   useSync(): boolean;
   record(elapsedMs: number): void;
 }
 
-export class SyncReadPolicy implements SyncReads {
+export class SyncIoPolicy implements SyncIo {
   readonly #nowMs: () => number;
   readonly #runQueueWaitMs: () => number | undefined;
   #asyncUntilMs = 0;
@@ -144,15 +147,15 @@ class NodeDiskFile implements DiskFile {
   readonly path: string;
   readonly sizeBytes: number;
   readonly #handle: fs.FileHandle;
-  readonly #syncReads: SyncReads;
+  readonly #syncReads: SyncIo;
   /**
    * Synchronous writes follow the same policy as reads, on their own record: a write into the page
    * cache is a copy; one the kernel holds up (dirty-page throttling, a file system allocating) is
    * a stall, and enough of them send writes to the thread pool for a while.
    */
-  readonly #syncWrites: SyncReads;
+  readonly #syncWrites: SyncIo;
 
-  constructor(path: string, handle: fs.FileHandle, sizeBytes: number, syncReads: SyncReads, syncWrites: SyncReads) {
+  constructor(path: string, handle: fs.FileHandle, sizeBytes: number, syncReads: SyncIo, syncWrites: SyncIo) {
     this.path = path;
     this.#handle = handle;
     this.sizeBytes = sizeBytes;
@@ -267,14 +270,14 @@ function preallocate(path: string, sizeBytes: number): Promise<boolean> {
 
 /**
  * The real disk. Each file opened gets its own sync-read policy from syncReads (by default the
- * adaptive SyncReadPolicy); a test that must see the synchronous path serve, whatever the
+ * adaptive SyncIoPolicy); a test that must see the synchronous path serve, whatever the
  * machine's load, passes one that always reads synchronously.
  */
-export function nodeDiskWith(syncReads: () => SyncReads): Disk {
-  return { ...nodeDisk, open: (path, options) => openDiskFile(path, options, syncReads(), new SyncReadPolicy()) };
+export function nodeDiskWith(syncReads: () => SyncIo): Disk {
+  return { ...nodeDisk, open: (path, options) => openDiskFile(path, options, syncReads(), new SyncIoPolicy()) };
 }
 
-async function openDiskFile(path: string, options: OpenOptions = {}, syncReads: SyncReads, syncWrites: SyncReads): Promise<DiskFile> {
+async function openDiskFile(path: string, options: OpenOptions = {}, syncReads: SyncIo, syncWrites: SyncIo): Promise<DiskFile> {
   const flags = options.readOnly
     ? fsConstants.O_RDONLY
     : fsConstants.O_RDWR | (options.create ? fsConstants.O_CREAT : 0);
@@ -298,7 +301,7 @@ async function openDiskFile(path: string, options: OpenOptions = {}, syncReads: 
 
 export const nodeDisk: Disk = {
   open(path: string, options: OpenOptions = {}): Promise<DiskFile> {
-    return openDiskFile(path, options, new SyncReadPolicy(), new SyncReadPolicy());
+    return openDiskFile(path, options, new SyncIoPolicy(), new SyncIoPolicy());
   },
 
   async readFile(path: string): Promise<Buffer | undefined> {
