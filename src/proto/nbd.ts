@@ -685,6 +685,8 @@ export class ByteQueue {
   /** Offset of the first unread byte in #chunks[0]. */
   #head = 0;
   #length = 0;
+  /** Where the bytes of the last `inPlace` start in the buffer it returned. */
+  inPlaceOffset = 0;
 
   get length(): number {
     return this.#length;
@@ -716,6 +718,23 @@ export class ByteQueue {
       if (copied === count) break;
     }
     return target;
+  }
+
+  /**
+   * The next `count` bytes to be read in place, without a view or a copy when they lie in one
+   * chunk: returns that chunk and sets `inPlaceOffset` to where they start in it; otherwise copies
+   * them into `scratch` (at least `count` long) and returns it, with `inPlaceOffset` 0. Valid until
+   * the queue changes. The per-request header path: a view per request showed in the allocation
+   * profile of 4 KiB reads.
+   */
+  inPlace(count: number, scratch: Buffer): Buffer {
+    const first = this.#chunks[0];
+    if (first !== undefined && first.length - this.#head >= count) {
+      this.inPlaceOffset = this.#head;
+      return first;
+    }
+    this.inPlaceOffset = 0;
+    return this.peek(count, scratch);
   }
 
   /** Consumes and returns the next `count` bytes: a view when they lie in one chunk, else one copy. */
@@ -866,15 +885,16 @@ export class NbdServerParser {
 
   #nextRequest(): NbdRequest | undefined {
     if (this.#queue.length < NBD_REQUEST_HEADER_BYTES) return undefined;
-    const header = this.#queue.peek(NBD_REQUEST_HEADER_BYTES, this.#scratch);
-    const magic = header.readUInt32BE(0);
+    const header = this.#queue.inPlace(NBD_REQUEST_HEADER_BYTES, this.#scratch);
+    const at = this.#queue.inPlaceOffset;
+    const magic = header.readUInt32BE(at);
     if (magic !== NBD_REQUEST_MAGIC) this.#fail(`bad request magic 0x${magic.toString(16).padStart(8, '0')}`);
-    const flags = header.readUInt16BE(4);
-    const type = header.readUInt16BE(6);
-    const cookieHigh = header.readUInt32BE(8);
-    const cookieLow = header.readUInt32BE(12);
-    const offsetBytes = header.readUInt32BE(16) * 2 ** 32 + header.readUInt32BE(20);
-    const lengthBytes = header.readUInt32BE(24);
+    const flags = header.readUInt16BE(at + 4);
+    const type = header.readUInt16BE(at + 6);
+    const cookieHigh = header.readUInt32BE(at + 8);
+    const cookieLow = header.readUInt32BE(at + 12);
+    const offsetBytes = header.readUInt32BE(at + 16) * 2 ** 32 + header.readUInt32BE(at + 20);
+    const lengthBytes = header.readUInt32BE(at + 24);
     let payload: Buffer | undefined;
     let payloadSkipped = false;
     if (type === NbdCommand.WRITE) {
