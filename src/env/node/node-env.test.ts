@@ -1,10 +1,10 @@
 import assert from 'node:assert/strict';
-import { mkdtempSync, rmSync } from 'node:fs';
+import { closeSync, mkdtempSync, openSync, readSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { test } from 'node:test';
 import { codeOf } from '../../lib/errors.ts';
-import { nodeEnv, SyncIoPolicy, threadRunQueueWaitMs } from './node-env.ts';
+import { nodeEnv, SyncIoPolicy, threadDeviceReadBytes, threadRunQueueWaitMs } from './node-env.ts';
 
 test('listening on an address another server holds is IN_USE, naming the address; the holder is unharmed', async (t) => {
   const holder = await nodeEnv.net.listen('127.0.0.1:0', (connection) => connection.end());
@@ -81,16 +81,6 @@ test('reads stay synchronous while the page cache serves them, and back off, lon
   now += 300;
   for (let i = 0; i < 1000; i++) read(0.05);
   assert.ok(policy.useSync(), 'reads of 50 µs are not misses');
-
-  // A long stall counts for 1 ms at most (the host holding the vCPU back looks the same).
-  for (let i = 0; i < 256; i++) read(fast);
-  misses(2, 8);
-  assert.ok(policy.useSync(), 'two 8 ms stalls in a window: still synchronous');
-  for (let i = 0; i < 254; i++) read(fast);
-  misses(2, 8);
-  assert.ok(policy.useSync(), 'two in the next window too: windows do not add up');
-  read(0.6);
-  assert.ok(!policy.useSync(), 'with 0.6 ms more in the same window: the thread pool');
 });
 
 test('the time a slow read spent waiting for a CPU is not a miss; the time left over is', () => {
@@ -120,6 +110,46 @@ test('the time a slow read spent waiting for a CPU is not a miss; the time left 
     blind.record(elapsed);
   }
   assert.ok(!blind.useSync());
+});
+
+test('a slow read for which no device read anything is not a miss; one with device reads counts whole', () => {
+  let deviceBytes = 0;
+  const policy = new SyncIoPolicy(() => 1000, () => 0, () => deviceBytes);
+  /** One read as NodeDiskFile does it; the device reads `fromDevice` bytes for it (a miss, with read-ahead). */
+  const read = (elapsedMs: number, fromDevice = 0): void => {
+    assert.ok(policy.useSync());
+    deviceBytes += fromDevice;
+    policy.record(elapsedMs);
+  };
+  for (let i = 0; i < 10; i++) read(0.01);
+  for (let i = 0; i < 20; i++) read(8);
+  assert.ok(policy.useSync(), '20 reads of 8 ms from the page cache (the host held the vCPU back): not misses');
+  read(1.5, 128 * 1024);
+  assert.ok(policy.useSync(), 'one 1.5 ms read from the device: a miss, within the budget');
+  read(1.2, 4096);
+  assert.ok(!policy.useSync(), 'a second one: over the budget, the thread pool');
+
+  // Where the kernel does not say, slow reads count whole.
+  const blind = new SyncIoPolicy(() => 1000, () => 0, () => undefined);
+  for (const elapsed of [1.5, 1.5]) {
+    assert.ok(blind.useSync());
+    blind.record(elapsed);
+  }
+  assert.ok(!blind.useSync());
+});
+
+test('the bytes devices read for this thread are read from the kernel and never go back', () => {
+  const first = threadDeviceReadBytes();
+  assert.equal(typeof first, 'number', 'Linux has /proc/thread-self/io');
+  const buffer = Buffer.alloc(4096);
+  const fd = openSync(process.execPath, 'r');
+  try {
+    readSync(fd, buffer, 0, buffer.length, 0);
+  } finally {
+    closeSync(fd);
+  }
+  const second = threadDeviceReadBytes();
+  assert.ok(second !== undefined && second >= first!);
 });
 
 test('the run-queue wait of this thread is read from the kernel and never goes back', () => {

@@ -40,12 +40,12 @@ const SYNC_WRITE_BYTES_PER_MS = 512 * 1024;
  * every several seconds. A disk of 100 µs misses stays synchronous up to a miss rate of about
  * 10 %, one of 300 µs up to about 3 %.
  *
- * A stall counts for at most SYNC_READ_STALL_CAP_MS, so three long stalls in a window are needed,
- * not one. On a virtual machine the vCPU itself is sometimes held back by the host for 1–8 ms, in
- * computation as much as in a read, and the kernel does not count that as waiting for a CPU; a
- * few of those a second sent every read to the thread pool for 250 ms each time, at two to three
- * times the CPU per read. A flash device's miss takes 0.1–0.2 ms; misses that matter come in
- * numbers.
+ * A slow read during which the thread had nothing read from a device is not a miss either (when
+ * the policy is given `deviceReadBytes`: the thread's read_bytes in /proc/thread-self/io, looked
+ * at like the run-queue wait). On a virtual machine the vCPU itself is sometimes held back by the
+ * host for 1–8 ms, in computation as much as in a read, and the guest does not count that as
+ * waiting for a CPU; a few of those a second sent every read to the thread pool for 250 ms each
+ * time, at two to three times the CPU per read, with every byte in the page cache.
  *
  * A read is also slow when the thread was preempted during it, which on a machine whose cores
  * are shared (store processes, the gateway, the client) happens to a few reads in a thousand.
@@ -61,8 +61,6 @@ const SYNC_READ_STALL_PER_READ_MS = 0.01;
 const SYNC_READ_STALL_BUDGET_MS = SYNC_READ_WINDOW * SYNC_READ_STALL_PER_READ_MS;
 const SYNC_READ_BACKOFF_MIN_MS = 250;
 const SYNC_READ_BACKOFF_MAX_MS = 8000;
-/** The most one stall adds to a window's stall time. */
-const SYNC_READ_STALL_CAP_MS = 1;
 
 /** What NodeDiskFile asks before and tells after each synchronous read (or write). */
 export interface SyncIo {
@@ -77,21 +75,33 @@ export class SyncIoPolicy implements SyncIo {
   #backoffMs = SYNC_READ_BACKOFF_MIN_MS;
   #reads = 0;
   #stallMs = 0;
+  readonly #deviceReadBytes: () => number | undefined;
   /** The run-queue wait when this window started or its last slow read ended; undefined: not read yet. */
   #waitMs: number | undefined;
+  /** Likewise the bytes read from devices; undefined: not read yet, or unknown. */
+  #deviceBytes: number | undefined;
 
   /**
-   * `runQueueWaitMs`: how long this thread has waited, runnable, for a CPU in all (undefined when
-   * unknown: then slow reads count whole).
+   * `runQueueWaitMs`: how long this thread has waited, runnable, for a CPU in all;
+   * `deviceReadBytes`: how many bytes storage devices have read for this thread in all. Either
+   * undefined when unknown: then slow reads count whole.
    */
-  constructor(nowMs: () => number = () => performance.now(), runQueueWaitMs: () => number | undefined = threadRunQueueWaitMs) {
+  constructor(
+    nowMs: () => number = () => performance.now(),
+    runQueueWaitMs: () => number | undefined = threadRunQueueWaitMs,
+    deviceReadBytes: () => number | undefined = () => undefined,
+  ) {
     this.#nowMs = nowMs;
     this.#runQueueWaitMs = runQueueWaitMs;
+    this.#deviceReadBytes = deviceReadBytes;
   }
 
   useSync(): boolean {
     if (this.#asyncUntilMs !== 0 && this.#nowMs() < this.#asyncUntilMs) return false;
-    if (this.#reads === 0 && this.#waitMs === undefined) this.#waitMs = this.#runQueueWaitMs();
+    if (this.#reads === 0 && this.#waitMs === undefined) {
+      this.#waitMs = this.#runQueueWaitMs();
+      this.#deviceBytes = this.#deviceReadBytes();
+    }
     return true;
   }
 
@@ -99,9 +109,13 @@ export class SyncIoPolicy implements SyncIo {
     if (elapsedMs > SYNC_READ_SLOW_MS) {
       // Time spent preempted since the last look is not the disk's; each wait excuses one read only.
       const waitMs = this.#runQueueWaitMs();
-      const stallMs = waitMs !== undefined && this.#waitMs !== undefined ? elapsedMs - Math.max(0, waitMs - this.#waitMs) : elapsedMs;
+      let stallMs = waitMs !== undefined && this.#waitMs !== undefined ? elapsedMs - Math.max(0, waitMs - this.#waitMs) : elapsedMs;
       this.#waitMs = waitMs;
-      if (stallMs > SYNC_READ_SLOW_MS) this.#stallMs += Math.min(stallMs, SYNC_READ_STALL_CAP_MS);
+      // Nothing read from a device since the last look: the page cache served it, however slowly.
+      const deviceBytes = this.#deviceReadBytes();
+      if (deviceBytes !== undefined && deviceBytes === this.#deviceBytes) stallMs = 0;
+      this.#deviceBytes = deviceBytes;
+      if (stallMs > SYNC_READ_SLOW_MS) this.#stallMs += stallMs;
       if (this.#stallMs > SYNC_READ_STALL_BUDGET_MS) {
         // Misses: back off at once, longer each time the previous back-off ended in misses.
         this.#backoffMs = this.#asyncUntilMs === 0 ? SYNC_READ_BACKOFF_MIN_MS : Math.min(SYNC_READ_BACKOFF_MAX_MS, this.#backoffMs * 2);
@@ -120,36 +134,60 @@ export class SyncIoPolicy implements SyncIo {
     this.#reads = 0;
     this.#stallMs = 0;
     this.#waitMs = undefined;
+    this.#deviceBytes = undefined;
   }
 }
 
-/** The open /proc/thread-self/schedstat of this thread (module state is per thread), null when the kernel has none. */
-let schedstatFd: number | null | undefined;
-const schedstatBuffer = Buffer.alloc(96);
+/** This thread's open /proc/thread-self files (module state is per thread); null where the kernel has none. */
+const threadProcFds = new Map<string, number | null>();
+const threadProcBuffer = Buffer.alloc(256);
+
+/** The text of /proc/thread-self/`name`, read through a descriptor kept open; undefined where it cannot be read. */
+function readThreadProcFile(name: string): string | undefined {
+  let fd = threadProcFds.get(name);
+  if (fd === undefined) {
+    try {
+      fd = openSync(`/proc/thread-self/${name}`, 'r');
+    } catch {
+      fd = null;
+    }
+    threadProcFds.set(name, fd);
+  }
+  if (fd === null) return undefined;
+  try {
+    return threadProcBuffer.toString('latin1', 0, readSync(fd, threadProcBuffer, 0, threadProcBuffer.length, 0));
+  } catch {
+    return undefined;
+  }
+}
 
 /**
  * How long this thread has waited for a CPU while runnable, in ms: the second field of
  * /proc/thread-self/schedstat (the scheduler's run_delay), or undefined where it cannot be read.
  */
 export function threadRunQueueWaitMs(): number | undefined {
-  if (schedstatFd === undefined) {
-    try {
-      schedstatFd = openSync('/proc/thread-self/schedstat', 'r');
-    } catch {
-      schedstatFd = null;
-    }
-  }
-  if (schedstatFd === null) return undefined;
-  let text: string;
-  try {
-    text = schedstatBuffer.toString('latin1', 0, readSync(schedstatFd, schedstatBuffer, 0, schedstatBuffer.length, 0));
-  } catch {
-    return undefined;
-  }
+  const text = readThreadProcFile('schedstat');
+  if (text === undefined) return undefined;
   const first = text.indexOf(' ');
   const second = text.indexOf(' ', first + 1);
   const runDelayNs = Number(text.slice(first + 1, second));
   return first > 0 && second > first && Number.isFinite(runDelayNs) ? runDelayNs / 1e6 : undefined;
+}
+
+/**
+ * How many bytes storage devices have read for this thread (its page-cache misses and their
+ * read-ahead): read_bytes of /proc/thread-self/io, or undefined where it cannot be read.
+ */
+export function threadDeviceReadBytes(): number | undefined {
+  const text = readThreadProcFile('io');
+  if (text === undefined) return undefined;
+  const match = /^read_bytes: (\d+)$/m.exec(text);
+  return match ? Number(match[1]) : undefined;
+}
+
+/** The policy for a file's synchronous reads: run-queue wait and device reads excuse slow reads. */
+function syncReadPolicy(): SyncIoPolicy {
+  return new SyncIoPolicy(() => performance.now(), threadRunQueueWaitMs, threadDeviceReadBytes);
 }
 
 class NodeDiskFile implements DiskFile {
@@ -310,7 +348,7 @@ async function openDiskFile(path: string, options: OpenOptions = {}, syncReads: 
 
 export const nodeDisk: Disk = {
   open(path: string, options: OpenOptions = {}): Promise<DiskFile> {
-    return openDiskFile(path, options, new SyncIoPolicy(), new SyncIoPolicy());
+    return openDiskFile(path, options, syncReadPolicy(), new SyncIoPolicy());
   },
 
   async readFile(path: string): Promise<Buffer | undefined> {
