@@ -45,6 +45,7 @@ export interface StoreRequester {
   /**
    * A READ answered synchronously, or undefined: use `request` (which then gives the answer or the
    * error). Only a store in this process can offer it (LocalChannel); the blocks are verified.
+   * Keeps no reference to `fields`: the caller may reuse them once it returns.
    */
   readNow?(fields: LocalReadFields): LocalReadResult | undefined;
   /**
