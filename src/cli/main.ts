@@ -14,7 +14,7 @@ import { registerUpCommand } from './up.ts';
 /**
  * libuv's thread pool does the reads that are not synchronous (cache misses, large reads) and the
  * syncs. Two threads per core, at least 4: on this project's 2-core VM, 16 threads made reads
- * through the pool cost 45–50 CPU µs each against 27–35 with 4, as the threads woke each other
+ * through the pool cost 44–51 CPU µs each against 27–36 with 4, as the threads woke each other
  * and switched; cold 4 KiB reads at queue depth 32 went 13–18k IOPS with 16, 21–23k with 4
  * (docs/benchmarks.md). Read before the pool starts, on the first asynchronous file operation.
  */

@@ -187,6 +187,24 @@ describe('ByteQueue', () => {
     assert.equal(queue.skip(10), 0);
     assert.equal(queue.length, 0);
   });
+
+  test('inPlace gives the chunk itself and where the bytes start in it, or a copy in the scratch across chunks', () => {
+    const queue = new ByteQueue();
+    const first = Buffer.from('abcdef');
+    queue.push(first);
+    queue.push(Buffer.from('ghij'));
+    queue.skip(2);
+    const scratch = Buffer.alloc(8);
+    const within = queue.inPlace(4, scratch);
+    assert.equal(within, first, 'no view, no copy');
+    assert.equal(queue.inPlaceOffset, 2);
+    assert.equal(within.toString('latin1', queue.inPlaceOffset, queue.inPlaceOffset + 4), 'cdef');
+    const across = queue.inPlace(6, scratch);
+    assert.equal(across.buffer, scratch.buffer, 'copied into the scratch');
+    assert.equal(queue.inPlaceOffset, 0);
+    assert.equal(across.toString('latin1', 0, 6), 'cdefgh');
+    assert.equal(queue.length, 8, 'inPlace consumes nothing');
+  });
 });
 
 // -------------------------------------------------------------------------------------------------

@@ -71,11 +71,11 @@ export interface SyncIo {
 export class SyncIoPolicy implements SyncIo {
   readonly #nowMs: () => number;
   readonly #runQueueWaitMs: () => number | undefined;
+  readonly #deviceReadBytes: () => number | undefined;
   #asyncUntilMs = 0;
   #backoffMs = SYNC_READ_BACKOFF_MIN_MS;
   #reads = 0;
   #stallMs = 0;
-  readonly #deviceReadBytes: () => number | undefined;
   /** The run-queue wait when this window started or its last slow read ended; undefined: not read yet. */
   #waitMs: number | undefined;
   /** Likewise the bytes read from devices; undefined: not read yet, or unknown. */
