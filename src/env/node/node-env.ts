@@ -40,6 +40,12 @@ const SYNC_WRITE_BYTES_PER_MS = 512 * 1024;
  * every several seconds. A disk of 100 µs misses stays synchronous up to a miss rate of about
  * 10 %, one of 300 µs up to about 3 %.
  *
+ * A read is also slow when the thread was preempted during it, which on a machine whose cores
+ * are shared (store processes, the gateway, the client) happens to a few reads in a thousand.
+ * Counted as stalls, those sent half of all reads to the thread pool with every byte in the page
+ * cache. So the time the thread spent waiting for a CPU (`runQueueWaitMs`, read from the kernel
+ * at the start of each window and after each slow read: about 1 µs) is taken off the slow reads.
+ *
  * A slow read during which the thread had nothing read from a device is not a miss either (when
  * the policy is given `deviceReadBytes`: the thread's read_bytes in /proc/thread-self/io, looked
  * at like the run-queue wait). On a virtual machine the vCPU itself is sometimes held back by the
@@ -47,13 +53,8 @@ const SYNC_WRITE_BYTES_PER_MS = 512 * 1024;
  * waiting for a CPU; a few of those a second sent every read to the thread pool for 250 ms each
  * time, at two to three times the CPU per read, with every byte in the page cache.
  *
- * A read is also slow when the thread was preempted during it, which on a machine whose cores
- * are shared (store processes, the gateway, the client) happens to a few reads in a thousand.
- * Counted as stalls, those sent half of all reads to the thread pool with every byte in the page
- * cache. So the time the thread spent waiting for a CPU (`runQueueWaitMs`, read from the kernel
- * at the start of each window and after each slow read: about 1 µs) is taken off the slow reads.
- *
- * Synchronous log writes follow the same policy, on a record of their own (NodeDiskFile.writevNow).
+ * Synchronous log writes follow the same policy, on a record of their own (NodeDiskFile.writevNow),
+ * without the device-read check: what holds a write up is the kernel throttling it, not a read.
  */
 const SYNC_READ_SLOW_MS = 0.05;
 const SYNC_READ_WINDOW = 256;
