@@ -3,13 +3,13 @@
  * cluster (and for `shale up`, which runs stores as child processes through `shale store`).
  * SIGINT and SIGTERM stop a role cleanly: in-flight requests finish, disks are synced.
  */
-import { hostname } from 'node:os';
+import { hostname, totalmem } from 'node:os';
 import type { Command } from 'commander';
 import { ClusterClient } from '../client/cluster-client.ts';
 import { startConductor } from '../conductor/conductor.ts';
 import { nodeEnv } from '../env/node/node-env.ts';
 import { ShaleError } from '../lib/errors.ts';
-import { parseDuration, parseSize } from '../lib/units.ts';
+import { GiB, MiB, parseDuration, parseSize } from '../lib/units.ts';
 import { startNbdServer, type NbdTlsOptions } from '../nbd/server.ts';
 import { VolumeExports } from '../nbd/volume-exports.ts';
 import type { LocalStores } from '../proto/local-channel.ts';
@@ -141,15 +141,17 @@ export function registerRoleCommands(program: Command): void {
     .option('--conductor <urls>', 'conductor URLs, comma separated', `http://127.0.0.1:${DEFAULT_API_PORT}`)
     .option('--domain <label>', 'failure domain of this store: a host name, or rack=R,host=H', hostname())
     .option('--resync-rate <bytes-per-second>', 'most bytes per second a resync copies into this store (0: unlimited)', '0')
-    .action(async (options: { disk?: string; format: boolean; sparse: boolean; listen: string; conductor: string; domain: string; resyncRate: string }) => {
+    .option('--cache-size <size>', CACHE_SIZE_HELP, 'auto')
+    .action(async (options: { disk?: string; format: boolean; sparse: boolean; listen: string; conductor: string; domain: string; resyncRate: string; cacheSize: string }) => {
       try {
         if (!options.disk) throw new ShaleError('INVALID_ARGUMENT', 'shale store: --disk PATH[:SIZE] is required to run a store (or use `shale store list`)');
         const disk = parseDiskArgument(options.disk);
+        const cacheBytes = parseCacheSize(options.cacheSize);
         const log = makeLog(`store ${disk.path}`);
         const daemon = await startStoreDaemon(nodeEnv, {
           diskPath: disk.path, diskSizeBytes: disk.sizeBytes, format: options.format, listen: options.listen,
           conductorUrls: options.conductor, domain: options.domain, log,
-          openEngine: (env, engineOptions) => openLogEngine(env, { ...engineOptions, preallocate: !options.sparse }),
+          openEngine: (env, engineOptions) => openLogEngine(env, { ...engineOptions, preallocate: !options.sparse, cacheBytes }),
           resyncRateBytesPerSecond: parseSize(options.resyncRate, '--resync-rate'),
           beforeRegister: process.send ? () => registrationTurn() : undefined,
         });
@@ -243,6 +245,17 @@ export async function startNbdGateway(options: {
       await cluster.close();
     },
   };
+}
+
+export const CACHE_SIZE_HELP = 'memory for the store\'s read cache of small reads: a size, 0 for none, or auto '
+  + '(1/16 of this machine\'s memory, 64 MiB to 4 GiB)';
+
+/** --cache-size: bytes, from a size, 0, or auto (1/16 of the machine's memory, 64 MiB to 4 GiB). */
+export function parseCacheSize(text: string): number {
+  if (text.trim() === 'auto') return Math.min(4 * GiB, Math.max(64 * MiB, Math.floor(totalmem() / 16 / MiB) * MiB));
+  const bytes = parseSize(text, '--cache-size');
+  if (bytes > 0 && bytes < 4096) throw new ShaleError('INVALID_ARGUMENT', `--cache-size: ${bytes} bytes is less than one 4 KiB block (0 turns the cache off)`);
+  return bytes;
 }
 
 export const DEFAULT_BUSY_POLL_MICROS = '0';

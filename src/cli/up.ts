@@ -24,7 +24,9 @@ import { startStoreDaemon, type StoreDaemon } from '../store/store-daemon.ts';
 import { exitWithError, makeLog } from './output.ts';
 import { readTextFile, saveToken, writeTokenFile } from './token.ts';
 import { DEFAULT_S3_PORT, startS3Role } from '../s3/s3-role.ts';
-import { BUSY_POLL_HELP, DEFAULT_API_PORT, DEFAULT_NBD_PORT, parseBusyPoll, positiveInteger, startNbdGateway, stopOnSignals, tlsOptions } from './roles.ts';
+import {
+  BUSY_POLL_HELP, CACHE_SIZE_HELP, DEFAULT_API_PORT, DEFAULT_NBD_PORT, parseBusyPoll, parseCacheSize, positiveInteger, startNbdGateway, stopOnSignals, tlsOptions,
+} from './roles.ts';
 
 /**
  * Busy polling of `shale up`'s gateway when its only store lives in its process: with nothing
@@ -47,6 +49,7 @@ interface UpOptions {
   restartDelay: string;
   ioTimeout: string;
   resyncRate: string;
+  cacheSize: string;
   downOutInterval: string;
   scrubInterval: string;
   nbdSocket?: string;
@@ -72,6 +75,7 @@ export function registerUpCommand(program: Command): void {
     .option('--restart-delay <duration>', 'restart a store process this long after it died', '2s')
     .option('--io-timeout <duration>', 'fail I/O with NO_QUORUM after waiting this long for replicas (0: wait forever)', '0')
     .option('--resync-rate <bytes-per-second>', 'most bytes per second a resync copies into one store (0: unlimited)', '0')
+    .option('--cache-size <size>', `each store: ${CACHE_SIZE_HELP}`, 'auto')
     .option('--down-out-interval <duration>', 'mark a store out this long after it went down, and re-replicate its PGs elsewhere', '10m')
     .option('--scrub-interval <duration>', 'compare every volume\'s replicas this often (0: only on demand, shale scrub)', '24h')
     .option('--nbd-socket <path>', 'also serve NBD on this unix socket')
@@ -100,6 +104,7 @@ async function up(options: UpOptions): Promise<void> {
   const apiPort = port(options.apiPort, '--api-port');
   const restartDelayMs = parseDuration(options.restartDelay, '--restart-delay');
   const resyncRateBytesPerSecond = parseSize(options.resyncRate, '--resync-rate');
+  const cacheBytes = parseCacheSize(options.cacheSize);
   const tls = tlsOptions(options);
   mkdirSync(dataDir, { recursive: true });
 
@@ -145,7 +150,7 @@ async function up(options: UpOptions): Promise<void> {
     mkdirSync(dir, { recursive: true });
     const child = spawn(process.execPath, [
       MAIN, 'store', '--disk', `${dir}/disk.img:${diskSizeBytes}`, '--format', '--sparse', '--listen', `${options.host}:0`,
-      '--conductor', apiUrl, '--domain', `local-${index}`, '--resync-rate', String(resyncRateBytesPerSecond),
+      '--conductor', apiUrl, '--domain', `local-${index}`, '--resync-rate', String(resyncRateBytesPerSecond), '--cache-size', String(cacheBytes),
     ], { stdio: ['ignore', 'inherit', 'inherit', 'ipc'], env: process.env });
     children.set(index, child);
     child.on('message', (message: { type?: string }) => {
@@ -192,7 +197,8 @@ async function up(options: UpOptions): Promise<void> {
     mkdirSync(`${dataDir}/store-1`, { recursive: true });
     localStore = await startStoreDaemon(nodeEnv, {
       diskPath: `${dataDir}/store-1/disk.img`, diskSizeBytes, format: true, listen: `${options.host}:0`, conductorUrls: apiUrl,
-      domain: 'local-1', resyncRateBytesPerSecond, log: makeLog(`store ${dataDir}/store-1/disk.img`), openEngine: openLogEngine, localStores,
+      domain: 'local-1', resyncRateBytesPerSecond, log: makeLog(`store ${dataDir}/store-1/disk.img`), localStores,
+      openEngine: (env, engineOptions) => openLogEngine(env, { ...engineOptions, cacheBytes }),
     }).catch(async (error: unknown) => {
       await conductor.close();
       throw error;

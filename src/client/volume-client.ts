@@ -24,7 +24,7 @@
  * down before the FLUSH is acknowledged.
  */
 import { assert } from '../lib/assert.ts';
-import { readBuffers } from '../lib/buffer-pool.ts';
+import { giveBack, readBuffers } from '../lib/buffer-pool.ts';
 import { blockChecksums, crc32c } from '../lib/crc32c.ts';
 import { ShaleError } from '../lib/errors.ts';
 import { placementGroupOf } from '../lib/placement-hash.ts';
@@ -219,7 +219,10 @@ export class VolumeClient {
       const result = channel.readNow(fields);
       if (result === undefined) return undefined;
       // A clone's absent blocks read through to its parent: the asynchronous path does that.
-      if (result.absent && this.#parentLayers.length > 0) return undefined;
+      if (result.absent && this.#parentLayers.length > 0) {
+        giveBack(result.data);
+        return undefined;
+      }
       // Absent and zero blocks are zeros in the engine's result, as they read.
       const skip = offsetBytes - startBlock * BLOCK_SIZE_BYTES;
       return skip === 0 && result.data.length === lengthBytes ? result.data : result.data.subarray(skip, skip + lengthBytes);
@@ -256,7 +259,7 @@ export class VolumeClient {
     await Promise.all(pieces.map(async (piece) => {
       const data = await this.#readPiece(piece);
       data.copy(out, piece.bufferBlock * BLOCK_SIZE_BYTES);
-      readBuffers.give(data);
+      giveBack(data);
     }));
     return out;
   }

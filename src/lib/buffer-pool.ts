@@ -14,6 +14,31 @@
  * `bytesPerClassMax` bytes of free buffers.
  */
 
+/**
+ * Whoever lent out a buffer and wants it back: the read pool here, the store engine's block cache.
+ * A read's bytes travel up to the NBD gateway or a store's socket, which cannot know which one lent
+ * them; `giveBack` finds the lender from a mark on the buffer's ArrayBuffer.
+ */
+export interface BufferLender {
+  give(buffer: Buffer): void;
+}
+
+const LENDER = Symbol('shale.buffer-lender');
+type Lent = ArrayBufferLike & { [LENDER]?: BufferLender };
+
+/** Marks every buffer over `arrayBuffer` as lent by `lender`. */
+export function markLender(arrayBuffer: ArrayBufferLike, lender: BufferLender): void {
+  (arrayBuffer as Lent)[LENDER] = lender;
+}
+
+/**
+ * Gives a read's buffer (or a view of one) back to whoever lent it, once its last user is done;
+ * a buffer nobody lent is left to the garbage collector.
+ */
+export function giveBack(buffer: Buffer): void {
+  (buffer.buffer as Lent)[LENDER]?.give(buffer);
+}
+
 const CLASS_MIN_SHIFT = 12;
 const CLASS_MAX_SHIFT = 22;
 
@@ -25,7 +50,7 @@ const CLASS_MAX_SHIFT = 22;
 const OUT = Symbol('shale.buffer-pool.out');
 type Marked = ArrayBufferLike & { [OUT]?: boolean };
 
-export class BufferPool {
+export class BufferPool implements BufferLender {
   /** Per size class, whole free buffers (each owns its ArrayBuffer of exactly the class size). */
   readonly #free: Buffer[][] = [];
   readonly #freeMax: number[] = [];
@@ -46,6 +71,7 @@ export class BufferPool {
     let buffer = this.#free[index]!.pop();
     if (buffer === undefined) {
       buffer = Buffer.allocUnsafeSlow(2 ** (index + CLASS_MIN_SHIFT));
+      markLender(buffer.buffer, this);
       this.#allocated++;
     } else {
       this.#reused++;

@@ -983,4 +983,31 @@ describe('read buffers', () => {
     assert.equal(handedOut.length, 6);
     assert.deepEqual(new Set(recycled), new Set(handedOut), 'exactly the buffers the reads returned');
   });
+
+  test('a read that completes after its connection closed gives its buffer back unsent', async (t) => {
+    const disk = new MemoryExport({ name: 'disk', sizeBytes: MiB });
+    const recycled: Buffer[] = [];
+    const pending: { resolve: (data: Buffer) => void; data: Buffer }[] = [];
+    const slow: NbdExport = {
+      name: 'slow', sizeBytes: MiB, readOnly: false,
+      read: (offset, length) => new Promise<Buffer>((resolve) => pending.push({ resolve, data: Buffer.alloc(length, offset & 0xff) })),
+      recycle: (data) => recycled.push(data),
+      write: (offset, data, fua) => disk.write(offset, data, fua),
+      flush: () => disk.flush(),
+      trim: (offset, length, fua) => disk.trim(offset, length, fua),
+      writeZeroes: (offset, length, options) => disk.writeZeroes(offset, length, options),
+      release: async () => {},
+    };
+    const served = await serve(t, [disk], { provider: { open: async () => slow, list: async () => [] } });
+    const client = await served.open('slow');
+    const replies = [0, 4096, 8192].map((offset) => client.read(offset, 4096).catch(() => 'closed'));
+    await waitFor('the reads to reach the export', () => pending.length === 3);
+    client.destroy();
+    await client.closed;
+    await waitFor('the server to see the connection gone', () => served.logs.some((line) => line.includes('replies are dropped')));
+    for (const read of pending) read.resolve(read.data);
+    assert.deepEqual(await Promise.all(replies), ['closed', 'closed', 'closed']);
+    await waitFor('every unsent buffer given back', () => recycled.length === 3);
+    assert.deepEqual(new Set(recycled), new Set(pending.map((read) => read.data)));
+  });
 });

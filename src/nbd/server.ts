@@ -58,9 +58,9 @@ export interface NbdExport {
    */
   readNow?(offsetBytes: number, lengthBytes: number): Buffer | undefined;
   /**
-   * Optional: called with each buffer that read() or readNow() returned once its reply has been
-   * written to the socket and the server holds it no more (never for a reply that was not sent).
-   * Lets an export reuse its read buffers.
+   * Optional: called with each buffer that read() or readNow() returned once the server holds it
+   * no more: its reply has been written to the socket, or will never be (the connection closed
+   * first). Lets an export reuse its read buffers, or lend them (the server never writes to one).
    */
   recycle?(data: Buffer): void;
   /**

@@ -841,8 +841,12 @@ export class NbdSession {
   }
 
   #completeRead(request: NbdRequest, costBytes: number, data: Buffer): void {
-    if (!this.#endOperation(costBytes)) return;
+    if (!this.#endOperation(costBytes)) {
+      if (Buffer.isBuffer(data)) this.#export?.recycle?.(data);
+      return;
+    }
     if (!Buffer.isBuffer(data) || data.length !== request.lengthBytes) {
+      if (Buffer.isBuffer(data)) this.#export?.recycle?.(data);
       this.#exportBug(request, `returned ${Buffer.isBuffer(data) ? `${data.length} bytes` : typeof data} for a read of ${request.lengthBytes}`);
     } else if (this.#target!.structuredReplies) {
       this.#queueReply(ReplyShape.DATA_CHUNK, request, 0, data, data.length, true);
@@ -984,6 +988,7 @@ export class NbdSession {
     this.#replies = [];
     this.#queuedReplyBytes = 0;
     if (this.#state === 'closed' || this.#state === 'failed' || replies.length === 0) {
+      this.#recycleUnsent(replies);
       this.#maybeFinish();
       return;
     }
@@ -1035,8 +1040,21 @@ export class NbdSession {
     if (this.#state === 'transmission' && this.#inputPaused) this.#pump();
   }
 
+  /**
+   * Read data of replies that will never be written (the connection is gone): back to the export
+   * now. Data lent by the store engine's cache keeps a cache slot until it comes back.
+   */
+  #recycleUnsent(replies: readonly PendingReply[]): void {
+    const recycle = this.#export?.recycle;
+    if (recycle === undefined) return;
+    for (const reply of replies) if (reply.recycle) recycle(reply.data!);
+  }
+
   #send(data: Buffer | readonly Buffer[], onWritten?: () => void): void {
-    if (this.#state === 'closed' || this.#state === 'failed') return;
+    if (this.#state === 'closed' || this.#state === 'failed') {
+      onWritten?.();
+      return;
+    }
     if (!this.#connection.write(data, onWritten)) {
       this.#outputCongested = true;
       this.#updateInput();
@@ -1100,6 +1118,7 @@ export class NbdSession {
     this.#handshakeTimer?.cancel();
     this.#lingerTimer?.cancel();
     this.#parser.discard();
+    this.#recycleUnsent(this.#replies);
     this.#replies = [];
     this.#queuedReplyBytes = 0;
     if (previous === 'transmission' && (error !== undefined || this.#inFlightRequests > 0)) {

@@ -6,7 +6,7 @@
  */
 import type { ClusterClient } from '../client/cluster-client.ts';
 import type { VolumeClient } from '../client/volume-client.ts';
-import { readBuffers } from '../lib/buffer-pool.ts';
+import { giveBack } from '../lib/buffer-pool.ts';
 import { ShaleError } from '../lib/errors.ts';
 import { SnapshotView } from '../client/snapshot-view.ts';
 import type { ExportProvider, NbdExport } from './server.ts';
@@ -92,7 +92,7 @@ function volumeExport(volume: VolumeClient): NbdExport {
     readNow: (offsetBytes, lengthBytes) => volume.readNow(offsetBytes, lengthBytes),
     // Read data comes from the process's read buffer pool (the store engine's reads); once the
     // reply is written, the buffer goes back to it. Buffers from elsewhere are ignored by the pool.
-    recycle: (data) => readBuffers.give(data),
+    recycle: (data) => giveBack(data),
     write: (offsetBytes, data, fua) => volume.write(offsetBytes, data, { fua }),
     flush: () => volume.flush(),
     trim: (offsetBytes, lengthBytes, fua) => volume.writeZeroes(offsetBytes, lengthBytes, { fua }),

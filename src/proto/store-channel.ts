@@ -32,7 +32,12 @@ interface Pending {
 /** The fields of a READ that a store in this process can answer synchronously. */
 export type LocalReadFields = Pick<FrameHeader, 'volumeId' | 'chunkIndex' | 'poolId' | 'pgId' | 'pgCount' | 'pgEpoch' | 'ownerEpoch' | 'offsetBlocks' | 'countBlocks'>;
 
-/** A synchronous READ's answer: the bytes (absent and zero blocks as zeros, data blocks verified), and whether any block was never written. */
+/**
+ * A synchronous READ's answer: the bytes (absent and zero blocks as zeros, data blocks verified),
+ * and whether any block was never written. The bytes are read-only and may be lent by the store
+ * engine's cache: whoever ends up holding them gives them back with `giveBack` (lib/buffer-pool.ts)
+ * when done, also when it drops them unsent.
+ */
 export interface LocalReadResult {
   data: Buffer;
   absent: boolean;

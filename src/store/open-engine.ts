@@ -18,13 +18,13 @@ import { StoreEngine } from './engine/engine.ts';
  * store --format` asks for it unless `--sparse`; `shale up` keeps its own disk files sparse (a
  * laptop need not give up 3 × 4 GiB), and so does the default here.
  */
-export async function openLogEngine(env: Env, options: { path: string; clusterId: string; format: boolean; sizeBytes?: number; preallocate?: boolean }): Promise<BlockEngine> {
+export async function openLogEngine(env: Env, options: { path: string; clusterId: string; format: boolean; sizeBytes?: number; preallocate?: boolean; cacheBytes?: number }): Promise<BlockEngine> {
   if (options.format && (await isBlank(env, options.path))) {
     const sizeBytes = options.sizeBytes ?? (await sizeOf(env, options.path));
     if (!sizeBytes) throw new ShaleError('INVALID_ARGUMENT', `${options.path}: a new disk file needs a size (--disk PATH:SIZE)`);
     await StoreEngine.format(env, options.path, { sizeBytes, clusterId: options.clusterId, preallocate: options.preallocate ?? false });
   }
-  const engine = await StoreEngine.open(env, options.path, { clusterId: options.clusterId });
+  const engine = await StoreEngine.open(env, options.path, { clusterId: options.clusterId, cacheBytes: options.cacheBytes });
   return new LogEngineAdapter(engine, options.path);
 }
 

@@ -12,7 +12,7 @@
  * Replies go out in batches: everything completed in one event-loop turn leaves in one write.
  */
 import { assert } from '../lib/assert.ts';
-import { readBuffers } from '../lib/buffer-pool.ts';
+import { giveBack } from '../lib/buffer-pool.ts';
 import { codeOf, ErrorCodes, ShaleError, toShaleError } from '../lib/errors.ts';
 import { placementGroupOf } from '../lib/placement-hash.ts';
 import { BLOCK_SIZE_BYTES } from '../lib/units.ts';
@@ -111,7 +111,7 @@ export class StoreServer {
     let inFlight = 0;
     let paused = false;
     let outbox: Buffer[] = [];
-    // Read buffers of the replies in the outbox, for the pool once the write is done.
+    // Read buffers of the replies in the outbox, given back (to the pool or the engine's cache) once written.
     let recycle: Buffer[] = [];
     let flushScheduled = false;
     const send = (reply: Reply): void => {
@@ -125,9 +125,12 @@ export class StoreServer {
         const written = recycle;
         outbox = [];
         recycle = [];
-        if (connection.closed) return;
+        if (connection.closed) {
+          for (const buffer of written) giveBack(buffer);
+          return;
+        }
         connection.write(out, written.length === 0 ? undefined : () => {
-          for (const buffer of written) readBuffers.give(buffer);
+          for (const buffer of written) giveBack(buffer);
         });
       });
     };
@@ -601,7 +604,7 @@ function readReply(h: FrameHeader, rangeData: Buffer, versions: { checksums: Uin
   let dataBlocks = 0;
   for (let i = 0; i < h.countBlocks; i++) if (versions.states[i] === BlockState.DATA) dataBlocks++;
   if (dataBlocks === h.countBlocks) {
-    // The engine's read buffer goes out as is; the socket path gives it back to the pool once written.
+    // The engine's read buffer goes out as is; the socket path gives it back once written.
     return { header: replyHeader(h, { payloadBytes: descriptors.length + rangeData.length }), parts: [descriptors, rangeData], recycle: rangeData };
   }
   const data = Buffer.allocUnsafe(dataBlocks * BLOCK_SIZE_BYTES);
@@ -611,7 +614,7 @@ function readReply(h: FrameHeader, rangeData: Buffer, versions: { checksums: Uin
     rangeData.copy(data, at, i * BLOCK_SIZE_BYTES, (i + 1) * BLOCK_SIZE_BYTES);
     at += BLOCK_SIZE_BYTES;
   }
-  readBuffers.give(rangeData);
+  giveBack(rangeData);
   return { header: replyHeader(h, { payloadBytes: descriptors.length + data.length }), parts: [descriptors, data] };
 }
 

@@ -97,6 +97,7 @@
  */
 import { assert } from '../../lib/assert.ts';
 import { readBuffers } from '../../lib/buffer-pool.ts';
+import { BlockCache, type BlockCacheStats } from './block-cache.ts';
 import { crc32c, ZERO_BLOCK_CRC } from '../../lib/crc32c.ts';
 import { ShaleError } from '../../lib/errors.ts';
 import { BLOCK_SIZE_BYTES, GiB } from '../../lib/units.ts';
@@ -160,6 +161,8 @@ export const scrubReadBytesMax = 4 * 1024 * 1024;
 export const scrubReportBadMax = 1024;
 /** Key-value records one kvList returns at most. */
 export const kvListLimitMax = 10_000;
+/** Reads of at most this many blocks fill the read cache; larger (sequential) reads pass it by, so a scan can't flush it. */
+export const cacheReadBlocksMax = 16;
 
 const TWO_32 = 2 ** 32;
 /** Units of live "metadata" per segment (tombstone block, FENCE, PURGE, SNAPSHOTS, key-value bytes / 64). */
@@ -314,6 +317,8 @@ export interface EngineStats {
   lastCheckpointImageBytes: number;
   rootsWritten: number;
   logBytesSinceCheckpoint: number;
+  /** The read cache, when the engine has one. */
+  cache?: BlockCacheStats;
 }
 
 export interface SegmentStat {
@@ -426,6 +431,8 @@ export interface EngineOpenOptions {
   queueSegments?: number;
   /** Batch sequences each root leases. Default 2^20. */
   sequenceLeaseBatches?: number;
+  /** Bytes of memory for the read cache of small reads (block-cache.ts); 0 or absent: none. */
+  cacheBytes?: number;
 }
 
 const SegmentState = {
@@ -620,6 +627,7 @@ function lowerBoundString(sorted: readonly string[], value: string): number {
 export class StoreEngine {
   readonly #env: EngineEnv;
   readonly #file: DiskFile;
+  readonly #cache: BlockCache | undefined;
   readonly #superblock: Superblock;
   readonly #formatId: Buffer;
   readonly #segmentCount: number;
@@ -760,6 +768,9 @@ export class StoreEngine {
     if (!Number.isInteger(this.#queueSegments) || this.#queueSegments < 2) throw invalid('queueSegments must be at least 2');
     this.#sequenceLeaseBatches = options.sequenceLeaseBatches ?? sequenceLeaseBatchesDefault;
     if (!Number.isInteger(this.#sequenceLeaseBatches) || this.#sequenceLeaseBatches < 4) throw invalid('sequenceLeaseBatches must be at least 4');
+    const cacheBytes = options.cacheBytes ?? 0;
+    if (!Number.isSafeInteger(cacheBytes) || cacheBytes < 0) throw invalid(`cacheBytes ${options.cacheBytes} must be a whole number of bytes, 0 for none`);
+    this.#cache = cacheBytes >= BLOCK_SIZE_BYTES ? new BlockCache(cacheBytes) : undefined;
     this.#segmentState = new Uint8Array(count);
     this.#generation = new Float64Array(count);
     this.#generationMax = new Float64Array(count);
@@ -1185,20 +1196,32 @@ export class StoreEngine {
 
   async read(volumeId: number, chunkIndex: number, offsetBlocks: number, countBlocks: number, options: ReadOptions = {}): Promise<ReadResult> {
     const located = this.#locate(volumeId, chunkIndex, offsetBlocks, countBlocks, options);
-    const { data, states, locations } = located;
+    const { data, states, locations, checksums } = located;
+    // Blocks in the cache are copied from it; the rest are read from the disk, then cached.
+    const cache = this.#cache;
+    let cached: Uint8Array | undefined;
+    if (cache !== undefined) {
+      for (let b = 0; b < countBlocks; b++) {
+        if (states[b] !== BlockState.DATA) continue;
+        const slot = this.#findCached(cache, locations[b]!, checksums[b]!);
+        if (slot < 0) continue;
+        cache.copyOut(slot, data, b * BLOCK_SIZE_BYTES);
+        (cached ??= new Uint8Array(countBlocks))[b] = 1;
+      }
+    }
     const reads: Promise<number>[] = [];
     const readLengths: number[] = [];
     const pinned: number[] = [];
     let i = 0;
     while (i < countBlocks) {
-      if (states[i] !== BlockState.DATA) {
+      if (states[i] !== BlockState.DATA || cached?.[i] === 1) {
         i++;
         continue;
       }
       const start = i;
       const startLocation = locations[i]!;
       const segment = Math.floor(startLocation / this.#blocksPerSegment);
-      i = this.#runEnd(states, locations, start, countBlocks);
+      i = this.#runEnd(states, locations, start, countBlocks, cached);
       this.#readPins[segment]!++;
       pinned.push(segment);
       readLengths.push((i - start) * BLOCK_SIZE_BYTES);
@@ -1220,8 +1243,17 @@ export class StoreEngine {
         }
       }
       this.#verify(located, volumeId, chunkIndex, offsetBlocks, countBlocks);
+      // Verified, and still under the generation read: a segment is reused only by the writer, which
+      // has not run since the pins above were dropped.
+      if (cache !== undefined && countBlocks <= cacheReadBlocksMax) {
+        for (let b = 0; b < countBlocks; b++) {
+          if (states[b] !== BlockState.DATA || cached?.[b] === 1) continue;
+          const location = locations[b]!;
+          cache.add(location, this.#generation[Math.floor(location / this.#blocksPerSegment)]!, checksums[b]!, data, b * BLOCK_SIZE_BYTES);
+        }
+      }
     }
-    return { data, checksums: located.checksums, states, versions: located.versions };
+    return { data, checksums, states, versions: located.versions };
   }
 
   /**
@@ -1233,13 +1265,20 @@ export class StoreEngine {
    */
   readNow(volumeId: number, chunkIndex: number, offsetBlocks: number, countBlocks: number, versions?: HeadVersions): LocalReadResult | undefined {
     const file = this.#file;
-    if (file.readNow === undefined) return undefined;
+    const cache = this.#cache;
+    if (file.readNow === undefined && cache === undefined) return undefined;
     if (this.#closed) throw new ShaleError('SHUTTING_DOWN', 'store engine is closed');
     checkVolumeId(volumeId);
     checkU32('chunkIndex', chunkIndex);
     checkBlockRange(offsetBlocks, countBlocks);
     const table = this.#purged.has(volumeId) ? undefined : this.#index.get(volumeId, chunkIndex);
     if (versions !== undefined) describeHead(table, offsetBlocks, countBlocks, versions);
+    // One cached block is lent as it lies in the cache: no copy, no system call. The reader gives
+    // it back (giveBack) once the reply carrying it is written.
+    if (cache !== undefined && countBlocks === 1 && table !== undefined && table.stateAt(offsetBlocks) === BlockState.DATA) {
+      const slot = this.#findCached(cache, table.location[offsetBlocks]!, table.crc[offsetBlocks]!);
+      if (slot >= 0) return { data: cache.view(slot), absent: false };
+    }
     // From the read pool: the NBD gateway gives it back once the reply carrying it is written.
     const data = readBuffers.take(countBlocks * BLOCK_SIZE_BYTES);
     let absent = false;
@@ -1252,10 +1291,22 @@ export class StoreEngine {
         b++;
         continue;
       }
+      const startLocation = table!.location[offsetBlocks + b]!;
+      if (cache !== undefined && countBlocks > 1) {
+        const slot = this.#findCached(cache, startLocation, table!.crc[offsetBlocks + b]!);
+        if (slot >= 0) {
+          cache.copyOut(slot, data, b * BLOCK_SIZE_BYTES);
+          b++;
+          continue;
+        }
+      }
+      if (file.readNow === undefined) {
+        readBuffers.give(data);
+        return undefined;
+      }
       // A run of blocks next to each other in one segment: one disk read. Nothing can move a
       // segment between here and the end of this synchronous read: no pin is needed.
       const start = b;
-      const startLocation = table!.location[offsetBlocks + b]!;
       const segment = Math.floor(startLocation / this.#blocksPerSegment);
       b++;
       while (b < countBlocks && table!.stateAt(offsetBlocks + b) === BlockState.DATA && table!.location[offsetBlocks + b] === startLocation + (b - start) &&
@@ -1277,22 +1328,29 @@ export class StoreEngine {
       // Every data block read must match its crc32c: a mismatch is CHECKSUM, never wrong bytes.
       for (let k = start; k < b; k++) {
         const bytes = b - start === 1 ? target : data.subarray(k * BLOCK_SIZE_BYTES, (k + 1) * BLOCK_SIZE_BYTES);
-        if (crc32c(bytes) !== table!.crc[offsetBlocks + k]) {
+        const crc = table!.crc[offsetBlocks + k]!;
+        if (crc32c(bytes) !== crc) {
           const block = offsetBlocks + k;
           throw new ShaleError('CHECKSUM', `volume ${volumeId} chunk ${chunkIndex} block ${block}: data does not match its crc32c`,
             { volumeId, chunkIndex, block });
         }
+        if (cache !== undefined && countBlocks <= cacheReadBlocksMax) cache.add(startLocation + (k - start), this.#generation[segment]!, crc, data, k * BLOCK_SIZE_BYTES);
       }
     }
     return { data, absent };
   }
 
-  /** The end of the run of data blocks from `start` that lie next to each other in one segment: one disk read. */
-  #runEnd(states: Uint8Array, locations: Uint32Array, start: number, countBlocks: number): number {
+  /** The cache slot of the block at `location` with crc32c `crc`, as its segment's current generation holds it, or -1. */
+  #findCached(cache: BlockCache, location: number, crc: number): number {
+    return cache.find(location, this.#generation[Math.floor(location / this.#blocksPerSegment)]!, crc);
+  }
+
+  /** The end of the run of data blocks from `start` that lie next to each other in one segment, none of them `cached`: one disk read. */
+  #runEnd(states: Uint8Array, locations: Uint32Array, start: number, countBlocks: number, cached?: Uint8Array): number {
     const startLocation = locations[start]!;
     const segment = Math.floor(startLocation / this.#blocksPerSegment);
     let end = start + 1;
-    while (end < countBlocks && states[end] === BlockState.DATA && locations[end] === startLocation + (end - start) &&
+    while (end < countBlocks && states[end] === BlockState.DATA && cached?.[end] !== 1 && locations[end] === startLocation + (end - start) &&
       Math.floor((startLocation + (end - start)) / this.#blocksPerSegment) === segment) end++;
     return end;
   }
@@ -1480,6 +1538,7 @@ export class StoreEngine {
       lastCheckpointImageBytes: this.#lastImageBytes,
       rootsWritten: this.#rootsWritten,
       logBytesSinceCheckpoint: this.#logBytesSinceCheckpoint,
+      ...(this.#cache === undefined ? {} : { cache: this.#cache.stats }),
     };
   }
 
