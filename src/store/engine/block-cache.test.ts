@@ -75,6 +75,26 @@ test('full: CLOCK evicts blocks not read since the hand passed, and never a pinn
   assert.equal(cache.stats.pinned, 0, 'a second give changes nothing');
 });
 
+test('a scan fills free and cold slots but never pushes out blocks small reads keep using', () => {
+  const cache = new BlockCache(4 * BLOCK_SIZE_BYTES);
+  cache.add(0, 1, 0, block(0), 0, true);
+  cache.add(1, 1, 1, block(1), 0, true);
+  assert.equal(cache.stats.insertions, 2, 'free room is taken by a scan');
+  cache.add(2, 1, 2, block(2), 0);
+  cache.add(3, 1, 3, block(3), 0);
+  for (let location = 0; location < 4; location++) assert.ok(cache.find(location, 1, location) >= 0);
+  // All four read since the hand passed: a scan finds no cold slot, takes none, clears nothing.
+  for (let location = 10; location < 20; location++) cache.add(location, 1, location, block(location), 0, true);
+  assert.equal(cache.stats.insertions, 4);
+  // Their second chances are intact: a small read's insertion sweeps once, clearing them, then
+  // evicts the first; after that the cold ones are a scan's to take.
+  cache.add(30, 1, 30, block(30), 0);
+  assert.equal(cache.stats.evictions, 1);
+  cache.add(40, 1, 40, block(40), 0, true);
+  assert.equal(cache.stats.evictions, 2, 'a cold slot is taken by a scan');
+  assert.ok(cache.find(30, 1, 30) >= 0 && cache.find(40, 1, 40) >= 0);
+});
+
 test('every slot pinned: nothing is added and nothing lent is touched', () => {
   const cache = new BlockCache(2 * BLOCK_SIZE_BYTES);
   cache.add(0, 1, 0, block(1), 0);

@@ -29,6 +29,8 @@ import { ShaleError } from '../../lib/errors.ts';
 const ARENA_BLOCKS = 2048;
 const ARENA_SHIFT = 11;
 const EMPTY = -1;
+/** How far a scan's block looks for a free or cold slot before it gives up on being cached. */
+const SCAN_STEPS = 8;
 /** Slot arrays and the hash table start at this many slots and double as the cache fills. */
 const INITIAL_SLOTS = 1024;
 
@@ -137,9 +139,12 @@ export class BlockCache implements BufferLender {
   /**
    * Keeps a copy of one verified block: `source[sourceOffset, +4 KiB)`, which lies at `location`,
    * read under `generation`, with crc32c `crc`. Does nothing if that block is cached already or if
-   * every slot is pinned.
+   * every slot is pinned. A `scan` block (of a large, sequential read) takes only a slot that is
+   * free or holds a block not read since the hand last passed, found within a few steps, and
+   * clears no second chance on its way: a scan fills the room it finds but cannot push out the
+   * blocks that small reads keep using.
    */
-  add(location: number, generation: number, crc: number, source: Buffer, sourceOffset: number): void {
+  add(location: number, generation: number, crc: number, source: Buffer, sourceOffset: number, scan = false): void {
     const present = this.#lookup(location);
     if (present !== EMPTY) {
       const at = present * FIELDS;
@@ -147,7 +152,7 @@ export class BlockCache implements BufferLender {
       this.#drop(present);
       this.#stale++;
     }
-    const slot = this.#freeSlot();
+    const slot = this.#freeSlot(scan);
     if (slot === EMPTY) return;
     source.copy(this.#arenas[slot >>> ARENA_SHIFT]!, (slot & (ARENA_BLOCKS - 1)) * BLOCK_SIZE_BYTES, sourceOffset, sourceOffset + BLOCK_SIZE_BYTES);
     const meta = this.#meta;
@@ -177,8 +182,11 @@ export class BlockCache implements BufferLender {
 
   // -------------------------------------------------------------------------------------------
 
-  /** A slot to fill: a new one while the cache grows, else CLOCK's victim; EMPTY if all are pinned. */
-  #freeSlot(): number {
+  /**
+   * A slot to fill: a new one while the cache grows, else CLOCK's victim; EMPTY if all are pinned
+   * (or, for a scan, if none is free or cold within SCAN_STEPS).
+   */
+  #freeSlot(scan: boolean): number {
     if (this.#slots < this.capacityBlocks) {
       const slot = this.#slots++;
       if (slot * FIELDS >= this.#meta.length) this.#growSlots();
@@ -187,14 +195,15 @@ export class BlockCache implements BufferLender {
     }
     // Two sweeps clear every second chance; a third finds any slot not pinned.
     const meta = this.#meta;
-    for (let step = 0; step < 3 * this.#slots; step++) {
+    const steps = scan ? Math.min(SCAN_STEPS, this.#slots) : 3 * this.#slots;
+    for (let step = 0; step < steps; step++) {
       const slot = this.#hand;
       this.#hand = slot + 1 === this.#slots ? 0 : slot + 1;
       const at = slot * FIELDS;
       const pinsRef = meta[at + PINS_REF]!;
       if (pinsRef >= 2) continue;
       if (pinsRef === 1) {
-        meta[at + PINS_REF] = 0;
+        if (!scan) meta[at + PINS_REF] = 0;
         continue;
       }
       if (meta[at + LOCATION] !== EMPTY) {

@@ -161,7 +161,7 @@ export const scrubReadBytesMax = 4 * 1024 * 1024;
 export const scrubReportBadMax = 1024;
 /** Key-value records one kvList returns at most. */
 export const kvListLimitMax = 10_000;
-/** Reads of at most this many blocks fill the read cache; larger (sequential) reads pass it by, so a scan can't flush it. */
+/** Reads of at most this many blocks fill the read cache as they please; larger (sequential) reads only take room no small read uses, so a scan can't flush it. */
 export const cacheReadBlocksMax = 16;
 
 const TWO_32 = 2 ** 32;
@@ -1245,11 +1245,12 @@ export class StoreEngine {
       this.#verify(located, volumeId, chunkIndex, offsetBlocks, countBlocks);
       // Verified, and still under the generation read: a segment is reused only by the writer, which
       // has not run since the pins above were dropped.
-      if (cache !== undefined && countBlocks <= cacheReadBlocksMax) {
+      if (cache !== undefined) {
+        const scan = countBlocks > cacheReadBlocksMax;
         for (let b = 0; b < countBlocks; b++) {
           if (states[b] !== BlockState.DATA || cached?.[b] === 1) continue;
           const location = locations[b]!;
-          cache.add(location, this.#generation[Math.floor(location / this.#blocksPerSegment)]!, checksums[b]!, data, b * BLOCK_SIZE_BYTES);
+          cache.add(location, this.#generation[Math.floor(location / this.#blocksPerSegment)]!, checksums[b]!, data, b * BLOCK_SIZE_BYTES, scan);
         }
       }
     }
@@ -1334,7 +1335,7 @@ export class StoreEngine {
           throw new ShaleError('CHECKSUM', `volume ${volumeId} chunk ${chunkIndex} block ${block}: data does not match its crc32c`,
             { volumeId, chunkIndex, block });
         }
-        if (cache !== undefined && countBlocks <= cacheReadBlocksMax) cache.add(startLocation + (k - start), this.#generation[segment]!, crc, data, k * BLOCK_SIZE_BYTES);
+        cache?.add(startLocation + (k - start), this.#generation[segment]!, crc, data, k * BLOCK_SIZE_BYTES, countBlocks > cacheReadBlocksMax);
       }
     }
     return { data, absent };
