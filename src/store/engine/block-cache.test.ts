@@ -95,6 +95,29 @@ test('a scan fills free and cold slots but never pushes out blocks small reads k
   assert.ok(cache.find(30, 1, 30) >= 0 && cache.find(40, 1, 40) >= 0);
 });
 
+test('a forgotten block (overwritten on the disk) frees its slot at once; a lent one when it comes back', () => {
+  const cache = new BlockCache(2 * BLOCK_SIZE_BYTES);
+  cache.add(0, 1, 0, block(0), 0);
+  cache.add(1, 1, 1, block(1), 0);
+  assert.ok(cache.find(0, 1, 0) >= 0 && cache.find(1, 1, 1) >= 0);
+  const lent = cache.view(cache.find(1, 1, 1));
+  cache.forget(0);
+  cache.forget(1);
+  cache.forget(99);
+  assert.equal(cache.find(0, 1, 0), -1);
+  assert.equal(cache.stats.cachedBytes, 0);
+  // Both blocks were read since the hand passed, yet a scan finds slot 0 free at once.
+  cache.add(2, 1, 2, block(2), 0, true);
+  assert.ok(cache.find(2, 1, 2) >= 0);
+  cache.add(3, 1, 3, block(3), 0, true);
+  assert.equal(cache.find(3, 1, 3), -1, 'the lent slot is not free yet');
+  assert.deepEqual(lent, block(1));
+  giveBack(lent);
+  cache.add(3, 1, 3, block(3), 0, true);
+  assert.ok(cache.find(3, 1, 3) >= 0, 'free once given back');
+  assert.equal(cache.stats.evictions, 0);
+});
+
 test('every slot pinned: nothing is added and nothing lent is touched', () => {
   const cache = new BlockCache(2 * BLOCK_SIZE_BYTES);
   cache.add(0, 1, 0, block(1), 0);
@@ -130,7 +153,7 @@ test('bad sizes are refused', () => {
 test('property: against a model, with growth, eviction, stale generations and removals shifting probe runs', () => {
   fc.assert(fc.property(
     fc.integer({ min: 1, max: 1500 }),
-    fc.array(fc.tuple(fc.constantFrom('add', 'add', 'find', 'bump'), fc.oneof(fc.integer({ min: 0, max: 600 }), fc.integer({ min: 0, max: 2 ** 32 - 2 }))), { minLength: 500, maxLength: 3000 }),
+    fc.array(fc.tuple(fc.constantFrom('add', 'add', 'find', 'bump', 'forget'), fc.oneof(fc.integer({ min: 0, max: 600 }), fc.integer({ min: 0, max: 2 ** 32 - 2 }))), { minLength: 500, maxLength: 3000 }),
     (capacityBlocks, ops) => {
       const cache = new BlockCache(capacityBlocks * BLOCK_SIZE_BYTES);
       // What each location holds now on "disk": generation and content byte.
@@ -139,7 +162,10 @@ test('property: against a model, with growth, eviction, stale generations and re
       for (const [op, location] of ops) {
         const now = disk.get(location) ?? { generation: 1, fill: location % 251 };
         disk.set(location, now);
-        if (op === 'bump') {
+        if (op === 'forget') {
+          cache.forget(location);
+          assert.equal(cache.find(location, now.generation, now.fill), -1);
+        } else if (op === 'bump') {
           disk.set(location, { generation: now.generation + 1, fill: (fill = (fill + 1) % 251) });
         } else if (op === 'add') {
           cache.add(location, now.generation, now.fill, block(now.fill), 0);

@@ -55,6 +55,8 @@ export class BlockCache implements BufferLender {
   readonly #arenas: Buffer[] = [];
   /** Slots handed out so far; grows to capacityBlocks, then slots are reused by eviction. */
   #slots = 0;
+  /** Slots emptied by `forget` or a stale lookup and not lent: taken before the clock runs. */
+  readonly #free: number[] = [];
   /**
    * Per slot, side by side so a hit touches one cache line: location (EMPTY when the slot holds
    * nothing), generation, crc32c, and pins × 2 + the referenced bit.
@@ -133,7 +135,15 @@ export class BlockCache implements BufferLender {
     const at = slot * FIELDS + PINS_REF;
     if (this.#meta[at]! < 2) return;
     this.#meta[at]! -= 2;
-    if (this.#meta[at]! < 2) this.#pinned--;
+    if (this.#meta[at]! >= 2) return;
+    this.#pinned--;
+    if (this.#meta[slot * FIELDS + LOCATION] === EMPTY) this.#free.push(slot);
+  }
+
+  /** The block at `location` is no longer live (overwritten, trimmed, moved): its slot is free again. */
+  forget(location: number): void {
+    const slot = this.#lookup(location);
+    if (slot !== EMPTY) this.#drop(slot);
   }
 
   /**
@@ -187,6 +197,11 @@ export class BlockCache implements BufferLender {
    * (or, for a scan, if none is free or cold within SCAN_STEPS).
    */
   #freeSlot(scan: boolean): number {
+    while (this.#free.length > 0) {
+      const slot = this.#free.pop()!;
+      // Taken by the clock since it was freed, or lent again: not free any more.
+      if (this.#meta[slot * FIELDS + LOCATION] === EMPTY && this.#meta[slot * FIELDS + PINS_REF]! < 2) return slot;
+    }
     if (this.#slots < this.capacityBlocks) {
       const slot = this.#slots++;
       if (slot * FIELDS >= this.#meta.length) this.#growSlots();
@@ -207,7 +222,7 @@ export class BlockCache implements BufferLender {
         continue;
       }
       if (meta[at + LOCATION] !== EMPTY) {
-        this.#drop(slot);
+        this.#drop(slot, false);
         this.#evictions++;
       }
       return slot;
@@ -215,11 +230,12 @@ export class BlockCache implements BufferLender {
     return EMPTY;
   }
 
-  /** Forgets what `slot` holds (it stays pinned while lent). */
-  #drop(slot: number): void {
+  /** Forgets what `slot` holds; it goes on the free list unless it is lent (then when it comes back) or `free` is false. */
+  #drop(slot: number, free = true): void {
     const at = slot * FIELDS;
     this.#remove(this.#meta[at + LOCATION]!);
     this.#meta[at + LOCATION] = EMPTY;
+    if (free && this.#meta[at + PINS_REF]! < 2) this.#free.push(slot);
   }
 
   /** Arenas come from allocUnsafeSlow: each owns its ArrayBuffer from offset 0, which `give` relies on. */

@@ -2412,6 +2412,8 @@ export class StoreEngine {
   #dropLive(location: number, isData: boolean, units = 1): void {
     const segment = Math.floor(location / this.#blocksPerSegment);
     if (isData) {
+      // Dead data: no read will ask for it again, so its cache slot can hold something else now.
+      this.#cache?.forget(location);
       this.#liveDataBlocks[segment]!--;
       this.#liveDataTotal--;
     } else {
