@@ -13,6 +13,7 @@
  *   RUNS=5 RUNTIME=20 npm run bench:nbd
  *   TARGETS=nbdkit-file-tcp,shale-1-replica-tcp WORKLOADS=randread_4k_qd32 npm run bench:nbd
  *   DROP_CACHES=1 WORKLOADS=randread_4k_qd32 npm run bench:nbd
+ *   CACHE_SIZE=0 TARGETS=shale-1-replica-unix npm run bench:nbd     # Shale's stores without their read cache
  *
  * Targets: nbdkit file plugin (tcp, unix), qemu-nbd (--cache=none --aio=threads, unix), Shale with
  * 1 replica on `shale up --stores 1` (the store engine in the gateway's process) and with 3
@@ -34,12 +35,16 @@ const SIZE = '1G';
  * so without it a target measured after the others' turns starts cold). A Shale volume with R
  * replicas is read R times: the gateway sends each read to one replica, in turn, so R passes read
  * every replica's copy once (a single pass left two thirds of each store's copy cold, and the
- * 3-replica random reads measured the disk). DROP_CACHES=1 (root) measures the other case: the
- * page cache is emptied before every measured run.
+ * 3-replica random reads measured the disk). The same pass fills a Shale store's own read cache
+ * (--cache-size, on by default) while it has room, as any sequential reader would.
+ * DROP_CACHES=1 (root) measures the other case: the page cache is emptied before every measured
+ * run (Shale's cache is not: with CACHE_SIZE=0 the Shale targets run without one).
  */
 const DROP_CACHES = process.env.DROP_CACHES === '1';
 /** `--busy-poll` for the Shale gateways (µs); unset: shale up's default. */
 const BUSY_POLL = process.env.BUSY_POLL;
+/** `--cache-size` for the Shale stores; unset: shale up's default (auto). */
+const CACHE_SIZE = process.env.CACHE_SIZE;
 const CLOCK_TICKS_PER_SECOND = Number(spawnSync('getconf', ['CLK_TCK'], { encoding: 'utf8' }).stdout.trim()) || 100;
 
 const WORKLOADS: Record<string, string[]> = {
@@ -132,6 +137,7 @@ async function shaleUp(name: string, stores: number): Promise<Target[]> {
     MAIN, 'up', '--data', join(dir, name), '--stores', String(stores), '--disk-size', '4G',
     '--nbd-port', String(nbdPort), '--api-port', String(apiPort), '--nbd-socket', socket, '--s3-listen', '127.0.0.1:0',
     ...(BUSY_POLL === undefined ? [] : ['--busy-poll', BUSY_POLL]),
+    ...(CACHE_SIZE === undefined ? [] : ['--cache-size', CACHE_SIZE]),
   ], { SHALE_CONFIG_DIR: join(dir, `${name}-config`) });
   const output = (child as ChildProcess & { output: () => string }).output;
   await waitFor(`shale up (${name})`, () => output().includes('Shale is up'));
