@@ -943,6 +943,16 @@ describe('robustness', () => {
 });
 
 describe('read buffers', () => {
+  /** A 1 MiB export whose reads are `reads`' and whose other operations go to `disk`. */
+  const readingExport = (name: string, disk: MemoryExport, reads: Pick<NbdExport, 'read' | 'readNow' | 'recycle'>): NbdExport => ({
+    name, sizeBytes: MiB, readOnly: false, ...reads,
+    write: (offset, data, fua) => disk.write(offset, data, fua),
+    flush: () => disk.flush(),
+    trim: (offset, length, fua) => disk.trim(offset, length, fua),
+    writeZeroes: (offset, length, options) => disk.writeZeroes(offset, length, options),
+    release: async () => {},
+  });
+
   test('readNow answers without read(); recycle gets every buffer a read returned, once its reply is out, and no other', async (t) => {
     const disk = new MemoryExport({ name: 'disk', sizeBytes: MiB });
     disk.data.set(patterned(MiB, 3));
@@ -954,8 +964,7 @@ describe('read buffers', () => {
       handedOut.push(copy);
       return copy;
     };
-    const recycling: NbdExport = {
-      name: 'recycling', sizeBytes: MiB, readOnly: false,
+    const recycling = readingExport('recycling', disk, {
       // Even offsets are served at once, odd ones through read().
       readNow: (offset, length) => (offset % 2 === 0 ? (counts.readNow++, hand(offset, length)) : undefined),
       read: async (offset, length) => {
@@ -964,12 +973,7 @@ describe('read buffers', () => {
         return hand(offset, length);
       },
       recycle: (data) => recycled.push(data),
-      write: (offset, data, fua) => disk.write(offset, data, fua),
-      flush: () => disk.flush(),
-      trim: (offset, length, fua) => disk.trim(offset, length, fua),
-      writeZeroes: (offset, length, options) => disk.writeZeroes(offset, length, options),
-      release: async () => {},
-    };
+    });
     const served = await serve(t, [disk], { provider: { open: async () => recycling, list: async () => [] } });
     const client = await served.open('recycling');
     const reads = await Promise.all([0, 4096, 1, 5000, 77_777, 123_456].map((offset) => client.read(offset, 3000)));
@@ -988,16 +992,10 @@ describe('read buffers', () => {
     const disk = new MemoryExport({ name: 'disk', sizeBytes: MiB });
     const recycled: Buffer[] = [];
     const pending: { resolve: (data: Buffer) => void; data: Buffer }[] = [];
-    const slow: NbdExport = {
-      name: 'slow', sizeBytes: MiB, readOnly: false,
+    const slow = readingExport('slow', disk, {
       read: (offset, length) => new Promise<Buffer>((resolve) => pending.push({ resolve, data: Buffer.alloc(length, offset & 0xff) })),
       recycle: (data) => recycled.push(data),
-      write: (offset, data, fua) => disk.write(offset, data, fua),
-      flush: () => disk.flush(),
-      trim: (offset, length, fua) => disk.trim(offset, length, fua),
-      writeZeroes: (offset, length, options) => disk.writeZeroes(offset, length, options),
-      release: async () => {},
-    };
+    });
     const served = await serve(t, [disk], { provider: { open: async () => slow, list: async () => [] } });
     const client = await served.open('slow');
     const replies = [0, 4096, 8192].map((offset) => client.read(offset, 4096).catch(() => 'closed'));
