@@ -14,11 +14,11 @@ import type { VolumeClient } from '../src/client/volume-client.ts';
 import { startConductor, type Conductor } from '../src/conductor/conductor.ts';
 import type { Env } from '../src/env/env.ts';
 import { nodeDiskWith, nodeEnv } from '../src/env/node/node-env.ts';
-import { readBuffers } from '../src/lib/buffer-pool.ts';
+import { giveBack, readBuffers } from '../src/lib/buffer-pool.ts';
 import { codeOf } from '../src/lib/errors.ts';
 import { LocalStores } from '../src/proto/local-channel.ts';
 import { openLogEngine } from '../src/store/open-engine.ts';
-import { startStoreDaemon, type StoreDaemon } from '../src/store/store-daemon.ts';
+import { startStoreDaemon, type StoreDaemon, type StoreDaemonOptions } from '../src/store/store-daemon.ts';
 import { temporaryDirectory, waitFor } from './harness.ts';
 
 const MiB = 1024 * 1024;
@@ -27,6 +27,23 @@ const quiet = (): void => {};
 // The store reads synchronously whenever asked, so that what readNow serves does not depend on how
 // loaded the machine is (the adaptive policy backs off when slow reads exceed its time budget).
 const env: Env = { ...nodeEnv, disk: nodeDiskWith(() => ({ useSync: () => true, record: () => {} })) };
+
+/** A conductor, a store daemon on a file and a gateway in this process, and one 16 MiB volume "fast". */
+async function startLocal(dirPath: string, store: Partial<StoreDaemonOptions> = {}): Promise<{ conductor: Conductor; api: string; store: StoreDaemon; gateway: ClusterClient; volume: VolumeClient }> {
+  const conductor = await startConductor(nodeEnv, { metaPath: join(dirPath, 'meta.db'), listen: '127.0.0.1:0', heartbeatTimeoutMs: 5000, defaultReplicas: 1, pgCount: 8 });
+  const api = `http://${conductor.address}`;
+  const localStores = new LocalStores();
+  const daemon = await startStoreDaemon(env, {
+    diskPath: join(dirPath, 'disk.img'), diskSizeBytes: 256 * MiB, format: true, listen: '127.0.0.1:0', conductorUrls: api, domain: 'local', log: quiet, openEngine: openLogEngine, localStores,
+    ...store,
+  });
+  await waitFor('the default pool', async () => ((await (await fetch(`${api}/api/v1/pools`)).json()) as { pools: unknown[] }).pools.length > 0);
+  const response = await fetch(`${api}/api/v1/volumes`, { method: 'POST', headers: { 'content-type': 'application/json' }, body: JSON.stringify({ name: 'fast', size: 16 * MiB, replicas: 1 }) });
+  assert.equal(response.status, 201, await response.text());
+  const gateway = new ClusterClient(nodeEnv, { conductorUrls: api, ownerId: 'gw-local', requestTimeoutMs: 5000, ioTimeoutMs: 1500, log: quiet, localStores });
+  await gateway.start();
+  return { conductor, api, store: daemon, gateway, volume: await gateway.openVolume('fast') };
+}
 
 describe('reads from a store in the same process', () => {
   const dir = temporaryDirectory('local-read');
@@ -39,18 +56,7 @@ describe('reads from a store in the same process', () => {
   const model = Buffer.alloc(16 * MiB);
 
   before(async () => {
-    conductor = await startConductor(nodeEnv, { metaPath: join(dir.path, 'meta.db'), listen: '127.0.0.1:0', heartbeatTimeoutMs: 5000, defaultReplicas: 1, pgCount: 8 });
-    api = `http://${conductor.address}`;
-    const localStores = new LocalStores();
-    store = await startStoreDaemon(env, {
-      diskPath, diskSizeBytes: 256 * MiB, format: true, listen: '127.0.0.1:0', conductorUrls: api, domain: 'local', log: quiet, openEngine: openLogEngine, localStores,
-    });
-    await waitFor('the default pool', async () => ((await (await fetch(`${api}/api/v1/pools`)).json()) as { pools: unknown[] }).pools.length > 0);
-    const response = await fetch(`${api}/api/v1/volumes`, { method: 'POST', headers: { 'content-type': 'application/json' }, body: JSON.stringify({ name: 'fast', size: model.length, replicas: 1 }) });
-    assert.equal(response.status, 201, await response.text());
-    gateway = new ClusterClient(nodeEnv, { conductorUrls: api, ownerId: 'gw-local', requestTimeoutMs: 5000, ioTimeoutMs: 1500, log: quiet, localStores });
-    await gateway.start();
-    volume = await gateway.openVolume('fast');
+    ({ conductor, api, store, gateway, volume } = await startLocal(dir.path));
   });
 
   after(async () => {
@@ -228,5 +234,57 @@ describe('reads from a store in the same process', () => {
       const disk = disks[0]!;
       return disk.liveBytes !== undefined && disk.liveBytes >= 3.5 * MiB && disk.liveBytes <= disk.usedBytes;
     });
+  });
+});
+
+describe('reads from a store in the same process, with its read cache', () => {
+  const dir = temporaryDirectory('local-read-cache');
+  const logs: string[] = [];
+  let local: Awaited<ReturnType<typeof startLocal>>;
+
+  before(async () => {
+    local = await startLocal(dir.path, {
+      openEngine: (engineEnv, options) => openLogEngine(engineEnv, { ...options, cacheBytes: 4 * MiB }),
+      cacheReportIntervalMs: 100,
+      log: (message) => logs.push(message),
+    });
+  });
+
+  after(async () => {
+    await local?.gateway.close().catch(() => {});
+    await local?.store.close().catch(() => {});
+    await local?.conductor.close();
+    dir.remove();
+  });
+
+  test('a block read again is lent from the cache, equal to what was written, and comes back; the store logs what the cache did', async () => {
+    const { volume, store } = local;
+    const data = randomBytes(2 * MiB);
+    await volume.write(0, data);
+    await volume.flush();
+    // Twice over: the first pass fills the cache (2 MiB of its 4), the second finds every block.
+    for (let pass = 0; pass < 2; pass++) {
+      const lent: Buffer[] = [];
+      for (let block = 0; block < 512; block++) {
+        const now = volume.readNow(block * 4096, 4096);
+        assert.ok(now?.equals(data.subarray(block * 4096, (block + 1) * 4096)), `pass ${pass} block ${block}`);
+        lent.push(now!);
+      }
+      if (pass === 1) assert.equal(store.engine.stats().cache!.pinned, 512, 'the second pass was lent from the cache');
+      for (const buffer of lent) giveBack(buffer);
+    }
+    const cache = store.engine.stats().cache!;
+    assert.equal(cache.pinned, 0);
+    assert.ok(cache.hits >= 512, JSON.stringify(cache));
+    // Overwritten blocks are forgotten, and read back new.
+    const newer = randomBytes(64 * 4096);
+    await volume.write(0, newer);
+    for (let block = 0; block < 64; block++) {
+      const now = volume.readNow(block * 4096, 4096);
+      assert.ok(now?.equals(newer.subarray(block * 4096, (block + 1) * 4096)), `overwritten block ${block}`);
+      giveBack(now!);
+    }
+    assert.ok(logs.some((line) => /read cache: up to 4\.0 MiB/.test(line)), logs.join('\n'));
+    await waitFor('a report of the cache', async () => logs.some((line) => /read cache: .* held; \d+ of \d+ block lookups hit/.test(line)));
   });
 });

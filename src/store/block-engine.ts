@@ -9,6 +9,7 @@
  */
 import type { LocalReadResult } from '../proto/store-channel.ts';
 import type { ScrubReport } from '../proto/store-protocol.ts';
+import type { BlockCacheStats } from './engine/block-cache.ts';
 
 export interface BlockVersion {
   epoch: number;
@@ -51,6 +52,8 @@ export interface EngineStats {
   usedBytes: number;
   freeBytes: number;
   liveBytes: number;
+  /** The read cache, when the engine has one. */
+  cache?: BlockCacheStats;
 }
 
 export interface BlockEngine {

@@ -9,7 +9,7 @@ import { ShaleError } from '../lib/errors.ts';
 import { MiB } from '../lib/units.ts';
 import type { LocalReadResult } from '../proto/store-channel.ts';
 import type { ScrubReport } from '../proto/store-protocol.ts';
-import type { BlockEngine, BlockReadResult, HeadVersions, ObjectVersions } from './block-engine.ts';
+import type { BlockEngine, BlockReadResult, EngineStats, HeadVersions, ObjectVersions } from './block-engine.ts';
 import { StoreEngine } from './engine/engine.ts';
 
 /**
@@ -155,8 +155,9 @@ class LogEngineAdapter implements BlockEngine {
     return this.#engine.kvList(shardId, options);
   }
 
-  stats(): { capacityBytes: number; usedBytes: number; freeBytes: number; liveBytes: number } {
-    return this.#engine.stats();
+  stats(): EngineStats {
+    const { capacityBytes, usedBytes, freeBytes, liveBytes, cache } = this.#engine.stats();
+    return { capacityBytes, usedBytes, freeBytes, liveBytes, ...(cache === undefined ? {} : { cache }) };
   }
 
   async scrub(options: { bytesPerSecondMax?: number } = {}): Promise<ScrubReport> {

@@ -8,6 +8,7 @@
  */
 import type { Env, Timer } from '../env/env.ts';
 import { ShaleError } from '../lib/errors.ts';
+import { formatBytes } from '../lib/units.ts';
 import { ConductorClient, MapWatcher } from '../proto/conductor-client.ts';
 import type { LocalStores } from '../proto/local-channel.ts';
 import { StoreChannel } from '../proto/store-channel.ts';
@@ -34,6 +35,8 @@ export interface StoreDaemonOptions {
   beforeRegister?: () => Promise<void>;
   /** Register the server here so clients of this same process reach it without a socket. */
   localStores?: LocalStores;
+  /** How often the store logs what its read cache did, when it did anything. Default 10 minutes. */
+  cacheReportIntervalMs?: number;
   openEngine: (env: Env, options: { path: string; clusterId: string; format: boolean; sizeBytes?: number }) => Promise<BlockEngine>;
 }
 
@@ -106,6 +109,8 @@ export async function startStoreDaemon(env: Env, options: StoreDaemonOptions): P
   await watcher.start();
   await applying;
 
+  const cacheReport = startCacheReport(env, engine, options.cacheReportIntervalMs ?? CACHE_REPORT_INTERVAL_MS, log);
+
   let heartbeatFailures = 0;
   const heartbeat: Timer = env.clock.every(registration.heartbeatIntervalMs, () => {
     conductor.heartbeat(registration.storeId, { disks: diskReport(), recovery: resyncer.report() }).then(
@@ -130,6 +135,7 @@ export async function startStoreDaemon(env: Env, options: StoreDaemonOptions): P
     snapshotGaps,
     async close(): Promise<void> {
       heartbeat.cancel();
+      cacheReport?.cancel();
       watcher.stop();
       options.localStores?.remove(address);
       await server.close();
@@ -137,6 +143,29 @@ export async function startStoreDaemon(env: Env, options: StoreDaemonOptions): P
       await engine.close();
     },
   };
+}
+
+const CACHE_REPORT_INTERVAL_MS = 10 * 60_000;
+
+/**
+ * Logs the read cache's size at start, then every `intervalMs` in which it was used: how much it
+ * holds and how many block lookups hit since the last line. Undefined without a cache.
+ */
+function startCacheReport(env: Env, engine: BlockEngine, intervalMs: number, log: (message: string) => void): Timer | undefined {
+  const first = engine.stats().cache;
+  if (first === undefined) return undefined;
+  log(`read cache: up to ${formatBytes(first.capacityBytes)} (--cache-size), taken as blocks are read`);
+  let last = first;
+  return env.clock.every(intervalMs, () => {
+    const now = engine.stats().cache!;
+    const lookups = now.hits + now.misses - last.hits - last.misses;
+    if (lookups > 0) {
+      const hits = now.hits - last.hits;
+      log(`read cache: ${formatBytes(now.cachedBytes)} of ${formatBytes(now.capacityBytes)} held; ${hits} of ${lookups} block lookups hit ` +
+        `(${Math.round((100 * hits) / lookups)} %), ${now.evictions - last.evictions} evicted, ${now.pinned} lent to replies not yet written`);
+    }
+    last = now;
+  });
 }
 
 /**
