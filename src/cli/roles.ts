@@ -247,7 +247,7 @@ export async function startNbdGateway(options: {
   };
 }
 
-export const CACHE_SIZE_HELP = 'memory for the store\'s read cache of small reads: a size, 0 for none, or auto '
+export const CACHE_SIZE_HELP = 'memory for the store\'s read cache of verified 4 KiB blocks: a size, 0 for none, or auto '
   + '(1/16 of this machine\'s memory, 64 MiB to 4 GiB)';
 
 /** --cache-size: bytes, from a size, 0, or auto (1/16 of the machine's memory, 64 MiB to 4 GiB). */

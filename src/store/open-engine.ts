@@ -156,8 +156,7 @@ class LogEngineAdapter implements BlockEngine {
   }
 
   stats(): EngineStats {
-    const { capacityBytes, usedBytes, freeBytes, liveBytes, cache } = this.#engine.stats();
-    return { capacityBytes, usedBytes, freeBytes, liveBytes, ...(cache === undefined ? {} : { cache }) };
+    return this.#engine.stats();
   }
 
   async scrub(options: { bytesPerSecondMax?: number } = {}): Promise<ScrubReport> {

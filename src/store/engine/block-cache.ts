@@ -7,14 +7,16 @@
  *   location stay the same until its segment is reused, and a reused segment gets a new generation.
  *   An entry holds the generation it was read under, and a lookup with another generation drops it.
  *   An entry also holds the block's crc32c, which must equal the index's: a second check that the
- *   entry is the block the index means. No write or trim needs to touch the cache.
+ *   entry is the block the index means. No write or trim needs to touch the cache for it to stay
+ *   right; the engine calls `forget` when a block's data dies only so that its slot is free at once.
  * - **Only verified bytes enter.** The engine adds a block after it matched its crc32c on the way
  *   from the disk; the cache's memory is written nowhere else.
  * - **Lent, not copied.** `view` hands out the slot's own memory for a reply and pins the slot; the
  *   reader gives it back (`giveBack` in lib/buffer-pool.ts) once the reply is written, and a pinned
  *   slot is never evicted. A view that is never given back keeps its slot out of use, never wrong.
  * - **Bounded.** At most `capacityBytes`, allocated in arenas as it fills. Eviction is CLOCK
- *   (a second chance for blocks read since the hand last passed).
+ *   (a second chance for blocks read since the hand last passed); blocks of large reads (`scan`)
+ *   take only free or cold slots, so a sequential pass cannot flush what small reads use.
  *
  * Lookups go through an open-addressing hash table in typed arrays: no per-entry objects, so a
  * cache of a million blocks is two arrays for the garbage collector, and a hit reads one bucket

@@ -431,7 +431,7 @@ export interface EngineOpenOptions {
   queueSegments?: number;
   /** Batch sequences each root leases. Default 2^20. */
   sequenceLeaseBatches?: number;
-  /** Bytes of memory for the read cache of small reads (block-cache.ts); 0 or absent: none. */
+  /** Bytes of memory for the read cache (block-cache.ts); 0 or absent: none. */
   cacheBytes?: number;
 }
 
