@@ -11,39 +11,14 @@ import { join } from 'node:path';
 import { after, before, describe, test } from 'node:test';
 import { ClusterClient } from '../src/client/cluster-client.ts';
 import type { VolumeClient } from '../src/client/volume-client.ts';
-import { startConductor, type Conductor } from '../src/conductor/conductor.ts';
-import type { Env } from '../src/env/env.ts';
-import { nodeDiskWith, nodeEnv } from '../src/env/node/node-env.ts';
+import type { Conductor } from '../src/conductor/conductor.ts';
+import { nodeEnv } from '../src/env/node/node-env.ts';
 import { giveBack, readBuffers } from '../src/lib/buffer-pool.ts';
 import { codeOf } from '../src/lib/errors.ts';
-import { LocalStores } from '../src/proto/local-channel.ts';
 import { openLogEngine } from '../src/store/open-engine.ts';
-import { startStoreDaemon, type StoreDaemon, type StoreDaemonOptions } from '../src/store/store-daemon.ts';
+import type { StoreDaemon } from '../src/store/store-daemon.ts';
 import { temporaryDirectory, waitFor } from './harness.ts';
-
-const MiB = 1024 * 1024;
-const CHUNK = 4 * MiB;
-const quiet = (): void => {};
-// The store reads synchronously whenever asked, so that what readNow serves does not depend on how
-// loaded the machine is (the adaptive policy backs off when slow reads exceed its time budget).
-const env: Env = { ...nodeEnv, disk: nodeDiskWith(() => ({ useSync: () => true, record: () => {} })) };
-
-/** A conductor, a store daemon on a file and a gateway in this process, and one 16 MiB volume "fast". */
-async function startLocal(dirPath: string, store: Partial<StoreDaemonOptions> = {}): Promise<{ conductor: Conductor; api: string; store: StoreDaemon; gateway: ClusterClient; volume: VolumeClient }> {
-  const conductor = await startConductor(nodeEnv, { metaPath: join(dirPath, 'meta.db'), listen: '127.0.0.1:0', heartbeatTimeoutMs: 5000, defaultReplicas: 1, pgCount: 8 });
-  const api = `http://${conductor.address}`;
-  const localStores = new LocalStores();
-  const daemon = await startStoreDaemon(env, {
-    diskPath: join(dirPath, 'disk.img'), diskSizeBytes: 256 * MiB, format: true, listen: '127.0.0.1:0', conductorUrls: api, domain: 'local', log: quiet, openEngine: openLogEngine, localStores,
-    ...store,
-  });
-  await waitFor('the default pool', async () => ((await (await fetch(`${api}/api/v1/pools`)).json()) as { pools: unknown[] }).pools.length > 0);
-  const response = await fetch(`${api}/api/v1/volumes`, { method: 'POST', headers: { 'content-type': 'application/json' }, body: JSON.stringify({ name: 'fast', size: 16 * MiB, replicas: 1 }) });
-  assert.equal(response.status, 201, await response.text());
-  const gateway = new ClusterClient(nodeEnv, { conductorUrls: api, ownerId: 'gw-local', requestTimeoutMs: 5000, ioTimeoutMs: 1500, log: quiet, localStores });
-  await gateway.start();
-  return { conductor, api, store: daemon, gateway, volume: await gateway.openVolume('fast') };
-}
+import { CHUNK, MiB, quiet, startLocal, stopLocal, type LocalCluster } from './local-cluster.ts';
 
 describe('reads from a store in the same process', () => {
   const dir = temporaryDirectory('local-read');
@@ -240,7 +215,7 @@ describe('reads from a store in the same process', () => {
 describe('reads from a store in the same process, with its read cache', () => {
   const dir = temporaryDirectory('local-read-cache');
   const logs: string[] = [];
-  let local: Awaited<ReturnType<typeof startLocal>>;
+  let local: LocalCluster;
 
   before(async () => {
     local = await startLocal(dir.path, {
@@ -251,9 +226,7 @@ describe('reads from a store in the same process, with its read cache', () => {
   });
 
   after(async () => {
-    await local?.gateway.close().catch(() => {});
-    await local?.store.close().catch(() => {});
-    await local?.conductor.close();
+    await stopLocal(local);
     dir.remove();
   });
 

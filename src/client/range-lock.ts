@@ -6,7 +6,9 @@
 interface Held {
   start: number;
   end: number;
-  done: Promise<void>;
+  released: boolean;
+  /** Acquirers waiting for this holder; made only when someone waits. */
+  waiters: (() => void)[] | undefined;
 }
 
 export class RangeLock {
@@ -14,19 +16,36 @@ export class RangeLock {
 
   /** Waits for overlapping holders, then holds [start, end) until the returned release is called. */
   async acquire(start: number, end: number): Promise<() => void> {
-    const overlapping = this.#held.filter((held) => held.start < end && start < held.end).map((held) => held.done);
-    let release!: () => void;
-    const entry: Held = { start, end, done: new Promise<void>((resolve) => (release = resolve)) };
-    this.#held.push(entry);
-    if (overlapping.length > 0) await Promise.all(overlapping);
-    return () => {
-      const index = this.#held.indexOf(entry);
-      if (index >= 0) this.#held.splice(index, 1);
-      release();
-    };
+    const overlapping = this.#held.filter((held) => held.start < end && start < held.end);
+    const entry = this.#hold(start, end);
+    for (const held of overlapping) {
+      if (!held.released) await new Promise<void>((resolve) => (held.waiters ??= []).push(resolve));
+    }
+    return () => this.#release(entry);
+  }
+
+  /** Holds [start, end) at once and returns its release, or undefined (nothing held) if a holder overlaps it. */
+  tryAcquire(start: number, end: number): (() => void) | undefined {
+    for (const held of this.#held) if (held.start < end && start < held.end) return undefined;
+    const entry = this.#hold(start, end);
+    return () => this.#release(entry);
   }
 
   get size(): number {
     return this.#held.length;
+  }
+
+  #hold(start: number, end: number): Held {
+    const entry: Held = { start, end, released: false, waiters: undefined };
+    this.#held.push(entry);
+    return entry;
+  }
+
+  #release(entry: Held): void {
+    if (entry.released) return;
+    entry.released = true;
+    const index = this.#held.indexOf(entry);
+    if (index >= 0) this.#held.splice(index, 1);
+    if (entry.waiters !== undefined) for (const wake of entry.waiters) wake();
   }
 }

@@ -26,11 +26,11 @@
 import { assert } from '../lib/assert.ts';
 import { giveBack, readBuffers } from '../lib/buffer-pool.ts';
 import { blockChecksums, crc32c } from '../lib/crc32c.ts';
-import { ShaleError } from '../lib/errors.ts';
+import { ShaleError, toShaleError } from '../lib/errors.ts';
 import { placementGroupOf } from '../lib/placement-hash.ts';
 import { BLOCK_SHIFT, BLOCK_SIZE_BYTES } from '../lib/units.ts';
 import { BLOCKS_PER_REQUEST_MAX, BlockState, compareVersions, decodeReadParts, decodeReadReply, decodeRecentWrites, Flag, Op, type DecodedRead, type Frame } from '../proto/store-protocol.ts';
-import type { LocalReadFields } from '../proto/store-channel.ts';
+import type { LocalReadFields, LocalWriteFields, StoreRequester } from '../proto/store-channel.ts';
 import type { ClusterMap, PgEntry, PoolMapEntry, VolumeInfo } from '../conductor/api/types.ts';
 import type { ClusterClient } from './cluster-client.ts';
 import { RangeLock } from './range-lock.ts';
@@ -518,23 +518,112 @@ export class VolumeClient {
 
   /** One write under one new version: every chunk piece in parallel; the seq counts as done either way. */
   async #writeVersioned(op: number, startBlock: number, endBlock: number, fua: boolean, data: Buffer | undefined, checksums: Uint32Array | undefined): Promise<void> {
-    const seq = ++this.#seq;
+    const seq = this.#beginWrite();
     // The snap seq is fixed once per write: every replica, and every retry, stamps it alike.
     const snapSeq = this.#snapSeq;
-    this.#inFlightBySnapSeq.set(snapSeq, (this.#inFlightBySnapSeq.get(snapSeq) ?? 0) + 1);
     try {
       await Promise.all(this.#pieces(startBlock, endBlock - startBlock).map((piece) => this.#writePiece(piece, op, seq, snapSeq, fua, data, checksums)));
     } finally {
-      this.#completed(seq);
-      const left = this.#inFlightBySnapSeq.get(snapSeq)! - 1;
-      if (left === 0) this.#inFlightBySnapSeq.delete(snapSeq);
-      else this.#inFlightBySnapSeq.set(snapSeq, left);
-      if (this.#drainWaiters.length > 0) for (const waiter of this.#drainWaiters.splice(0)) waiter();
+      this.#endWrite(seq, snapSeq);
     }
   }
 
-  async #writePiece(piece: Piece, op: number, seq: number, snapSeq: number, fua: boolean, data: Buffer | undefined, checksums: Uint32Array | undefined): Promise<void> {
+  /** A new write's seq; the write counts as in flight under the current snap seq until #endWrite. */
+  #beginWrite(): number {
+    const snapSeq = this.#snapSeq;
+    this.#inFlightBySnapSeq.set(snapSeq, (this.#inFlightBySnapSeq.get(snapSeq) ?? 0) + 1);
+    return ++this.#seq;
+  }
+
+  #endWrite(seq: number, snapSeq: number): void {
+    this.#completed(seq);
+    const left = this.#inFlightBySnapSeq.get(snapSeq)! - 1;
+    if (left === 0) this.#inFlightBySnapSeq.delete(snapSeq);
+    else this.#inFlightBySnapSeq.set(snapSeq, left);
+    if (this.#drainWaiters.length > 0) for (const waiter of this.#drainWaiters.splice(0)) waiter();
+  }
+
+  /**
+   * A write taken without a Promise per layer, when every replica of its PG that acts now lives
+   * in this process (DESIGN §9's hyperconverged fast path), or false: then write() does it. Whole
+   * blocks within one chunk, without FUA, overlapping no write in flight, qualify. `done` is
+   * called once, never before this returns: undefined when every acting replica has the write,
+   * else the error write() would have failed with. Replicas that fail are handled, and the write
+   * retried, as write() does.
+   */
+  writeNow(offsetBytes: number, data: Buffer, fua: boolean, done: (error: ShaleError | undefined) => void): boolean {
+    const lengthBytes = data.length;
+    if (this.#closed || fua || lengthBytes === 0 || offsetBytes < 0 || offsetBytes % BLOCK_SIZE_BYTES !== 0 || lengthBytes % BLOCK_SIZE_BYTES !== 0) return false;
+    if (offsetBytes + lengthBytes > this.info.sizeBytes || lengthBytes > REQUEST_BYTES_MAX) return false;
+    const startBlock = offsetBytes / BLOCK_SIZE_BYTES;
+    const countBlocks = lengthBytes / BLOCK_SIZE_BYTES;
+    const chunkIndex = Math.floor(startBlock / this.#chunkBlocks);
+    const offsetBlocks = startBlock - chunkIndex * this.#chunkBlocks;
+    if (offsetBlocks + countBlocks > this.#chunkBlocks || countBlocks > BLOCKS_PER_REQUEST_MAX) return false;
+    const map = this.#cluster.map;
+    let pool: PoolMapEntry;
+    try {
+      pool = this.#pool(map);
+    } catch {
+      return false;
+    }
+    const pgId = placementGroupOf(this.info.id, chunkIndex, pool.pgCount);
+    const pg = pool.pgs[pgId]!;
+    const acting: StoreRequester[] = [];
+    const actingIds: number[] = [];
+    for (const replica of pg.replicas) {
+      if (replica.state === 'down' || !isUp(map, replica.storeId)) continue;
+      const channel = this.#cluster.channel(replica.storeId);
+      if (channel.writeNow === undefined) return false;
+      acting.push(channel);
+      actingIds.push(replica.storeId);
+    }
+    if (acting.length < pool.minReplicas) return false;
+    const release = this.#lock.tryAcquire(startBlock, startBlock + countBlocks);
+    if (release === undefined) return false;
+
     const deadline = this.#deadline();
+    const snapSeq = this.#snapSeq;
+    const seq = this.#beginWrite();
+    const checksums = blockChecksums(data);
+    const finish = (error: ShaleError | undefined): void => {
+      this.#endWrite(seq, snapSeq);
+      release();
+      done(error);
+    };
+    let pending = acting.length;
+    let failures: ReplicaFailure[] | undefined;
+    const fields: LocalWriteFields = {
+      volumeId: this.info.id, chunkIndex, poolId: pool.id, pgId, pgCount: pool.pgCount, pgEpoch: pg.epoch, ownerEpoch: this.ownerEpoch,
+      offsetBlocks, countBlocks, versionSeq: seq, snapSeq, watermark: this.#watermark,
+    };
+    for (let i = 0; i < acting.length; i++) {
+      const storeId = actingIds[i]!;
+      this.#writtenSinceFlush.add(storeId);
+      acting[i]!.writeNow!(fields, checksums, data, (error) => {
+        if (error !== undefined) (failures ??= []).push({ storeId, error });
+        if (--pending > 0) return;
+        if (failures === undefined) {
+          finish(undefined);
+          return;
+        }
+        // A replica failed: from here on as write() goes on after a failed round.
+        const piece: Piece = { chunkIndex, offsetBlocks, countBlocks, bufferBlock: 0 };
+        this.#writePiece(piece, Op.WRITE, seq, snapSeq, false, data, checksums, deadline, failures).then(
+          () => finish(undefined),
+          (thrown: unknown) => finish(toShaleError(thrown)),
+        );
+      });
+    }
+    return true;
+  }
+
+  /**
+   * Writes one piece to every acting replica of its PG, round after round until all have it,
+   * handling failed replicas between rounds. `failed`: the failures of a round already made.
+   */
+  async #writePiece(piece: Piece, op: number, seq: number, snapSeq: number, fua: boolean, data: Buffer | undefined, checksums: Uint32Array | undefined,
+    deadline = this.#deadline(), failed?: ReplicaFailure[]): Promise<void> {
     let payload: Buffer[] = [];
     if (data && checksums) {
       const sums = Buffer.allocUnsafe(piece.countBlocks * 4);
@@ -542,6 +631,10 @@ export class VolumeClient {
       payload = [sums, data.subarray(piece.bufferBlock * BLOCK_SIZE_BYTES, (piece.bufferBlock + piece.countBlocks) * BLOCK_SIZE_BYTES)];
     }
     let lastError: ShaleError | undefined;
+    if (failed !== undefined) {
+      lastError = await handleReplicaFailures(this.#cluster, failed);
+      if (this.#expired(deadline)) throw noQuorum(lastError);
+    }
     for (;;) {
       const map = this.#cluster.map;
       const { pool, pgId, pg } = this.#placement(map, piece.chunkIndex);

@@ -1009,3 +1009,56 @@ describe('read buffers', () => {
     assert.deepEqual(new Set(recycled), new Set(pending.map((read) => read.data)));
   });
 });
+
+describe('writes without a Promise', () => {
+  test('writeNow takes what it can, write() does the rest; done acknowledges or fails the request, also after the client left', async (t) => {
+    const disk = new MemoryExport({ name: 'disk', sizeBytes: MiB });
+    const counts = { writeNow: 0, write: 0 };
+    const held: (() => void)[] = [];
+    let hold = false;
+    const quick: NbdExport = {
+      name: 'quick', sizeBytes: MiB, readOnly: false,
+      read: (offset, length) => disk.read(offset, length),
+      // Offsets on 8 KiB boundaries are taken and settled a turn later; 64 KiB fails with NO_SPACE.
+      writeNow: (offset, data, fua, done) => {
+        if (offset % 8192 !== 0) return false;
+        counts.writeNow++;
+        const settle = (): void => {
+          if (offset === 65_536) done(new ShaleError('NO_SPACE', 'disk full'));
+          else disk.write(offset, data, fua).then(() => done(undefined), done);
+        };
+        if (hold) held.push(settle);
+        else setImmediate(settle);
+        return true;
+      },
+      write: (offset, data, fua) => {
+        counts.write++;
+        return disk.write(offset, data, fua);
+      },
+      flush: () => disk.flush(),
+      trim: (offset, length, fua) => disk.trim(offset, length, fua),
+      writeZeroes: (offset, length, options) => disk.writeZeroes(offset, length, options),
+      release: async () => disk.release(),
+    };
+    const served = await serve(t, [disk], { provider: { open: async () => quick, list: async () => [] } });
+    const client = await served.open('quick');
+    const offsets = [0, 4096, 8192, 12_288, 65_536, 16_384];
+    const replies = await Promise.all(offsets.map((offset) => client.write(offset, patterned(4096, offset / 4096))));
+    assert.deepEqual(replies.map((reply) => reply.error), [0, 0, 0, 0, NbdErrno.ENOSPC, 0]);
+    assert.deepEqual(counts, { writeNow: 4, write: 2 });
+    for (const offset of [0, 4096, 8192, 12_288, 16_384]) {
+      assert.ok(disk.data.subarray(offset, offset + 4096).equals(patterned(4096, offset / 4096)), `data at ${offset}`);
+    }
+    // A client that leaves with a taken write outstanding: the reply is dropped when done comes.
+    hold = true;
+    const orphan = client.write(24_576, patterned(4096, 9));
+    await waitFor('the write to be taken', () => held.length === 1);
+    client.destroy();
+    await assert.rejects(orphan);
+    await waitFor('the server to see the connection gone', () => served.logs.some((line) => line.includes('replies are dropped')));
+    assert.equal(disk.counters.releases, 0, 'not released under a taken write');
+    held[0]!();
+    await waitFor('the release', () => disk.counters.releases === 1);
+    assert.ok(disk.data.subarray(24_576, 28_672).equals(patterned(4096, 9)), 'the write still landed');
+  });
+});

@@ -77,6 +77,12 @@ export interface NbdExport {
    * every connection, and durable once a later flush() resolves; with `fua`, durable before resolving.
    */
   write(offsetBytes: number, data: Buffer, fua: boolean): Promise<void>;
+  /**
+   * Optional: the same write started without a Promise when the export can (true), or false: the
+   * server calls write(). `done` is called exactly once, never before writeNow returns: with
+   * undefined when the write is acknowledged (as write() resolving), else with the error. Never throws.
+   */
+  writeNow?(offsetBytes: number, data: Buffer, fua: boolean, done: (error: unknown) => void): boolean;
   /** Makes every write acknowledged before the call durable, whichever connection it came from. */
   flush(): Promise<void>;
   /** The range is no longer needed; it may read back as anything until rewritten. The length may exceed 32 MiB. */

@@ -781,6 +781,7 @@ export class NbdSession {
           return;
         }
         case NbdCommand.WRITE:
+          if (opened.writeNow?.(request.offsetBytes, request.payload!, fua, (thrown) => this.#completeWrite(request, costBytes, thrown)) === true) return;
           this.#track(request, costBytes, opened.write(request.offsetBytes, request.payload!, fua));
           return;
         case NbdCommand.FLUSH:
@@ -820,6 +821,12 @@ export class NbdSession {
       () => this.#completeDone(request, costBytes),
       (thrown: unknown) => this.#completeFailure(request, costBytes, thrown),
     );
+  }
+
+  /** How a write taken by writeNow ended: undefined when acknowledged. */
+  #completeWrite(request: NbdRequest, costBytes: number, thrown: unknown): void {
+    if (thrown === undefined) this.#completeDone(request, costBytes);
+    else this.#completeFailure(request, costBytes, thrown);
   }
 
   /** Ends an operation's accounting; false when nobody is left to reply to. */

@@ -94,6 +94,7 @@ function volumeExport(volume: VolumeClient): NbdExport {
     // reply is written, the buffer goes back to it. Buffers from elsewhere are ignored by the pool.
     recycle: (data) => giveBack(data),
     write: (offsetBytes, data, fua) => volume.write(offsetBytes, data, { fua }),
+    writeNow: (offsetBytes, data, fua, done) => volume.writeNow(offsetBytes, data, fua, done),
     flush: () => volume.flush(),
     trim: (offsetBytes, lengthBytes, fua) => volume.writeZeroes(offsetBytes, lengthBytes, { fua }),
     // Tombstones are written at once, so zeroing is always fast (FAST_ZERO never needs refusing).

@@ -5,9 +5,9 @@
  * calls the server directly instead of going through a socket. Same requests, same checks, same
  * errors as StoreChannel, without framing, copies of write payloads or event-loop hops.
  */
-import { errorCodeFromWire, ShaleError } from '../lib/errors.ts';
-import { emptyHeader, type Frame, type FrameHeader } from './store-protocol.ts';
-import type { LocalReadFields, LocalReadResult, StoreRequester } from './store-channel.ts';
+import { errorCodeFromWire, ShaleError, toShaleError } from '../lib/errors.ts';
+import { emptyHeader, Op, type Frame, type FrameHeader } from './store-protocol.ts';
+import type { LocalReadFields, LocalReadResult, LocalWriteFields, StoreRequester, WriteDone } from './store-channel.ts';
 
 export interface LocalStoreEndpoint {
   /** Resolves with the reply's header and payload parts; rejects with the ShaleError a socket client would get as a status. */
@@ -16,6 +16,11 @@ export interface LocalStoreEndpoint {
   readLocalNow?(fields: LocalReadFields): LocalReadResult | undefined;
   /** A READ without the wire format, or undefined; a rejection means: ask serveLocal. */
   readLocal?(fields: LocalReadFields): Promise<LocalReadResult> | undefined;
+  /**
+   * A volume WRITE taken without the wire format (true), settled through `done` later, or false:
+   * the store can't take it so (serveLocal then gives the answer or the error).
+   */
+  writeLocalNow?(fields: LocalWriteFields, checksums: Uint32Array, data: Buffer, done: WriteDone): boolean;
 }
 
 /** Stores served by this process, by the address they registered with. */
@@ -93,6 +98,23 @@ export class LocalChannel implements StoreRequester {
   readLocal(fields: LocalReadFields): Promise<LocalReadResult> | undefined {
     if (this.#closed) return undefined;
     return this.#endpoint.readLocal?.(fields);
+  }
+
+  writeNow(fields: LocalWriteFields, checksums: Uint32Array, data: Buffer, done: WriteDone): void {
+    this.#inFlight++;
+    const settle: WriteDone = (error) => {
+      this.#inFlight--;
+      done(error);
+    };
+    if (!this.#closed && this.#endpoint.writeLocalNow?.(fields, checksums, data, settle) === true) return;
+    // Declined: the same write as a request, which reports what made the store decline (if anything still does).
+    this.#inFlight--;
+    const sums = Buffer.allocUnsafe(checksums.length * 4);
+    for (let i = 0; i < checksums.length; i++) sums.writeUInt32LE(checksums[i]!, i * 4);
+    this.request({ ...fields, op: Op.WRITE }, [sums, data]).then(
+      () => done(undefined),
+      (error: unknown) => done(toShaleError(error)),
+    );
   }
 
   close(): void {

@@ -28,9 +28,14 @@ interface Pending {
   op: number;
 }
 
-/** What the client library needs of a connection to a store: a socket channel or the in-process one. */
 /** The fields of a READ that a store in this process can answer synchronously. */
 export type LocalReadFields = Pick<FrameHeader, 'volumeId' | 'chunkIndex' | 'poolId' | 'pgId' | 'pgCount' | 'pgEpoch' | 'ownerEpoch' | 'offsetBlocks' | 'countBlocks'>;
+
+/** The fields of a client's volume WRITE that a store in this process takes without the wire format. */
+export type LocalWriteFields = LocalReadFields & Pick<FrameHeader, 'versionSeq' | 'snapSeq' | 'watermark'>;
+
+/** How a write handed over without a Promise ends: undefined once acknowledged, else the error a store reports. */
+export type WriteDone = (error: ShaleError | undefined) => void;
 
 /**
  * A synchronous READ's answer: the bytes (absent and zero blocks as zeros, data blocks verified),
@@ -43,6 +48,7 @@ export interface LocalReadResult {
   absent: boolean;
 }
 
+/** What the client library needs of a connection to a store: a socket channel or the in-process one. */
 export interface StoreRequester {
   readonly address: string;
   readonly inFlight: number;
@@ -59,6 +65,13 @@ export interface StoreRequester {
    * error, also means: use `request`, which then gives the answer or the error as a store reports it.
    */
   readLocal?(fields: LocalReadFields): Promise<LocalReadResult> | undefined;
+  /**
+   * A volume WRITE (no flags) handed to a store in this process without a Promise or the wire
+   * format; only the in-process channel offers it. `checksums` were computed from `data` here and
+   * are not checked again. Settles `done` exactly once, never before returning, with the error
+   * `request` would have rejected with. Keeps `fields`, `checksums` and `data` until then.
+   */
+  writeNow?(fields: LocalWriteFields, checksums: Uint32Array, data: Buffer, done: WriteDone): void;
   close(): void;
   reset(): void;
 }

@@ -62,6 +62,12 @@ export interface BlockEngine {
   readonly path: string;
   /** With `ownerEpoch`, refused with FENCED if the volume is fenced above it (checked when queued, so a fence can't race it). */
   write(request: { volumeId: number; chunkIndex: number; offsetBlocks: number; data: Buffer; checksums: Uint32Array; version: BlockVersion; snapSeq: number; ownerEpoch?: number }): Promise<{ appliedBlocks: number }>;
+  /**
+   * Optional: the same write from a caller in this process whose checksums were computed from
+   * `data` itself (not checked again), settled through `done` instead of a Promise. Throws, with
+   * nothing queued, what write() would reject at once (bad request, FENCED, BUSY, closing).
+   */
+  writeNow?(request: Parameters<BlockEngine['write']>[0], done: (error: Error | undefined, result: { appliedBlocks: number } | undefined) => void): void;
   writeZeroes(request: { volumeId: number; chunkIndex: number; offsetBlocks: number; countBlocks: number; version: BlockVersion; snapSeq: number; ownerEpoch?: number }): Promise<{ appliedBlocks: number }>;
   /** With `snapshotId`, reads as that snapshot saw the blocks (NOT_FOUND if the snapshot was deleted). */
   read(volumeId: number, chunkIndex: number, offsetBlocks: number, countBlocks: number, options?: { snapshotId?: number }): Promise<BlockReadResult>;

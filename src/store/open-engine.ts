@@ -69,6 +69,10 @@ class LogEngineAdapter implements BlockEngine {
     return this.#engine.write(request);
   }
 
+  writeNow(request: Parameters<BlockEngine['write']>[0], done: Parameters<NonNullable<BlockEngine['writeNow']>>[1]): void {
+    this.#engine.writeNow(request, done);
+  }
+
   writeZeroes(request: Parameters<BlockEngine['writeZeroes']>[0]): Promise<{ appliedBlocks: number }> {
     return this.#engine.writeZeroes(request);
   }

@@ -22,7 +22,7 @@ import {
   Flag, FrameParser, HEADER_BYTES, Op, REPLY_BIT, type Frame, type FrameHeader,
   decodeKvPgCursor, encodeKvPgRecords, namespacedId, type KvPgRecord,
 } from '../proto/store-protocol.ts';
-import type { LocalReadFields, LocalReadResult } from '../proto/store-channel.ts';
+import type { LocalReadFields, LocalReadResult, LocalWriteFields, WriteDone } from '../proto/store-channel.ts';
 import type { BlockEngine, HeadVersions } from './block-engine.ts';
 import { RecentWrites } from './recent-writes.ts';
 import { encodeDigest } from '../proto/pg-digest.ts';
@@ -66,6 +66,10 @@ export class StoreServer {
   #connections = new Set<Connection>();
   /** Writes accepted and not yet answered, so a PG listing can wait until they are in the index. */
   #writesInFlight = new Set<Promise<unknown>>();
+  /** The same for writes taken by writeLocalNow, which have no Promise: each one's completion. */
+  #writesNow = new Set<WriteDone>();
+  /** Waiters for writesNow entries that were in flight when they began waiting. */
+  #writesNowWaiters: { pending: Set<WriteDone>; resolve: () => void }[] = [];
   /** Writes above each volume's watermark, for reconciliation after a writer crash. */
   readonly recentWrites = new RecentWrites();
   #stopping = false;
@@ -100,7 +104,7 @@ export class StoreServer {
   /** Stops taking requests, lets the ones in flight finish, closes every connection. */
   async close(): Promise<void> {
     this.#stopping = true;
-    await Promise.allSettled([...this.#writesInFlight]);
+    await this.#writesAnswered();
     await this.#listener?.close();
     for (const connection of this.#connections) connection.destroy();
   }
@@ -184,6 +188,70 @@ export class StoreServer {
    */
   serveLocal(frame: Frame): Promise<Reply> {
     return this.#handle(frame);
+  }
+
+  /**
+   * A client's volume WRITE from this process (the hyperconverged fast path, DESIGN §9): the checks
+   * of #write, then the engine's writeNow, settled through `done` without a Promise. The checksums
+   * were computed from `data` in this process and are not checked again. False — also for any
+   * error, which serveLocal then reports — when it can't be taken so.
+   */
+  writeLocalNow(fields: LocalWriteFields, checksums: Uint32Array, data: Buffer, done: WriteDone): boolean {
+    const engine = this.#engine;
+    if (engine.writeNow === undefined || this.#stopping || !this.#view.ready) return false;
+    const settle: WriteDone = (error) => {
+      this.#clientRequests--;
+      this.#clientDoneMs = this.#env.clock.nowMs();
+      this.#writesNow.delete(settle);
+      if (this.#writesNowWaiters.length > 0) this.#writeNowAnswered(settle);
+      done(error);
+    };
+    try {
+      this.#checkRange(fields);
+      this.#checkEpochs(fields, false);
+      this.recentWrites.check(fields.volumeId, fields.ownerEpoch, fields.watermark);
+      engine.writeNow({
+        volumeId: fields.volumeId, chunkIndex: fields.chunkIndex, offsetBlocks: fields.offsetBlocks, data, checksums,
+        version: { epoch: fields.ownerEpoch, seq: fields.versionSeq }, snapSeq: fields.snapSeq, ownerEpoch: fields.ownerEpoch,
+      }, (error) => {
+        if (error !== undefined) {
+          settle(toShaleError(error));
+          return;
+        }
+        try {
+          this.recentWrites.note(fields.volumeId, {
+            chunkIndex: fields.chunkIndex, offsetBlocks: fields.offsetBlocks, countBlocks: data.length / BLOCK_SIZE_BYTES, epoch: fields.ownerEpoch, seq: fields.versionSeq,
+          }, fields.watermark);
+        } catch (noted) {
+          // Applied, but the list of writes above the watermark is full: BUSY, as over a socket (the retry is idempotent).
+          settle(toShaleError(noted));
+          return;
+        }
+        settle(undefined);
+      });
+    } catch {
+      return false;
+    }
+    this.#clientRequests++;
+    this.#writesNow.add(settle);
+    return true;
+  }
+
+  /** Resolves once every write accepted before the call, over a socket or in this process, has been answered. */
+  async #writesAnswered(): Promise<void> {
+    const pending = new Set(this.#writesNow);
+    const taken = pending.size === 0 ? undefined : new Promise<void>((resolve) => this.#writesNowWaiters.push({ pending, resolve }));
+    await Promise.allSettled([...this.#writesInFlight]);
+    await taken;
+  }
+
+  #writeNowAnswered(write: WriteDone): void {
+    this.#writesNowWaiters = this.#writesNowWaiters.filter((waiter) => {
+      waiter.pending.delete(write);
+      if (waiter.pending.size > 0) return true;
+      waiter.resolve();
+      return false;
+    });
   }
 
   /**
@@ -519,7 +587,7 @@ export class StoreServer {
     if (h.pgCount === 0 || h.pgId >= h.pgCount) throw new ShaleError('INVALID_ARGUMENT', `PG ${h.pgId} of ${h.pgCount}`);
     if (h.countBlocks < 1 || h.countBlocks > KV_LIST_LIMIT_MAX) throw new ShaleError('INVALID_ARGUMENT', `KV_LIST_PG limit ${h.countBlocks} outside 1..${KV_LIST_LIMIT_MAX}`);
     this.#checkEpochs({ ...h, volumeId: 0 }, true);
-    await Promise.allSettled([...this.#writesInFlight]);
+    await this.#writesAnswered();
     const after = decodeKvPgCursor(frame.parts ? Buffer.concat(frame.parts) : frame.payload);
     const shards: number[] = [];
     for (const engineId of this.#engine.kvShardIds()) {
@@ -555,7 +623,7 @@ export class StoreServer {
     const h = frame.header;
     if (h.pgCount === 0 || h.pgId >= h.pgCount) throw new ShaleError('INVALID_ARGUMENT', `PG ${h.pgId} of ${h.pgCount}`);
     this.#checkEpochs({ ...h, volumeId: 0 }, true);
-    await Promise.allSettled([...this.#writesInFlight]);
+    await this.#writesAnswered();
     const volumeIds = new Set(decodeVolumeIds(frame.payload));
     const objects = await digestPg(this.#env, this.#engine, volumeIds, (volumeId, chunkIndex) => placementGroupOf(volumeId, chunkIndex, h.pgCount) === h.pgId, h.countBlocks * 1024 * 1024);
     const payload = encodeDigest(objects);
@@ -567,7 +635,7 @@ export class StoreServer {
     if (h.pgCount === 0 || h.pgId >= h.pgCount) throw new ShaleError('INVALID_ARGUMENT', `PG ${h.pgId} of ${h.pgCount}`);
     this.#checkEpochs({ ...h, volumeId: 0 }, true);
     // Writes accepted before this listing must be in it: wait until they are in the index.
-    await Promise.allSettled([...this.#writesInFlight]);
+    await this.#writesAnswered();
     if (h.namespace === Namespace.S3_DATA) {
       // Every S3 data object of the PG, by its namespace-local id (the PG hash the object client writes with).
       const inPg = (engineId: number, chunkIndex: number): boolean => {

@@ -1,10 +1,11 @@
+import { spawnSync } from 'node:child_process';
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import { blockChecksums, ZERO_BLOCK_CRC } from '../../lib/crc32c.ts';
 import { ShaleError } from '../../lib/errors.ts';
 import { BLOCK_SIZE_BYTES, KiB, MiB } from '../../lib/units.ts';
 import { BlockState, StoreEngine } from './engine.ts';
-import type { EngineOpenOptions } from './engine.ts';
+import type { EngineOpenOptions, WriteRequest, WriteResult } from './engine.ts';
 import {
   batchHeaderBlocks, decodeSuperblock, encodeSuperblock, METADATA_AREA_BYTES, RecordKind, scanSegment, sealBatchHeader,
   SEGMENT_HEADER_BLOCKS, SegmentKind, writeCrcEntry, writeRecordEntry,
@@ -168,6 +169,77 @@ test('group commit: writes submitted together share batches and one writev each;
   await engine.flush();
   assert.equal(env.disk.stats.syncs - syncsBefore, 1, 'nothing new written: no sync');
   await engine.close();
+});
+
+/** engine.writeNow as a promise of [error, result], and whether `done` came before the call returned. */
+function writeNowSettled(engine: StoreEngine, request: WriteRequest): { ended: Promise<[Error | undefined, WriteResult | undefined]>; early: () => boolean } {
+  let returned = false;
+  let early = false;
+  const ended = new Promise<[Error | undefined, WriteResult | undefined]>((resolve) => {
+    engine.writeNow(request, (error, result) => {
+      if (!returned) early = true;
+      resolve([error, result]);
+    });
+  });
+  returned = true;
+  return { ended, early: () => early };
+}
+
+test('writeNow: settles through its callback, joins batches with write(), throws what write() rejects at once', async () => {
+  const { env, engine } = await fresh(8);
+  const batchesBefore = engine.stats().batchesWritten;
+  const now = Array.from({ length: 32 }, (_, i) => writeNowSettled(engine, stampedWrite(1, 0, i, 1, 1, i + 1)));
+  const promised = Array.from({ length: 32 }, (_, i) => engine.write(stampedWrite(1, 0, 32 + i, 1, 1, 33 + i)));
+  for (const write of now) {
+    const [error, result] = await write.ended;
+    assert.equal(error, undefined);
+    assert.equal(result?.appliedBlocks, 1);
+    assert.equal(write.early(), false, 'done is never called before writeNow returns');
+  }
+  assert.ok((await Promise.all(promised)).every((result) => result.appliedBlocks === 1));
+  assert.ok(engine.stats().batchesWritten - batchesBefore <= 2, 'the two kinds share batches');
+  for (let block = 0; block < 64; block++) assert.equal((await stampAt(engine, 1, 0, block)).stamp?.seq, block + 1);
+  // The version rule holds as for write(): an older version is skipped.
+  const [, older] = await writeNowSettled(engine, stampedWrite(1, 0, 0, 1, 1, 1)).ended;
+  assert.equal(older?.appliedBlocks, 0);
+
+  const good = stampedWrite(1, 0, 100, 1, 1, 100);
+  const callback = (): void => assert.fail('a refused writeNow settles nothing');
+  assert.throws(() => engine.writeNow({ ...good, data: Buffer.alloc(100), checksums: new Uint32Array(1) }, callback), hasCode('INVALID_ARGUMENT'));
+  assert.throws(() => engine.writeNow({ ...good, offsetBlocks: 262_144 }, callback), hasCode('OUT_OF_RANGE'));
+  assert.throws(() => engine.writeNow({ ...good, fua: true }, callback), hasCode('INVALID_ARGUMENT'));
+  await engine.fence(1, 5);
+  assert.throws(() => engine.writeNow({ ...good, ownerEpoch: 4 }, callback), hasCode('FENCED'));
+
+  // Its checksums are the caller's, computed from the same bytes: not checked again. Were they
+  // wrong, the block would read as CHECKSUM, never as data.
+  const wrong = stampedWrite(1, 0, 200, 1, 5, 1);
+  wrong.checksums[0] ^= 1;
+  const [wrongError] = await writeNowSettled(engine, wrong).ended;
+  assert.equal(wrongError, undefined);
+  await assert.rejects(engine.read(1, 0, 200, 1), hasCode('CHECKSUM'));
+
+  await engine.close();
+  assert.throws(() => engine.writeNow(stampedWrite(1, 0, 0, 1, 9, 1), callback), hasCode('SHUTTING_DOWN'));
+  assert.equal(env.disk.unsyncedWrites(PATH), 0);
+});
+
+test('writeNow: a callback that throws is the caller\'s bug: it surfaces uncaught, and the rest of its batch is still answered', () => {
+  // In a child process: the throw ends it, as any uncaught exception would.
+  const script = `
+    import { StoreEngine } from ${JSON.stringify(new URL('./engine.ts', import.meta.url).href)};
+    import { simEnv, stampedWrite } from ${JSON.stringify(new URL('./test-support.ts', import.meta.url).href)};
+    const env = simEnv(1);
+    await StoreEngine.format(env, '/d', { sizeBytes: 16 * 1024 * 1024, clusterId: 'c', segmentSizeBytes: 256 * 1024 });
+    const engine = await StoreEngine.open(env, '/d', { clusterId: 'c', backgroundCompaction: false });
+    engine.writeNow(stampedWrite(1, 0, 0, 1, 1, 1), () => { throw new Error('caller bug'); });
+    engine.writeNow(stampedWrite(1, 0, 1, 1, 1, 2), (error, result) => console.log('second write', error ?? result.appliedBlocks));
+  `;
+  const child = spawnSync(process.execPath, ['--input-type=module', '-e', script], { encoding: 'utf8', timeout: 30_000 });
+  assert.notEqual(child.status, 0, 'the throw is uncaught');
+  assert.match(child.stderr, /caller bug/);
+  assert.match(child.stdout, /second write 1/, 'the write batched with it was answered');
+  assert.doesNotMatch(child.stderr, /store engine writer|INTERNAL/, 'not taken for a disk failure');
 });
 
 test('a write larger than a segment and a batch is split and reads back whole', async () => {

@@ -922,33 +922,53 @@ export class StoreEngine {
   write(request: WriteRequest): Promise<WriteResult> {
     let op: PendingOp;
     try {
-      this.#checkAcceptingWrites();
-      const { volumeId, chunkIndex, offsetBlocks, data, checksums, version, snapSeq } = request;
-      checkVolumeId(volumeId);
-      checkU32('chunkIndex', chunkIndex);
-      if (!Buffer.isBuffer(data) || data.length === 0 || data.length % BLOCK_SIZE_BYTES !== 0) {
-        throw invalid(`data must be a non-empty whole number of ${BLOCK_SIZE_BYTES}-byte blocks`);
-      }
-      const countBlocks = data.length / BLOCK_SIZE_BYTES;
-      checkBlockRange(offsetBlocks, countBlocks);
-      if (!(checksums instanceof Uint32Array) || checksums.length !== countBlocks) {
-        throw invalid(`checksums must be a Uint32Array with one crc32c per block (${countBlocks})`);
-      }
-      checkVersion(version);
-      checkSafe('snapSeq', snapSeq);
-      for (let i = 0; i < countBlocks; i++) {
-        const start = i * BLOCK_SIZE_BYTES;
-        if (crc32c(data.subarray(start, start + BLOCK_SIZE_BYTES)) !== checksums[i]) {
-          throw new ShaleError('CHECKSUM', `write to volume ${volumeId} chunk ${chunkIndex}: block ${offsetBlocks + i} does not match its crc32c; nothing written`,
-            { volumeId, chunkIndex, block: offsetBlocks + i });
-        }
-      }
-      this.#checkWriter(volumeId, request.ownerEpoch);
-      op = newOp(RecordKind.DATA, volumeId, chunkIndex, offsetBlocks, countBlocks, version.epoch, version.seq, snapSeq, data, checksums, Tier.CLIENT);
+      op = this.#dataOp(request, true);
     } catch (error) {
       return Promise.reject(error);
     }
     return this.#durableIf(request.fua, this.#enqueue(op));
+  }
+
+  /**
+   * The same write for a caller in this process that computed `checksums` from these very bytes
+   * (the volume client next to its store, DESIGN §9): they are not computed again, and the
+   * outcome comes to `done` without a Promise. A bad request, a full queue or a closing engine
+   * throw here, before anything is queued; everything later comes to `done`, exactly once. `fua`
+   * is not taken: such a write goes through write().
+   */
+  writeNow(request: WriteRequest, done: (error: Error | undefined, result: WriteResult | undefined) => void): void {
+    if (request.fua) throw invalid('writeNow does not take fua');
+    const op = this.#dataOp(request, false);
+    op.resolve = (result) => settleNow(done, undefined, result);
+    op.reject = (error) => settleNow(done, error, undefined);
+    this.#admit(op);
+  }
+
+  /** A DATA op for `request`, after its checks; with `verify`, each block's crc32c is checked against the data. */
+  #dataOp(request: WriteRequest, verify: boolean): PendingOp {
+    this.#checkAcceptingWrites();
+    const { volumeId, chunkIndex, offsetBlocks, data, checksums, version, snapSeq } = request;
+    checkVolumeId(volumeId);
+    checkU32('chunkIndex', chunkIndex);
+    if (!Buffer.isBuffer(data) || data.length === 0 || data.length % BLOCK_SIZE_BYTES !== 0) {
+      throw invalid(`data must be a non-empty whole number of ${BLOCK_SIZE_BYTES}-byte blocks`);
+    }
+    const countBlocks = data.length / BLOCK_SIZE_BYTES;
+    checkBlockRange(offsetBlocks, countBlocks);
+    if (!(checksums instanceof Uint32Array) || checksums.length !== countBlocks) {
+      throw invalid(`checksums must be a Uint32Array with one crc32c per block (${countBlocks})`);
+    }
+    checkVersion(version);
+    checkSafe('snapSeq', snapSeq);
+    for (let i = 0; verify && i < countBlocks; i++) {
+      const start = i * BLOCK_SIZE_BYTES;
+      if (crc32c(data.subarray(start, start + BLOCK_SIZE_BYTES)) !== checksums[i]) {
+        throw new ShaleError('CHECKSUM', `write to volume ${volumeId} chunk ${chunkIndex}: block ${offsetBlocks + i} does not match its crc32c; nothing written`,
+          { volumeId, chunkIndex, block: offsetBlocks + i });
+      }
+    }
+    this.#checkWriter(volumeId, request.ownerEpoch);
+    return newOp(RecordKind.DATA, volumeId, chunkIndex, offsetBlocks, countBlocks, version.epoch, version.seq, snapSeq, data, checksums, Tier.CLIENT);
   }
 
   writeZeroes(request: WriteZeroesRequest): Promise<WriteResult> {
@@ -1179,16 +1199,19 @@ export class StoreEngine {
   }
 
   #enqueue(op: PendingOp): Promise<WriteResult> {
-    if (this.#queue_.length >= queuedOpsMax) {
-      return Promise.reject(new ShaleError('BUSY', `store engine queue is full (${queuedOpsMax} requests)`));
-    }
-    const promise = new Promise<WriteResult>((resolve, reject) => {
+    // A full queue throws in the executor: the promise rejects with BUSY.
+    return new Promise<WriteResult>((resolve, reject) => {
       op.resolve = resolve;
       op.reject = reject;
+      this.#admit(op);
     });
+  }
+
+  /** Queues a client op whose resolve and reject are set, or throws BUSY when the queue is full. */
+  #admit(op: PendingOp): void {
+    if (this.#queue_.length >= queuedOpsMax) throw new ShaleError('BUSY', `store engine queue is full (${queuedOpsMax} requests)`);
     this.#queue_.push(op);
     this.#pump();
-    return promise;
   }
 
   // -------------------------------------------------------------------------------------------
@@ -3420,6 +3443,20 @@ function kvUnitsOf(keyBytes: number, valueBytes: number): number {
 
 function kvUnits(entry: ImageKvEntry): number {
   return kvUnitsOf(entry.key.length, entry.value?.length ?? 0);
+}
+
+/**
+ * Calls a writeNow caller's `done` from inside the writer. What it throws is the caller's bug, not
+ * the disk's: rethrown outside the writer, so it neither breaks the engine nor hides.
+ */
+function settleNow(done: (error: Error | undefined, result: WriteResult | undefined) => void, error: Error | undefined, result: WriteResult | undefined): void {
+  try {
+    done(error, result);
+  } catch (thrown) {
+    queueMicrotask(() => {
+      throw thrown;
+    });
+  }
 }
 
 function newOp(

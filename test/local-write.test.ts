@@ -1,0 +1,209 @@
+/**
+ * The write path of a gateway whose store lives in the same process (DESIGN §9, what `shale up
+ * --stores 1` runs): VolumeClient.writeNow hands a write to the store engine without a Promise per
+ * layer. It must take what it can, decline the rest without side effects, keep the owner fence and
+ * the PG listings' view of writes in flight, and report a store that has gone away as write() does.
+ */
+import assert from 'node:assert/strict';
+import { randomBytes } from 'node:crypto';
+import { after, before, describe, test } from 'node:test';
+import { ClusterClient } from '../src/client/cluster-client.ts';
+import type { VolumeClient } from '../src/client/volume-client.ts';
+import { nodeEnv } from '../src/env/node/node-env.ts';
+import { codeOf, type ShaleError } from '../src/lib/errors.ts';
+import { placementGroupOf } from '../src/lib/placement-hash.ts';
+import { decodeListReply, encodeVolumeIds, Op } from '../src/proto/store-protocol.ts';
+import type { BlockEngine } from '../src/store/block-engine.ts';
+import { temporaryDirectory } from './harness.ts';
+import { CHUNK, MiB, quiet, startLocal, stopLocal, type LocalCluster } from './local-cluster.ts';
+
+const BLOCK = 4096;
+
+/** Calls writeNow and returns whether it took the write and a promise of how it ended. */
+function writeNow(volume: VolumeClient, offsetBytes: number, data: Buffer, fua = false): { taken: boolean; ended: Promise<ShaleError | undefined>; settledInCall: boolean } {
+  let settle!: (error: ShaleError | undefined) => void;
+  const ended = new Promise<ShaleError | undefined>((resolve) => (settle = resolve));
+  let returned = false;
+  let settledInCall = false;
+  const taken = volume.writeNow(offsetBytes, data, fua, (error) => {
+    if (!returned) settledInCall = true;
+    settle(error);
+  });
+  returned = true;
+  return { taken, ended, settledInCall };
+}
+
+/** Counts the engine's write calls by kind, and can hold back writeNow's completions by `delayMs`. */
+function countEngineWrites(engine: BlockEngine): { now: number; promised: number; delayMs: number; restore(): void } {
+  const originalNow = engine.writeNow!.bind(engine);
+  const originalWrite = engine.write.bind(engine);
+  const counts = {
+    now: 0,
+    promised: 0,
+    delayMs: 0,
+    restore(): void {
+      engine.writeNow = originalNow;
+      engine.write = originalWrite;
+    },
+  };
+  engine.writeNow = (request, done) => {
+    originalNow(request, (error, result) => {
+      if (counts.delayMs > 0) setTimeout(() => done(error, result), counts.delayMs);
+      else done(error, result);
+    });
+    counts.now++;
+  };
+  engine.write = (request) => {
+    counts.promised++;
+    return originalWrite(request);
+  };
+  return counts;
+}
+
+describe('writes from a gateway to a store in the same process', () => {
+  const dir = temporaryDirectory('local-write');
+  let local: LocalCluster;
+  const model = Buffer.alloc(16 * MiB);
+
+  before(async () => {
+    local = await startLocal(dir.path);
+  });
+
+  after(async () => {
+    await stopLocal(local);
+    dir.remove();
+  });
+
+  test('whole-block writes within a chunk are taken without a Promise and read back as written', async (t) => {
+    const { volume, store } = local;
+    const counts = countEngineWrites(store.engine);
+    t.after(() => counts.restore());
+    let taken = 0;
+    for (let round = 0; round < 12; round++) {
+      // 32 writes in flight at once, each in its own 64 KiB slot (overlapping writes are declined: see below).
+      const slots = new Set<number>();
+      while (slots.size < 32) slots.add(Math.floor(Math.random() * (model.length / (64 * 1024))));
+      const pending: Promise<ShaleError | undefined>[] = [];
+      for (const slot of slots) {
+        const blocks = 1 + Math.floor(Math.random() * 16);
+        const offset = slot * 64 * 1024 + Math.floor(Math.random() * (17 - blocks)) * BLOCK;
+        const data = randomBytes(blocks * BLOCK);
+        const started = writeNow(volume, offset, data);
+        assert.ok(started.taken, `writeNow took ${blocks} blocks at ${offset}`);
+        assert.equal(started.settledInCall, false, 'done is never called before writeNow returns');
+        data.copy(model, offset);
+        pending.push(started.ended);
+        taken++;
+      }
+      for (const error of await Promise.all(pending)) assert.equal(error, undefined);
+    }
+    assert.equal(counts.now, taken, 'every write reached the engine through writeNow');
+    assert.equal(counts.promised, 0, 'none through the Promise path');
+    assert.ok((await volume.read(0, model.length)).equals(model), 'the volume reads back as written');
+    await volume.flush();
+  });
+
+  test('declines what write() must do, and never calls done for it', async () => {
+    const { volume } = local;
+    const calls: unknown[] = [];
+    const done = (error: unknown): void => {
+      calls.push(error);
+    };
+    const data = randomBytes(2 * BLOCK);
+    assert.equal(volume.writeNow(0, data, true, done), false, 'FUA');
+    assert.equal(volume.writeNow(512, data, false, done), false, 'an unaligned offset');
+    assert.equal(volume.writeNow(0, data.subarray(0, 5000), false, done), false, 'a partial block');
+    assert.equal(volume.writeNow(0, Buffer.alloc(0), false, done), false, 'nothing');
+    assert.equal(volume.writeNow(CHUNK - BLOCK, data, false, done), false, 'across a chunk boundary');
+    assert.equal(volume.writeNow(model.length - BLOCK, data, false, done), false, 'beyond the end');
+    assert.equal(volume.writeNow(-BLOCK, data, false, done), false, 'a negative offset');
+    // A write overlapping one in flight waits for it in write(); writeNow leaves it to write().
+    const first = writeNow(volume, 10 * BLOCK, data);
+    assert.ok(first.taken);
+    assert.equal(volume.writeNow(11 * BLOCK, data, false, done), false, 'overlapping a write in flight');
+    const beside = writeNow(volume, 12 * BLOCK, data);
+    assert.ok(beside.taken, 'a write beside it is taken');
+    assert.equal(await first.ended, undefined);
+    assert.equal(await beside.ended, undefined);
+    data.copy(model, 10 * BLOCK);
+    data.copy(model, 12 * BLOCK);
+    const again = writeNow(volume, 11 * BLOCK, data);
+    assert.ok(again.taken, 'taken once the overlapping write has ended');
+    assert.equal(await again.ended, undefined);
+    data.copy(model, 11 * BLOCK);
+    await new Promise((resolve) => setTimeout(resolve, 50));
+    assert.deepEqual(calls, [], 'no declined write was settled');
+    assert.ok((await volume.read(0, 64 * BLOCK)).equals(model.subarray(0, 64 * BLOCK)));
+  });
+
+  test('a PG listing answers only after the in-process writes the store took before it', async (t) => {
+    const { volume, store, gateway } = local;
+    const counts = countEngineWrites(store.engine);
+    t.after(() => counts.restore());
+    // The engine holds back each write's answer for 150 ms, as a slow disk would.
+    counts.delayMs = 150;
+    const chunkIndex = 2;
+    const ended: boolean[] = [];
+    const pending: Promise<unknown>[] = [];
+    for (let i = 0; i < 16; i++) {
+      const data = randomBytes(BLOCK);
+      const offset = chunkIndex * CHUNK + i * 8 * BLOCK;
+      const started = writeNow(volume, offset, data);
+      assert.ok(started.taken);
+      data.copy(model, offset);
+      ended.push(false);
+      pending.push(started.ended.then((error) => {
+        assert.equal(error, undefined);
+        ended[i] = true;
+      }));
+    }
+    const pool = gateway.map.pools.find((candidate) => candidate.id === volume.info.poolId)!;
+    const pgId = placementGroupOf(volume.info.id, chunkIndex, pool.pgCount);
+    const listing = await gateway.channel(store.storeId).request(
+      { op: Op.LIST_PG, poolId: pool.id, pgId, pgCount: pool.pgCount, pgEpoch: pool.pgs[pgId]!.epoch },
+      [encodeVolumeIds([volume.info.id])],
+    );
+    assert.deepEqual(ended, new Array(16).fill(true), 'every write taken before the listing was answered first');
+    const listed = decodeListReply(listing.parts ? Buffer.concat(listing.parts) : listing.payload);
+    assert.ok(listed.some((object) => object.volumeId === volume.info.id && object.chunkIndex === chunkIndex), 'the listing holds the written chunk');
+    await Promise.all(pending);
+  });
+
+  test('an owner that was taken over gets FENCED from writeNow, and its write does not land', async (t) => {
+    const { volume, api, localStores } = local;
+    const before = randomBytes(4 * BLOCK);
+    const started = writeNow(volume, 40 * BLOCK, before);
+    assert.ok(started.taken);
+    assert.equal(await started.ended, undefined);
+    before.copy(model, 40 * BLOCK);
+    const successor = new ClusterClient(nodeEnv, { conductorUrls: api, ownerId: 'gw-successor', requestTimeoutMs: 5000, ioTimeoutMs: 1500, log: quiet, localStores });
+    await successor.start();
+    t.after(() => successor.close());
+    const owner = await successor.openVolume('fast', { takeover: true });
+    assert.ok(owner.ownerEpoch > volume.ownerEpoch);
+    const stale = writeNow(volume, 40 * BLOCK, randomBytes(4 * BLOCK));
+    if (stale.taken) assert.equal(codeOf(await stale.ended), 'FENCED');
+    else await assert.rejects(volume.write(40 * BLOCK, randomBytes(4 * BLOCK)), (error: unknown) => codeOf(error) === 'FENCED');
+    assert.ok((await owner.read(40 * BLOCK, 4 * BLOCK)).equals(before), 'the fenced owner\'s write did not land');
+    // The new owner writes on the fast path.
+    const newer = randomBytes(4 * BLOCK);
+    const fresh = writeNow(owner, 40 * BLOCK, newer);
+    assert.ok(fresh.taken);
+    assert.equal(await fresh.ended, undefined);
+    assert.ok((await owner.read(40 * BLOCK, 4 * BLOCK)).equals(newer));
+  });
+
+  test('a store that stops: writeNow ends with NO_QUORUM once the I/O timeout has passed, as write() does', async () => {
+    const { gateway, store } = local;
+    // This gateway's client was fenced by the test above: open the volume again, taking it back.
+    gateway.forget('fast');
+    const volume = await gateway.openVolume('fast', { takeover: true });
+    await store.close();
+    const startedAt = Date.now();
+    const started = writeNow(volume, 0, randomBytes(BLOCK));
+    assert.ok(started.taken, 'the store\'s channel still looks local: the write is taken, and fails on the way');
+    assert.equal(codeOf(await started.ended), 'NO_QUORUM');
+    const waitedMs = Date.now() - startedAt;
+    assert.ok(waitedMs >= 1000 && waitedMs < 10_000, `ended after ${waitedMs} ms (I/O timeout 1500 ms)`);
+  });
+});
