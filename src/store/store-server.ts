@@ -210,6 +210,13 @@ export class StoreServer {
       this.#checkRange(fields);
       this.#checkEpochs(fields, false);
       this.recentWrites.check(fields.volumeId, fields.ownerEpoch, fields.watermark);
+    } catch {
+      return false;
+    }
+    // Counted before the engine has it, so that nothing the engine does can settle it uncounted.
+    this.#clientRequests++;
+    this.#writesNow.add(settle);
+    try {
       engine.writeNow({
         volumeId: fields.volumeId, chunkIndex: fields.chunkIndex, offsetBlocks: fields.offsetBlocks, data, checksums,
         version: { epoch: fields.ownerEpoch, seq: fields.versionSeq }, snapSeq: fields.snapSeq, ownerEpoch: fields.ownerEpoch,
@@ -230,10 +237,11 @@ export class StoreServer {
         settle(undefined);
       });
     } catch {
+      // Refused before it was queued (fenced, queue full, closing): the request path reports it.
+      this.#clientRequests--;
+      this.#writesNow.delete(settle);
       return false;
     }
-    this.#clientRequests++;
-    this.#writesNow.add(settle);
     return true;
   }
 
