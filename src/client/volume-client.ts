@@ -518,9 +518,9 @@ export class VolumeClient {
 
   /** One write under one new version: every chunk piece in parallel; the seq counts as done either way. */
   async #writeVersioned(op: number, startBlock: number, endBlock: number, fua: boolean, data: Buffer | undefined, checksums: Uint32Array | undefined): Promise<void> {
-    const seq = this.#beginWrite();
     // The snap seq is fixed once per write: every replica, and every retry, stamps it alike.
     const snapSeq = this.#snapSeq;
+    const seq = this.#beginWrite(snapSeq);
     try {
       await Promise.all(this.#pieces(startBlock, endBlock - startBlock).map((piece) => this.#writePiece(piece, op, seq, snapSeq, fua, data, checksums)));
     } finally {
@@ -528,9 +528,8 @@ export class VolumeClient {
     }
   }
 
-  /** A new write's seq; the write counts as in flight under the current snap seq until #endWrite. */
-  #beginWrite(): number {
-    const snapSeq = this.#snapSeq;
+  /** A new write's seq; the write counts as in flight under the snap seq it carries until #endWrite. */
+  #beginWrite(snapSeq: number): number {
     this.#inFlightBySnapSeq.set(snapSeq, (this.#inFlightBySnapSeq.get(snapSeq) ?? 0) + 1);
     return ++this.#seq;
   }
@@ -584,7 +583,7 @@ export class VolumeClient {
 
     const deadline = this.#deadline();
     const snapSeq = this.#snapSeq;
-    const seq = this.#beginWrite();
+    const seq = this.#beginWrite(snapSeq);
     const checksums = blockChecksums(data);
     const finish = (error: ShaleError | undefined): void => {
       this.#endWrite(seq, snapSeq);
