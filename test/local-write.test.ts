@@ -8,57 +8,13 @@ import assert from 'node:assert/strict';
 import { randomBytes } from 'node:crypto';
 import { after, before, describe, test } from 'node:test';
 import { ClusterClient } from '../src/client/cluster-client.ts';
-import type { VolumeClient } from '../src/client/volume-client.ts';
 import { nodeEnv } from '../src/env/node/node-env.ts';
-import { codeOf, type ShaleError } from '../src/lib/errors.ts';
-import { placementGroupOf } from '../src/lib/placement-hash.ts';
-import { decodeListReply, encodeVolumeIds, Op } from '../src/proto/store-protocol.ts';
-import type { BlockEngine } from '../src/store/block-engine.ts';
+import { codeOf } from '../src/lib/errors.ts';
 import { temporaryDirectory } from './harness.ts';
 import { CHUNK, MiB, quiet, startLocal, stopLocal, type LocalCluster } from './local-cluster.ts';
+import { countEngineWrites, writeNow, writeRounds, writesThenListing } from './write-now.ts';
 
 const BLOCK = 4096;
-
-/** Calls writeNow and returns whether it took the write and a promise of how it ended. */
-function writeNow(volume: VolumeClient, offsetBytes: number, data: Buffer, fua = false): { taken: boolean; ended: Promise<ShaleError | undefined>; settledInCall: boolean } {
-  let settle!: (error: ShaleError | undefined) => void;
-  const ended = new Promise<ShaleError | undefined>((resolve) => (settle = resolve));
-  let returned = false;
-  let settledInCall = false;
-  const taken = volume.writeNow(offsetBytes, data, fua, (error) => {
-    if (!returned) settledInCall = true;
-    settle(error);
-  });
-  returned = true;
-  return { taken, ended, settledInCall };
-}
-
-/** Counts the engine's write calls by kind, and can hold back writeNow's completions by `delayMs`. */
-function countEngineWrites(engine: BlockEngine): { now: number; promised: number; delayMs: number; restore(): void } {
-  const originalNow = engine.writeNow!.bind(engine);
-  const originalWrite = engine.write.bind(engine);
-  const counts = {
-    now: 0,
-    promised: 0,
-    delayMs: 0,
-    restore(): void {
-      engine.writeNow = originalNow;
-      engine.write = originalWrite;
-    },
-  };
-  engine.writeNow = (request, done) => {
-    originalNow(request, (error, result) => {
-      if (counts.delayMs > 0) setTimeout(() => done(error, result), counts.delayMs);
-      else done(error, result);
-    });
-    counts.now++;
-  };
-  engine.write = (request) => {
-    counts.promised++;
-    return originalWrite(request);
-  };
-  return counts;
-}
 
 describe('writes from a gateway to a store in the same process', () => {
   const dir = temporaryDirectory('local-write');
@@ -78,25 +34,7 @@ describe('writes from a gateway to a store in the same process', () => {
     const { volume, store } = local;
     const counts = countEngineWrites(store.engine);
     t.after(() => counts.restore());
-    let taken = 0;
-    for (let round = 0; round < 12; round++) {
-      // 32 writes in flight at once, each in its own 64 KiB slot (overlapping writes are declined: see below).
-      const slots = new Set<number>();
-      while (slots.size < 32) slots.add(Math.floor(Math.random() * (model.length / (64 * 1024))));
-      const pending: Promise<ShaleError | undefined>[] = [];
-      for (const slot of slots) {
-        const blocks = 1 + Math.floor(Math.random() * 16);
-        const offset = slot * 64 * 1024 + Math.floor(Math.random() * (17 - blocks)) * BLOCK;
-        const data = randomBytes(blocks * BLOCK);
-        const started = writeNow(volume, offset, data);
-        assert.ok(started.taken, `writeNow took ${blocks} blocks at ${offset}`);
-        assert.equal(started.settledInCall, false, 'done is never called before writeNow returns');
-        data.copy(model, offset);
-        pending.push(started.ended);
-        taken++;
-      }
-      for (const error of await Promise.all(pending)) assert.equal(error, undefined);
-    }
+    const taken = await writeRounds(volume, 12, model);
     assert.equal(counts.now, taken, 'every write reached the engine through writeNow');
     assert.equal(counts.promised, 0, 'none through the Promise path');
     assert.ok((await volume.read(0, model.length)).equals(model), 'the volume reads back as written');
@@ -143,30 +81,10 @@ describe('writes from a gateway to a store in the same process', () => {
     // The engine holds back each write's answer for 150 ms, as a slow disk would.
     counts.delayMs = 150;
     const chunkIndex = 2;
-    const ended: boolean[] = [];
-    const pending: Promise<unknown>[] = [];
-    for (let i = 0; i < 16; i++) {
-      const data = randomBytes(BLOCK);
-      const offset = chunkIndex * CHUNK + i * 8 * BLOCK;
-      const started = writeNow(volume, offset, data);
-      assert.ok(started.taken);
-      data.copy(model, offset);
-      ended.push(false);
-      pending.push(started.ended.then((error) => {
-        assert.equal(error, undefined);
-        ended[i] = true;
-      }));
-    }
-    const pool = gateway.map.pools.find((candidate) => candidate.id === volume.info.poolId)!;
-    const pgId = placementGroupOf(volume.info.id, chunkIndex, pool.pgCount);
-    const listing = await gateway.channel(store.storeId).request(
-      { op: Op.LIST_PG, poolId: pool.id, pgId, pgCount: pool.pgCount, pgEpoch: pool.pgs[pgId]!.epoch },
-      [encodeVolumeIds([volume.info.id])],
-    );
-    assert.deepEqual(ended, new Array(16).fill(true), 'every write taken before the listing was answered first');
-    const listed = decodeListReply(listing.parts ? Buffer.concat(listing.parts) : listing.payload);
+    const { endedAtListing, listed, allEnded } = await writesThenListing(gateway, volume, store.storeId, chunkIndex, model);
+    assert.deepEqual(endedAtListing, new Array(16).fill(true), 'every write taken before the listing was answered first');
     assert.ok(listed.some((object) => object.volumeId === volume.info.id && object.chunkIndex === chunkIndex), 'the listing holds the written chunk');
-    await Promise.all(pending);
+    await allEnded;
   });
 
   test('an owner that was taken over gets FENCED from writeNow, and its write does not land', async (t) => {

@@ -29,7 +29,7 @@ import { ShaleError } from '../lib/errors.ts';
 import { placementGroupOf } from '../lib/placement-hash.ts';
 import { BLOCK_SIZE_BYTES, MiB } from '../lib/units.ts';
 import {
-  BlockState, decodeKvRecords, decodeReadParts, decodeReadReply, encodeKvKey, encodeKvListRequest, Flag, Namespace, Op, type Frame,
+  BlockState, decodeKvRecords, decodeReadParts, decodeReadReply, encodeKvKey, encodeKvListRequest, encodeChecksums, Flag, Namespace, Op, type Frame,
   type FrameHeader, type KvRecord,
 } from '../proto/store-protocol.ts';
 import type { ClusterMap, PgEntry, PoolMapEntry } from '../conductor/api/types.ts';
@@ -108,8 +108,7 @@ export class ObjectClient {
       data.copy(padded);
     }
     const checksums = blockChecksums(padded);
-    const sums = Buffer.allocUnsafe(countBlocks * 4);
-    for (let i = 0; i < countBlocks; i++) sums.writeUInt32LE(checksums[i]!, i * 4);
+    const sums = encodeChecksums(checksums);
     await this.#toActing(poolId, dataId, chunkIndex, {
       op: Op.WRITE, flags: Flag.FUA, namespace: Namespace.S3_DATA, ownerEpoch: DATA_VERSION.epoch, versionSeq: DATA_VERSION.seq,
       offsetBlocks: 0, countBlocks,

@@ -29,7 +29,7 @@ import { blockChecksums, crc32c } from '../lib/crc32c.ts';
 import { ShaleError, toShaleError } from '../lib/errors.ts';
 import { placementGroupOf } from '../lib/placement-hash.ts';
 import { BLOCK_SHIFT, BLOCK_SIZE_BYTES } from '../lib/units.ts';
-import { BLOCKS_PER_REQUEST_MAX, BlockState, compareVersions, decodeReadParts, decodeReadReply, decodeRecentWrites, Flag, Op, type DecodedRead, type Frame } from '../proto/store-protocol.ts';
+import { BLOCKS_PER_REQUEST_MAX, BlockState, compareVersions, decodeReadParts, decodeReadReply, decodeRecentWrites, encodeChecksums, Flag, Op, type DecodedRead, type Frame } from '../proto/store-protocol.ts';
 import type { LocalReadFields, LocalWriteFields, StoreRequester } from '../proto/store-channel.ts';
 import type { ClusterMap, PgEntry, PoolMapEntry, VolumeInfo } from '../conductor/api/types.ts';
 import type { ClusterClient } from './cluster-client.ts';
@@ -409,8 +409,7 @@ export class VolumeClient {
             };
             const payload: Buffer[] = [];
             if (state === BlockState.DATA) {
-              const sums = Buffer.allocUnsafe((end - i) * 4);
-              for (let k = i; k < end; k++) sums.writeUInt32LE(read.checksums[k]!, (k - i) * 4);
+              const sums = encodeChecksums(read.checksums, i, end - i);
               const first = dataOffsets[i]!;
               payload.push(sums, read.data.subarray(first * BLOCK_SIZE_BYTES, (first + end - i) * BLOCK_SIZE_BYTES));
             }
@@ -625,8 +624,7 @@ export class VolumeClient {
     deadline = this.#deadline(), failed?: ReplicaFailure[]): Promise<void> {
     let payload: Buffer[] = [];
     if (data && checksums) {
-      const sums = Buffer.allocUnsafe(piece.countBlocks * 4);
-      for (let i = 0; i < piece.countBlocks; i++) sums.writeUInt32LE(checksums[piece.bufferBlock + i]!, i * 4);
+      const sums = encodeChecksums(checksums, piece.bufferBlock, piece.countBlocks);
       payload = [sums, data.subarray(piece.bufferBlock * BLOCK_SIZE_BYTES, (piece.bufferBlock + piece.countBlocks) * BLOCK_SIZE_BYTES)];
     }
     let lastError: ShaleError | undefined;

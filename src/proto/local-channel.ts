@@ -6,7 +6,7 @@
  * errors as StoreChannel, without framing, copies of write payloads or event-loop hops.
  */
 import { errorCodeFromWire, ShaleError, toShaleError } from '../lib/errors.ts';
-import { emptyHeader, Op, type Frame, type FrameHeader } from './store-protocol.ts';
+import { emptyHeader, encodeChecksums, Op, type Frame, type FrameHeader } from './store-protocol.ts';
 import type { LocalReadFields, LocalReadResult, LocalWriteFields, StoreRequester, WriteDone } from './store-channel.ts';
 
 export interface LocalStoreEndpoint {
@@ -109,9 +109,7 @@ export class LocalChannel implements StoreRequester {
     if (!this.#closed && this.#endpoint.writeLocalNow?.(fields, checksums, data, settle) === true) return;
     // Declined: the same write as a request, which reports what made the store decline (if anything still does).
     this.#inFlight--;
-    const sums = Buffer.allocUnsafe(checksums.length * 4);
-    for (let i = 0; i < checksums.length; i++) sums.writeUInt32LE(checksums[i]!, i * 4);
-    this.request({ ...fields, op: Op.WRITE }, [sums, data]).then(
+    this.request({ ...fields, op: Op.WRITE }, [encodeChecksums(checksums), data]).then(
       () => done(undefined),
       (error: unknown) => done(toShaleError(error)),
     );

@@ -9,9 +9,9 @@
  * MAYBE_COMMITTED (the store may or may not have applied it). Callers retry only idempotent work.
  */
 import { assert } from '../lib/assert.ts';
-import { errorCodeFromWire, ShaleError } from '../lib/errors.ts';
+import { errorCodeFromWire, ShaleError, toShaleError } from '../lib/errors.ts';
 import type { Connection, Env, Timer } from '../env/env.ts';
-import { emptyHeader, encodeHeader, FrameParser, HEADER_BYTES, REPLY_BIT, type Frame, type FrameHeader } from './store-protocol.ts';
+import { emptyHeader, encodeChecksums, encodeHeader, FrameParser, HEADER_BYTES, Op, REPLY_BIT, type Frame, type FrameHeader } from './store-protocol.ts';
 
 /** Requests in flight on one channel before new ones are refused with BUSY. */
 export const CHANNEL_IN_FLIGHT_MAX = 4096;
@@ -66,10 +66,10 @@ export interface StoreRequester {
    */
   readLocal?(fields: LocalReadFields): Promise<LocalReadResult> | undefined;
   /**
-   * A volume WRITE (no flags) handed to a store in this process without a Promise or the wire
-   * format; only the in-process channel offers it. `checksums` were computed from `data` here and
-   * are not checked again. Settles `done` exactly once, never before returning, with the error
-   * `request` would have rejected with. Keeps `fields`, `checksums` and `data` until then.
+   * A volume WRITE (no flags) without a Promise: to a store in this process without the wire format
+   * (`checksums` were computed from `data` here and are not checked again), to one behind a socket
+   * as a frame whose reply settles it. Settles `done` exactly once, never before returning, with
+   * the error `request` would have rejected with. Keeps `fields`, `checksums` and `data` until then.
    */
   writeNow?(fields: LocalWriteFields, checksums: Uint32Array, data: Buffer, done: WriteDone): void;
   close(): void;
@@ -85,6 +85,7 @@ export class StoreChannel implements StoreRequester {
   #pending = new Map<number, Pending>();
   #nextRequestId = 1;
   #outbox: Buffer[] = [];
+  readonly #writeHeader: FrameHeader = { ...emptyHeader(), op: Op.WRITE };
   #flushScheduled = false;
   #closed = false;
   /**
@@ -111,19 +112,42 @@ export class StoreChannel implements StoreRequester {
     if (this.#closed) throw new ShaleError('SHUTTING_DOWN', `channel to ${this.address} is closed`);
     if (this.#pending.size >= CHANNEL_IN_FLIGHT_MAX) throw new ShaleError('BUSY', `too many requests in flight to ${this.address}`);
     const connection = this.#connection && !this.#connection.closed ? this.#connection : await this.#connect();
-    const requestId = this.#nextRequestId;
-    this.#nextRequestId = this.#nextRequestId >= 0xffffffff ? 1 : this.#nextRequestId + 1;
     let payloadBytes = 0;
     for (const part of payload) payloadBytes += part.length;
-    const header: FrameHeader = { ...emptyHeader(), ...fields, requestId, payloadBytes };
+    const header: FrameHeader = { ...emptyHeader(), ...fields, payloadBytes };
+    return new Promise<Frame>((resolve, reject) => this.#send(connection, header, payload, timeoutMs, resolve, reject));
+  }
+
+  /**
+   * A volume WRITE as a frame, settled by its reply without a Promise (StoreRequester.writeNow). On
+   * a channel that is not connected (or closed, or full) it goes through `request`, which connects
+   * or reports why not.
+   */
+  writeNow(fields: LocalWriteFields, checksums: Uint32Array, data: Buffer, done: WriteDone): void {
+    const connection = this.#connection;
+    const sums = encodeChecksums(checksums);
+    if (this.#closed || connection === undefined || connection.closed || this.#pending.size >= CHANNEL_IN_FLIGHT_MAX) {
+      this.request({ ...fields, op: Op.WRITE }, [sums, data]).then(() => done(undefined), (error: unknown) => done(toShaleError(error)));
+      return;
+    }
+    // Every field of LocalWriteFields is set again each time, so the header can be reused; the rest stay zero.
+    const header = Object.assign(this.#writeHeader, fields);
+    header.payloadBytes = sums.length + data.length;
+    this.#send(connection, header, [sums, data], this.#timeoutMs, () => done(undefined), done);
+  }
+
+  /** Queues one request for the next flush; its reply (or failure) settles `resolve` or `reject`. */
+  #send(connection: Connection, header: FrameHeader, payload: readonly Buffer[], timeoutMs: number, resolve: (frame: Frame) => void, reject: (error: ShaleError) => void): void {
+    const requestId = this.#nextRequestId;
+    this.#nextRequestId = this.#nextRequestId >= 0xffffffff ? 1 : this.#nextRequestId + 1;
+    header.requestId = requestId;
     const headerBuffer = encodeHeader(header, Buffer.allocUnsafe(HEADER_BYTES));
-    return new Promise<Frame>((resolve, reject) => {
-      const deadlineMs = timeoutMs > 0 ? this.#env.clock.nowMs() + timeoutMs : Infinity;
-      this.#pending.set(requestId, { resolve, reject, deadlineMs, timeoutMs, op: fields.op });
-      if (timeoutMs > 0) this.#armSweep(timeoutMs);
-      this.#outbox.push(headerBuffer, ...payload);
-      this.#scheduleFlush(connection);
-    });
+    const deadlineMs = timeoutMs > 0 ? this.#env.clock.nowMs() + timeoutMs : Infinity;
+    this.#pending.set(requestId, { resolve, reject, deadlineMs, timeoutMs, op: header.op });
+    if (timeoutMs > 0) this.#armSweep(timeoutMs);
+    this.#outbox.push(headerBuffer);
+    for (const part of payload) this.#outbox.push(part);
+    this.#scheduleFlush(connection);
   }
 
   /** Closes the connection; pending requests fail with UNAVAILABLE. */

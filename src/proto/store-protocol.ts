@@ -204,6 +204,13 @@ function readU64(buffer: Buffer, offset: number): number {
   return high * 2 ** 32 + buffer.readUInt32LE(offset);
 }
 
+/** A WRITE payload's first part: the crc32c of each block from `start`, `count` of them, little-endian. */
+export function encodeChecksums(checksums: ArrayLike<number>, start = 0, count = checksums.length - start): Buffer {
+  const sums = Buffer.allocUnsafe(count * 4);
+  for (let i = 0; i < count; i++) sums.writeUInt32LE(checksums[start + i]!, i * 4);
+  return sums;
+}
+
 /** Encodes a header into `target` (96 bytes at `offset`), checksum included. */
 export function encodeHeader(header: FrameHeader, target: Buffer = Buffer.allocUnsafe(HEADER_BYTES), offset = 0): Buffer {
   assert(header.payloadBytes <= PAYLOAD_BYTES_MAX, 'payload within PAYLOAD_BYTES_MAX');

@@ -63,8 +63,8 @@ export interface BlockEngine {
   /** With `ownerEpoch`, refused with FENCED if the volume is fenced above it (checked when queued, so a fence can't race it). */
   write(request: { volumeId: number; chunkIndex: number; offsetBlocks: number; data: Buffer; checksums: Uint32Array; version: BlockVersion; snapSeq: number; ownerEpoch?: number }): Promise<{ appliedBlocks: number }>;
   /**
-   * Optional: the same write from a caller in this process whose checksums were computed from
-   * `data` itself (not checked again), settled through `done` instead of a Promise. Throws, with
+   * Optional: the same write from a caller that computed its checksums from `data` or checked
+   * them against it (not checked again), settled through `done` instead of a Promise. Throws, with
    * nothing queued, what write() would reject at once (bad request, FENCED, BUSY, closing).
    */
   writeNow?(request: Parameters<BlockEngine['write']>[0], done: (error: Error | undefined, result: { appliedBlocks: number } | undefined) => void): void;

@@ -13,6 +13,7 @@
  */
 import { assert } from '../lib/assert.ts';
 import { giveBack } from '../lib/buffer-pool.ts';
+import { crc32c } from '../lib/crc32c.ts';
 import { codeOf, ErrorCodes, ShaleError, toShaleError } from '../lib/errors.ts';
 import { placementGroupOf } from '../lib/placement-hash.ts';
 import { BLOCK_SIZE_BYTES } from '../lib/units.ts';
@@ -27,6 +28,9 @@ import type { BlockEngine, HeadVersions } from './block-engine.ts';
 import { RecentWrites } from './recent-writes.ts';
 import { encodeDigest } from '../proto/pg-digest.ts';
 import { digestPg } from './pg-digest.ts';
+
+/** How a write taken without a Promise ends: the error a client would get, else how many blocks the version rule applied. */
+type WriteSettle = (error: ShaleError | undefined, appliedBlocks?: number) => void;
 
 /** Requests one connection may have in flight before the server stops reading from it. */
 export const CONNECTION_IN_FLIGHT_MAX = 1024;
@@ -66,10 +70,10 @@ export class StoreServer {
   #connections = new Set<Connection>();
   /** Writes accepted and not yet answered, so a PG listing can wait until they are in the index. */
   #writesInFlight = new Set<Promise<unknown>>();
-  /** The same for writes taken by writeLocalNow, which have no Promise: each one's completion. */
-  #writesNow = new Set<WriteDone>();
+  /** The same for writes taken by #writeNow, which have no Promise: each one's completion. */
+  #writesNow = new Set<WriteSettle>();
   /** Waiters for writesNow entries that were in flight when they began waiting. */
-  #writesNowWaiters: { pending: Set<WriteDone>; resolve: () => void }[] = [];
+  #writesNowWaiters: { pending: Set<WriteSettle>; resolve: () => void }[] = [];
   /** Writes above each volume's watermark, for reconciliation after a writer crash. */
   readonly recentWrites = new RecentWrites();
   #stopping = false;
@@ -161,6 +165,7 @@ export class StoreServer {
           continue;
         }
         inFlight++;
+        if (this.#writeFrameNow(frame, send, done)) continue;
         this.#handle(frame).then(
           (reply) => {
             send(reply);
@@ -197,14 +202,47 @@ export class StoreServer {
    * error, which serveLocal then reports — when it can't be taken so.
    */
   writeLocalNow(fields: LocalWriteFields, checksums: Uint32Array, data: Buffer, done: WriteDone): boolean {
+    return this.#writeNow(fields, checksums, data, done);
+  }
+
+  /**
+   * A client's volume WRITE from a socket taken as writeLocalNow takes one: no Promise between the
+   * frame and the reply. Only a plain WRITE (no FUA, no repair) whose payload is well formed and
+   * whose every block matches its crc32c qualifies; false for anything else, which #handle then
+   * serves or refuses. `send` gets the reply, then `done` is called.
+   */
+  #writeFrameNow(frame: Frame, send: (reply: Reply) => void, done: () => void): boolean {
+    const h = frame.header;
+    if (h.op !== Op.WRITE || h.flags !== 0 || h.namespace !== Namespace.VOLUME || h.countBlocks === 0 || h.countBlocks > BLOCKS_PER_REQUEST_MAX) return false;
+    const checksumBytes = h.countBlocks * 4;
+    const payload = frame.payload;
+    if (frame.parts !== undefined || payload.length !== checksumBytes + h.countBlocks * BLOCK_SIZE_BYTES) return false;
+    const data = payload.subarray(checksumBytes);
+    const checksums = new Uint32Array(h.countBlocks);
+    for (let i = 0; i < h.countBlocks; i++) {
+      checksums[i] = payload.readUInt32LE(i * 4);
+      // A block damaged in transit: #handle refuses the write with CHECKSUM.
+      if (crc32c(data.subarray(i * BLOCK_SIZE_BYTES, (i + 1) * BLOCK_SIZE_BYTES)) !== checksums[i]) return false;
+    }
+    return this.#writeNow(h, checksums, data, (error, appliedBlocks) => {
+      send(error === undefined ? { header: replyHeader(h, { countBlocks: appliedBlocks }), parts: [] } : errorReply(h, error));
+      done();
+    });
+  }
+
+  /**
+   * The checks of #write, then the engine's writeNow, settled through `done` without a Promise;
+   * `checksums` are not checked again. False, with nothing done, when the write can't be taken so.
+   */
+  #writeNow(fields: LocalWriteFields, checksums: Uint32Array, data: Buffer, done: (error: ShaleError | undefined, appliedBlocks: number) => void): boolean {
     const engine = this.#engine;
     if (engine.writeNow === undefined || this.#stopping || !this.#view.ready) return false;
-    const settle: WriteDone = (error) => {
+    const settle = (error: ShaleError | undefined, appliedBlocks = 0): void => {
       this.#clientRequests--;
       this.#clientDoneMs = this.#env.clock.nowMs();
       this.#writesNow.delete(settle);
       if (this.#writesNowWaiters.length > 0) this.#writeNowAnswered(settle);
-      done(error);
+      done(error, appliedBlocks);
     };
     try {
       this.#checkRange(fields);
@@ -220,7 +258,7 @@ export class StoreServer {
       engine.writeNow({
         volumeId: fields.volumeId, chunkIndex: fields.chunkIndex, offsetBlocks: fields.offsetBlocks, data, checksums,
         version: { epoch: fields.ownerEpoch, seq: fields.versionSeq }, snapSeq: fields.snapSeq, ownerEpoch: fields.ownerEpoch,
-      }, (error) => {
+      }, (error, result) => {
         if (error !== undefined) {
           settle(toShaleError(error));
           return;
@@ -234,7 +272,7 @@ export class StoreServer {
           settle(toShaleError(noted));
           return;
         }
-        settle(undefined);
+        settle(undefined, result!.appliedBlocks);
       });
     } catch {
       // Refused before it was queued (fenced, queue full, closing): the request path reports it.
@@ -253,7 +291,7 @@ export class StoreServer {
     await taken;
   }
 
-  #writeNowAnswered(write: WriteDone): void {
+  #writeNowAnswered(write: WriteSettle): void {
     this.#writesNowWaiters = this.#writesNowWaiters.filter((waiter) => {
       waiter.pending.delete(write);
       if (waiter.pending.size > 0) return true;

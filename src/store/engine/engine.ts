@@ -930,9 +930,9 @@ export class StoreEngine {
   }
 
   /**
-   * The same write for a caller in this process that computed `checksums` from these very bytes
-   * (the volume client next to its store, DESIGN §9): they are not computed again, and the
-   * outcome comes to `done` without a Promise. A bad request, a full queue or a closing engine
+   * The same write for a caller that computed `checksums` from these very bytes (the volume client
+   * next to its store, DESIGN §9) or checked them against them (the store server, for a frame from
+   * a socket): they are not computed again, and the outcome comes to `done` without a Promise. A bad request, a full queue or a closing engine
    * throw here, before anything is queued; everything later comes to `done`, exactly once. `fua`
    * is not taken: such a write goes through write().
    */
