@@ -4,7 +4,6 @@
  */
 import assert from 'node:assert/strict';
 import { randomBytes } from 'node:crypto';
-import { openSync, readSync, writeSync, closeSync, fstatSync } from 'node:fs';
 import { join } from 'node:path';
 import { after, before, describe, test } from 'node:test';
 import { ClusterClient } from '../src/client/cluster-client.ts';
@@ -17,7 +16,7 @@ import { StoreChannel } from '../src/proto/store-channel.ts';
 import { decodeReadReply, Flag, Op } from '../src/proto/store-protocol.ts';
 import { openLogEngine } from '../src/store/open-engine.ts';
 import { startStoreDaemon, type StoreDaemon } from '../src/store/store-daemon.ts';
-import { temporaryDirectory, waitFor } from './harness.ts';
+import { findBlock, flipBit, temporaryDirectory, waitFor } from './harness.ts';
 
 const MiB = 1024 * 1024;
 const quiet = (): void => {};
@@ -267,32 +266,6 @@ describe('a cluster in one process', () => {
 });
 
 /** The byte offset of the first 4 KiB-aligned block of `path` equal to `block`. */
-function findBlock(path: string, block: Buffer): number {
-  const fd = openSync(path, 'r');
-  try {
-    const size = fstatSync(fd).size;
-    const buffer = Buffer.alloc(16 * MiB);
-    for (let base = 0; base < size; base += buffer.length) {
-      const read = readSync(fd, buffer, 0, buffer.length, base);
-      for (let at = 0; at + 4096 <= read; at += 4096) {
-        if (buffer.subarray(at, at + 4096).equals(block)) return base + at;
-      }
-    }
-  } finally {
-    closeSync(fd);
-  }
-  throw new Error(`block not found in ${path}`);
-}
-
-function flipBit(path: string, offset: number): void {
-  const fd = openSync(path, 'r+');
-  const byte = Buffer.alloc(1);
-  readSync(fd, byte, 0, 1, offset);
-  byte[0]! ^= 0x10;
-  writeSync(fd, byte, 0, 1, offset);
-  closeSync(fd);
-}
-
 function checksumOf(block: Buffer): Buffer {
   const out = Buffer.allocUnsafe(4);
   out.writeUInt32LE(crc32c(block), 0);

@@ -3,7 +3,7 @@
  * run the CLI and external tools (qemu-img, nbdinfo, fio), find free ports.
  */
 import { spawn, type ChildProcess } from 'node:child_process';
-import { mkdtempSync, readFileSync, rmSync } from 'node:fs';
+import { closeSync, fstatSync, mkdtempSync, openSync, readFileSync, readSync, rmSync, writeSync } from 'node:fs';
 import { createServer } from 'node:net';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
@@ -214,4 +214,32 @@ export async function startLocalCluster(options: { stores?: number; diskSizeByte
       dir.remove();
     },
   };
+}
+
+/** Where a 4 KiB block's bytes are in a disk file (the first copy), or throws. */
+export function findBlock(path: string, block: Buffer): number {
+  const fd = openSync(path, 'r');
+  try {
+    const size = fstatSync(fd).size;
+    const buffer = Buffer.alloc(16 * 1024 * 1024);
+    for (let base = 0; base < size; base += buffer.length) {
+      const read = readSync(fd, buffer, 0, buffer.length, base);
+      for (let at = 0; at + 4096 <= read; at += 4096) {
+        if (buffer.subarray(at, at + 4096).equals(block)) return base + at;
+      }
+    }
+  } finally {
+    closeSync(fd);
+  }
+  throw new Error(`block not found in ${path}`);
+}
+
+/** Flips one bit of a file at `offset`, as rot would. */
+export function flipBit(path: string, offset: number): void {
+  const fd = openSync(path, 'r+');
+  const byte = Buffer.alloc(1);
+  readSync(fd, byte, 0, 1, offset);
+  byte[0]! ^= 0x10;
+  writeSync(fd, byte, 0, 1, offset);
+  closeSync(fd);
 }

@@ -1,6 +1,6 @@
 /**
  * Helpers of the tests of VolumeClient.writeNow (the write path without a Promise per layer), to
- * stores in the gateway's process (local-write.test.ts) and behind sockets (socket-write.test.ts).
+ * stores in the gateway's process (local-write.test.ts) and behind sockets (socket-io.test.ts).
  */
 import assert from 'node:assert/strict';
 import { randomBytes } from 'node:crypto';

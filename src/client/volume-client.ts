@@ -67,10 +67,14 @@ export class VolumeClient {
   /** Seqs above the watermark that have completed, waiting for the ones below them. */
   #completedAbove = new Set<number>();
   #readTurn = 0;
-  /** readNow's request to the store, refilled per call: a synchronous read keeps no reference to it. */
+  /** The request readNow and readThen hand a channel, refilled per call (#placeInChunk): no channel keeps a reference to it. */
   readonly #nowFields: Mutable<LocalReadFields> = {
     volumeId: 0, chunkIndex: 0, poolId: 0, pgId: 0, pgCount: 0, pgEpoch: 0, ownerEpoch: 0, offsetBlocks: 0, countBlocks: 0,
   };
+  /** Where the request last placed by #placeInChunk goes: its pool, PG entry, and the map they are from. */
+  #placedPool: PoolMapEntry | undefined;
+  #placedPg: PgEntry | undefined;
+  #placedMap: ClusterMap | undefined;
   #writtenSinceFlush = new Set<number>();
   #closed = false;
   /** Pieces repaired on a replica after it failed a checksum. */
@@ -178,9 +182,7 @@ export class VolumeClient {
     if (lengthBytes === 0) return Buffer.alloc(0);
     const startBlock = Math.floor(offsetBytes / BLOCK_SIZE_BYTES);
     const endBlock = Math.ceil((offsetBytes + lengthBytes) / BLOCK_SIZE_BYTES);
-    const aligned = await this.#readBlocks(startBlock, endBlock - startBlock);
-    const skip = offsetBytes - startBlock * BLOCK_SIZE_BYTES;
-    return skip === 0 && aligned.length === lengthBytes ? aligned : aligned.subarray(skip, skip + lengthBytes);
+    return trimToRange(await this.#readBlocks(startBlock, endBlock - startBlock), offsetBytes, lengthBytes);
   }
 
   /**
@@ -189,33 +191,16 @@ export class VolumeClient {
    * error. Only reads within one chunk, served from the page cache, qualify.
    */
   readNow(offsetBytes: number, lengthBytes: number): Buffer | undefined {
-    if (this.#closed || lengthBytes <= 0 || offsetBytes < 0 || offsetBytes + lengthBytes > this.info.sizeBytes || lengthBytes > REQUEST_BYTES_MAX) return undefined;
-    const startBlock = Math.floor(offsetBytes / BLOCK_SIZE_BYTES);
-    const countBlocks = Math.ceil((offsetBytes + lengthBytes) / BLOCK_SIZE_BYTES) - startBlock;
-    const chunkIndex = Math.floor(startBlock / this.#chunkBlocks);
-    const offsetBlocks = startBlock - chunkIndex * this.#chunkBlocks;
-    if (offsetBlocks + countBlocks > this.#chunkBlocks || countBlocks > BLOCKS_PER_REQUEST_MAX) return undefined;
-    const map = this.#cluster.map;
-    const pool = this.#pool(map);
-    const pgId = placementGroupOf(this.info.id, chunkIndex, pool.pgCount);
-    const pg = pool.pgs[pgId]!;
+    const fields = this.#placeInChunk(offsetBytes, lengthBytes);
+    if (fields === undefined) return undefined;
+    const map = this.#placedMap!;
+    const replicas = this.#placedPg!.replicas;
     const turn = this.#readTurn++;
-    const replicas = pg.replicas;
     for (let i = 0; i < replicas.length; i++) {
       const replica = replicas[(turn + i) % replicas.length]!;
       if (replica.state !== 'clean' || !isUp(map, replica.storeId)) continue;
       const channel = this.#cluster.channel(replica.storeId);
       if (channel.readNow === undefined) continue;
-      const fields = this.#nowFields;
-      fields.volumeId = this.info.id;
-      fields.chunkIndex = chunkIndex;
-      fields.poolId = pool.id;
-      fields.pgId = pgId;
-      fields.pgCount = pool.pgCount;
-      fields.pgEpoch = pg.epoch;
-      fields.ownerEpoch = this.ownerEpoch;
-      fields.offsetBlocks = offsetBlocks;
-      fields.countBlocks = countBlocks;
       const result = channel.readNow(fields);
       if (result === undefined) return undefined;
       // A clone's absent blocks read through to its parent: the asynchronous path does that.
@@ -224,10 +209,46 @@ export class VolumeClient {
         return undefined;
       }
       // Absent and zero blocks are zeros in the engine's result, as they read.
-      const skip = offsetBytes - startBlock * BLOCK_SIZE_BYTES;
-      return skip === 0 && result.data.length === lengthBytes ? result.data : result.data.subarray(skip, skip + lengthBytes);
+      return trimToRange(result.data, offsetBytes, lengthBytes);
     }
     return undefined;
+  }
+
+  /**
+   * Places a request that lies within one chunk of the volume: fills #nowFields (and #placedPool,
+   * #placedPg, #placedMap) for it and returns them, or undefined for one out of range, across chunks, too
+   * large, or of a volume whose pool the map lacks — which the Promise paths then report.
+   */
+  #placeInChunk(offsetBytes: number, lengthBytes: number): Mutable<LocalReadFields> | undefined {
+    if (this.#closed || lengthBytes <= 0 || offsetBytes < 0 || offsetBytes + lengthBytes > this.info.sizeBytes || lengthBytes > REQUEST_BYTES_MAX) return undefined;
+    const startBlock = Math.floor(offsetBytes / BLOCK_SIZE_BYTES);
+    const countBlocks = Math.ceil((offsetBytes + lengthBytes) / BLOCK_SIZE_BYTES) - startBlock;
+    const chunkIndex = Math.floor(startBlock / this.#chunkBlocks);
+    const offsetBlocks = startBlock - chunkIndex * this.#chunkBlocks;
+    if (offsetBlocks + countBlocks > this.#chunkBlocks || countBlocks > BLOCKS_PER_REQUEST_MAX) return undefined;
+    const map = this.#cluster.map;
+    let pool: PoolMapEntry;
+    try {
+      pool = this.#pool(map);
+    } catch {
+      return undefined;
+    }
+    const pgId = placementGroupOf(this.info.id, chunkIndex, pool.pgCount);
+    const pg = pool.pgs[pgId]!;
+    this.#placedMap = map;
+    this.#placedPool = pool;
+    this.#placedPg = pg;
+    const fields = this.#nowFields;
+    fields.volumeId = this.info.id;
+    fields.chunkIndex = chunkIndex;
+    fields.poolId = pool.id;
+    fields.pgId = pgId;
+    fields.pgCount = pool.pgCount;
+    fields.pgEpoch = pg.epoch;
+    fields.ownerEpoch = this.ownerEpoch;
+    fields.offsetBlocks = offsetBlocks;
+    fields.countBlocks = countBlocks;
+    return fields;
   }
 
   /**
@@ -264,7 +285,65 @@ export class VolumeClient {
     return out;
   }
 
-  async #readPiece(piece: Piece): Promise<Buffer> {
+  /**
+   * A read sent to one clean replica behind a socket with a callback where read() has a Promise
+   * at each layer (StoreRequester.sendRead), or false, with nothing started: then read() does it.
+   * Reads within one chunk of a volume that is not a clone, whose clean replicas are all behind
+   * sockets, qualify. `done` is called once, never before this returns, with what read() would
+   * have resolved or rejected with: an error reply or a block that fails its crc32c is read again
+   * as read() reads (another replica; one that failed its checksum is repaired).
+   */
+  readThen(offsetBytes: number, lengthBytes: number, done: (error: ShaleError | undefined, data: Buffer | undefined) => void): boolean {
+    if (this.#parentLayers.length > 0) return false;
+    const fields = this.#placeInChunk(offsetBytes, lengthBytes);
+    if (fields === undefined) return false;
+    const map = this.#placedMap!;
+    const replicas = this.#placedPg!.replicas;
+    const turn = this.#readTurn++;
+    let chosen: StoreRequester | undefined;
+    let storeId = 0;
+    for (let i = 0; i < replicas.length; i++) {
+      const replica = replicas[(turn + i) % replicas.length]!;
+      if (replica.state !== 'clean' || !isUp(map, replica.storeId)) continue;
+      const channel = this.#cluster.channel(replica.storeId);
+      // A replica in this process: read() reads it without a socket.
+      if (channel.sendRead === undefined) return false;
+      if (chosen === undefined) {
+        chosen = channel;
+        storeId = replica.storeId;
+      }
+    }
+    if (chosen === undefined) return false;
+    const { chunkIndex, offsetBlocks, countBlocks } = fields;
+    chosen.sendRead!(fields, (error, reply) => {
+      let data: Buffer | undefined;
+      if (error === undefined) {
+        try {
+          data = assembleRead(decodeRead(reply!, countBlocks), countBlocks, storeId, reply!.verified === true);
+        } catch (thrown) {
+          error = toShaleError(thrown);
+        }
+      }
+      if (data !== undefined) {
+        done(undefined, trimToRange(data, offsetBytes, lengthBytes));
+        return;
+      }
+      // As read() goes on after a failed attempt: another replica, a newer map, or the error.
+      const bad: number[] = [];
+      if (error!.code === 'CHECKSUM') {
+        this.#cluster.log(`volume ${this.info.name}: ${error!.message}; reading another replica`);
+        bad.push(storeId);
+      }
+      this.#readPiece({ chunkIndex, offsetBlocks, countBlocks, bufferBlock: 0 }, bad).then(
+        (read) => done(undefined, trimToRange(read, offsetBytes, lengthBytes)),
+        (thrown: unknown) => done(toShaleError(thrown), undefined),
+      );
+    });
+    return true;
+  }
+
+  /** One piece's bytes; `bad`: replicas already found to fail a checksum, repaired from the good copy read. */
+  async #readPiece(piece: Piece, bad: number[] = []): Promise<Buffer> {
     const local = this.#readPieceLocal(piece);
     if (local !== undefined) {
       try {
@@ -274,7 +353,6 @@ export class VolumeClient {
         // Read again below, as any read: another replica, or the error as the store reports it.
       }
     }
-    const bad: number[] = [];
     let states: Uint8Array | undefined;
     const { value, storeId, pool, pgId, pgEpoch, reply } = await this.#fromCleanReplica(piece, Op.READ, (frame, from) => {
       const read = decodeRead(frame, piece.countBlocks);
@@ -550,23 +628,14 @@ export class VolumeClient {
    * retried, as write() does.
    */
   writeNow(offsetBytes: number, data: Buffer, fua: boolean, done: (error: ShaleError | undefined) => void): boolean {
-    const lengthBytes = data.length;
-    if (this.#closed || fua || lengthBytes === 0 || offsetBytes < 0 || offsetBytes % BLOCK_SIZE_BYTES !== 0 || lengthBytes % BLOCK_SIZE_BYTES !== 0) return false;
-    if (offsetBytes + lengthBytes > this.info.sizeBytes || lengthBytes > REQUEST_BYTES_MAX) return false;
+    if (fua || offsetBytes % BLOCK_SIZE_BYTES !== 0 || data.length % BLOCK_SIZE_BYTES !== 0) return false;
+    const placed = this.#placeInChunk(offsetBytes, data.length);
+    if (placed === undefined) return false;
+    const map = this.#placedMap!;
+    const pool = this.#placedPool!;
+    const pg = this.#placedPg!;
+    const { chunkIndex, offsetBlocks, countBlocks } = placed;
     const startBlock = offsetBytes / BLOCK_SIZE_BYTES;
-    const countBlocks = lengthBytes / BLOCK_SIZE_BYTES;
-    const chunkIndex = Math.floor(startBlock / this.#chunkBlocks);
-    const offsetBlocks = startBlock - chunkIndex * this.#chunkBlocks;
-    if (offsetBlocks + countBlocks > this.#chunkBlocks || countBlocks > BLOCKS_PER_REQUEST_MAX) return false;
-    const map = this.#cluster.map;
-    let pool: PoolMapEntry;
-    try {
-      pool = this.#pool(map);
-    } catch {
-      return false;
-    }
-    const pgId = placementGroupOf(this.info.id, chunkIndex, pool.pgCount);
-    const pg = pool.pgs[pgId]!;
     const acting: StoreRequester[] = [];
     const actingIds: number[] = [];
     for (const replica of pg.replicas) {
@@ -591,10 +660,8 @@ export class VolumeClient {
     };
     let pending = acting.length;
     let failures: ReplicaFailure[] | undefined;
-    const fields: LocalWriteFields = {
-      volumeId: this.info.id, chunkIndex, poolId: pool.id, pgId, pgCount: pool.pgCount, pgEpoch: pg.epoch, ownerEpoch: this.ownerEpoch,
-      offsetBlocks, countBlocks, versionSeq: seq, snapSeq, watermark: this.#watermark,
-    };
+    // Kept by the channels until each replica answers: a copy of the placement, not #nowFields itself.
+    const fields: LocalWriteFields = { ...placed, versionSeq: seq, snapSeq, watermark: this.#watermark };
     for (let i = 0; i < acting.length; i++) {
       const storeId = actingIds[i]!;
       this.#writtenSinceFlush.add(storeId);
@@ -824,4 +891,10 @@ function assembleRead(read: DecodedRead, countBlocks: number, storeId: number, v
   }
   assert(at === dataBlocks, 'every data block placed');
   return out;
+}
+
+/** The bytes of [offsetBytes, +lengthBytes) out of `data`, which holds the whole blocks around them. */
+function trimToRange(data: Buffer, offsetBytes: number, lengthBytes: number): Buffer {
+  const skip = offsetBytes % BLOCK_SIZE_BYTES;
+  return skip === 0 && data.length === lengthBytes ? data : data.subarray(skip, skip + lengthBytes);
 }

@@ -944,7 +944,7 @@ describe('robustness', () => {
 
 describe('read buffers', () => {
   /** A 1 MiB export whose reads are `reads`' and whose other operations go to `disk`. */
-  const readingExport = (name: string, disk: MemoryExport, reads: Pick<NbdExport, 'read' | 'readNow' | 'recycle'>): NbdExport => ({
+  const readingExport = (name: string, disk: MemoryExport, reads: Pick<NbdExport, 'read' | 'readNow' | 'readThen' | 'recycle'>): NbdExport => ({
     name, sizeBytes: MiB, readOnly: false, ...reads,
     write: (offset, data, fua) => disk.write(offset, data, fua),
     flush: () => disk.flush(),
@@ -985,6 +985,61 @@ describe('read buffers', () => {
     assert.deepEqual(counts, { readNow: 4, read: 3 });
     await waitFor('every sent buffer recycled', () => recycled.length === handedOut.length);
     assert.equal(handedOut.length, 6);
+    assert.deepEqual(new Set(recycled), new Set(handedOut), 'exactly the buffers the reads returned');
+  });
+
+  test('readThen takes what it can and read() does the rest; its errors become NBD errors, its buffers are recycled, also after the client left', async (t) => {
+    const disk = new MemoryExport({ name: 'disk', sizeBytes: MiB });
+    disk.data.set(patterned(MiB, 5));
+    const handedOut: Buffer[] = [];
+    const recycled: Buffer[] = [];
+    const counts = { readThen: 0, read: 0 };
+    const held: (() => void)[] = [];
+    let hold = false;
+    const hand = (offset: number, length: number): Buffer => {
+      const copy = Buffer.from(disk.data.subarray(offset, offset + length));
+      handedOut.push(copy);
+      return copy;
+    };
+    const callbacks = readingExport('callbacks', disk, {
+      // Offsets from 8 KiB on are taken and settled a turn later; 64 KiB fails with CHECKSUM.
+      readThen: (offset, length, done) => {
+        if (offset < 8192) return false;
+        counts.readThen++;
+        const settle = (): void => {
+          if (offset === 65_536) done(new ShaleError('CHECKSUM', 'no replica has it right'), undefined);
+          else done(undefined, hand(offset, length));
+        };
+        if (hold) held.push(settle);
+        else setImmediate(settle);
+        return true;
+      },
+      read: async (offset, length) => {
+        counts.read++;
+        return hand(offset, length);
+      },
+      recycle: (data) => recycled.push(data),
+    });
+    const served = await serve(t, [disk], { provider: { open: async () => callbacks, list: async () => [] } });
+    const client = await served.open('callbacks');
+    const offsets = [0, 4096, 8192, 10_000, 65_536, 500_000];
+    const reads = await Promise.all(offsets.map((offset) => client.read(offset, 3000)));
+    assert.deepEqual(reads.map((reply) => reply.error), [0, 0, 0, 0, NbdErrno.EIO, 0]);
+    for (const [index, offset] of offsets.entries()) {
+      if (offset !== 65_536) assert.ok(reads[index]!.data!.equals(disk.data.subarray(offset, offset + 3000)), `read at ${offset}`);
+    }
+    assert.deepEqual(counts, { readThen: 4, read: 2 });
+    await waitFor('every sent buffer recycled', () => recycled.length === handedOut.length);
+    assert.equal(handedOut.length, 5);
+    // A client that leaves with a taken read outstanding: the buffer comes back unsent when done comes.
+    hold = true;
+    const orphan = client.read(16_384, 4096).catch(() => 'closed');
+    await waitFor('the read to be taken', () => held.length === 1);
+    client.destroy();
+    assert.equal(await orphan, 'closed');
+    await waitFor('the server to see the connection gone', () => served.logs.some((line) => line.includes('replies are dropped')));
+    held[0]!();
+    await waitFor('the unsent buffer given back', () => recycled.length === 6);
     assert.deepEqual(new Set(recycled), new Set(handedOut), 'exactly the buffers the reads returned');
   });
 

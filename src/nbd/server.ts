@@ -58,7 +58,13 @@ export interface NbdExport {
    */
   readNow?(offsetBytes: number, lengthBytes: number): Buffer | undefined;
   /**
-   * Optional: called with each buffer that read() or readNow() returned once the server holds it
+   * Optional: the same read with a callback instead of a Promise, when the export can take it so;
+   * false, with nothing started, and the server calls read(). `done` is called once, never before
+   * this returns: with the error read() would reject with, or with the bytes it would return.
+   */
+  readThen?(offsetBytes: number, lengthBytes: number, done: (error: unknown, data: Buffer | undefined) => void): boolean;
+  /**
+   * Optional: called with each buffer that read(), readNow() or readThen() returned once the server holds it
    * no more: its reply has been written to the socket, or will never be (the connection closed
    * first). Lets an export reuse its read buffers, or lend them (the server never writes to one).
    */

@@ -265,7 +265,7 @@ interface PendingReply {
   readonly encoded: Buffer | readonly Buffer[] | undefined;
   /** Bytes of data this reply holds until it is sent (counted against inFlightBytesMax). */
   readonly costBytes: number;
-  /** `data` came from the export's read() or readNow(): given to its recycle() once written. */
+  /** `data` came from the export's read(), readNow() or readThen(): given to its recycle() once written. */
   readonly recycle: boolean;
 }
 
@@ -773,6 +773,11 @@ export class NbdSession {
               (thrown: unknown) => this.#completeFailure(request, costBytes, thrown),
             );
           } else {
+            const taken = opened.readThen?.(request.offsetBytes, request.lengthBytes, (thrown, data) => {
+              if (thrown === undefined) this.#completeRead(request, costBytes, data!);
+              else this.#completeFailure(request, costBytes, thrown);
+            });
+            if (taken === true) return;
             opened.read(request.offsetBytes, request.lengthBytes).then(
               (data) => this.#completeRead(request, costBytes, data),
               (thrown: unknown) => this.#completeFailure(request, costBytes, thrown),

@@ -90,6 +90,7 @@ function volumeExport(volume: VolumeClient): NbdExport {
     readOnly: false,
     read: (offsetBytes, lengthBytes) => volume.read(offsetBytes, lengthBytes),
     readNow: (offsetBytes, lengthBytes) => volume.readNow(offsetBytes, lengthBytes),
+    readThen: (offsetBytes, lengthBytes, done) => volume.readThen(offsetBytes, lengthBytes, done),
     // Read data comes from the process's read buffer pool (the store engine's reads); once the
     // reply is written, the buffer goes back to it. Buffers from elsewhere are ignored by the pool.
     recycle: (data) => giveBack(data),

@@ -4,7 +4,7 @@ import { test } from 'node:test';
 import { nodeEnv } from '../env/node/node-env.ts';
 import { blockChecksums } from '../lib/crc32c.ts';
 import { codeOf, ErrorCodes } from '../lib/errors.ts';
-import { StoreChannel, type LocalWriteFields } from './store-channel.ts';
+import { StoreChannel, type LocalReadFields, type LocalWriteFields } from './store-channel.ts';
 import { emptyHeader, encodeHeader, FrameParser, Op, REPLY_BIT } from './store-protocol.ts';
 
 test('a request the store never answers fails with MAYBE_COMMITTED soon after its timeout; answered ones resolve', async (t) => {
@@ -102,6 +102,55 @@ test('writeNow sends a WRITE frame whose reply settles its callback: answered, r
   // Closed: the write is refused, after writeNow has returned.
   channel.close();
   const late = write(1);
+  assert.equal(late.settledInCall, false);
+  assert.equal(await late.ended, 'SHUTTING_DOWN');
+});
+
+test('sendRead sends a READ frame whose reply (or error) reaches its callback, connected or not, and none after close', async (t) => {
+  // A store that answers each READ with its chunk index as payload, and refuses chunk 13 as NOT_READY.
+  const seen: import('./store-protocol.ts').FrameHeader[] = [];
+  const server = await nodeEnv.net.listen('127.0.0.1:0', (connection) => {
+    const parser = new FrameParser();
+    connection.onData((chunk) => {
+      for (const { header } of parser.push(chunk)) {
+        seen.push(header);
+        const payload = Buffer.from(`chunk ${header.chunkIndex}`);
+        const refused = header.chunkIndex === 13;
+        connection.write(encodeHeader({
+          ...emptyHeader(), op: header.op | REPLY_BIT, requestId: header.requestId, status: refused ? ErrorCodes.NOT_READY.wire : 0, payloadBytes: refused ? 0 : payload.length,
+        }));
+        if (!refused) connection.write(payload);
+      }
+    });
+  });
+  t.after(() => server.close());
+  const channel = new StoreChannel(nodeEnv, server.address, { timeoutMs: 2000 });
+  t.after(() => channel.close());
+  const fields: LocalReadFields = { volumeId: 4, chunkIndex: 0, poolId: 1, pgId: 2, pgCount: 32, pgEpoch: 9, ownerEpoch: 3, offsetBlocks: 10, countBlocks: 3 };
+  const read = (chunkIndex: number): { ended: Promise<string>; settledInCall: boolean } => {
+    let returned = false;
+    let settledInCall = false;
+    let settle!: (outcome: string) => void;
+    const ended = new Promise<string>((resolve) => (settle = resolve));
+    // The same fields object each time, changed after the call: the channel keeps no reference to it.
+    fields.chunkIndex = chunkIndex;
+    channel.sendRead(fields, (error, reply) => {
+      if (!returned) settledInCall = true;
+      settle(error === undefined ? reply!.payload.toString() : codeOf(error));
+    });
+    fields.chunkIndex = 999;
+    returned = true;
+    return { ended, settledInCall };
+  };
+  const first = read(1);
+  assert.equal(await first.ended, 'chunk 1', 'the first read connects through request');
+  const [a, b, refused] = [read(2), read(3), read(13)];
+  assert.equal(a.settledInCall || b.settledInCall || refused.settledInCall || first.settledInCall, false, 'nothing settles before sendRead returns');
+  assert.deepEqual(await Promise.all([a.ended, b.ended, refused.ended]), ['chunk 2', 'chunk 3', 'NOT_READY']);
+  assert.deepEqual(seen.map((header) => [header.op, header.chunkIndex, header.volumeId, header.pgEpoch, header.offsetBlocks, header.countBlocks, header.payloadBytes]),
+    [1, 2, 3, 13].map((chunkIndex) => [Op.READ, chunkIndex, 4, 9, 10, 3, 0]));
+  channel.close();
+  const late = read(4);
   assert.equal(late.settledInCall, false);
   assert.equal(await late.ended, 'SHUTTING_DOWN');
 });

@@ -72,6 +72,12 @@ export interface StoreRequester {
    * the error `request` would have rejected with. Keeps `fields`, `checksums` and `data` until then.
    */
   writeNow?(fields: LocalWriteFields, checksums: Uint32Array, data: Buffer, done: WriteDone): void;
+  /**
+   * A READ sent to a store behind a socket, its reply (or error) given to `done` without a Promise;
+   * only the socket channel offers it. `done` is called exactly once, never before this returns,
+   * with what `request` would have resolved or rejected with. Keeps no reference to `fields`.
+   */
+  sendRead?(fields: LocalReadFields, done: (error: ShaleError | undefined, reply: Frame | undefined) => void): void;
   close(): void;
   reset(): void;
 }
@@ -86,6 +92,7 @@ export class StoreChannel implements StoreRequester {
   #nextRequestId = 1;
   #outbox: Buffer[] = [];
   readonly #writeHeader: FrameHeader = { ...emptyHeader(), op: Op.WRITE };
+  readonly #readHeader: FrameHeader = { ...emptyHeader(), op: Op.READ };
   #flushScheduled = false;
   #closed = false;
   /**
@@ -134,6 +141,21 @@ export class StoreChannel implements StoreRequester {
     const header = Object.assign(this.#writeHeader, fields);
     header.payloadBytes = sums.length + data.length;
     this.#send(connection, header, [sums, data], this.#timeoutMs, () => done(undefined), done);
+  }
+
+  /**
+   * A READ as a frame, settled by its reply without a Promise (StoreRequester.sendRead); through
+   * `request` on a channel that is not connected (or closed, or full).
+   */
+  sendRead(fields: LocalReadFields, done: (error: ShaleError | undefined, reply: Frame | undefined) => void): void {
+    const connection = this.#connection;
+    if (this.#closed || connection === undefined || connection.closed || this.#pending.size >= CHANNEL_IN_FLIGHT_MAX) {
+      this.request({ ...fields, op: Op.READ }).then((reply) => done(undefined, reply), (error: unknown) => done(toShaleError(error), undefined));
+      return;
+    }
+    // Every field of LocalReadFields is set again each time, so the header can be reused; the rest stay zero.
+    const header = Object.assign(this.#readHeader, fields);
+    this.#send(connection, header, [], this.#timeoutMs, (reply) => done(undefined, reply), (error) => done(error, undefined));
   }
 
   /** Queues one request for the next flush; its reply (or failure) settles `resolve` or `reject`. */

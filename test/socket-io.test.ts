@@ -1,9 +1,12 @@
 /**
- * The write path without a Promise per layer to stores behind sockets (what `shale up --stores 3`
- * runs): VolumeClient.writeNow sends a WRITE frame to every replica (StoreChannel.writeNow), and
- * each store hands a plain WRITE it has checked to its engine's writeNow. Every replica must hold
- * what was acknowledged; a damaged block, a FUA write and an old owner must be handled as before;
- * a PG listing must still wait for the writes the store took before it.
+ * Reads and writes without a Promise per layer to stores behind sockets (what `shale up --stores
+ * 3` runs). Writes: VolumeClient.writeNow sends a WRITE frame to every replica
+ * (StoreChannel.writeNow), and each store hands a plain WRITE it has checked to its engine's
+ * writeNow. Every replica must hold what was acknowledged; a damaged block, a FUA write and an old
+ * owner must be handled as before; a PG listing must still wait for the writes the store took
+ * before it. Reads: VolumeClient.readThen sends one READ frame (StoreChannel.sendRead); it must
+ * return what read() returns, decline what it can't take, and never return a block that fails its
+ * checksum — another replica answers, and the bad copy is repaired.
  */
 import assert from 'node:assert/strict';
 import { randomBytes } from 'node:crypto';
@@ -11,10 +14,10 @@ import { after, before, describe, test } from 'node:test';
 import type { ClusterClient } from '../src/client/cluster-client.ts';
 import type { VolumeClient } from '../src/client/volume-client.ts';
 import { blockChecksums } from '../src/lib/crc32c.ts';
-import { codeOf } from '../src/lib/errors.ts';
+import { codeOf, type ShaleError } from '../src/lib/errors.ts';
 import { placementGroupOf } from '../src/lib/placement-hash.ts';
 import { encodeChecksums, Op } from '../src/proto/store-protocol.ts';
-import { startLocalCluster, type LocalCluster } from './harness.ts';
+import { findBlock, flipBit, startLocalCluster, waitFor, type LocalCluster } from './harness.ts';
 import { countEngineWrites, writeNow, writeRounds, writesThenListing } from './write-now.ts';
 
 const BLOCK = 4096;
@@ -22,7 +25,7 @@ const MiB = 1024 * 1024;
 const CHUNK = 4 * MiB;
 const SIZE = 16 * MiB;
 
-describe('writes from a gateway to 3 stores behind sockets', () => {
+describe('reads and writes from a gateway to 3 stores behind sockets', () => {
   let cluster: LocalCluster;
   let gateway: ClusterClient;
   let volume: VolumeClient;
@@ -104,6 +107,69 @@ describe('writes from a gateway to 3 stores behind sockets', () => {
     assert.equal(counts[1]!.answered, 16, 'its engine had answered every one of them before the listing was answered');
     assert.ok(listed.some((object) => object.volumeId === volume.info.id && object.chunkIndex === chunkIndex), 'the listing holds the written chunk');
     await allEnded;
+  });
+
+  /** Calls readThen and returns whether it took the read, and a promise of its bytes (or error). */
+  function readThen(target: VolumeClient, offsetBytes: number, lengthBytes: number): { taken: boolean; settledInCall: boolean; ended: Promise<Buffer> } {
+    let returned = false;
+    let settledInCall = false;
+    let settle!: (error: ShaleError | undefined, data: Buffer | undefined) => void;
+    const ended = new Promise<Buffer>((resolve, reject) => {
+      settle = (error, data) => (error === undefined ? resolve(data!) : reject(error));
+    });
+    const taken = target.readThen(offsetBytes, lengthBytes, (error, data) => {
+      if (!returned) settledInCall = true;
+      settle(error, data);
+    });
+    returned = true;
+    return { taken, settledInCall, ended };
+  }
+
+  test('readThen returns what read() returns, for aligned and unaligned ranges within a chunk, and declines the rest', async () => {
+    const started: { offset: number; length: number; ended: Promise<Buffer> }[] = [];
+    for (let i = 0; i < 200; i++) {
+      const length = 1 + Math.floor(Math.random() * 64 * 1024);
+      const chunk = Math.floor(Math.random() * (SIZE / CHUNK));
+      const offset = chunk * CHUNK + Math.floor(Math.random() * (CHUNK - length));
+      const read = readThen(volume, offset, length);
+      assert.ok(read.taken, `readThen took ${length} bytes at ${offset}`);
+      assert.equal(read.settledInCall, false, 'done is never called before readThen returns');
+      started.push({ offset, length, ended: read.ended });
+    }
+    for (const { offset, length, ended } of started) assert.ok((await ended).equals(model.subarray(offset, offset + length)), `${length} bytes at ${offset}`);
+    const declined = (offset: number, length: number): boolean => volume.readThen(offset, length, () => assert.fail('a declined read is never settled'));
+    assert.equal(declined(CHUNK - BLOCK, 2 * BLOCK), false, 'across a chunk boundary');
+    assert.equal(declined(SIZE - BLOCK, 2 * BLOCK), false, 'beyond the end');
+    assert.equal(declined(0, 0), false, 'nothing');
+    assert.equal(declined(-BLOCK, BLOCK), false, 'a negative offset');
+  });
+
+  test('a block that rots on two of three replicas is never returned by readThen: the third answers and the bad copies are repaired', async () => {
+    const offset = 3 * CHUNK + 64 * BLOCK;
+    const data = randomBytes(4 * BLOCK);
+    await volume.write(offset, data);
+    await volume.flush();
+    data.copy(model, offset);
+    // The second block rots on two stores: whichever replica readThen asks first, the bytes come
+    // back right, and the reads report and repair the rotten copies.
+    const rotten = [0, 1];
+    for (const index of rotten) {
+      const path = `${cluster.dir}/disk-${index}.img`;
+      flipBit(path, findBlock(path, data.subarray(BLOCK, 2 * BLOCK)) + 100);
+    }
+    for (let i = 0; i < 12; i++) {
+      const read = readThen(volume, offset, data.length);
+      assert.ok(read.taken);
+      assert.ok((await read.ended).equals(data), `read ${i} returns the written bytes`);
+    }
+    await waitFor('both rotten copies repaired', async () => {
+      for (const index of rotten) {
+        // A rotten copy reads as CHECKSUM from the engine until it is repaired.
+        const content = await replicaContent(index).catch(() => undefined);
+        if (!content?.subarray(offset, offset + data.length).equals(data)) return false;
+      }
+      return true;
+    }, 10_000);
   });
 
   test('an owner that was taken over gets FENCED from every store, and its write lands nowhere', async (t) => {
