@@ -216,8 +216,8 @@ export class VolumeClient {
 
   /**
    * Places a request that lies within one chunk of the volume: fills #nowFields (and #placedPool,
-   * #placedPg, #placedMap) for it and returns them, or undefined for one out of range, across chunks, too
-   * large, or of a volume whose pool the map lacks — which the Promise paths then report.
+   * #placedPg, #placedMap) for it and returns them; undefined for one out of range, across
+   * chunks, too large, or of a volume whose pool the map lacks — the Promise paths report those.
    */
   #placeInChunk(offsetBytes: number, lengthBytes: number): Mutable<LocalReadFields> | undefined {
     if (this.#closed || lengthBytes <= 0 || offsetBytes < 0 || offsetBytes + lengthBytes > this.info.sizeBytes || lengthBytes > REQUEST_BYTES_MAX) return undefined;

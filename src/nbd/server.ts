@@ -64,9 +64,10 @@ export interface NbdExport {
    */
   readThen?(offsetBytes: number, lengthBytes: number, done: (error: unknown, data: Buffer | undefined) => void): boolean;
   /**
-   * Optional: called with each buffer that read(), readNow() or readThen() returned once the server holds it
-   * no more: its reply has been written to the socket, or will never be (the connection closed
-   * first). Lets an export reuse its read buffers, or lend them (the server never writes to one).
+   * Optional: called with each buffer that read(), readNow() or readThen() returned once the
+   * server holds it no more: its reply has been written to the socket, or will never be (the
+   * connection closed first). Lets an export reuse its read buffers, or lend them (the server
+   * never writes to one).
    */
   recycle?(data: Buffer): void;
   /**
