@@ -953,17 +953,22 @@ describe('read buffers', () => {
     release: async () => {},
   });
 
-  test('readNow answers without read(); recycle gets every buffer a read returned, once its reply is out, and no other', async (t) => {
+  /** A 1 MiB disk of `pattern` whose `hand` returns copies of its bytes, each one noted, and a list for recycle() to fill. */
+  const handingDisk = (pattern: number): { disk: MemoryExport; handedOut: Buffer[]; recycled: Buffer[]; hand: (offset: number, length: number) => Buffer } => {
     const disk = new MemoryExport({ name: 'disk', sizeBytes: MiB });
-    disk.data.set(patterned(MiB, 3));
+    disk.data.set(patterned(MiB, pattern));
     const handedOut: Buffer[] = [];
-    const recycled: Buffer[] = [];
-    const counts = { readNow: 0, read: 0 };
     const hand = (offset: number, length: number): Buffer => {
       const copy = Buffer.from(disk.data.subarray(offset, offset + length));
       handedOut.push(copy);
       return copy;
     };
+    return { disk, handedOut, recycled: [], hand };
+  };
+
+  test('readNow answers without read(); recycle gets every buffer a read returned, once its reply is out, and no other', async (t) => {
+    const { disk, handedOut, recycled, hand } = handingDisk(3);
+    const counts = { readNow: 0, read: 0 };
     const recycling = readingExport('recycling', disk, {
       // Even offsets are served at once, odd ones through read().
       readNow: (offset, length) => (offset % 2 === 0 ? (counts.readNow++, hand(offset, length)) : undefined),
@@ -989,18 +994,10 @@ describe('read buffers', () => {
   });
 
   test('readThen takes what it can and read() does the rest; its errors become NBD errors, its buffers are recycled, also after the client left', async (t) => {
-    const disk = new MemoryExport({ name: 'disk', sizeBytes: MiB });
-    disk.data.set(patterned(MiB, 5));
-    const handedOut: Buffer[] = [];
-    const recycled: Buffer[] = [];
+    const { disk, handedOut, recycled, hand } = handingDisk(5);
     const counts = { readThen: 0, read: 0 };
     const held: (() => void)[] = [];
     let hold = false;
-    const hand = (offset: number, length: number): Buffer => {
-      const copy = Buffer.from(disk.data.subarray(offset, offset + length));
-      handedOut.push(copy);
-      return copy;
-    };
     const callbacks = readingExport('callbacks', disk, {
       // Offsets from 8 KiB on are taken and settled a turn later; 64 KiB fails with CHECKSUM.
       readThen: (offset, length, done) => {

@@ -932,9 +932,10 @@ export class StoreEngine {
   /**
    * The same write for a caller that computed `checksums` from these very bytes (the volume client
    * next to its store, DESIGN §9) or checked them against them (the store server, for a frame from
-   * a socket): they are not computed again, and the outcome comes to `done` without a Promise. A bad request, a full queue or a closing engine
-   * throw here, before anything is queued; everything later comes to `done`, exactly once. `fua`
-   * is not taken: such a write goes through write().
+   * a socket): they are not computed again, and the outcome comes to `done` without a Promise. A
+   * bad request, a full queue or a closing engine throw here, before anything is queued;
+   * everything later comes to `done`, exactly once. `fua` is not taken: such a write goes through
+   * write().
    */
   writeNow(request: WriteRequest, done: (error: Error | undefined, result: WriteResult | undefined) => void): void {
     if (request.fua) throw invalid('writeNow does not take fua');
