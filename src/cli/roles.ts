@@ -137,12 +137,13 @@ export function registerRoleCommands(program: Command): void {
     .option('--disk <path[:size]>', 'disk file or block device; SIZE makes a new file that large (required)')
     .option('--format', 'format the disk if it has no Shale superblock (an existing Shale disk is never reformatted)', false)
     .option('--sparse', 'with --format: leave a new disk file sparse instead of allocating its blocks (fallocate)', false)
+    .option('--discard', DISCARD_HELP, false)
     .option('--listen <host:port>', 'store protocol address (port 0: any free port)', `127.0.0.1:${DEFAULT_STORE_PORT}`)
     .option('--conductor <urls>', 'conductor URLs, comma separated', `http://127.0.0.1:${DEFAULT_API_PORT}`)
     .option('--domain <label>', 'failure domain of this store: a host name, or rack=R,host=H', hostname())
     .option('--resync-rate <bytes-per-second>', 'most bytes per second a resync copies into this store (0: unlimited)', '0')
     .option('--cache-size <size>', CACHE_SIZE_HELP, 'auto')
-    .action(async (options: { disk?: string; format: boolean; sparse: boolean; listen: string; conductor: string; domain: string; resyncRate: string; cacheSize: string }) => {
+    .action(async (options: { disk?: string; format: boolean; sparse: boolean; discard: boolean; listen: string; conductor: string; domain: string; resyncRate: string; cacheSize: string }) => {
       try {
         if (!options.disk) throw new ShaleError('INVALID_ARGUMENT', 'shale store: --disk PATH[:SIZE] is required to run a store (or use `shale store list`)');
         const disk = parseDiskArgument(options.disk);
@@ -151,7 +152,7 @@ export function registerRoleCommands(program: Command): void {
         const daemon = await startStoreDaemon(nodeEnv, {
           diskPath: disk.path, diskSizeBytes: disk.sizeBytes, format: options.format, listen: options.listen,
           conductorUrls: options.conductor, domain: options.domain, log,
-          openEngine: (env, engineOptions) => openLogEngine(env, { ...engineOptions, preallocate: !options.sparse, cacheBytes }),
+          openEngine: (env, engineOptions) => openLogEngine(env, { ...engineOptions, preallocate: !options.sparse, discard: options.discard, cacheBytes }),
           resyncRateBytesPerSecond: parseSize(options.resyncRate, '--resync-rate'),
           beforeRegister: process.send ? () => registrationTurn() : undefined,
         });
@@ -246,6 +247,9 @@ export async function startNbdGateway(options: {
     },
   };
 }
+
+/** `--discard` of `shale store` and `shale up`. */
+export const DISCARD_HELP = 'give segments the store frees back to the file system (holes punched in a disk file), so the file shrinks as data is overwritten or deleted; slower rewrites where new page-cache pages are dear (docs/benchmarks.md)';
 
 export const CACHE_SIZE_HELP = 'memory for the store\'s read cache of verified 4 KiB blocks: a size, 0 for none, or auto '
   + '(1/16 of this machine\'s memory, 64 MiB to 4 GiB)';

@@ -1,9 +1,10 @@
 /**
  * `shale up`: the whole cluster on one machine, in the foreground. The conductor (SQLite at
  * DIR/meta.db) and the NBD gateway run in this process; every store is a child process running
- * `shale store` on its own sparse disk file DIR/store-N/disk.img, restarted if it dies (after
- * --restart-delay), as a service manager would. SIGINT/SIGTERM stop everything cleanly; running
- * `shale up` again on the same DIR brings every volume back with its data.
+ * `shale store` on its own sparse disk file DIR/store-N/disk.img (with --discard, freed segments
+ * are given back to the file system), restarted if it dies (after --restart-delay), as a service
+ * manager would. SIGINT/SIGTERM stop everything cleanly; running `shale up` again on the same DIR
+ * brings every volume back with its data.
  *
  * Each store is its own failure domain ("local-N"), so a 3-replica pool can place its copies on
  * the 3 stores of one machine.
@@ -25,7 +26,7 @@ import { exitWithError, makeLog } from './output.ts';
 import { readTextFile, saveToken, writeTokenFile } from './token.ts';
 import { DEFAULT_S3_PORT, startS3Role } from '../s3/s3-role.ts';
 import {
-  BUSY_POLL_HELP, CACHE_SIZE_HELP, DEFAULT_API_PORT, DEFAULT_NBD_PORT, parseBusyPoll, parseCacheSize, positiveInteger, startNbdGateway, stopOnSignals, tlsOptions,
+  BUSY_POLL_HELP, CACHE_SIZE_HELP, DISCARD_HELP, DEFAULT_API_PORT, DEFAULT_NBD_PORT, parseBusyPoll, parseCacheSize, positiveInteger, startNbdGateway, stopOnSignals, tlsOptions,
 } from './roles.ts';
 
 /**
@@ -50,6 +51,7 @@ interface UpOptions {
   ioTimeout: string;
   resyncRate: string;
   cacheSize: string;
+  discard: boolean;
   downOutInterval: string;
   scrubInterval: string;
   nbdSocket?: string;
@@ -76,6 +78,7 @@ export function registerUpCommand(program: Command): void {
     .option('--io-timeout <duration>', 'fail I/O with NO_QUORUM after waiting this long for replicas (0: wait forever)', '0')
     .option('--resync-rate <bytes-per-second>', 'most bytes per second a resync copies into one store (0: unlimited)', '0')
     .option('--cache-size <size>', `each store: ${CACHE_SIZE_HELP}`, 'auto')
+    .option('--discard', `each store: ${DISCARD_HELP}`, false)
     .option('--down-out-interval <duration>', 'mark a store out this long after it went down, and re-replicate its PGs elsewhere', '10m')
     .option('--scrub-interval <duration>', 'compare every volume\'s replicas this often (0: only on demand, shale scrub)', '24h')
     .option('--nbd-socket <path>', 'also serve NBD on this unix socket')
@@ -151,6 +154,7 @@ async function up(options: UpOptions): Promise<void> {
     const child = spawn(process.execPath, [
       MAIN, 'store', '--disk', `${dir}/disk.img:${diskSizeBytes}`, '--format', '--sparse', '--listen', `${options.host}:0`,
       '--conductor', apiUrl, '--domain', `local-${index}`, '--resync-rate', String(resyncRateBytesPerSecond), '--cache-size', String(cacheBytes),
+      ...(options.discard ? ['--discard'] : []),
     ], { stdio: ['ignore', 'inherit', 'inherit', 'ipc'], env: process.env });
     children.set(index, child);
     child.on('message', (message: { type?: string }) => {
@@ -198,7 +202,7 @@ async function up(options: UpOptions): Promise<void> {
     localStore = await startStoreDaemon(nodeEnv, {
       diskPath: `${dataDir}/store-1/disk.img`, diskSizeBytes, format: true, listen: `${options.host}:0`, conductorUrls: apiUrl,
       domain: 'local-1', resyncRateBytesPerSecond, log: makeLog(`store ${dataDir}/store-1/disk.img`), localStores,
-      openEngine: (env, engineOptions) => openLogEngine(env, { ...engineOptions, cacheBytes }),
+      openEngine: (env, engineOptions) => openLogEngine(env, { ...engineOptions, discard: options.discard, cacheBytes }),
     }).catch(async (error: unknown) => {
       await conductor.close();
       throw error;

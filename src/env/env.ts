@@ -35,9 +35,21 @@ export interface DiskFile {
    * writeback), returning true; false and nothing written: the caller uses `writev`. Optional.
    */
   writevNow?(buffers: readonly Buffer[], offsetBytes: number): boolean;
+  /**
+   * Gives byte ranges back to the file system (punches holes; the file keeps its size): they read
+   * as zeros from then on, and their page-cache pages are dropped. Like a write, a crash before
+   * the next `sync` may leave a range as it was. Optional; rejects with NOT_SUPPORTED where the
+   * file cannot (a block device, a file system without hole punching).
+   */
+  punchHoles?(ranges: readonly ByteRange[]): Promise<void>;
   /** Makes every write that completed before this call durable (fdatasync). */
   sync(): Promise<void>;
   close(): Promise<void>;
+}
+
+export interface ByteRange {
+  offsetBytes: number;
+  lengthBytes: number;
 }
 
 export interface OpenOptions {

@@ -10,6 +10,7 @@
 import type { LocalReadResult } from '../proto/store-channel.ts';
 import type { ScrubReport } from '../proto/store-protocol.ts';
 import type { BlockCacheStats } from './engine/block-cache.ts';
+import type { DiscardStats } from './engine/engine.ts';
 
 export interface BlockVersion {
   epoch: number;
@@ -54,6 +55,8 @@ export interface EngineStats {
   liveBytes: number;
   /** The read cache, when the engine has one. */
   cache?: BlockCacheStats;
+  /** Giving freed segments back to the file system, when asked for. */
+  discard?: DiscardStats;
 }
 
 export interface BlockEngine {

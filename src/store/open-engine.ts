@@ -17,14 +17,19 @@ import { StoreEngine } from './engine/engine.ts';
  * (fallocate), so a store never finds its file system full in the middle of a write. `shale
  * store --format` asks for it unless `--sparse`; `shale up` keeps its own disk files sparse (a
  * laptop need not give up 3 × 4 GiB), and so does the default here.
+ *
+ * `discard`: segments the engine frees are given back to the file system (holes punched), so a
+ * sparse file shrinks when data is overwritten or deleted. `--discard` (`shale store`, `shale up`)
+ * asks for it; off by default, as rewrites of punched segments land on new page-cache pages
+ * (docs/benchmarks.md).
  */
-export async function openLogEngine(env: Env, options: { path: string; clusterId: string; format: boolean; sizeBytes?: number; preallocate?: boolean; cacheBytes?: number }): Promise<BlockEngine> {
+export async function openLogEngine(env: Env, options: { path: string; clusterId: string; format: boolean; sizeBytes?: number; preallocate?: boolean; cacheBytes?: number; discard?: boolean }): Promise<BlockEngine> {
   if (options.format && (await isBlank(env, options.path))) {
     const sizeBytes = options.sizeBytes ?? (await sizeOf(env, options.path));
     if (!sizeBytes) throw new ShaleError('INVALID_ARGUMENT', `${options.path}: a new disk file needs a size (--disk PATH:SIZE)`);
     await StoreEngine.format(env, options.path, { sizeBytes, clusterId: options.clusterId, preallocate: options.preallocate ?? false });
   }
-  const engine = await StoreEngine.open(env, options.path, { clusterId: options.clusterId, cacheBytes: options.cacheBytes });
+  const engine = await StoreEngine.open(env, options.path, { clusterId: options.clusterId, cacheBytes: options.cacheBytes, discardFreedSegments: options.discard ?? false });
   return new LogEngineAdapter(engine, options.path);
 }
 

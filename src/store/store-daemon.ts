@@ -149,14 +149,24 @@ const CACHE_REPORT_INTERVAL_MS = 10 * 60_000;
 
 /**
  * Logs the read cache's size at start, then every `intervalMs` in which it was used: how much it
- * holds and how many block lookups hit since the last line. Undefined without a cache.
+ * holds and how many block lookups hit since the last line; and once, if the disk refuses to
+ * have freed segments given back. Undefined without a cache or giving back.
  */
 function startCacheReport(env: Env, engine: BlockEngine, intervalMs: number, log: (message: string) => void): Timer | undefined {
   const first = engine.stats().cache;
-  if (first === undefined) return undefined;
+  // Giving freed segments back (--sparse) stops at the disk's first refusal: say so once.
+  let discardFailure = engine.stats().discard?.failure;
+  if (discardFailure !== undefined) log(`freed segments are not given back to the file system: ${discardFailure}`);
+  const reportDiscard = (): void => {
+    const failure = engine.stats().discard?.failure;
+    if (failure !== undefined && discardFailure === undefined) log(`freed segments are no longer given back to the file system: ${failure}`);
+    discardFailure = failure;
+  };
+  if (first === undefined) return engine.stats().discard === undefined ? undefined : env.clock.every(intervalMs, reportDiscard);
   log(`read cache: up to ${formatBytes(first.capacityBytes)} (--cache-size), taken as blocks are read`);
   let last = first;
   return env.clock.every(intervalMs, () => {
+    reportDiscard();
     const now = engine.stats().cache!;
     const lookups = now.hits + now.misses - last.hits - last.misses;
     if (lookups > 0) {

@@ -1,5 +1,5 @@
 import assert from 'node:assert/strict';
-import { closeSync, mkdtempSync, openSync, readSync, rmSync } from 'node:fs';
+import { closeSync, mkdtempSync, openSync, readSync, rmSync, statSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { test } from 'node:test';
@@ -178,6 +178,34 @@ test('writevNow writes small batches synchronously and declines large ones, writ
   const untouched = Buffer.alloc(large.length);
   await file.read(untouched, 1024 * 1024);
   assert.ok(untouched.every((byte) => byte === 0), 'a declined write writes nothing');
+});
+
+test('punchHoles zeros each range and gives its blocks back, keeping the size and the bytes around it', async (t) => {
+  const directory = mkdtempSync(join(tmpdir(), 'shale-punch-'));
+  t.after(() => rmSync(directory, { recursive: true, force: true }));
+  const path = join(directory, 'disk.img');
+  const file = await nodeEnv.disk.open(path, { create: true, sizeBytes: 4 * 1024 * 1024 });
+  t.after(() => file.close());
+  const data = Buffer.alloc(4 * 1024 * 1024);
+  for (let i = 0; i < data.length; i += 4096) data.fill(1 + ((i / 4096) % 250), i, i + 4096);
+  await file.writev([data], 0);
+  await file.sync();
+  const before = statSync(path).blocks * 512;
+  await file.punchHoles!([{ offsetBytes: 64 * 1024, lengthBytes: 1024 * 1024 }, { offsetBytes: 2 * 1024 * 1024, lengthBytes: 512 * 1024 }]);
+  const after = statSync(path);
+  assert.equal(after.size, 4 * 1024 * 1024, 'the file keeps its size');
+  assert.ok(after.blocks * 512 <= before - 1536 * 1024, `allocated ${before} → ${after.blocks * 512} bytes`);
+  const back = Buffer.alloc(data.length);
+  await file.read(back, 0);
+  const holes = [[64 * 1024, 64 * 1024 + 1024 * 1024], [2 * 1024 * 1024, 2 * 1024 * 1024 + 512 * 1024]];
+  for (let i = 0; i < back.length; i += 4096) {
+    const inHole = holes.some(([start, end]) => i >= start! && i < end!);
+    assert.ok(back.subarray(i, i + 4096).equals(inHole ? Buffer.alloc(4096) : data.subarray(i, i + 4096)), `block at ${i}`);
+  }
+  // Not a regular file: NOT_SUPPORTED, and nothing run.
+  const device = await nodeEnv.disk.open('/dev/zero', { readOnly: true });
+  t.after(() => device.close());
+  await assert.rejects(device.punchHoles!([{ offsetBytes: 0, lengthBytes: 4096 }]), (error: unknown) => codeOf(error) === 'NOT_SUPPORTED');
 });
 
 test('pollFor keeps the event loop polling without sleeping until its deadline, then lets it sleep', async () => {

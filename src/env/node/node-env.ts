@@ -12,7 +12,7 @@ import { dirname } from 'node:path';
 import { performance } from 'node:perf_hooks';
 import type { Writable } from 'node:stream';
 import { ShaleError } from '../../lib/errors.ts';
-import type { Clock, Connection, Disk, DiskFile, Env, HttpHandler, HttpResult, Listener, Net, OpenOptions, Random, Timer } from '../env.ts';
+import type { ByteRange, Clock, Connection, Disk, DiskFile, Env, HttpHandler, HttpResult, Listener, Net, OpenOptions, Random, Timer } from '../env.ts';
 import { formatAddress, parseAddress } from '../env.ts';
 
 /** Reads up to this size may be served synchronously (see SyncIoPolicy). */
@@ -203,10 +203,14 @@ class NodeDiskFile implements DiskFile {
    */
   readonly #syncWrites: SyncIo;
 
-  constructor(path: string, handle: fs.FileHandle, sizeBytes: number, syncReads: SyncIo, syncWrites: SyncIo) {
+  /** A regular file (holes can be punched), not a block device. */
+  readonly #regularFile: boolean;
+
+  constructor(path: string, handle: fs.FileHandle, sizeBytes: number, regularFile: boolean, syncReads: SyncIo, syncWrites: SyncIo) {
     this.path = path;
     this.#handle = handle;
     this.sizeBytes = sizeBytes;
+    this.#regularFile = regularFile;
     this.#syncReads = syncReads;
     this.#syncWrites = syncWrites;
   }
@@ -263,6 +267,23 @@ class NodeDiskFile implements DiskFile {
       if (total > 0) pending = skipBytes(pending, written);
     }
     return true;
+  }
+
+  /**
+   * util-linux `fallocate --punch-hole` once per range (Node.js has no binding for fallocate),
+   * all ranges in one `sh` so the caller pays one process start, however many ranges.
+   */
+  punchHoles(ranges: readonly ByteRange[]): Promise<void> {
+    if (!this.#regularFile) return Promise.reject(new ShaleError('NOT_SUPPORTED', `${this.path}: holes are punched only in regular files`));
+    if (ranges.length === 0) return Promise.resolve();
+    const script = 'f=$1; shift; while [ $# -gt 0 ]; do fallocate --punch-hole --offset "$1" --length "$2" "$f" || exit 1; shift 2; done';
+    const args = ['-c', script, 'sh', this.path, ...ranges.flatMap((range) => [String(range.offsetBytes), String(range.lengthBytes)])];
+    return new Promise((resolve, reject) => {
+      execFile('sh', args, (error, _stdout, stderr) => {
+        if (error) reject(new ShaleError('NOT_SUPPORTED', `${this.path}: punching holes failed: ${stderr.trim() || error.message}`));
+        else resolve();
+      });
+    });
   }
 
   async sync(): Promise<void> {
@@ -344,7 +365,7 @@ async function openDiskFile(path: string, options: OpenOptions = {}, syncReads: 
     sizeBytes = options.sizeBytes;
     if (options.preallocate) await preallocate(path, options.sizeBytes);
   }
-  return new NodeDiskFile(path, handle, sizeBytes, syncReads, syncWrites);
+  return new NodeDiskFile(path, handle, sizeBytes, stat.isFile(), syncReads, syncWrites);
 }
 
 export const nodeDisk: Disk = {

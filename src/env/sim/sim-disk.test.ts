@@ -111,3 +111,34 @@ test('files are sparse: a 64 GiB disk costs only what is written; reads and writ
   await again.read(after, 40 * 1024 ** 3 - 3000 + 5 * 512 + 10); // inside one 512-byte sector of the write
   assert.ok(after.every((b) => b === 0) || after.every((b) => b === 7), 'a sector is lost or kept whole');
 });
+
+test('punchHoles zeros its ranges when it completes; a crash before a sync may undo a hole, whole, and never after', async () => {
+  let undone = 0;
+  let kept = 0;
+  for (let seed = 1; seed <= 40; seed++) {
+    const disk = new SimDisk({ seed });
+    const file = await disk.open('/d', { create: true, sizeBytes: 64 * 1024 });
+    const data = Buffer.alloc(64 * 1024, 0x5a);
+    await file.writev([data], 0);
+    await file.sync();
+    const punching = file.punchHoles!([{ offsetBytes: 4096, lengthBytes: 8192 + 100 }]);
+    assert.ok(disk.fileBytes('/d').equals(data), 'nothing changes before the call completes');
+    await punching;
+    const now = disk.fileBytes('/d');
+    assert.ok(now.subarray(4096, 4096 + 8192 + 100).every((byte) => byte === 0), 'the range reads as zeros');
+    assert.ok(now.subarray(0, 4096).equals(data.subarray(0, 4096)) && now.subarray(4096 + 8192 + 100).equals(data.subarray(4096 + 8192 + 100)), 'the rest is untouched');
+    assert.equal(disk.stats.holesPunched, 1);
+    if (seed % 2 === 0) await file.sync();
+    disk.crash();
+    const after = disk.fileBytes('/d');
+    const hole = after.subarray(4096, 4096 + 8192 + 100);
+    if (seed % 2 === 0 || hole.every((byte) => byte === 0)) {
+      assert.ok(hole.every((byte) => byte === 0), `seed ${seed}: a synced hole survives the crash`);
+      kept++;
+    } else {
+      assert.ok(hole.equals(data.subarray(4096, 4096 + 8192 + 100)), `seed ${seed}: an undone hole is undone whole`);
+      undone++;
+    }
+  }
+  assert.ok(undone > 0 && kept > 20, `undone ${undone}, kept ${kept}`);
+});

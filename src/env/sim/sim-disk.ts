@@ -14,13 +14,14 @@
  *   in a seeded, varying order.
  *
  * Files are sparse (4 KiB pages held only once written), so a simulated multi-GiB disk costs
- * only what is written; `stats` counts reads and writes with their bytes.
+ * only what is written; `stats` counts reads and writes with their bytes. `punchHoles` zeros
+ * ranges when it completes and, like a write, durably only once a sync covers it.
  *
  * Simplifications: extending a file (open with `sizeBytes`) and the whole-file helpers
  * (`writeFileAtomic`, `remove`, …) are durable at once; there is no directory tree.
  */
 import { ShaleError } from '../../lib/errors.ts';
-import type { Disk, DiskFile, OpenOptions } from '../env.ts';
+import type { ByteRange, Disk, DiskFile, OpenOptions } from '../env.ts';
 import { SimRandom } from './sim-random.ts';
 
 export const SECTOR_SIZE_BYTES = 512;
@@ -49,6 +50,8 @@ interface PendingWrite {
   offsetBytes: number;
   data: Buffer;
   completed: boolean;
+  /** A punched hole of this many bytes (data is empty): zeros, whole or not at all after a crash. */
+  holeBytes?: number;
 }
 
 /** Bytes per page of the sparse store: pages never written read as zeros and cost nothing. */
@@ -86,6 +89,18 @@ class Pages {
       }
       data.copy(stored, within, done, done + take);
       done += take;
+    }
+  }
+
+  /** Zeros a range; whole pages in it are dropped. */
+  zero(offsetBytes: number, lengthBytes: number): void {
+    const end = offsetBytes + lengthBytes;
+    for (let page = Math.floor(offsetBytes / PAGE_BYTES); page * PAGE_BYTES < end; page++) {
+      const stored = this.map.get(page);
+      if (!stored) continue;
+      const start = page * PAGE_BYTES;
+      if (start >= offsetBytes && start + PAGE_BYTES <= end) this.map.delete(page);
+      else stored.fill(0, Math.max(0, offsetBytes - start), Math.min(PAGE_BYTES, end - start));
     }
   }
 
@@ -137,6 +152,10 @@ class SimFileState {
   }
 
   applyDurable(write: PendingWrite, data: Buffer = write.data): void {
+    if (write.holeBytes !== undefined) {
+      this.durable.zero(write.offsetBytes, write.holeBytes);
+      return;
+    }
     this.durable.write(data, write.offsetBytes);
     this.durableSizeBytes = Math.max(this.durableSizeBytes, write.offsetBytes + data.length);
   }
@@ -205,6 +224,25 @@ class SimDiskFile implements DiskFile {
     write.completed = true;
   }
 
+  /**
+   * Zeros each range when the call completes — as late as a real one may, so a write racing it
+   * into the same range is lost — and durably like a write (a crash before a sync may undo it).
+   */
+  async punchHoles(ranges: readonly ByteRange[]): Promise<void> {
+    this.#check();
+    if (this.#readOnly) throw new Error(`${this.path}: opened read-only`);
+    // Slower than a write, as a real one is (Shale's starts a process): more room for races.
+    for (let i = 0; i < 4; i++) await this.#disk.completionDelay();
+    this.#check();
+    const state = this.#state;
+    for (const range of ranges) {
+      state.current.zero(range.offsetBytes, range.lengthBytes);
+      state.pending.push({ offsetBytes: range.offsetBytes, data: Buffer.alloc(0), completed: true, holeBytes: range.lengthBytes });
+      this.#disk.stats.holesPunched++;
+      this.#disk.stats.punchedBytes += range.lengthBytes;
+    }
+  }
+
   async sync(): Promise<void> {
     this.#check();
     const state = this.#state;
@@ -229,7 +267,7 @@ class SimDiskFile implements DiskFile {
 
 export class SimDisk implements Disk {
   readonly random: SimRandom;
-  readonly stats = { writes: 0, writtenBytes: 0, reads: 0, readBytes: 0, syncs: 0, crashes: 0 };
+  readonly stats = { writes: 0, writtenBytes: 0, reads: 0, readBytes: 0, syncs: 0, crashes: 0, holesPunched: 0, punchedBytes: 0 };
   /** Test hook: may call `crash()` to lose power at exactly that point. */
   onOperation: SimDiskHook | undefined;
   readonly #files = new Map<string, SimFileState>();

@@ -146,6 +146,8 @@ export const compactorSyncSegments = 4;
 export const makeSpaceCompactionsMax = 8;
 /** A checkpoint is written after this much log (or `checkpointImageFactor` × the last image, if more). */
 export const checkpointIntervalBytesDefault = 1 * GiB;
+/** Freed segments wait this long to be given back, so one process start covers many (`discardFreedSegments`). */
+export const discardDelayMsDefault = 1000;
 export const checkpointImageFactor = 4;
 /** Free segments a root plans ahead (the queue), at least; replay reads their headers at open. */
 export const queueSegmentsDefault = 32;
@@ -319,6 +321,19 @@ export interface EngineStats {
   logBytesSinceCheckpoint: number;
   /** The read cache, when the engine has one. */
   cache?: BlockCacheStats;
+  /** Giving freed segments back to the file system (`discardFreedSegments`), when asked for. */
+  discard?: DiscardStats;
+}
+
+export interface DiscardStats {
+  /** False once the disk refused (see `failure`). */
+  enabled: boolean;
+  /** Segments given back since open, and the calls that did so. */
+  discardedSegments: number;
+  calls: number;
+  /** Freed segments waiting to be given back. */
+  waitingSegments: number;
+  failure?: string;
 }
 
 export interface SegmentStat {
@@ -433,6 +448,16 @@ export interface EngineOpenOptions {
   sequenceLeaseBatches?: number;
   /** Bytes of memory for the read cache (block-cache.ts); 0 or absent: none. */
   cacheBytes?: number;
+  /**
+   * Give freed segments back to the file system (`DiskFile.punchHoles`): a sparse disk file then
+   * shrinks as data is overwritten or deleted, and the page cache drops what the log no longer
+   * needs. Segments wait `discardDelayMs` (default 1 s; 0: at once) so one call covers many; one
+   * call at a time; a segment being given back is not opened until that is done. The first
+   * failure (a block device, a file system without holes) turns it off (`stats().discard`).
+   * Default false.
+   */
+  discardFreedSegments?: boolean;
+  discardDelayMs?: number;
 }
 
 const SegmentState = {
@@ -555,6 +580,10 @@ const FORM_BLOCKED = 1;
 const FORM_NEED_SPACE = 2;
 const FORM_NEED_ROOT = 3;
 const FORM_PINNED = 4;
+
+/** Per segment, giving it back to the file system: waiting for the next call, or in the running one. */
+const DISCARD_WAITING = 1;
+const DISCARD_RUNNING = 2;
 type FormResult = Batch | typeof FORM_IDLE | typeof FORM_BLOCKED | typeof FORM_NEED_SPACE | typeof FORM_NEED_ROOT | typeof FORM_PINNED;
 
 function invalid(message: string): ShaleError {
@@ -743,6 +772,17 @@ export class StoreEngine {
   #batchesWritten = 0;
   #syncs = 0;
   #replayReport: ReplayReport | undefined;
+  /** Per segment: 0, DISCARD_WAITING or DISCARD_RUNNING. */
+  readonly #discard: Uint8Array;
+  #discardEnabled: boolean;
+  readonly #discardAsked: boolean;
+  readonly #discardDelayMs: number;
+  #discardWaiting = 0;
+  #discardTimer: Timer | undefined;
+  #discardRun: Promise<void> | undefined;
+  #discardedSegments = 0;
+  #discardCalls = 0;
+  #discardFailure: string | undefined;
 
   /** Use StoreEngine.open. */
   private constructor(env: EngineEnv, file: DiskFile, superblock: Superblock, options: EngineOpenOptions) {
@@ -783,6 +823,12 @@ export class StoreEngine {
     this.#queued = new Uint8Array(count);
     this.#since = new Uint8Array(count);
     this.#compactorMisses = new Uint8Array(count);
+    this.#discard = new Uint8Array(count);
+    this.#discardAsked = options.discardFreedSegments ?? false;
+    this.#discardEnabled = this.#discardAsked && file.punchHoles !== undefined;
+    if (this.#discardAsked && !this.#discardEnabled) this.#discardFailure = 'the disk cannot punch holes';
+    this.#discardDelayMs = options.discardDelayMs ?? discardDelayMsDefault;
+    if (!Number.isSafeInteger(this.#discardDelayMs) || this.#discardDelayMs < 0) throw invalid('discardDelayMs must be a whole number of milliseconds');
   }
 
   // -------------------------------------------------------------------------------------------
@@ -1259,7 +1305,7 @@ export class StoreEngine {
         throw toDiskError(error, `read of volume ${volumeId} chunk ${chunkIndex}`);
       } finally {
         for (const segment of pinned) this.#readPins[segment]!--;
-        if (this.#pinWaiters.length > 0) for (const waiter of this.#pinWaiters.splice(0)) waiter();
+        this.#afterUnpin();
       }
       for (let r = 0; r < lengths.length; r++) {
         if (lengths[r] !== readLengths[r]) {
@@ -1564,6 +1610,7 @@ export class StoreEngine {
       rootsWritten: this.#rootsWritten,
       logBytesSinceCheckpoint: this.#logBytesSinceCheckpoint,
       ...(this.#cache === undefined ? {} : { cache: this.#cache.stats }),
+      ...(this.#discardAsked ? { discard: this.#discardStats() } : {}),
     };
   }
 
@@ -1647,7 +1694,7 @@ export class StoreEngine {
           throw toDiskError(error, 'scrub read');
         } finally {
           this.#readPins[segment]!--;
-          if (this.#pinWaiters.length > 0) for (const waiter of this.#pinWaiters.splice(0)) waiter();
+          this.#afterUnpin();
         }
         report.bytesRead += bytes;
         for (let k = start; k < i; k++) {
@@ -1686,6 +1733,8 @@ export class StoreEngine {
     this.#closing = true;
     this.#compactionTimer?.cancel();
     this.#compactionTimer = undefined;
+    this.#discardTimer?.cancel();
+    this.#discardTimer = undefined;
     this.#closePromise = (async () => {
       await this.#whenIdle();
       // The background compactor queues nothing more once closing; its last copies are written by now or soon.
@@ -1702,6 +1751,7 @@ export class StoreEngine {
         }
       } finally {
         this.#closed = true;
+        await this.#discardRun;
         await this.#file.close();
       }
     })();
@@ -1960,7 +2010,7 @@ export class StoreEngine {
     for (let i = 0; i < this.#queue.length; i++) {
       const segment = this.#queue[i]!.segment;
       assert(this.#segmentState[segment] === SegmentState.FREE && this.#queued[segment] === 1, 'a queued segment is not free');
-      if (this.#readPins[segment] === 0) return i;
+      if (this.#readPins[segment] === 0 && this.#discard[segment] !== DISCARD_RUNNING) return i;
     }
     return -1;
   }
@@ -1975,6 +2025,11 @@ export class StoreEngine {
     assert(entry.generation > this.#generation[segment]! && entry.generation <= this.#generationMax[segment]!, 'planned generation out of order');
     this.#queued[segment] = 0;
     this.#freeCount--;
+    if (this.#discard[segment] === DISCARD_WAITING) {
+      // About to be written over: giving it back first would only cost a call.
+      this.#discard[segment] = 0;
+      this.#discardWaiting--;
+    }
     this.#segmentState[segment] = kind === SegmentKind.LOG ? SegmentState.OPEN : SegmentState.CHECKPOINT;
     this.#generation[segment] = entry.generation;
     this.#firstSequence[segment] = firstSequence;
@@ -2135,8 +2190,94 @@ export class StoreEngine {
         this.#freeCount++;
         this.#outOfSpace = false;
         this.#checkpointStarved = false;
+        this.#discardLater(s);
       }
     }
+  }
+
+  // -------------------------------------------------------------------------------------------
+  // Giving freed segments back to the file system
+
+  /** Queues a segment that just became free (and was ever written) to be given back. */
+  #discardLater(segment: number): void {
+    if (!this.#discardEnabled || this.#discard[segment] !== 0 || this.#generation[segment] === 0) return;
+    this.#discard[segment] = DISCARD_WAITING;
+    this.#discardWaiting++;
+    this.#scheduleDiscard();
+  }
+
+  #scheduleDiscard(): void {
+    if (this.#discardTimer !== undefined || this.#discardRun !== undefined || this.#discardWaiting === 0 || this.#closing || !this.#discardEnabled) return;
+    if (this.#discardDelayMs === 0) {
+      this.#discardRun = Promise.resolve().then(() => this.#discardNow());
+      return;
+    }
+    this.#discardTimer = this.#env.clock.after(this.#discardDelayMs, () => {
+      this.#discardTimer = undefined;
+      this.#discardRun = this.#discardNow();
+    }).unref();
+  }
+
+  /**
+   * One call giving back every waiting segment that is still free and that no read pins (a read
+   * that found its block before the block was overwritten may still be reading it), adjacent
+   * segments as one range. They are not opened until the call returns.
+   */
+  async #discardNow(): Promise<void> {
+    const taken: number[] = [];
+    const ranges: { offsetBytes: number; lengthBytes: number }[] = [];
+    if (!this.#closing && !this.#broken && this.#discardEnabled) {
+      for (let s = 0; s < this.#segmentCount; s++) {
+        if (this.#discard[s] !== DISCARD_WAITING || this.#readPins[s] !== 0) continue;
+        this.#discard[s] = DISCARD_RUNNING;
+        this.#discardWaiting--;
+        assert(this.#segmentState[s] === SegmentState.FREE, 'a segment waiting to be given back is not free');
+        const offsetBytes = this.#segmentAreaOffsetBytes + s * this.#segmentSizeBytes;
+        const last = ranges[ranges.length - 1];
+        if (last !== undefined && taken[taken.length - 1] === s - 1) last.lengthBytes += this.#segmentSizeBytes;
+        else ranges.push({ offsetBytes, lengthBytes: this.#segmentSizeBytes });
+        taken.push(s);
+      }
+    }
+    try {
+      if (ranges.length > 0) {
+        await this.#file.punchHoles!(ranges);
+        this.#discardCalls++;
+        this.#discardedSegments += taken.length;
+      }
+    } catch (error) {
+      // The disk cannot (or no longer can): stop asking; the segments are free all the same.
+      this.#discardEnabled = false;
+      this.#discardFailure = error instanceof Error ? error.message : String(error);
+      for (let s = 0; s < this.#segmentCount; s++) {
+        if (this.#discard[s] === DISCARD_WAITING) this.#discard[s] = 0;
+      }
+      this.#discardWaiting = 0;
+    } finally {
+      for (const s of taken) this.#discard[s] = 0;
+      this.#discardRun = undefined;
+      // Segments left waiting are pinned by reads: the last read to let go asks again.
+      if (taken.length > 0) {
+        if (this.#pinWaiters.length > 0) for (const waiter of this.#pinWaiters.splice(0)) waiter();
+        this.#scheduleDiscard();
+      }
+    }
+  }
+
+  /** A read let go of its segments: the writer and the discarder may take them now. */
+  #afterUnpin(): void {
+    if (this.#pinWaiters.length > 0) for (const waiter of this.#pinWaiters.splice(0)) waiter();
+    if (this.#discardWaiting > 0) this.#scheduleDiscard();
+  }
+
+  #discardStats(): DiscardStats {
+    return {
+      enabled: this.#discardEnabled,
+      discardedSegments: this.#discardedSegments,
+      calls: this.#discardCalls,
+      waitingSegments: this.#discardWaiting,
+      ...(this.#discardFailure === undefined ? {} : { failure: this.#discardFailure }),
+    };
   }
 
   // -------------------------------------------------------------------------------------------
@@ -2211,6 +2352,7 @@ export class StoreEngine {
         this.#segmentState[entry.segment] = SegmentState.FREE;
         this.#checkpointSegmentCount--;
         this.#freeCount++;
+        this.#discardLater(entry.segment);
       }
       this.#checkpoint = commit.checkpoint;
       this.#imageSegmentsPending = [];
@@ -2292,6 +2434,8 @@ export class StoreEngine {
     const image = encodeImage(this.#checkpointState(sequence), (this.#lastImageBytes + this.#imageGrowthBytes) * 1.05 + 64 * 1024);
     const perSegment = imageBytesPerSegment(this.#segmentSizeBytes);
     const count = Math.max(1, Math.ceil(image.length / perSegment));
+    // Planned segments being given back to the file system are usable again in a moment.
+    if (this.#usableQueued() < count && this.#discardRun !== undefined) await this.#discardRun;
     for (let attempt = 0; attempt < 2 && this.#usableQueued() < count; attempt++) await this.#writeRoot();
     if (this.#usableQueued() < count) {
       throw new ShaleError('NO_SPACE', `disk ${this.#file.path}: no room for a checkpoint image of ${image.length} bytes (${count} segments)`);
@@ -2322,7 +2466,7 @@ export class StoreEngine {
 
   #usableQueued(): number {
     let usable = 0;
-    for (const entry of this.#queue) if (this.#readPins[entry.segment] === 0) usable++;
+    for (const entry of this.#queue) if (this.#readPins[entry.segment] === 0 && this.#discard[entry.segment] !== DISCARD_RUNNING) usable++;
     return usable;
   }
 
@@ -2770,6 +2914,8 @@ export class StoreEngine {
       }
     }
     this.#countPendingSince();
+    // Free segments the last run wrote and may not have given back (it gave back what it could).
+    for (let s = 0; s < this.#segmentCount; s++) if (this.#segmentState[s] === SegmentState.FREE) this.#discardLater(s);
     this.#nextSequence = report.nextSequence;
     this.#incarnationFirstSequence = this.#nextSequence;
     this.#lastWrittenSequence = this.#nextSequence - 1;
@@ -3216,7 +3362,7 @@ export class StoreEngine {
       return false;
     } finally {
       this.#readPins[victim]!--;
-      if (this.#pinWaiters.length > 0) for (const waiter of this.#pinWaiters.splice(0)) waiter();
+      this.#afterUnpin();
     }
     // Emptied by overwrites meanwhile (and maybe reused): nothing to do.
     if (this.#segmentState[victim] !== SegmentState.SEALED || this.#generation[victim] !== generation) return true;

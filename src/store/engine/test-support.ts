@@ -302,12 +302,16 @@ export type EngineCommand =
  * on the first difference. Snapshots are created and deleted through setSnapshots (durable), and
  * every later write to the volume carries the new snap sequence as its stamp. With
  * `backgroundCompaction`, the compactor also runs on its own between (and under) the commands.
+ * With `discard`, every freed segment is given back at once (holes punched in the simulated
+ * disk, which a crash may undo), racing the writer that reopens it.
  */
-export async function runEngineCommands(seed: number, commands: readonly EngineCommand[], segments = 8, backgroundCompaction = false): Promise<void> {
+export async function runEngineCommands(seed: number, commands: readonly EngineCommand[], segments = 8, backgroundCompaction = false, discard = false): Promise<SimEnv> {
   const env = simEnv(seed);
   await StoreEngine.format(env, COMMANDS_PATH, { sizeBytes: METADATA_AREA_BYTES + segments * 64 * KiB, clusterId: 'p', segmentSizeBytes: 64 * KiB });
   const open = async () => {
-    const engine = await StoreEngine.open(env, COMMANDS_PATH, { backgroundCompaction, checkpointIntervalBytes: 256 * KiB });
+    const engine = await StoreEngine.open(env, COMMANDS_PATH, {
+      backgroundCompaction, checkpointIntervalBytes: 256 * KiB, ...(discard ? { discardFreedSegments: true, discardDelayMs: 0 } : {}),
+    });
     const report = engine.replayReport;
     if (report.corruptBatches > 0 || report.damagedHeaders > 0 || report.lostBlocks > 0) {
       throw new Error(`seed ${seed}: a crash looks like corruption: ${JSON.stringify(report)}`);
@@ -405,4 +409,5 @@ export async function runEngineCommands(seed: number, commands: readonly EngineC
   const closed = await open();
   await model.verify(closed, { exact: true, settle: false }, live);
   await closed.close();
+  return env;
 }
