@@ -2198,9 +2198,12 @@ export class StoreEngine {
   // -------------------------------------------------------------------------------------------
   // Giving freed segments back to the file system
 
-  /** Queues a segment that just became free (and was ever written) to be given back. */
+  /**
+   * Queues a segment that just became free (and was ever written) to be given back. Never while
+   * replaying: segment states are only known once replay is done (open then queues the free ones).
+   */
   #discardLater(segment: number): void {
-    if (!this.#discardEnabled || this.#discard[segment] !== 0 || this.#generation[segment] === 0) return;
+    if (!this.#discardEnabled || this.#replaying || this.#discard[segment] !== 0 || this.#generation[segment] === 0) return;
     this.#discard[segment] = DISCARD_WAITING;
     this.#discardWaiting++;
     this.#scheduleDiscard();
