@@ -110,6 +110,7 @@ export async function startStoreDaemon(env: Env, options: StoreDaemonOptions): P
   await applying;
 
   const cacheReport = startCacheReport(env, engine, options.cacheReportIntervalMs ?? CACHE_REPORT_INTERVAL_MS, log);
+  const discardReport = startDiscardReport(env, engine, log);
 
   let heartbeatFailures = 0;
   const heartbeat: Timer = env.clock.every(registration.heartbeatIntervalMs, () => {
@@ -136,6 +137,7 @@ export async function startStoreDaemon(env: Env, options: StoreDaemonOptions): P
     async close(): Promise<void> {
       heartbeat.cancel();
       cacheReport?.cancel();
+      discardReport?.cancel();
       watcher.stop();
       options.localStores?.remove(address);
       await server.close();
@@ -149,24 +151,14 @@ const CACHE_REPORT_INTERVAL_MS = 10 * 60_000;
 
 /**
  * Logs the read cache's size at start, then every `intervalMs` in which it was used: how much it
- * holds and how many block lookups hit since the last line; and once, if the disk refuses to
- * have freed segments given back. Undefined without a cache or giving back.
+ * holds and how many block lookups hit since the last line. Undefined without a cache.
  */
 function startCacheReport(env: Env, engine: BlockEngine, intervalMs: number, log: (message: string) => void): Timer | undefined {
   const first = engine.stats().cache;
-  // Giving freed segments back (--sparse) stops at the disk's first refusal: say so once.
-  let discardFailure = engine.stats().discard?.failure;
-  if (discardFailure !== undefined) log(`freed segments are not given back to the file system: ${discardFailure}`);
-  const reportDiscard = (): void => {
-    const failure = engine.stats().discard?.failure;
-    if (failure !== undefined && discardFailure === undefined) log(`freed segments are no longer given back to the file system: ${failure}`);
-    discardFailure = failure;
-  };
-  if (first === undefined) return engine.stats().discard === undefined ? undefined : env.clock.every(intervalMs, reportDiscard);
+  if (first === undefined) return undefined;
   log(`read cache: up to ${formatBytes(first.capacityBytes)} (--cache-size), taken as blocks are read`);
   let last = first;
   return env.clock.every(intervalMs, () => {
-    reportDiscard();
     const now = engine.stats().cache!;
     const lookups = now.hits + now.misses - last.hits - last.misses;
     if (lookups > 0) {
@@ -176,6 +168,25 @@ function startCacheReport(env: Env, engine: BlockEngine, intervalMs: number, log
     }
     last = now;
   });
+}
+
+/** How often a store asked to give freed segments back looks whether its disk refused. */
+const DISCARD_CHECK_INTERVAL_MS = 5_000;
+
+/**
+ * With `--discard`: logs, soon after it happens, that the disk refused to have freed segments
+ * given back (a block device, a file system without holes). A disk refuses at the first call or
+ * not at all, so looking stops once a call went through (the engine's stats keep any later
+ * refusal). Undefined without `--discard`.
+ */
+function startDiscardReport(env: Env, engine: BlockEngine, log: (message: string) => void): Timer | undefined {
+  if (engine.stats().discard === undefined) return undefined;
+  const timer = env.clock.every(DISCARD_CHECK_INTERVAL_MS, () => {
+    const discard = engine.stats().discard!;
+    if (discard.failure !== undefined) log(`--discard: freed segments are not given back to the file system: ${discard.failure}`);
+    if (discard.failure !== undefined || discard.calls > 0) timer.cancel();
+  });
+  return timer;
 }
 
 /**
