@@ -13,7 +13,7 @@ import { ClusterClient } from '../src/client/cluster-client.ts';
 import type { VolumeClient } from '../src/client/volume-client.ts';
 import type { Conductor } from '../src/conductor/conductor.ts';
 import { nodeEnv } from '../src/env/node/node-env.ts';
-import { giveBack, readBuffers } from '../src/lib/buffer-pool.ts';
+import { giveBack, ioBuffers } from '../src/lib/buffer-pool.ts';
 import { codeOf } from '../src/lib/errors.ts';
 import { openLogEngine } from '../src/store/open-engine.ts';
 import type { StoreDaemon } from '../src/store/store-daemon.ts';
@@ -135,7 +135,7 @@ describe('reads from a store in the same process', () => {
     const far = randomBytes(3 * 4096);
     far.copy(expected, CHUNK + 5 * 4096);
     await remoteVolume.write(CHUNK + 5 * 4096, far);
-    const pool = readBuffers.counters;
+    const pool = ioBuffers.counters;
     for (let i = 0; i < 200; i++) {
       const length = 1 + Math.floor(Math.random() * 48 * 1024);
       const offset = Math.floor(Math.random() * (2 * MiB - length)) + (i % 2) * (CHUNK - MiB);
@@ -144,7 +144,7 @@ describe('reads from a store in the same process', () => {
     assert.ok(servedNow > 150, `the store answered ${servedNow} of 200 socket reads synchronously`);
     // The store gives each read buffer back once its reply is written: one read at a time needs
     // a buffer or two per size class, not one per read.
-    const allocated = readBuffers.counters.allocated - pool.allocated;
+    const allocated = ioBuffers.counters.allocated - pool.allocated;
     assert.ok(allocated < 20, `${allocated} read buffers allocated for 200 reads`);
 
     // Block for block, the synchronous read describes what the asynchronous one does (ranges of

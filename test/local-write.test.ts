@@ -9,7 +9,12 @@ import { randomBytes } from 'node:crypto';
 import { after, before, describe, test } from 'node:test';
 import { ClusterClient } from '../src/client/cluster-client.ts';
 import { nodeEnv } from '../src/env/node/node-env.ts';
+import { ioBuffers } from '../src/lib/buffer-pool.ts';
 import { codeOf } from '../src/lib/errors.ts';
+import { startNbdServer } from '../src/nbd/server.ts';
+import { NbdSimpleClient } from '../src/nbd/simple-client.ts';
+import { VolumeExports } from '../src/nbd/volume-exports.ts';
+import { NbdCommandFlag } from '../src/proto/nbd.ts';
 import { temporaryDirectory } from './harness.ts';
 import { CHUNK, MiB, quiet, startLocal, stopLocal, type LocalCluster } from './local-cluster.ts';
 import { countEngineWrites, writeNow, writeRounds, writesThenListing } from './write-now.ts';
@@ -39,6 +44,47 @@ describe('writes from a gateway to a store in the same process', () => {
     assert.equal(counts.promised, 0, 'none through the Promise path');
     assert.ok((await volume.read(0, model.length)).equals(model), 'the volume reads back as written');
     await volume.flush();
+  });
+
+  test('over NBD, write payloads land in pool buffers that come back once the store has written them', async (t) => {
+    // 1 MiB payloads arrive in many socket reads, straight into pool buffers; 4 KiB ones are copied
+    // out of the reused staging buffer. Each payload is different, so a buffer handed out again
+    // before its write was done would show in what reads back. FUA writes take the Promise path,
+    // whose buffers are left to the garbage collector.
+    const server = await startNbdServer(nodeEnv, { listen: '127.0.0.1:0', provider: new VolumeExports(local.gateway) });
+    t.after(() => server.close());
+    const client = await NbdSimpleClient.connect(nodeEnv, server.address);
+    await client.go('fast');
+    const before = ioBuffers.counters;
+    let writes = 0;
+    for (let round = 0; round < 6; round++) {
+      const sent: Promise<{ error: number }>[] = [];
+      for (let i = 0; i < 4; i++) {
+        // Large writes in the first 8 MiB, small ones in the rest: none overlaps another in flight
+        // (an overlapping one takes the Promise path).
+        const offset = ((round * 4 + i) % 8) * MiB;
+        const data = randomBytes(MiB);
+        data.copy(model, offset);
+        sent.push(client.write(offset, data, round === 5 && i === 0 ? NbdCommandFlag.FUA : 0));
+        const small = randomBytes(BLOCK);
+        const smallOffset = 8 * MiB + (round * 4 + i) * 37 * BLOCK;
+        small.copy(model, smallOffset);
+        sent.push(client.write(smallOffset, small));
+      }
+      for (const reply of await Promise.all(sent)) assert.equal(reply.error, 0);
+      writes += sent.length;
+    }
+    const after = ioBuffers.counters;
+    const made = after.allocated - before.allocated;
+    const reused = after.reused - before.reused;
+    assert.ok(made + reused >= writes, `every payload was in a pool buffer (${made} made, ${reused} reused, ${writes} writes)`);
+    assert.ok(made <= 20, `buffers came back and were handed out again: ${made} made for ${writes} writes`);
+    for (let offset = 0; offset < model.length; offset += 4 * MiB) {
+      const reply = await client.read(offset, 4 * MiB);
+      assert.equal(reply.error, 0);
+      assert.ok(reply.data!.equals(model.subarray(offset, offset + 4 * MiB)), `the volume reads back as written at ${offset}`);
+    }
+    await client.disconnect();
   });
 
   test('declines what write() must do, and never calls done for it', async () => {

@@ -24,7 +24,7 @@
  * down before the FLUSH is acknowledged.
  */
 import { assert } from '../lib/assert.ts';
-import { giveBack, readBuffers } from '../lib/buffer-pool.ts';
+import { giveBack, ioBuffers } from '../lib/buffer-pool.ts';
 import { blockChecksums, crc32c } from '../lib/crc32c.ts';
 import { ShaleError, toShaleError } from '../lib/errors.ts';
 import { placementGroupOf } from '../lib/placement-hash.ts';
@@ -276,7 +276,7 @@ export class VolumeClient {
   async #readBlocks(startBlock: number, countBlocks: number): Promise<Buffer> {
     const pieces = this.#pieces(startBlock, countBlocks);
     if (pieces.length === 1) return this.#readPiece(pieces[0]!);
-    const out = readBuffers.take(countBlocks * BLOCK_SIZE_BYTES);
+    const out = ioBuffers.take(countBlocks * BLOCK_SIZE_BYTES);
     await Promise.all(pieces.map(async (piece) => {
       const data = await this.#readPiece(piece);
       data.copy(out, piece.bufferBlock * BLOCK_SIZE_BYTES);
@@ -625,9 +625,12 @@ export class VolumeClient {
    * blocks within one chunk, without FUA, overlapping no write in flight, qualify. `done` is
    * called once, never before this returns: undefined when every acting replica has the write,
    * else the error write() would have failed with. Replicas that fail are handled, and the write
-   * retried, as write() does.
+   * retried, as write() does. `dataDone` is true when every replica answered the first round with
+   * success: a store in this process has written `data` by then, and one behind a socket has read
+   * the whole frame, so nothing reads `data` any more. After a failure it is false: a request that
+   * timed out may still sit in a socket's queue.
    */
-  writeNow(offsetBytes: number, data: Buffer, fua: boolean, done: (error: ShaleError | undefined) => void): boolean {
+  writeNow(offsetBytes: number, data: Buffer, fua: boolean, done: (error: ShaleError | undefined, dataDone: boolean) => void): boolean {
     if (fua || offsetBytes % BLOCK_SIZE_BYTES !== 0 || data.length % BLOCK_SIZE_BYTES !== 0) return false;
     const placed = this.#placeInChunk(offsetBytes, data.length);
     if (placed === undefined) return false;
@@ -653,10 +656,10 @@ export class VolumeClient {
     const snapSeq = this.#snapSeq;
     const seq = this.#beginWrite(snapSeq);
     const checksums = blockChecksums(data);
-    const finish = (error: ShaleError | undefined): void => {
+    const finish = (error: ShaleError | undefined, dataDone: boolean): void => {
       this.#endWrite(seq, snapSeq);
       release();
-      done(error);
+      done(error, dataDone);
     };
     let pending = acting.length;
     let failures: ReplicaFailure[] | undefined;
@@ -669,14 +672,14 @@ export class VolumeClient {
         if (error !== undefined) (failures ??= []).push({ storeId, error });
         if (--pending > 0) return;
         if (failures === undefined) {
-          finish(undefined);
+          finish(undefined, true);
           return;
         }
         // A replica failed: from here on as write() goes on after a failed round.
         const piece: Piece = { chunkIndex, offsetBlocks, countBlocks, bufferBlock: 0 };
         this.#writePiece(piece, Op.WRITE, seq, snapSeq, false, data, checksums, deadline, failures).then(
-          () => finish(undefined),
-          (thrown: unknown) => finish(toShaleError(thrown)),
+          () => finish(undefined, false),
+          (thrown: unknown) => finish(toShaleError(thrown), false),
         );
       });
     }

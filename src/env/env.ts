@@ -85,7 +85,16 @@ export interface Connection {
    * dropped because the connection closed.
    */
   write(data: Buffer | readonly Buffer[], onWritten?: () => void): boolean;
+  /** Each chunk read; the chunk is the listener's to keep. */
   onData(listener: (chunk: Buffer) => void): void;
+  /**
+   * Optional: from now on, reads go into buffers the caller gives instead of a new buffer per read
+   * (the per-read buffers of a busy connection keep the garbage collector busy), and onData gets
+   * nothing more. `target` is asked before each read for where it may go (a non-empty buffer the
+   * caller may hand out again once `received` returns); `received` says how many bytes of it the
+   * read filled. False, with nothing changed, when this connection cannot (then onData goes on).
+   */
+  readInto?(target: () => Buffer, received: (bytes: number) => void): boolean;
   onDrain(listener: () => void): void;
   /** Called once when the stream is closed, with the error that closed it if any. */
   onClose(listener: (error?: Error) => void): void;

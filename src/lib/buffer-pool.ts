@@ -1,9 +1,11 @@
 /**
- * A pool of I/O buffers for the read path. Node gives every Buffer of 4 KiB or more its own
- * ArrayBuffer, outside V8's heap; allocating one per read made V8 run full garbage collections
- * every few dozen 1 MiB reads (half the CPU of a sequential read went to marking and sweeping).
- * A buffer taken here goes back with `give` once its last user is done with it — for a read,
- * when the NBD reply carrying it has been written to the socket — and is handed out again.
+ * A pool of I/O buffers for reads and for write payloads. Node gives every Buffer of 4 KiB or more
+ * its own ArrayBuffer, outside V8's heap; allocating one per read made V8 run full garbage
+ * collections every few dozen 1 MiB reads (half the CPU of a sequential read went to marking and
+ * sweeping), and one per 1 MiB write payload did the same to writes. A buffer taken here goes back
+ * with `give` once its last user is done with it — for a read, when the NBD reply carrying it has
+ * been written to the socket; for a write payload, when every replica has acknowledged it — and
+ * is handed out again.
  *
  * Safety rests on one rule: only the last user gives a buffer back. A buffer that is never given
  * back is simply garbage collected, so any path that keeps a reference (or doesn't know) just
@@ -105,5 +107,9 @@ function classIndex(bytes: number): number {
   return 32 - Math.clz32(bytes - 1) - CLASS_MIN_SHIFT;
 }
 
-/** The process's pool for read data (the store engine takes, the NBD gateway gives back). */
-export const readBuffers = new BufferPool();
+/**
+ * The process's pool: read data (the store engine takes, the NBD gateway gives back) and write
+ * payloads the NBD gateway assembles from several socket reads (it takes, and gives back when the
+ * volume reports every replica done with them).
+ */
+export const ioBuffers = new BufferPool();

@@ -87,9 +87,11 @@ export interface NbdExport {
   /**
    * Optional: the same write started without a Promise when the export can (true), or false: the
    * server calls write(). `done` is called exactly once, never before writeNow returns: with
-   * undefined when the write is acknowledged (as write() resolving), else with the error. Never throws.
+   * undefined when the write is acknowledged (as write() resolving), else with the error; and with
+   * `dataDone` true if the export, and everything it passed `data` to, will never read `data`
+   * again, so the server may reuse its memory. Never throws.
    */
-  writeNow?(offsetBytes: number, data: Buffer, fua: boolean, done: (error: unknown) => void): boolean;
+  writeNow?(offsetBytes: number, data: Buffer, fua: boolean, done: (error: unknown, dataDone?: boolean) => void): boolean;
   /** Makes every write acknowledged before the call durable, whichever connection it came from. */
   flush(): Promise<void>;
   /** The range is no longer needed; it may read back as anything until rewritten. The length may exceed 32 MiB. */

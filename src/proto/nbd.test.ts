@@ -268,15 +268,15 @@ describe('NbdServerParser', () => {
     assert.deepEqual(expected[2], { kind: 'oversized-option', option: NbdOption.STRUCTURED_REPLY, lengthBytes: 8200 });
     assert.deepEqual(expected[6], {
       kind: 'request', flags: 1, type: NbdCommand.WRITE, cookieHigh: 0, cookieLow: 2, offsetBytes: 2 ** 40, lengthBytes: 64,
-      payload: 'ab'.repeat(64), payloadSkipped: false,
+      payload: 'ab'.repeat(64), payloadSkipped: false, payloadLent: false,
     });
     assert.deepEqual(expected[7], {
       kind: 'request', flags: 0, type: NbdCommand.WRITE, cookieHigh: 0, cookieLow: 3, offsetBytes: 8, lengthBytes: 150,
-      payload: undefined, payloadSkipped: true,
+      payload: undefined, payloadSkipped: true, payloadLent: false,
     });
     assert.deepEqual(expected[8], {
       kind: 'request', flags: 0, type: NbdCommand.WRITE, cookieHigh: 0, cookieLow: 4, offsetBytes: 0, lengthBytes: 0,
-      payload: '', payloadSkipped: false,
+      payload: '', payloadSkipped: false, payloadLent: false,
     });
     assert.equal((expected[12] as { type: number }).type, 99);
     assert.equal((expected[13] as { type: number }).type, NbdCommand.DISC);
@@ -343,9 +343,79 @@ describe('NbdServerParser', () => {
           kind: 'request', ...fields,
           payload: fields.type === NbdCommand.WRITE && !skipped ? Buffer.alloc(fields.lengthBytes, fields.cookieLow & 0xff).toString('hex') : undefined,
           payloadSkipped: skipped,
+          payloadLent: false,
         });
       });
     }));
+  });
+
+  test('reading in place frames the same messages, every payload lent, nothing left in the reused staging buffer', () => {
+    // Payloads up to twice the 64 KiB staging buffer, some above the limit (skipped); reads of any
+    // size; the reader sometimes stops pulling messages (a connection pausing), and after each
+    // release the staging buffer is overwritten as the next read would.
+    const limits: NbdServerParserLimits = { optionDataBytesMax: 8192, payloadBytesMax: 100_000, oversizedPayloadSkipBytesMax: 200_000 };
+    const arbitraryRequest = fc.record({
+      type: fc.constantFrom(NbdCommand.READ, NbdCommand.WRITE, NbdCommand.WRITE, NbdCommand.FLUSH, NbdCommand.TRIM),
+      flags: fc.integer({ min: 0, max: 0xffff }),
+      cookieHigh: fc.nat(0xffffffff),
+      cookieLow: fc.nat(0xffffffff),
+      offsetBytes: fc.nat(Number.MAX_SAFE_INTEGER),
+      lengthBytes: fc.oneof(fc.nat(5000), fc.integer({ min: 60_000, max: 140_000 })),
+    });
+    const options = { numRuns: 200 };
+    fc.assert(fc.property(fc.array(arbitraryRequest, { maxLength: 12 }), fc.nat(), fc.array(fc.integer({ min: 1, max: 150_000 }), { minLength: 1, maxLength: 20 }),
+      fc.array(fc.boolean(), { minLength: 1, maxLength: 7 }), (requests, ownedPrefix, readSizes, keepsPulling) => {
+        const bytes = Buffer.concat(requests.map((fields) => (fields.type === NbdCommand.WRITE && fields.lengthBytes <= limits.oversizedPayloadSkipBytesMax
+          ? request(fields, Buffer.alloc(fields.lengthBytes, fields.cookieLow & 0xff)) : request(fields))));
+        const lent = new Set<Buffer>();
+        const parser = new NbdServerParser(limits, (size) => {
+          const buffer = Buffer.alloc(size);
+          lent.add(buffer);
+          return buffer;
+        });
+        parser.push(encodeClientFlags(1));
+        parser.push(encodeOptionRequest(NbdOption.GO, encodeInfoRequest('x', [])));
+        parser.next();
+        parser.next();
+        parser.enterTransmission();
+        // Some bytes arrive before reading in place starts, as owned chunks.
+        const prefix = ownedPrefix % (bytes.length + 1);
+        parser.push(Buffer.from(bytes.subarray(0, prefix)));
+        const framed: NbdClientMessage[] = [];
+        let staging: Buffer | undefined;
+        let at = prefix;
+        let turn = 0;
+        for (; at < bytes.length; turn++) {
+          const target = parser.readTarget();
+          assert.ok(target.length > 0, 'a read target is never empty');
+          const count = Math.min(target.length, readSizes[turn % readSizes.length]!, bytes.length - at);
+          bytes.copy(target, 0, at, at + count);
+          at += count;
+          parser.received(count);
+          if (keepsPulling[turn % keepsPulling.length]!) for (let message = parser.next(); message !== undefined; message = parser.next()) framed.push(message);
+          parser.release();
+          if (![...lent].some((buffer) => buffer.buffer === target.buffer)) staging = target;
+          staging?.fill(0xee);
+        }
+        for (let message = parser.next(); message !== undefined; message = parser.next()) framed.push(message);
+        assert.equal(framed.length, requests.length);
+        framed.forEach((message, index) => {
+          const fields = requests[index]!;
+          const skipped = fields.type === NbdCommand.WRITE && fields.lengthBytes > limits.payloadBytesMax;
+          const withPayload = fields.type === NbdCommand.WRITE && !skipped;
+          assert.deepEqual(normalize(message), {
+            kind: 'request', ...fields,
+            payload: withPayload ? Buffer.alloc(fields.lengthBytes, fields.cookieLow & 0xff).toString('hex') : undefined,
+            payloadSkipped: skipped,
+            payloadLent: withPayload && fields.lengthBytes > 0 && message.kind === 'request' && message.payload !== undefined && lent.has(message.payload),
+          });
+          // Payloads framed from the bytes that came before reading in place may be views of those
+          // owned chunks; every payload framed after it is lent.
+          if (withPayload && fields.lengthBytes > 0 && message.kind === 'request' && !message.payloadLent) {
+            assert.ok(message.payload !== undefined && !lent.has(message.payload));
+          }
+        });
+      }), options);
   });
 
   test('a payload inside one chunk is a view of it, not a copy', () => {
@@ -670,7 +740,7 @@ describe('NbdServerParser with the extensions', () => {
     assert.deepEqual(decodeMetaContextRequest(Buffer.from(set.data, 'hex')), { exportName: 'vol', queries: ['base:allocation', 'qemu:allocation-depth'] });
     assert.deepEqual(expected[6], {
       kind: 'request', flags: NbdCommandFlag.REQ_ONE, type: NbdCommand.BLOCK_STATUS, cookieHigh: 0, cookieLow: 1, offsetBytes: 0, lengthBytes: 2 ** 32 - 1,
-      payload: undefined, payloadSkipped: false,
+      payload: undefined, payloadSkipped: false, payloadLent: false,
     });
   });
 

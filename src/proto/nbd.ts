@@ -404,6 +404,11 @@ export interface NbdRequest {
   readonly payload: Buffer | undefined;
   /** A write whose payload exceeded the parser's payloadBytesMax and was discarded unread. */
   readonly payloadSkipped: boolean;
+  /**
+   * The payload was copied into a buffer from the parser's `payloadBuffer` (it arrived in more
+   * than one socket read); false for a view of the bytes as they arrived, and without a payload.
+   */
+  readonly payloadLent: boolean;
 }
 
 /** Reads a request header at `offset` of `source`, which must hold 28 bytes there. Does not check the magic. */
@@ -700,7 +705,7 @@ export class ByteQueue {
 
   /**
    * The next `count` bytes without consuming them: a view when they lie in one chunk, else a copy
-   * into `scratch` (which must be at least `count` long) or into a new buffer.
+   * into `scratch` (itself when exactly `count` long) or, if it is too short, into a new buffer.
    */
   peek(count: number, scratch?: Buffer): Buffer {
     assert(count <= this.#length, 'peek within the queued bytes');
@@ -708,7 +713,7 @@ export class ByteQueue {
     if (count === 0) return Buffer.alloc(0);
     assert(first !== undefined, 'bytes are queued');
     if (first.length - this.#head >= count) return first.subarray(this.#head, this.#head + count);
-    const target = scratch !== undefined && scratch.length >= count ? scratch.subarray(0, count) : Buffer.allocUnsafe(count);
+    const target = scratch === undefined || scratch.length < count ? Buffer.allocUnsafe(count) : scratch.length === count ? scratch : scratch.subarray(0, count);
     let copied = 0;
     let position = this.#head;
     for (const chunk of this.#chunks) {
@@ -735,6 +740,12 @@ export class ByteQueue {
     }
     this.inPlaceOffset = 0;
     return this.peek(count, scratch);
+  }
+
+  /** Whether the next `count` bytes (at most `length`) lie in one chunk, so `peek` and `take` give a view. */
+  contiguous(count: number): boolean {
+    const first = this.#chunks[0];
+    return count === 0 || (first !== undefined && first.length - this.#head >= count);
   }
 
   /** Consumes and returns the next `count` bytes: a view when they lie in one chunk, else one copy. */
@@ -764,12 +775,41 @@ export class ByteQueue {
     return consumed;
   }
 
+  /** Consumes the next `count` bytes into `target` from its start, always as a copy. */
+  takeInto(target: Buffer, count: number): void {
+    assert(count <= this.#length && count <= target.length, 'takeInto within the queued bytes and the target');
+    let copied = 0;
+    while (copied < count) {
+      const first = this.#chunks[0]!;
+      const taken = first.copy(target, copied, this.#head, Math.min(first.length, this.#head + count - copied));
+      copied += taken;
+      this.skip(taken);
+    }
+  }
+
+  /**
+   * Replaces the queued bytes by one copy of them, so that none refers any more to a buffer the
+   * caller is about to reuse.
+   */
+  own(): void {
+    if (this.#length === 0) {
+      this.clear();
+      return;
+    }
+    const copy = Buffer.allocUnsafe(this.#length);
+    this.takeInto(copy, this.#length);
+    this.push(copy);
+  }
+
   clear(): void {
     this.#chunks.length = 0;
     this.#head = 0;
     this.#length = 0;
   }
 }
+
+/** Where a connection read in place lands when no payload is being filled. */
+const STAGING_BYTES = 64 * 1024;
 
 export type NbdParserPhase = 'client-flags' | 'options' | 'transmission';
 
@@ -803,17 +843,33 @@ export const defaultParserLimits: NbdServerParserLimits = {
  */
 export class NbdServerParser {
   readonly #limits: NbdServerParserLimits;
+  readonly #payloadBuffer: ((bytes: number) => Buffer) | undefined;
   readonly #queue = new ByteQueue();
   readonly #scratch = Buffer.allocUnsafe(NBD_REQUEST_HEADER_BYTES);
   #phase: NbdParserPhase = 'client-flags';
   /** Bytes of a discarded payload still to be dropped from the stream. */
   #skipBytes = 0;
   #failure: ShaleError | undefined;
+  // Reading in place (readTarget / received / release): the socket reads into #staging, or straight
+  // into the write payload being filled; #staging is reused for every read.
+  #inPlace = false;
+  #staging: Buffer | undefined;
+  #targetIsPayload = false;
+  /** A WRITE whose header has been framed and whose payload the next reads fill. */
+  #filling: { request: NbdRequest; payload: Buffer; filled: number } | undefined;
+  /** A WRITE whose payload reads have filled, returned by the next next(). */
+  #filled: NbdRequest | undefined;
 
-  constructor(limits: NbdServerParserLimits = defaultParserLimits) {
+  /**
+   * `payloadBuffer`, if given, supplies a buffer of exactly the size asked for a write payload that
+   * arrived in more than one socket read (the request says `payloadLent`); otherwise such a payload
+   * is copied into a new buffer. A payload that arrived in one read is always a view of it.
+   */
+  constructor(limits: NbdServerParserLimits = defaultParserLimits, payloadBuffer?: (bytes: number) => Buffer) {
     assert(limits.optionDataBytesMax >= NBD_STRING_BYTES_MAX + 6, 'options can hold a maximal name');
     assert(limits.oversizedPayloadSkipBytesMax >= limits.payloadBytesMax, 'skip limit covers the payload limit');
     this.#limits = limits;
+    this.#payloadBuffer = payloadBuffer;
   }
 
   get phase(): NbdParserPhase {
@@ -829,6 +885,46 @@ export class NbdServerParser {
     if (this.#failure === undefined) this.#queue.push(chunk);
   }
 
+  /**
+   * Reading in place, for a connection that reads into buffers it is given (Connection.readInto),
+   * in transmission, with a `payloadBuffer`: the buffer the next read should go into — the rest
+   * of a write payload being filled (so a large payload lands where it is handed on, without a
+   * copy), else a staging buffer reused for every read. Then `received` with the bytes that read
+   * filled, `next` until it returns undefined or the caller stops, and `release` before the next
+   * read: it copies what the queue still holds out of the staging buffer. Every payload is then
+   * lent (copied out of the staging buffer if it arrived there). Mixes with `push` of owned chunks
+   * received before.
+   */
+  readTarget(): Buffer {
+    assert(this.#phase === 'transmission' && this.#payloadBuffer !== undefined, 'reading in place is for transmission, with payload buffers');
+    this.#inPlace = true;
+    const filling = this.#filling;
+    this.#targetIsPayload = filling !== undefined;
+    if (filling !== undefined) return filling.payload.subarray(filling.filled);
+    return (this.#staging ??= Buffer.allocUnsafe(STAGING_BYTES));
+  }
+
+  /** The last read filled the first `bytes` bytes of what readTarget returned. */
+  received(bytes: number): void {
+    if (this.#failure !== undefined) return;
+    const filling = this.#filling;
+    if (!this.#targetIsPayload || filling === undefined) {
+      this.#queue.push(this.#staging!.subarray(0, bytes));
+      return;
+    }
+    assert(filling.filled + bytes <= filling.payload.length, 'a read stays within its payload');
+    filling.filled += bytes;
+    if (filling.filled === filling.payload.length) {
+      this.#filling = undefined;
+      this.#filled = filling.request;
+    }
+  }
+
+  /** Before the next read in place: nothing queued may refer to the staging buffer any more. */
+  release(): void {
+    this.#queue.own();
+  }
+
   enterTransmission(): void {
     assert(this.#phase === 'options', 'transmission follows option haggling');
     this.#phase = 'transmission';
@@ -838,10 +934,18 @@ export class NbdServerParser {
   discard(): void {
     this.#queue.clear();
     this.#skipBytes = 0;
+    this.#filling = undefined;
+    this.#filled = undefined;
   }
 
   next(): NbdClientMessage | undefined {
     if (this.#failure !== undefined) throw this.#failure;
+    const filled = this.#filled;
+    if (filled !== undefined) {
+      this.#filled = undefined;
+      return filled;
+    }
+    if (this.#filling !== undefined) return undefined;
     if (this.#skipBytes > 0) {
       this.#skipBytes -= this.#queue.skip(this.#skipBytes);
       if (this.#skipBytes > 0) return undefined;
@@ -897,6 +1001,7 @@ export class NbdServerParser {
     const lengthBytes = header.readUInt32BE(at + 24);
     let payload: Buffer | undefined;
     let payloadSkipped = false;
+    let payloadLent = false;
     if (type === NbdCommand.WRITE) {
       if (lengthBytes > this.#limits.payloadBytesMax) {
         if (lengthBytes > this.#limits.oversizedPayloadSkipBytesMax) {
@@ -905,15 +1010,33 @@ export class NbdServerParser {
         this.#queue.skip(NBD_REQUEST_HEADER_BYTES);
         this.#skipBytes = lengthBytes;
         payloadSkipped = true;
+      } else if (this.#inPlace && lengthBytes > 0) {
+        // Into a lent buffer: what has arrived now, the rest by the next reads, straight into it.
+        this.#queue.skip(NBD_REQUEST_HEADER_BYTES);
+        payload = this.#payloadBuffer!(lengthBytes);
+        assert(payload.length === lengthBytes, 'a payload buffer has the size asked for');
+        const arrived = Math.min(this.#queue.length, lengthBytes);
+        this.#queue.takeInto(payload, arrived);
+        const request: NbdRequest = { kind: 'request', flags, type, cookieHigh, cookieLow, offsetBytes, lengthBytes, payload, payloadSkipped, payloadLent: true };
+        if (arrived === lengthBytes) return request;
+        this.#filling = { request, payload, filled: arrived };
+        return undefined;
       } else {
         if (this.#queue.length < NBD_REQUEST_HEADER_BYTES + lengthBytes) return undefined;
         this.#queue.skip(NBD_REQUEST_HEADER_BYTES);
-        payload = this.#queue.take(lengthBytes);
+        if (this.#payloadBuffer !== undefined && !this.#queue.contiguous(lengthBytes)) {
+          const lent = this.#payloadBuffer(lengthBytes);
+          payload = this.#queue.peek(lengthBytes, lent);
+          payloadLent = payload === lent;
+          this.#queue.skip(lengthBytes);
+        } else {
+          payload = this.#queue.take(lengthBytes);
+        }
       }
     } else {
       this.#queue.skip(NBD_REQUEST_HEADER_BYTES);
     }
-    return { kind: 'request', flags, type, cookieHigh, cookieLow, offsetBytes, lengthBytes, payload, payloadSkipped };
+    return { kind: 'request', flags, type, cookieHigh, cookieLow, offsetBytes, lengthBytes, payload, payloadSkipped, payloadLent };
   }
 }
 

@@ -34,6 +34,45 @@ test('write calls onWritten once the buffers are written, and at once on a close
   assert.equal(Buffer.concat(received).toString(), 'abcdef');
 });
 
+test('an accepted connection reads into the buffers it is given, in order, paused and resumed, with onData silent', async (t) => {
+  const sent = Buffer.alloc(3 * 1024 * 1024);
+  for (let i = 0; i < sent.length; i += 4) sent.writeUInt32LE(i, i);
+  const received = Buffer.alloc(sent.length);
+  let filled = 0;
+  let reads = 0;
+  let dataEvents = 0;
+  let taken: boolean | undefined;
+  const done = Promise.withResolvers<void>();
+  const server = await nodeEnv.net.listen('127.0.0.1:0', (connection) => {
+    connection.onData(() => dataEvents++);
+    // Targets of changing sizes, some straight into the result, some into a reused buffer copied out.
+    const scratch = Buffer.alloc(1000);
+    let intoResult = false;
+    taken = connection.readInto?.(() => {
+      intoResult = !intoResult;
+      return intoResult ? received.subarray(filled, Math.min(sent.length, filled + 70_000)) : scratch;
+    }, (bytes) => {
+      reads++;
+      if (!intoResult) scratch.copy(received, filled, 0, bytes);
+      filled += bytes;
+      if (reads % 50 === 0) {
+        connection.pause();
+        setTimeout(() => connection.resume(), 2);
+      }
+      if (filled === sent.length) done.resolve();
+    });
+  });
+  t.after(() => server.close());
+  const client = await nodeEnv.net.connect(server.address);
+  client.write(sent);
+  await done.promise;
+  client.destroy();
+  assert.equal(taken, true, 'this Node.js lets an accepted socket read into given buffers');
+  assert.ok(received.equals(sent), 'every byte arrived, in order');
+  assert.ok(reads > 50, `the reads were paused and resumed (${reads} reads)`);
+  assert.equal(dataEvents, 0, 'onData got nothing once reads went into given buffers');
+});
+
 test('reads stay synchronous while the page cache serves them, and back off, longer each time, while they miss', () => {
   let now = 1000;
   const policy = new SyncIoPolicy(() => now, () => undefined);

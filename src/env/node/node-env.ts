@@ -471,6 +471,20 @@ class NodeConnection implements Connection {
     this.#socket.on('data', listener);
   }
 
+  readInto(target: () => Buffer, received: (bytes: number) => void): boolean {
+    const socket = this.#socket as net.Socket & Record<symbol, unknown> & { _handle?: { useUserBuffer?: (buffer: Uint8Array) => void } };
+    const keys = userBufferKeys();
+    const handle = socket._handle;
+    // Bytes the stream has buffered would come after reads that bypass it: only on a quiet stream.
+    if (keys === undefined || typeof handle?.useUserBuffer !== 'function' || socket.readableLength > 0 || this.closed) return false;
+    const first = target();
+    socket[keys.buffer] = first;
+    socket[keys.next] = target;
+    socket[keys.callback] = (bytes: number): void => received(bytes);
+    handle.useUserBuffer(first);
+    return true;
+  }
+
   onDrain(listener: () => void): void {
     this.#socket.on('drain', listener);
   }
@@ -503,6 +517,32 @@ class NodeConnection implements Connection {
   get socket(): net.Socket {
     return this.#socket;
   }
+}
+
+/**
+ * The properties through which a net.Socket reads into the caller's buffers. Node.js offers this
+ * (the `onread` option) only to sockets it connects, not to the ones a server accepts; an accepted
+ * socket gets the same by the same properties, found by their names on a socket made with
+ * `onread`, and its handle's `useUserBuffer`. Undefined if this Node.js does not have them (then
+ * connections read as usual; test/read-in-place.test.ts checks that the pinned Node.js has them).
+ */
+let userBufferKeysFound: { buffer: symbol; next: symbol; callback: symbol } | null | undefined;
+
+function userBufferKeys(): { buffer: symbol; next: symbol; callback: symbol } | undefined {
+  if (userBufferKeysFound === undefined) {
+    const next = (): Buffer => Buffer.alloc(1);
+    const callback = (): boolean => true;
+    const probe = new net.Socket({ onread: { buffer: next, callback } }) as net.Socket & Record<symbol, unknown>;
+    const symbols = Object.getOwnPropertySymbols(probe);
+    const named = (name: string): symbol | undefined => symbols.find((symbol) => symbol.description === name);
+    const buffer = named('kBuffer');
+    const generator = named('kBufferGen');
+    const reader = named('kBufferCb');
+    const found = buffer !== undefined && generator !== undefined && reader !== undefined && probe[buffer] === true && probe[generator] === next && probe[reader] === callback;
+    userBufferKeysFound = found ? { buffer, next: generator, callback: reader } : null;
+    probe.destroy();
+  }
+  return userBufferKeysFound ?? undefined;
 }
 
 export function wrapSocket(socket: net.Socket): Connection {

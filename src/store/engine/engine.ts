@@ -96,7 +96,7 @@
  * rule, not by arrival; a write and a read in flight together may see either.
  */
 import { assert } from '../../lib/assert.ts';
-import { readBuffers } from '../../lib/buffer-pool.ts';
+import { ioBuffers } from '../../lib/buffer-pool.ts';
 import { BlockCache, type BlockCacheStats } from './block-cache.ts';
 import { crc32c, ZERO_BLOCK_CRC } from '../../lib/crc32c.ts';
 import { ShaleError } from '../../lib/errors.ts';
@@ -1351,7 +1351,7 @@ export class StoreEngine {
       if (slot >= 0) return { data: cache.view(slot), absent: false };
     }
     // From the read pool: the NBD gateway gives it back once the reply carrying it is written.
-    const data = readBuffers.take(countBlocks * BLOCK_SIZE_BYTES);
+    const data = ioBuffers.take(countBlocks * BLOCK_SIZE_BYTES);
     let absent = false;
     let b = 0;
     while (b < countBlocks) {
@@ -1372,7 +1372,7 @@ export class StoreEngine {
         }
       }
       if (file.readNow === undefined) {
-        readBuffers.give(data);
+        ioBuffers.give(data);
         return undefined;
       }
       // A run of blocks next to each other in one segment: one disk read. Nothing can move a
@@ -1390,7 +1390,7 @@ export class StoreEngine {
         throw toDiskError(error, `read of volume ${volumeId} chunk ${chunkIndex}`);
       }
       if (length === undefined) {
-        readBuffers.give(data);
+        ioBuffers.give(data);
         return undefined;
       }
       if (length !== target.length) {
@@ -1441,7 +1441,7 @@ export class StoreEngine {
       }
     }
     // From the read pool: the NBD gateway gives it back once the reply carrying it is written.
-    const data = readBuffers.take(countBlocks * BLOCK_SIZE_BYTES);
+    const data = ioBuffers.take(countBlocks * BLOCK_SIZE_BYTES);
     const checksums = new Uint32Array(countBlocks);
     const states = new Uint8Array(countBlocks);
     const epochs = new Uint32Array(countBlocks);
