@@ -7,6 +7,7 @@ import {
   encodeReadDescriptors, encodeVolumeIds, FrameParser, HEADER_BYTES, Op, type FrameHeader,
   decodeKvPgCursor, decodeKvPgRecords, encodeKvPgCursor, encodeKvPgRecords, engineObjectId, Namespace, NAMESPACE_ID_MAX, namespacedId,
 } from './store-protocol.ts';
+import type { Frame } from './store-protocol.ts';
 
 const u32 = fc.nat({ max: 0xffffffff });
 const u53 = fc.nat({ max: Number.MAX_SAFE_INTEGER });
@@ -50,6 +51,44 @@ test('the frame parser yields the same frames for every split of the byte stream
       assert.equal(parser.bufferedBytes, 0);
     }
   }
+});
+
+test('the frame parser reading in place yields the same frames, payloads lent, nothing kept in its reused staging buffer', () => {
+  fc.assert(fc.property(
+    fc.array(fc.oneof(fc.nat(200), fc.integer({ min: 60_000, max: 200_000 })), { maxLength: 10 }),
+    fc.array(fc.integer({ min: 1, max: 150_000 }), { minLength: 1, maxLength: 20 }),
+    (sizes, readSizes) => {
+      const frames = sizes.map((size, i) => ({
+        header: { ...emptyHeader(), op: size === 0 ? Op.FLUSH : Op.WRITE, requestId: i + 1, volumeId: 7, payloadBytes: size },
+        payload: Buffer.alloc(size, (i * 31) & 0xff),
+      }));
+      const stream = Buffer.concat(frames.flatMap((frame) => [encodeHeader(frame.header), frame.payload]));
+      const lent = new Set<Buffer>();
+      const parser = new FrameParser((bytes) => {
+        const buffer = Buffer.alloc(bytes);
+        lent.add(buffer);
+        return buffer;
+      });
+      const out: Frame[] = [];
+      for (let at = 0, turn = 0; at < stream.length; turn++) {
+        const target = parser.readTarget();
+        assert.ok(target.length > 0);
+        const count = Math.min(target.length, readSizes[turn % readSizes.length]!, stream.length - at);
+        stream.copy(target, 0, at, at + count);
+        at += count;
+        out.push(...parser.received(count));
+        // The next read into the staging buffer overwrites it.
+        if (![...lent].some((buffer) => buffer.buffer === target.buffer)) target.fill(0xee);
+      }
+      assert.equal(out.length, frames.length);
+      out.forEach((frame, i) => {
+        assert.deepEqual(frame.header, frames[i]!.header);
+        assert.ok(frame.payload.equals(frames[i]!.payload), `payload of frame ${i}`);
+        assert.equal(frame.lent === true, frames[i]!.payload.length > 0);
+        if (frame.lent) assert.ok(lent.has(frame.payload));
+      });
+      assert.equal(parser.bufferedBytes, 0);
+    }), { numRuns: 200 });
 });
 
 test('the frame parser refuses garbage', () => {

@@ -278,7 +278,12 @@ export interface Frame {
   parts?: readonly Buffer[];
   /** In-process replies only: the data's checksums were verified in this process and need no second check. */
   verified?: boolean;
+  /** The payload is in a buffer from the parser's `payloadBuffer` (a frame read in place). */
+  lent?: boolean;
 }
+
+/** Where a connection read in place lands when no payload is being filled. */
+const STAGING_BYTES = 64 * 1024;
 
 /**
  * Splits a byte stream into frames. Feed it every chunk read from the socket; it returns the
@@ -290,6 +295,75 @@ export class FrameParser {
   #chunks: Buffer[] = [];
   #buffered = 0;
   #header: FrameHeader | undefined;
+  readonly #payloadBuffer: ((bytes: number) => Buffer) | undefined;
+  // Reading in place: reads go into #staging, reused, or straight into the payload being filled.
+  #staging: Buffer | undefined;
+  #filling: { header: FrameHeader; payload: Buffer; filled: number } | undefined;
+  #targetIsPayload = false;
+
+  /** `payloadBuffer` gives the buffers payloads read in place go into (exactly the size asked). */
+  constructor(payloadBuffer?: (bytes: number) => Buffer) {
+    this.#payloadBuffer = payloadBuffer;
+  }
+
+  /**
+   * Reading in place (Connection.readInto), with a `payloadBuffer`: where the next read should go,
+   * the rest of the payload being filled or a staging buffer reused for every read. Then
+   * `received` with the bytes it filled, which returns the frames completed: every payload in a
+   * lent buffer (`lent`), and nothing kept that refers to the staging buffer. Not mixed with push.
+   */
+  readTarget(): Buffer {
+    assert(this.#payloadBuffer !== undefined, 'reading in place needs payload buffers');
+    const filling = this.#filling;
+    this.#targetIsPayload = filling !== undefined;
+    if (filling !== undefined) return filling.payload.subarray(filling.filled);
+    return (this.#staging ??= Buffer.allocUnsafe(STAGING_BYTES));
+  }
+
+  received(bytes: number): Frame[] {
+    const filling = this.#filling;
+    if (this.#targetIsPayload && filling !== undefined) {
+      assert(filling.filled + bytes <= filling.payload.length, 'a read stays within its payload');
+      filling.filled += bytes;
+      if (filling.filled < filling.payload.length) return [];
+      this.#filling = undefined;
+      return [{ header: filling.header, payload: filling.payload, lent: true }];
+    }
+    this.#chunks.push(this.#staging!.subarray(0, bytes));
+    this.#buffered += bytes;
+    const frames: Frame[] = [];
+    for (;;) {
+      if (this.#header === undefined) {
+        if (this.#buffered < HEADER_BYTES) break;
+        this.#header = decodeHeader(this.#take(HEADER_BYTES));
+      }
+      const header = this.#header;
+      if (header.payloadBytes === 0) {
+        frames.push({ header, payload: EMPTY });
+        this.#header = undefined;
+        continue;
+      }
+      // Into a lent buffer: what has arrived now, the rest by the next reads, straight into it.
+      const payload = this.#payloadBuffer!(header.payloadBytes);
+      assert(payload.length === header.payloadBytes, 'a payload buffer has the size asked for');
+      const arrived = Math.min(this.#buffered, header.payloadBytes);
+      if (arrived > 0) this.#take(arrived).copy(payload);
+      this.#header = undefined;
+      if (arrived === header.payloadBytes) {
+        frames.push({ header, payload, lent: true });
+        continue;
+      }
+      this.#filling = { header, payload, filled: arrived };
+      break;
+    }
+    // What is left is less than a header: copied out of the staging buffer before the next read.
+    if (this.#buffered > 0) {
+      const rest = Buffer.from(this.#take(this.#buffered));
+      this.#chunks = [rest];
+      this.#buffered = rest.length;
+    }
+    return frames;
+  }
 
   push(chunk: Buffer): Frame[] {
     const frames: Frame[] = [];

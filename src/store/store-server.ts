@@ -12,7 +12,7 @@
  * Replies go out in batches: everything completed in one event-loop turn leaves in one write.
  */
 import { assert } from '../lib/assert.ts';
-import { giveBack } from '../lib/buffer-pool.ts';
+import { giveBack, ioBuffers } from '../lib/buffer-pool.ts';
 import { crc32c } from '../lib/crc32c.ts';
 import { codeOf, ErrorCodes, ShaleError, toShaleError } from '../lib/errors.ts';
 import { placementGroupOf } from '../lib/placement-hash.ts';
@@ -115,7 +115,7 @@ export class StoreServer {
 
   #serve(connection: Connection): void {
     this.#connections.add(connection);
-    const parser = new FrameParser();
+    const parser = new FrameParser(takePayloadBuffer);
     let inFlight = 0;
     let paused = false;
     let outbox: Buffer[] = [];
@@ -149,15 +149,7 @@ export class StoreServer {
         connection.resume();
       }
     };
-    connection.onData((chunk) => {
-      let frames: Frame[];
-      try {
-        frames = parser.push(chunk);
-      } catch (error) {
-        this.#log(`store protocol error from ${connection.remoteAddress}: ${(error as Error).message}; closing the connection`);
-        connection.destroy();
-        return;
-      }
+    const serveFrames = (frames: readonly Frame[]): void => {
       for (const frame of frames) {
         const now = this.#readNow(frame.header);
         if (now !== undefined) {
@@ -181,7 +173,22 @@ export class StoreServer {
         paused = true;
         connection.pause();
       }
-    });
+    };
+    const framed = (frame: () => Frame[]): void => {
+      let frames: Frame[];
+      try {
+        frames = frame();
+      } catch (error) {
+        this.#log(`store protocol error from ${connection.remoteAddress}: ${(error as Error).message}; closing the connection`);
+        connection.destroy();
+        return;
+      }
+      serveFrames(frames);
+    };
+    // Reads into a reused staging buffer, or straight into the payload being received (a pool
+    // buffer, given back once the engine has written it), where the connection can.
+    const inPlace = connection.readInto?.(() => parser.readTarget(), (bytes) => framed(() => parser.received(bytes))) === true;
+    if (!inPlace) connection.onData((chunk) => framed(() => parser.push(chunk)));
     connection.onClose(() => this.#connections.delete(connection));
   }
 
@@ -225,6 +232,8 @@ export class StoreServer {
       if (crc32c(data.subarray(i * BLOCK_SIZE_BYTES, (i + 1) * BLOCK_SIZE_BYTES)) !== checksums[i]) return false;
     }
     return this.#writeNow(h, checksums, data, (error, appliedBlocks) => {
+      // Written: nothing reads the payload any more. After an error it is left to the collector.
+      if (error === undefined && frame.lent === true) ioBuffers.give(payload);
       send(error === undefined ? { header: replyHeader(h, { countBlocks: appliedBlocks }), parts: [] } : errorReply(h, error));
       done();
     });
@@ -748,4 +757,9 @@ function errorReply(request: FrameHeader, error: unknown): Reply {
   const shaleError = toShaleError(error);
   const message = Buffer.from(shaleError.message.slice(0, 1000), 'utf8');
   return { header: { ...request, op: request.op | REPLY_BIT, status: ErrorCodes[codeOf(shaleError)].wire, payloadBytes: message.length }, parts: [message] };
+}
+
+/** Where a frame's payload read in place goes: a pool buffer (a new one per 1 MiB write kept V8's collector busy). */
+function takePayloadBuffer(bytes: number): Buffer {
+  return ioBuffers.take(bytes);
 }
