@@ -1198,9 +1198,10 @@ function checkPieces(pieces: readonly NbdReadPiece[], offsetBytes: number, lengt
 }
 
 /**
- * Where a write payload that spans several socket reads is assembled: a pool buffer, given back
- * when the write is done with it (a new 1 MiB buffer per request kept V8's collector marking and
- * sweeping through a third of a 1 MiB sequential write's CPU; docs/benchmarks.md).
+ * Where a write payload is received (every one while reading in place, else one that spans socket
+ * reads): a pool buffer, given back when the write is done with it (a new 1 MiB buffer per request
+ * kept V8's collector marking and sweeping through a third of a 1 MiB sequential write's CPU;
+ * docs/benchmarks.md).
  */
 function takePayloadBuffer(bytes: number): Buffer {
   return ioBuffers.take(bytes);

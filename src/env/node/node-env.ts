@@ -524,7 +524,7 @@ class NodeConnection implements Connection {
  * (the `onread` option) only to sockets it connects, not to the ones a server accepts; an accepted
  * socket gets the same by the same properties, found by their names on a socket made with
  * `onread`, and its handle's `useUserBuffer`. Undefined if this Node.js does not have them (then
- * connections read as usual; test/read-in-place.test.ts checks that the pinned Node.js has them).
+ * connections read as usual; src/env/node/node-env.test.ts checks that the pinned Node.js has them).
  */
 let userBufferKeysFound: { buffer: symbol; next: symbol; callback: symbol } | null | undefined;
 
