@@ -4,8 +4,8 @@
  * collections every few dozen 1 MiB reads (half the CPU of a sequential read went to marking and
  * sweeping), and one per 1 MiB write payload did the same to writes. A buffer taken here goes back
  * with `give` once its last user is done with it — for a read, when the NBD reply carrying it has
- * been written to the socket; for a write payload, when every replica has acknowledged it — and
- * is handed out again.
+ * been written to the socket; for a write payload, once it has been written (by every replica,
+ * for the NBD gateway) — and is handed out again.
  *
  * Safety rests on one rule: only the last user gives a buffer back. A buffer that is never given
  * back is simply garbage collected, so any path that keeps a reference (or doesn't know) just
@@ -108,8 +108,8 @@ function classIndex(bytes: number): number {
 }
 
 /**
- * The process's pool: read data (the store engine takes, the NBD gateway gives back) and write
- * payloads the NBD gateway assembles from several socket reads (it takes, and gives back when the
- * volume reports every replica done with them).
+ * The process's pool: read data (the store engine takes, the NBD gateway gives back) and the write
+ * payloads sockets are read into (the NBD gateway takes them and gives them back when the volume
+ * reports every replica done with them; a store, when its engine has written them).
  */
 export const ioBuffers = new BufferPool();
