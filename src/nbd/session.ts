@@ -30,7 +30,7 @@
  */
 import type { Connection, Env, Timer } from '../env/env.ts';
 import { assert } from '../lib/assert.ts';
-import { ioBuffers } from '../lib/buffer-pool.ts';
+import { ioBuffers, takePayloadBuffer } from '../lib/buffer-pool.ts';
 import { ErrorCodes, NbdErrno, ShaleError, codeOf } from '../lib/errors.ts';
 import {
   NBD_BLOCK_SIZE_MINIMUM,
@@ -1195,14 +1195,4 @@ function checkPieces(pieces: readonly NbdReadPiece[], offsetBytes: number, lengt
     position += piece.lengthBytes;
   }
   return position === offsetBytes + lengthBytes ? undefined : `covered ${position - offsetBytes} of ${lengthBytes} bytes`;
-}
-
-/**
- * Where a write payload is received (every one while reading in place, else one that spans socket
- * reads): a pool buffer, given back when the write is done with it (a new 1 MiB buffer per request
- * kept V8's collector marking and sweeping through a third of a 1 MiB sequential write's CPU;
- * docs/benchmarks.md).
- */
-function takePayloadBuffer(bytes: number): Buffer {
-  return ioBuffers.take(bytes);
 }

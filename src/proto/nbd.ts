@@ -405,8 +405,9 @@ export interface NbdRequest {
   /** A write whose payload exceeded the parser's payloadBytesMax and was discarded unread. */
   readonly payloadSkipped: boolean;
   /**
-   * The payload was copied into a buffer from the parser's `payloadBuffer` (it arrived in more
-   * than one socket read); false for a view of the bytes as they arrived, and without a payload.
+   * The payload is in a buffer from the parser's `payloadBuffer` (every payload while reading in
+   * place, else one that arrived in more than one socket read); false for a view of the bytes as
+   * they arrived, and without a payload.
    */
   readonly payloadLent: boolean;
 }
@@ -862,8 +863,9 @@ export class NbdServerParser {
 
   /**
    * `payloadBuffer`, if given, supplies a buffer of exactly the size asked for a write payload that
-   * arrived in more than one socket read (the request says `payloadLent`); otherwise such a payload
-   * is copied into a new buffer. A payload that arrived in one read is always a view of it.
+   * arrived in more than one socket read, and for every payload while reading in place (the request
+   * says `payloadLent`); without it such a payload is copied into a new buffer. Otherwise a payload
+   * that arrived in one read is a view of it.
    */
   constructor(limits: NbdServerParserLimits = defaultParserLimits, payloadBuffer?: (bytes: number) => Buffer) {
     assert(limits.optionDataBytesMax >= NBD_STRING_BYTES_MAX + 6, 'options can hold a maximal name');

@@ -12,7 +12,7 @@
  * Replies go out in batches: everything completed in one event-loop turn leaves in one write.
  */
 import { assert } from '../lib/assert.ts';
-import { giveBack, ioBuffers } from '../lib/buffer-pool.ts';
+import { giveBack, ioBuffers, takePayloadBuffer } from '../lib/buffer-pool.ts';
 import { crc32c } from '../lib/crc32c.ts';
 import { codeOf, ErrorCodes, ShaleError, toShaleError } from '../lib/errors.ts';
 import { placementGroupOf } from '../lib/placement-hash.ts';
@@ -757,9 +757,4 @@ function errorReply(request: FrameHeader, error: unknown): Reply {
   const shaleError = toShaleError(error);
   const message = Buffer.from(shaleError.message.slice(0, 1000), 'utf8');
   return { header: { ...request, op: request.op | REPLY_BIT, status: ErrorCodes[codeOf(shaleError)].wire, payloadBytes: message.length }, parts: [message] };
-}
-
-/** Where a frame's payload read in place goes: a pool buffer (a new one per 1 MiB write kept V8's collector busy). */
-function takePayloadBuffer(bytes: number): Buffer {
-  return ioBuffers.take(bytes);
 }
