@@ -13,6 +13,7 @@
  *   RUNS=5 RUNTIME=20 npm run bench:nbd
  *   TARGETS=nbdkit-file-tcp,shale-1-replica-tcp WORKLOADS=randread_4k_qd32 npm run bench:nbd
  *   DROP_CACHES=1 WORKLOADS=randread_4k_qd32 npm run bench:nbd
+ *   WRITE_PAGES=keep WORKLOADS=randwrite_4k_qd32 npm run bench:nbd   # writes over the pages earlier runs left
  *   CACHE_SIZE=0 TARGETS=shale-1-replica-unix npm run bench:nbd     # Shale's stores without their read cache
  *
  * Targets: nbdkit file plugin (tcp, unix), qemu-nbd (--cache=none --aio=threads, unix), Shale with
@@ -21,7 +22,7 @@
  * Volumes and files are 1 GiB, written once (1 MiB sequential) before measuring.
  */
 import { spawn, spawnSync, type ChildProcess } from 'node:child_process';
-import { mkdtempSync, readFileSync, rmSync, truncateSync, writeFileSync } from 'node:fs';
+import { existsSync, mkdtempSync, readFileSync, rmSync, truncateSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { freePort, log, MAIN } from './support.ts';
@@ -41,6 +42,18 @@ const SIZE = '1G';
  * run (Shale's cache is not: with CACHE_SIZE=0 the Shale targets run without one).
  */
 const DROP_CACHES = process.env.DROP_CACHES === '1';
+/**
+ * Write workloads start from the same page-cache state on every target: before each write run, the
+ * target's backing files (nbdkit's and qemu-nbd's image, each Shale store's disk file) are written
+ * back and dropped from the page cache (`dd oflag=nocache conv=fdatasync count=0`). Without it the
+ * peers' 4 KiB random writes depend on history: this machine's kernel (6.18) keeps a file's page
+ * cache in large folios when large writes or readahead filled it, and ext4 walks every block of
+ * the folio on each 4 KiB write into one. nbdkit's file plugin measured 19k IOPS over the pages the
+ * 1 MiB fill left and 135k over pages its own 4 KiB writes made; which one a run saw depended on
+ * whether the kernel had paged the file out in the meantime. Dropping the pages gives every
+ * target the pages its own writes make; WRITE_PAGES=keep writes over whatever earlier runs left.
+ */
+const WRITE_PAGES_KEPT = process.env.WRITE_PAGES === 'keep';
 /** `--busy-poll` for the Shale gateways (µs); unset: shale up's default. */
 const BUSY_POLL = process.env.BUSY_POLL;
 /** `--cache-size` for the Shale stores; unset: shale up's default (auto). */
@@ -63,6 +76,8 @@ interface Target {
   pids: () => number[];
   /** Copies of the data behind the target, each read once before a read run. */
   replicas?: number;
+  /** The files holding the target's data, dropped from the page cache before a write run. */
+  files: string[];
 }
 
 const dir = mkdtempSync(join(tmpdir(), 'shale-bench-nbd-'));
@@ -149,9 +164,11 @@ async function shaleUp(name: string, stores: number): Promise<Target[]> {
     const list = spawnSync('pgrep', ['-f', join(dir, name)], { encoding: 'utf8' }).stdout.trim().split('\n').filter(Boolean).map(Number);
     return list;
   };
+  const files = Array.from({ length: stores }, (_, index) => join(dir, name, `store-${index + 1}`, 'disk.img'));
+  for (const file of files) if (!existsSync(file)) throw new Error(`${name}: no store disk at ${file}`);
   return [
-    { name, transport: 'tcp', uri: `nbd://127.0.0.1:${nbdPort}/bench`, pids, replicas: Math.min(3, stores) },
-    { name, transport: 'unix', uri: `nbd+unix:///bench?socket=${socket}`, pids, replicas: Math.min(3, stores) },
+    { name, transport: 'tcp', uri: `nbd://127.0.0.1:${nbdPort}/bench`, pids, replicas: Math.min(3, stores), files },
+    { name, transport: 'unix', uri: `nbd+unix:///bench?socket=${socket}`, pids, replicas: Math.min(3, stores), files },
   ];
 }
 
@@ -169,14 +186,14 @@ async function main(): Promise<void> {
   const nbdkitSocket = join(dir, 'nbdkit.sock');
   const nbdkitTcp = start('nbdkit', ['-f', '-p', String(nbdkitPort), 'file', nbdkitFile]);
   const nbdkitUnix = start('nbdkit', ['-f', '-U', nbdkitSocket, 'file', nbdkitFile]);
-  targets.push({ name: 'nbdkit-file', transport: 'tcp', uri: `nbd://127.0.0.1:${nbdkitPort}/`, pids: () => [nbdkitTcp.pid!] });
-  targets.push({ name: 'nbdkit-file', transport: 'unix', uri: `nbd+unix:///?socket=${nbdkitSocket}`, pids: () => [nbdkitUnix.pid!] });
+  targets.push({ name: 'nbdkit-file', transport: 'tcp', uri: `nbd://127.0.0.1:${nbdkitPort}/`, pids: () => [nbdkitTcp.pid!], files: [nbdkitFile] });
+  targets.push({ name: 'nbdkit-file', transport: 'unix', uri: `nbd+unix:///?socket=${nbdkitSocket}`, pids: () => [nbdkitUnix.pid!], files: [nbdkitFile] });
 
   const qemuFile = join(dir, 'qemu.img');
   truncateSync(writeFileAndReturn(qemuFile), 1024 ** 3);
   const qemuSocket = join(dir, 'qemu.sock');
   const qemu = start('qemu-nbd', ['--persistent', '--shared=8', '--cache=none', '--aio=threads', '--format=raw', `--socket=${qemuSocket}`, qemuFile]);
-  targets.push({ name: 'qemu-nbd', transport: 'unix', uri: `nbd+unix:///?socket=${qemuSocket}`, pids: () => [qemu.pid!] });
+  targets.push({ name: 'qemu-nbd', transport: 'unix', uri: `nbd+unix:///?socket=${qemuSocket}`, pids: () => [qemu.pid!], files: [qemuFile] });
 
   // Shale clusters are started only when one of their targets is measured.
   const wanted = (name: string): boolean => !only || only.some((entry) => entry.startsWith(`${name}-`));
@@ -197,7 +214,9 @@ async function main(): Promise<void> {
         const key = `${workload}|${target.name}|${target.transport}`;
         const pids = target.pids();
         if (DROP_CACHES) dropPageCache();
-        else if (args.some((arg) => arg.includes('read'))) {
+        else if (args.some((arg) => arg.includes('write'))) {
+          if (!WRITE_PAGES_KEPT) for (const file of target.files) dropFilePages(file);
+        } else if (args.some((arg) => arg.includes('read'))) {
           for (let pass = 0; pass < (target.replicas ?? 1); pass++) fio(target.uri, ['--rw=read', '--bs=1M', '--iodepth=8'], 0, ['--time_based=0']);
         }
         const cpuBefore = cpuSeconds(pids);
@@ -226,13 +245,20 @@ async function main(): Promise<void> {
     }
   }
   const loadavg = readFileSync('/proc/loadavg', 'utf8').split(' ').slice(0, 3).join(' ');
-  const cache = DROP_CACHES ? 'page cache emptied before each run' : 'reads of page-cached data (every copy of the data read once before its run)';
+  const cache = DROP_CACHES ? 'page cache emptied before each run'
+    : `reads of page-cached data (every copy of the data read once before its run); ${WRITE_PAGES_KEPT ? 'writes over the pages earlier runs left' : 'writes after the data files left the page cache'}`;
   process.stdout.write(`\nNBD benchmark: ${RUNS} rounds × ${RUNTIME} s per workload and target, medians; ${cache}; load average at the end ${loadavg}\n\n${lines.join('\n')}\n`);
 }
 
 function dropPageCache(): void {
   spawnSync('sync');
   writeFileSync('/proc/sys/vm/drop_caches', '1');
+}
+
+/** Writes the file's dirty pages back and drops all its pages from the page cache (GNU dd's `nocache`). */
+function dropFilePages(file: string): void {
+  const result = spawnSync('dd', [`of=${file}`, 'oflag=nocache', 'conv=notrunc,fdatasync', 'count=0', 'status=none'], { encoding: 'utf8' });
+  if (result.status !== 0) throw new Error(`dropping ${file} from the page cache: ${result.stderr}`);
 }
 
 function writeFileAndReturn(path: string): string {
