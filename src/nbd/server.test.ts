@@ -461,6 +461,29 @@ describe('concurrency and limits', () => {
     assert.equal(disk.counters.writes, 40);
   });
 
+  test('a write whose header and first bytes were read while the connection was full, and the rest after, lands whole', async (t) => {
+    // The pattern of nbd-tester-client's write test: while the one operation allowed runs, the
+    // server has read the next write's header and part of its payload; it frames that write only
+    // once the first one ends, after it already chose where the next socket read goes.
+    const gate = latch();
+    const disk = new MemoryExport({ name: 'disk', sizeBytes: MiB, beforeOperation: (operation: MemoryOperation) => (operation === 'write' ? gate.opened : undefined) });
+    const { open, logs } = await serve(t, [disk], { inFlightRequestsMax: 1 });
+    const client = await open('disk');
+    const rest = latch();
+    const first = client.write(0, Buffer.alloc(1024, 0x11));
+    const second = client.request(NbdCommand.WRITE, { offsetBytes: 4096, payload: Buffer.alloc(1024, 0x22), payloadFirstBytes: 300, payloadRestAfter: rest.opened });
+    await waitFor('the first write to run', () => disk.counters.running === 1);
+    await sleep(20);
+    rest.open();
+    await sleep(20);
+    gate.open();
+    const third = client.write(8192, Buffer.alloc(1024, 0x33));
+    assert.deepEqual([(await first).error, (await second).error, (await third).error], [0, 0, 0]);
+    assert.deepEqual(disk.data.subarray(4096, 5120), Buffer.alloc(1024, 0x22));
+    assert.deepEqual(disk.data.subarray(8192, 9216), Buffer.alloc(1024, 0x33));
+    assert.doesNotMatch(logs.join('\n'), /bad request magic/);
+  });
+
   test('a client that does not read its replies stops the server reading its requests', async (t) => {
     const disk = new MemoryExport({ name: 'disk', sizeBytes: 64 * MiB });
     const { open } = await serve(t, [disk], { inFlightBytesMax: 4 * MiB });

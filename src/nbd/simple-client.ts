@@ -80,6 +80,12 @@ export interface NbdRequestOptions {
   readonly payload?: Buffer;
   /** Whether the reply carries lengthBytes of data on success (default: for NBD_CMD_READ). */
   readonly expectData?: boolean;
+  /**
+   * Sends the header with only this many bytes of the payload, and the rest once `payloadRestAfter`
+   * settles (a request split across the server's socket reads at a chosen point).
+   */
+  readonly payloadFirstBytes?: number;
+  readonly payloadRestAfter?: Promise<unknown>;
 }
 
 interface Waiter {
@@ -302,7 +308,17 @@ export class NbdSimpleClient {
         blockStatus: undefined,
       });
     });
-    this.#connection.write(options.payload !== undefined ? [header, options.payload] : header);
+    const payload = options.payload;
+    if (payload === undefined) this.#connection.write(header);
+    else if (options.payloadFirstBytes === undefined) this.#connection.write([header, payload]);
+    else {
+      const connection = this.#connection;
+      connection.write([header, payload.subarray(0, options.payloadFirstBytes)]);
+      const rest = payload.subarray(options.payloadFirstBytes);
+      void Promise.resolve(options.payloadRestAfter).finally(() => {
+        if (!connection.closed) connection.write(rest);
+      });
+    }
     return reply;
   }
 

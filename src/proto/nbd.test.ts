@@ -351,8 +351,10 @@ describe('NbdServerParser', () => {
 
   test('reading in place frames the same messages, every payload lent, nothing left in the reused staging buffer', () => {
     // Payloads up to twice the 64 KiB staging buffer, some above the limit (skipped); reads of any
-    // size; the reader sometimes stops pulling messages (a connection pausing), and after each
-    // release the staging buffer is overwritten as the next read would.
+    // size; the reader sometimes stops pulling messages (a connection pausing), sometimes pulls them
+    // after the next read's target was chosen and before that read lands (a paused session
+    // resuming once replies went out), and after each release the staging buffer is overwritten
+    // as the next read would.
     const limits: NbdServerParserLimits = { optionDataBytesMax: 8192, payloadBytesMax: 100_000, oversizedPayloadSkipBytesMax: 200_000 };
     const arbitraryRequest = fc.record({
       type: fc.constantFrom(NbdCommand.READ, NbdCommand.WRITE, NbdCommand.WRITE, NbdCommand.FLUSH, NbdCommand.TRIM),
@@ -364,7 +366,8 @@ describe('NbdServerParser', () => {
     });
     const options = { numRuns: 200 };
     fc.assert(fc.property(fc.array(arbitraryRequest, { maxLength: 12 }), fc.nat(), fc.array(fc.integer({ min: 1, max: 150_000 }), { minLength: 1, maxLength: 20 }),
-      fc.array(fc.boolean(), { minLength: 1, maxLength: 7 }), (requests, ownedPrefix, readSizes, keepsPulling) => {
+      fc.array(fc.boolean(), { minLength: 1, maxLength: 7 }), fc.array(fc.boolean(), { minLength: 1, maxLength: 5 }),
+      (requests, ownedPrefix, readSizes, keepsPulling, pullsBeforeRead) => {
         const bytes = Buffer.concat(requests.map((fields) => (fields.type === NbdCommand.WRITE && fields.lengthBytes <= limits.oversizedPayloadSkipBytesMax
           ? request(fields, Buffer.alloc(fields.lengthBytes, fields.cookieLow & 0xff)) : request(fields))));
         const lent = new Set<Buffer>();
@@ -388,6 +391,7 @@ describe('NbdServerParser', () => {
         for (; at < bytes.length; turn++) {
           const target = parser.readTarget();
           assert.ok(target.length > 0, 'a read target is never empty');
+          if (pullsBeforeRead[turn % pullsBeforeRead.length]!) for (let message = parser.next(); message !== undefined; message = parser.next()) framed.push(message);
           const count = Math.min(target.length, readSizes[turn % readSizes.length]!, bytes.length - at);
           bytes.copy(target, 0, at, at + count);
           at += count;

@@ -910,12 +910,20 @@ export class NbdServerParser {
   received(bytes: number): void {
     if (this.#failure !== undefined) return;
     const filling = this.#filling;
-    if (!this.#targetIsPayload || filling === undefined) {
+    if (this.#targetIsPayload) {
+      // Discarded since its target was chosen (the connection is ending): the bytes go with it.
+      if (filling === undefined) return;
+      assert(filling.filled + bytes <= filling.payload.length, 'a read stays within its payload');
+      filling.filled += bytes;
+    } else {
       this.#queue.push(this.#staging!.subarray(0, bytes));
-      return;
+      if (filling === undefined) return;
+      // The payload began after this read's target was chosen (the caller pulled a write's header
+      // between choosing it and the read): its next bytes are in the staging buffer.
+      const taken = Math.min(this.#queue.length, filling.payload.length - filling.filled);
+      this.#queue.takeInto(filling.payload.subarray(filling.filled), taken);
+      filling.filled += taken;
     }
-    assert(filling.filled + bytes <= filling.payload.length, 'a read stays within its payload');
-    filling.filled += bytes;
     if (filling.filled === filling.payload.length) {
       this.#filling = undefined;
       this.#filled = filling.request;
