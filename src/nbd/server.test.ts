@@ -469,19 +469,78 @@ describe('concurrency and limits', () => {
     const disk = new MemoryExport({ name: 'disk', sizeBytes: MiB, beforeOperation: (operation: MemoryOperation) => (operation === 'write' ? gate.opened : undefined) });
     const { open, logs } = await serve(t, [disk], { inFlightRequestsMax: 1 });
     const client = await open('disk');
-    const rest = latch();
     const first = client.write(0, Buffer.alloc(1024, 0x11));
-    const second = client.request(NbdCommand.WRITE, { offsetBytes: 4096, payload: Buffer.alloc(1024, 0x22), payloadFirstBytes: 300, payloadRestAfter: rest.opened });
+    const second = client.prepare(NbdCommand.WRITE, { offsetBytes: 4096, payload: Buffer.alloc(1024, 0x22) });
+    client.sendRaw(second.bytes.subarray(0, 300));
     await waitFor('the first write to run', () => disk.counters.running === 1);
     await sleep(20);
-    rest.open();
+    client.sendRaw(second.bytes.subarray(300));
     await sleep(20);
     gate.open();
     const third = client.write(8192, Buffer.alloc(1024, 0x33));
-    assert.deepEqual([(await first).error, (await second).error, (await third).error], [0, 0, 0]);
+    assert.deepEqual([(await first).error, (await second.reply).error, (await third).error], [0, 0, 0]);
     assert.deepEqual(disk.data.subarray(4096, 5120), Buffer.alloc(1024, 0x22));
     assert.deepEqual(disk.data.subarray(8192, 9216), Buffer.alloc(1024, 0x33));
     assert.doesNotMatch(logs.join('\n'), /bad request magic/);
+  });
+
+  test('writes sent as one stream cut at random points, into a connection that fills up and operations that take random time, all land whole', async () => {
+    // Payloads from 1 byte to twice the server's 64 KiB read buffer; the stream is cut at up to 40
+    // points anywhere, and its pieces arrive a millisecond apart at times; the server allows 1 to 4
+    // operations at once, so it stops and starts reading at any point of a request.
+    await fc.assert(fc.asyncProperty(
+      fc.array(fc.record({ lengthBytes: fc.oneof(fc.integer({ min: 1, max: 5000 }), fc.integer({ min: 60_000, max: 140_000 })), fua: fc.boolean() }), { minLength: 1, maxLength: 16 }),
+      fc.array(fc.nat(), { maxLength: 40 }),
+      fc.array(fc.nat(2), { minLength: 1, maxLength: 6 }),
+      fc.integer({ min: 1, max: 4 }),
+      async (writes, cuts, delaysMs, inFlightRequestsMax) => {
+        let operation = 0;
+        const disk = new MemoryExport({
+          name: 'disk', sizeBytes: 4 * MiB,
+          beforeOperation: () => {
+            const delayMs = delaysMs[operation++ % delaysMs.length]!;
+            return delayMs === 0 ? undefined : sleep(delayMs);
+          },
+        });
+        const logs: string[] = [];
+        const server = await startNbdServer(nodeEnv, { listen: '127.0.0.1:0', provider: new MemoryExportProvider([disk]), log: (message) => logs.push(message), inFlightRequestsMax });
+        const client = await NbdSimpleClient.connect(nodeEnv, server.address);
+        try {
+          await client.go('disk');
+          let offsetBytes = 0;
+          const sent = writes.map((write, index) => {
+            const payload = Buffer.alloc(write.lengthBytes, (index * 37 + 1) & 0xff);
+            const prepared = client.prepare(NbdCommand.WRITE, { offsetBytes, payload, flags: write.fua ? NbdCommandFlag.FUA : 0 });
+            offsetBytes += write.lengthBytes;
+            return { ...prepared, payload };
+          });
+          const stream = Buffer.concat(sent.map((write) => write.bytes));
+          const ends = [...new Set(cuts.map((cut) => cut % stream.length)), stream.length].sort((a, b) => a - b);
+          let start = 0;
+          for (const [piece, end] of ends.entries()) {
+            client.sendRaw(stream.subarray(start, end));
+            start = end;
+            if (piece % 3 === 2) await sleep(1);
+            else await new Promise((resolve) => setImmediate(resolve));
+          }
+          // A write whose bytes went astray never completes: fail the run rather than hang it.
+          let timer: NodeJS.Timeout | undefined;
+          const stalled = new Promise<never>((_, reject) => {
+            timer = setTimeout(() => reject(new Error('a write never completed')), 5000);
+          });
+          const replies = await Promise.race([Promise.all(sent.map((write) => write.reply)), stalled]).finally(() => clearTimeout(timer));
+          assert.deepEqual(replies.map((reply) => reply.error), writes.map(() => 0));
+          let at = 0;
+          for (const write of sent) {
+            assert.ok(disk.data.subarray(at, at + write.payload.length).equals(write.payload), `the write at ${at} landed whole`);
+            at += write.payload.length;
+          }
+          assert.doesNotMatch(logs.join('\n'), /bad request magic|closing connection/);
+        } finally {
+          client.destroy();
+          await server.close();
+        }
+      }), { numRuns: 25, endOnFailure: true }); // a failure is a 5 s stall: report the first, do not shrink
   });
 
   test('a client that does not read its replies stops the server reading its requests', async (t) => {

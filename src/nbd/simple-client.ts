@@ -80,12 +80,6 @@ export interface NbdRequestOptions {
   readonly payload?: Buffer;
   /** Whether the reply carries lengthBytes of data on success (default: for NBD_CMD_READ). */
   readonly expectData?: boolean;
-  /**
-   * Sends the header with only this many bytes of the payload, and the rest once `payloadRestAfter`
-   * settles (a request split across the server's socket reads at a chosen point).
-   */
-  readonly payloadFirstBytes?: number;
-  readonly payloadRestAfter?: Promise<unknown>;
 }
 
 interface Waiter {
@@ -285,6 +279,16 @@ export class NbdSimpleClient {
 
   /** Sends one request; resolves with its reply. Nothing is awaited before sending, so many can be in flight. */
   request(type: number, options: NbdRequestOptions = {}): Promise<NbdSimpleReply> {
+    const { bytes, reply } = this.prepare(type, options);
+    this.#connection.write(bytes);
+    return reply;
+  }
+
+  /**
+   * A request's bytes and its reply, without sending it: the caller sends the bytes with `sendRaw`,
+   * in order with other requests' bytes, whole or split at chosen points.
+   */
+  prepare(type: number, options: NbdRequestOptions = {}): { bytes: Buffer; reply: Promise<NbdSimpleReply> } {
     assert(this.#transmission, 'requests follow the handshake');
     const cookie = this.#nextCookie++;
     const lengthBytes = options.lengthBytes ?? options.payload?.length ?? 0;
@@ -308,18 +312,7 @@ export class NbdSimpleClient {
         blockStatus: undefined,
       });
     });
-    const payload = options.payload;
-    if (payload === undefined) this.#connection.write(header);
-    else if (options.payloadFirstBytes === undefined) this.#connection.write([header, payload]);
-    else {
-      const connection = this.#connection;
-      connection.write([header, payload.subarray(0, options.payloadFirstBytes)]);
-      const rest = payload.subarray(options.payloadFirstBytes);
-      void Promise.resolve(options.payloadRestAfter).finally(() => {
-        if (!connection.closed) connection.write(rest);
-      });
-    }
-    return reply;
+    return { bytes: options.payload === undefined ? header : Buffer.concat([header, options.payload]), reply };
   }
 
   read(offsetBytes: number, lengthBytes: number, flags = 0): Promise<NbdSimpleReply> {
