@@ -683,8 +683,9 @@ export function decodeBlockStatus(payload: Buffer): { contextId: number; extents
 
 /**
  * A FIFO of received chunks. Reads that fall within one chunk return views of it (no copy);
- * reads that span chunks copy once. Node gives every socket read its own buffer, so a view stays
- * valid after the chunk is consumed.
+ * reads that span chunks copy once. A view stays valid after the chunk is consumed as long as the
+ * chunk's buffer is not reused: true of Node's own per-read buffers; a reused staging buffer's
+ * bytes are copied out with `own` before it is read into again.
  */
 export class ByteQueue {
   readonly #chunks: Buffer[] = [];
@@ -893,9 +894,10 @@ export class NbdServerParser {
    * of a write payload being filled (so a large payload lands where it is handed on, without a
    * copy), else a staging buffer reused for every read. Then `received` with the bytes that read
    * filled, `next` until it returns undefined or the caller stops, and `release` before the next
-   * read: it copies what the queue still holds out of the staging buffer. Every payload is then
-   * lent (copied out of the staging buffer if it arrived there). Mixes with `push` of owned chunks
-   * received before.
+   * read: it copies what the queue still holds out of the staging buffer. `next` may also run
+   * between choosing a target and the read landing (a paused reader resuming): a write framed then
+   * takes its next bytes from the staging buffer. Every payload is then lent (copied out of the
+   * staging buffer if it arrived there). Mixes with `push` of owned chunks received before.
    */
   readTarget(): Buffer {
     assert(this.#phase === 'transmission' && this.#payloadBuffer !== undefined, 'reading in place is for transmission, with payload buffers');
