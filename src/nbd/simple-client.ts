@@ -106,6 +106,19 @@ interface PendingRequest {
 const CHUNK_PAYLOAD_BYTES_MAX = NBD_PAYLOAD_BYTES_MAX + 8 * 1024 * 1024;
 const COOKIE_HIGH = 0x5a4c;
 
+/** All of `promises`, or a rejection naming `what` if any is still pending after `timeoutMs` (a stall fails a test rather than hanging it). */
+export async function allWithin<T>(promises: readonly Promise<T>[], timeoutMs: number, what: string): Promise<T[]> {
+  let timer: ReturnType<typeof setTimeout> | undefined;
+  const stalled = new Promise<never>((_, reject) => {
+    timer = setTimeout(() => reject(new Error(`${what}: still pending after ${timeoutMs} ms`)), timeoutMs);
+  });
+  try {
+    return await Promise.race([Promise.all(promises), stalled]);
+  } finally {
+    clearTimeout(timer);
+  }
+}
+
 export class NbdSimpleClient {
   readonly handshakeFlags: number;
   /** Resolves when the connection has closed (with the error that closed it, if any). */
@@ -190,6 +203,20 @@ export class NbdSimpleClient {
   /** Sends bytes as they are (garbage, hand-made messages). */
   sendRaw(bytes: Buffer): void {
     this.#connection.write(bytes);
+  }
+
+  /**
+   * Sends `bytes` cut at the given points (each taken modulo the length), one piece per write,
+   * awaiting `between(piece)` after each: the server then receives them in separate reads.
+   */
+  async sendInPieces(bytes: Buffer, cuts: readonly number[], between: (piece: number) => Promise<unknown>): Promise<void> {
+    const ends = [...new Set(cuts.map((cut) => cut % bytes.length)), bytes.length].sort((a, b) => a - b);
+    let start = 0;
+    for (const [piece, end] of ends.entries()) {
+      this.sendRaw(bytes.subarray(start, end));
+      start = end;
+      await between(piece);
+    }
   }
 
   /** Sends an option and collects its replies up to the final one (ACK or an error). */
