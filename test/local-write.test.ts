@@ -114,7 +114,7 @@ describe('writes from a gateway to a store in the same process', () => {
           });
           await client.sendInPieces(Buffer.concat(sent.map((write) => write.bytes)), cuts, () => new Promise((resolve) => setImmediate(resolve)));
           // A write whose bytes went astray never completes.
-          for (const reply of await allWithin(sent.map((write) => write.reply), 5000, 'the writes\' replies')) assert.equal(reply.error, 0);
+          for (const reply of await allWithin(nodeEnv.clock, sent.map((write) => write.reply), 5000, 'the writes\' replies')) assert.equal(reply.error, 0);
           for (const write of sent) {
             const reply = await client.read(write.at, write.data.length);
             assert.ok(reply.data!.equals(write.data), `the write at ${write.at} reads back as written`);

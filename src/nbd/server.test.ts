@@ -479,7 +479,7 @@ describe('concurrency and limits', () => {
     gate.open();
     const third = client.write(8192, Buffer.alloc(1024, 0x33));
     // Bytes framed in the wrong place leave a write waiting for ever.
-    const replies = await allWithin([first, second.reply, third], 5000, 'the three writes\' replies');
+    const replies = await allWithin(nodeEnv.clock, [first, second.reply, third], 5000, 'the three writes\' replies');
     assert.deepEqual(replies.map((reply) => reply.error), [0, 0, 0]);
     assert.deepEqual(disk.data.subarray(4096, 5120), Buffer.alloc(1024, 0x22));
     assert.deepEqual(disk.data.subarray(8192, 9216), Buffer.alloc(1024, 0x33));
@@ -519,7 +519,7 @@ describe('concurrency and limits', () => {
           await client.sendInPieces(Buffer.concat(sent.map((write) => write.bytes)), cuts,
             (piece) => (piece % 3 === 2 ? sleep(1) : new Promise((resolve) => setImmediate(resolve))));
           // A write whose bytes went astray never completes.
-          const replies = await allWithin(sent.map((write) => write.reply), 5000, 'the writes\' replies');
+          const replies = await allWithin(nodeEnv.clock, sent.map((write) => write.reply), 5000, 'the writes\' replies');
           assert.deepEqual(replies.map((reply) => reply.error), writes.map(() => 0));
           let at = 0;
           for (const write of sent) {

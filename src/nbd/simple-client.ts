@@ -9,7 +9,7 @@
  * read's data is assembled from its data and hole chunks (holes read as zeroes) and the chunks are
  * kept in the reply so tests can see how the server answered.
  */
-import type { Connection, Env } from '../env/env.ts';
+import type { Clock, Connection, Env, Timer } from '../env/env.ts';
 import { assert } from '../lib/assert.ts';
 import { ShaleError } from '../lib/errors.ts';
 import {
@@ -106,16 +106,16 @@ interface PendingRequest {
 const CHUNK_PAYLOAD_BYTES_MAX = NBD_PAYLOAD_BYTES_MAX + 8 * 1024 * 1024;
 const COOKIE_HIGH = 0x5a4c;
 
-/** All of `promises`, or a rejection naming `what` if any is still pending after `timeoutMs` (a stall fails a test rather than hanging it). */
-export async function allWithin<T>(promises: readonly Promise<T>[], timeoutMs: number, what: string): Promise<T[]> {
-  let timer: ReturnType<typeof setTimeout> | undefined;
+/** All of `promises`, or a rejection naming `what` if any is still pending after `timeoutMs` on `clock` (a stall fails a test rather than hanging it). */
+export async function allWithin<T>(clock: Clock, promises: readonly Promise<T>[], timeoutMs: number, what: string): Promise<T[]> {
+  let timer: Timer | undefined;
   const stalled = new Promise<never>((_, reject) => {
-    timer = setTimeout(() => reject(new Error(`${what}: still pending after ${timeoutMs} ms`)), timeoutMs);
+    timer = clock.after(timeoutMs, () => reject(new Error(`${what}: still pending after ${timeoutMs} ms`)));
   });
   try {
     return await Promise.race([Promise.all(promises), stalled]);
   } finally {
-    clearTimeout(timer);
+    timer?.cancel();
   }
 }
 
