@@ -233,14 +233,14 @@ describe('shale up, end to end', () => {
     // the gateway's read-modify-write), and trims each followed by a write of 4 to 128 KiB.
     const fio = run('fio', [
       '--name=unaligned', ...common, '--rw=randwrite', '--bsrange=512-64k', '--blockalign=512', '--serialize_overlap=1',
-      '--iodepth=16', '--offset=0', '--size=16M', '--loops=2',
+      '--iodepth=16', '--offset=0', '--size=16M', '--loops=3',
       '--name=trims', ...common, '--rw=randtrimwrite', '--bsrange=4k-128k', '--iodepth=8', '--offset=16M', '--size=16M',
     ], { timeoutMs: 300_000 });
     let fioEnded = false;
     void fio.then(() => {
       fioEnded = true;
     });
-    await new Promise((resolve) => setTimeout(resolve, 800));
+    await new Promise((resolve) => setTimeout(resolve, 500));
     assert.equal(fioEnded, false, 'fio still runs when the store is killed');
     process.kill(victim, 'SIGKILL');
     const result = await fio;
