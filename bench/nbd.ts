@@ -23,7 +23,7 @@
  */
 import { spawn, spawnSync, type ChildProcess } from 'node:child_process';
 import { existsSync, mkdtempSync, readFileSync, rmSync, truncateSync, writeFileSync } from 'node:fs';
-import { tmpdir } from 'node:os';
+import { availableParallelism, tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { freePort, log, MAIN } from './support.ts';
 
@@ -247,7 +247,25 @@ async function main(): Promise<void> {
   const loadavg = readFileSync('/proc/loadavg', 'utf8').split(' ').slice(0, 3).join(' ');
   const cache = DROP_CACHES ? 'page cache emptied before each run'
     : `reads of page-cached data (every copy of the data read once before its run); ${WRITE_PAGES_KEPT ? 'writes over the pages earlier runs left' : 'writes after the data files left the page cache'}`;
-  process.stdout.write(`\nNBD benchmark: ${RUNS} rounds × ${RUNTIME} s per workload and target, medians; ${cache}; load average at the end ${loadavg}\n\n${lines.join('\n')}\n`);
+  process.stdout.write(`\nNBD benchmark: ${RUNS} rounds × ${RUNTIME} s per workload and target, medians; ${cache}; ${cpuDescription()}; load average at the end ${loadavg}\n\n${lines.join('\n')}\n`);
+}
+
+/**
+ * The CPUs and how idle ones wait: on a VM whose idle vCPUs halt at once (haltpoll with no guest
+ * polling), every wake-up of fio or of a server thread costs a VM exit (docs/benchmarks.md).
+ */
+function cpuDescription(): string {
+  const read = (path: string): string | undefined => {
+    try {
+      return readFileSync(path, 'utf8').trim();
+    } catch {
+      return undefined;
+    }
+  };
+  const driver = read('/sys/devices/system/cpu/cpuidle/current_driver');
+  const haltPollNs = driver === 'haltpoll' ? read('/sys/module/haltpoll/parameters/guest_halt_poll_ns') : undefined;
+  const idle = driver === undefined ? 'cpuidle unknown' : `cpuidle ${driver}${haltPollNs === undefined ? '' : ` (guest halt polling ${haltPollNs} ns)`}`;
+  return `${availableParallelism()} CPUs, ${idle}`;
 }
 
 function dropPageCache(): void {
