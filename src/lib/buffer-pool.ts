@@ -50,7 +50,9 @@ const CLASS_MAX_SHIFT = 22;
  * ephemeron table cost more than the read's own bookkeeping.
  */
 const OUT = Symbol('shale.buffer-pool.out');
-type Marked = ArrayBufferLike & { [OUT]?: boolean };
+/** The whole buffer made over an ArrayBuffer: a view given back returns it to the free list without a new Buffer. */
+const WHOLE = Symbol('shale.buffer-pool.whole');
+type Marked = ArrayBufferLike & { [OUT]?: boolean; [WHOLE]?: Buffer };
 
 export class BufferPool implements BufferLender {
   /** Per size class, whole free buffers (each owns its ArrayBuffer of exactly the class size). */
@@ -74,6 +76,7 @@ export class BufferPool implements BufferLender {
     if (buffer === undefined) {
       buffer = Buffer.allocUnsafeSlow(2 ** (index + CLASS_MIN_SHIFT));
       markLender(buffer.buffer, this);
+      (buffer.buffer as Marked)[WHOLE] = buffer;
       this.#allocated++;
     } else {
       this.#reused++;
@@ -92,7 +95,7 @@ export class BufferPool implements BufferLender {
     if (index < 0 || 2 ** (index + CLASS_MIN_SHIFT) !== bytes) return;
     const free = this.#free[index]!;
     if (free.length >= this.#freeMax[index]!) return;
-    free.push(buffer.byteOffset === 0 && buffer.length === bytes ? buffer : Buffer.from(arrayBuffer, 0, bytes));
+    free.push(arrayBuffer[WHOLE] ?? Buffer.from(arrayBuffer, 0, bytes));
   }
 
   /** For tests and metrics: buffers made new and buffers handed out again. */

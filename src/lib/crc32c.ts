@@ -15,9 +15,8 @@ export function blockChecksums(data: Buffer, out: Uint32Array = new Uint32Array(
   if (!Number.isInteger(blocks) || out.length < blocks) {
     throw new RangeError(`blockChecksums: length ${data.length} is not a multiple of ${BLOCK_SIZE_BYTES} or out is short`);
   }
-  for (let i = 0; i < blocks; i++) {
-    out[i] = crc32c(data.subarray(i * BLOCK_SIZE_BYTES, (i + 1) * BLOCK_SIZE_BYTES));
-  }
+  if (blocks === 1) out[0] = crc32c(data);
+  else for (let i = 0; i < blocks; i++) out[i] = crc32c(data.subarray(i * BLOCK_SIZE_BYTES, (i + 1) * BLOCK_SIZE_BYTES));
   return out;
 }
 

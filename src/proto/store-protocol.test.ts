@@ -62,24 +62,7 @@ test('the frame parser reading in place yields the same frames, payloads lent, n
         header: { ...emptyHeader(), op: size === 0 ? Op.FLUSH : Op.WRITE, requestId: i + 1, volumeId: 7, payloadBytes: size },
         payload: Buffer.alloc(size, (i * 31) & 0xff),
       }));
-      const stream = Buffer.concat(frames.flatMap((frame) => [encodeHeader(frame.header), frame.payload]));
-      const lent = new Set<Buffer>();
-      const parser = new FrameParser((bytes) => {
-        const buffer = Buffer.alloc(bytes);
-        lent.add(buffer);
-        return buffer;
-      });
-      const out: Frame[] = [];
-      for (let at = 0, turn = 0; at < stream.length; turn++) {
-        const target = parser.readTarget();
-        assert.ok(target.length > 0);
-        const count = Math.min(target.length, readSizes[turn % readSizes.length]!, stream.length - at);
-        stream.copy(target, 0, at, at + count);
-        at += count;
-        out.push(...parser.received(count));
-        // The next read into the staging buffer overwrites it.
-        if (![...lent].some((buffer) => buffer.buffer === target.buffer)) target.fill(0xee);
-      }
+      const { out, lent, parser } = readInPlace(frames, readSizes);
       assert.equal(out.length, frames.length);
       out.forEach((frame, i) => {
         assert.deepEqual(frame.header, frames[i]!.header);
@@ -89,6 +72,46 @@ test('the frame parser reading in place yields the same frames, payloads lent, n
       });
       assert.equal(parser.bufferedBytes, 0);
     }), { numRuns: 200 });
+});
+
+/** Frames encoded into one stream, read in place by a FrameParser in reads of the given sizes (in turn). */
+function readInPlace(frames: readonly Frame[], readSizes: readonly number[]): { out: Frame[]; lent: Set<Buffer>; parser: FrameParser } {
+  const stream = Buffer.concat(frames.flatMap((frame) => [encodeHeader(frame.header), frame.payload]));
+  const lent = new Set<Buffer>();
+  const parser = new FrameParser((bytes) => {
+    const buffer = Buffer.alloc(bytes);
+    lent.add(buffer);
+    return buffer;
+  });
+  const out: Frame[] = [];
+  for (let at = 0, turn = 0; at < stream.length; turn++) {
+    const target = parser.readTarget();
+    assert.ok(target.length > 0);
+    // A read may leave anything in the target past what it reports: the parser keeps nothing there.
+    target.fill(0xee);
+    const count = Math.min(target.length, readSizes[turn % readSizes.length]!, stream.length - at);
+    stream.copy(target, 0, at, at + count);
+    at += count;
+    out.push(...parser.received(count));
+  }
+  return { out, lent, parser };
+}
+
+test('the frame parser reading in place carries a partial header over to the next read, at every read size', () => {
+  // Header-only frames (replies, FLUSH) and small payloads: reads end inside headers at every offset.
+  const frames: Frame[] = Array.from({ length: 12 }, (_, i) => ({
+    header: { ...emptyHeader(), op: i % 3 === 0 ? Op.FLUSH : Op.WRITE, requestId: i + 1, volumeId: 2 ** 40 + i, versionSeq: i * 1000, payloadBytes: i % 3 === 0 ? 0 : 17 * i },
+    payload: i % 3 === 0 ? Buffer.alloc(0) : Buffer.alloc(17 * i, i),
+  }));
+  for (let size = 1; size <= 3 * HEADER_BYTES + 10; size++) {
+    const { out, parser } = readInPlace(frames, [size]);
+    assert.equal(out.length, frames.length, `reads of ${size} bytes`);
+    out.forEach((frame, i) => {
+      assert.deepEqual(frame.header, frames[i]!.header, `reads of ${size} bytes, frame ${i}`);
+      assert.ok(frame.payload.equals(frames[i]!.payload), `reads of ${size} bytes, payload of frame ${i}`);
+    });
+    assert.equal(parser.bufferedBytes, 0);
+  }
 });
 
 test('the frame parser refuses garbage', () => {

@@ -193,15 +193,17 @@ export function emptyHeader(): FrameHeader {
 }
 
 function writeU64(buffer: Buffer, offset: number, value: number): void {
-  assert(Number.isSafeInteger(value) && value >= 0, `u64 field at ${offset} is a non-negative safe integer (${value})`);
+  // The message is built only on failure: every header encodes six of these.
+  if (!Number.isSafeInteger(value) || value < 0) assert(false, `u64 field at ${offset} is a non-negative safe integer (${value})`);
   buffer.writeUInt32LE(value >>> 0, offset);
   buffer.writeUInt32LE(Math.floor(value / 2 ** 32), offset + 4);
 }
 
-function readU64(buffer: Buffer, offset: number): number {
-  const high = buffer.readUInt32LE(offset + 4);
-  if (high >= 2 ** 21) throw new ShaleError('PROTOCOL', `u64 field at ${offset} is beyond 2^53`);
-  return high * 2 ** 32 + buffer.readUInt32LE(offset);
+/** The u64 at `at` of `buffer`; `field` (its offset within the header) names it in the error. */
+function readU64(buffer: Buffer, at: number, field = at): number {
+  const high = buffer.readUInt32LE(at + 4);
+  if (high >= 2 ** 21) throw new ShaleError('PROTOCOL', `u64 field at ${field} is beyond 2^53`);
+  return high * 2 ** 32 + buffer.readUInt32LE(at);
 }
 
 /** A WRITE payload's first part: the crc32c of each block from `start`, `count` of them, little-endian. */
@@ -241,32 +243,33 @@ export function encodeHeader(header: FrameHeader, target: Buffer = Buffer.allocU
 
 /** Decodes and validates a header. Throws PROTOCOL on a bad magic, version, checksum or length. */
 export function decodeHeader(source: Buffer, offset = 0): FrameHeader {
-  const b = source.subarray(offset, offset + HEADER_BYTES);
-  if (b.length < HEADER_BYTES) throw new ShaleError('PROTOCOL', 'short frame header');
-  if (b.readUInt32LE(0) !== PROTOCOL_MAGIC) throw new ShaleError('PROTOCOL', 'bad frame magic');
-  const version = b.readUInt8(4);
+  // Fields are read where they lie (no view per header): a store decodes one per write.
+  const o = offset;
+  if (source.length - o < HEADER_BYTES) throw new ShaleError('PROTOCOL', 'short frame header');
+  if (source.readUInt32LE(o) !== PROTOCOL_MAGIC) throw new ShaleError('PROTOCOL', 'bad frame magic');
+  const version = source.readUInt8(o + 4);
   if (version !== PROTOCOL_VERSION) throw new ShaleError('PROTOCOL', `unsupported store protocol version ${version}`);
-  if (crc32c(b.subarray(0, 92)) !== b.readUInt32LE(92)) throw new ShaleError('PROTOCOL', 'frame header checksum mismatch');
-  const payloadBytes = b.readUInt32LE(88);
+  if (crc32c(source.subarray(o, o + 92)) !== source.readUInt32LE(o + 92)) throw new ShaleError('PROTOCOL', 'frame header checksum mismatch');
+  const payloadBytes = source.readUInt32LE(o + 88);
   if (payloadBytes > PAYLOAD_BYTES_MAX) throw new ShaleError('PROTOCOL', `payload of ${payloadBytes} bytes exceeds ${PAYLOAD_BYTES_MAX}`);
   return {
-    op: b.readUInt8(5),
-    flags: b.readUInt16LE(6),
-    requestId: b.readUInt32LE(8),
-    status: b.readUInt16LE(12),
-    namespace: b.readUInt16LE(14),
-    volumeId: readU64(b, 16),
-    chunkIndex: b.readUInt32LE(24),
-    poolId: b.readUInt32LE(28),
-    pgId: b.readUInt32LE(32),
-    pgCount: b.readUInt32LE(36),
-    pgEpoch: readU64(b, 40),
-    ownerEpoch: readU64(b, 48),
-    versionSeq: readU64(b, 56),
-    offsetBlocks: b.readUInt32LE(64),
-    countBlocks: b.readUInt32LE(68),
-    snapSeq: readU64(b, 72),
-    watermark: readU64(b, 80),
+    op: source.readUInt8(o + 5),
+    flags: source.readUInt16LE(o + 6),
+    requestId: source.readUInt32LE(o + 8),
+    status: source.readUInt16LE(o + 12),
+    namespace: source.readUInt16LE(o + 14),
+    volumeId: readU64(source, o + 16, 16),
+    chunkIndex: source.readUInt32LE(o + 24),
+    poolId: source.readUInt32LE(o + 28),
+    pgId: source.readUInt32LE(o + 32),
+    pgCount: source.readUInt32LE(o + 36),
+    pgEpoch: readU64(source, o + 40, 40),
+    ownerEpoch: readU64(source, o + 48, 48),
+    versionSeq: readU64(source, o + 56, 56),
+    offsetBlocks: source.readUInt32LE(o + 64),
+    countBlocks: source.readUInt32LE(o + 68),
+    snapSeq: readU64(source, o + 72, 72),
+    watermark: readU64(source, o + 80, 80),
     payloadBytes,
   };
 }
@@ -300,6 +303,8 @@ export class FrameParser {
   #staging: Buffer | undefined;
   #filling: { header: FrameHeader; payload: Buffer; filled: number } | undefined;
   #targetIsPayload = false;
+  /** Bytes at the start of #staging left by the last read (less than a header); the next read lands after them. */
+  #stagedBytes = 0;
 
   /** `payloadBuffer` gives the buffers payloads read in place go into (exactly the size asked). */
   constructor(payloadBuffer?: (bytes: number) => Buffer) {
@@ -317,7 +322,8 @@ export class FrameParser {
     const filling = this.#filling;
     this.#targetIsPayload = filling !== undefined;
     if (filling !== undefined) return filling.payload.subarray(filling.filled);
-    return (this.#staging ??= Buffer.allocUnsafe(STAGING_BYTES));
+    const staging = (this.#staging ??= Buffer.allocUnsafe(STAGING_BYTES));
+    return this.#stagedBytes === 0 ? staging : staging.subarray(this.#stagedBytes);
   }
 
   received(bytes: number): Frame[] {
@@ -329,26 +335,25 @@ export class FrameParser {
       this.#filling = undefined;
       return [{ header: filling.header, payload: filling.payload, lent: true }];
     }
-    this.#chunks.push(this.#staging!.subarray(0, bytes));
-    this.#buffered += bytes;
+    // Frames are cut from the staging buffer where they lie: headers decoded in place, payloads
+    // copied into lent buffers. No view of the staging buffer outlives this call.
+    const staging = this.#staging!;
+    const end = this.#stagedBytes + bytes;
+    let at = 0;
     const frames: Frame[] = [];
-    for (;;) {
-      if (this.#header === undefined) {
-        if (this.#buffered < HEADER_BYTES) break;
-        this.#header = decodeHeader(this.#take(HEADER_BYTES));
-      }
-      const header = this.#header;
+    while (end - at >= HEADER_BYTES) {
+      const header = decodeHeader(staging, at);
+      at += HEADER_BYTES;
       if (header.payloadBytes === 0) {
         frames.push({ header, payload: EMPTY });
-        this.#header = undefined;
         continue;
       }
       // Into a lent buffer: what has arrived now, the rest by the next reads, straight into it.
       const payload = this.#payloadBuffer!(header.payloadBytes);
       assert(payload.length === header.payloadBytes, 'a payload buffer has the size asked for');
-      const arrived = Math.min(this.#buffered, header.payloadBytes);
-      if (arrived > 0) this.#take(arrived).copy(payload);
-      this.#header = undefined;
+      const arrived = Math.min(end - at, header.payloadBytes);
+      if (arrived > 0) staging.copy(payload, 0, at, at + arrived);
+      at += arrived;
       if (arrived === header.payloadBytes) {
         frames.push({ header, payload, lent: true });
         continue;
@@ -356,12 +361,9 @@ export class FrameParser {
       this.#filling = { header, payload, filled: arrived };
       break;
     }
-    // What is left is less than a header: copied out of the staging buffer before the next read.
-    if (this.#buffered > 0) {
-      const rest = Buffer.from(this.#take(this.#buffered));
-      this.#chunks = [rest];
-      this.#buffered = rest.length;
-    }
+    // What is left is less than a header: moved to the front, where the next read continues it.
+    if (at > 0 && at < end) staging.copyWithin(0, at, end);
+    this.#stagedBytes = end - at;
     return frames;
   }
 
@@ -384,7 +386,7 @@ export class FrameParser {
   }
 
   get bufferedBytes(): number {
-    return this.#buffered;
+    return this.#buffered + this.#stagedBytes;
   }
 
   #take(count: number): Buffer {

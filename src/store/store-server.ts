@@ -229,12 +229,21 @@ export class StoreServer {
     for (let i = 0; i < h.countBlocks; i++) {
       checksums[i] = payload.readUInt32LE(i * 4);
       // A block damaged in transit: #handle refuses the write with CHECKSUM.
-      if (crc32c(data.subarray(i * BLOCK_SIZE_BYTES, (i + 1) * BLOCK_SIZE_BYTES)) !== checksums[i]) return false;
+      const block = h.countBlocks === 1 ? data : data.subarray(i * BLOCK_SIZE_BYTES, (i + 1) * BLOCK_SIZE_BYTES);
+      if (crc32c(block) !== checksums[i]) return false;
     }
     return this.#writeNow(h, checksums, data, (error, appliedBlocks) => {
       // Written: nothing reads the payload any more. After an error it is left to the collector.
       if (error === undefined && frame.lent === true) ioBuffers.give(payload);
-      send(error === undefined ? { header: replyHeader(h, { countBlocks: appliedBlocks }), parts: [] } : errorReply(h, error));
+      if (error !== undefined) send(errorReply(h, error));
+      else {
+        // The request's header becomes the reply's: nothing reads it once the write is answered.
+        h.op |= REPLY_BIT;
+        h.status = 0;
+        h.payloadBytes = 0;
+        h.countBlocks = appliedBlocks;
+        send({ header: h, parts: NO_PARTS });
+      }
       done();
     });
   }
@@ -716,6 +725,9 @@ export interface Reply {
   /** A buffer of the read pool among the parts: a socket gives it back once the reply is written (local callers own it). */
   recycle?: Buffer;
 }
+
+/** The parts of a reply without payload; never changed. */
+const NO_PARTS: Buffer[] = [];
 
 function replyHeader(request: FrameHeader, fields: Partial<FrameHeader> = {}): FrameHeader {
   return { ...request, op: request.op | REPLY_BIT, status: 0, payloadBytes: 0, ...fields };

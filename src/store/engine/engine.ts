@@ -513,6 +513,8 @@ interface Batch {
   headerBlocks: number;
   dataBlocks: number;
   pieces: BatchPiece[];
+  /** The batch header's blocks, an I/O pool buffer given back once the batch is written. */
+  header: Buffer;
   buffers: Buffer[];
   offsetBytes: number;
   bytes: number;
@@ -1925,7 +1927,9 @@ export class StoreEngine {
     const positionBlocks = this.#openPositionBlocks;
     const headerBlocks = batchHeaderBlocks(records, dataBlocks, payloadBytes);
     assert(positionBlocks + headerBlocks + dataBlocks <= this.#blocksPerSegment, 'batch overflows its segment');
-    const header = Buffer.alloc(headerBlocks * BLOCK_SIZE_BYTES);
+    // From the I/O pool and back to it once written: a new zeroed buffer per batch is memory outside
+    // V8's heap that its collector must track and free.
+    const header = ioBuffers.take(headerBlocks * BLOCK_SIZE_BYTES).fill(0);
     const buffers: Buffer[] = segmentHeader ? [segmentHeader, header] : [header];
     let payloadOffset = 0;
     for (let r = 0; r < pieces.length; r++) {
@@ -1970,7 +1974,7 @@ export class StoreEngine {
     const segmentStart = this.#segmentOffsetBytes(segment);
     const offsetBytes = segmentHeader ? segmentStart : segmentStart + positionBlocks * BLOCK_SIZE_BYTES;
     const bytes = (headerBlocks + dataBlocks) * BLOCK_SIZE_BYTES + (segmentHeader?.length ?? 0);
-    return { sequence, segment, positionBlocks, headerBlocks, dataBlocks, pieces, buffers, offsetBytes, bytes };
+    return { sequence, segment, positionBlocks, headerBlocks, dataBlocks, pieces, header, buffers, offsetBytes, bytes };
   }
 
   /** How much of `op` fits in the open segment next to what the batch holds: DATA blocks, or 1 for a record without data; 0 if nothing. */
@@ -2076,6 +2080,8 @@ export class StoreEngine {
       this.#setBroken(failure);
       throw failure;
     }
+    // Only after a write that completed: a failed one may still be in the kernel's hands.
+    ioBuffers.give(batch.header);
     assert(batch.sequence === this.#lastWrittenSequence + 1, 'batches written out of order');
     this.#lastWrittenSequence = batch.sequence;
     this.#batchesWritten++;
