@@ -24,7 +24,7 @@
  *   UNAVAILABLE, MAYBE_COMMITTED, SHUTTING_DOWN → report the store down, resend to the new acting set;
  *   anything else → fail. Writes are idempotent (equal versions are duplicates), so resending is safe.
  */
-import { blockChecksums, crc32c } from '../lib/crc32c.ts';
+import { blockChecksums, blockCrc32c } from '../lib/crc32c.ts';
 import { ShaleError } from '../lib/errors.ts';
 import { placementGroupOf } from '../lib/placement-hash.ts';
 import { BLOCK_SIZE_BYTES, MiB } from '../lib/units.ts';
@@ -275,7 +275,7 @@ function checkedData(frame: Frame, countBlocks: number, storeId: number): Buffer
   const read = parts && parts.length === 2 ? decodeReadParts(parts[0]!, parts[1]!, countBlocks) : decodeReadReply(frame.payload, countBlocks);
   for (let i = 0; i < countBlocks; i++) {
     if (read.states[i] !== BlockState.DATA) throw new ShaleError('CHECKSUM', `block ${i} is missing on store ${storeId}`);
-    if (frame.verified !== true && crc32c(read.data.subarray(i * BLOCK_SIZE_BYTES, (i + 1) * BLOCK_SIZE_BYTES)) !== read.checksums[i]) {
+    if (frame.verified !== true && blockCrc32c(read.data, i) !== read.checksums[i]) {
       throw new ShaleError('CHECKSUM', `block ${i} from store ${storeId} failed its crc32c in transit`);
     }
   }

@@ -13,7 +13,7 @@
  */
 import { assert } from '../lib/assert.ts';
 import { giveBack, ioBuffers, takePayloadBuffer } from '../lib/buffer-pool.ts';
-import { crc32c } from '../lib/crc32c.ts';
+import { blockCrc32c } from '../lib/crc32c.ts';
 import { codeOf, ErrorCodes, ShaleError, toShaleError } from '../lib/errors.ts';
 import { placementGroupOf } from '../lib/placement-hash.ts';
 import { BLOCK_SIZE_BYTES } from '../lib/units.ts';
@@ -229,8 +229,7 @@ export class StoreServer {
     for (let i = 0; i < h.countBlocks; i++) {
       checksums[i] = payload.readUInt32LE(i * 4);
       // A block damaged in transit: #handle refuses the write with CHECKSUM.
-      const block = h.countBlocks === 1 ? data : data.subarray(i * BLOCK_SIZE_BYTES, (i + 1) * BLOCK_SIZE_BYTES);
-      if (crc32c(block) !== checksums[i]) return false;
+      if (blockCrc32c(data, i) !== checksums[i]) return false;
     }
     return this.#writeNow(h, checksums, data, (error, appliedBlocks) => {
       // Written: nothing reads the payload any more. After an error it is left to the collector.

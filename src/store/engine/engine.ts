@@ -98,7 +98,7 @@
 import { assert } from '../../lib/assert.ts';
 import { ioBuffers } from '../../lib/buffer-pool.ts';
 import { BlockCache, type BlockCacheStats } from './block-cache.ts';
-import { crc32c, ZERO_BLOCK_CRC } from '../../lib/crc32c.ts';
+import { blockCrc32c, crc32c, ZERO_BLOCK_CRC } from '../../lib/crc32c.ts';
 import { ShaleError } from '../../lib/errors.ts';
 import { BLOCK_SIZE_BYTES, GiB } from '../../lib/units.ts';
 import type { DiskFile, Env, Timer } from '../../env/env.ts';
@@ -1010,8 +1010,7 @@ export class StoreEngine {
     checkVersion(version);
     checkSafe('snapSeq', snapSeq);
     for (let i = 0; verify && i < countBlocks; i++) {
-      const start = i * BLOCK_SIZE_BYTES;
-      if (crc32c(data.subarray(start, start + BLOCK_SIZE_BYTES)) !== checksums[i]) {
+      if (blockCrc32c(data, i) !== checksums[i]) {
         throw new ShaleError('CHECKSUM', `write to volume ${volumeId} chunk ${chunkIndex}: block ${offsetBlocks + i} does not match its crc32c; nothing written`,
           { volumeId, chunkIndex, block: offsetBlocks + i });
       }
@@ -1484,8 +1483,7 @@ export class StoreEngine {
     const { data, states, checksums } = located;
     for (let b = 0; b < countBlocks; b++) {
       if (states[b] !== BlockState.DATA) continue;
-      const start = b * BLOCK_SIZE_BYTES;
-      if (crc32c(data.subarray(start, start + BLOCK_SIZE_BYTES)) !== checksums[b]) {
+      if (blockCrc32c(data, b) !== checksums[b]) {
         const block = offsetBlocks + b;
         throw new ShaleError('CHECKSUM', `volume ${volumeId} chunk ${chunkIndex} block ${block}: data does not match its crc32c`,
           { volumeId, chunkIndex, block });
