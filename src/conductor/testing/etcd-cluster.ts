@@ -57,9 +57,23 @@ async function healthy(port: number): Promise<boolean> {
   }
 }
 
+/** Tries with fresh ports when one was taken between freePort() and etcd binding it. */
+const START_ATTEMPTS_MAX = 3;
+
 /** Starts an etcd cluster of `size` members and waits until every member reports healthy. */
 export async function startEtcdCluster(size = 1, options: { timeoutMs?: number } = {}): Promise<EtcdCluster> {
   requireEtcd();
+  for (let attempt = 1; ; attempt++) {
+    try {
+      return await startEtcdClusterOnce(size, options);
+    } catch (error) {
+      // freePort() closes its probe before etcd binds the port: another process can take it in between.
+      if (attempt >= START_ATTEMPTS_MAX || !String((error as Error).message).includes('address already in use')) throw error;
+    }
+  }
+}
+
+async function startEtcdClusterOnce(size: number, options: { timeoutMs?: number }): Promise<EtcdCluster> {
   const dir = mkdtempSync(join(tmpdir(), 'shale-etcd-'));
   const members: EtcdMember[] = [];
   for (let i = 0; i < size; i++) members.push({ name: `m${i}`, clientPort: await freePort(), peerPort: await freePort(), process: undefined });
@@ -90,7 +104,9 @@ export async function startEtcdCluster(size = 1, options: { timeoutMs?: number }
     const deadline = Date.now() + (options.timeoutMs ?? 30_000);
     for (const member of targets) {
       while (!(await healthy(member.clientPort))) {
-        if (Date.now() > deadline) throw new Error(`etcd member ${member.name} did not become healthy:\n${output.join('')}`);
+        const exited = member.process?.exitCode !== null || member.process?.signalCode !== null;
+        if (exited) await new Promise((resolve) => setTimeout(resolve, 200)); // the rest of its stderr
+        if (Date.now() > deadline || exited) throw new Error(`etcd member ${member.name} did not become healthy:\n${output.join('')}`);
         await new Promise((resolve) => setTimeout(resolve, 100));
       }
     }
