@@ -28,6 +28,7 @@ import { giveBack, ioBuffers } from '../lib/buffer-pool.ts';
 import { blockChecksums, crc32c } from '../lib/crc32c.ts';
 import { ShaleError, toShaleError } from '../lib/errors.ts';
 import { placementGroupOf } from '../lib/placement-hash.ts';
+import { Tickets } from '../lib/tickets.ts';
 import { BLOCK_SHIFT, BLOCK_SIZE_BYTES } from '../lib/units.ts';
 import { BLOCKS_PER_REQUEST_MAX, BlockState, compareVersions, decodeReadParts, decodeReadReply, decodeRecentWrites, encodeChecksums, Flag, Op, type DecodedRead, type Frame } from '../proto/store-protocol.ts';
 import type { LocalReadFields, LocalWriteFields, StoreRequester } from '../proto/store-channel.ts';
@@ -61,11 +62,11 @@ export class VolumeClient {
   readonly #cluster: ClusterClient;
   readonly #chunkBlocks: number;
   readonly #lock = new RangeLock();
-  #seq = 0;
-  /** Every write with seq ≤ this has been acknowledged by all its replicas (sent as the watermark). */
-  #watermark = 0;
-  /** Seqs above the watermark that have completed, waiting for the ones below them. */
-  #completedAbove = new Set<number>();
+  /**
+   * Write seqs, from 1, as tickets: the lowest one not yet completed, less one, is the watermark,
+   * sent with every write (every write with seq ≤ it has been acknowledged by all its replicas).
+   */
+  readonly #writeSeqs = new Tickets(1);
   #readTurn = 0;
   /** The request readNow and readThen hand a channel, refilled per call (#placeInChunk): no channel keeps a reference to it. */
   readonly #nowFields: Mutable<LocalReadFields> = {
@@ -608,7 +609,7 @@ export class VolumeClient {
   /** A new write's seq; the write counts as in flight under the snap seq it carries until #endWrite. */
   #beginWrite(snapSeq: number): number {
     this.#inFlightBySnapSeq.set(snapSeq, (this.#inFlightBySnapSeq.get(snapSeq) ?? 0) + 1);
-    return ++this.#seq;
+    return this.#writeSeqs.begin();
   }
 
   #endWrite(seq: number, snapSeq: number): void {
@@ -664,7 +665,7 @@ export class VolumeClient {
     let pending = acting.length;
     let failures: ReplicaFailure[] | undefined;
     // Kept by the channels until each replica answers: a copy of the placement, not #nowFields itself.
-    const fields: LocalWriteFields = { ...placed, versionSeq: seq, snapSeq, watermark: this.#watermark };
+    const fields: LocalWriteFields = { ...placed, versionSeq: seq, snapSeq, watermark: this.#watermark() };
     for (let i = 0; i < acting.length; i++) {
       const storeId = actingIds[i]!;
       this.#writtenSinceFlush.add(storeId);
@@ -714,7 +715,7 @@ export class VolumeClient {
       const header = {
         op, flags: fua ? Flag.FUA : 0, volumeId: this.info.id, chunkIndex: piece.chunkIndex, poolId: pool.id, pgId,
         pgCount: pool.pgCount, pgEpoch: pg.epoch, ownerEpoch: this.ownerEpoch, versionSeq: seq,
-        offsetBlocks: piece.offsetBlocks, countBlocks: piece.countBlocks, snapSeq, watermark: this.#watermark,
+        offsetBlocks: piece.offsetBlocks, countBlocks: piece.countBlocks, snapSeq, watermark: this.#watermark(),
       };
       const results = await Promise.all(acting.map(async (replica): Promise<ReplicaFailure | undefined> => {
         this.#writtenSinceFlush.add(replica.storeId);
@@ -736,9 +737,12 @@ export class VolumeClient {
    * A write finished (acknowledged, or failed for good: a failed write is no longer in flight, and
    * whatever part of it landed is the kind of divergence reconciliation repairs after a crash).
    */
+  #watermark(): number {
+    return this.#writeSeqs.low - 1;
+  }
+
   #completed(seq: number): void {
-    this.#completedAbove.add(seq);
-    while (this.#completedAbove.delete(this.#watermark + 1)) this.#watermark++;
+    this.#writeSeqs.end(seq);
   }
 
   /**
@@ -833,7 +837,7 @@ export class VolumeClient {
       const results = await Promise.all(pending.map(async (storeId): Promise<ReplicaFailure | undefined> => {
         if (!isUp(map, storeId)) return undefined; // already down in a committed epoch
         try {
-          await this.#cluster.channel(storeId).request({ op: Op.FLUSH, volumeId: this.info.id, ownerEpoch: this.ownerEpoch, watermark: this.#watermark });
+          await this.#cluster.channel(storeId).request({ op: Op.FLUSH, volumeId: this.info.id, ownerEpoch: this.ownerEpoch, watermark: this.#watermark() });
           return undefined;
         } catch (error) {
           return { storeId, error: error instanceof ShaleError ? error : new ShaleError('INTERNAL', String(error)) };

@@ -11,6 +11,7 @@
 import { assert } from '../lib/assert.ts';
 import { errorCodeFromWire, ShaleError, toShaleError } from '../lib/errors.ts';
 import type { Connection, Env, Timer } from '../env/env.ts';
+import { RequestSlots } from '../lib/request-slots.ts';
 import { emptyHeader, encodeChecksums, encodeHeader, FrameParser, HEADER_BYTES, Op, REPLY_BIT, type Frame, type FrameHeader } from './store-protocol.ts';
 
 /** Requests in flight on one channel before new ones are refused with BUSY. */
@@ -88,8 +89,8 @@ export class StoreChannel implements StoreRequester {
   readonly #timeoutMs: number;
   #connection: Connection | undefined;
   #connecting: Promise<Connection> | undefined;
-  #pending = new Map<number, Pending>();
-  #nextRequestId = 1;
+  /** Requests sent and not yet answered, by request id. */
+  readonly #pending = new RequestSlots<Pending>();
   #outbox: Buffer[] = [];
   readonly #writeHeader: FrameHeader = { ...emptyHeader(), op: Op.WRITE };
   readonly #readHeader: FrameHeader = { ...emptyHeader(), op: Op.READ };
@@ -160,12 +161,9 @@ export class StoreChannel implements StoreRequester {
 
   /** Queues one request for the next flush; its reply (or failure) settles `resolve` or `reject`. */
   #send(connection: Connection, header: FrameHeader, payload: readonly Buffer[], timeoutMs: number, resolve: (frame: Frame) => void, reject: (error: ShaleError) => void): void {
-    const requestId = this.#nextRequestId;
-    this.#nextRequestId = this.#nextRequestId >= 0xffffffff ? 1 : this.#nextRequestId + 1;
-    header.requestId = requestId;
-    const headerBuffer = encodeHeader(header, Buffer.allocUnsafe(HEADER_BYTES));
     const deadlineMs = timeoutMs > 0 ? this.#env.clock.nowMs() + timeoutMs : Infinity;
-    this.#pending.set(requestId, { resolve, reject, deadlineMs, timeoutMs, op: header.op });
+    header.requestId = this.#pending.add({ resolve, reject, deadlineMs, timeoutMs, op: header.op });
+    const headerBuffer = encodeHeader(header, Buffer.allocUnsafe(HEADER_BYTES));
     if (timeoutMs > 0) this.#armSweep(timeoutMs);
     this.#outbox.push(headerBuffer);
     for (const part of payload) this.#outbox.push(part);
@@ -196,9 +194,7 @@ export class StoreChannel implements StoreRequester {
   /** Fails every request past its deadline; stops sweeping when nothing is pending. */
   #expire(): void {
     const nowMs = this.#env.clock.nowMs();
-    for (const [requestId, pending] of this.#pending) {
-      if (pending.deadlineMs > nowMs) continue;
-      this.#pending.delete(requestId);
+    for (const pending of this.#pending.takeWhere((entry) => entry.deadlineMs <= nowMs)) {
       pending.reject(new ShaleError('MAYBE_COMMITTED', `no reply from store ${this.address} within ${pending.timeoutMs} ms`));
     }
     if (this.#pending.size === 0) this.#stopSweep();
@@ -251,9 +247,8 @@ export class StoreChannel implements StoreRequester {
   }
 
   #deliver(frame: Frame): void {
-    const pending = this.#pending.get(frame.header.requestId);
+    const pending = this.#pending.take(frame.header.requestId);
     if (!pending) return; // timed out already: the late reply is dropped
-    this.#pending.delete(frame.header.requestId);
     assert((frame.header.op & REPLY_BIT) !== 0, 'a store only sends replies');
     if (frame.header.status !== 0) {
       const code = errorCodeFromWire(frame.header.status);
@@ -265,8 +260,7 @@ export class StoreChannel implements StoreRequester {
   }
 
   #failAll(error: ShaleError): void {
-    const pending = [...this.#pending.values()];
-    this.#pending.clear();
+    const pending = this.#pending.takeWhere(() => true);
     this.#stopSweep();
     for (const entry of pending) entry.reject(error);
   }

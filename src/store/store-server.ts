@@ -26,11 +26,9 @@ import {
 import type { LocalReadFields, LocalReadResult, LocalWriteFields, WriteDone } from '../proto/store-channel.ts';
 import type { BlockEngine, HeadVersions } from './block-engine.ts';
 import { RecentWrites } from './recent-writes.ts';
+import { Tickets } from '../lib/tickets.ts';
 import { encodeDigest } from '../proto/pg-digest.ts';
 import { digestPg } from './pg-digest.ts';
-
-/** How a write taken without a Promise ends: the error a client would get, else how many blocks the version rule applied. */
-type WriteSettle = (error: ShaleError | undefined, appliedBlocks?: number) => void;
 
 /** Requests one connection may have in flight before the server stops reading from it. */
 export const CONNECTION_IN_FLIGHT_MAX = 1024;
@@ -68,12 +66,11 @@ export class StoreServer {
   readonly #snapshotGaps: StoreServerOptions['snapshotGaps'];
   #listener: Listener | undefined;
   #connections = new Set<Connection>();
-  /** Writes accepted and not yet answered, so a PG listing can wait until they are in the index. */
-  #writesInFlight = new Set<Promise<unknown>>();
-  /** The same for writes taken by #writeNow, which have no Promise: each one's completion. */
-  #writesNow = new Set<WriteSettle>();
-  /** Waiters for writesNow entries that were in flight when they began waiting. */
-  #writesNowWaiters: { pending: Set<WriteSettle>; resolve: () => void }[] = [];
+  /**
+   * Writes accepted and not yet answered, over a socket or in this process, so a PG listing can
+   * wait until they are in the index. Tickets, not a Set of the writes: see lib/tickets.ts.
+   */
+  readonly #writeTickets = new Tickets();
   /** Writes above each volume's watermark, for reconciliation after a writer crash. */
   readonly recentWrites = new RecentWrites();
   #stopping = false;
@@ -254,11 +251,11 @@ export class StoreServer {
   #writeNow(fields: LocalWriteFields, checksums: Uint32Array, data: Buffer, done: (error: ShaleError | undefined, appliedBlocks: number) => void): boolean {
     const engine = this.#engine;
     if (engine.writeNow === undefined || this.#stopping || !this.#view.ready) return false;
+    let ticket = -1;
     const settle = (error: ShaleError | undefined, appliedBlocks = 0): void => {
       this.#clientRequests--;
       this.#clientDoneMs = this.#env.clock.nowMs();
-      this.#writesNow.delete(settle);
-      if (this.#writesNowWaiters.length > 0) this.#writeNowAnswered(settle);
+      this.#writeTickets.end(ticket);
       done(error, appliedBlocks);
     };
     try {
@@ -270,7 +267,7 @@ export class StoreServer {
     }
     // Counted before the engine has it, so that nothing the engine does can settle it uncounted.
     this.#clientRequests++;
-    this.#writesNow.add(settle);
+    ticket = this.#writeTickets.begin();
     try {
       engine.writeNow({
         volumeId: fields.volumeId, chunkIndex: fields.chunkIndex, offsetBlocks: fields.offsetBlocks, data, checksums,
@@ -294,27 +291,15 @@ export class StoreServer {
     } catch {
       // Refused before it was queued (fenced, queue full, closing): the request path reports it.
       this.#clientRequests--;
-      this.#writesNow.delete(settle);
+      this.#writeTickets.end(ticket);
       return false;
     }
     return true;
   }
 
   /** Resolves once every write accepted before the call, over a socket or in this process, has been answered. */
-  async #writesAnswered(): Promise<void> {
-    const pending = new Set(this.#writesNow);
-    const taken = pending.size === 0 ? undefined : new Promise<void>((resolve) => this.#writesNowWaiters.push({ pending, resolve }));
-    await Promise.allSettled([...this.#writesInFlight]);
-    await taken;
-  }
-
-  #writeNowAnswered(write: WriteSettle): void {
-    this.#writesNowWaiters = this.#writesNowWaiters.filter((waiter) => {
-      waiter.pending.delete(write);
-      if (waiter.pending.size > 0) return true;
-      waiter.resolve();
-      return false;
-    });
+  #writesAnswered(): Promise<void> {
+    return this.#writeTickets.drained();
   }
 
   /**
@@ -465,10 +450,8 @@ export class StoreServer {
   }
 
   #track<T>(work: Promise<T>): Promise<T> {
-    this.#writesInFlight.add(work);
-    const forget = (): void => {
-      this.#writesInFlight.delete(work);
-    };
+    const ticket = this.#writeTickets.begin();
+    const forget = (): void => this.#writeTickets.end(ticket);
     work.then(forget, forget);
     return work;
   }
