@@ -286,6 +286,13 @@ function writeFileAndReturn(path: string): string {
 
 try {
   await main();
+} catch (error) {
+  // What the servers said last, so that a failed run can be understood after its directory is gone.
+  for (const child of children) {
+    const lines = (child as ChildProcess & { output: () => string }).output().trimEnd().split('\n').slice(-30);
+    if (lines.join('').length > 0) log(`last output of ${child.spawnargs.slice(0, 4).join(' ')} (pid ${child.pid}):\n${lines.join('\n')}`);
+  }
+  throw error;
 } finally {
   for (const child of children) child.kill('SIGTERM');
   await new Promise((resolve) => setTimeout(resolve, 3000));
