@@ -733,14 +733,15 @@ export class VolumeClient {
     }
   }
 
-  /**
-   * A write finished (acknowledged, or failed for good: a failed write is no longer in flight, and
-   * whatever part of it landed is the kind of divergence reconciliation repairs after a crash).
-   */
+  /** Every write with seq ≤ this has been acknowledged by all its replicas. */
   #watermark(): number {
     return this.#writeSeqs.low - 1;
   }
 
+  /**
+   * A write finished (acknowledged, or failed for good: a failed write is no longer in flight, and
+   * whatever part of it landed is the kind of divergence reconciliation repairs after a crash).
+   */
   #completed(seq: number): void {
     this.#writeSeqs.end(seq);
   }

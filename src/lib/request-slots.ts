@@ -4,9 +4,11 @@
  * taken — so two pending requests never share a slot, and a reply is matched with one array read
  * and a comparison of the id.
  *
- * Why not a Map from id to request: on the store path it gained and lost an entry per request, and
- * V8 then carried much of what each request allocated through young-generation collections into
- * the old generation (docs/benchmarks.md, "Sets and Maps on the write path"; lib/tickets.ts).
+ * Why not a Map from id to request: it gained and lost an entry per request, like the Set of
+ * callbacks that made V8 carry a fifth of a write's garbage into the old generation (lib/tickets.ts).
+ * With the Map (and the volume client's Set of seqs, since replaced too), a 3-replica gateway kept
+ * six times as much through each young-generation collection (docs/benchmarks.md, "A Set of
+ * callbacks kept a fifth of a write's garbage alive").
  *
  * Invariants: ids are 1..0xffffffff (0 marks a free slot); at most half the slots are taken (the
  * ring doubles past that, and doubling keeps every id in a slot of its own, since ids that differ

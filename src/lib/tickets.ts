@@ -3,11 +3,12 @@
  * hands it back when it ends, in any order. `low` is the lowest ticket not yet ended (every ticket
  * below it has ended), and `drained()` resolves once every ticket taken before the call has ended.
  *
- * Why not a Set of the operations, or a Set of ended numbers above a watermark: on the write path
- * those Sets gained and lost an entry per write, and with them in a process V8 carried about a
- * fifth of everything the write path allocated through each young-generation collection into the
- * old one, to be freed only by the next full collection (docs/benchmarks.md, "Sets on the write
- * path"). Here, ending a ticket sets a flag in a ring of bytes; nothing is allocated per operation.
+ * Why not a Set of the operations: the store server kept the callbacks of its writes in flight in
+ * a Set, an entry added and deleted per write, and with it V8 carried about a fifth of everything
+ * a write allocated through each young-generation collection into the old one, to be freed only by
+ * the next full collection (docs/benchmarks.md, "A Set of callbacks kept a fifth of a write's
+ * garbage alive"). Here, ending a ticket sets a flag in a ring of bytes; nothing is allocated per
+ * operation, and no reference to one is kept.
  *
  * Invariants: low ≤ next; every ticket in [low, next) is either in flight or ended with its flag
  * set, and the ticket `low` itself is in flight whenever low < next; the ring holds next - low
