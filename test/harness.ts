@@ -170,7 +170,8 @@ export interface LocalCluster {
   close(): Promise<void>;
 }
 
-export async function startLocalCluster(options: { stores?: number; diskSizeBytes?: number; pgCount?: number } = {}): Promise<LocalCluster> {
+/** `envFor`: the environment of store `index` (default: nodeEnv), for a disk that fails on demand. */
+export async function startLocalCluster(options: { stores?: number; diskSizeBytes?: number; pgCount?: number; envFor?: (index: number) => import('../src/env/env.ts').Env | undefined } = {}): Promise<LocalCluster> {
   const { ClusterClient } = await import('../src/client/cluster-client.ts');
   const { startConductor } = await import('../src/conductor/conductor.ts');
   const { nodeEnv } = await import('../src/env/node/node-env.ts');
@@ -185,7 +186,7 @@ export async function startLocalCluster(options: { stores?: number; diskSizeByte
   const quiet = (): void => {};
   const stores: import('../src/store/store-daemon.ts').StoreDaemon[] = [];
   for (let index = 0; index < storeCount; index++) {
-    stores.push(await startStoreDaemon(nodeEnv, {
+    stores.push(await startStoreDaemon(options.envFor?.(index) ?? nodeEnv, {
       diskPath: join(dir.path, `disk-${index}.img`), diskSizeBytes: options.diskSizeBytes ?? 256 * 1024 * 1024, format: true, listen: '127.0.0.1:0',
       conductorUrls: api, domain: `d${index}`, log: quiet, openEngine: openLogEngine,
     }));

@@ -2,7 +2,8 @@
  * What the volume and object clients do when replicas fail a request (DESIGN §3): one policy for
  * both. A stale PG epoch refreshes the map; a busy, not-ready or bad-checksum replica is retried
  * after a short delay; an unreachable one is reported down (a new map epoch without it) before the
- * request is retried on the rest; anything else is final. Past the I/O deadline: NO_QUORUM.
+ * request is retried on the rest, and so is one whose disk failed while the rest suffice (below);
+ * anything else is final. Past the I/O deadline: NO_QUORUM.
  */
 import type { ClusterMap } from '../conductor/api/types.ts';
 import { ShaleError } from '../lib/errors.ts';
@@ -15,11 +16,25 @@ export interface ReplicaFailure {
   error: ShaleError;
 }
 
-/** Acts on the failures of one round; returns the first one's error for NO_QUORUM, throws what can't be retried. */
-export async function handleReplicaFailures(cluster: ClusterClient, failures: readonly ReplicaFailure[]): Promise<ShaleError> {
+/**
+ * Acts on the failures of one round; returns the first one's error for NO_QUORUM, throws what can't
+ * be retried. `spare`: how many replicas whose disk failed (DISK_FAILED) may be reported down, as
+ * for a write whose PG keeps its minimum without them; beyond that, DISK_FAILED is final (a volume
+ * whose only copy sits on the failed disk gets the error, not a wait for a store that will not come
+ * back by itself).
+ */
+export async function handleReplicaFailures(cluster: ClusterClient, failures: readonly ReplicaFailure[], spare = 0): Promise<ShaleError> {
   let delay = false;
   let refresh = false;
+  let spareLeft = spare;
   for (const { storeId, error } of failures) {
+    if (error.code === 'DISK_FAILED') {
+      if (spareLeft-- <= 0) throw error;
+      await cluster.reportDown(storeId, error.message).catch(() => {
+        delay = true; // the conductor is unreachable: retry until the deadline
+      });
+      continue;
+    }
     switch (error.code) {
       case 'STALE_PG_EPOCH':
         refresh = true;

@@ -700,13 +700,13 @@ export class VolumeClient {
     }
     let lastError: ShaleError | undefined;
     if (failed !== undefined) {
-      lastError = await handleReplicaFailures(this.#cluster, failed);
+      const { pool, acting } = this.#acting(this.#cluster.map, piece);
+      lastError = await handleReplicaFailures(this.#cluster, failed, acting.length - pool.minReplicas);
       if (this.#expired(deadline)) throw noQuorum(lastError);
     }
     for (;;) {
       const map = this.#cluster.map;
-      const { pool, pgId, pg } = this.#placement(map, piece.chunkIndex);
-      const acting = pg.replicas.filter((replica) => replica.state !== 'down' && isUp(map, replica.storeId));
+      const { pool, pgId, pg, acting } = this.#acting(map, piece);
       if (acting.length < pool.minReplicas) {
         lastError = new ShaleError('NO_QUORUM', `PG ${pool.id}.${pgId} has ${acting.length} of ${pool.minReplicas} replicas needed`);
         await waitForMapChange(this.#cluster, map, deadline, lastError);
@@ -728,9 +728,16 @@ export class VolumeClient {
       }));
       const failures = results.filter((failure): failure is ReplicaFailure => failure !== undefined);
       if (failures.length === 0) return;
-      lastError = await handleReplicaFailures(this.#cluster, failures);
+      // A replica whose disk failed leaves the acting set while the rest keep the PG's minimum.
+      lastError = await handleReplicaFailures(this.#cluster, failures, acting.length - pool.minReplicas);
       if (this.#expired(deadline)) throw noQuorum(lastError);
     }
+  }
+
+  /** The piece's PG in `map` and its acting replicas: those not down, on stores that are up. */
+  #acting(map: ClusterMap, piece: Piece): { pool: PoolMapEntry; pgId: number; pg: PgEntry; acting: PgEntry['replicas'] } {
+    const { pool, pgId, pg } = this.#placement(map, piece.chunkIndex);
+    return { pool, pgId, pg, acting: pg.replicas.filter((replica) => replica.state !== 'down' && isUp(map, replica.storeId)) };
   }
 
   /** Every write with seq ≤ this has been acknowledged by all its replicas. */

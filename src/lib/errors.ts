@@ -200,6 +200,10 @@ export const ErrorCodes = {
     wire: 41, nbdErrno: NbdErrno.EINVAL, s3Code: 'MethodNotAllowed', httpStatus: 405, exitCode: 2, retryable: false,
     doc: 'The HTTP method is not allowed on this S3 resource.',
   },
+  DISK_FAILED: {
+    wire: 42, nbdErrno: NbdErrno.EIO, s3Code: 'InternalError', httpStatus: 500, exitCode: 1, retryable: false,
+    doc: 'A store\'s disk failed a write or a sync (an I/O error, or the file system holding a disk file is full). The store takes no more writes until it is restarted; clients report it down and go on with the other replicas.',
+  },
 } as const satisfies Record<string, ErrorCodeSpec>;
 
 export type ErrorCode = keyof typeof ErrorCodes;

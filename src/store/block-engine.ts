@@ -7,6 +7,7 @@
  * version rule holds per block: a write applies only where its (epoch, seq) is higher than the
  * block's; the result says how many blocks it applied.
  */
+import type { ShaleError } from '../lib/errors.ts';
 import type { LocalReadResult } from '../proto/store-channel.ts';
 import type { ScrubReport } from '../proto/store-protocol.ts';
 import type { BlockCacheStats } from './engine/block-cache.ts';
@@ -98,6 +99,8 @@ export interface BlockEngine {
   /** Per-block versions of every object whose volume is in `volumeIds` (undefined: any id) and which `filter` accepts. */
   listObjects(volumeIds: ReadonlySet<number> | undefined, filter: (volumeId: number, chunkIndex: number) => boolean): ObjectVersions[];
   stats(): EngineStats;
+  /** Why the engine takes no more writes (its disk failed a write or sync: DISK_FAILED), or undefined. */
+  failure(): ShaleError | undefined;
   /**
    * Small ordered key-value records per shard (engine.ts), by the version rule per key; `fua` makes
    * the change durable. The store keeps its own in STORE_INTERNAL_SHARD (snap-gaps.ts); the S3

@@ -164,6 +164,10 @@ class LogEngineAdapter implements BlockEngine {
     return this.#engine.kvList(shardId, options);
   }
 
+  failure(): ShaleError | undefined {
+    return this.#engine.failure();
+  }
+
   stats(): EngineStats {
     return this.#engine.stats();
   }

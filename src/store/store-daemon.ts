@@ -120,8 +120,18 @@ export async function startStoreDaemon(env: Env, options: StoreDaemonOptions): P
       },
       (error: unknown) => {
         if (heartbeatFailures++ % 20 === 0) log(`heartbeat: ${(error as Error).message}`);
+        const forgotten = error instanceof ShaleError && error.code === 'NOT_FOUND';
+        // Marked down after its disk failed a write or sync (a client reported it on DISK_FAILED):
+        // rejoining would only take writes this store fails, so it stops heartbeating. A restart,
+        // once the disk is fixed, brings it back.
+        const failure = engine.failure();
+        if (forgotten && failure) {
+          heartbeat.cancel();
+          log(`out of service: ${failure.message}; restart this store once its disk is fixed`);
+          return;
+        }
         // The conductor may have forgotten us (marked down and restarted): register again.
-        if (error instanceof ShaleError && error.code === 'NOT_FOUND') {
+        if (forgotten) {
           void conductor.register({ diskUuid: engine.diskUuid, clusterId: cluster.clusterId, address, domain: options.domain, disks: diskReport() }).catch(() => {});
         }
       },

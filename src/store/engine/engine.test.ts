@@ -239,7 +239,7 @@ test('writeNow: a callback that throws is the caller\'s bug: it surfaces uncaugh
   assert.notEqual(child.status, 0, 'the throw is uncaught');
   assert.match(child.stderr, /caller bug/);
   assert.match(child.stdout, /second write 1/, 'the write batched with it was answered');
-  assert.doesNotMatch(child.stderr, /store engine writer|INTERNAL/, 'not taken for a disk failure');
+  assert.doesNotMatch(child.stderr, /store engine writer|INTERNAL|DISK_FAILED/, 'not taken for a disk failure');
 });
 
 test('a write larger than a segment and a batch is split and reads back whole', async () => {
@@ -689,9 +689,11 @@ test('a disk error breaks the engine: queued writes fail, nothing is acknowledge
   await engine.write(stampedWrite(1, 0, 0, 1, 1, 1));
   await engine.flush();
   env.disk.crash(); // the handle is now dead: every later disk call fails
-  await assert.rejects(engine.write(stampedWrite(1, 0, 1, 1, 1, 2)), hasCode('INTERNAL'));
-  await assert.rejects(engine.write(stampedWrite(1, 0, 2, 1, 1, 3)), hasCode('INTERNAL'));
-  await assert.rejects(engine.flush(), hasCode('INTERNAL'));
+  assert.equal(engine.failure(), undefined);
+  await assert.rejects(engine.write(stampedWrite(1, 0, 1, 1, 1, 2)), hasCode('DISK_FAILED'));
+  await assert.rejects(engine.write(stampedWrite(1, 0, 2, 1, 1, 3)), hasCode('DISK_FAILED'));
+  await assert.rejects(engine.flush(), hasCode('DISK_FAILED'));
+  assert.equal(engine.failure()?.code, 'DISK_FAILED', 'the engine says why it takes no more writes');
   await engine.close().catch(() => undefined);
   const again = await reopen(env, undefined);
   assert.equal((await stampAt(again, 1, 0, 0)).stamp?.seq, 1);

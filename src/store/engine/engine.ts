@@ -76,8 +76,9 @@
  *       promise settles. Errors: INVALID_ARGUMENT, OUT_OF_RANGE, CHECKSUM (crcs do not match the
  *       data; nothing written), FENCED (ownerEpoch below the volume's), NOT_FOUND (volume purged),
  *       NO_SPACE (a write split over several batches may then be partly applied: each block holds
- *       the old or the new version), BUSY (queue full), SHUTTING_DOWN, INTERNAL (disk error: the
- *       engine is broken from then on; reads still work, writes and flushes fail).
+ *       the old or the new version), BUSY (queue full), SHUTTING_DOWN, DISK_FAILED (a write or
+ *       sync of the disk failed: the engine is broken from then on, `failure()` says why; reads
+ *       still work, writes and flushes fail with the same error).
  *   engine.writeZeroes({ volumeId, chunkIndex, offsetBlocks, countBlocks, version, snapSeq, ownerEpoch?, fua? })
  *       → same, writes a tombstone.
  *   engine.read(volumeId, chunkIndex, offsetBlocks, countBlocks, { snapshotId? }) → { data, checksums, states, versions }
@@ -626,9 +627,14 @@ function toKey(key: Buffer | string, name = 'key'): string {
   return bytes.toString('latin1');
 }
 
+/**
+ * What a failed read, write or sync of the disk becomes: DISK_FAILED, with the cause (errors the
+ * engine raised itself pass through). A full host file system under a sparse disk file is said so.
+ */
 function toDiskError(error: unknown, what: string): ShaleError {
   if (error instanceof ShaleError) return error;
-  return new ShaleError('INTERNAL', `${what}: ${error instanceof Error ? error.message : String(error)}`);
+  const full = (error as NodeJS.ErrnoException | undefined)?.code === 'ENOSPC' ? ' (the file system holding the disk file is full)' : '';
+  return new ShaleError('DISK_FAILED', `${what}: ${error instanceof Error ? error.message : String(error)}${full}`);
 }
 
 /** First index in ascending `sorted` whose value is > `value`. */
@@ -1572,6 +1578,11 @@ export class StoreEngine {
     return { volumeId, chunkIndex, states, epochs, seqs };
   }
 
+  /** Why the engine takes no more writes (a disk write or sync failed), or undefined while it does. */
+  failure(): ShaleError | undefined {
+    return this.#broken;
+  }
+
   stats(): EngineStats {
     const segmentBytes = this.#segmentSizeBytes;
     let damaged = 0;
@@ -1781,7 +1792,8 @@ export class StoreEngine {
         if (!(await this.#writeNext())) break;
       }
     } catch (error) {
-      this.#setBroken(toDiskError(error, 'store engine writer'));
+      // The disk's own failures arrive here as ShaleErrors (DISK_FAILED); anything else is a bug.
+      this.#setBroken(error instanceof ShaleError ? error : new ShaleError('INTERNAL', `store engine writer: ${error instanceof Error ? error.message : String(error)}`));
     } finally {
       this.#writerRunning = false;
     }
