@@ -202,7 +202,7 @@ export const ErrorCodes = {
   },
   DISK_FAILED: {
     wire: 42, nbdErrno: NbdErrno.EIO, s3Code: 'InternalError', httpStatus: 500, exitCode: 1, retryable: false,
-    doc: 'A store\'s disk failed a write or a sync (an I/O error, or the file system holding a disk file is full). The store takes no more writes until it is restarted; clients report it down and go on with the other replicas.',
+    doc: 'A store\'s disk failed a read, a write or a sync (an I/O error, or the file system holding a disk file is full). After a failed write or sync the store takes no more writes until it is restarted; clients report it down and go on with the other replicas where the rest suffice.',
   },
 } as const satisfies Record<string, ErrorCodeSpec>;
 
