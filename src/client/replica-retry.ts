@@ -28,13 +28,7 @@ export async function handleReplicaFailures(cluster: ClusterClient, failures: re
   let refresh = false;
   let spareLeft = spare;
   for (const { storeId, error } of failures) {
-    if (error.code === 'DISK_FAILED') {
-      if (spareLeft-- <= 0) throw error;
-      await cluster.reportDown(storeId, error.message).catch(() => {
-        delay = true; // the conductor is unreachable: retry until the deadline
-      });
-      continue;
-    }
+    if (error.code === 'DISK_FAILED' && spareLeft-- <= 0) throw error;
     switch (error.code) {
       case 'STALE_PG_EPOCH':
         refresh = true;
@@ -47,6 +41,7 @@ export async function handleReplicaFailures(cluster: ClusterClient, failures: re
       case 'UNAVAILABLE':
       case 'MAYBE_COMMITTED':
       case 'SHUTTING_DOWN':
+      case 'DISK_FAILED': // within `spare` (above)
         try {
           await cluster.reportDown(storeId, error.message);
         } catch {
