@@ -1,16 +1,19 @@
 /**
- * A store whose disk fails a write. The failure is injected under one store's engine, into its
- * real disk file: once switched on, every write to the file fails as a full host file system
- * does (ENOSPC). The engine answers DISK_FAILED from then on. A 3-replica volume's writes must go
+ * A store whose disk fails a write or a sync. The failure is injected under one store's engine,
+ * into its real disk file: once switched on, every write to the file fails as a full host file
+ * system does (ENOSPC), or every sync as a failing device does (EIO). The engine answers DISK_FAILED from then on. A 3-replica volume's writes must go
  * on with the other two replicas: the client reports the store down, in a committed map epoch,
  * before it acknowledges a write without it, and the store must not register again afterwards.
  * A 1-replica volume has no other copy: its write fails at once with the disk's error, rather
- * than waiting for a store that will not come back by itself.
+ * than waiting for a store that will not come back by itself. The same holds for a FLUSH whose
+ * sync fails (EIO), and for S3 data written through the object client.
  */
 import assert from 'node:assert/strict';
 import { randomBytes } from 'node:crypto';
 import { after, describe, test } from 'node:test';
 import type { DiskFile, Env } from '../src/env/env.ts';
+import { DATA_CHUNK_BYTES, ObjectClient } from '../src/client/object-client.ts';
+import type { VolumeClient } from '../src/client/volume-client.ts';
 import { nodeEnv } from '../src/env/node/node-env.ts';
 import { codeOf } from '../src/lib/errors.ts';
 import { startLocalCluster, type LocalCluster } from './harness.ts';
@@ -18,12 +21,16 @@ import { startLocalCluster, type LocalCluster } from './harness.ts';
 const MiB = 1024 * 1024;
 const SIZE = 16 * MiB;
 
-/** An environment whose disk files fail every write while `switch.on` (as ENOSPC does), and work otherwise. */
-function failingDisk(): { env: Env; switch: { on: boolean }; failedWrites: () => number } {
-  const state = { on: false };
-  let failed = 0;
-  const fail = (): Error => {
-    failed++;
+/**
+ * An environment whose disk files fail on demand: every write while `fail.writes` (as a full host
+ * file system does, ENOSPC), every sync while `fail.syncs` (as a failing device does, EIO).
+ */
+function failingDisk(): { env: Env; fail: { writes: boolean; syncs: boolean }; failedWrites: () => number; failedSyncs: () => number } {
+  const state = { writes: false, syncs: false };
+  let failedWrites = 0;
+  let failedSyncs = 0;
+  const noSpace = (): Error => {
+    failedWrites++;
     return Object.assign(new Error('ENOSPC: no space left on device, write'), { code: 'ENOSPC', errno: -28, syscall: 'write' });
   };
   const wrap = (file: DiskFile): DiskFile => ({
@@ -31,16 +38,25 @@ function failingDisk(): { env: Env; switch: { on: boolean }; failedWrites: () =>
     sizeBytes: file.sizeBytes,
     read: (target, offsetBytes) => file.read(target, offsetBytes),
     readNow: file.readNow && ((target, offsetBytes) => file.readNow!(target, offsetBytes)),
-    writev: (buffers, offsetBytes) => (state.on ? Promise.reject(fail()) : file.writev(buffers, offsetBytes)),
+    writev: (buffers, offsetBytes) => (state.writes ? Promise.reject(noSpace()) : file.writev(buffers, offsetBytes)),
     writevNow: file.writevNow && ((buffers, offsetBytes) => {
-      if (state.on) throw fail();
+      if (state.writes) throw noSpace();
       return file.writevNow!(buffers, offsetBytes);
     }),
-    sync: () => file.sync(),
+    sync: () => {
+      if (!state.syncs) return file.sync();
+      failedSyncs++;
+      return Promise.reject(Object.assign(new Error('EIO: i/o error, fdatasync'), { code: 'EIO', errno: -5, syscall: 'fdatasync' }));
+    },
     close: () => file.close(),
   });
   const env: Env = { ...nodeEnv, disk: { ...nodeEnv.disk, open: async (path, options) => wrap(await nodeEnv.disk.open(path, options)) } };
-  return { env, switch: state, failedWrites: () => failed };
+  return { env, fail: state, failedWrites: () => failedWrites, failedSyncs: () => failedSyncs };
+}
+
+/** A store's state in the conductor's map. */
+async function storeState(cluster: LocalCluster, storeId: number): Promise<string> {
+  return (await cluster.call('GET', '/stores')).body.stores.find((store: { id: number }) => store.id === storeId).state;
 }
 
 describe('a store whose disk fails a write', () => {
@@ -49,18 +65,23 @@ describe('a store whose disk fails a write', () => {
     for (const cluster of clusters) await cluster.close();
   });
 
-  test('3 replicas: writes go on with the other two, the store is reported down and stays down', async () => {
+  /** A cluster of `stores` stores, store `failingIndex`'s disk on a failing disk, and an open volume of `replicas` replicas. */
+  async function volumeWithFailingStore(stores: number, failingIndex: number, replicas: number): Promise<{ cluster: LocalCluster; disk: ReturnType<typeof failingDisk>; failing: LocalCluster['stores'][number]; volume: VolumeClient }> {
     const disk = failingDisk();
-    const cluster = await startLocalCluster({ stores: 3, envFor: (index) => (index === 1 ? disk.env : undefined) });
+    const cluster = await startLocalCluster({ stores, envFor: (index) => (index === failingIndex ? disk.env : undefined) });
     clusters.push(cluster);
-    assert.equal((await cluster.call('POST', '/volumes', { name: 'wide', size: SIZE, replicas: 3 })).status, 201);
-    const gateway = await cluster.client('gw-disk-failure');
-    const volume = await gateway.openVolume('wide');
-    const failing = cluster.stores[1]!;
+    const name = `vol-${clusters.length}`;
+    assert.equal((await cluster.call('POST', '/volumes', { name, size: SIZE, replicas })).status, 201);
+    const gateway = await cluster.client(`gw-${name}`);
+    return { cluster, disk, failing: cluster.stores[failingIndex]!, volume: await gateway.openVolume(name) };
+  }
+
+  test('3 replicas: writes go on with the other two, the store is reported down and stays down', async () => {
+    const { cluster, disk, failing, volume } = await volumeWithFailingStore(3, 1, 3);
 
     const before = randomBytes(SIZE / 2);
     await volume.write(0, before);
-    disk.switch.on = true;
+    disk.fail.writes = true;
     // Every PG has a replica on each of the 3 stores: every chunk written reaches the failing disk.
     const during = randomBytes(SIZE / 2);
     await volume.write(SIZE / 2, during);
@@ -68,33 +89,69 @@ describe('a store whose disk fails a write', () => {
     assert.equal(codeOf(failing.engine.failure()), 'DISK_FAILED', `the engine says why it stopped: ${failing.engine.failure()?.message}`);
     assert.match(failing.engine.failure()!.message, /file system holding the disk file is full/);
 
-    const storeState = async (): Promise<string> => (await cluster.call('GET', '/stores')).body.stores.find((store: { id: number }) => store.id === failing.storeId).state;
-    assert.equal(await storeState(), 'down', 'reported down before the write was acknowledged without it');
+    assert.equal(await storeState(cluster, failing.storeId), 'down', 'reported down before the write was acknowledged without it');
     assert.ok((await volume.read(0, SIZE)).equals(Buffer.concat([before, during])), 'the volume reads back every acknowledged write');
     await volume.flush();
 
     // Heartbeats now answer NOT_FOUND; a store whose disk failed must not register again.
     await new Promise((resolve) => setTimeout(resolve, 2500));
-    assert.equal(await storeState(), 'down', 'still down after more than one heartbeat period');
+    assert.equal(await storeState(cluster, failing.storeId), 'down', 'still down after more than one heartbeat period');
     const again = randomBytes(64 * 1024);
     await volume.write(0, again);
     assert.ok((await volume.read(0, again.length)).equals(again), 'writes still work');
   });
 
   test('1 replica: the write fails at once with DISK_FAILED, and reads still answer', async () => {
-    const disk = failingDisk();
-    const cluster = await startLocalCluster({ stores: 1, envFor: () => disk.env });
-    clusters.push(cluster);
-    assert.equal((await cluster.call('POST', '/volumes', { name: 'single', size: SIZE, replicas: 1 })).status, 201);
-    const gateway = await cluster.client('gw-disk-failure-1');
-    const volume = await gateway.openVolume('single');
+    const { cluster, disk, volume } = await volumeWithFailingStore(1, 0, 1);
     const data = randomBytes(MiB);
     await volume.write(0, data);
-    disk.switch.on = true;
+    disk.fail.writes = true;
     const started = Date.now();
     await assert.rejects(volume.write(MiB, randomBytes(MiB)), (error: unknown) => codeOf(error) === 'DISK_FAILED');
     assert.ok(Date.now() - started < 5000, `failed at once, not after waiting (${Date.now() - started} ms)`);
     assert.ok((await volume.read(0, MiB)).equals(data), 'what was written before still reads');
     assert.equal((await cluster.call('GET', '/stores')).body.stores[0].state, 'up', 'not reported down: no other replica could take the write');
+  });
+
+  test('3 replicas: a FLUSH whose sync fails on one store finishes on the other two, which hold every write', async () => {
+    const { cluster, disk, failing, volume } = await volumeWithFailingStore(3, 2, 3);
+
+    const data = randomBytes(SIZE / 4);
+    await volume.write(0, data);
+    disk.fail.syncs = true;
+    const more = randomBytes(SIZE / 4);
+    await volume.write(SIZE / 4, more);
+    await volume.flush();
+    assert.ok(disk.failedSyncs() > 0, 'the failing store was asked to sync');
+    assert.equal(codeOf(failing.engine.failure()), 'DISK_FAILED', `the engine says why it stopped: ${failing.engine.failure()?.message}`);
+    assert.equal(await storeState(cluster, failing.storeId), 'down', 'reported down before the FLUSH was acknowledged without it');
+    assert.ok((await volume.read(0, SIZE / 2)).equals(Buffer.concat([data, more])), 'the volume reads back every acknowledged write');
+  });
+
+  test('1 replica: a FLUSH whose sync fails answers DISK_FAILED at once', async () => {
+    const { cluster, disk, volume } = await volumeWithFailingStore(1, 0, 1);
+    await volume.write(0, randomBytes(MiB));
+    disk.fail.syncs = true;
+    const started = Date.now();
+    await assert.rejects(volume.flush(), (error: unknown) => codeOf(error) === 'DISK_FAILED' && /fdatasync/.test((error as Error).message));
+    assert.ok(Date.now() - started < 5000, `failed at once, not after waiting (${Date.now() - started} ms)`);
+    assert.equal((await cluster.call('GET', '/stores')).body.stores[0].state, 'up', 'not reported down: no other replica holds the writes');
+  });
+
+  test('S3 data: a chunk written while one store\'s disk fails lands on the other two', async () => {
+    const disk = failingDisk();
+    const cluster = await startLocalCluster({ stores: 3, envFor: (index) => (index === 0 ? disk.env : undefined) });
+    clusters.push(cluster);
+    const gateway = await cluster.client('s3-disk-failure');
+    const objects = new ObjectClient(gateway, { ioTimeoutMs: 10_000 });
+    const poolId = gateway.map.pools[0]!.id;
+    const failing = cluster.stores[0]!;
+    disk.fail.writes = true;
+    const dataId = await objects.newDataId();
+    const data = randomBytes(DATA_CHUNK_BYTES);
+    await objects.writeChunk(poolId, dataId, 0, data);
+    assert.ok(disk.failedWrites() > 0, 'the failing store was asked to write');
+    assert.equal(await storeState(cluster, failing.storeId), 'down', 'reported down before the chunk was acknowledged without it');
+    assert.ok((await objects.readChunk(poolId, dataId, 0, 0, DATA_CHUNK_BYTES / 4096)).equals(data), 'the chunk reads back from the other two');
   });
 });

@@ -22,6 +22,7 @@
  * Decision table for a replica's answer to a write (as volume-client.ts):
  *   ok → counted; STALE_PG_EPOCH → refresh the map, resend; NOT_READY, BUSY, CHECKSUM → wait, resend;
  *   UNAVAILABLE, MAYBE_COMMITTED, SHUTTING_DOWN → report the store down, resend to the new acting set;
+ *   DISK_FAILED → the same while the PG keeps its minimum without the replica, else fail;
  *   anything else → fail. Writes are idempotent (equal versions are duplicates), so resending is safe.
  */
 import { blockChecksums, blockCrc32c } from '../lib/crc32c.ts';
@@ -247,7 +248,8 @@ export class ObjectClient {
       }));
       const failures = results.filter((failure): failure is ReplicaFailure => failure !== undefined);
       if (failures.length === 0) return;
-      lastError = await handleReplicaFailures(this.#cluster, failures);
+      // A replica whose disk failed leaves the acting set while the rest keep the PG's minimum.
+      lastError = await handleReplicaFailures(this.#cluster, failures, acting.length - pool.minReplicas);
       if (this.#cluster.env.clock.nowMs() >= deadline) throw noQuorum(lastError, 'S3 I/O');
     }
   }

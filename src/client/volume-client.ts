@@ -11,6 +11,8 @@
  *   UNAVAILABLE, MAYBE_COMMITTED, SHUTTING_DOWN
  *                               → the replica failed: the conductor marks it down in a committed
  *                                 epoch, then the piece is sent again to the new acting set
+ *   DISK_FAILED                 → the same, while the PG keeps its minimum without the replica;
+ *                                 else fail with it
  *   FENCED                      → another gateway owns the volume: fail, never retry
  *   anything else               → fail the request with that code
  *
@@ -21,7 +23,8 @@
  * checksum error, a timeout or an unreachable store, the next clean replica is tried.
  *
  * Flush: FLUSH to every store written since the last flush; a store that can't flush is marked
- * down before the FLUSH is acknowledged.
+ * down before the FLUSH is acknowledged (one whose disk failed only while every PG keeps its
+ * minimum without it; else the FLUSH fails with DISK_FAILED).
  */
 import { assert } from '../lib/assert.ts';
 import { giveBack, ioBuffers } from '../lib/buffer-pool.ts';
@@ -853,10 +856,29 @@ export class VolumeClient {
       }));
       const failures = results.filter((failure): failure is ReplicaFailure => failure !== undefined);
       if (failures.length === 0) return;
-      const lastError = await handleReplicaFailures(this.#cluster, failures);
+      const lastError = await handleReplicaFailures(this.#cluster, failures, this.#flushSpare(map, failures));
       if (this.#expired(deadline)) throw noQuorum(lastError);
       pending = failures.map((failure) => failure.storeId);
     }
+  }
+
+  /**
+   * How many stores whose disk failed a FLUSH may be reported down for the FLUSH to finish on the
+   * rest: all of them when every PG of the volume's pool keeps its minimum of acting replicas
+   * without them (each of those PGs' other replicas took every write the failed store took, and
+   * flushed them in this round); else none, and the FLUSH fails with the disk's error.
+   */
+  #flushSpare(map: ClusterMap, failures: readonly ReplicaFailure[]): number {
+    const failed = new Set<number>();
+    for (const failure of failures) if (failure.error.code === 'DISK_FAILED') failed.add(failure.storeId);
+    if (failed.size === 0) return 0;
+    const pool = this.#pool(map);
+    for (const pg of pool.pgs) {
+      const acting = pg.replicas.filter((replica) => replica.state !== 'down' && isUp(map, replica.storeId));
+      const left = acting.filter((replica) => !failed.has(replica.storeId)).length;
+      if (left < acting.length && left < pool.minReplicas) return 0;
+    }
+    return failed.size;
   }
 
   async close(): Promise<void> {
