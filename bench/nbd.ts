@@ -252,7 +252,11 @@ async function main(): Promise<void> {
 
 /**
  * The CPUs and how idle ones wait: on a VM whose idle vCPUs halt at once (haltpoll with no guest
- * polling), every wake-up of fio or of a server thread costs a VM exit (docs/benchmarks.md).
+ * polling), every wake-up of fio or of a server thread costs a VM exit (docs/benchmarks.md). And
+ * whether the guest hands free memory back to the host (free page reporting): there, a page the
+ * page cache takes for the first time after a pause costs a host fault, which a log-structured
+ * store's writes pay on every new block and an in-place file's rewrites do not (docs/benchmarks.md,
+ * "Why ad-hoc write runs differ twofold").
  */
 function cpuDescription(): string {
   const read = (path: string): string | undefined => {
@@ -265,7 +269,11 @@ function cpuDescription(): string {
   const driver = read('/sys/devices/system/cpu/cpuidle/current_driver');
   const haltPollNs = driver === 'haltpoll' ? read('/sys/module/haltpoll/parameters/guest_halt_poll_ns') : undefined;
   const idle = driver === undefined ? 'cpuidle unknown' : `cpuidle ${driver}${haltPollNs === undefined ? '' : ` (guest halt polling ${haltPollNs} ns)`}`;
-  return `${availableParallelism()} CPUs, ${idle}`;
+  const reportingOrder = read('/sys/module/page_reporting/parameters/page_reporting_order');
+  const reportedKib = Number(read('/sys/module/page_reporting/parameters/reported_kib') ?? Number.NaN);
+  const reporting = reportingOrder === undefined ? 'no free page reporting'
+    : `free page reporting at order ${reportingOrder}${reportedKib > 0 ? ` (${(reportedKib / 1024 / 1024).toFixed(0)} GiB handed back to the host since boot)` : ''}`;
+  return `${availableParallelism()} CPUs, ${idle}, ${reporting}`;
 }
 
 function dropPageCache(): void {
