@@ -16,7 +16,7 @@ import { DATA_CHUNK_BYTES, ObjectClient } from '../src/client/object-client.ts';
 import type { VolumeClient } from '../src/client/volume-client.ts';
 import { nodeEnv } from '../src/env/node/node-env.ts';
 import { codeOf } from '../src/lib/errors.ts';
-import { startLocalCluster, type LocalCluster } from './harness.ts';
+import { startLocalCluster, waitFor, type LocalCluster } from './harness.ts';
 
 const MiB = 1024 * 1024;
 const SIZE = 16 * MiB;
@@ -111,6 +111,10 @@ describe('a store whose disk fails a write', () => {
     assert.ok(Date.now() - started < 5000, `failed at once, not after waiting (${Date.now() - started} ms)`);
     assert.ok((await volume.read(0, MiB)).equals(data), 'what was written before still reads');
     assert.equal((await cluster.call('GET', '/stores')).body.stores[0].state, 'up', 'not reported down: no other replica could take the write');
+    // Nor does the store take itself down: it holds the only copy, and keeps answering reads.
+    await new Promise((resolve) => setTimeout(resolve, 2000));
+    assert.equal((await cluster.call('GET', '/stores')).body.stores[0].state, 'up', 'still up after more than two heartbeat periods');
+    assert.ok((await volume.read(0, MiB)).equals(data), 'and still reads');
   });
 
   test('3 replicas: a FLUSH whose sync fails on one store finishes on the other two, which hold every write', async () => {
@@ -136,6 +140,21 @@ describe('a store whose disk fails a write', () => {
     await assert.rejects(volume.flush(), (error: unknown) => codeOf(error) === 'DISK_FAILED' && /fdatasync/.test((error as Error).message));
     assert.ok(Date.now() - started < 5000, `failed at once, not after waiting (${Date.now() - started} ms)`);
     assert.equal((await cluster.call('GET', '/stores')).body.stores[0].state, 'up', 'not reported down: no other replica holds the writes');
+  });
+
+  test('a store whose disk fails with no client write to meet it reports itself down', async () => {
+    const disk = failingDisk();
+    // Missed heartbeats would take a minute to mark the store down: within the test's wait, only its own report can.
+    const cluster = await startLocalCluster({ stores: 3, envFor: (index) => (index === 1 ? disk.env : undefined), heartbeatTimeoutMs: 60_000, heartbeatIntervalMs: 200 });
+    clusters.push(cluster);
+    const failing = cluster.stores[1]!;
+    disk.fail.writes = true;
+    // Something in the store meets the failure: here a fence record it writes for itself; in life compaction, a checkpoint, a resync.
+    await assert.rejects(failing.engine.fence(999, 1), (error: unknown) => codeOf(error) === 'DISK_FAILED');
+    await waitFor('the store reported down', async () => (await storeState(cluster, failing.storeId)) === 'down', 5000);
+    assert.ok(cluster.stores.every((store) => store === failing || store.engine.failure() === undefined), 'the other stores are fine');
+    const up = (await cluster.call('GET', '/stores')).body.stores.filter((store: { state: string }) => store.state === 'up').length;
+    assert.equal(up, 2, 'the other two stay up');
   });
 
   test('S3 data: a chunk written while one store\'s disk fails lands on the other two', async () => {

@@ -170,8 +170,14 @@ export interface LocalCluster {
   close(): Promise<void>;
 }
 
-/** `envFor`: the environment of store `index` (default: nodeEnv), for a disk that fails on demand. */
-export async function startLocalCluster(options: { stores?: number; diskSizeBytes?: number; pgCount?: number; envFor?: (index: number) => import('../src/env/env.ts').Env | undefined } = {}): Promise<LocalCluster> {
+/**
+ * `envFor`: the environment of store `index` (default: nodeEnv), for a disk that fails on demand.
+ * `heartbeatTimeoutMs` (default 3000) and `heartbeatIntervalMs` (default a quarter of it): the conductor's.
+ */
+export async function startLocalCluster(options: {
+  stores?: number; diskSizeBytes?: number; pgCount?: number; envFor?: (index: number) => import('../src/env/env.ts').Env | undefined;
+  heartbeatTimeoutMs?: number; heartbeatIntervalMs?: number;
+} = {}): Promise<LocalCluster> {
   const { ClusterClient } = await import('../src/client/cluster-client.ts');
   const { startConductor } = await import('../src/conductor/conductor.ts');
   const { nodeEnv } = await import('../src/env/node/node-env.ts');
@@ -180,7 +186,8 @@ export async function startLocalCluster(options: { stores?: number; diskSizeByte
   const dir = temporaryDirectory('local-cluster');
   const storeCount = options.stores ?? 3;
   const conductor = await startConductor(nodeEnv, {
-    metaPath: join(dir.path, 'meta.db'), listen: '127.0.0.1:0', heartbeatTimeoutMs: 3000, defaultReplicas: Math.min(3, storeCount), pgCount: options.pgCount ?? 32,
+    metaPath: join(dir.path, 'meta.db'), listen: '127.0.0.1:0', heartbeatTimeoutMs: options.heartbeatTimeoutMs ?? 3000,
+    ...(options.heartbeatIntervalMs === undefined ? {} : { heartbeatIntervalMs: options.heartbeatIntervalMs }), defaultReplicas: Math.min(3, storeCount), pgCount: options.pgCount ?? 32,
   });
   const api = `http://${conductor.address}`;
   const quiet = (): void => {};

@@ -35,7 +35,7 @@ import {
 } from '../proto/store-protocol.ts';
 import type { ClusterMap, PgEntry, PoolMapEntry } from '../conductor/api/types.ts';
 import type { ClusterClient } from './cluster-client.ts';
-import { handleReplicaFailures, isUp, noQuorum, waitForMapChange, type ReplicaFailure } from './replica-retry.ts';
+import { actingReplicas, handleReplicaFailures, isUp, noQuorum, waitForMapChange, type ReplicaFailure } from './replica-retry.ts';
 
 /** Bytes of one data chunk (one store object). */
 export const DATA_CHUNK_BYTES = 4 * MiB;
@@ -231,7 +231,7 @@ export class ObjectClient {
     for (;;) {
       const map = this.#cluster.map;
       const { pool, pgId, pg } = this.#placement(map, poolId, id, chunkIndex);
-      const acting = pg.replicas.filter((replica) => replica.state !== 'down' && isUp(map, replica.storeId));
+      const acting = actingReplicas(map, pg);
       if (acting.length < pool.minReplicas) {
         lastError = new ShaleError('NO_QUORUM', `PG ${pool.id}.${pgId} has ${acting.length} of ${pool.minReplicas} replicas needed`);
         await waitForMapChange(this.#cluster, map, deadline, lastError, 'S3 I/O');

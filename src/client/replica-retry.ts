@@ -9,6 +9,8 @@ import type { ClusterMap } from '../conductor/api/types.ts';
 import { ShaleError } from '../lib/errors.ts';
 import type { ClusterClient } from './cluster-client.ts';
 
+export { actingReplicas, isUp } from '../conductor/api/acting.ts';
+
 export const RETRY_DELAY_MS = 50;
 
 export interface ReplicaFailure {
@@ -67,8 +69,4 @@ export async function waitForMapChange(cluster: ClusterClient, map: ClusterMap, 
 
 export function noQuorum(lastError: ShaleError | undefined, what = 'I/O'): ShaleError {
   return new ShaleError('NO_QUORUM', `${what} timed out waiting for replicas${lastError ? `: ${lastError.message}` : ''}`);
-}
-
-export function isUp(map: ClusterMap, storeId: number): boolean {
-  return map.stores.some((store) => store.id === storeId && store.state === 'up');
 }

@@ -38,7 +38,8 @@ import type { LocalReadFields, LocalWriteFields, StoreRequester } from '../proto
 import type { ClusterMap, PgEntry, PoolMapEntry, VolumeInfo } from '../conductor/api/types.ts';
 import type { ClusterClient } from './cluster-client.ts';
 import { RangeLock } from './range-lock.ts';
-import { handleReplicaFailures, isUp, noQuorum, waitForMapChange, type ReplicaFailure } from './replica-retry.ts';
+import { actingReplicas, handleReplicaFailures, isUp, noQuorum, waitForMapChange, type ReplicaFailure } from './replica-retry.ts';
+import { pgShortWithout } from '../conductor/api/acting.ts';
 import { ChainReader, type Layer, parentLayers, snapContextOf } from './snap-chain.ts';
 
 /** A copy of T's shape that can be written: for request records refilled in place. */
@@ -740,7 +741,7 @@ export class VolumeClient {
   /** The piece's PG in `map` and its acting replicas: those not down, on stores that are up. */
   #acting(map: ClusterMap, piece: Piece): { pool: PoolMapEntry; pgId: number; pg: PgEntry; acting: PgEntry['replicas'] } {
     const { pool, pgId, pg } = this.#placement(map, piece.chunkIndex);
-    return { pool, pgId, pg, acting: pg.replicas.filter((replica) => replica.state !== 'down' && isUp(map, replica.storeId)) };
+    return { pool, pgId, pg, acting: actingReplicas(map, pg) };
   }
 
   /** Every write with seq ≤ this has been acknowledged by all its replicas. */
@@ -795,7 +796,7 @@ export class VolumeClient {
   async #rollForward(range: { chunkIndex: number; offsetBlocks: number; countBlocks: number }): Promise<number> {
     const map = this.#cluster.map;
     const { pool, pgId, pg } = this.#placement(map, range.chunkIndex);
-    const replicas = pg.replicas.filter((replica) => replica.state !== 'down' && isUp(map, replica.storeId)).map((replica) => replica.storeId);
+    const replicas = actingReplicas(map, pg).map((replica) => replica.storeId);
     const header = {
       volumeId: this.info.id, chunkIndex: range.chunkIndex, poolId: pool.id, pgId, pgCount: pool.pgCount, pgEpoch: pg.epoch,
       offsetBlocks: range.offsetBlocks, countBlocks: range.countBlocks,
@@ -871,13 +872,7 @@ export class VolumeClient {
   #flushSpare(map: ClusterMap, failures: readonly ReplicaFailure[]): number {
     const failed = new Set<number>();
     for (const failure of failures) if (failure.error.code === 'DISK_FAILED') failed.add(failure.storeId);
-    if (failed.size === 0) return 0;
-    const pool = this.#pool(map);
-    for (const pg of pool.pgs) {
-      const acting = pg.replicas.filter((replica) => replica.state !== 'down' && isUp(map, replica.storeId));
-      const left = acting.filter((replica) => !failed.has(replica.storeId)).length;
-      if (left < acting.length && left < pool.minReplicas) return 0;
-    }
+    if (failed.size === 0 || pgShortWithout(map, this.#pool(map), failed) !== undefined) return 0;
     return failed.size;
   }
 

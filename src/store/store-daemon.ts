@@ -12,6 +12,7 @@ import { formatBytes } from '../lib/units.ts';
 import { ConductorClient, MapWatcher } from '../proto/conductor-client.ts';
 import type { LocalStores } from '../proto/local-channel.ts';
 import { StoreChannel } from '../proto/store-channel.ts';
+import { pgShortWithout } from '../conductor/api/acting.ts';
 import type { ClusterMap, DiskReport } from '../conductor/api/types.ts';
 import type { BlockEngine } from './block-engine.ts';
 import { Resyncer } from './resync.ts';
@@ -113,21 +114,46 @@ export async function startStoreDaemon(env: Env, options: StoreDaemonOptions): P
   const discardReport = startDiscardReport(env, engine, log);
 
   let heartbeatFailures = 0;
+  // A store whose disk failed a write or sync (its engine says so, whoever met it: a client's
+  // write, a resync, compaction, a checkpoint) takes itself out of service where its PGs keep
+  // their minimum without it: it reports itself down and stops heartbeating, so that the
+  // conductor can re-replicate its PGs even when no client write meets the failure. Rejoining
+  // would only take writes it fails; a restart, once the disk is fixed, brings it back. Where it
+  // holds a PG's last acting replica it stays up, answering reads and failing writes.
+  let outOfService = false;
+  let keptUpFor: string | undefined;
+  const takeOutOfService = (failure: ShaleError, reportDown: boolean): void => {
+    outOfService = true;
+    heartbeat.cancel();
+    log(`out of service: ${failure.message}; restart this store once its disk is fixed`);
+    if (!reportDown) return;
+    // Unreachable conductor: missed heartbeats mark it down all the same.
+    conductor.reportDown(registration.storeId, { reporter: `store ${registration.storeId}`, reason: `its disk failed: ${failure.message}` })
+      .catch((error: unknown) => log(`reporting itself down: ${(error as Error).message}; the conductor will find its heartbeats missing`));
+  };
   const heartbeat: Timer = env.clock.every(registration.heartbeatIntervalMs, () => {
+    const failure = engine.failure();
+    if (failure && !outOfService) {
+      const needed = neededFor(watcher.map, registration.storeId);
+      if (needed === undefined) {
+        takeOutOfService(failure, true);
+        return;
+      }
+      if (keptUpFor !== needed) log(`disk failed (${failure.message}), staying up for reads: ${needed}`);
+      keptUpFor = needed;
+    }
     conductor.heartbeat(registration.storeId, { disks: diskReport(), recovery: resyncer.report() }).then(
       () => {
         heartbeatFailures = 0;
       },
       (error: unknown) => {
+        if (outOfService) return;
         if (heartbeatFailures++ % 20 === 0) log(`heartbeat: ${(error as Error).message}`);
         const forgotten = error instanceof ShaleError && error.code === 'NOT_FOUND';
-        // Marked down after its disk failed a write or sync (a client reported it on DISK_FAILED):
-        // rejoining would only take writes this store fails, so it stops heartbeating. A restart,
-        // once the disk is fixed, brings it back.
         const failure = engine.failure();
+        // Marked down after its disk failed (a client reported it on DISK_FAILED): stay down.
         if (forgotten && failure) {
-          heartbeat.cancel();
-          log(`out of service: ${failure.message}; restart this store once its disk is fixed`);
+          takeOutOfService(failure, false);
           return;
         }
         // The conductor may have forgotten us (marked down and restarted): register again.
@@ -155,6 +181,17 @@ export async function startStoreDaemon(env: Env, options: StoreDaemonOptions): P
       await engine.close();
     },
   };
+}
+
+/** Why the store must stay up for its PGs (one left short of its minimum without it); undefined if it need not. */
+function neededFor(map: ClusterMap | undefined, storeId: number): string | undefined {
+  if (map === undefined) return 'no map yet';
+  const self = new Set([storeId]);
+  for (const pool of map.pools) {
+    const short = pgShortWithout(map, pool, self);
+    if (short !== undefined) return `PG ${short} has no other replica to act`;
+  }
+  return undefined;
 }
 
 const CACHE_REPORT_INTERVAL_MS = 10 * 60_000;
