@@ -23,24 +23,47 @@ const SIZE = 16 * MiB;
 
 /**
  * An environment whose disk files fail on demand: every write while `fail.writes` (as a full host
- * file system does, ENOSPC), every sync while `fail.syncs` (as a failing device does, EIO).
+ * file system does, ENOSPC), every sync while `fail.syncs` (as a failing device does, EIO), every
+ * read below `fail.readsBelow` bytes (as bad sectors do, EIO; `writtenEnd()` says how far writes went).
  */
-function failingDisk(): { env: Env; fail: { writes: boolean; syncs: boolean }; failedWrites: () => number; failedSyncs: () => number } {
-  const state = { writes: false, syncs: false };
+function failingDisk(): {
+  env: Env; fail: { writes: boolean; syncs: boolean; readsBelow: number }; writtenEnd: () => number;
+  failedWrites: () => number; failedSyncs: () => number; failedReads: () => number;
+} {
+  const state = { writes: false, syncs: false, readsBelow: 0 };
   let failedWrites = 0;
   let failedSyncs = 0;
+  let failedReads = 0;
+  let writtenEnd = 0;
   const noSpace = (): Error => {
     failedWrites++;
     return Object.assign(new Error('ENOSPC: no space left on device, write'), { code: 'ENOSPC', errno: -28, syscall: 'write' });
   };
+  const unreadable = (): Error => {
+    failedReads++;
+    return Object.assign(new Error('EIO: i/o error, read'), { code: 'EIO', errno: -5, syscall: 'read' });
+  };
+  const wrote = (buffers: readonly Buffer[], offsetBytes: number): void => {
+    let end = offsetBytes;
+    for (const buffer of buffers) end += buffer.length;
+    if (end > writtenEnd) writtenEnd = end;
+  };
   const wrap = (file: DiskFile): DiskFile => ({
     path: file.path,
     sizeBytes: file.sizeBytes,
-    read: (target, offsetBytes) => file.read(target, offsetBytes),
-    readNow: file.readNow && ((target, offsetBytes) => file.readNow!(target, offsetBytes)),
-    writev: (buffers, offsetBytes) => (state.writes ? Promise.reject(noSpace()) : file.writev(buffers, offsetBytes)),
+    read: (target, offsetBytes) => (offsetBytes < state.readsBelow ? Promise.reject(unreadable()) : file.read(target, offsetBytes)),
+    readNow: file.readNow && ((target, offsetBytes) => {
+      if (offsetBytes < state.readsBelow) throw unreadable();
+      return file.readNow!(target, offsetBytes);
+    }),
+    writev: (buffers, offsetBytes) => {
+      if (state.writes) return Promise.reject(noSpace());
+      wrote(buffers, offsetBytes);
+      return file.writev(buffers, offsetBytes);
+    },
     writevNow: file.writevNow && ((buffers, offsetBytes) => {
       if (state.writes) throw noSpace();
+      wrote(buffers, offsetBytes);
       return file.writevNow!(buffers, offsetBytes);
     }),
     sync: () => {
@@ -51,7 +74,7 @@ function failingDisk(): { env: Env; fail: { writes: boolean; syncs: boolean }; f
     close: () => file.close(),
   });
   const env: Env = { ...nodeEnv, disk: { ...nodeEnv.disk, open: async (path, options) => wrap(await nodeEnv.disk.open(path, options)) } };
-  return { env, fail: state, failedWrites: () => failedWrites, failedSyncs: () => failedSyncs };
+  return { env, fail: state, writtenEnd: () => writtenEnd, failedWrites: () => failedWrites, failedSyncs: () => failedSyncs, failedReads: () => failedReads };
 }
 
 /** A store's state in the conductor's map. */
@@ -140,6 +163,55 @@ describe('a store whose disk fails a write', () => {
     await assert.rejects(volume.flush(), (error: unknown) => codeOf(error) === 'DISK_FAILED' && /fdatasync/.test((error as Error).message));
     assert.ok(Date.now() - started < 5000, `failed at once, not after waiting (${Date.now() - started} ms)`);
     assert.equal((await cluster.call('GET', '/stores')).body.stores[0].state, 'up', 'not reported down: no other replica holds the writes');
+  });
+
+  test('3 replicas: blocks one store\'s disk cannot read are read from another and rewritten on it', async () => {
+    const { disk, failing, volume } = await volumeWithFailingStore(3, 1, 3);
+    const PIECE = 64 * 1024;
+    const data = randomBytes(16 * PIECE);
+    await volume.write(0, data);
+    await volume.flush();
+    // Everything the store has written so far turns unreadable; what it writes from now on reads.
+    disk.fail.readsBelow = disk.writtenEnd();
+    // Each range read three times in a row: round robin asks each of the three replicas once.
+    const readEachRangeOnEveryReplica = async (): Promise<void> => {
+      for (let at = 0; at < data.length; at += PIECE) {
+        for (let turn = 0; turn < 3; turn++) {
+          assert.ok((await volume.read(at, PIECE)).equals(data.subarray(at, at + PIECE)), `range ${at} reads back`);
+        }
+      }
+    };
+    await readEachRangeOnEveryReplica();
+    assert.ok(disk.failedReads() > 0, 'the failing store was asked to read');
+    assert.equal(failing.engine.failure(), undefined, 'a failed read does not stop the engine');
+    await waitFor('every range repaired', async () => volume.repairs >= data.length / PIECE, 10_000);
+    const failedBefore = disk.failedReads();
+    await readEachRangeOnEveryReplica();
+    assert.equal(disk.failedReads(), failedBefore, 'the store reads every range from where the repair wrote it');
+  });
+
+  test('3 replicas: a scrub finds the blocks one store\'s disk cannot read and rewrites them from a good copy', async () => {
+    const { cluster, disk, failing, volume } = await volumeWithFailingStore(3, 1, 3);
+    const data = randomBytes(MiB);
+    await volume.write(0, data);
+    await volume.flush();
+    disk.fail.readsBelow = disk.writtenEnd();
+    const blocks = data.length / 4096;
+
+    const storeScrub = await cluster.call('POST', `/stores/${failing.storeId}/scrub`);
+    assert.equal(storeScrub.status, 200, JSON.stringify(storeScrub.body));
+    assert.equal(storeScrub.body.badBlocks, blocks, `the store's own scrub reports every block bad: ${JSON.stringify(storeScrub.body)}`);
+    assert.equal(storeScrub.body.unreadableBlocks, blocks, 'and unreadable');
+
+    const scrub = await cluster.call('POST', `/scrub?volume=${volume.info.name}`);
+    assert.equal(scrub.status, 200, JSON.stringify(scrub.body));
+    assert.equal(scrub.body.pgsSkipped, 0, JSON.stringify(scrub.body.errors));
+    assert.equal(scrub.body.repairedBlocks, blocks, JSON.stringify(scrub.body));
+    assert.deepEqual(scrub.body.repairedByStore, [{ storeId: failing.storeId, blocks }]);
+    const again = await cluster.call('POST', `/scrub?volume=${volume.info.name}`);
+    assert.equal(again.body.inconsistentBlocks, 0, `a second scrub finds nothing: ${JSON.stringify(again.body)}`);
+    assert.equal((await cluster.call('POST', `/stores/${failing.storeId}/scrub`)).body.badBlocks, 0, 'the store reads every block where the repair wrote it');
+    assert.equal(failing.engine.failure(), undefined, 'failed reads do not stop the engine');
   });
 
   test('a store whose disk fails with no client write to meet it reports itself down', async () => {

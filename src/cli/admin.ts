@@ -192,7 +192,7 @@ export function registerAdminCommands(program: Command, io: AdminIo = processIo)
     const query = rate === undefined ? '' : `?mibPerSecond=${rate}`;
     const report = await api.call<ScrubReport>('POST', `/stores/${id}/scrub${query}`, undefined, scrubTimeoutMs);
     out(options, report, () => {
-      const summary = `store ${id}: ${report.blocks} blocks of ${report.objects} objects read (${formatBytes(report.bytesRead)}) in ${(report.durationMs / 1000).toFixed(1)} s: ${report.badBlocks === 0 ? 'no bad blocks' : `${report.badBlocks} bad block(s)`}\n`;
+      const summary = `store ${id}: ${report.blocks} blocks of ${report.objects} objects read (${formatBytes(report.bytesRead)}) in ${(report.durationMs / 1000).toFixed(1)} s: ${report.badBlocks === 0 ? 'no bad blocks' : `${report.badBlocks} bad block(s)${report.unreadableBlocks > 0 ? `, ${report.unreadableBlocks} of them unreadable` : ''}`}\n`;
       if (report.bad.length === 0) return summary;
       return summary + renderTable(['VOLUME', 'CHUNK', 'BLOCK'], report.bad.map((bad) => [bad.volumeId, bad.chunkIndex, bad.block]), io.stdoutIsTty);
     });

@@ -20,7 +20,9 @@
  * I/O timeout, then NO_QUORUM). Overlapping writes are kept in order by a range lock.
  *
  * Read: from one clean replica, chosen round robin; crc32c checked again here (end to end); on a
- * checksum error, a timeout or an unreachable store, the next clean replica is tried.
+ * checksum error, a disk that could not read, a timeout or an unreachable store, the next clean
+ * replica is tried. A replica whose copy failed its checksum or could not be read is rewritten
+ * from the good copy.
  *
  * Flush: FLUSH to every store written since the last flush; a store that can't flush is marked
  * down before the FLUSH is acknowledged (one whose disk failed only while every PG keeps its
@@ -335,10 +337,7 @@ export class VolumeClient {
       }
       // As read() goes on after a failed attempt: another replica, a newer map, or the error.
       const bad: number[] = [];
-      if (error!.code === 'CHECKSUM') {
-        this.#cluster.log(`volume ${this.info.name}: ${error!.message}; reading another replica`);
-        bad.push(storeId);
-      }
+      this.#noteBadReplica(error!, storeId, bad);
       this.#readPiece({ chunkIndex, offsetBlocks, countBlocks, bufferBlock: 0 }, bad).then(
         (read) => done(undefined, trimToRange(read, offsetBytes, lengthBytes)),
         (thrown: unknown) => done(toShaleError(thrown), undefined),
@@ -347,7 +346,7 @@ export class VolumeClient {
     return true;
   }
 
-  /** One piece's bytes; `bad`: replicas already found to fail a checksum, repaired from the good copy read. */
+  /** One piece's bytes; `bad`: replicas already found to fail a checksum or a disk read, repaired from the good copy read. */
   async #readPiece(piece: Piece, bad: number[] = []): Promise<Buffer> {
     const local = this.#readPieceLocal(piece);
     if (local !== undefined) {
@@ -432,7 +431,7 @@ export class VolumeClient {
 
   /**
    * Asks one clean replica after another (round robin from a rotating start) until one answers.
-   * Replicas that answered CHECKSUM are collected in `bad` for repair. Waits for a newer map when
+   * Replicas that answered CHECKSUM or DISK_FAILED are collected in `bad` for repair. Waits for a newer map when
    * none can answer, up to the I/O timeout.
    */
   async #fromCleanReplica<T>(piece: Piece, op: number, decode: (reply: Frame, storeId: number) => T, bad: number[]): Promise<{ value: T; storeId: number; pool: PoolMapEntry; pgId: number; pgEpoch: number; reply: Frame }> {
@@ -456,15 +455,23 @@ export class VolumeClient {
           lastError = error instanceof ShaleError ? error : new ShaleError('INTERNAL', String(error));
           if (lastError.code === 'FENCED' || lastError.code === 'NOT_FOUND' || lastError.code === 'INVALID_ARGUMENT') throw lastError;
           if (lastError.code === 'STALE_PG_EPOCH') staleMap = true;
-          if (lastError.code === 'CHECKSUM') {
-            this.#cluster.log(`volume ${this.info.name}: ${lastError.message}; reading another replica`);
-            if (!bad.includes(storeId)) bad.push(storeId);
-          }
+          this.#noteBadReplica(lastError, storeId, bad);
         }
       }
       if (staleMap) await this.#cluster.watcher.refresh().catch(() => {});
       else await waitForMapChange(this.#cluster, map, deadline, lastError);
     }
+  }
+
+  /**
+   * A replica whose copy failed its checksum, or whose disk could not read it (DISK_FAILED: a bad
+   * sector, say), goes into `bad`, to be rewritten from the good copy: a log-structured store
+   * writes the repair to a new place on its disk.
+   */
+  #noteBadReplica(error: ShaleError, storeId: number, bad: number[]): void {
+    if (error.code !== 'CHECKSUM' && error.code !== 'DISK_FAILED') return;
+    this.#cluster.log(`volume ${this.info.name}: ${error.message}; reading another replica`);
+    if (!bad.includes(storeId)) bad.push(storeId);
   }
 
   /**

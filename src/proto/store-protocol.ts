@@ -628,6 +628,8 @@ export interface ScrubReport {
   blocks: number;
   bytesRead: number;
   badBlocks: number;
+  /** Of the bad blocks, those the disk could not read at all. */
+  unreadableBlocks: number;
   /** The first bad blocks (a bounded list). */
   bad: { volumeId: number; chunkIndex: number; block: number; [detail: string]: unknown }[];
   durationMs: number;

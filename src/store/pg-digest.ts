@@ -32,13 +32,13 @@ export async function digestPg(env: Env, engine: BlockEngine, volumeIds: Readonl
         const read = await engine.read(object.volumeId, object.chunkIndex, offset, count);
         copyInto(digest, offset, read);
       } catch (error) {
-        if (!(error instanceof ShaleError) || error.code !== 'CHECKSUM') throw error;
-        // One block or more is bad: find which, one block at a time.
+        if (!isBadCopy(error)) throw error;
+        // One block or more is bad or unreadable: find which, one block at a time.
         for (let i = 0; i < count; i++) {
           try {
             copyInto(digest, offset + i, await engine.read(object.volumeId, object.chunkIndex, offset + i, 1));
           } catch (blockError) {
-            if (!(blockError instanceof ShaleError) || blockError.code !== 'CHECKSUM') throw blockError;
+            if (!isBadCopy(blockError)) throw blockError;
             digest.states[offset + i] = object.states[offset + i]!;
             digest.epochs[offset + i] = object.epochs[offset + i]!;
             digest.seqs[offset + i] = object.seqs[offset + i]!;
@@ -65,4 +65,12 @@ function copyInto(digest: DigestObject, at: number, read: { checksums: Uint32Arr
     digest.epochs[at + i] = read.epochs[i]!;
     digest.seqs[at + i] = read.seqs[i]!;
   }
+}
+
+/**
+ * A copy the scrub rewrites from a good one: it fails its crc32c, or the disk cannot read it
+ * (DISK_FAILED on a read: a bad sector, say; a log-structured store writes the repair elsewhere).
+ */
+function isBadCopy(error: unknown): boolean {
+  return error instanceof ShaleError && (error.code === 'CHECKSUM' || error.code === 'DISK_FAILED');
 }

@@ -396,6 +396,8 @@ export interface ScrubReport {
   blocks: number;
   bytesRead: number;
   badBlocks: number;
+  /** Of the bad blocks, those the disk could not read at all (the rest failed their crc32c). */
+  unreadableBlocks: number;
   /** The first `scrubReportBadMax` bad blocks. */
   bad: ScrubBadBlock[];
   durationMs: number;
@@ -1661,14 +1663,15 @@ export class StoreEngine {
 
   /**
    * Reads every live data block (heads and snapshot versions) and checks it against its crc32c.
-   * Bad blocks are reported, never repaired here (a peer's copy repairs them). Runs alongside I/O.
+   * Bad blocks (those that fail it, and those the disk cannot read) are reported, never repaired
+   * here (a peer's copy repairs them). Runs alongside I/O.
    */
   async scrub(options: ScrubOptions = {}): Promise<ScrubReport> {
     if (this.#closed) throw new ShaleError('SHUTTING_DOWN', 'store engine is closed');
     const rate = options.bytesPerSecondMax;
     if (rate !== undefined && (!Number.isFinite(rate) || rate <= 0)) throw invalid('bytesPerSecondMax must be positive');
     const startMs = this.#env.clock.nowMs();
-    const report: ScrubReport = { objects: 0, blocks: 0, bytesRead: 0, badBlocks: 0, bad: [], durationMs: 0 };
+    const report: ScrubReport = { objects: 0, blocks: 0, bytesRead: 0, badBlocks: 0, unreadableBlocks: 0, bad: [], durationMs: 0 };
     const keys = [...this.#index.objects()].map((table) => ({ volumeId: table.volumeId, chunkIndex: table.chunkIndex }));
     const buffer = Buffer.allocUnsafe(scrubReadBytesMax);
     for (const key of keys) {
@@ -1698,11 +1701,13 @@ export class StoreEngine {
           Math.floor(items[i]!.location / this.#blocksPerSegment) === segment);
         const bytes = (i - start) * BLOCK_SIZE_BYTES;
         this.#readPins[segment]!++;
-        let length: number;
+        // A run the disk cannot read (a bad sector, say) is bad like a run that fails its crc32c.
+        let length = 0;
+        let unreadable = false;
         try {
           length = await this.#file.read(buffer.subarray(0, bytes), this.#locationOffsetBytes(items[start]!.location));
-        } catch (error) {
-          throw toDiskError(error, 'scrub read');
+        } catch {
+          unreadable = true;
         } finally {
           this.#readPins[segment]!--;
           this.#afterUnpin();
@@ -1715,6 +1720,7 @@ export class StoreEngine {
           const good = at + BLOCK_SIZE_BYTES <= length && crc32c(buffer.subarray(at, at + BLOCK_SIZE_BYTES)) === item.crc;
           if (good || !this.#stillAt(key.volumeId, key.chunkIndex, item.block, item.location)) continue;
           report.badBlocks++;
+          if (unreadable) report.unreadableBlocks++;
           if (report.bad.length < scrubReportBadMax) {
             report.bad.push({ volumeId: key.volumeId, chunkIndex: key.chunkIndex, block: item.block, epoch: item.epoch, seq: item.seq, snapshotVersion: item.history });
           }
