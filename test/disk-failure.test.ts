@@ -16,7 +16,7 @@ import { DATA_CHUNK_BYTES, ObjectClient } from '../src/client/object-client.ts';
 import type { VolumeClient } from '../src/client/volume-client.ts';
 import { nodeEnv } from '../src/env/node/node-env.ts';
 import { codeOf } from '../src/lib/errors.ts';
-import { startLocalCluster, waitFor, type LocalCluster } from './harness.ts';
+import { findBlock, flipBit, startLocalCluster, waitFor, type LocalCluster } from './harness.ts';
 
 const MiB = 1024 * 1024;
 const SIZE = 16 * MiB;
@@ -188,6 +188,27 @@ describe('a store whose disk fails a write', () => {
     const failedBefore = disk.failedReads();
     await readEachRangeOnEveryReplica();
     assert.equal(disk.failedReads(), failedBefore, 'the store reads every range from where the repair wrote it');
+  });
+
+  test('1 replica: a read of a block the disk cannot read, or of one that fails its checksum, fails at once', async () => {
+    const { cluster, disk, volume } = await volumeWithFailingStore(1, 0, 1);
+    const rotten = randomBytes(4096);
+    await volume.write(0, Buffer.concat([randomBytes(64 * 1024), rotten]));
+    await volume.flush();
+    // Rot: one bit flipped in the only copy of the block at 64 KiB.
+    flipBit(`${cluster.dir}/disk-0.img`, findBlock(`${cluster.dir}/disk-0.img`, rotten) + 100);
+    const failsWithin = async (read: Promise<Buffer>, code: string): Promise<void> => {
+      const started = Date.now();
+      const timeout = new Promise<never>((_resolve, reject) => setTimeout(() => reject(new Error('still waiting after 5 s')), 5000).unref());
+      await assert.rejects(Promise.race([read, timeout]), (error: unknown) => codeOf(error) === code);
+      assert.ok(Date.now() - started < 5000, `failed at once (${Date.now() - started} ms)`);
+    };
+    await failsWithin(volume.read(64 * 1024, 4096), 'CHECKSUM');
+    assert.equal(disk.failedReads(), 0);
+    // Bad sectors: everything written so far unreadable.
+    disk.fail.readsBelow = disk.writtenEnd();
+    await failsWithin(volume.read(0, 4096), 'DISK_FAILED');
+    assert.ok(disk.failedReads() > 0, 'the store was asked to read');
   });
 
   test('3 replicas: a scrub finds the blocks one store\'s disk cannot read and rewrites them from a good copy', async () => {

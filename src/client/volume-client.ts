@@ -431,8 +431,9 @@ export class VolumeClient {
 
   /**
    * Asks one clean replica after another (round robin from a rotating start) until one answers.
-   * Replicas that answered CHECKSUM or DISK_FAILED are collected in `bad` for repair. Waits for a newer map when
-   * none can answer, up to the I/O timeout.
+   * Replicas that answered CHECKSUM or DISK_FAILED are collected in `bad` for repair; when every
+   * clean replica answered one of those, that error is final. Waits for a newer map when none can
+   * answer otherwise, up to the I/O timeout.
    */
   async #fromCleanReplica<T>(piece: Piece, op: number, decode: (reply: Frame, storeId: number) => T, bad: number[]): Promise<{ value: T; storeId: number; pool: PoolMapEntry; pgId: number; pgEpoch: number; reply: Frame }> {
     const deadline = this.#deadline();
@@ -443,6 +444,7 @@ export class VolumeClient {
       const clean = pg.replicas.filter((replica) => replica.state === 'clean' && isUp(map, replica.storeId));
       const turn = this.#readTurn++;
       let staleMap = false;
+      let badCopies = 0;
       for (let i = 0; i < clean.length && !staleMap; i++) {
         const storeId = clean[(turn + i) % clean.length]!.storeId;
         try {
@@ -455,9 +457,12 @@ export class VolumeClient {
           lastError = error instanceof ShaleError ? error : new ShaleError('INTERNAL', String(error));
           if (lastError.code === 'FENCED' || lastError.code === 'NOT_FOUND' || lastError.code === 'INVALID_ARGUMENT') throw lastError;
           if (lastError.code === 'STALE_PG_EPOCH') staleMap = true;
-          this.#noteBadReplica(lastError, storeId, bad);
+          if (this.#noteBadReplica(lastError, storeId, bad)) badCopies++;
         }
       }
+      // Every clean replica's copy failed its checksum or could not be read: no map to come brings
+      // a good one, so the read fails now rather than waiting (with --io-timeout 0, for ever).
+      if (badCopies > 0 && badCopies === clean.length) throw lastError!;
       if (staleMap) await this.#cluster.watcher.refresh().catch(() => {});
       else await waitForMapChange(this.#cluster, map, deadline, lastError);
     }
@@ -466,12 +471,13 @@ export class VolumeClient {
   /**
    * A replica whose copy failed its checksum, or whose disk could not read it (DISK_FAILED: a bad
    * sector, say), goes into `bad`, to be rewritten from the good copy: a log-structured store
-   * writes the repair to a new place on its disk.
+   * writes the repair to a new place on its disk. Returns whether the error was one of those.
    */
-  #noteBadReplica(error: ShaleError, storeId: number, bad: number[]): void {
-    if (error.code !== 'CHECKSUM' && error.code !== 'DISK_FAILED') return;
+  #noteBadReplica(error: ShaleError, storeId: number, bad: number[]): boolean {
+    if (error.code !== 'CHECKSUM' && error.code !== 'DISK_FAILED') return false;
     this.#cluster.log(`volume ${this.info.name}: ${error.message}; reading another replica`);
     if (!bad.includes(storeId)) bad.push(storeId);
+    return true;
   }
 
   /**

@@ -62,7 +62,7 @@ export const ErrorCodes = {
   },
   CHECKSUM: {
     wire: 7, nbdErrno: NbdErrno.EIO, s3Code: 'InternalError', httpStatus: 500, exitCode: 7, retryable: true,
-    doc: 'Data read from a disk failed its crc32c. The bytes are never returned; the client reads another replica and repairs this one.',
+    doc: 'Data read from a disk failed its crc32c. The bytes are never returned; the client reads another replica and repairs this one. Where no replica holds a good copy, the read fails at once with this code.',
   },
   STALE_PG_EPOCH: {
     wire: 8, nbdErrno: NbdErrno.EIO, s3Code: 'ServiceUnavailable', httpStatus: 503, exitCode: 8, retryable: true,
@@ -202,7 +202,7 @@ export const ErrorCodes = {
   },
   DISK_FAILED: {
     wire: 42, nbdErrno: NbdErrno.EIO, s3Code: 'InternalError', httpStatus: 500, exitCode: 1, retryable: false,
-    doc: 'A store\'s disk failed a read, a write or a sync (an I/O error, or the file system holding a disk file is full). After a failed write or sync the store takes no more writes until it is restarted; clients report it down and go on with the other replicas where the rest suffice.',
+    doc: 'A store\'s disk failed a read, a write or a sync (an I/O error, or the file system holding a disk file is full). A block that could not be read is read from another replica and rewritten on this one. After a failed write or sync the store takes no more writes until it is restarted; clients report it down and go on with the other replicas where the rest suffice.',
   },
 } as const satisfies Record<string, ErrorCodeSpec>;
 
