@@ -13,7 +13,8 @@
  *
  * Reads come from one clean replica, round robin; every block's crc32c is checked here, and a
  * block that is not DATA (a replica that missed the write while it was away) counts as a failure:
- * the next clean replica is tried, so a partly stored chunk is never returned.
+ * the next clean replica is tried, so a partly stored chunk is never returned. When no clean
+ * replica has a good copy, the read fails at once (CHECKSUM, or DISK_FAILED).
  *
  * Key-value records (namespace S3_INDEX): written like data (every clean or recovering replica,
  * FUA), versioned by the caller; reads ask every clean replica and keep the highest version of
@@ -134,6 +135,7 @@ export class ObjectClient {
       const clean = pg.replicas.filter((replica) => replica.state === 'clean' && isUp(map, replica.storeId));
       const turn = this.#readTurn++;
       let stale = false;
+      let badCopies = 0;
       for (let i = 0; i < clean.length && !stale; i++) {
         const storeId = clean[(turn + i) % clean.length]!.storeId;
         try {
@@ -146,9 +148,13 @@ export class ObjectClient {
           lastError = toError(error);
           if (lastError.code === 'INVALID_ARGUMENT') throw lastError;
           if (lastError.code === 'STALE_PG_EPOCH') stale = true;
+          if (lastError.code === 'CHECKSUM' || lastError.code === 'DISK_FAILED') badCopies++;
           this.#cluster.log(`s3 data ${dataId} chunk ${chunkIndex} on store ${storeId}: ${lastError.message}; trying another replica`);
         }
       }
+      // No clean replica has a good copy (each failed its checksums, could not be read, or lacks
+      // blocks): no map to come brings one, so the read fails now rather than waiting.
+      if (badCopies > 0 && badCopies === clean.length) throw lastError!;
       if (stale) await this.#cluster.watcher.refresh().catch(() => {});
       else await waitForMapChange(this.#cluster, map, deadline, lastError, 'S3 I/O');
     }
