@@ -23,7 +23,7 @@
  * Decision table for a replica's answer to a write (as volume-client.ts):
  *   ok → counted; STALE_PG_EPOCH → refresh the map, resend; NOT_READY, BUSY, CHECKSUM → wait, resend;
  *   UNAVAILABLE, MAYBE_COMMITTED, SHUTTING_DOWN → report the store down, resend to the new acting set;
- *   DISK_FAILED → the same while the PG keeps its minimum without the replica, else fail;
+ *   DISK_FAILED → the same where the PG can do without the replica (acting.ts: pgNeeds), else fail;
  *   anything else → fail. Writes are idempotent (equal versions are duplicates), so resending is safe.
  */
 import { blockChecksums, blockCrc32c } from '../lib/crc32c.ts';
@@ -36,7 +36,8 @@ import {
 } from '../proto/store-protocol.ts';
 import type { ClusterMap, PgEntry, PoolMapEntry } from '../conductor/api/types.ts';
 import type { ClusterClient } from './cluster-client.ts';
-import { actingReplicas, handleReplicaFailures, isUp, noQuorum, waitForMapChange, type ReplicaFailure } from './replica-retry.ts';
+import { actingReplicas, diskFailedSpare, handleReplicaFailures, isUp, noQuorum, waitForMapChange, type ReplicaFailure } from './replica-retry.ts';
+import { pgNeeds } from '../conductor/api/acting.ts';
 
 /** Bytes of one data chunk (one store object). */
 export const DATA_CHUNK_BYTES = 4 * MiB;
@@ -254,8 +255,8 @@ export class ObjectClient {
       }));
       const failures = results.filter((failure): failure is ReplicaFailure => failure !== undefined);
       if (failures.length === 0) return;
-      // A replica whose disk failed leaves the acting set while the rest keep the PG's minimum.
-      lastError = await handleReplicaFailures(this.#cluster, failures, acting.length - pool.minReplicas);
+      // A replica whose disk failed leaves the acting set where the PG can do without it.
+      lastError = await handleReplicaFailures(this.#cluster, failures, diskFailedSpare(failures, (storeIds) => pgNeeds(map, pool, pgId, storeIds)));
       if (this.#cluster.env.clock.nowMs() >= deadline) throw noQuorum(lastError, 'S3 I/O');
     }
   }

@@ -59,6 +59,16 @@ export async function handleReplicaFailures(cluster: ClusterClient, failures: re
   return failures[0]!.error;
 }
 
+/**
+ * The `spare` for handleReplicaFailures: every replica of the round whose disk failed, when
+ * `needs` (acting.ts: pgNeeds, poolNeeds) says the PG or PGs can do without them all; else none.
+ */
+export function diskFailedSpare(failures: readonly ReplicaFailure[], needs: (storeIds: ReadonlySet<number>) => string | undefined): number {
+  const failed = new Set<number>();
+  for (const failure of failures) if (failure.error.code === 'DISK_FAILED') failed.add(failure.storeId);
+  return failed.size > 0 && needs(failed) === undefined ? failed.size : 0;
+}
+
 /** Waits for a map newer than `map`, or a short while; throws NO_QUORUM past the deadline. */
 export async function waitForMapChange(cluster: ClusterClient, map: ClusterMap, deadline: number, lastError: ShaleError | undefined, what = 'I/O'): Promise<void> {
   const clock = cluster.env.clock;

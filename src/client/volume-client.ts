@@ -11,8 +11,8 @@
  *   UNAVAILABLE, MAYBE_COMMITTED, SHUTTING_DOWN
  *                               → the replica failed: the conductor marks it down in a committed
  *                                 epoch, then the piece is sent again to the new acting set
- *   DISK_FAILED                 → the same, while the PG keeps its minimum without the replica;
- *                                 else fail with it
+ *   DISK_FAILED                 → the same, where the PG can do without the replica (it keeps
+ *                                 its minimum, and a clean replica); else fail with it
  *   FENCED                      → another gateway owns the volume: fail, never retry
  *   anything else               → fail the request with that code
  *
@@ -25,8 +25,8 @@
  * from the good copy.
  *
  * Flush: FLUSH to every store written since the last flush; a store that can't flush is marked
- * down before the FLUSH is acknowledged (one whose disk failed only while every PG keeps its
- * minimum without it; else the FLUSH fails with DISK_FAILED).
+ * down before the FLUSH is acknowledged (one whose disk failed only where every PG can do
+ * without it; else the FLUSH fails with DISK_FAILED).
  */
 import { assert } from '../lib/assert.ts';
 import { giveBack, ioBuffers } from '../lib/buffer-pool.ts';
@@ -40,8 +40,8 @@ import type { LocalReadFields, LocalWriteFields, StoreRequester } from '../proto
 import type { ClusterMap, PgEntry, PoolMapEntry, VolumeInfo } from '../conductor/api/types.ts';
 import type { ClusterClient } from './cluster-client.ts';
 import { RangeLock } from './range-lock.ts';
-import { actingReplicas, handleReplicaFailures, isUp, noQuorum, waitForMapChange, type ReplicaFailure } from './replica-retry.ts';
-import { pgShortWithout } from '../conductor/api/acting.ts';
+import { actingReplicas, diskFailedSpare, handleReplicaFailures, isUp, noQuorum, waitForMapChange, type ReplicaFailure } from './replica-retry.ts';
+import { pgNeeds, poolNeeds } from '../conductor/api/acting.ts';
 import { ChainReader, type Layer, parentLayers, snapContextOf } from './snap-chain.ts';
 
 /** A copy of T's shape that can be written: for request records refilled in place. */
@@ -481,7 +481,7 @@ export class VolumeClient {
   }
 
   /**
-   * Rewrites a piece on replicas that failed a checksum, from the good READ reply, with each
+   * Rewrites a piece on replicas that failed a checksum or a disk read, from the good READ reply, with each
    * block's own version and the REPAIR flag: the store replaces its copy of that version (an equal
    * version takes the newer location) and never overwrites a newer one.
    */
@@ -717,8 +717,9 @@ export class VolumeClient {
     }
     let lastError: ShaleError | undefined;
     if (failed !== undefined) {
-      const { pool, acting } = this.#acting(this.#cluster.map, piece);
-      lastError = await handleReplicaFailures(this.#cluster, failed, acting.length - pool.minReplicas);
+      const map = this.#cluster.map;
+      const { pool, pgId } = this.#placement(map, piece.chunkIndex);
+      lastError = await handleReplicaFailures(this.#cluster, failed, diskFailedSpare(failed, (storeIds) => pgNeeds(map, pool, pgId, storeIds)));
       if (this.#expired(deadline)) throw noQuorum(lastError);
     }
     for (;;) {
@@ -745,8 +746,8 @@ export class VolumeClient {
       }));
       const failures = results.filter((failure): failure is ReplicaFailure => failure !== undefined);
       if (failures.length === 0) return;
-      // A replica whose disk failed leaves the acting set while the rest keep the PG's minimum.
-      lastError = await handleReplicaFailures(this.#cluster, failures, acting.length - pool.minReplicas);
+      // A replica whose disk failed leaves the acting set where the PG can do without it.
+      lastError = await handleReplicaFailures(this.#cluster, failures, diskFailedSpare(failures, (storeIds) => pgNeeds(map, pool, pgId, storeIds)));
       if (this.#expired(deadline)) throw noQuorum(lastError);
     }
   }
@@ -870,23 +871,13 @@ export class VolumeClient {
       }));
       const failures = results.filter((failure): failure is ReplicaFailure => failure !== undefined);
       if (failures.length === 0) return;
-      const lastError = await handleReplicaFailures(this.#cluster, failures, this.#flushSpare(map, failures));
+      // A store whose disk failed the FLUSH is reported down where every PG of the pool can do
+      // without it: each of those PGs' other replicas took every write it took, and flushed them
+      // in this round. Else the FLUSH fails with the disk's error.
+      const lastError = await handleReplicaFailures(this.#cluster, failures, diskFailedSpare(failures, (storeIds) => poolNeeds(map, this.#pool(map), storeIds)));
       if (this.#expired(deadline)) throw noQuorum(lastError);
       pending = failures.map((failure) => failure.storeId);
     }
-  }
-
-  /**
-   * How many stores whose disk failed a FLUSH may be reported down for the FLUSH to finish on the
-   * rest: all of them when every PG of the volume's pool keeps its minimum of acting replicas
-   * without them (each of those PGs' other replicas took every write the failed store took, and
-   * flushed them in this round); else none, and the FLUSH fails with the disk's error.
-   */
-  #flushSpare(map: ClusterMap, failures: readonly ReplicaFailure[]): number {
-    const failed = new Set<number>();
-    for (const failure of failures) if (failure.error.code === 'DISK_FAILED') failed.add(failure.storeId);
-    if (failed.size === 0 || pgShortWithout(map, this.#pool(map), failed) !== undefined) return 0;
-    return failed.size;
   }
 
   async close(): Promise<void> {

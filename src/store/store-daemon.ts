@@ -12,7 +12,7 @@ import { formatBytes } from '../lib/units.ts';
 import { ConductorClient, MapWatcher } from '../proto/conductor-client.ts';
 import type { LocalStores } from '../proto/local-channel.ts';
 import { StoreChannel } from '../proto/store-channel.ts';
-import { pgShortWithout } from '../conductor/api/acting.ts';
+import { poolNeeds } from '../conductor/api/acting.ts';
 import type { ClusterMap, DiskReport } from '../conductor/api/types.ts';
 import type { BlockEngine } from './block-engine.ts';
 import { Resyncer } from './resync.ts';
@@ -118,8 +118,8 @@ export async function startStoreDaemon(env: Env, options: StoreDaemonOptions): P
   // write, a resync, compaction, a checkpoint) takes itself out of service where its PGs keep
   // their minimum without it: it reports itself down and stops heartbeating, so that the
   // conductor can re-replicate its PGs even when no client write meets the failure. Rejoining
-  // would only take writes it fails; a restart, once the disk is fixed, brings it back. Where it
-  // holds a PG's last acting replica it stays up, answering reads and failing writes.
+  // would only take writes it fails; a restart, once the disk is fixed, brings it back. Where a
+  // PG needs it (neededFor) it stays up, answering reads and failing writes.
   let outOfService = false;
   let keptUpFor: string | undefined;
   const takeOutOfService = (failure: ShaleError, reportDown: boolean): void => {
@@ -183,13 +183,13 @@ export async function startStoreDaemon(env: Env, options: StoreDaemonOptions): P
   };
 }
 
-/** Why the store must stay up for its PGs (one left short of its minimum without it); undefined if it need not. */
+/** Why some PG needs the store (acting.ts: poolNeeds), or undefined if none does. */
 function neededFor(map: ClusterMap | undefined, storeId: number): string | undefined {
   if (map === undefined) return 'no map yet';
   const self = new Set([storeId]);
   for (const pool of map.pools) {
-    const short = pgShortWithout(map, pool, self);
-    if (short !== undefined) return `PG ${short} has no other replica to act`;
+    const why = poolNeeds(map, pool, self);
+    if (why !== undefined) return `${why} without it`;
   }
   return undefined;
 }

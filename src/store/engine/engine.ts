@@ -1706,7 +1706,8 @@ export class StoreEngine {
         let unreadable = false;
         try {
           length = await this.#file.read(buffer.subarray(0, bytes), this.#locationOffsetBytes(items[start]!.location));
-        } catch {
+        } catch (error) {
+          if (this.#closing || this.#closed) throw new ShaleError('SHUTTING_DOWN', `store engine closed during the scrub (${(error as Error).message})`);
           unreadable = true;
         } finally {
           this.#readPins[segment]!--;
