@@ -1,12 +1,13 @@
 /**
  * `shale up --stores 1` end to end, with the store's read cache in the gateway's process: what fio
  * wrote reads back right through the NBD server when the blocks come from the cache (lent to the
- * replies, not copied), through overwrites, and with a cache smaller than the data (evictions).
+ * replies, not copied), through overwrites, and with a cache smaller than the data (evictions). A
+ * block rotten in its only copy answers EIO at once.
  */
 import assert from 'node:assert/strict';
 import { join } from 'node:path';
 import { after, before, describe, test } from 'node:test';
-import { freePort, requireTool, run, shale, ShaleUp, temporaryDirectory } from './harness.ts';
+import { findBlock, flipBit, freePort, requireTool, run, shale, ShaleUp, temporaryDirectory } from './harness.ts';
 
 describe('shale up --stores 1 with its read cache', () => {
   const dir = temporaryDirectory('up-one');
@@ -47,6 +48,23 @@ describe('shale up --stores 1 with its read cache', () => {
     // Another 24 MiB through the cache evicts most of the first region, which still reads right.
     await fio(3, false, ['--offset=32M', '--size=24M']);
     await fio(2, true);
+  });
+
+  test('a block rotten in its only copy: qemu-io gets EIO at once, and the blocks beside it still read', async () => {
+    requireTool('qemu-io');
+    assert.equal((await shale(cluster.api, 'volume', 'create', 'rot', '--size', '8M')).status, 0);
+    const uri = cluster.uri('rot');
+    const write = await run('qemu-io', ['-f', 'raw', uri, '-c', 'write -P 0x5a 0 4k', '-c', 'write -P 0x33 4k 4k'], { timeoutMs: 60_000 });
+    assert.equal(write.status, 0, write.stdout + write.stderr);
+    const disk = join(dir.path, 'data', 'store-1', 'disk.img');
+    flipBit(disk, findBlock(disk, Buffer.alloc(4096, 0x5a)) + 100);
+    const started = Date.now();
+    const read = await run('qemu-io', ['-f', 'raw', uri, '-c', 'read -P 0x5a 0 4k'], { timeoutMs: 60_000 });
+    assert.match(read.stdout + read.stderr, /read failed: Input\/output error/, read.stdout + read.stderr);
+    assert.ok(Date.now() - started < 10_000, `EIO at once, not after waiting for a good copy (${Date.now() - started} ms)`);
+    const beside = await run('qemu-io', ['-f', 'raw', uri, '-c', 'read -P 0x33 4k 4k'], { timeoutMs: 60_000 });
+    assert.equal(beside.status, 0, beside.stdout + beside.stderr);
+    assert.doesNotMatch(beside.stdout + beside.stderr, /fail|Pattern verification/i);
   });
 
   test('--cache-size refuses what is not a size, and starts nothing', async () => {
