@@ -1,12 +1,16 @@
 /**
- * A store whose disk fails a write or a sync. The failure is injected under one store's engine,
- * into its real disk file: once switched on, every write to the file fails as a full host file
- * system does (ENOSPC), or every sync as a failing device does (EIO). The engine answers DISK_FAILED from then on. A 3-replica volume's writes must go
- * on with the other two replicas: the client reports the store down, in a committed map epoch,
- * before it acknowledges a write without it, and the store must not register again afterwards.
- * A 1-replica volume has no other copy: its write fails at once with the disk's error, rather
- * than waiting for a store that will not come back by itself. The same holds for a FLUSH whose
- * sync fails (EIO), and for S3 data written through the object client.
+ * A store whose disk fails. The failure is injected under one store's engine, into its real disk
+ * file: once switched on, every write fails as on a full host file system (ENOSPC), every sync as
+ * on a failing device (EIO), or every read of what was written before (EIO, as bad sectors).
+ * - A write or sync that fails breaks the engine (DISK_FAILED from then on). A 3-replica volume's
+ *   writes and FLUSHes go on with the other two replicas: the client reports the store down, in a
+ *   committed map epoch, before it acknowledges without it, and the store does not register again.
+ *   A 1-replica volume has no other copy: its write or FLUSH fails at once with the disk's error,
+ *   rather than waiting for a store that will not come back by itself. S3 data writes alike.
+ * - A store whose engine broke with no client there to meet it reports itself down, unless a PG
+ *   needs it (a 1-replica store stays up for reads).
+ * - A read that fails is read from another replica and the blocks rewritten on the failing store;
+ *   a scrub finds and repairs them too. With no good copy anywhere, the read fails at once.
  */
 import assert from 'node:assert/strict';
 import { randomBytes } from 'node:crypto';
@@ -82,7 +86,7 @@ async function storeState(cluster: LocalCluster, storeId: number): Promise<strin
   return (await cluster.call('GET', '/stores')).body.stores.find((store: { id: number }) => store.id === storeId).state;
 }
 
-describe('a store whose disk fails a write', () => {
+describe('a store whose disk fails', () => {
   const clusters: LocalCluster[] = [];
   after(async () => {
     for (const cluster of clusters) await cluster.close();
@@ -199,8 +203,15 @@ describe('a store whose disk fails a write', () => {
     flipBit(`${cluster.dir}/disk-0.img`, findBlock(`${cluster.dir}/disk-0.img`, rotten) + 100);
     const failsWithin = async (read: Promise<Buffer>, code: string): Promise<void> => {
       const started = Date.now();
-      const timeout = new Promise<never>((_resolve, reject) => setTimeout(() => reject(new Error('still waiting after 5 s')), 5000).unref());
-      await assert.rejects(Promise.race([read, timeout]), (error: unknown) => codeOf(error) === code);
+      let timer: NodeJS.Timeout | undefined;
+      const timeout = new Promise<never>((_resolve, reject) => {
+        timer = setTimeout(() => reject(new Error('still waiting after 5 s')), 5000);
+      });
+      try {
+        await assert.rejects(Promise.race([read, timeout]), (error: unknown) => codeOf(error) === code);
+      } finally {
+        clearTimeout(timer);
+      }
       assert.ok(Date.now() - started < 5000, `failed at once (${Date.now() - started} ms)`);
     };
     await failsWithin(volume.read(64 * 1024, 4096), 'CHECKSUM');

@@ -115,11 +115,11 @@ export async function startStoreDaemon(env: Env, options: StoreDaemonOptions): P
 
   let heartbeatFailures = 0;
   // A store whose disk failed a write or sync (its engine says so, whoever met it: a client's
-  // write, a resync, compaction, a checkpoint) takes itself out of service where its PGs keep
-  // their minimum without it: it reports itself down and stops heartbeating, so that the
-  // conductor can re-replicate its PGs even when no client write meets the failure. Rejoining
-  // would only take writes it fails; a restart, once the disk is fixed, brings it back. Where a
-  // PG needs it (neededFor) it stays up, answering reads and failing writes.
+  // write, a resync, compaction, a checkpoint) takes itself out of service where every PG can do
+  // without it (acting.ts): it reports itself down and stops heartbeating, so that the conductor
+  // can re-replicate its PGs even when no client write meets the failure. Rejoining would only
+  // take writes it fails; a restart, once the disk is fixed, brings it back. Where a PG needs it
+  // (neededFor) it stays up, answering reads and failing writes, and looks again each period.
   let outOfService = false;
   let keptUpFor: string | undefined;
   const takeOutOfService = (failure: ShaleError, reportDown: boolean): void => {
