@@ -256,6 +256,8 @@ describe('a store whose disk fails', () => {
     // Something in the store meets the failure: here a fence record it writes for itself; in life compaction, a checkpoint, a resync.
     await assert.rejects(failing.engine.fence(999, 1), (error: unknown) => codeOf(error) === 'DISK_FAILED');
     await waitFor('the store reported down', async () => (await storeState(cluster, failing.storeId)) === 'down', 5000);
+    const listed = (await cluster.call('GET', '/stores')).body.stores.find((store: { id: number }) => store.id === failing.storeId);
+    assert.match(listed.downReason, new RegExp(`^reported by store ${failing.storeId}: its disk failed: .*ENOSPC`), 'the store list says why');
     assert.ok(cluster.stores.every((store) => store === failing || store.engine.failure() === undefined), 'the other stores are fine');
     const up = (await cluster.call('GET', '/stores')).body.stores.filter((store: { state: string }) => store.state === 'up').length;
     assert.equal(up, 2, 'the other two stay up');

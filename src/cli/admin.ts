@@ -180,7 +180,7 @@ export function registerAdminCommands(program: Command, io: AdminIo = processIo)
             formatPercent(s.usedBytes, s.capacityBytes), s.disks.length, formatTime(s.lastHeartbeatAt),
           ]),
           io.stdoutIsTty,
-        ));
+        ) + stores.filter((s) => s.downReason !== undefined).map((s) => `store ${s.id} went down: ${s.downReason}\n`).join(''));
     });
 
   verb(store.command('scrub').argument('<id>', 'store id').description('read every live block of the store\'s disk and check its crc32c; list the bad ones')

@@ -156,12 +156,17 @@ describe('conductor: failure detection and recovery', () => {
       const status = (await cluster.call<ClusterStatus>('GET', '/status')).body;
       assert.equal(status.health, 'degraded');
       assert.ok(status.messages.some((m) => /store 3 .* down/.test(m)), status.messages.join('; '));
+      assert.ok(status.messages.includes('store 3 went down: no heartbeat for 600 ms'), status.messages.join('; '));
       assert.ok(cluster.logs.some((line) => /store 3 .*marked down/.test(line)));
+      const downReason = async (id: number) => (await cluster.call<{ stores: StoreInfo[] }>('GET', '/stores')).body.stores.find((s) => s.id === id)!.downReason;
+      assert.equal(await downReason(3), 'no heartbeat for 600 ms');
+      assert.equal(await downReason(1), undefined, 'a store that is up has none');
 
       // A heartbeat from a store marked down is refused: it must register again.
       expectError(await beat(3), 'NOT_FOUND', /register again/);
       // Re-registration: its replicas become recovering in a new epoch.
       assert.equal(await cluster.register(3), 3);
+      assert.equal(await downReason(3), undefined, 'back up: the reason is gone');
       store3Beats = true;
       const back = await cluster.map();
       assert.ok(back.epoch > down.epoch);
@@ -208,6 +213,8 @@ describe('conductor: failure detection and recovery', () => {
       assert.deepEqual(await cluster.map(), reply.body);
       const again = await cluster.call<ClusterMap>('POST', '/stores/2/report-down', { reporter: 'gw-2', reason: 'timeout' });
       assert.deepEqual(again.body, reply.body);
+      const stores = (await cluster.call<{ stores: StoreInfo[] }>('GET', '/stores')).body.stores;
+      assert.equal(stores.find((s) => s.id === 2)!.downReason, 'reported by gw-1: connection reset', 'the report that marked it down, not a later one');
       expectError(await cluster.call('POST', '/stores/77/report-down', { reporter: 'gw', reason: 'x' }), 'NOT_FOUND');
       assert.ok(cluster.logs.some((line) => /reported by gw-1: connection reset/.test(line)));
     } finally {

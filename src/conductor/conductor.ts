@@ -164,6 +164,8 @@ class ConductorCore implements ConductorService {
   readonly #downSinceMs = new Map<number, number>();
   /** Latest resync figures of each store (leader only). */
   readonly #recovery = new Map<number, RecoveryReport>();
+  /** Why each store this leader marked down went down, until it is back up (leader memory only). */
+  readonly #downReasons = new Map<number, string>();
   readonly downOutIntervalMs: number;
   readonly scrubIntervalMs: number;
   readonly scrubMibPerSecond: number;
@@ -250,6 +252,7 @@ class ConductorCore implements ConductorService {
     this.#persistedAtMs.clear();
     this.#downSinceMs.clear();
     this.#recovery.clear();
+    this.#downReasons.clear();
     this.#cached = undefined;
     if (!leading) return;
     const now = this.#env.clock.nowMs();
@@ -273,23 +276,26 @@ class ConductorCore implements ConductorService {
     if (expired().length === 0) return;
     this.#checking = true;
     try {
-      const down = await this.#commit(async (ops) => {
+      const reason = `no heartbeat for ${this.heartbeatTimeoutMs} ms`;
+      const { marked: down, newlyDown } = await this.#commit(async (ops) => {
         const marked: number[] = [];
+        const newlyDown: number[] = [];
         for (const id of expired()) {
           const store = await ops.tx.store(id);
           if (store && store.state === 'up') {
-            await ops.markStoreDown(id, `no heartbeat for ${this.heartbeatTimeoutMs} ms`);
+            if (await ops.markStoreDown(id, reason)) newlyDown.push(id);
             marked.push(id);
           } else {
             marked.push(id); // already down or unknown: stop watching it
           }
         }
-        return marked;
+        return { marked, newlyDown };
       });
       for (const id of down) {
         this.#forget(id);
         if (!this.#downSinceMs.has(id)) this.#downSinceMs.set(id, this.#env.clock.nowMs());
       }
+      for (const id of newlyDown) this.#downReasons.set(id, reason);
     } catch (error) {
       if (error instanceof ShaleError && (error.code === 'SHUTTING_DOWN' || error.details?.notLeader)) return;
       this.#log(`heartbeat check failed: ${error instanceof Error ? (error.stack ?? error.message) : String(error)}`);
@@ -544,6 +550,7 @@ class ConductorCore implements ConductorService {
     });
     this.#live.set(store.id, { at: store.lastHeartbeatAt ?? this.#nowIso(), disks: store.disks });
     this.#persistedAtMs.set(store.id, this.#env.clock.nowMs());
+    if (store.state === 'up') this.#downReasons.delete(store.id);
     return { storeId: store.id, heartbeatIntervalMs: this.heartbeatIntervalMs, heartbeatTimeoutMs: this.heartbeatTimeoutMs };
   }
 
@@ -566,8 +573,12 @@ class ConductorCore implements ConductorService {
   }
 
   async reportDown(storeId: number, reporter: string, reason: string): Promise<MapSnapshot> {
-    const changed = await this.#commit((ops) => ops.markStoreDown(storeId, `reported by ${reporter}: ${reason}`));
-    if (changed) this.#forget(storeId);
+    const why = `reported by ${reporter}: ${reason}`;
+    const changed = await this.#commit((ops) => ops.markStoreDown(storeId, why));
+    if (changed) {
+      this.#forget(storeId);
+      this.#downReasons.set(storeId, why);
+    }
     return this.#snapshot();
   }
 
@@ -650,6 +661,10 @@ class ConductorCore implements ConductorService {
       if (recovery.fullness.some((entry) => entry.level !== 'nearfull') || recovery.storesDraining.length > 0 || recovery.replicasToRemove > 0) {
         if (status.health === 'ok') status.health = 'degraded';
       }
+      for (const store of layout.stores) {
+        const why = this.#downReasons.get(store.id);
+        if (why !== undefined && store.state !== 'up') status.messages.push(`store ${store.id} went down: ${why}`);
+      }
       if (this.#lastScrub && this.#lastScrub.unrepairedBlocks > 0) {
         status.messages.push(`last scrub (${this.#lastScrub.finishedAt}) left ${this.#lastScrub.unrepairedBlocks} blocks unrepaired`);
         if (status.health === 'ok') status.health = 'degraded';
@@ -663,7 +678,8 @@ class ConductorCore implements ConductorService {
     return records.map((s) => {
       const info = storeInfo(s, this.#live);
       const recovery = this.#recovery.get(s.id);
-      return { ...info, ...(s.draining ? { draining: true } : {}), ...(recovery && s.state === 'up' ? { recovery } : {}) };
+      const downReason = s.state === 'up' ? undefined : this.#downReasons.get(s.id);
+      return { ...info, ...(s.draining ? { draining: true } : {}), ...(recovery && s.state === 'up' ? { recovery } : {}), ...(downReason === undefined ? {} : { downReason }) };
     });
   }
 

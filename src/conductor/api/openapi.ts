@@ -66,6 +66,7 @@ const schemas: Record<string, Schema> = {
     id: integer(undefined, 1), address: string(), domain: string(), state: { enum: ['up', 'down', 'out'] }, capacityBytes: integer(), usedBytes: integer(),
     lastHeartbeatAt: { type: ['string', 'null'], format: 'date-time' }, disks: array(ref('DiskReport')),
     draining: { type: 'boolean' }, recovery: ref('RecoveryReport'),
+    downReason: string('While not up: why the leading conductor marked it down (its memory only).'),
   }, ['id', 'address', 'domain', 'state', 'capacityBytes', 'usedBytes', 'lastHeartbeatAt', 'disks']),
   ReplicaEntry: object({ storeId: integer(undefined, 1), state: { enum: ['clean', 'recovering', 'down'] }, sinceEpoch: integer('Map epoch the replica entered its state.') }, ['storeId', 'state']),
   PgEntry: object({ epoch: integer(), replicas: array(ref('ReplicaEntry')) }),

@@ -342,6 +342,11 @@ export interface StoreInfo extends StoreMapEntry {
   draining?: boolean;
   /** Resync figures from its last heartbeat (leader only). */
   recovery?: RecoveryReport;
+  /**
+   * Why it was marked down ("no heartbeat for …", or "reported by WHO: …", such as a store whose
+   * disk failed), while it is not up. Leader memory only: absent after a leader change.
+   */
+  downReason?: string;
 }
 
 export interface PoolInfo {
