@@ -90,6 +90,8 @@ export class ClusterOps {
   readonly nowIso: string;
   /** Log lines for after the commit. */
   readonly events: string[] = [];
+  /** Stores this transaction marked down, with why; and those it brought back up (reason undefined). */
+  readonly storeStateChanges = new Map<number, string | undefined>();
   #newEpoch: number | undefined;
   /** Per PG ("pool.pg"), the stores whose clean replicas went down in this transaction. */
   readonly #cleanDownedThisEpoch = new Map<string, number[]>();
@@ -144,6 +146,7 @@ export class ClusterOps {
         store.stateEpoch = await this.epoch();
         await this.tx.putStore(store);
         await this.#reviveReplicas(store.id);
+        this.storeStateChanges.set(store.id, undefined);
         this.events.push(`store ${store.id} (${store.address}) is back up at epoch ${store.stateEpoch}`);
       } else {
         await this.tx.putStore(store);
@@ -222,6 +225,7 @@ export class ClusterOps {
       }
     }
     this.events.push(`store ${storeId} (${store.address}) marked down at epoch ${epoch}: ${reason}; ${changedPgs} PG replicas down`);
+    this.storeStateChanges.set(storeId, reason);
     return true;
   }
 

@@ -284,6 +284,8 @@ describe('conductor: failure detection and recovery', () => {
       await cluster.register(2, { address: '127.0.0.1:20001' });
       const map = await cluster.map();
       assert.deepEqual(map.stores.map((s) => [s.id, s.state]), [[1, 'down'], [2, 'up']]);
+      const stores = (await cluster.call<{ stores: StoreInfo[] }>('GET', '/stores')).body.stores;
+      assert.equal(stores.find((s) => s.id === 1)!.downReason, 'its address 127.0.0.1:20001 was taken by store 2');
     } finally {
       await cluster.close();
     }

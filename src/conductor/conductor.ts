@@ -164,7 +164,7 @@ class ConductorCore implements ConductorService {
   readonly #downSinceMs = new Map<number, number>();
   /** Latest resync figures of each store (leader only). */
   readonly #recovery = new Map<number, RecoveryReport>();
-  /** Why each store this leader marked down went down, until it is back up (leader memory only). */
+  /** Why each store marked down while this conductor led went down, until it is back up (from ClusterOps.storeStateChanges). */
   readonly #downReasons = new Map<number, string>();
   readonly downOutIntervalMs: number;
   readonly scrubIntervalMs: number;
@@ -206,6 +206,10 @@ class ConductorCore implements ConductorService {
     });
     assert(ops, 'the transaction ran');
     for (const event of ops.events) this.#log(event);
+    for (const [storeId, downReason] of ops.storeStateChanges) {
+      if (downReason === undefined) this.#downReasons.delete(storeId);
+      else this.#downReasons.set(storeId, downReason);
+    }
     if (ops.newEpoch !== undefined) {
       this.#cached = undefined;
       this.watch.advance(ops.newEpoch);
@@ -276,26 +280,23 @@ class ConductorCore implements ConductorService {
     if (expired().length === 0) return;
     this.#checking = true;
     try {
-      const reason = `no heartbeat for ${this.heartbeatTimeoutMs} ms`;
-      const { marked: down, newlyDown } = await this.#commit(async (ops) => {
+      const down = await this.#commit(async (ops) => {
         const marked: number[] = [];
-        const newlyDown: number[] = [];
         for (const id of expired()) {
           const store = await ops.tx.store(id);
           if (store && store.state === 'up') {
-            if (await ops.markStoreDown(id, reason)) newlyDown.push(id);
+            await ops.markStoreDown(id, `no heartbeat for ${this.heartbeatTimeoutMs} ms`);
             marked.push(id);
           } else {
             marked.push(id); // already down or unknown: stop watching it
           }
         }
-        return { marked, newlyDown };
+        return marked;
       });
       for (const id of down) {
         this.#forget(id);
         if (!this.#downSinceMs.has(id)) this.#downSinceMs.set(id, this.#env.clock.nowMs());
       }
-      for (const id of newlyDown) this.#downReasons.set(id, reason);
     } catch (error) {
       if (error instanceof ShaleError && (error.code === 'SHUTTING_DOWN' || error.details?.notLeader)) return;
       this.#log(`heartbeat check failed: ${error instanceof Error ? (error.stack ?? error.message) : String(error)}`);
@@ -550,7 +551,6 @@ class ConductorCore implements ConductorService {
     });
     this.#live.set(store.id, { at: store.lastHeartbeatAt ?? this.#nowIso(), disks: store.disks });
     this.#persistedAtMs.set(store.id, this.#env.clock.nowMs());
-    if (store.state === 'up') this.#downReasons.delete(store.id);
     return { storeId: store.id, heartbeatIntervalMs: this.heartbeatIntervalMs, heartbeatTimeoutMs: this.heartbeatTimeoutMs };
   }
 
@@ -573,12 +573,8 @@ class ConductorCore implements ConductorService {
   }
 
   async reportDown(storeId: number, reporter: string, reason: string): Promise<MapSnapshot> {
-    const why = `reported by ${reporter}: ${reason}`;
-    const changed = await this.#commit((ops) => ops.markStoreDown(storeId, why));
-    if (changed) {
-      this.#forget(storeId);
-      this.#downReasons.set(storeId, why);
-    }
+    const changed = await this.#commit((ops) => ops.markStoreDown(storeId, `reported by ${reporter}: ${reason}`));
+    if (changed) this.#forget(storeId);
     return this.#snapshot();
   }
 
