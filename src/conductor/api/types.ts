@@ -343,8 +343,9 @@ export interface StoreInfo extends StoreMapEntry {
   /** Resync figures from its last heartbeat (leader only). */
   recovery?: RecoveryReport;
   /**
-   * Why it was marked down ("no heartbeat for …", or "reported by WHO: …", such as a store whose
-   * disk failed), while it is not up. Leader memory only: absent after a leader change.
+   * Why it was marked down ("no heartbeat for …"; "reported by WHO: …", such as a store whose disk
+   * failed; "its address … was taken by store N"), while it is not up. Leader memory only: absent
+   * after a leader change.
    */
   downReason?: string;
 }
