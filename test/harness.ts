@@ -11,8 +11,13 @@ import { fileURLToPath } from 'node:url';
 
 export const MAIN = fileURLToPath(new URL('../src/cli/main.ts', import.meta.url));
 
-// Tokens that `shale up` saves for the CLI go to a directory of the test run, not to ~/.config.
-process.env.SHALE_CONFIG_DIR ??= mkdtempSync(join(tmpdir(), 'shale-config-'));
+// Tokens that `shale up` saves for the CLI go to a directory of the test run, not to ~/.config;
+// one this file made is removed when the test process exits.
+if (process.env.SHALE_CONFIG_DIR === undefined) {
+  const configDir = mkdtempSync(join(tmpdir(), 'shale-config-'));
+  process.env.SHALE_CONFIG_DIR = configDir;
+  process.on('exit', () => rmSync(configDir, { recursive: true, force: true }));
+}
 
 export function temporaryDirectory(prefix: string): { path: string; remove(): void } {
   const path = mkdtempSync(join(tmpdir(), `shale-${prefix}-`));
