@@ -36,8 +36,8 @@ import {
 } from '../proto/store-protocol.ts';
 import type { ClusterMap, PgEntry, PoolMapEntry } from '../conductor/api/types.ts';
 import type { ClusterClient } from './cluster-client.ts';
-import { actingReplicas, diskFailedSpare, handleReplicaFailures, isUp, noQuorum, waitForMapChange, type ReplicaFailure } from './replica-retry.ts';
-import { pgNeeds } from '../conductor/api/acting.ts';
+import { diskFailedSpare, handleReplicaFailures, noQuorum, waitForMapChange, type ReplicaFailure } from './replica-retry.ts';
+import { actingReplicas, isUp, pgNeeds } from '../conductor/api/acting.ts';
 
 /** Bytes of one data chunk (one store object). */
 export const DATA_CHUNK_BYTES = 4 * MiB;

@@ -9,8 +9,6 @@ import type { ClusterMap } from '../conductor/api/types.ts';
 import { ShaleError } from '../lib/errors.ts';
 import type { ClusterClient } from './cluster-client.ts';
 
-export { actingReplicas, isUp } from '../conductor/api/acting.ts';
-
 export const RETRY_DELAY_MS = 50;
 
 export interface ReplicaFailure {

@@ -40,8 +40,8 @@ import type { LocalReadFields, LocalWriteFields, StoreRequester } from '../proto
 import type { ClusterMap, PgEntry, PoolMapEntry, VolumeInfo } from '../conductor/api/types.ts';
 import type { ClusterClient } from './cluster-client.ts';
 import { RangeLock } from './range-lock.ts';
-import { actingReplicas, diskFailedSpare, handleReplicaFailures, isUp, noQuorum, waitForMapChange, type ReplicaFailure } from './replica-retry.ts';
-import { pgNeeds, poolNeeds } from '../conductor/api/acting.ts';
+import { diskFailedSpare, handleReplicaFailures, noQuorum, waitForMapChange, type ReplicaFailure } from './replica-retry.ts';
+import { actingReplicas, isUp, pgNeeds, poolNeeds } from '../conductor/api/acting.ts';
 import { ChainReader, type Layer, parentLayers, snapContextOf } from './snap-chain.ts';
 
 /** A copy of T's shape that can be written: for request records refilled in place. */
