@@ -2,7 +2,9 @@
  * NBD block benchmark: Shale beside nbdkit (file plugin) and qemu-nbd on a file of the same size on
  * the same disk, in one run, with fio's nbd engine. Rounds are interleaved (every target once per
  * round) so that load from elsewhere on a shared machine hits all targets alike; the table shows
- * the median of the rounds and the ratio to nbdkit over the same transport. It also gives the
+ * the median of the rounds, the ratio to nbdkit over the same transport, and the ratio to the
+ * minimal Node.js log server (node-minimal-log, bench/minimal-nbd.ts), the least a
+ * log-structured store in Node.js does per request. It also gives the
  * server's CPU time per operation (user + system of every server process and thread, from
  * /proc/PID/stat, over the fio run): a figure that load from elsewhere disturbs far less than IOPS;
  * and fio's own CPU per operation, since client and server share the machine's cores. Read
@@ -16,7 +18,10 @@
  *   WRITE_PAGES=keep WORKLOADS=randwrite_4k_qd32 npm run bench:nbd   # writes over the pages earlier runs left
  *   CACHE_SIZE=0 TARGETS=shale-1-replica-unix npm run bench:nbd     # Shale's stores without their read cache
  *
- * Targets: nbdkit file plugin (tcp, unix), qemu-nbd (--cache=none --aio=threads, unix), Shale with
+ * Targets: nbdkit file plugin (tcp, unix), qemu-nbd (--cache=none --aio=threads, unix), the
+ * minimal Node.js servers of bench/minimal-nbd.ts, in place on a 1 GiB file (node-minimal) and as
+ * a log on a 4 GiB file (node-minimal-log), tcp and unix: what one Node.js thread does with no
+ * storage logic, the yardsticks for Node's cost and the log's; Shale with
  * 1 replica on `shale up --stores 1` (the store engine in the gateway's process) and with 3
  * replicas on `shale up --stores 3` (3 store processes), each over TCP and a unix socket.
  * Volumes and files are 1 GiB, written once (1 MiB sequential) before measuring.
@@ -26,6 +31,8 @@ import { existsSync, mkdtempSync, readFileSync, rmSync, truncateSync, writeFileS
 import { availableParallelism, tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { freePort, log, MAIN } from './support.ts';
+
+const MINIMAL_SERVER = join(import.meta.dirname, 'minimal-nbd.ts');
 
 const RUNS = Number(process.env.RUNS ?? 3);
 const RUNTIME = Number(process.env.RUNTIME ?? 10);
@@ -179,6 +186,7 @@ async function main(): Promise<void> {
   const only = process.env.TARGETS?.split(',');
   const workloads = Object.entries(WORKLOADS).filter(([name]) => !process.env.WORKLOADS || process.env.WORKLOADS.split(',').includes(name));
   const targets: Target[] = [];
+  const wanted = (name: string): boolean => !only || only.some((entry) => entry === `${name}-tcp` || entry === `${name}-unix`);
 
   const nbdkitFile = join(dir, 'nbdkit.img');
   truncateSync(writeFileAndReturn(nbdkitFile), 1024 ** 3);
@@ -195,8 +203,24 @@ async function main(): Promise<void> {
   const qemu = start('qemu-nbd', ['--persistent', '--shared=8', '--cache=none', '--aio=threads', '--format=raw', `--socket=${qemuSocket}`, qemuFile]);
   targets.push({ name: 'qemu-nbd', transport: 'unix', uri: `nbd+unix:///?socket=${qemuSocket}`, pids: () => [qemu.pid!], files: [qemuFile] });
 
+  // The minimal Node.js servers: in place on a 1 GiB file, and as a log on a 4 GiB file (Shale's
+  // disk size here) holding a 1 GiB export.
+  for (const [name, fileBytes, extra] of [['node-minimal', 1024 ** 3, []], ['node-minimal-log', 4 * 1024 ** 3, ['--log', String(1024 ** 3)]]] as const) {
+    if (!wanted(name)) continue;
+    const file = join(dir, `${name}.img`);
+    truncateSync(writeFileAndReturn(file), fileBytes);
+    const port = await freePort();
+    const socket = join(dir, `${name}.sock`);
+    const tcp = start(process.execPath, [MINIMAL_SERVER, file, `tcp:${port}`, ...extra]);
+    const unix = start(process.execPath, [MINIMAL_SERVER, file, `unix:${socket}`, ...extra]);
+    for (const server of [tcp, unix]) {
+      await waitFor(name, () => (server as ChildProcess & { output: () => string }).output().includes('minimal NBD server on'));
+    }
+    targets.push({ name, transport: 'tcp', uri: `nbd://127.0.0.1:${port}/`, pids: () => [tcp.pid!], files: [file] });
+    targets.push({ name, transport: 'unix', uri: `nbd+unix:///?socket=${socket}`, pids: () => [unix.pid!], files: [file] });
+  }
+
   // Shale clusters are started only when one of their targets is measured.
-  const wanted = (name: string): boolean => !only || only.some((entry) => entry.startsWith(`${name}-`));
   if (wanted('shale-1-replica')) targets.push(...(await shaleUp('shale-1-replica', 1)));
   if (wanted('shale-3-replicas')) targets.push(...(await shaleUp('shale-3-replicas', 3)));
   const chosen = targets.filter((target) => !only || only.includes(`${target.name}-${target.transport}`));
@@ -233,15 +257,17 @@ async function main(): Promise<void> {
     return sorted[Math.floor(sorted.length / 2)]!;
   };
   const lines: string[] = [];
-  lines.push(`| workload | target | transport | IOPS (median) | MiB/s | p50 µs | p99 µs | server CPU µs/op | fio CPU µs/op | vs nbdkit-file (same transport) |`);
-  lines.push('|---|---|---|---:|---:|---:|---:|---:|---:|---:|');
+  lines.push(`| workload | target | transport | IOPS (median) | MiB/s | p50 µs | p99 µs | server CPU µs/op | fio CPU µs/op | vs nbdkit-file (same transport) | vs node-minimal-log (same transport) |`);
+  lines.push('|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|');
   for (const [workload] of workloads) {
     for (const target of chosen) {
       const runs = results.get(`${workload}|${target.name}|${target.transport}`)!;
       const iops = median(runs.map((run) => run.iops));
-      const reference = results.get(`${workload}|nbdkit-file|${target.transport}`);
-      const ratio = reference ? iops / median(reference.map((run) => run.iops)) : undefined;
-      lines.push(`| ${workload} | ${target.name} | ${target.transport} | ${Math.round(iops)} | ${median(runs.map((run) => run.mibps)).toFixed(0)} | ${median(runs.map((run) => run.p50us)).toFixed(0)} | ${median(runs.map((run) => run.p99us)).toFixed(0)} | ${median(runs.map((run) => run.cpuUsPerOp)).toFixed(1)} | ${median(runs.map((run) => run.clientCpuUsPerOp)).toFixed(1)} | ${ratio === undefined ? '–' : `${ratio.toFixed(2)}×`} |`);
+      const ratioTo = (name: string): string => {
+        const reference = results.get(`${workload}|${name}|${target.transport}`);
+        return reference ? `${(iops / median(reference.map((run) => run.iops))).toFixed(2)}×` : '–';
+      };
+      lines.push(`| ${workload} | ${target.name} | ${target.transport} | ${Math.round(iops)} | ${median(runs.map((run) => run.mibps)).toFixed(0)} | ${median(runs.map((run) => run.p50us)).toFixed(0)} | ${median(runs.map((run) => run.p99us)).toFixed(0)} | ${median(runs.map((run) => run.cpuUsPerOp)).toFixed(1)} | ${median(runs.map((run) => run.clientCpuUsPerOp)).toFixed(1)} | ${ratioTo('nbdkit-file')} | ${ratioTo('node-minimal-log')} |`);
     }
   }
   const loadavg = readFileSync('/proc/loadavg', 'utf8').split(' ').slice(0, 3).join(' ');
