@@ -43,7 +43,8 @@ interface Backing {
   write(offset: number, data: Buffer): boolean;
   /** Writes what write() took; the writes taken are answered after it. */
   commit(): void;
-  read(offset: number, length: number): Buffer;
+  /** The bytes; undefined when it can't read such a range (the request gets EINVAL). */
+  read(offset: number, length: number): Buffer | undefined;
 }
 
 class InPlace implements Backing {
@@ -127,9 +128,9 @@ class Log implements Backing {
     }
   }
 
-  read(offset: number, length: number): Buffer {
+  read(offset: number, length: number): Buffer | undefined {
+    if (offset % BLOCK !== 0 || length % BLOCK !== 0) return undefined;
     const data = Buffer.alloc(length);
-    if (offset % BLOCK !== 0 || length % BLOCK !== 0) throw new Error('unaligned read');
     const first = offset / BLOCK;
     const count = length / BLOCK;
     for (let i = 0; i < count;) {
@@ -291,7 +292,9 @@ function serve(socket: Socket): void {
       if (!inRange) reply(EINVAL, Buffer.from(handle));
       else {
         try {
-          reply(0, Buffer.from(handle), backing.read(offset, length));
+          const data = backing.read(offset, length);
+          if (data === undefined) reply(EINVAL, Buffer.from(handle));
+          else reply(0, Buffer.from(handle), data);
         } catch {
           reply(EIO, Buffer.from(handle));
         }
