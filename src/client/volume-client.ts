@@ -682,7 +682,11 @@ export class VolumeClient {
     let pending = acting.length;
     let failures: ReplicaFailure[] | undefined;
     // Kept by the channels until each replica answers: a copy of the placement, not #nowFields itself.
-    const fields: LocalWriteFields = { ...placed, versionSeq: seq, snapSeq, watermark: this.#watermark() };
+    // Spelled out: a spread of #nowFields went through a generic clone per write.
+    const fields: LocalWriteFields = {
+      volumeId: placed.volumeId, chunkIndex, poolId: placed.poolId, pgId: placed.pgId, pgCount: placed.pgCount, pgEpoch: placed.pgEpoch,
+      ownerEpoch: placed.ownerEpoch, offsetBlocks, countBlocks, versionSeq: seq, snapSeq, watermark: this.#watermark(),
+    };
     for (let i = 0; i < acting.length; i++) {
       const storeId = actingIds[i]!;
       this.#writtenSinceFlush.add(storeId);

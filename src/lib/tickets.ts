@@ -56,7 +56,8 @@ export class Tickets {
   }
 
   end(ticket: number): void {
-    assert(ticket >= this.#low && ticket < this.#next && this.#ended[ticket & this.#mask] === 0, `ticket ${ticket} is in flight`);
+    // The message is built only on failure: a template literal here cost a number-to-string per call.
+    if (!(ticket >= this.#low && ticket < this.#next && this.#ended[ticket & this.#mask] === 0)) assert(false, `ticket ${ticket} is in flight`);
     this.#inFlight--;
     if (ticket !== this.#low) {
       this.#ended[ticket & this.#mask] = 1;

@@ -1971,7 +1971,10 @@ export class StoreEngine {
       if (op.kind === RecordKind.DATA) {
         const checksums = op.checksums!;
         for (let b = 0; b < piece.countBlocks; b++) writeCrcEntry(header, records, piece.dataIndexBlocks + b, checksums[piece.firstBlock + b]!);
-        buffers.push(op.data!.subarray(piece.firstBlock * BLOCK_SIZE_BYTES, (piece.firstBlock + piece.countBlocks) * BLOCK_SIZE_BYTES));
+        const data = op.data!;
+        // A request in one piece goes as it is: a subarray is a new typed array per write.
+        buffers.push(piece.firstBlock === 0 && piece.countBlocks === op.countBlocks ? data
+          : data.subarray(piece.firstBlock * BLOCK_SIZE_BYTES, (piece.firstBlock + piece.countBlocks) * BLOCK_SIZE_BYTES));
       }
     }
     sealBatchHeader(header, {
