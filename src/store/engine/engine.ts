@@ -1972,8 +1972,8 @@ export class StoreEngine {
         const checksums = op.checksums!;
         for (let b = 0; b < piece.countBlocks; b++) writeCrcEntry(header, records, piece.dataIndexBlocks + b, checksums[piece.firstBlock + b]!);
         const data = op.data!;
-        // A request in one piece goes as it is: a subarray is a new typed array per write.
-        buffers.push(piece.firstBlock === 0 && piece.countBlocks === op.countBlocks ? data
+        // Data that is exactly the piece goes as it is: a subarray is a new typed array per write.
+        buffers.push(piece.firstBlock === 0 && data.length === piece.countBlocks * BLOCK_SIZE_BYTES ? data
           : data.subarray(piece.firstBlock * BLOCK_SIZE_BYTES, (piece.firstBlock + piece.countBlocks) * BLOCK_SIZE_BYTES));
       }
     }
