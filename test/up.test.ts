@@ -13,6 +13,11 @@ import { makeTestCertificates, type TestCertificates } from '../src/nbd/test-cer
 import { filesystemRoundTrip } from './filesystem.ts';
 import { freePort, MAIN, requireTool, run, shale, ShaleUp, temporaryDirectory, waitFor } from './harness.ts';
 
+interface StoreEntry {
+  state: string;
+  address: string;
+}
+
 const MiB = 1024 * 1024;
 
 describe('shale up, end to end', () => {
@@ -48,10 +53,13 @@ describe('shale up, end to end', () => {
   test('the CLI shows the cluster and manages volumes, with clear errors', async () => {
     const stores = await shale(cluster.api, 'store', 'list', '--json');
     assert.equal(stores.status, 0, stores.stderr);
-    const storeList = JSON.parse(stores.stdout) as { stores?: { state: string }[] } | { state: string }[];
+    const storeList = JSON.parse(stores.stdout) as { stores?: StoreEntry[] } | StoreEntry[];
     const entries = Array.isArray(storeList) ? storeList : storeList.stores!;
     assert.equal(entries.length, 3);
     assert.ok(entries.every((store) => store.state === 'up'));
+    // On the loopback host, each store listens on a unix socket in its own directory.
+    assert.deepEqual(entries.map((store) => store.address).sort(),
+      [1, 2, 3].map((index) => `unix:${join(dir.path, 'data', `store-${index}`, 'store.sock')}`));
 
     const created = await shale(cluster.api, 'volume', 'create', 'vol1', '--size', '64M', '--replicas', '3');
     assert.equal(created.status, 0, created.stderr);

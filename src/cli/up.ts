@@ -15,6 +15,7 @@ import { resolve } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import type { Command } from 'commander';
 import { startConductor } from '../conductor/conductor.ts';
+import { formatAddress } from '../env/env.ts';
 import { nodeEnv } from '../env/node/node-env.ts';
 import { ShaleError } from '../lib/errors.ts';
 import { formatBytes, parseDuration, parseSize } from '../lib/units.ts';
@@ -97,6 +98,21 @@ export function registerUpCommand(program: Command): void {
     });
 }
 
+/** Longest unix socket path taken (the kernel's limit is 107 bytes); a longer one falls back to TCP. */
+const UNIX_SOCKET_PATH_MAX = 100;
+
+/**
+ * Where a store of this machine listens: on the loopback host, a unix socket in its directory
+ * (nothing off this machine could reach it anyway, and a unix socket costs the gateway and the
+ * store less per request than TCP over loopback: docs/benchmarks.md); on any other host, a free
+ * TCP port there, so that processes on other machines can reach it.
+ */
+export function storeListen(host: string, storeDir: string): string {
+  const path = `${storeDir}/store.sock`;
+  const loopback = host === '127.0.0.1' || host === '::1' || host === 'localhost';
+  return loopback && Buffer.byteLength(path) <= UNIX_SOCKET_PATH_MAX ? `unix:${path}` : formatAddress(host, 0);
+}
+
 async function up(options: UpOptions): Promise<void> {
   const log = makeLog('up');
   const dataDir = resolve(options.data);
@@ -152,7 +168,7 @@ async function up(options: UpOptions): Promise<void> {
     const dir = `${dataDir}/store-${index}`;
     mkdirSync(dir, { recursive: true });
     const child = spawn(process.execPath, [
-      MAIN, 'store', '--disk', `${dir}/disk.img:${diskSizeBytes}`, '--format', '--sparse', '--listen', `${options.host}:0`,
+      MAIN, 'store', '--disk', `${dir}/disk.img:${diskSizeBytes}`, '--format', '--sparse', '--listen', storeListen(options.host, dir),
       '--conductor', apiUrl, '--domain', `local-${index}`, '--resync-rate', String(resyncRateBytesPerSecond), '--cache-size', String(cacheBytes),
       ...(options.discard ? ['--discard'] : []),
     ], { stdio: ['ignore', 'inherit', 'inherit', 'ipc'], env: process.env });
@@ -200,7 +216,7 @@ async function up(options: UpOptions): Promise<void> {
   if (localStores) {
     mkdirSync(`${dataDir}/store-1`, { recursive: true });
     localStore = await startStoreDaemon(nodeEnv, {
-      diskPath: `${dataDir}/store-1/disk.img`, diskSizeBytes, format: true, listen: `${options.host}:0`, conductorUrls: apiUrl,
+      diskPath: `${dataDir}/store-1/disk.img`, diskSizeBytes, format: true, listen: storeListen(options.host, `${dataDir}/store-1`), conductorUrls: apiUrl,
       domain: 'local-1', resyncRateBytesPerSecond, log: makeLog(`store ${dataDir}/store-1/disk.img`), localStores,
       openEngine: (env, engineOptions) => openLogEngine(env, { ...engineOptions, discard: options.discard, cacheBytes }),
     }).catch(async (error: unknown) => {
