@@ -1,5 +1,6 @@
 import assert from 'node:assert/strict';
-import { closeSync, mkdtempSync, openSync, readSync, rmSync, statSync } from 'node:fs';
+import { spawnSync } from 'node:child_process';
+import { closeSync, lstatSync, mkdtempSync, openSync, readFileSync, readSync, rmSync, statSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { test } from 'node:test';
@@ -14,6 +15,34 @@ test('listening on an address another server holds is IN_USE, naming the address
   await assert.rejects(nodeEnv.net.serveHttp(holder.address, () => {}), (error: unknown) => codeOf(error) === 'IN_USE');
   const connection = await nodeEnv.net.connect(holder.address);
   await new Promise<void>((resolve) => connection.onClose(() => resolve()));
+});
+
+test('a unix socket path: a live server there is IN_USE, a stale socket is replaced, a file there is refused and kept', { timeout: 20_000 }, async (t) => {
+  const dir = mkdtempSync(join(tmpdir(), 'shale-unix-'));
+  t.after(() => rmSync(dir, { recursive: true, force: true }));
+  const path = join(dir, 's.sock');
+  const holder = await nodeEnv.net.listen(`unix:${path}`, (connection) => connection.end());
+  await assert.rejects(nodeEnv.net.listen(`unix:${path}`, () => {}), (error: unknown) =>
+    codeOf(error) === 'IN_USE' && (error as Error).message === `cannot listen on unix:${path}: the address is already in use`);
+  // The holder still has its path and serves.
+  const connection = await nodeEnv.net.connect(`unix:${path}`);
+  await new Promise<void>((resolve) => connection.onClose(() => resolve()));
+  await holder.close();
+
+  // A socket left by a process killed with -9: nothing answers on it, so it is taken over.
+  const killed = spawnSync(process.execPath, ['-e', `require('node:net').createServer().listen(${JSON.stringify(path)}, () => process.kill(process.pid, 'SIGKILL'))`]);
+  assert.equal(killed.signal, 'SIGKILL');
+  assert.ok(lstatSync(path).isSocket(), 'the killed server left its socket');
+  const successor = await nodeEnv.net.listen(`unix:${path}`, (accepted) => accepted.end());
+  t.after(() => successor.close());
+  const again = await nodeEnv.net.connect(`unix:${path}`);
+  await new Promise<void>((resolve) => again.onClose(() => resolve()));
+
+  const file = join(dir, 'not-a-socket');
+  writeFileSync(file, 'keep me');
+  await assert.rejects(nodeEnv.net.listen(`unix:${file}`, () => {}), (error: unknown) =>
+    codeOf(error) === 'INVALID_ARGUMENT' && (error as Error).message === `cannot listen on unix:${file}: ${file} exists and is not a socket`);
+  assert.equal(readFileSync(file, 'utf8'), 'keep me');
 });
 
 test('write calls onWritten once the buffers are written, and at once on a closed connection', async (t) => {

@@ -5,7 +5,7 @@
 import { execFile } from 'node:child_process';
 import { randomBytes, randomUUID } from 'node:crypto';
 import * as fs from 'node:fs/promises';
-import { constants as fsConstants, openSync, readSync, writevSync } from 'node:fs';
+import { constants as fsConstants, openSync, readSync, writevSync, type Stats } from 'node:fs';
 import * as http from 'node:http';
 import * as net from 'node:net';
 import { dirname } from 'node:path';
@@ -562,9 +562,35 @@ function boundAddress(server: net.Server, requested: string): string {
   return requested;
 }
 
+/**
+ * Makes room for a unix socket at `path`: a socket left by a process that died is removed; one a
+ * live server answers on is IN_USE, as a TCP port would be; anything else at the path (a file, a
+ * directory) is left alone and refused.
+ */
+async function clearUnixSocketPath(path: string, address: string): Promise<void> {
+  let stat: Stats;
+  try {
+    stat = await fs.lstat(path);
+  } catch (error) {
+    if ((error as NodeJS.ErrnoException).code === 'ENOENT') return;
+    throw new ShaleError('UNAVAILABLE', `cannot listen on ${address}: ${(error as Error).message}`);
+  }
+  if (!stat.isSocket()) throw new ShaleError('INVALID_ARGUMENT', `cannot listen on ${address}: ${path} exists and is not a socket`);
+  const answered = await new Promise<boolean>((resolve) => {
+    const probe = net.createConnection({ path });
+    probe.once('connect', () => {
+      probe.destroy();
+      resolve(true);
+    });
+    probe.once('error', () => resolve(false));
+  });
+  if (answered) throw new ShaleError('IN_USE', `cannot listen on ${address}: the address is already in use`);
+  await fs.rm(path, { force: true });
+}
+
 async function startListening(server: net.Server, address: string): Promise<Listener> {
   const parsed = parseAddress(address);
-  if (parsed.kind === 'unix') await fs.rm(parsed.path, { force: true });
+  if (parsed.kind === 'unix') await clearUnixSocketPath(parsed.path, address);
   await new Promise<void>((resolve, reject) => {
     const refused = (error: NodeJS.ErrnoException): void => {
       reject(error.code === 'EADDRINUSE'
