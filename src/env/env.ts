@@ -152,6 +152,13 @@ export interface Clock {
   /** Runs `callback` after the current event-loop turn's I/O (setImmediate), for batching. */
   soon(callback: () => void): void;
   /**
+   * Runs `callback` once the I/O callbacks of the current event-loop turn have run (setImmediate),
+   * so that what every socket delivered this turn is there when it runs. Unlike `soon`, a
+   * simulation runs it at once (a microtask): nothing arrives from outside during a simulated
+   * turn, so waiting for the next `advance` would only stall what waits on it.
+   */
+  afterIo(callback: () => void): void;
+  /**
    * Busy polling: keeps the event loop checking for I/O without sleeping until about durationMs
    * from now (a later deadline set before stands). Spends CPU to spare the next event the cost of
    * waking a sleeping thread, which on a virtual machine is tens of µs.

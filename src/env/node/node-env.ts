@@ -726,6 +726,9 @@ export const nodeClock: Clock = {
   soon: (callback) => {
     setImmediate(callback);
   },
+  afterIo: (callback) => {
+    setImmediate(callback);
+  },
   pollFor: (durationMs) => {
     if (durationMs <= 0) return;
     const until = performance.now() + durationMs;

@@ -54,6 +54,10 @@ export class SimClock implements Clock {
     this.#soon.push(callback);
   }
 
+  afterIo(callback: () => void): void {
+    queueMicrotask(callback);
+  }
+
   /** Number of timers still pending (cancelled ones excluded). */
   get pendingTimers(): number {
     return this.#timers.filter((timer) => !timer.cancelled).length;
