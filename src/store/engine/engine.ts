@@ -496,7 +496,11 @@ interface PendingOp {
   skippedBlocks: number;
   resolve: ((result: WriteResult) => void) | undefined;
   reject: ((error: Error) => void) | undefined;
+  /** A writeNow caller's callback, settled instead of resolve or reject (no closures per write). */
+  done: WriteNowDone | undefined;
 }
+
+type WriteNowDone = (error: Error | undefined, result: WriteResult | undefined) => void;
 
 interface BatchPiece {
   op: PendingOp;
@@ -993,11 +997,10 @@ export class StoreEngine {
    * everything later comes to `done`, exactly once. `fua` is not taken: such a write goes through
    * write().
    */
-  writeNow(request: WriteRequest, done: (error: Error | undefined, result: WriteResult | undefined) => void): void {
+  writeNow(request: WriteRequest, done: WriteNowDone): void {
     if (request.fua) throw invalid('writeNow does not take fua');
     const op = this.#dataOp(request, false);
-    op.resolve = (result) => settleNow(done, undefined, result);
-    op.reject = (error) => settleNow(done, error, undefined);
+    op.done = done;
     this.#admit(op);
   }
 
@@ -1855,7 +1858,7 @@ export class StoreEngine {
       this.#outOfSpace = true;
       const op = this.#queue_.shift();
       assert(op, 'need-space without a queued request');
-      op.reject?.(new ShaleError('NO_SPACE', `disk ${this.#file.path} is full: no free segment left for client writes`,
+      rejectOp(op, new ShaleError('NO_SPACE', `disk ${this.#file.path} is full: no free segment left for client writes`,
         { freeSegments: this.#freeCount, reserveSegments: this.#reserveSegments + this.#checkpointReserveSegments() }));
       return true;
     }
@@ -2097,7 +2100,7 @@ export class StoreEngine {
       if (this.#file.writevNow?.(batch.buffers, batch.offsetBytes) !== true) await this.#file.writev(batch.buffers, batch.offsetBytes);
     } catch (error) {
       const failure = toDiskError(error, `write of batch ${batch.sequence} to ${this.#file.path}`);
-      for (const piece of batch.pieces) piece.op.reject?.(failure);
+      for (const piece of batch.pieces) rejectOp(piece.op, failure);
       this.#setBroken(failure);
       throw failure;
     }
@@ -2116,7 +2119,7 @@ export class StoreEngine {
       op.appliedBlocks += applied;
       op.skippedBlocks += piece.countBlocks - Math.min(applied, piece.countBlocks);
       if (op.tier !== Tier.COMPACTION && op.tier !== Tier.BACKGROUND) this.#clientRecordsWritten++;
-      if (piece.last) op.resolve?.({ appliedBlocks: op.appliedBlocks, skippedBlocks: op.skippedBlocks });
+      if (piece.last) resolveOp(op, { appliedBlocks: op.appliedBlocks, skippedBlocks: op.skippedBlocks });
     }
   }
 
@@ -2128,8 +2131,8 @@ export class StoreEngine {
   }
 
   #rejectQueued(error: Error): void {
-    for (const op of this.#queue_.drain()) op.reject?.(error);
-    for (const op of this.#compactionQueue.drain()) op.reject?.(error);
+    for (const op of this.#queue_.drain()) rejectOp(op, error);
+    for (const op of this.#compactionQueue.drain()) rejectOp(op, error);
     for (const task of this.#tasks.splice(0)) void task();
   }
 
@@ -3342,7 +3345,7 @@ export class StoreEngine {
   /** Drops queued compaction copies (their victim stays as it is); the background compactor learns it. */
   #dropCompactionQueue(): void {
     const dropped = new ShaleError('NO_SPACE', 'compaction copy dropped: no room');
-    for (const op of this.#compactionQueue.drain()) op.reject?.(dropped);
+    for (const op of this.#compactionQueue.drain()) rejectOp(op, dropped);
   }
 
   /**
@@ -3626,7 +3629,7 @@ function kvUnits(entry: ImageKvEntry): number {
  * Calls a writeNow caller's `done` from inside the writer. What it throws is the caller's bug, not
  * the disk's: rethrown outside the writer, so it neither breaks the engine nor hides.
  */
-function settleNow(done: (error: Error | undefined, result: WriteResult | undefined) => void, error: Error | undefined, result: WriteResult | undefined): void {
+function settleNow(done: WriteNowDone, error: Error | undefined, result: WriteResult | undefined): void {
   try {
     done(error, result);
   } catch (thrown) {
@@ -3636,13 +3639,24 @@ function settleNow(done: (error: Error | undefined, result: WriteResult | undefi
   }
 }
 
+/** Settles an op: through its writeNow caller's `done` if it has one, else its Promise. */
+function resolveOp(op: PendingOp, result: WriteResult): void {
+  if (op.done !== undefined) settleNow(op.done, undefined, result);
+  else op.resolve?.(result);
+}
+
+function rejectOp(op: PendingOp, error: Error): void {
+  if (op.done !== undefined) settleNow(op.done, error, undefined);
+  else op.reject?.(error);
+}
+
 function newOp(
   kind: RecordKindValue, volumeId: number, chunkIndex: number, offsetBlocks: number, countBlocks: number, epoch: number, seq: number,
   snapSeq: number, data: Buffer | undefined, checksums: Uint32Array | undefined, tier: number,
 ): PendingOp {
   return {
     kind, volumeId, chunkIndex, offsetBlocks, countBlocks, epoch, seq, snapSeq, data, checksums, payload: undefined, flags: 0,
-    placedBlocks: 0, tier, appliedBlocks: 0, skippedBlocks: 0, resolve: undefined, reject: undefined,
+    placedBlocks: 0, tier, appliedBlocks: 0, skippedBlocks: 0, resolve: undefined, reject: undefined, done: undefined,
   };
 }
 
