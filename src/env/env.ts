@@ -149,7 +149,10 @@ export interface Clock {
   after(delayMs: number, callback: () => void): Timer;
   every(intervalMs: number, callback: () => void): Timer;
   sleep(delayMs: number): Promise<void>;
-  /** Runs `callback` after the current event-loop turn's I/O (setImmediate), for batching. */
+  /**
+   * Runs `callback` after the current event-loop turn's I/O (setImmediate), for batching; in a
+   * simulation, on the next `advance`.
+   */
   soon(callback: () => void): void;
   /**
    * Runs `callback` once the I/O callbacks of the current event-loop turn have run (setImmediate),
