@@ -18,7 +18,8 @@ import { readStamp, simEnv, stampedWrite } from './test-support.ts';
 const SEGMENT_BYTES = 256 * KiB;
 const SEGMENTS = 16;
 
-test('writes submitted by callbacks of the same event-loop turn go in one batch', async (t) => {
+// A writer that never starts would leave the writes waiting: the timeouts make that a failure, not a hang.
+test('writes submitted by callbacks of the same event-loop turn go in one batch', { timeout: 20_000 }, async (t) => {
   const dir = mkdtempSync(join(tmpdir(), 'shale-batching-'));
   t.after(() => rmSync(dir, { recursive: true, force: true }));
   const path = join(dir, 'disk.img');
@@ -44,7 +45,7 @@ test('writes submitted by callbacks of the same event-loop turn go in one batch'
   assert.equal(engine.stats().batchesWritten - before, 2);
 });
 
-test('in a simulation the writer starts without the clock being advanced', async () => {
+test('in a simulation the writer starts without the clock being advanced', { timeout: 20_000 }, async () => {
   const env = simEnv(3);
   await StoreEngine.format(env, 'sim.img', { sizeBytes: METADATA_AREA_BYTES + SEGMENTS * SEGMENT_BYTES, clusterId: 'c', segmentSizeBytes: SEGMENT_BYTES });
   const engine = await StoreEngine.open(env, 'sim.img', { clusterId: 'c' });
