@@ -28,14 +28,14 @@ test('acquire waits for every earlier overlapping holder, in any release order; 
   assert.equal(lock.size, 0, 'a second release changes nothing');
 });
 
-test('tryAcquire holds at once or declines without holding anything', async () => {
+test('tryHold holds at once or declines without holding anything', async () => {
   const lock = new RangeLock();
-  const held = lock.tryAcquire(8, 16);
+  const held = lock.tryHold(8, 16);
   assert.ok(held);
-  assert.equal(lock.tryAcquire(15, 20), undefined);
-  assert.equal(lock.tryAcquire(0, 9), undefined);
+  assert.equal(lock.tryHold(15, 20), undefined);
+  assert.equal(lock.tryHold(0, 9), undefined);
   assert.equal(lock.size, 1, 'a declined try holds nothing');
-  const beside = lock.tryAcquire(16, 24);
+  const beside = lock.tryHold(16, 24);
   assert.ok(beside, 'adjacent ranges do not overlap');
   // A waiter blocks later tries too, and wakes when the holder goes.
   let woke = false;
@@ -43,11 +43,14 @@ test('tryAcquire holds at once or declines without holding anything', async () =
     woke = true;
     return release;
   });
-  held();
-  assert.equal(lock.tryAcquire(0, 4), undefined, 'the waiter holds its range while it waits');
+  lock.release(held!);
+  assert.equal(lock.tryHold(0, 4), undefined, 'the waiter holds its range while it waits');
   const release = await waiting;
   assert.ok(woke);
   release();
-  beside();
+  lock.release(beside!);
   assert.equal(lock.size, 0);
+  lock.release(beside!);
+  assert.equal(lock.size, 0, 'a second release changes nothing');
+  assert.ok(lock.tryHold(0, 24), 'released ranges can be held again');
 });

@@ -3,7 +3,7 @@
  * in order"): a write waits until every earlier write that overlaps its blocks has finished, so a
  * later write can never land under an earlier one on some replica. Reads take no lock.
  */
-interface Held {
+export interface Held {
   start: number;
   end: number;
   released: boolean;
@@ -24,11 +24,18 @@ export class RangeLock {
     return () => this.#release(entry);
   }
 
-  /** Holds [start, end) at once and returns its release, or undefined (nothing held) if a holder overlaps it. */
-  tryAcquire(start: number, end: number): (() => void) | undefined {
+  /**
+   * Holds [start, end) at once and returns the hold, for `release`; undefined (nothing held) if a
+   * holder overlaps it. No closure per hold: this is every fast-path write's lock.
+   */
+  tryHold(start: number, end: number): Held | undefined {
     for (const held of this.#held) if (held.start < end && start < held.end) return undefined;
-    const entry = this.#hold(start, end);
-    return () => this.#release(entry);
+    return this.#hold(start, end);
+  }
+
+  /** Ends a hold from `tryHold` (a second release changes nothing). */
+  release(hold: Held): void {
+    this.#release(hold);
   }
 
   get size(): number {

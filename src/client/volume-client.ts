@@ -667,8 +667,8 @@ export class VolumeClient {
       actingIds.push(replica.storeId);
     }
     if (acting.length < pool.minReplicas) return false;
-    const release = this.#lock.tryAcquire(startBlock, startBlock + countBlocks);
-    if (release === undefined) return false;
+    const hold = this.#lock.tryHold(startBlock, startBlock + countBlocks);
+    if (hold === undefined) return false;
 
     const deadline = this.#deadline();
     const snapSeq = this.#snapSeq;
@@ -676,7 +676,7 @@ export class VolumeClient {
     const checksums = blockChecksums(data);
     const finish = (error: ShaleError | undefined, dataDone: boolean): void => {
       this.#endWrite(seq, snapSeq);
-      release();
+      this.#lock.release(hold);
       done(error, dataDone);
     };
     let pending = acting.length;

@@ -9,7 +9,12 @@ import type { StoreView } from './store-server.ts';
 export class MapStoreView implements StoreView {
   storeId = 0;
   #ready = false;
-  #pgEpochs = new Map<number, number>();
+  /**
+   * Per pool, the newest epoch known of each PG (indexed by PG id). Every request looks its PG up:
+   * a pool's array is found by a small-integer key, where one key per PG (pgKey) is a heap
+   * number V8 allocates and hashes on each lookup.
+   */
+  #pgEpochs = new Map<number, number[]>();
   /** This store's state per PG at the epoch of the map it came from. */
   #ownStates = new Map<number, { state: ReplicaState | 'none'; epoch: number }>();
   #deleted = new Set<number>();
@@ -24,7 +29,7 @@ export class MapStoreView implements StoreView {
     for (const pool of map.pools) {
       pool.pgs.forEach((pg, pgId) => {
         const key = pgKey(pool.id, pgId);
-        if ((this.#pgEpochs.get(key) ?? 0) < pg.epoch) this.#pgEpochs.set(key, pg.epoch);
+        this.notePgEpoch(pool.id, pgId, pg.epoch);
         const own = pg.replicas.find((replica) => replica.storeId === this.storeId);
         const previous = this.#ownStates.get(key);
         if (!previous || previous.epoch <= pg.epoch) {
@@ -37,12 +42,16 @@ export class MapStoreView implements StoreView {
   }
 
   pgEpoch(poolId: number, pgId: number): number {
-    return this.#pgEpochs.get(pgKey(poolId, pgId)) ?? 0;
+    return this.#pgEpochs.get(poolId)?.[pgId] ?? 0;
   }
 
   notePgEpoch(poolId: number, pgId: number, epoch: number): void {
-    const key = pgKey(poolId, pgId);
-    if ((this.#pgEpochs.get(key) ?? 0) < epoch) this.#pgEpochs.set(key, epoch);
+    let epochs = this.#pgEpochs.get(poolId);
+    if (epochs === undefined) {
+      epochs = [];
+      this.#pgEpochs.set(poolId, epochs);
+    }
+    if ((epochs[pgId] ?? 0) < epoch) epochs[pgId] = epoch;
   }
 
   canServeReads(poolId: number, pgId: number, pgEpoch: number): boolean {
