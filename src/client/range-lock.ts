@@ -51,8 +51,14 @@ export class RangeLock {
   #release(entry: Held): void {
     if (entry.released) return;
     entry.released = true;
-    const index = this.#held.indexOf(entry);
-    if (index >= 0) this.#held.splice(index, 1);
+    // Order among holders does not matter: the last takes the released one's place (a splice
+    // would allocate the array of what it removed, once per write).
+    const held = this.#held;
+    const index = held.indexOf(entry);
+    if (index >= 0) {
+      held[index] = held[held.length - 1]!;
+      held.pop();
+    }
     if (entry.waiters !== undefined) for (const wake of entry.waiters) wake();
   }
 }

@@ -390,7 +390,11 @@ export class VolumeClient {
     this.#parentLayers = parentLayers(map, this.info.id);
     const entry = snapContextOf(map, this.info.id);
     if (!entry) return this.#switching;
-    if (entry.seq > this.#snapSeq) this.#snapSeq = entry.seq;
+    if (entry.seq > this.#snapSeq) {
+      this.#snapSeq = entry.seq;
+      // The old seq's entry may rest at 0 (#endWrite keeps the current one); none will end under it now.
+      for (const [stamp, count] of this.#inFlightBySnapSeq) if (count === 0 && stamp !== this.#snapSeq) this.#inFlightBySnapSeq.delete(stamp);
+    }
     const target = this.#snapSeq;
     if (entry.creating.length === 0 || target <= this.#acknowledgedSnapSeq) return this.#switching;
     this.#switching = this.#switching.then(async () => {
@@ -632,7 +636,9 @@ export class VolumeClient {
   #endWrite(seq: number, snapSeq: number): void {
     this.#completed(seq);
     const left = this.#inFlightBySnapSeq.get(snapSeq)! - 1;
-    if (left === 0) this.#inFlightBySnapSeq.delete(snapSeq);
+    // The current snap seq keeps its entry at 0: deleting and adding it back as writes come and go
+    // made the Map shrink and grow again. Older ones drain once and go.
+    if (left === 0 && snapSeq !== this.#snapSeq) this.#inFlightBySnapSeq.delete(snapSeq);
     else this.#inFlightBySnapSeq.set(snapSeq, left);
     if (this.#drainWaiters.length > 0) for (const waiter of this.#drainWaiters.splice(0)) waiter();
   }
@@ -657,16 +663,14 @@ export class VolumeClient {
     const pg = this.#placedPg!;
     const { chunkIndex, offsetBlocks, countBlocks } = placed;
     const startBlock = offsetBytes / BLOCK_SIZE_BYTES;
-    const acting: StoreRequester[] = [];
-    const actingIds: number[] = [];
+    // Counted here, sent to below: two passes over the replicas instead of two arrays per write.
+    let actingCount = 0;
     for (const replica of pg.replicas) {
       if (replica.state === 'down' || !isUp(map, replica.storeId)) continue;
-      const channel = this.#cluster.channel(replica.storeId);
-      if (channel.writeNow === undefined) return false;
-      acting.push(channel);
-      actingIds.push(replica.storeId);
+      if (this.#cluster.channel(replica.storeId).writeNow === undefined) return false;
+      actingCount++;
     }
-    if (acting.length < pool.minReplicas) return false;
+    if (actingCount < pool.minReplicas) return false;
     const hold = this.#lock.tryHold(startBlock, startBlock + countBlocks);
     if (hold === undefined) return false;
 
@@ -679,7 +683,7 @@ export class VolumeClient {
       this.#lock.release(hold);
       done(error, dataDone);
     };
-    let pending = acting.length;
+    let pending = actingCount;
     let failures: ReplicaFailure[] | undefined;
     // Kept by the channels until each replica answers: a copy of the placement, not #nowFields itself.
     // Spelled out: a spread of #nowFields went through a generic clone per write.
@@ -687,10 +691,11 @@ export class VolumeClient {
       volumeId: placed.volumeId, chunkIndex, poolId: placed.poolId, pgId: placed.pgId, pgCount: placed.pgCount, pgEpoch: placed.pgEpoch,
       ownerEpoch: placed.ownerEpoch, offsetBlocks, countBlocks, versionSeq: seq, snapSeq, watermark: this.#watermark(),
     };
-    for (let i = 0; i < acting.length; i++) {
-      const storeId = actingIds[i]!;
+    for (const replica of pg.replicas) {
+      if (replica.state === 'down' || !isUp(map, replica.storeId)) continue;
+      const storeId = replica.storeId;
       this.#writtenSinceFlush.add(storeId);
-      acting[i]!.writeNow!(fields, checksums, data, (error) => {
+      this.#cluster.channel(storeId).writeNow!(fields, checksums, data, (error) => {
         if (error !== undefined) (failures ??= []).push({ storeId, error });
         if (--pending > 0) return;
         if (failures === undefined) {
