@@ -27,7 +27,7 @@
  * Volumes and files are 1 GiB, written once (1 MiB sequential) before measuring.
  */
 import { spawn, spawnSync, type ChildProcess } from 'node:child_process';
-import { existsSync, mkdtempSync, readFileSync, rmSync, truncateSync, writeFileSync } from 'node:fs';
+import { accessSync, constants, existsSync, mkdtempSync, readFileSync, rmSync, truncateSync, writeFileSync } from 'node:fs';
 import { availableParallelism, tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { freePort, log, MAIN } from './support.ts';
@@ -59,8 +59,23 @@ const DROP_CACHES = process.env.DROP_CACHES === '1';
  * 1 MiB fill left and 135k over pages its own 4 KiB writes made; which one a run saw depended on
  * whether the kernel had paged the file out in the meantime. Dropping the pages gives every
  * target the pages its own writes make; WRITE_PAGES=keep writes over whatever earlier runs left.
+ * Run as root, the whole page cache is emptied too (CAN_DROP_ALL).
  */
 const WRITE_PAGES_KEPT = process.env.WRITE_PAGES === 'keep';
+/**
+ * Root may empty the whole page cache before each write run, not only the target's files. On this
+ * VM a page-cache page costs a write several times more when it comes from free memory the guest
+ * has handed back to the host (free page reporting) than when it was freed a moment ago; emptying
+ * the cache gives every target's writes the same start, whatever the target before it wrote.
+ */
+const CAN_DROP_ALL = (() => {
+  try {
+    accessSync('/proc/sys/vm/drop_caches', constants.W_OK);
+    return true;
+  } catch {
+    return false;
+  }
+})();
 /** `--busy-poll` for the Shale gateways (µs); unset: shale up's default. */
 const BUSY_POLL = process.env.BUSY_POLL;
 /** `--cache-size` for the Shale stores; unset: shale up's default (auto). */
@@ -239,10 +254,16 @@ async function main(): Promise<void> {
         const pids = target.pids();
         if (DROP_CACHES) dropPageCache();
         else if (args.some((arg) => arg.includes('write'))) {
-          if (!WRITE_PAGES_KEPT) for (const file of target.files) dropFilePages(file);
+          if (!WRITE_PAGES_KEPT) {
+            for (const file of target.files) dropFilePages(file);
+            if (CAN_DROP_ALL) dropPageCache();
+          }
         } else if (args.some((arg) => arg.includes('read'))) {
           for (let pass = 0; pass < (target.replicas ?? 1); pass++) fio(target.uri, ['--rw=read', '--bs=1M', '--iodepth=8'], 0, ['--time_based=0']);
         }
+        // Nothing dirty anywhere: a run does not pay for writing back what the target before it
+        // wrote (node-minimal-log's writes leave gigabytes dirty, past the background threshold).
+        spawnSync('sync');
         const cpuBefore = cpuSeconds(pids);
         const measured = fio(target.uri, args, RUNTIME);
         const result = { ...measured, cpuUsPerOp: ((cpuSeconds(pids) - cpuBefore) * 1e6) / Math.max(1, measured.ios) };
@@ -272,7 +293,7 @@ async function main(): Promise<void> {
   }
   const loadavg = readFileSync('/proc/loadavg', 'utf8').split(' ').slice(0, 3).join(' ');
   const cache = DROP_CACHES ? 'page cache emptied before each run'
-    : `reads of page-cached data (every copy of the data read once before its run); ${WRITE_PAGES_KEPT ? 'writes over the pages earlier runs left' : 'writes after the data files left the page cache'}`;
+    : `reads of page-cached data (every copy of the data read once before its run); ${WRITE_PAGES_KEPT ? 'writes over the pages earlier runs left' : CAN_DROP_ALL ? 'writes after the page cache was emptied' : 'writes after the data files left the page cache'}`;
   process.stdout.write(`\nNBD benchmark: ${RUNS} rounds × ${RUNTIME} s per workload and target, medians; ${cache}; ${cpuDescription()}; load average at the end ${loadavg}\n\n${lines.join('\n')}\n`);
 }
 
