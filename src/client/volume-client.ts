@@ -41,7 +41,7 @@ import type { ClusterMap, PgEntry, PoolMapEntry, VolumeInfo } from '../conductor
 import type { ClusterClient } from './cluster-client.ts';
 import { RangeLock } from './range-lock.ts';
 import { diskFailedSpare, handleReplicaFailures, noQuorum, waitForMapChange, type ReplicaFailure } from './replica-retry.ts';
-import { actingReplicas, isUp, pgNeeds, poolNeeds } from '../conductor/api/acting.ts';
+import { actingReplicas, acts, isUp, pgNeeds, poolNeeds } from '../conductor/api/acting.ts';
 import { ChainReader, type Layer, parentLayers, snapContextOf } from './snap-chain.ts';
 
 /** A copy of T's shape that can be written: for request records refilled in place. */
@@ -663,11 +663,16 @@ export class VolumeClient {
     const pg = this.#placedPg!;
     const { chunkIndex, offsetBlocks, countBlocks } = placed;
     const startBlock = offsetBytes / BLOCK_SIZE_BYTES;
-    // Counted here, sent to below: two passes over the replicas instead of two arrays per write.
+    // The acting replicas as bits of a number, counted here and sent to below: no arrays per write.
+    const replicas = pg.replicas;
+    if (replicas.length > 31) return false;
+    let actingBits = 0;
     let actingCount = 0;
-    for (const replica of pg.replicas) {
-      if (replica.state === 'down' || !isUp(map, replica.storeId)) continue;
+    for (let i = 0; i < replicas.length; i++) {
+      const replica = replicas[i]!;
+      if (!acts(map, replica)) continue;
       if (this.#cluster.channel(replica.storeId).writeNow === undefined) return false;
+      actingBits |= 1 << i;
       actingCount++;
     }
     if (actingCount < pool.minReplicas) return false;
@@ -691,9 +696,9 @@ export class VolumeClient {
       volumeId: placed.volumeId, chunkIndex, poolId: placed.poolId, pgId: placed.pgId, pgCount: placed.pgCount, pgEpoch: placed.pgEpoch,
       ownerEpoch: placed.ownerEpoch, offsetBlocks, countBlocks, versionSeq: seq, snapSeq, watermark: this.#watermark(),
     };
-    for (const replica of pg.replicas) {
-      if (replica.state === 'down' || !isUp(map, replica.storeId)) continue;
-      const storeId = replica.storeId;
+    for (let i = 0; i < replicas.length; i++) {
+      if ((actingBits & (1 << i)) === 0) continue;
+      const storeId = replicas[i]!.storeId;
       this.#writtenSinceFlush.add(storeId);
       this.#cluster.channel(storeId).writeNow!(fields, checksums, data, (error) => {
         if (error !== undefined) (failures ??= []).push({ storeId, error });
@@ -790,7 +795,7 @@ export class VolumeClient {
     const map = this.#cluster.map;
     const pool = this.#pool(map);
     const storeIds = new Set<number>();
-    for (const pg of pool.pgs) for (const replica of pg.replicas) if (replica.state !== 'down' && isUp(map, replica.storeId)) storeIds.add(replica.storeId);
+    for (const pg of pool.pgs) for (const replica of pg.replicas) if (acts(map, replica)) storeIds.add(replica.storeId);
     const ranges = new Map<string, { chunkIndex: number; offsetBlocks: number; countBlocks: number }>();
     const asked: number[] = [];
     for (const storeId of storeIds) {

@@ -10,9 +10,14 @@ export function isUp(map: ClusterMap, storeId: number): boolean {
   return map.stores.some((store) => store.id === storeId && store.state === 'up');
 }
 
-/** A PG's acting replicas: those not down, on stores that are up. */
+/** Whether a replica acts (takes writes): it is not down, and its store is up. */
+export function acts(map: ClusterMap, replica: PgEntry['replicas'][number]): boolean {
+  return replica.state !== 'down' && isUp(map, replica.storeId);
+}
+
+/** A PG's acting replicas. */
 export function actingReplicas(map: ClusterMap, pg: PgEntry): PgEntry['replicas'] {
-  return pg.replicas.filter((replica) => replica.state !== 'down' && isUp(map, replica.storeId));
+  return pg.replicas.filter((replica) => acts(map, replica));
 }
 
 /** Why PG `pgIndex` of `pool` cannot do without `storeIds`, or undefined if it can. */
