@@ -474,30 +474,52 @@ const SegmentState = {
 } as const;
 const stateNames = ['free', 'open', 'sealed', 'pending-free', 'checkpoint'] as const;
 
-interface PendingOp {
-  kind: RecordKindValue;
-  volumeId: number;
-  chunkIndex: number;
-  offsetBlocks: number;
+/**
+ * A request waiting for (or in) a batch. A class, so that every op is built by one constructor
+ * with one shape: built as an object literal, ops were sometimes made with a map V8 had since
+ * deprecated, and the writer migrated each of them (MigrateToMap) when it first touched them.
+ */
+class PendingOp {
+  readonly kind: RecordKindValue;
+  readonly volumeId: number;
+  readonly chunkIndex: number;
+  readonly offsetBlocks: number;
   /** Blocks covered (0 for records without blocks). */
-  countBlocks: number;
-  epoch: number;
+  readonly countBlocks: number;
+  readonly epoch: number;
   seq: number;
-  snapSeq: number;
-  data: Buffer | undefined;
-  checksums: Uint32Array | undefined;
-  payload: Buffer | undefined;
-  flags: number;
+  readonly snapSeq: number;
+  readonly data: Buffer | undefined;
+  readonly checksums: Uint32Array | undefined;
+  payload: Buffer | undefined = undefined;
+  flags = 0;
   /** DATA: blocks already handed to a batch. */
-  placedBlocks: number;
+  placedBlocks = 0;
   /** How much of the reserve the op may use: Tier.CLIENT none, Tier.META and BACKGROUND half, Tier.COMPACTION all. */
-  tier: number;
-  appliedBlocks: number;
-  skippedBlocks: number;
-  resolve: ((result: WriteResult) => void) | undefined;
-  reject: ((error: Error) => void) | undefined;
+  readonly tier: number;
+  appliedBlocks = 0;
+  skippedBlocks = 0;
+  resolve: ((result: WriteResult) => void) | undefined = undefined;
+  reject: ((error: Error) => void) | undefined = undefined;
   /** A writeNow caller's callback, settled instead of resolve or reject (no closures per write). */
-  done: WriteNowDone | undefined;
+  done: WriteNowDone | undefined = undefined;
+
+  constructor(
+    kind: RecordKindValue, volumeId: number, chunkIndex: number, offsetBlocks: number, countBlocks: number, epoch: number, seq: number,
+    snapSeq: number, data: Buffer | undefined, checksums: Uint32Array | undefined, tier: number,
+  ) {
+    this.kind = kind;
+    this.volumeId = volumeId;
+    this.chunkIndex = chunkIndex;
+    this.offsetBlocks = offsetBlocks;
+    this.countBlocks = countBlocks;
+    this.epoch = epoch;
+    this.seq = seq;
+    this.snapSeq = snapSeq;
+    this.data = data;
+    this.checksums = checksums;
+    this.tier = tier;
+  }
 }
 
 type WriteNowDone = (error: Error | undefined, result: WriteResult | undefined) => void;
@@ -3654,10 +3676,7 @@ function newOp(
   kind: RecordKindValue, volumeId: number, chunkIndex: number, offsetBlocks: number, countBlocks: number, epoch: number, seq: number,
   snapSeq: number, data: Buffer | undefined, checksums: Uint32Array | undefined, tier: number,
 ): PendingOp {
-  return {
-    kind, volumeId, chunkIndex, offsetBlocks, countBlocks, epoch, seq, snapSeq, data, checksums, payload: undefined, flags: 0,
-    placedBlocks: 0, tier, appliedBlocks: 0, skippedBlocks: 0, resolve: undefined, reject: undefined, done: undefined,
-  };
+  return new PendingOp(kind, volumeId, chunkIndex, offsetBlocks, countBlocks, epoch, seq, snapSeq, data, checksums, tier);
 }
 
 function diskInfo(path: string, superblock: Superblock): DiskInfo {
