@@ -1,7 +1,7 @@
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import fc from 'fast-check';
-import { blockChecksums } from '../../lib/crc32c.ts';
+import { blockChecksums, crc32c } from '../../lib/crc32c.ts';
 import { BLOCK_SIZE_BYTES } from '../../lib/units.ts';
 import { BlockIndex } from './block-index.ts';
 import { Fifo } from './fifo.ts';
@@ -94,6 +94,31 @@ test('batch header round-trips records and crcs; it is bound to its segment, pos
   assert.deepEqual(badDataBlocks(segment, batch), [2]);
   segment[5 * BLOCK_SIZE_BYTES + 200]! ^= 4;
   assert.equal(decodeBatchHeader(segment, 5, 2, formatId), undefined);
+});
+
+/** Seals `length` bytes at `offset` again as the format does: crc32c of all of it, bytes 12..15 counted as zeros. */
+function resealStructure(buffer: Buffer, offset: number, length: number): void {
+  buffer.writeUInt32LE(0, offset + 12);
+  buffer.writeUInt32LE(crc32c(buffer.subarray(offset, offset + length)), offset + 12);
+}
+
+test('a header with a valid crc but the wrong magic is refused (segment header and batch)', () => {
+  const segmentHeader = encodeSegmentHeader({ segmentIndex: 7, kind: SegmentKind.LOG, generation: 3, firstSequence: 12345, formatId });
+  resealStructure(segmentHeader, 0, BLOCK_SIZE_BYTES);
+  assert.ok(decodeSegmentHeader(segmentHeader, 0, 7, formatId), 'resealed unchanged: still valid');
+  segmentHeader[7]! ^= 1; // the last byte of SHALESEG
+  resealStructure(segmentHeader, 0, BLOCK_SIZE_BYTES);
+  assert.equal(decodeSegmentHeader(segmentHeader, 0, 7, formatId), undefined);
+
+  const record: BatchRecord = { kind: RecordKind.DATA, volumeId: 1, chunkIndex: 0, offsetBlocks: 0, countBlocks: 1, epoch: 1, seq: 1, snapSeq: 0, dataIndexBlocks: 0 };
+  const segment = buildBatch(16, 2, 1, 1, [record], Buffer.alloc(BLOCK_SIZE_BYTES, 9));
+  const headerBytes = batchHeaderBlocks(1, 1) * BLOCK_SIZE_BYTES;
+  resealStructure(segment, 2 * BLOCK_SIZE_BYTES, headerBytes);
+  assert.ok(decodeBatchHeader(segment, 2, 2, formatId), 'resealed unchanged: still valid');
+  segment[2 * BLOCK_SIZE_BYTES + 7]! ^= 1; // the last byte of SHALEBAT
+  resealStructure(segment, 2 * BLOCK_SIZE_BYTES, headerBytes);
+  assert.equal(decodeBatchHeader(segment, 2, 2, formatId), undefined);
+  assert.equal(scanSegment(segment, 2, formatId).batches.length, 0);
 });
 
 test('a crc-valid header with a malformed record is not a batch', () => {
