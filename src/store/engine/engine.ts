@@ -1049,7 +1049,7 @@ export class StoreEngine {
       }
     }
     this.#checkWriter(volumeId, request.ownerEpoch);
-    return newOp(RecordKind.DATA, volumeId, chunkIndex, offsetBlocks, countBlocks, version.epoch, version.seq, snapSeq, data, checksums, Tier.CLIENT);
+    return new PendingOp(RecordKind.DATA, volumeId, chunkIndex, offsetBlocks, countBlocks, version.epoch, version.seq, snapSeq, data, checksums, Tier.CLIENT);
   }
 
   writeZeroes(request: WriteZeroesRequest): Promise<WriteResult> {
@@ -1068,7 +1068,7 @@ export class StoreEngine {
       checkSafe('snapSeq', snapSeq);
       this.#checkWriter(volumeId, request.ownerEpoch);
       // A tombstone may use half the reserve: on a full disk, TRIM is how a client frees space.
-      op = newOp(RecordKind.ZERO, volumeId, chunkIndex, offsetBlocks, countBlocks, version.epoch, version.seq, snapSeq, undefined, undefined, Tier.META);
+      op = new PendingOp(RecordKind.ZERO, volumeId, chunkIndex, offsetBlocks, countBlocks, version.epoch, version.seq, snapSeq, undefined, undefined, Tier.META);
     } catch (error) {
       return Promise.reject(error);
     }
@@ -1108,7 +1108,7 @@ export class StoreEngine {
     this.#ownerEpochs.set(volumeId, ownerEpoch);
     const persisted = this.#fences.get(volumeId);
     if (!persisted || persisted.epoch < ownerEpoch) {
-      await this.#enqueue(newOp(RecordKind.FENCE, volumeId, 0, 0, 0, ownerEpoch, 0, 0, undefined, undefined, Tier.META));
+      await this.#enqueue(new PendingOp(RecordKind.FENCE, volumeId, 0, 0, 0, ownerEpoch, 0, 0, undefined, undefined, Tier.META));
     }
     await this.#syncUpTo(this.#lastWrittenSequence);
   }
@@ -1135,7 +1135,7 @@ export class StoreEngine {
     // -1 without a purge in flight: an earlier attempt failed before its record was written; write it now.
     if ((this.#purged.get(volumeId) ?? -1) >= 0) return this.#syncUpTo(this.#lastWrittenSequence);
     this.#purged.set(volumeId, -1);
-    const done = this.#enqueue(newOp(RecordKind.PURGE, volumeId, 0, 0, 0, 0, 0, 0, undefined, undefined, Tier.META))
+    const done = this.#enqueue(new PendingOp(RecordKind.PURGE, volumeId, 0, 0, 0, 0, 0, 0, undefined, undefined, Tier.META))
       .then(() => this.#syncUpTo(this.#lastWrittenSequence))
       .finally(() => this.#purging.delete(volumeId));
     this.#purging.set(volumeId, done);
@@ -1165,7 +1165,7 @@ export class StoreEngine {
     checkSafe('snapSeq', snapSeq);
     if (ids.length > 0 && ids[ids.length - 1]! > snapSeq) throw invalid(`snapSeq ${snapSeq} is below live snapshot ${ids[ids.length - 1]}`);
     const keepTombstones = options.keepTombstones ?? previous?.keepTombstones ?? false;
-    const op = newOp(RecordKind.SNAPSHOTS, volumeId, 0, 0, 0, 0, 0, snapSeq, undefined, undefined, Tier.META);
+    const op = new PendingOp(RecordKind.SNAPSHOTS, volumeId, 0, 0, 0, 0, 0, snapSeq, undefined, undefined, Tier.META);
     op.payload = encodeSnapshotIds(ids);
     op.flags = keepTombstones ? SnapshotFlags.KEEP_TOMBSTONES : 0;
     await this.#enqueue(op);
@@ -1192,7 +1192,7 @@ export class StoreEngine {
       if (!Buffer.isBuffer(value) || value.length > KV_VALUE_BYTES_MAX) throw invalid(`value must be a Buffer of at most ${KV_VALUE_BYTES_MAX} bytes`);
       checkVersion(version);
       if (this.#purged.has(shardId)) throw new ShaleError('NOT_FOUND', `shard ${shardId} was deleted`, { shardId });
-      op = newOp(RecordKind.KV_PUT, shardId, 0, 0, 0, version.epoch, version.seq, 0, undefined, undefined, Tier.CLIENT);
+      op = new PendingOp(RecordKind.KV_PUT, shardId, 0, 0, 0, version.epoch, version.seq, 0, undefined, undefined, Tier.CLIENT);
       op.payload = encodeKvPayload(Buffer.from(keyString, 'latin1'), value);
     } catch (error) {
       return Promise.reject(error);
@@ -1209,7 +1209,7 @@ export class StoreEngine {
       const keyString = toKey(key);
       checkVersion(version);
       if (this.#purged.has(shardId)) throw new ShaleError('NOT_FOUND', `shard ${shardId} was deleted`, { shardId });
-      op = newOp(RecordKind.KV_DELETE, shardId, 0, 0, 0, version.epoch, version.seq, 0, undefined, undefined, Tier.META);
+      op = new PendingOp(RecordKind.KV_DELETE, shardId, 0, 0, 0, version.epoch, version.seq, 0, undefined, undefined, Tier.META);
       op.payload = encodeKvPayload(Buffer.from(keyString, 'latin1'), undefined);
     } catch (error) {
       return Promise.reject(error);
@@ -3542,7 +3542,7 @@ export class StoreEngine {
               if (live && runStart < 0) runStart = i;
               if (!live && runStart >= 0) {
                 const from = dataStartBytes + (record.dataIndexBlocks + runStart) * BLOCK_SIZE_BYTES;
-                push(newOp(RecordKind.DATA, record.volumeId, record.chunkIndex, record.offsetBlocks + runStart, i - runStart,
+                push(new PendingOp(RecordKind.DATA, record.volumeId, record.chunkIndex, record.offsetBlocks + runStart, i - runStart,
                   record.epoch, record.seq, record.snapSeq, buffer.subarray(from, from + (i - runStart) * BLOCK_SIZE_BYTES),
                   batch.checksums.slice(record.dataIndexBlocks + runStart, record.dataIndexBlocks + i), tier));
                 runStart = -1;
@@ -3570,7 +3570,7 @@ export class StoreEngine {
               if (action !== runAction) {
                 if (runAction !== 0) {
                   const kind = runAction === 2 ? RecordKind.DROP : RecordKind.ZERO;
-                  push(newOp(kind, record.volumeId, record.chunkIndex, record.offsetBlocks + runStart, i - runStart,
+                  push(new PendingOp(kind, record.volumeId, record.chunkIndex, record.offsetBlocks + runStart, i - runStart,
                     record.epoch, record.seq, record.snapSeq, undefined, undefined, tier));
                 }
                 runStart = i;
@@ -3581,18 +3581,18 @@ export class StoreEngine {
           }
           case RecordKind.FENCE:
             if (this.#fences.get(record.volumeId)?.location === headerLocation) {
-              push(newOp(RecordKind.FENCE, record.volumeId, 0, 0, 0, record.epoch, 0, 0, undefined, undefined, tier));
+              push(new PendingOp(RecordKind.FENCE, record.volumeId, 0, 0, 0, record.epoch, 0, 0, undefined, undefined, tier));
             }
             break;
           case RecordKind.PURGE:
             if (this.#purged.get(record.volumeId) === headerLocation) {
-              push(newOp(RecordKind.PURGE, record.volumeId, 0, 0, 0, 0, 0, 0, undefined, undefined, tier));
+              push(new PendingOp(RecordKind.PURGE, record.volumeId, 0, 0, 0, 0, 0, 0, undefined, undefined, tier));
             }
             break;
           case RecordKind.SNAPSHOTS: {
             const set = this.#snapshots.get(record.volumeId);
             if (set && set.location === headerLocation && set.version === record.seq) {
-              const op = newOp(RecordKind.SNAPSHOTS, record.volumeId, 0, 0, 0, 0, record.seq, record.snapSeq, undefined, undefined, tier);
+              const op = new PendingOp(RecordKind.SNAPSHOTS, record.volumeId, 0, 0, 0, 0, record.seq, record.snapSeq, undefined, undefined, tier);
               op.payload = record.payload;
               op.flags = record.flags ?? 0;
               push(op);
@@ -3607,7 +3607,7 @@ export class StoreEngine {
             const entry = purged ? undefined : this.#kv.get(record.volumeId)?.entries.get(key);
             if (entry && entry.location === headerLocation && entry.epoch === record.epoch && entry.seq === record.seq &&
               (entry.value === undefined) === (record.kind === RecordKind.KV_DELETE)) {
-              const op = newOp(record.kind, record.volumeId, 0, 0, 0, record.epoch, record.seq, 0, undefined, undefined, tier);
+              const op = new PendingOp(record.kind, record.volumeId, 0, 0, 0, record.epoch, record.seq, 0, undefined, undefined, tier);
               op.payload = record.payload;
               push(op);
             }
@@ -3670,13 +3670,6 @@ function resolveOp(op: PendingOp, result: WriteResult): void {
 function rejectOp(op: PendingOp, error: Error): void {
   if (op.done !== undefined) settleNow(op.done, error, undefined);
   else op.reject?.(error);
-}
-
-function newOp(
-  kind: RecordKindValue, volumeId: number, chunkIndex: number, offsetBlocks: number, countBlocks: number, epoch: number, seq: number,
-  snapSeq: number, data: Buffer | undefined, checksums: Uint32Array | undefined, tier: number,
-): PendingOp {
-  return new PendingOp(kind, volumeId, chunkIndex, offsetBlocks, countBlocks, epoch, seq, snapSeq, data, checksums, tier);
 }
 
 function diskInfo(path: string, superblock: Superblock): DiskInfo {
