@@ -4,10 +4,12 @@
  */
 import { spawn, type ChildProcess } from 'node:child_process';
 import { closeSync, fstatSync, mkdtempSync, openSync, readFileSync, readSync, rmSync, writeSync } from 'node:fs';
-import { createServer } from 'node:net';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { fileURLToPath } from 'node:url';
+import { freePort } from '../src/conductor/testing/etcd-cluster.ts';
+
+export { freePort };
 
 export const MAIN = fileURLToPath(new URL('../src/cli/main.ts', import.meta.url));
 
@@ -22,16 +24,6 @@ if (process.env.SHALE_CONFIG_DIR === undefined) {
 export function temporaryDirectory(prefix: string): { path: string; remove(): void } {
   const path = mkdtempSync(join(tmpdir(), `shale-${prefix}-`));
   return { path, remove: () => rmSync(path, { recursive: true, force: true }) };
-}
-
-export async function freePort(): Promise<number> {
-  return new Promise((resolve, reject) => {
-    const server = createServer();
-    server.listen(0, '127.0.0.1', () => {
-      const address = server.address();
-      server.close(() => (typeof address === 'object' && address ? resolve(address.port) : reject(new Error('no port'))));
-    });
-  });
 }
 
 export interface RunResult {
@@ -73,20 +65,24 @@ export function shale(api: string, ...args: string[]): Promise<RunResult> {
 
 export { requireTool } from '../scripts/required-tools.ts';
 
+/** How often start() picks new ports when another process took one of its own first. */
+const UP_START_ATTEMPTS_MAX = 3;
+
 /** A `shale up` running as a child process. */
 export class ShaleUp {
   readonly dataDir: string;
-  readonly nbdPort: number;
-  readonly apiPort: number;
   readonly extraArgs: string[];
+  /** Ports given to the constructor, kept on every start; without them, start() picks free ones. */
+  readonly #fixedPorts: { nbd: number; api: number } | undefined;
+  nbdPort = 0;
+  apiPort = 0;
   process: ChildProcess | undefined;
   output = '';
 
-  constructor(dataDir: string, nbdPort: number, apiPort: number, extraArgs: string[] = []) {
+  constructor(dataDir: string, extraArgs: string[] = [], ports?: { nbd: number; api: number }) {
     this.dataDir = dataDir;
-    this.nbdPort = nbdPort;
-    this.apiPort = apiPort;
     this.extraArgs = extraArgs;
+    this.#fixedPorts = ports;
   }
 
   get api(): string {
@@ -97,8 +93,25 @@ export class ShaleUp {
     return `nbd://127.0.0.1:${this.nbdPort}/${volume}`;
   }
 
-  /** Starts `shale up` and resolves once it printed that it is up. */
+  /**
+   * Starts `shale up` and resolves once it printed that it is up. A port picked here can be taken
+   * by another process before shale up binds it; then it starts again on new ones.
+   */
   async start(timeoutMs = 60_000): Promise<void> {
+    for (let attempt = 1; ; attempt++) {
+      this.nbdPort = this.#fixedPorts?.nbd ?? await freePort();
+      this.apiPort = this.#fixedPorts?.api ?? await freePort();
+      try {
+        return await this.#startOnce(timeoutMs);
+      } catch (error) {
+        const portTaken = this.#fixedPorts === undefined && /cannot listen on .*\(IN_USE\)/.test(this.output);
+        if (!portTaken || attempt >= UP_START_ATTEMPTS_MAX) throw error;
+        this.output = '';
+      }
+    }
+  }
+
+  async #startOnce(timeoutMs: number): Promise<void> {
     const child = spawn(process.execPath, [
       // The S3 gateway on any free port (tests run side by side); extraArgs may name one.
       MAIN, 'up', '--data', this.dataDir, '--nbd-port', String(this.nbdPort), '--api-port', String(this.apiPort), '--s3-listen', '127.0.0.1:0', ...this.extraArgs,

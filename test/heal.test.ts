@@ -17,7 +17,7 @@ import { join } from 'node:path';
 import { after, before, describe, test } from 'node:test';
 import type { ClusterStatus, PoolDetail, ScrubResult, VolumeInfo } from '../src/conductor/api/types.ts';
 import type { MovePlan } from '../src/conductor/healing.ts';
-import { freePort, MAIN, requireTool, run, shale, ShaleUp, temporaryDirectory, waitFor } from './harness.ts';
+import { MAIN, requireTool, run, shale, ShaleUp, temporaryDirectory, waitFor } from './harness.ts';
 
 const MiB = 1024 * 1024;
 
@@ -53,7 +53,7 @@ describe('self-healing: re-replication, scrub repair, scale-out and drain', () =
   before(async () => {
     for (const tool of ['qemu-img', 'qemu-io', 'fio']) requireTool(tool);
     writeFileSync(image, randomBytes(16 * MiB));
-    cluster = new ShaleUp(join(dir.path, 'data'), await freePort(), await freePort(), [
+    cluster = new ShaleUp(join(dir.path, 'data'), [
       // A throttled resync keeps the recovery visible long enough to watch its progress.
       '--stores', '4', '--disk-size', '1G', '--heartbeat-timeout', '2s', '--down-out-interval', '5s', '--resync-rate', '4M',
       // A killed store stays dead: the cluster must heal without it.
@@ -234,7 +234,7 @@ describe('resync of a returning store copies only what it missed', () => {
 
   before(async () => {
     for (const tool of ['qemu-img', 'qemu-io']) requireTool(tool);
-    cluster = new ShaleUp(join(dir.path, 'data'), await freePort(), await freePort(), [
+    cluster = new ShaleUp(join(dir.path, 'data'), [
       '--stores', '3', '--disk-size', '1G', '--heartbeat-timeout', '2s', '--restart-delay', '4s', '--scrub-interval', '0',
     ]);
     await cluster.start();

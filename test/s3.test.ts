@@ -18,7 +18,7 @@ import {
 } from '@aws-sdk/client-s3';
 import { Upload } from '@aws-sdk/lib-storage';
 import { getSignedUrl } from '@aws-sdk/s3-request-presigner';
-import { freePort, requireTool, run, shale, ShaleUp, temporaryDirectory } from './harness.ts';
+import { requireTool, run, shale, ShaleUp, temporaryDirectory } from './harness.ts';
 
 const MiB = 1024 * 1024;
 const ALICE = { accessKeyId: 'AKALICETEST', secretAccessKey: 'alice-secret-key-0001' };
@@ -50,7 +50,7 @@ describe('S3 gateway of shale up, with real clients', () => {
 
   before(async () => {
     for (const tool of ['/usr/bin/aws', 's3cmd']) requireTool(tool);
-    cluster = new ShaleUp(join(dir.path, 'data'), await freePort(), await freePort(), ['--disk-size', '1G', '--heartbeat-timeout', '2s', '--restart-delay', '3s']);
+    cluster = new ShaleUp(join(dir.path, 'data'), ['--disk-size', '1G', '--heartbeat-timeout', '2s', '--restart-delay', '3s']);
     await cluster.start();
     endpoint = cluster.s3Endpoint;
     process.env.SHALE_TOKEN = readFileSync(join(dir.path, 'data', 'token'), 'utf8').trim();

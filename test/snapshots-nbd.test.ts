@@ -10,7 +10,7 @@ import { randomBytes } from 'node:crypto';
 import { readFileSync, statSync, truncateSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { after, before, describe, test } from 'node:test';
-import { freePort, requireTool, run, shale, ShaleUp, temporaryDirectory } from './harness.ts';
+import { requireTool, run, shale, ShaleUp, temporaryDirectory } from './harness.ts';
 
 const MiB = 1024 * 1024;
 
@@ -37,7 +37,7 @@ describe('snapshots and clones with real NBD clients', () => {
 
   before(async () => {
     for (const tool of ['qemu-img', 'qemu-io', 'nbdinfo', 'nbdcopy']) requireTool(tool);
-    cluster = new ShaleUp(join(dir.path, 'data'), await freePort(), await freePort(), ['--disk-size', '1G']);
+    cluster = new ShaleUp(join(dir.path, 'data'), ['--disk-size', '1G']);
     await cluster.start();
   });
 

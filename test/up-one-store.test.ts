@@ -7,7 +7,7 @@
 import assert from 'node:assert/strict';
 import { join } from 'node:path';
 import { after, before, describe, test } from 'node:test';
-import { findBlock, flipBit, freePort, requireTool, run, shale, ShaleUp, temporaryDirectory } from './harness.ts';
+import { findBlock, flipBit, requireTool, run, shale, ShaleUp, temporaryDirectory } from './harness.ts';
 
 describe('shale up --stores 1 with its read cache', () => {
   const dir = temporaryDirectory('up-one');
@@ -16,7 +16,7 @@ describe('shale up --stores 1 with its read cache', () => {
   before(async () => {
     requireTool('fio');
     // 16 MiB of cache: 12 MiB of data read again and again from it, then 24 MiB elsewhere that evicts it.
-    cluster = new ShaleUp(join(dir.path, 'data'), await freePort(), await freePort(), ['--stores', '1', '--disk-size', '1G', '--cache-size', '16M']);
+    cluster = new ShaleUp(join(dir.path, 'data'), ['--stores', '1', '--disk-size', '1G', '--cache-size', '16M']);
     await cluster.start();
     const created = await shale(cluster.api, 'volume', 'create', 'one', '--size', '64M');
     assert.equal(created.status, 0, created.stderr);

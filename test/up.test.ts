@@ -34,7 +34,7 @@ describe('shale up, end to end', () => {
     writeFileSync(imageB, Buffer.concat([randomBytes(8 * MiB), Buffer.alloc(8 * MiB), randomBytes(8 * MiB)]));
     mkdirSync(join(dir.path, 'certificates'));
     certificates = await makeTestCertificates(join(dir.path, 'certificates'));
-    cluster = new ShaleUp(join(dir.path, 'data'), await freePort(), await freePort(), [
+    cluster = new ShaleUp(join(dir.path, 'data'), [
       // A slow resync keeps the window in which a returning store must not be read from wide open.
       '--disk-size', '1G', '--heartbeat-timeout', '2s', '--restart-delay', '2s', '--resync-rate', '4M',
       // TLS offered (plaintext still allowed); clients that use it must show a certificate of this CA.
@@ -298,7 +298,7 @@ describe('shale up, end to end', () => {
   test('SIGTERM stops every process; shale up on the same directory brings the volumes back', async () => {
     const code = await cluster.stop();
     assert.equal(code, 0, cluster.output);
-    cluster = new ShaleUp(cluster.dataDir, cluster.nbdPort, cluster.apiPort, cluster.extraArgs);
+    cluster = new ShaleUp(cluster.dataDir, cluster.extraArgs, { nbd: cluster.nbdPort, api: cluster.apiPort });
     await cluster.start();
     const list = await shale(cluster.api, 'volume', 'list', '--json');
     assert.equal(list.status, 0, list.stderr);

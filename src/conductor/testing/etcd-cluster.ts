@@ -15,7 +15,25 @@ export function requireEtcd(): void {
   }
 }
 
+/** The ports freePort() handed out in this process. */
+const portsHandedOut = new Set<number>();
+
+/**
+ * A loopback port nothing listens on now, never one handed out before in this process: the kernel
+ * can give a closed probe's port to the next probe at once (about one pair in 2,000 here), and two
+ * servers told to listen on the same port would fail.
+ */
 export async function freePort(): Promise<number> {
+  for (;;) {
+    const port = await probePort();
+    if (!portsHandedOut.has(port)) {
+      portsHandedOut.add(port);
+      return port;
+    }
+  }
+}
+
+function probePort(): Promise<number> {
   return new Promise((resolve, reject) => {
     const server = createServer();
     server.on('error', reject);
