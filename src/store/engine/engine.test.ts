@@ -670,6 +670,82 @@ test('background compaction keeps segments free while writes go on, and finishes
   await engine.close();
 });
 
+/** Idles the engine on the simulated clock until its compactor has freed `free` segments (or gave up). */
+async function idleUntilFree(env: SimEnv, engine: StoreEngine, free: number): Promise<void> {
+  for (let i = 0; i < 40 && engine.stats().freeSegments < free; i++) {
+    env.clock.advance(100);
+    for (let turn = 0; turn < 200; turn++) await null;
+  }
+}
+
+/**
+ * One-block writes to blocks [0, blocks), then `rounds` overwrites of all but every eighth: the
+ * first segments keep about 6 % of their blocks live. Returns the sequence each block holds last.
+ */
+async function writeSparse(engine: StoreEngine, blocks: number, firstSeq: number, rounds: number): Promise<number[]> {
+  const latest: number[] = [];
+  let seq = firstSeq;
+  for (let block = 0; block < blocks; block++) {
+    latest[block] = ++seq;
+    await engine.write(stampedWrite(1, 0, block, 1, 1, seq));
+  }
+  for (let round = 0; round < rounds; round++) {
+    for (let block = 0; block < blocks; block++) {
+      if (block % 8 === 0) continue;
+      latest[block] = ++seq;
+      await engine.write(stampedWrite(1, 0, block, 1, 1, seq));
+    }
+  }
+  return latest;
+}
+
+async function assertLatest(engine: StoreEngine, latest: readonly number[]): Promise<void> {
+  for (let block = 0; block < latest.length; block++) {
+    const got = await stampAt(engine, 1, 0, block);
+    assert.equal(got.stamp?.seq, latest[block], `block ${block}: data`);
+    assert.equal(got.seq, latest[block], `block ${block}: version`);
+  }
+}
+
+test('the background compactor reads only the headers and live blocks of a sparse victim it wrote, and all of one written before it opened', async () => {
+  const segmentSizeBytes = 256 * KiB;
+  // Compaction starts once fewer than 12 of 24 segments are free: in the second round of overwrites,
+  // when the first segments are sparse.
+  const options: EngineOpenOptions = { backgroundCompaction: true, compactionIdleDelayMs: 50, compactionFreeSegmentsMin: 12 };
+  // Partial reads need synchronous ones: a disk whose reads come from the page cache.
+  const env = simEnv(23, { syncReads: true, syncReadDeclineOneIn: 1000 });
+  await StoreEngine.format(env, PATH, { sizeBytes: METADATA_AREA_BYTES + 24 * segmentSizeBytes, clusterId: CLUSTER, segmentSizeBytes });
+  const engine = await StoreEngine.open(env, PATH, { clusterId: CLUSTER, ...options });
+  const blocks = 200;
+  let latest = await writeSparse(engine, blocks, 0, 3);
+  await engine.flush();
+  await idleUntilFree(env, engine, 12);
+  const stats = engine.stats();
+  assert.ok(stats.backgroundCompactedSegments >= 4, `victims compacted: ${JSON.stringify(stats)}`);
+  // A whole victim is 256 KiB; what the partial reads need of one here is well under half of it.
+  assert.ok(stats.compactionReadBytes <= stats.backgroundCompactedSegments * segmentSizeBytes * 0.6,
+    `read ${stats.compactionReadBytes} bytes for ${stats.backgroundCompactedSegments} victims`);
+  await assertLatest(engine, latest);
+
+  // Written before this engine opened the disk: the compactor reads each victim whole, and copies right.
+  const again = await reopen(env, engine, { backgroundCompaction: false });
+  latest = await writeSparse(again, blocks, latest.reduce((a, b) => Math.max(a, b)), 1);
+  const third = await reopen(env, again, { ...options, compactionFreeSegmentsMin: 16 });
+  const before = third.stats().freeSegments;
+  // A write wakes the compactor.
+  latest[0] = latest.reduce((a, b) => Math.max(a, b)) + 1;
+  await third.write(stampedWrite(1, 0, 0, 1, 1, latest[0]));
+  await idleUntilFree(env, third, 16);
+  const after = third.stats();
+  assert.ok(after.backgroundCompactedSegments >= 1 && after.freeSegments > before, `victims compacted: ${JSON.stringify(after)}`);
+  assert.ok(after.compactionReadBytes >= after.backgroundCompactedSegments * segmentSizeBytes, `whole victims read: ${after.compactionReadBytes} bytes`);
+  await assertLatest(third, latest);
+  await third.close();
+  const last = await reopen(env, undefined);
+  await assertLatest(last, latest);
+  await last.close();
+});
+
 test('close waits for writes in flight and makes them durable', async () => {
   const { env, engine } = await fresh(21);
   const pending = Array.from({ length: 10 }, (_, i) => engine.write(stampedWrite(1, 0, i, 1, 1, 1)));
