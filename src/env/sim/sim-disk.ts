@@ -34,12 +34,6 @@ export interface SimDiskOptions {
   tearProbability?: number;
   /** Operations complete after 0..completionTurnsMax microtask turns. Default 3. */
   completionTurnsMax?: number;
-  /**
-   * Files offer `readNow`, as a disk whose data sits in the page cache does; it declines at random
-   * (about one read in `syncReadDeclineOneIn`, default 8), so callers' fallbacks run too. Default off.
-   */
-  syncReads?: boolean;
-  syncReadDeclineOneIn?: number;
 }
 
 export interface CrashReport {
@@ -186,9 +180,6 @@ class SimDiskFile implements DiskFile {
   readonly #readOnly: boolean;
   #closed = false;
 
-  /** Present when the disk was made with `syncReads`. */
-  readonly readNow?: (target: Buffer, offsetBytes: number) => number | undefined;
-
   constructor(disk: SimDisk, path: string, state: SimFileState, readOnly: boolean) {
     this.#disk = disk;
     this.path = path;
@@ -196,22 +187,6 @@ class SimDiskFile implements DiskFile {
     this.#incarnation = state.incarnation;
     this.sizeBytes = state.sizeBytes;
     this.#readOnly = readOnly;
-    if (disk.syncReadDeclineOneIn > 0) this.readNow = (target, offsetBytes) => this.#readNow(target, offsetBytes);
-  }
-
-  #readNow(target: Buffer, offsetBytes: number): number | undefined {
-    this.#check();
-    if (this.#disk.random.below(this.#disk.syncReadDeclineOneIn) === 0) return undefined;
-    return this.#readFromState(target, offsetBytes);
-  }
-
-  #readFromState(target: Buffer, offsetBytes: number): number {
-    const state = this.#state;
-    const available = Math.max(0, Math.min(target.length, state.sizeBytes - offsetBytes));
-    state.current.read(target, offsetBytes, available);
-    this.#disk.stats.reads++;
-    this.#disk.stats.readBytes += available;
-    return available;
   }
 
   #check(): void {
@@ -223,7 +198,12 @@ class SimDiskFile implements DiskFile {
     this.#check();
     await this.#disk.completionDelay();
     this.#check();
-    return this.#readFromState(target, offsetBytes);
+    const state = this.#state;
+    const available = Math.max(0, Math.min(target.length, state.sizeBytes - offsetBytes));
+    state.current.read(target, offsetBytes, available);
+    this.#disk.stats.reads++;
+    this.#disk.stats.readBytes += available;
+    return available;
   }
 
   async writev(buffers: readonly Buffer[], offsetBytes: number): Promise<void> {
@@ -295,15 +275,12 @@ export class SimDisk implements Disk {
   readonly #survivalProbability: number;
   readonly #tearProbability: number;
   readonly #completionTurnsMax: number;
-  /** 0: files offer no readNow; else readNow declines about one read in this many. */
-  readonly syncReadDeclineOneIn: number;
 
   constructor(options: SimDiskOptions) {
     this.random = new SimRandom(options.seed);
     this.#survivalProbability = options.survivalProbability ?? 0.5;
     this.#tearProbability = options.tearProbability ?? 0.3;
     this.#completionTurnsMax = options.completionTurnsMax ?? 3;
-    this.syncReadDeclineOneIn = options.syncReads ? Math.max(1, options.syncReadDeclineOneIn ?? 8) : 0;
   }
 
   /** Waits a random number of microtask turns: operations finish in a seeded, varying order. */

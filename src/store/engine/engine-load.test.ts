@@ -67,8 +67,6 @@ interface LoadOptions {
   backgroundCompaction: boolean;
   /** Power cuts at random disk operations; each is followed by reopen and a check against the model. */
   crashes: number;
-  /** The disk offers synchronous reads (the page cache): the background compactor may read victims in part. */
-  syncReads: boolean;
 }
 
 interface LoadOutcome {
@@ -87,7 +85,7 @@ interface LoadOutcome {
  */
 async function sustainedOverwrites(options: LoadOptions): Promise<LoadOutcome> {
   const { seed, segments, depth } = options;
-  const env = simEnv(seed, { survivalProbability: 0.5, tearProbability: 0.3, syncReads: options.syncReads });
+  const env = simEnv(seed, { survivalProbability: 0.5, tearProbability: 0.3 });
   const random = env.disk.random.fork();
   await StoreEngine.format(env, PATH, { sizeBytes: METADATA_AREA_BYTES + segments * SEGMENT_BYTES, clusterId: 'c', segmentSizeBytes: SEGMENT_BYTES });
   const open = async () => {
@@ -199,7 +197,6 @@ test('sustained overwrites at 30-50% live reclaim space without NO_SPACE, backgr
       turnover: 6,
       backgroundCompaction: seed % 2 === 0,
       crashes: 0,
-      syncReads: seed % 4 < 2,
     };
     let outcome: LoadOutcome;
     try {
@@ -226,7 +223,6 @@ test('power cuts during compaction under sustained overwrites lose nothing ackno
       turnover: 5,
       backgroundCompaction: seed % 3 !== 0,
       crashes: 4,
-      syncReads: seed % 4 < 2,
     };
     try {
       crashes += (await sustainedOverwrites(options)).crashes;

@@ -110,9 +110,9 @@ import { decodeImage, encodeImage, ImageError, imageBytesPerSegment } from './ch
 import type { CheckpointState, ImageKvEntry, ImageVolume } from './checkpoint.ts';
 import { Fifo } from './fifo.ts';
 import {
-  badDataBlocks, BATCH_PAYLOAD_BYTES_MAX, batchHeaderBlocks, CHUNK_BLOCKS_MAX, CLUSTER_ID_BYTES_MAX, decodeBatchHeader, decodeKvPayload, decodeRoot,
+  badDataBlocks, BATCH_PAYLOAD_BYTES_MAX, batchHeaderBlocks, CHUNK_BLOCKS_MAX, CLUSTER_ID_BYTES_MAX, decodeKvPayload, decodeRoot,
   decodeSegmentHeaders, decodeSnapshotIds, decodeSuperblock, encodeKvPayload, encodeRoot, encodeSegmentHeader, encodeSnapshotIds,
-  encodeSuperblock, FORMAT_VERSION, KV_KEY_BYTES_MAX, KV_VALUE_BYTES_MAX, peekBatchHeaderBlocks, RECORD_ENTRY_BYTES, RecordKind, ROOT_SLOT_OFFSET_BYTES, ROOT_SLOTS,
+  encodeSuperblock, FORMAT_VERSION, KV_KEY_BYTES_MAX, KV_VALUE_BYTES_MAX, RECORD_ENTRY_BYTES, RecordKind, ROOT_SLOT_OFFSET_BYTES, ROOT_SLOTS,
   rootLength, rootSlotSizeBytes, scanSegment, sealBatchHeader, SEGMENT_AREA_BLOCKS_MAX, SEGMENT_HEADER_BLOCKS, SEGMENT_SIZE_BYTES_DEFAULT,
   SEGMENT_SIZE_BYTES_MAX, SEGMENT_SIZE_BYTES_MIN, segmentAreaOffsetBytes, SegmentKind, SNAPSHOT_IDS_MAX, SnapshotFlags, SUPERBLOCK_COPIES,
   uuidToBytes, writeCrcEntry, writeRecordEntry,
@@ -143,24 +143,6 @@ export const compactionIdleDelayMsDefault = 200;
 export const compactionBatchBlocksMax = 256;
 /** The background compactor syncs once this many emptied segments wait for a sync (sooner when short of room). */
 export const compactorSyncSegments = 4;
-
-/**
- * The background compactor reads only the headers and the live blocks of a victim this engine
- * wrote itself when at most this share of its blocks hold live data; a fuller one is read whole.
- */
-const SPARSE_COMPACTION_LIVE_MAX = 0.25;
-/** Live blocks at most this many apart are read in one go: a read of a few blocks costs about what one of a single block does. */
-const SPARSE_READ_GAP_BLOCKS = 4;
-/** In LiveParts.read: a live block wanted (not yet read), a block read. */
-const WANTED_BLOCK = 1;
-const READ_BLOCK = 2;
-
-/** What the background compactor read of a victim in part: its batches, and which blocks are in the buffer. */
-interface LiveParts {
-  batches: DecodedBatch[];
-  /** Per block of the segment: READ_BLOCK where the buffer holds what the disk does. */
-  read: Uint8Array;
-}
 /** Segments a client that hit the wall waits for compaction to copy before it gets NO_SPACE. */
 export const makeSpaceCompactionsMax = 8;
 /** A checkpoint is written after this much log (or `checkpointImageFactor` × the last image, if more). */
@@ -325,8 +307,6 @@ export interface EngineStats {
   indexMemoryBytes: number;
   kvEntries: number;
   compactedSegments: number;
-  /** Bytes the compactors read to find and copy live records: whole victims, or only their headers and live blocks. */
-  compactionReadBytes: number;
   /** Of those, compacted by the background compactor (idle or under load). */
   backgroundCompactedSegments: number;
   /** Client requests that waited for a foreground compaction (the disk was full for clients). */
@@ -818,13 +798,6 @@ export class StoreEngine {
   #compactorVictim = -1;
   /** Per segment: background compactions in a row whose copies were written yet left it not empty. */
   readonly #compactorMisses: Uint8Array;
-  /**
-   * Per segment opened for the log since this engine opened the disk: the block just past the last
-   * batch written there (batches lie back to back from the segment header). 0 where not known:
-   * the background compactor then reads the whole victim.
-   */
-  readonly #writtenEnd: Uint32Array;
-  #compactionReadBytes = 0;
   #compactorBuffer: Buffer | undefined;
   #backgroundCompactedSegments = 0;
   #foregroundCompactions = 0;
@@ -886,7 +859,6 @@ export class StoreEngine {
     this.#queued = new Uint8Array(count);
     this.#since = new Uint8Array(count);
     this.#compactorMisses = new Uint8Array(count);
-    this.#writtenEnd = new Uint32Array(count);
     this.#discard = new Uint8Array(count);
     this.#discardAsked = options.discardFreedSegments ?? false;
     this.#discardEnabled = this.#discardAsked && file.punchHoles !== undefined;
@@ -1665,7 +1637,6 @@ export class StoreEngine {
       indexMemoryBytes: this.#index.memoryBytes,
       kvEntries,
       compactedSegments: this.#compactedSegments,
-      compactionReadBytes: this.#compactionReadBytes,
       backgroundCompactedSegments: this.#backgroundCompactedSegments,
       foregroundCompactions: this.#foregroundCompactions,
       droppedTombstoneBlocks: this.#droppedTombstoneBlocks,
@@ -2114,7 +2085,6 @@ export class StoreEngine {
     this.#firstSequence[segment] = firstSequence;
     this.#damaged[segment] = 0;
     this.#compactorMisses[segment] = 0;
-    this.#writtenEnd[segment] = 0;
     // Refill at half, with a useful number of segments at once (each root costs a sync), or when nearly empty.
     if (this.#queue.length < this.#queueSegments / 2) {
       const unplanned = this.#unqueuedFree(Math.ceil(this.#queueSegments / 4));
@@ -2130,7 +2100,6 @@ export class StoreEngine {
     const segment = entry.segment;
     this.#openSegment = segment;
     this.#openPositionBlocks = SEGMENT_HEADER_BLOCKS;
-    this.#writtenEnd[segment] = SEGMENT_HEADER_BLOCKS;
     this.#since[segment] = 1;
     const since: RootEntry = { segment, startBlocks: SEGMENT_HEADER_BLOCKS, generation: entry.generation };
     this.#sinceList.push(since);
@@ -2163,9 +2132,6 @@ export class StoreEngine {
     this.#lastWrittenSequence = batch.sequence;
     this.#batchesWritten++;
     this.#logBytesSinceCheckpoint += batch.bytes;
-    // Batches of a segment are written in order, each right after the one before.
-    const end = this.#writtenEnd[batch.segment]!;
-    this.#writtenEnd[batch.segment] = end === batch.positionBlocks ? end + batch.headerBlocks + batch.dataBlocks : 0;
     const headerLocation = batch.segment * this.#blocksPerSegment + batch.positionBlocks;
     const dataLocation = headerLocation + batch.headerBlocks;
     for (const piece of batch.pieces) {
@@ -3442,15 +3408,10 @@ export class StoreEngine {
     this.#compactorVictim = victim;
     const generation = this.#generation[victim]!;
     const buffer = (this.#compactorBuffer ??= Buffer.allocUnsafe(this.#segmentSizeBytes));
-    let parts: LiveParts | undefined;
-    let length = 0;
+    let length: number;
     this.#readPins[victim]!++;
     try {
-      parts = this.#readLiveParts(victim, buffer, generation);
-      if (parts === undefined) {
-        length = await this.#file.read(buffer, this.#segmentOffsetBytes(victim));
-        this.#compactionReadBytes += length;
-      }
+      length = await this.#file.read(buffer, this.#segmentOffsetBytes(victim));
     } catch {
       this.#damaged[victim] = 1;
       return false;
@@ -3461,23 +3422,14 @@ export class StoreEngine {
     // Emptied by overwrites meanwhile (and maybe reused): nothing to do.
     if (this.#segmentState[victim] !== SegmentState.SEALED || this.#generation[victim] !== generation) return true;
     if (this.#closing || this.#broken) return false;
-    let batches = parts?.batches;
-    if (batches === undefined) {
-      const scan = length === buffer.length ? scanSegment(buffer, victim, this.#formatId) : undefined;
-      if (!scan?.header || scan.header.generation !== generation || scan.header.kind !== SegmentKind.LOG) {
-        this.#damaged[victim] = 1;
-        return false;
-      }
-      batches = scan.batches;
+    const scan = length === buffer.length ? scanSegment(buffer, victim, this.#formatId) : undefined;
+    if (!scan?.header || scan.header.generation !== generation || scan.header.kind !== SegmentKind.LOG) {
+      this.#damaged[victim] = 1;
+      return false;
     }
     // A foreground compaction owns the queue while it runs: try again later.
     if (this.#compacting) return false;
-    const ops = this.#queueCopies(victim, buffer, batches, Tier.BACKGROUND, parts?.read);
-    if (ops === undefined) {
-      // A live block the partial read did not fetch: the next attempt reads the whole victim.
-      this.#writtenEnd[victim] = 0;
-      return false;
-    }
+    const ops = this.#queueCopies(victim, buffer, scan.batches, Tier.BACKGROUND);
     if (ops.length > 0) {
       // Every copy settles: written (resolve), or dropped for lack of room or a broken engine (reject).
       let failed = false;
@@ -3495,9 +3447,7 @@ export class StoreEngine {
     if (this.#segmentState[victim] === SegmentState.SEALED) {
       // Something is still live there: it changed under the copy (a snapshot appeared), or a live
       // record lies in a batch the scan cannot read. The third time, give the segment up as the
-      // foreground compaction does, rather than reread it after every batch. The next attempt
-      // reads the whole victim, whatever a partial read missed.
-      this.#writtenEnd[victim] = 0;
+      // foreground compaction does, rather than reread it after every batch.
       this.#compactorMisses[victim]!++;
       if (this.#compactorMisses[victim]! >= 3) this.#damaged[victim] = 1;
       return false;
@@ -3517,71 +3467,6 @@ export class StoreEngine {
   }
 
   /**
-   * Reads what the background compactor needs of a victim this engine wrote itself, and no more:
-   * its segment header, each batch header (the batches lie back to back up to #writtenEnd), and
-   * the data blocks still live, each to its own place in `buffer`. A victim with a few percent of
-   * its blocks live costs a few hundred small synchronous reads from the page cache instead of a
-   * whole segment's copy in the thread pool. Only where every read can be synchronous (through the
-   * thread pool, hundreds of round trips would cost more than one large read). Undefined when the
-   * victim does not qualify, the disk declines a synchronous read, or a header does not decode as
-   * this engine wrote it: then the caller reads all of it, as for any other victim.
-   */
-  #readLiveParts(victim: number, buffer: Buffer, generation: number): LiveParts | undefined {
-    const end = this.#writtenEnd[victim]!;
-    if (end === 0 || this.#file.readNow === undefined || this.#liveDataBlocks[victim]! > this.#blocksPerSegment * SPARSE_COMPACTION_LIVE_MAX) return undefined;
-    if (!this.#readBlocksNow(victim, buffer, 0, SEGMENT_HEADER_BLOCKS)) return undefined;
-    const header = decodeSegmentHeaders(buffer, victim, this.#formatId);
-    if (header?.kind !== SegmentKind.LOG || header.generation !== generation) return undefined;
-    const batches: DecodedBatch[] = [];
-    for (let position = SEGMENT_HEADER_BLOCKS; position < end;) {
-      if (!this.#readBlocksNow(victim, buffer, position, position + 1)) return undefined;
-      const headerBlocks = peekBatchHeaderBlocks(buffer, position);
-      if (headerBlocks < 1 || position + headerBlocks > end) return undefined;
-      if (headerBlocks > 1 && !this.#readBlocksNow(victim, buffer, position + 1, position + headerBlocks)) return undefined;
-      const batch = decodeBatchHeader(buffer, position, victim, this.#formatId);
-      if (batch?.generation !== generation) return undefined;
-      batches.push(batch);
-      position += batch.headerBlocks + batch.dataBlocks;
-      if (position > end) return undefined;
-    }
-    const base = victim * this.#blocksPerSegment;
-    const read = new Uint8Array(this.#blocksPerSegment);
-    for (const batch of batches) {
-      const dataStart = batch.positionBlocks + batch.headerBlocks;
-      for (const record of batch.records) {
-        if (record.kind !== RecordKind.DATA || this.#purged.has(record.volumeId)) continue;
-        const table = this.#index.get(record.volumeId, record.chunkIndex);
-        if (!table) continue;
-        const first = dataStart + record.dataIndexBlocks;
-        for (let i = 0; i < record.countBlocks; i++) {
-          if (this.#hasVersionAt(table, record.offsetBlocks + i, BlockState.DATA, base + first + i, record.epoch, record.seq)) read[first + i] = WANTED_BLOCK;
-        }
-      }
-    }
-    for (let from = 0; from < end;) {
-      if (read[from] !== WANTED_BLOCK) {
-        from++;
-        continue;
-      }
-      let last = from;
-      for (let next = from + 1; next < end && next - last <= SPARSE_READ_GAP_BLOCKS; next++) if (read[next] === WANTED_BLOCK) last = next;
-      if (!this.#readBlocksNow(victim, buffer, from, last + 1)) return undefined;
-      read.fill(READ_BLOCK, from, last + 1);
-      from = last + 1;
-    }
-    return { batches, read };
-  }
-
-  /** Reads blocks [from, to) of `segment` into the same blocks of `buffer` synchronously. False if the disk declined or the read was short. */
-  #readBlocksNow(segment: number, buffer: Buffer, from: number, to: number): boolean {
-    const target = buffer.subarray(from * BLOCK_SIZE_BYTES, to * BLOCK_SIZE_BYTES);
-    const length = this.#file.readNow!(target, this.#segmentOffsetBytes(segment) + from * BLOCK_SIZE_BYTES);
-    if (length === undefined) return false;
-    this.#compactionReadBytes += length;
-    return length === target.length;
-  }
-
-  /**
    * Copies the live records of `victim` (with their versions, snap stamps and crcs) to the open
    * segment — or, for a tombstone nothing needs any more, writes a DROP — syncs, and so frees it.
    * Runs as the writer. True if the victim was emptied.
@@ -3597,7 +3482,6 @@ export class StoreEngine {
         let length: number;
         try {
           length = await this.#file.read(buffer, this.#segmentOffsetBytes(victim));
-          this.#compactionReadBytes += length;
         } catch {
           this.#damaged[victim] = 1;
           return false;
@@ -3632,15 +3516,14 @@ export class StoreEngine {
     }
   }
 
-  /**
-   * Queues copies (and drops) of every live record of the victim's batches; returns them. `read`:
-   * the victim was read in part, and a block is in `buffer` only where `read` is READ_BLOCK; a
-   * live block that is not queues nothing and returns undefined.
-   */
-  #queueCopies(victim: number, buffer: Buffer, batches: readonly DecodedBatch[], tier: number = Tier.COMPACTION, read?: Uint8Array): PendingOp[] | undefined {
+  /** Queues copies (and drops) of every live record of the victim's batches; returns them. */
+  #queueCopies(victim: number, buffer: Buffer, batches: readonly DecodedBatch[], tier: number = Tier.COMPACTION): PendingOp[] {
     const base = victim * this.#blocksPerSegment;
-    // Queued only once every live record is known to be in the buffer.
     const queued: PendingOp[] = [];
+    const push = (op: PendingOp): void => {
+      queued.push(op);
+      this.#compactionQueue.push(op);
+    };
     for (const batch of batches) {
       const headerLocation = base + batch.positionBlocks;
       const dataLocation = headerLocation + batch.headerBlocks;
@@ -3658,12 +3541,8 @@ export class StoreEngine {
                 this.#hasVersionAt(table, record.offsetBlocks + i, BlockState.DATA, recordLocation + i, record.epoch, record.seq);
               if (live && runStart < 0) runStart = i;
               if (!live && runStart >= 0) {
-                if (read !== undefined) {
-                  const first = batch.positionBlocks + batch.headerBlocks + record.dataIndexBlocks + runStart;
-                  for (let block = first; block < first + i - runStart; block++) if (read[block] !== READ_BLOCK) return undefined;
-                }
                 const from = dataStartBytes + (record.dataIndexBlocks + runStart) * BLOCK_SIZE_BYTES;
-                queued.push(new PendingOp(RecordKind.DATA, record.volumeId, record.chunkIndex, record.offsetBlocks + runStart, i - runStart,
+                push(new PendingOp(RecordKind.DATA, record.volumeId, record.chunkIndex, record.offsetBlocks + runStart, i - runStart,
                   record.epoch, record.seq, record.snapSeq, buffer.subarray(from, from + (i - runStart) * BLOCK_SIZE_BYTES),
                   batch.checksums.slice(record.dataIndexBlocks + runStart, record.dataIndexBlocks + i), tier));
                 runStart = -1;
@@ -3691,7 +3570,7 @@ export class StoreEngine {
               if (action !== runAction) {
                 if (runAction !== 0) {
                   const kind = runAction === 2 ? RecordKind.DROP : RecordKind.ZERO;
-                  queued.push(new PendingOp(kind, record.volumeId, record.chunkIndex, record.offsetBlocks + runStart, i - runStart,
+                  push(new PendingOp(kind, record.volumeId, record.chunkIndex, record.offsetBlocks + runStart, i - runStart,
                     record.epoch, record.seq, record.snapSeq, undefined, undefined, tier));
                 }
                 runStart = i;
@@ -3702,12 +3581,12 @@ export class StoreEngine {
           }
           case RecordKind.FENCE:
             if (this.#fences.get(record.volumeId)?.location === headerLocation) {
-              queued.push(new PendingOp(RecordKind.FENCE, record.volumeId, 0, 0, 0, record.epoch, 0, 0, undefined, undefined, tier));
+              push(new PendingOp(RecordKind.FENCE, record.volumeId, 0, 0, 0, record.epoch, 0, 0, undefined, undefined, tier));
             }
             break;
           case RecordKind.PURGE:
             if (this.#purged.get(record.volumeId) === headerLocation) {
-              queued.push(new PendingOp(RecordKind.PURGE, record.volumeId, 0, 0, 0, 0, 0, 0, undefined, undefined, tier));
+              push(new PendingOp(RecordKind.PURGE, record.volumeId, 0, 0, 0, 0, 0, 0, undefined, undefined, tier));
             }
             break;
           case RecordKind.SNAPSHOTS: {
@@ -3716,7 +3595,7 @@ export class StoreEngine {
               const op = new PendingOp(RecordKind.SNAPSHOTS, record.volumeId, 0, 0, 0, 0, record.seq, record.snapSeq, undefined, undefined, tier);
               op.payload = record.payload;
               op.flags = record.flags ?? 0;
-              queued.push(op);
+              push(op);
             }
             break;
           }
@@ -3730,14 +3609,13 @@ export class StoreEngine {
               (entry.value === undefined) === (record.kind === RecordKind.KV_DELETE)) {
               const op = new PendingOp(record.kind, record.volumeId, 0, 0, 0, record.epoch, record.seq, 0, undefined, undefined, tier);
               op.payload = record.payload;
-              queued.push(op);
+              push(op);
             }
             break;
           }
         }
       }
     }
-    for (const op of queued) this.#compactionQueue.push(op);
     return queued;
   }
 

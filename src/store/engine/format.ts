@@ -415,15 +415,6 @@ export function sealBatchHeader(header: Buffer, fixed: Omit<BatchFixed, 'payload
  * The generation is *not* checked here: the caller compares it with the segment header's.
  * Payloads are copied out (the segment buffer is reused).
  */
-/**
- * The header-blocks field of what may be a batch header at `positionBlocks`, unchecked: how much to
- * read before `decodeBatchHeader` can check the whole header. 0 if the block is not in `segment`.
- */
-export function peekBatchHeaderBlocks(segment: Buffer, positionBlocks: number): number {
-  const offset = positionBlocks * BLOCK_SIZE_BYTES;
-  return offset + BLOCK_SIZE_BYTES > segment.length ? 0 : segment.readUInt32LE(offset + 20);
-}
-
 export function decodeBatchHeader(segment: Buffer, positionBlocks: number, segmentIndex: number, formatId: Buffer): DecodedBatch | undefined {
   const offset = positionBlocks * BLOCK_SIZE_BYTES;
   const segmentBlocks = segment.length / BLOCK_SIZE_BYTES;
